@@ -1,1 +1,28 @@
-"""jax-gpt2."""
+"""jax-gpt2: GPT-2 inference in pure JAX, matching Hugging Face transformers to float32 precision.
+
+    from jax_gpt2 import load_config, load_weights, gpt2_forward
+    config = load_config("./my-gpt2")
+    weights = load_weights("./my-gpt2")
+    logits_BTV = gpt2_forward(input_ids_BT, weights, config)
+"""
+
+from jax_gpt2.config import PRESETS, GPT2Config
+from jax_gpt2.kvcache import KVCache
+from jax_gpt2.loader import ModelNotFoundError, load_config, load_weights
+from jax_gpt2.model import block_hidden_states, empty_cache, gpt2_forward, gpt2_forward_cached
+from jax_gpt2.weights import BlockWeights, GPT2Weights
+
+__all__ = [
+    "PRESETS",
+    "BlockWeights",
+    "GPT2Config",
+    "GPT2Weights",
+    "KVCache",
+    "ModelNotFoundError",
+    "block_hidden_states",
+    "empty_cache",
+    "gpt2_forward",
+    "gpt2_forward_cached",
+    "load_config",
+    "load_weights",
+]

@@ -1,0 +1,105 @@
+"""The building blocks of a GPT-2 block: pure functions on shape-suffixed arrays (jax only).
+
+Shape key: see model.py. Every function asserts shapes at trace time; none reads a traced value.
+"""
+
+import math
+
+import jax
+import jax.numpy as jnp
+
+
+def layer_norm(x_BTD: jax.Array, scale_D: jax.Array, bias_D: jax.Array, eps: float) -> jax.Array:
+    """LayerNorm over the last axis with biased variance, as torch.nn.LayerNorm computes it."""
+    assert x_BTD.shape[-1] == scale_D.shape[0]
+    assert scale_D.shape == bias_D.shape
+    assert eps > 0
+    # Normalise in float32 even for bf16 activations: the variance of a 768-wide row loses too much in bf16.
+    x32_BTD = x_BTD.astype(jnp.float32)
+    mean_BT1 = jnp.mean(x32_BTD, axis=-1, keepdims=True)
+    centered_BTD = x32_BTD - mean_BT1
+    var_BT1 = jnp.mean(jnp.square(centered_BTD), axis=-1, keepdims=True)
+    normed_BTD = centered_BTD * jax.lax.rsqrt(var_BT1 + eps)
+    out_BTD = normed_BTD * scale_D.astype(jnp.float32) + bias_D.astype(jnp.float32)
+    return out_BTD.astype(x_BTD.dtype)
+
+
+_SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
+
+
+def _gelu_tanh(x: jax.Array) -> jax.Array:
+    # OpenAI's GPT-2 "gelu_new": the tanh approximation, written as transformers writes it.
+    return 0.5 * x * (1.0 + jnp.tanh(_SQRT_2_OVER_PI * (x + 0.044715 * jnp.power(x, 3.0))))
+
+
+def _gelu_erf(x: jax.Array) -> jax.Array:
+    return 0.5 * x * (1.0 + jax.lax.erf(x / math.sqrt(2.0)))
+
+
+_ACTIVATIONS = {
+    "gelu_new": _gelu_tanh,
+    "gelu_fast": _gelu_tanh,
+    "gelu_pytorch_tanh": _gelu_tanh,
+    "gelu_python_tanh": _gelu_tanh,
+    "gelu_accurate": _gelu_tanh,
+    "gelu": _gelu_erf,
+    "gelu_python": _gelu_erf,
+    "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
+    "relu": jax.nn.relu,
+    "silu": jax.nn.silu,
+    "swish": jax.nn.silu,
+    "tanh": jnp.tanh,
+    "sigmoid": jax.nn.sigmoid,
+    "linear": lambda x: x,
+}
+
+
+def activation(name: str, x_BTF: jax.Array) -> jax.Array:
+    """The MLP nonlinearity named by config.activation_function."""
+    assert name in _ACTIVATIONS, f"unknown activation {name!r}"
+    assert jnp.issubdtype(x_BTF.dtype, jnp.floating)
+    y_BTF = _ACTIVATIONS[name](x_BTF)
+    assert y_BTF.shape == x_BTF.shape
+    return y_BTF
+
+
+def linear(x_BTI: jax.Array, w_IO: jax.Array, b_O: jax.Array) -> jax.Array:
+    """x @ w + b in HF's Conv1D layout (in, out), so checkpoints load without transposes."""
+    assert x_BTI.shape[-1] == w_IO.shape[0]
+    assert b_O.shape == (w_IO.shape[1],)
+    y_BTO = jnp.einsum("BTI,IO->BTO", x_BTI, w_IO.astype(x_BTI.dtype)) + b_O.astype(x_BTI.dtype)
+    return y_BTO
+
+
+def mlp(x_BTD, fc_w_DF, fc_b_F, proj_w_FD, proj_b_D, activation_name: str) -> jax.Array:
+    """GPT-2's feed-forward: D -> F, nonlinearity, F -> D."""
+    assert x_BTD.shape[-1] == fc_w_DF.shape[0]
+    assert proj_w_FD.shape == fc_w_DF.shape[::-1]
+    hidden_BTF = activation(activation_name, linear(x_BTD, fc_w_DF, fc_b_F))
+    out_BTD = linear(hidden_BTF, proj_w_FD, proj_b_D)
+    assert out_BTD.shape == x_BTD.shape
+    return out_BTD
+
+
+def cached_attention(
+    q_BTNH: jax.Array, k_BNSH: jax.Array, v_BNSH: jax.Array, mask_BTS: jax.Array, scale: jax.Array
+) -> jax.Array:
+    """Softmax attention of T new queries over the S slots of one layer's cache.
+
+    mask_BTS is True where query t may see slot s. Masked scores get the float32 minimum rather
+    than -inf, as transformers does, so a row with no visible slot (a left-pad query) gives a
+    uniform, finite distribution instead of NaN.
+    """
+    B, T, N, H = q_BTNH.shape
+    assert k_BNSH.shape[:2] == (B, N)
+    assert k_BNSH.shape[3] == H
+    assert v_BNSH.shape == k_BNSH.shape
+    assert mask_BTS.shape == (B, T, k_BNSH.shape[2])
+    assert mask_BTS.dtype == jnp.bool_
+    scores_BNTS = jnp.einsum("BTNH,BNSH->BNTS", q_BTNH, k_BNSH.astype(q_BTNH.dtype)).astype(jnp.float32)
+    scores_BNTS = scores_BNTS * scale
+    scores_BNTS = jnp.where(mask_BTS[:, None, :, :], scores_BNTS, jnp.finfo(jnp.float32).min)
+    probs_BNTS = jax.nn.softmax(scores_BNTS, axis=-1).astype(v_BNSH.dtype)
+    out_BTNH = jnp.einsum("BNTS,BNSH->BTNH", probs_BNTS, v_BNSH)
+    assert out_BTNH.shape == q_BTNH.shape
+    return out_BTNH.astype(q_BTNH.dtype)

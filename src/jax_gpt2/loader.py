@@ -1,0 +1,254 @@
+"""Hub name or local folder -> GPT2Config and GPT2Weights.
+
+Files come from the folder itself, or from the Hugging Face hub through `huggingface_hub` (cached).
+Formats, in order of preference: model.safetensors (or its sharded index), pytorch_model.bin
+(read by torch with weights_only=True; torch is optional), model.npz. Keys may carry the
+`transformer.` prefix (GPT2LMHeadModel) or not (GPT2Model); every expected key must be there with
+the shape the config implies, and no unknown key may be left over.
+"""
+
+import json
+import os
+import re
+from pathlib import Path
+
+import jax.numpy as jnp
+import numpy as np
+
+from jax_gpt2.config import GPT2Config, config_from_file
+from jax_gpt2.weights import BlockWeights, GPT2Weights
+
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+SAFETENSORS_FILE = "model.safetensors"
+TORCH_FILE = "pytorch_model.bin"
+NPZ_FILE = "model.npz"
+_HUB_PATTERNS = ["config.json", "*.safetensors", SAFETENSORS_INDEX, "tokenizer.json", "vocab.json", "merges.txt"]
+
+
+class ModelNotFoundError(FileNotFoundError):
+    """The name is neither a folder here nor a model that the hub (or its local cache) can give."""
+
+
+# "gpt2" or "openai-community/gpt2": anything else that is not a folder here is a mistyped path.
+_HUB_ID = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9_.-]*(/[A-Za-z0-9_-][A-Za-z0-9_.-]*)?$")
+
+
+def resolve_model_dir(name_or_path: str | os.PathLike) -> Path:
+    """A local folder as is; a hub name ("gpt2", "openai-community/gpt2") downloaded into the HF cache."""
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        return path
+    name = str(name_or_path)
+    if path.exists() or not _HUB_ID.match(name):
+        raise ModelNotFoundError(f"{name}: no such model folder")
+    return _download_from_hub(name)
+
+
+def _download_from_hub(repo_id: str) -> Path:
+    from huggingface_hub import snapshot_download
+
+    def fetch(patterns: list[str], local_only: bool) -> Path:
+        return Path(snapshot_download(repo_id, allow_patterns=patterns, local_files_only=local_only))
+
+    try:
+        folder = fetch(_HUB_PATTERNS, local_only=True)
+    except Exception:  # not in the cache: any failure here just means "try the network"
+        folder = None
+    if folder is None or not _has_weights(folder):
+        try:
+            folder = fetch(_HUB_PATTERNS, local_only=False)
+            if not _has_weights(folder):
+                folder = fetch([TORCH_FILE, "*.npz"], local_only=False)
+        except Exception as error:
+            raise ModelNotFoundError(
+                f"could not get {repo_id!r} from the Hugging Face hub ({type(error).__name__}). "
+                "Offline, pass a local folder instead: --model ./my-gpt2, where the folder holds config.json "
+                "and model.safetensors (or pytorch_model.bin / model.npz), e.g. one written by "
+                "transformers' save_pretrained"
+            ) from None
+    return folder
+
+
+def _has_weights(folder: Path) -> bool:
+    names = (SAFETENSORS_FILE, SAFETENSORS_INDEX, TORCH_FILE, NPZ_FILE)
+    return any((folder / name).is_file() for name in names)
+
+
+def load_config(name_or_path: str | os.PathLike) -> GPT2Config:
+    """The GPT2Config of a hub model or a local folder holding config.json."""
+    folder = resolve_model_dir(name_or_path)
+    config = config_from_file(folder / "config.json")
+    assert isinstance(config, GPT2Config)
+    assert config.n_embd % config.n_head == 0
+    return config
+
+
+def load_weights(name_or_path: str | os.PathLike, dtype=jnp.float32, config: GPT2Config | None = None) -> GPT2Weights:
+    """Every parameter of a hub model or local folder, checked against its config, as `dtype` arrays."""
+    folder = resolve_model_dir(name_or_path)
+    if config is None:
+        config = config_from_file(folder / "config.json")
+    state = normalize_keys(read_state_dict(folder))
+    weights = weights_from_state_dict(state, config, dtype)
+    assert weights.wte_VD.dtype == jnp.dtype(dtype)
+    assert weights.blocks.ln1_scale_LD.shape == (config.n_layer, config.n_embd)
+    return weights
+
+
+def read_state_dict(folder: Path) -> dict[str, np.ndarray]:
+    """The raw tensors of the first format present in the folder, as float32 numpy arrays."""
+    assert folder.is_dir()
+    if (folder / SAFETENSORS_INDEX).is_file():
+        shards = sorted(set(json.loads((folder / SAFETENSORS_INDEX).read_text())["weight_map"].values()))
+        state: dict[str, np.ndarray] = {}
+        for shard in shards:
+            state.update(_read_safetensors(folder / shard))
+        return state
+    if (folder / SAFETENSORS_FILE).is_file():
+        return _read_safetensors(folder / SAFETENSORS_FILE)
+    if (folder / TORCH_FILE).is_file():
+        return _read_torch_bin(folder / TORCH_FILE)
+    npz_files = [folder / NPZ_FILE] if (folder / NPZ_FILE).is_file() else sorted(folder.glob("*.npz"))
+    if len(npz_files) == 1:
+        return _read_npz(npz_files[0])
+    raise FileNotFoundError(
+        f"{folder} holds no weights: expected {SAFETENSORS_FILE}, {SAFETENSORS_INDEX}, {TORCH_FILE} or {NPZ_FILE}"
+    )
+
+
+def _read_safetensors(path: Path) -> dict[str, np.ndarray]:
+    from safetensors import SafetensorError
+    from safetensors.numpy import load_file
+
+    if not path.is_file():
+        raise FileNotFoundError(f"missing weights shard {path}")
+    try:
+        return {key: np.asarray(value, np.float32) for key, value in load_file(path).items()}
+    except (SafetensorError, OSError, ValueError) as error:
+        if "bfloat16" in str(error) or "BF16" in str(error):
+            return _read_safetensors_via_torch(path)
+        raise ValueError(f"{path} is not a readable safetensors file (truncated or corrupt?): {error}") from None
+
+
+def _read_safetensors_via_torch(path: Path) -> dict[str, np.ndarray]:
+    # numpy has no bfloat16: a bf16 checkpoint is read through torch and widened to float32.
+    torch = _import_torch(path)
+    from safetensors.torch import load_file
+
+    return {key: value.to(torch.float32).numpy() for key, value in load_file(path).items()}
+
+
+def _import_torch(path: Path):
+    try:
+        import torch
+    except ImportError:
+        raise ValueError(
+            f"reading {path} needs PyTorch, which is not installed: `uv sync --extra torch` "
+            "(or `pip install 'jax-gpt2[torch]'`), or convert the checkpoint to model.safetensors"
+        ) from None
+    return torch
+
+
+def _read_torch_bin(path: Path) -> dict[str, np.ndarray]:
+    torch = _import_torch(path)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # torch raises several types for a truncated or corrupt pickle
+        raise ValueError(f"{path} is not a readable PyTorch checkpoint (truncated or corrupt?): {error}") from None
+    if not isinstance(state, dict):
+        raise ValueError(f"{path} does not hold a state dict; got {type(state).__name__}")
+    return {key: value.detach().to(torch.float32).numpy() for key, value in state.items()}
+
+
+def _read_npz(path: Path) -> dict[str, np.ndarray]:
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            return {key: np.asarray(npz[key], np.float32) for key in npz.files}
+    except Exception as error:  # zipfile and numpy raise several types for a truncated archive
+        raise ValueError(f"{path} is not a readable .npz archive (truncated or corrupt?): {error}") from None
+
+
+# Buffers transformers keeps in old checkpoints: the causal mask and its fill value, never parameters.
+_BUFFER_KEY = re.compile(r"^h\.\d+\.attn\.(bias|masked_bias)$")
+
+
+def normalize_keys(state: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Drop the `transformer.` prefix (GPT2LMHeadModel) and the known non-parameter buffers."""
+    assert isinstance(state, dict)
+    normalized = {}
+    for key, value in state.items():
+        bare = key.removeprefix("transformer.")
+        if _BUFFER_KEY.match(bare):
+            continue
+        if bare in normalized:
+            raise ValueError(f"checkpoint holds {bare!r} both with and without the 'transformer.' prefix")
+        normalized[bare] = value
+    assert all(not key.startswith("transformer.") for key in normalized)
+    return normalized
+
+
+def expected_shapes(config: GPT2Config) -> dict[str, tuple[int, ...]]:
+    """Every parameter key of a GPT2Model checkpoint (no prefix) with the shape the config implies."""
+    D, F, V, P = config.n_embd, config.d_mlp, config.vocab_size, config.n_positions
+    shapes: dict[str, tuple[int, ...]] = {"wte.weight": (V, D), "wpe.weight": (P, D)}
+    for i in range(config.n_layer):
+        layer = {
+            "ln_1.weight": (D,), "ln_1.bias": (D,),
+            "attn.c_attn.weight": (D, 3 * D), "attn.c_attn.bias": (3 * D,),
+            "attn.c_proj.weight": (D, D), "attn.c_proj.bias": (D,),
+            "ln_2.weight": (D,), "ln_2.bias": (D,),
+            "mlp.c_fc.weight": (D, F), "mlp.c_fc.bias": (F,),
+            "mlp.c_proj.weight": (F, D), "mlp.c_proj.bias": (D,),
+        }  # fmt: skip
+        shapes.update({f"h.{i}.{name}": shape for name, shape in layer.items()})
+    shapes.update({"ln_f.weight": (D,), "ln_f.bias": (D,)})
+    return shapes
+
+
+def check_state_dict(state: dict[str, np.ndarray], config: GPT2Config) -> None:
+    """Every expected key present with its config shape; nothing unknown left over."""
+    expected = expected_shapes(config)
+    missing = sorted(set(expected) - set(state))
+    if missing:
+        raise ValueError(f"checkpoint is missing {len(missing)} key(s), first {missing[0]!r}: {missing[:5]}")
+    for key, shape in expected.items():
+        if tuple(state[key].shape) != shape:
+            raise ValueError(f"{key!r} has shape {tuple(state[key].shape)} but the config implies {shape}")
+    unknown = sorted(set(state) - set(expected) - {"lm_head.weight"})
+    if unknown:
+        raise ValueError(f"checkpoint has {len(unknown)} unknown key(s) for GPT-2: {unknown[:5]}")
+    if "lm_head.weight" in state and state["lm_head.weight"].shape != expected["wte.weight"]:
+        shape = tuple(state["lm_head.weight"].shape)
+        raise ValueError(f"'lm_head.weight' has shape {shape} but the config implies {expected['wte.weight']}")
+    if not config.tie_word_embeddings and "lm_head.weight" not in state:
+        raise ValueError("config unties the embeddings (tie_word_embeddings=false) but the checkpoint has no lm_head.weight")
+
+
+def weights_from_state_dict(state: dict[str, np.ndarray], config: GPT2Config, dtype=jnp.float32) -> GPT2Weights:
+    """Stack the per-layer tensors along L and convert to `dtype` device arrays."""
+    check_state_dict(state, config)
+
+    def stacked(name: str) -> jnp.ndarray:
+        return jnp.asarray(np.stack([state[f"h.{i}.{name}"] for i in range(config.n_layer)]), dtype)
+
+    blocks = BlockWeights(
+        ln1_scale_LD=stacked("ln_1.weight"), ln1_bias_LD=stacked("ln_1.bias"),
+        qkv_w_LDE=stacked("attn.c_attn.weight"), qkv_b_LE=stacked("attn.c_attn.bias"),
+        attn_out_w_LDD=stacked("attn.c_proj.weight"), attn_out_b_LD=stacked("attn.c_proj.bias"),
+        ln2_scale_LD=stacked("ln_2.weight"), ln2_bias_LD=stacked("ln_2.bias"),
+        fc_w_LDF=stacked("mlp.c_fc.weight"), fc_b_LF=stacked("mlp.c_fc.bias"),
+        proj_w_LFD=stacked("mlp.c_proj.weight"), proj_b_LD=stacked("mlp.c_proj.bias"),
+    )  # fmt: skip
+    # transformers ties lm_head to wte whenever the config says so, whatever the file holds.
+    untied = not config.tie_word_embeddings
+    weights = GPT2Weights(
+        wte_VD=jnp.asarray(state["wte.weight"], dtype),
+        wpe_PD=jnp.asarray(state["wpe.weight"], dtype),
+        blocks=blocks,
+        lnf_scale_D=jnp.asarray(state["ln_f.weight"], dtype),
+        lnf_bias_D=jnp.asarray(state["ln_f.bias"], dtype),
+        lm_head_VD=jnp.asarray(state["lm_head.weight"], dtype) if untied else None,
+    )
+    assert weights.blocks.qkv_w_LDE.shape == (config.n_layer, config.n_embd, 3 * config.n_embd)
+    assert weights.wte_VD.shape == (config.vocab_size, config.n_embd)
+    return weights

@@ -1,0 +1,189 @@
+"""The GPT-2 forward pass: full (`gpt2_forward`) and cached (`gpt2_forward_cached`), one code path.
+
+Shape key (every array name ends in its shape):
+    B batch            T query length      S key/cache length (slots in the cache)
+    D model width      F MLP hidden (4D)   N heads            H head dim (D // N)
+    V vocab            L layers            P max positions    E fused q|k|v width (3D)
+
+`gpt2_forward` is the cached path run over an empty cache exactly T slots long, so the full
+forward and incremental decoding cannot drift apart. The public functions check concrete token
+ids on the host (JAX would silently clamp an out-of-range gather); the traced cores only assert
+shapes and dtypes.
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jax_gpt2 import kvcache
+from jax_gpt2.config import GPT2Config
+from jax_gpt2.kvcache import KVCache
+from jax_gpt2.layers import cached_attention, layer_norm, linear, mlp
+from jax_gpt2.weights import BlockWeights, GPT2Weights, layer_weights
+
+
+def embed(ids_BT: jax.Array, positions_BT: jax.Array, weights: GPT2Weights) -> jax.Array:
+    """Token plus position embeddings."""
+    assert ids_BT.shape == positions_BT.shape
+    assert jnp.issubdtype(ids_BT.dtype, jnp.integer)
+    x_BTD = weights.wte_VD[ids_BT] + weights.wpe_PD[positions_BT]
+    assert x_BTD.shape == (*ids_BT.shape, weights.wte_VD.shape[1])
+    return x_BTD
+
+
+def attention_scale(config: GPT2Config, layer: jax.Array) -> jax.Array:
+    """The factor on q.k: 1/sqrt(H) unless disabled, further divided by (layer + 1) if the config asks."""
+    assert layer.ndim == 0
+    assert config.head_dim >= 1
+    scale = jnp.float32(config.head_dim**-0.5 if config.scale_attn_weights else 1.0)
+    if config.scale_attn_by_inverse_layer_idx:
+        scale = scale / (layer.astype(jnp.float32) + 1.0)
+    return scale
+
+
+def block(
+    x_BTD: jax.Array, w: BlockWeights, layer: jax.Array, cache: KVCache, mask_BTS: jax.Array, config: GPT2Config
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """One transformer block (w holds one layer, no L axis): writes its keys/values into the cache.
+
+    Returns the new residual stream and the cache's updated k_LBNSH, v_LBNSH.
+    """
+    B, T, D = x_BTD.shape
+    N, H = config.n_head, config.head_dim
+    assert D == config.n_embd
+    assert w.qkv_w_LDE.shape == (D, 3 * D)
+    h_BTD = layer_norm(x_BTD, w.ln1_scale_LD, w.ln1_bias_LD, config.layer_norm_epsilon)
+    qkv_BTE = linear(h_BTD, w.qkv_w_LDE, w.qkv_b_LE)
+    q_BTD, k_BTD, v_BTD = jnp.split(qkv_BTE, 3, axis=-1)
+    q_BTNH = q_BTD.reshape(B, T, N, H)
+    k_BNTH = k_BTD.reshape(B, T, N, H).transpose(0, 2, 1, 3)
+    v_BNTH = v_BTD.reshape(B, T, N, H).transpose(0, 2, 1, 3)
+    k_LBNSH = kvcache.write_layer(cache.k_LBNSH, layer, cache.end, k_BNTH)
+    v_LBNSH = kvcache.write_layer(cache.v_LBNSH, layer, cache.end, v_BNTH)
+    k_BNSH = jax.lax.dynamic_index_in_dim(k_LBNSH, layer, axis=0, keepdims=False)
+    v_BNSH = jax.lax.dynamic_index_in_dim(v_LBNSH, layer, axis=0, keepdims=False)
+    attn_BTNH = cached_attention(q_BTNH, k_BNSH, v_BNSH, mask_BTS, attention_scale(config, layer))
+    x_BTD = x_BTD + linear(attn_BTNH.reshape(B, T, D), w.attn_out_w_LDD, w.attn_out_b_LD)
+    h_BTD = layer_norm(x_BTD, w.ln2_scale_LD, w.ln2_bias_LD, config.layer_norm_epsilon)
+    x_BTD = x_BTD + mlp(h_BTD, w.fc_w_LDF, w.fc_b_LF, w.proj_w_LFD, w.proj_b_LD, config.activation_function)
+    assert x_BTD.shape == (B, T, D)
+    return x_BTD, k_LBNSH, v_LBNSH
+
+
+def transformer(
+    ids_BT: jax.Array, cache: KVCache, weights: GPT2Weights, config: GPT2Config
+) -> tuple[jax.Array, KVCache]:
+    """Run T new tokens through every block (a scan over L); returns the final hidden states after ln_f."""
+    B, T = ids_BT.shape
+    assert cache.k_LBNSH.shape[:3] == (config.n_layer, B, config.n_head)
+    assert weights.blocks.ln1_scale_LD.shape[0] == config.n_layer
+    x_BTD = embed(ids_BT, kvcache.positions(cache, T), weights)
+    mask_BTS = kvcache.visible_mask(cache, T)
+
+    def scan_body(carry, layer_and_weights):
+        x_BTD, k_LBNSH, v_LBNSH = carry
+        layer, w = layer_and_weights
+        layer_cache = KVCache(k_LBNSH, v_LBNSH, cache.start_B, cache.end)
+        return block(x_BTD, w, layer, layer_cache, mask_BTS, config), None
+
+    layers_L = jnp.arange(config.n_layer, dtype=jnp.int32)
+    carry = (x_BTD, cache.k_LBNSH, cache.v_LBNSH)
+    (x_BTD, k_LBNSH, v_LBNSH), _ = jax.lax.scan(scan_body, carry, (layers_L, weights.blocks))
+    hidden_BTD = layer_norm(x_BTD, weights.lnf_scale_D, weights.lnf_bias_D, config.layer_norm_epsilon)
+    new_cache = KVCache(k_LBNSH, v_LBNSH, cache.start_B, cache.end + T)
+    return hidden_BTD, new_cache
+
+
+def lm_logits(hidden_BTD: jax.Array, weights: GPT2Weights) -> jax.Array:
+    """Project hidden states onto the vocabulary (lm_head, tied to wte unless the checkpoint unties it)."""
+    head_VD = weights.wte_VD if weights.lm_head_VD is None else weights.lm_head_VD
+    assert hidden_BTD.shape[-1] == head_VD.shape[1]
+    logits_BTV = jnp.einsum("BTD,VD->BTV", hidden_BTD, head_VD.astype(hidden_BTD.dtype))
+    assert logits_BTV.shape == (*hidden_BTD.shape[:2], head_VD.shape[0])
+    return logits_BTV.astype(jnp.float32)
+
+
+def empty_cache(config: GPT2Config, start_B: jax.Array, max_len: int, dtype=jnp.float32) -> KVCache:
+    """A cache of max_len slots; row b's first real token goes to slot start_B[b] (left padding before it)."""
+    return kvcache.init_cache(config.n_layer, config.n_head, config.head_dim, jnp.asarray(start_B), max_len, dtype)
+
+
+@functools.partial(jax.jit, static_argnames=("config",))
+def _forward_jit(ids_BT: jax.Array, weights: GPT2Weights, config: GPT2Config) -> jax.Array:
+    B, T = ids_BT.shape
+    cache = empty_cache(config, jnp.zeros((B,), jnp.int32), T, weights.wte_VD.dtype)
+    hidden_BTD, _ = transformer(ids_BT, cache, weights, config)
+    return lm_logits(hidden_BTD, weights)
+
+
+@functools.partial(jax.jit, static_argnames=("config",))
+def _forward_cached_jit(ids_BT, cache: KVCache, weights: GPT2Weights, config: GPT2Config):
+    hidden_BTD, cache = transformer(ids_BT, cache, weights, config)
+    return lm_logits(hidden_BTD, weights), cache
+
+
+def _is_traced(x) -> bool:
+    return isinstance(x, jax.core.Tracer)
+
+
+def check_token_ids(ids_BT, config: GPT2Config) -> np.ndarray:
+    """Validate concrete token ids on the host: a clear ValueError instead of a silently clamped gather."""
+    ids = np.asarray(ids_BT)
+    if ids.ndim != 2:
+        raise ValueError(f"token ids must be 2-D (batch, time); got shape {ids.shape}")
+    if ids.shape[0] == 0 or ids.shape[1] == 0:
+        raise ValueError(f"token ids must have at least one row and one token; got shape {ids.shape}")
+    if not np.issubdtype(ids.dtype, np.integer):
+        raise ValueError(f"token ids must be integers; got dtype {ids.dtype}")
+    if ids.min() < 0 or ids.max() >= config.vocab_size:
+        raise ValueError(f"token ids must be in [0, {config.vocab_size}); got [{ids.min()}, {ids.max()}]")
+    return ids.astype(np.int32)
+
+
+def gpt2_forward(input_ids_BT, weights: GPT2Weights, config: GPT2Config) -> jax.Array:
+    """Logits for every position of every row: (B, T) int ids -> (B, T, V) float32 logits."""
+    if _is_traced(input_ids_BT):
+        assert input_ids_BT.ndim == 2
+        return _forward_jit(input_ids_BT, weights, config)
+    ids_BT = check_token_ids(input_ids_BT, config)
+    if ids_BT.shape[1] > config.n_positions:
+        raise ValueError(f"sequence of {ids_BT.shape[1]} tokens is longer than n_positions={config.n_positions}")
+    logits_BTV = _forward_jit(jnp.asarray(ids_BT), weights, config)
+    assert logits_BTV.shape == (*ids_BT.shape, config.vocab_size)
+    return logits_BTV
+
+
+def gpt2_forward_cached(
+    input_ids_BT, cache: KVCache, weights: GPT2Weights, config: GPT2Config
+) -> tuple[jax.Array, KVCache]:
+    """Append T tokens per row to the cache and return their logits and the new cache (the old one is untouched)."""
+    if _is_traced(input_ids_BT) or _is_traced(cache.end):
+        return _forward_cached_jit(input_ids_BT, cache, weights, config)
+    ids_BT = check_token_ids(input_ids_BT, config)
+    B, T = ids_BT.shape
+    if B != cache.start_B.shape[0]:
+        raise ValueError(f"batch of {B} rows does not match the cache's {cache.start_B.shape[0]} rows")
+    end, first_start = int(cache.end), int(np.min(cache.start_B))
+    if end + T > cache.max_len:
+        raise ValueError(f"{T} new tokens at slot {end} run past the cache's end ({cache.max_len} slots)")
+    if end + T - first_start > config.n_positions:
+        raise ValueError(f"a row would reach position {end + T - first_start - 1}, past n_positions={config.n_positions}")
+    return _forward_cached_jit(jnp.asarray(ids_BT), cache, weights, config)
+
+
+def block_hidden_states(input_ids_BT, weights: GPT2Weights, config: GPT2Config) -> list[jax.Array]:
+    """The residual stream after each block (before ln_f), layer by layer: a failing parity test names its layer."""
+    ids_BT = jnp.asarray(check_token_ids(input_ids_BT, config))
+    B, T = ids_BT.shape
+    cache = empty_cache(config, jnp.zeros((B,), jnp.int32), T, weights.wte_VD.dtype)
+    x_BTD = embed(ids_BT, kvcache.positions(cache, T), weights)
+    mask_BTS = kvcache.visible_mask(cache, T)
+    outputs = []
+    for layer in range(config.n_layer):
+        w = layer_weights(weights.blocks, layer)
+        x_BTD, _, _ = block(x_BTD, w, jnp.int32(layer), cache, mask_BTS, config)
+        outputs.append(x_BTD)
+    assert len(outputs) == config.n_layer
+    return outputs
