@@ -6,6 +6,7 @@ non-zero exit code, never a traceback: `UserError` and `ValueError` are caught i
 
 import argparse
 import sys
+from pathlib import Path
 
 
 class UserError(Exception):
@@ -33,8 +34,112 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1; got {value}")
+    return value
+
+
+def _load_model(name_or_path: str):
+    """(folder, config, weights) for a hub name or local folder; imports JAX only when a command needs it."""
+    from jax_gpt2.loader import load_config, load_weights, resolve_model_dir
+
+    folder = resolve_model_dir(name_or_path)
+    config = load_config(folder)
+    return folder, config, load_weights(folder, config=config)
+
+
+def run_next(args: argparse.Namespace) -> int:
+    """The top-k next tokens after a prompt, with their probabilities."""
+    import jax
+    import numpy as np
+
+    from jax_gpt2.model import gpt2_forward
+    from jax_gpt2.tokenizer import encode, load_tokenizer
+
+    folder, config, weights = _load_model(args.model)
+    tokenizer = load_tokenizer(folder)
+    ids = encode(tokenizer, args.prompt)
+    if not ids:
+        raise UserError("the prompt encodes to no tokens")
+    logits_V = gpt2_forward(np.asarray([ids]), weights, config)[0, -1]
+    probs_V = np.asarray(jax.nn.softmax(logits_V))
+    top_k = min(args.top_k, config.vocab_size)
+    print(f"prompt: {args.prompt!r} ({len(ids)} tokens)")
+    print(f"top {top_k} next tokens:")
+    for rank, token in enumerate(np.argsort(-probs_V)[:top_k], start=1):
+        print(f"{rank:>3}. {tokenizer.decode([int(token)])!r:<20} id {int(token):>6}  p = {probs_V[token]:.4f}")
+    return 0
+
+
+def add_next_command(subparsers) -> None:
+    parser = subparsers.add_parser("next", help="show the most likely next tokens after a prompt")
+    parser.add_argument("prompt")
+    parser.add_argument("--model", default="gpt2", help="hub name or local folder (default: gpt2)")
+    parser.add_argument("--top-k", type=_positive_int, default=5)
+    parser.set_defaults(run=run_next)
+
+
+def run_compare(args: argparse.Namespace) -> int:
+    """N different inputs through jax-gpt2 and transformers; PASS/FAIL per batch and a summary."""
+    from jax_gpt2.compare import compare_batch, load_reference_model, random_batches
+
+    folder, config, weights = _load_model(args.model)
+    reference = load_reference_model(folder)
+    results = []
+    for index, ids_BT in enumerate(random_batches(config, args.batches, args.seed), start=1):
+        result = compare_batch(reference, ids_BT, weights, config)
+        results.append(result)
+        shown = ids_BT[0, :8].tolist()
+        verdict = "PASS" if result.passed else "FAIL"
+        print(
+            f"batch {index}: shape {ids_BT.shape}, tokens {shown}{'...' if ids_BT.shape[1] > 8 else ''}, "
+            f"max abs diff {result.max_abs_diff:.3e} (tolerance {result.tolerance:.1e}), "
+            f"argmax {'equal' if result.argmax_equal else 'DIFFERS'}: {verdict}"
+        )
+    passed = sum(result.passed for result in results)
+    print(f"batches tested: {len(results)}, passed: {passed}, pass rate: {100.0 * passed / len(results):.1f}%")
+    return 0 if passed == len(results) else 1
+
+
+def add_compare_command(subparsers) -> None:
+    parser = subparsers.add_parser("compare", help="check logits against transformers on random inputs")
+    parser.add_argument("--model", default="gpt2", help="hub name or local folder (default: gpt2)")
+    parser.add_argument("--batches", type=_positive_int, default=5)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.set_defaults(run=run_compare)
+
+
+def run_random_model(args: argparse.Namespace) -> int:
+    """Write a random-weight checkpoint folder to try everything offline."""
+    from jax_gpt2.config import PRESETS
+    from jax_gpt2.random_model import write_random_model
+
+    config = write_random_model(args.folder, PRESETS[args.preset], args.std, args.seed, args.tokenizer_from)
+    print(
+        f"wrote {args.folder}: {args.preset} shape (n_layer={config.n_layer}, n_embd={config.n_embd}, "
+        f"vocab_size={config.vocab_size}), random weights with std {args.std}"
+    )
+    return 0
+
+
+def add_random_model_command(subparsers) -> None:
+    from jax_gpt2.config import PRESETS
+
+    parser = subparsers.add_parser("random-model", help="write a random-weight model folder (for offline trials)")
+    parser.add_argument("folder", type=Path)
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="gpt2")
+    parser.add_argument("--std", type=float, default=0.1, help="weight std; larger gives more peaked logits")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--tokenizer-from", type=Path, default=None, help="folder with GPT-2's vocab.json + merges.txt to copy"
+    )
+    parser.set_defaults(run=run_random_model)
+
+
 # Each entry registers one subcommand on the parser and sets `run` (args -> exit code) as its default.
-_COMMANDS: list = []
+_COMMANDS: list = [add_next_command, add_compare_command, add_random_model_command]
 
 
 if __name__ == "__main__":

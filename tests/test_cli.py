@@ -1,0 +1,88 @@
+"""The command line: `next`, `compare` and `random-model` on local folders, and one clear line
+(no traceback) for user mistakes."""
+
+import json
+
+import numpy as np
+import pytest
+
+from checkpoints import TINY, hf_config, random_hf_model, save_safetensors
+from jax_gpt2.cli import main
+from jax_gpt2.random_model import train_tokenizer
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory):
+    """A tiny random transformers checkpoint with a byte-level BPE trained to its vocabulary size."""
+    folder = tmp_path_factory.mktemp("tiny-cli")
+    vocab_size = train_tokenizer(folder, 300)
+    config = hf_config(**{**TINY, "vocab_size": vocab_size})
+    save_safetensors(random_hf_model(config, std=0.3), folder)
+    return folder
+
+
+def test_next_prints_top_k_tokens_with_probabilities(tiny_model_dir, capsys):
+    assert main(["next", "Hello world", "--model", str(tiny_model_dir), "--top-k", "5"]) == 0
+    out = capsys.readouterr().out
+    rows = [line for line in out.splitlines() if " p = " in line]
+    assert len(rows) == 5
+    probs = [float(line.rsplit("p = ", 1)[1]) for line in rows]
+    assert probs == sorted(probs, reverse=True)
+    assert 0 < sum(probs) <= 1.0 + 1e-6
+
+
+def test_compare_passes_on_a_transformers_checkpoint(tiny_model_dir, capsys):
+    assert main(["compare", "--model", str(tiny_model_dir), "--batches", "3"]) == 0
+    out = capsys.readouterr().out
+    assert out.count(": PASS") == 3
+    assert "batches tested: 3, passed: 3, pass rate: 100.0%" in out
+
+
+def test_compare_fails_with_nonzero_exit_when_weights_disagree(tiny_model_dir, tmp_path, capsys):
+    """Corrupt one weight in a copy: jax-gpt2 loads the copy, transformers the original."""
+    import jax_gpt2.cli as cli
+
+    _, config, weights = cli._load_model(str(tiny_model_dir))
+    broken = weights.__class__(**{**weights.__dict__, "lnf_bias_D": weights.lnf_bias_D + 1.0})
+    original = cli._load_model
+    cli._load_model = lambda name: (tiny_model_dir, config, broken)
+    try:
+        assert main(["compare", "--model", str(tiny_model_dir), "--batches", "2"]) == 1
+    finally:
+        cli._load_model = original
+    out = capsys.readouterr().out
+    assert "FAIL" in out
+    assert "passed: 0" in out
+
+
+def test_missing_model_folder_is_one_line_on_stderr(capsys):
+    assert main(["next", "hi", "--model", "./no-such-folder"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1
+    assert "no such model folder" in err
+    assert "Traceback" not in err
+
+
+def test_hub_name_offline_says_how_to_use_a_local_folder(capsys, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert main(["next", "hi", "--model", "openai-community/gpt2"]) == 2
+    err = capsys.readouterr().err
+    assert "local folder" in err
+    assert "Traceback" not in err
+
+
+def test_random_model_writes_a_folder_that_next_can_run(tmp_path, capsys):
+    folder = tmp_path / "random-distilgpt2"
+    assert main(["random-model", str(folder), "--preset", "distilgpt2", "--std", "0.2"]) == 0
+    config = json.loads((folder / "config.json").read_text())
+    assert (config["n_layer"], config["n_embd"], config["n_head"]) == (6, 768, 12)
+    assert main(["next", "The cache", "--model", str(folder), "--top-k", "3"]) == 0
+    out = capsys.readouterr().out
+    assert len([line for line in out.splitlines() if " p = " in line]) == 3
+
+
+def test_bad_flag_value_is_rejected_by_the_parser(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["next", "hi", "--top-k", "0"])
+    assert exit_info.value.code == 2
+    assert "must be >= 1" in capsys.readouterr().err
