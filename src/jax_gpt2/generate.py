@@ -1,0 +1,271 @@
+"""Text generation: one jitted function for prefill plus the whole decode loop, ragged batches by
+left padding, and a streaming variant that decodes a few steps per dispatch.
+
+    prompts (ragged lists) --pad left to a length bucket--> ids_BT, start_B
+    prefill: the prompt through the model, the cache filled to the bucket, next-token logits
+    decode: lax.while_loop { pick a token per row, write it, run it through the model }
+            until every row has emitted an eos or max_new_tokens steps have run
+
+Prompt lengths and step counts are rounded up to buckets, so a new prompt length inside a known
+bucket reuses the compiled function. The per-row pieces (`prefill`, `decode`) are exposed for
+people who build their own loop (the server does).
+"""
+
+import dataclasses
+import functools
+from collections.abc import Iterator, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jax_gpt2.config import GPT2Config
+from jax_gpt2.kvcache import KVCache
+from jax_gpt2.model import empty_cache, lm_logits, transformer
+from jax_gpt2.sampling import SamplerFlags, SamplingParams, flags_for, next_tokens, sampling_params
+from jax_gpt2.weights import GPT2Weights
+
+PAD_ID = 0  # what a finished row (or a left-pad slot) holds; never attended to, never returned
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class DecodeState:
+    cache: KVCache
+    logits_BV: jax.Array  # float32 next-token logits of each row
+    seen_BV: jax.Array  # bool: the token occurs in the row so far (for the repetition penalty)
+    done_B: jax.Array  # bool: the row has emitted an eos
+    keys_B: jax.Array  # uint32 (B, 2): each row's own random key, so a row samples alike alone or batched
+    step: jax.Array  # int32 scalar: decode steps taken so far
+
+
+def bucket_length(n: int) -> int:
+    """Round a length up: powers of two to 64, then multiples of 64 (few compiles, little padding)."""
+    assert n >= 1
+    bucket = 8
+    while bucket < n and bucket < 64:
+        bucket *= 2
+    if bucket < n:
+        bucket = -(-n // 64) * 64
+    assert bucket >= n
+    return bucket
+
+
+def left_pad(prompts: Sequence[Sequence[int]], length: int) -> tuple[np.ndarray, np.ndarray]:
+    """ids_BT with each prompt right-aligned in `length` slots, and start_B, where each one begins."""
+    assert len(prompts) >= 1
+    assert all(1 <= len(prompt) <= length for prompt in prompts)
+    ids_BT = np.full((len(prompts), length), PAD_ID, np.int32)
+    start_B = np.array([length - len(prompt) for prompt in prompts], np.int32)
+    for row, prompt in enumerate(prompts):
+        ids_BT[row, start_B[row] :] = prompt
+    return ids_BT, start_B
+
+
+def prefill(
+    ids_BT: jax.Array, start_B: jax.Array, keys_B: jax.Array, weights: GPT2Weights, config: GPT2Config, max_len: int
+) -> DecodeState:
+    """Run left-padded prompts through the model into a fresh cache of max_len slots."""
+    B, T = ids_BT.shape
+    assert start_B.shape == (B,)
+    assert max_len >= T
+    cache = empty_cache(config, start_B, max_len, weights.wte_VD.dtype)
+    hidden_BTD, cache = transformer(ids_BT, cache, weights, config)
+    logits_BV = lm_logits(hidden_BTD[:, -1:], weights)[:, 0]
+    is_real_BT = jnp.arange(T)[None, :] >= start_B[:, None]
+    rows_BT = jnp.broadcast_to(jnp.arange(B)[:, None], (B, T))
+    seen_BV = jnp.zeros((B, config.vocab_size), jnp.bool_).at[rows_BT, ids_BT].max(is_real_BT)
+    state = DecodeState(cache, logits_BV, seen_BV, jnp.zeros((B,), jnp.bool_), keys_B, jnp.zeros((), jnp.int32))
+    assert state.logits_BV.shape == (B, config.vocab_size)
+    return state
+
+
+def decode(
+    state: DecodeState,
+    max_steps: jax.Array,
+    eos_E: jax.Array,
+    params: SamplingParams,
+    weights: GPT2Weights,
+    config: GPT2Config,
+    flags: SamplerFlags,
+    num_slots: int,
+) -> tuple[DecodeState, jax.Array, jax.Array]:
+    """Up to min(max_steps, num_slots) decode steps, stopping early once every row is done.
+
+    Returns the new state, tokens_BK and emitted_BK (False where the row had already finished).
+    """
+    B = state.done_B.shape[0]
+    assert eos_E.ndim == 1
+    assert num_slots >= 1
+    tokens_BK = jnp.full((B, num_slots), PAD_ID, jnp.int32)
+    emitted_BK = jnp.zeros((B, num_slots), jnp.bool_)
+
+    def keep_going(carry):
+        i, state, _, _ = carry
+        return (i < jnp.minimum(max_steps, num_slots)) & ~jnp.all(state.done_B)
+
+    def step(carry):
+        i, state, tokens_BK, emitted_BK = carry
+        step_keys_B = jax.vmap(jax.random.fold_in, in_axes=(0, None))(state.keys_B, state.step)
+        token_B = next_tokens(state.logits_BV, state.seen_BV, params, step_keys_B, flags)
+        token_B = jnp.where(state.done_B, PAD_ID, token_B)
+        tokens_BK = jax.lax.dynamic_update_slice(tokens_BK, token_B[:, None], (0, i))
+        emitted_BK = jax.lax.dynamic_update_slice(emitted_BK, ~state.done_B[:, None], (0, i))
+        hidden_BTD, cache = transformer(token_B[:, None], state.cache, weights, config)
+        state = DecodeState(
+            cache=cache,
+            logits_BV=lm_logits(hidden_BTD, weights)[:, 0],
+            seen_BV=state.seen_BV.at[jnp.arange(B), token_B].set(True),
+            done_B=state.done_B | jnp.isin(token_B, eos_E),
+            keys_B=state.keys_B,
+            step=state.step + 1,
+        )
+        return i + 1, state, tokens_BK, emitted_BK
+
+    carry = (jnp.zeros((), jnp.int32), state, tokens_BK, emitted_BK)
+    _, state, tokens_BK, emitted_BK = jax.lax.while_loop(keep_going, step, carry)
+    return state, tokens_BK, emitted_BK
+
+
+@functools.partial(jax.jit, static_argnames=("config", "flags", "num_slots"))
+def _generate_jit(ids_BT, start_B, keys_B, max_steps, eos_E, params, weights, config, flags, num_slots):
+    state = prefill(ids_BT, start_B, keys_B, weights, config, ids_BT.shape[1] + num_slots)
+    _, tokens_BK, emitted_BK = decode(state, max_steps, eos_E, params, weights, config, flags, num_slots)
+    return tokens_BK, emitted_BK
+
+
+@functools.partial(jax.jit, static_argnames=("config", "max_len"))
+def _prefill_jit(ids_BT, start_B, keys_B, weights, config, max_len):
+    return prefill(ids_BT, start_B, keys_B, weights, config, max_len)
+
+
+@functools.partial(jax.jit, static_argnames=("config", "flags", "num_slots"), donate_argnames=("state",))
+def _decode_jit(state, max_steps, eos_E, params, weights, config, flags, num_slots):
+    return decode(state, max_steps, eos_E, params, weights, config, flags, num_slots)
+
+
+@dataclasses.dataclass(frozen=True)
+class GenerationRequest:
+    """Validated host-side inputs of one generate call, ready for the device."""
+
+    ids_BT: np.ndarray
+    start_B: np.ndarray
+    keys_B: np.ndarray
+    eos_E: np.ndarray
+    params: SamplingParams
+    flags: SamplerFlags
+    max_new_tokens: int
+
+
+def _check_prompts(prompt_ids, config: GPT2Config, max_new_tokens: int) -> list[list[int]]:
+    if isinstance(prompt_ids, (str, bytes)) or not isinstance(prompt_ids, Sequence) or len(prompt_ids) == 0:
+        raise ValueError("prompt_ids must be a non-empty list of prompts, each a list of token ids")
+    prompts = [list(prompt) for prompt in prompt_ids]
+    for row, prompt in enumerate(prompts):
+        if len(prompt) == 0:
+            raise ValueError(f"prompt {row} is empty: every prompt needs at least one token")
+        if not all(isinstance(t, (int, np.integer)) and not isinstance(t, bool) for t in prompt):
+            raise ValueError(f"prompt {row} must hold integer token ids")
+        if min(prompt) < 0 or max(prompt) >= config.vocab_size:
+            raise ValueError(f"prompt {row} has ids outside [0, {config.vocab_size}): [{min(prompt)}, {max(prompt)}]")
+        if len(prompt) + max_new_tokens > config.n_positions:
+            raise ValueError(
+                f"prompt {row} has {len(prompt)} tokens; with max_new_tokens={max_new_tokens} it would need "
+                f"{len(prompt) + max_new_tokens} positions but the model has n_positions={config.n_positions}"
+            )
+    return [[int(t) for t in prompt] for prompt in prompts]
+
+
+def _check_sampling(max_new_tokens, temperature, top_k, top_p, min_p, repetition_penalty) -> None:
+    if not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be an integer >= 1; got {max_new_tokens!r}")
+    if not np.isfinite(temperature) or temperature < 0:
+        raise ValueError(f"temperature must be >= 0 (0 is greedy); got {temperature}")
+    if top_k is not None and (not isinstance(top_k, (int, np.integer)) or top_k < 0):
+        raise ValueError(f"top_k must be None or an integer >= 0 (0 is off); got {top_k!r}")
+    for name, value in (("top_p", top_p), ("min_p", min_p)):
+        if value is not None and not 0 < value <= 1:
+            raise ValueError(f"{name} must be None or in (0, 1]; got {value}")
+    if repetition_penalty is not None and not (np.isfinite(repetition_penalty) and repetition_penalty > 0):
+        raise ValueError(f"repetition_penalty must be None or > 0 (1 is off); got {repetition_penalty}")
+
+
+def _eos_array(eos_token_id, config: GPT2Config) -> np.ndarray:
+    eos = [] if eos_token_id is None else [eos_token_id] if np.ndim(eos_token_id) == 0 else list(eos_token_id)
+    for token in eos:
+        if not 0 <= int(token) < config.vocab_size:
+            raise ValueError(f"eos_token_id {token} is outside [0, {config.vocab_size})")
+    return np.asarray(eos, np.int32).reshape(-1)
+
+
+def prepare_request(
+    prompt_ids, config: GPT2Config, max_new_tokens, temperature, top_k, top_p, min_p, repetition_penalty,
+    eos_token_id, seed,
+) -> GenerationRequest:  # fmt: skip
+    """Check every argument on the host (clear ValueErrors) and lay the prompts out for the device."""
+    _check_sampling(max_new_tokens, temperature, top_k, top_p, min_p, repetition_penalty)
+    prompts = _check_prompts(prompt_ids, config, max_new_tokens)
+    ids_BT, start_B = left_pad(prompts, bucket_length(max(len(prompt) for prompt in prompts)))
+    base_key = jax.random.PRNGKey(seed)
+    keys_B = np.asarray(jax.vmap(jax.random.fold_in, in_axes=(None, 0))(base_key, jnp.arange(len(prompts))))
+    request = GenerationRequest(
+        ids_BT=ids_BT,
+        start_B=start_B,
+        keys_B=keys_B,
+        eos_E=_eos_array(eos_token_id, config),
+        params=sampling_params(len(prompts), temperature, top_k, top_p, min_p, repetition_penalty),
+        flags=flags_for(temperature, top_k, top_p, min_p, repetition_penalty),
+        max_new_tokens=int(max_new_tokens),
+    )
+    assert request.ids_BT.shape[0] == len(prompts)
+    return request
+
+
+def generate(
+    prompt_ids, weights: GPT2Weights, config: GPT2Config, max_new_tokens: int = 64, temperature: float = 0.0,
+    top_k: int | None = None, top_p: float | None = None, min_p: float | None = None,
+    repetition_penalty: float | None = None, eos_token_id: int | Sequence[int] | None = None, seed: int = 0,
+) -> list[list[int]]:  # fmt: skip
+    """The new tokens of each prompt (a ragged list of id lists), up to and including its eos.
+
+    Prefill and every decode step run inside one jitted call: no per-token Python dispatch.
+    """
+    request = prepare_request(
+        prompt_ids, config, max_new_tokens, temperature, top_k, top_p, min_p, repetition_penalty, eos_token_id, seed
+    )
+    tokens_BK, emitted_BK = _generate_jit(
+        request.ids_BT, request.start_B, request.keys_B, np.int32(request.max_new_tokens), request.eos_E,
+        request.params, weights, config, request.flags, bucket_length(request.max_new_tokens),
+    )  # fmt: skip
+    tokens_BK, emitted_BK = np.asarray(tokens_BK), np.asarray(emitted_BK)
+    outputs = [tokens_BK[row][emitted_BK[row]].tolist() for row in range(tokens_BK.shape[0])]
+    assert len(outputs) == len(request.ids_BT)
+    return outputs
+
+
+def stream_generate(
+    prompt_ids, weights: GPT2Weights, config: GPT2Config, max_new_tokens: int = 64, temperature: float = 0.0,
+    top_k: int | None = None, top_p: float | None = None, min_p: float | None = None,
+    repetition_penalty: float | None = None, eos_token_id: int | Sequence[int] | None = None, seed: int = 0,
+    chunk_steps: int = 4,
+) -> Iterator[list[int | None]]:  # fmt: skip
+    """Like `generate`, but yields as tokens are made: one list per step, a token per row (None once the
+    row has finished). The device runs `chunk_steps` steps per dispatch; the tokens equal `generate`'s."""
+    if chunk_steps < 1:
+        raise ValueError(f"chunk_steps must be >= 1; got {chunk_steps}")
+    request = prepare_request(
+        prompt_ids, config, max_new_tokens, temperature, top_k, top_p, min_p, repetition_penalty, eos_token_id, seed
+    )
+    max_len = request.ids_BT.shape[1] + bucket_length(request.max_new_tokens)
+    state = _prefill_jit(request.ids_BT, request.start_B, request.keys_B, weights, config, max_len)
+    remaining = request.max_new_tokens
+    while remaining > 0:
+        state, tokens_BK, emitted_BK = _decode_jit(
+            state, np.int32(remaining), request.eos_E, request.params, weights, config, request.flags, chunk_steps
+        )
+        tokens_BK, emitted_BK = np.asarray(tokens_BK), np.asarray(emitted_BK)
+        for column in range(tokens_BK.shape[1]):
+            if not emitted_BK[:, column].any():
+                return
+            yield [int(t) if e else None for t, e in zip(tokens_BK[:, column], emitted_BK[:, column])]
+        remaining -= chunk_steps
