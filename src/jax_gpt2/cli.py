@@ -7,6 +7,8 @@ non-zero exit code, never a traceback: `UserError` and `ValueError` are caught i
 import argparse
 import sys
 
+from jax_gpt2.remote import add_remote_command
+
 
 class UserError(Exception):
     """An error whose message is the whole story for the user: printed alone, no traceback."""
@@ -35,6 +37,7 @@ def main(argv: list[str] | None = None) -> int:
 
 # Each entry registers one subcommand on the parser and sets `run` (args -> exit code) as its default.
 _COMMANDS: list = []
+_COMMANDS.append(add_remote_command)
 
 
 if __name__ == "__main__":
