@@ -215,8 +215,7 @@ def prepare_script(remote_dir: str) -> str:
     """Create the remote tree and make sure rsync exists there (fresh pods may lack it)."""
     assert remote_dir
     install_rsync = (
-        "{ echo 'installing rsync' >&2; "
-        "apt-get update -qq >/dev/null && apt-get install -y -qq rsync >/dev/null; }"
+        "{ echo 'installing rsync' >&2; apt-get update -qq >/dev/null && apt-get install -y -qq rsync >/dev/null; }"
     )
     script = f"mkdir -p {shlex.quote(remote_dir)} && {{ command -v rsync >/dev/null 2>&1 || {install_rsync}; }}"
     assert "mkdir -p" in script
@@ -229,12 +228,13 @@ def bootstrap_script(remote_dir: str, remote_uv: str) -> str:
     assert remote_uv
     marker = shlex.quote(BOOTSTRAP_MARKER)
     uv = shlex.quote(remote_uv)
+    already_done = f"echo 'bootstrap already done (remove {BOOTSTRAP_MARKER} to redo)' >&2"
+    install_uv = "echo 'installing uv' >&2; curl -LsSf https://astral.sh/uv/install.sh | sh"
     script = "; ".join([
         "set -e",
         remote_path_setup(remote_dir),
-        f"if [ -f {marker} ]; then echo 'bootstrap already done (remove {BOOTSTRAP_MARKER} to redo)' >&2; exit 0; fi",
-        f"if ! command -v {uv} >/dev/null 2>&1; then echo 'installing uv' >&2; "
-        "curl -LsSf https://astral.sh/uv/install.sh | sh; fi",
+        f"if [ -f {marker} ]; then {already_done}; exit 0; fi",
+        f"if ! command -v {uv} >/dev/null 2>&1; then {install_uv}; fi",
         f"{uv} sync --extra cuda",
         f"touch {marker}",  # Last, so a failed sync is retried on the next run.
     ])  # fmt: skip
@@ -270,9 +270,13 @@ def run_streaming(argv: list[str], dry_run: bool) -> int:
     sys.stdout.flush()
     sys.stderr.flush()
     try:
-        return subprocess.run(argv, check=False).returncode
+        exit_code = subprocess.run(argv, check=False).returncode
     except FileNotFoundError:
-        raise RemoteError(f"`{argv[0]}` is not installed here; install it (e.g. apt-get install -y {argv[0]})") from None
+        raise RemoteError(
+            f"`{argv[0]}` is not installed here; install it (e.g. apt-get install -y {argv[0]})"
+        ) from None
+    # Killed by a signal: report it the way a shell would (128 + signal number).
+    return exit_code if exit_code >= 0 else 128 - exit_code
 
 
 def run_captured(argv: list[str]) -> subprocess.CompletedProcess:
@@ -350,9 +354,7 @@ def wait_for_ssh(settings: SshSettings, target: SshTarget, timeout_s: float, pol
             return
         elapsed = time.monotonic() - started
         if elapsed >= timeout_s or attempt == max_attempts:
-            raise RemoteError(
-                f"SSH on {address} did not answer within {timeout_s:g} s: {last_line(result.stderr)}"
-            )
+            raise RemoteError(f"SSH on {address} did not answer within {timeout_s:g} s: {last_line(result.stderr)}")
         say(f"waiting for SSH on {address} ({elapsed:.0f} s of {timeout_s:g} s)")
         time.sleep(min(poll_interval_s, timeout_s - elapsed))
     raise AssertionError("unreachable: the loop returns or raises")
@@ -389,7 +391,9 @@ def runpod_request(settings: RunPodSettings, method: str, path: str, body: dict 
         raise RemoteError(describe_http_error(method, path, error.code, error_body, settings.api_key)) from None
     except (urllib.error.URLError, OSError) as error:
         reason = getattr(error, "reason", error)
-        raise RemoteError(f"cannot reach the RunPod API at {settings.api_url}: {redact(str(reason), settings.api_key)}") from None
+        raise RemoteError(
+            f"cannot reach the RunPod API at {settings.api_url}: {redact(str(reason), settings.api_key)}"
+        ) from None
     try:
         return json.loads(text) if text.strip() else {}
     except json.JSONDecodeError:
@@ -473,7 +477,8 @@ def wait_for_pod(settings: RunPodSettings, pod_id: str) -> SshTarget:
         elapsed = time.monotonic() - started
         if elapsed >= settings.wait_timeout_s:
             break
-        say(f"waiting for pod {pod_id}: {pod.get('desiredStatus', 'unknown')} ({elapsed:.0f} s of {settings.wait_timeout_s:g} s)")
+        status = pod.get("desiredStatus", "unknown")
+        say(f"waiting for pod {pod_id}: {status} ({elapsed:.0f} s of {settings.wait_timeout_s:g} s)")
         time.sleep(min(settings.poll_interval_s, settings.wait_timeout_s - elapsed))
     raise RemoteError(f"pod {pod_id} had no public SSH address within {settings.wait_timeout_s:g} s")
 
@@ -549,10 +554,11 @@ def read_public_key(key_path: str | None) -> str:
 
 
 def config_dir() -> Path:
+    """$XDG_CONFIG_HOME/jax-gpt2, defaulting to ~/.config/jax-gpt2 as the XDG spec says."""
     config_home = os.environ.get("XDG_CONFIG_HOME") or str(Path.home() / ".config")
+    assert config_home
     directory = Path(config_home) / "jax-gpt2"
     assert directory.name == "jax-gpt2"
-    assert directory.is_absolute() or not config_home.startswith("/")
     return directory
 
 
@@ -575,6 +581,7 @@ def load_instances(path: Path) -> dict[str, dict]:
     instances = data.get("instances") if isinstance(data, dict) else None
     if not isinstance(instances, dict):
         raise RemoteError(f"{path} is not a jax-gpt2 remote state file; move it aside")
+    assert all(isinstance(name, str) for name in instances)
     return instances
 
 
@@ -612,7 +619,9 @@ def forget_instance(path: Path, name: str, dry_run: bool) -> None:
 
 def resolve_existing(path: Path, name_or_address: str) -> tuple[SshTarget, str | None]:
     """A remembered NAME (with its pod id) wins; otherwise a plain user@host:port (no pod id)."""
-    assert name_or_address
+    assert path.suffix == ".json"
+    if not name_or_address:
+        raise RemoteError("--use-existing needs a remembered NAME or a user@host:port address")
     instances = load_instances(path)
     record = instances.get(name_or_address)
     if record is not None:
@@ -700,8 +709,10 @@ def workload_from_args(args: argparse.Namespace) -> Workload:
 
 def provision_from_args(args: argparse.Namespace, ssh: SshSettings, runpod: RunPodSettings) -> tuple[str, SshTarget]:
     """Rent a pod under --name, remember it, and say how to come back to it."""
-    assert args.name
     assert runpod.api_key
+    assert ssh.known_hosts_path
+    if not args.name.strip():
+        raise RemoteError("--name must not be empty")
     path = state_path()
     remembered = load_instances(path).get(args.name)
     if remembered is not None:
@@ -725,6 +736,7 @@ def provision_from_args(args: argparse.Namespace, ssh: SshSettings, runpod: RunP
 
 
 def run_remote_session(args: argparse.Namespace) -> int:
+    assert args.command == "remote"
     ssh = ssh_settings_from_args(args)
     workload = workload_from_args(args)
     if not args.dry_run:
@@ -776,7 +788,9 @@ def add_target_options(parser: argparse.ArgumentParser) -> None:
         "--use-existing", metavar="NAME_OR_ADDRESS",
         help="a NAME from an earlier provisioning, or user@host[:port]; without it a RunPod pod is created",
     )  # fmt: skip
-    group.add_argument("--ssh-key", metavar="PATH", help="private key to log in with (default: $SSH_KEY_PATH, else ssh's own)")
+    group.add_argument(
+        "--ssh-key", metavar="PATH", help="private key to log in with (default: $SSH_KEY_PATH, else ssh's own)"
+    )
     group.add_argument(
         "--known-hosts", metavar="PATH",
         help="known_hosts file for these hosts (default: known_hosts in the jax-gpt2 config dir)",
@@ -799,7 +813,9 @@ def add_work_options(parser: argparse.ArgumentParser) -> None:
         help="run this in the synced tree instead of pytest, compare and bench",
     )  # fmt: skip
     group.add_argument("--no-bootstrap", action="store_true", help="skip installing uv and `uv sync --extra cuda`")
-    group.add_argument("--remote-uv", default="uv", help="uv executable on the remote (default: uv, installed if missing)")
+    group.add_argument(
+        "--remote-uv", default="uv", help="uv executable on the remote (default: uv, installed if missing)"
+    )
     group.add_argument("--dry-run", action="store_true", help="print every ssh, rsync and HTTP action; do none")
     assert parser.prog
     assert group.title
@@ -807,7 +823,9 @@ def add_work_options(parser: argparse.ArgumentParser) -> None:
 
 def add_runpod_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("RunPod provisioning (needs RUNPOD_API_KEY)")
-    group.add_argument("--name", default=DEFAULT_POD_NAME, help=f"pod name, remembered locally (default: {DEFAULT_POD_NAME})")
+    group.add_argument(
+        "--name", default=DEFAULT_POD_NAME, help=f"pod name, remembered locally (default: {DEFAULT_POD_NAME})"
+    )
     group.add_argument("--gpu-type", default=DEFAULT_GPU_TYPE, help=f"RunPod GPU type id (default: {DEFAULT_GPU_TYPE})")
     group.add_argument("--image", default=DEFAULT_IMAGE, help=f"container image (default: {DEFAULT_IMAGE})")
     group.add_argument("--container-disk-gb", type=int, default=DEFAULT_CONTAINER_DISK_GB, help="container disk size")
@@ -815,9 +833,13 @@ def add_runpod_options(parser: argparse.ArgumentParser) -> None:
         "--api-url", metavar="URL",
         help=f"RunPod REST API base (default: $RUNPOD_API_URL, else {RUNPOD_API_URL})",
     )  # fmt: skip
-    group.add_argument("--wait-timeout-s", type=float, default=600.0, help="bound on each wait for the pod (default: 600)")
+    group.add_argument(
+        "--wait-timeout-s", type=float, default=600.0, help="bound on each wait for the pod (default: 600)"
+    )
     group.add_argument("--poll-interval-s", type=float, default=5.0, help="seconds between polls (default: 5)")
-    group.add_argument("--terminate", action="store_true", help="delete the pod after the run, also on failure or Ctrl-C")
+    group.add_argument(
+        "--terminate", action="store_true", help="delete the pod after the run, also on failure or Ctrl-C"
+    )
     assert parser.prog
     assert group.title
 
