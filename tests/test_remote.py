@@ -256,6 +256,11 @@ def itemized_paths(stdout: str) -> list[str]:
     return [parts[-1] for parts in lines if len(parts) == 2 and (parts[0].startswith("<f") or parts[0] == "*deleting")]
 
 
+def press_ctrl_c(*_args):
+    """Stands in for a step the user interrupts: Ctrl-C arrives as KeyboardInterrupt."""
+    raise KeyboardInterrupt
+
+
 def assert_one_clean_error_line(stderr: str, expected: str) -> None:
     assert "Traceback" not in stderr
     error_lines = [line for line in stderr.splitlines() if "error:" in line]
@@ -476,13 +481,22 @@ def test_pod_is_terminated_on_ctrl_c(sshd, runpod, tmp_path, monkeypatch, capfd)
     skip_unless_root(sshd)
     monkeypatch.setenv("RUNPOD_API_KEY", API_KEY)
 
-    def interrupted(*args, **kwargs):
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(remote, "run_remote_commands", interrupted)
+    monkeypatch.setattr(remote, "run_remote_commands", press_ctrl_c)
     assert main(provision_args(sshd, runpod, tmp_path, "--command", "true", "--terminate")) == 130
     assert runpod.requests[-1][:2] == ("DELETE", "/v1/pods/pod-123")
     assert "interrupted" in capfd.readouterr().err
+
+
+def test_pod_is_terminated_on_ctrl_c_while_waiting_for_it(runpod_without_sshd, tmp_path, capfd, monkeypatch):
+    monkeypatch.setenv("RUNPOD_API_KEY", API_KEY)
+    key = tmp_path / "key"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)], check=True)
+
+    monkeypatch.setattr(remote, "wait_for_ssh", press_ctrl_c)
+    args = ["remote", "--api-url", runpod_without_sshd.url, "--ssh-key", str(key), "--poll-interval-s", POLL_S]
+    assert main(args) == 130
+    assert runpod_without_sshd.requests[-1][:2] == ("DELETE", "/v1/pods/pod-123")
+    assert remembered(tmp_path) == {}
 
 
 def test_pod_that_never_gets_an_address_times_out_and_is_deleted(runpod_without_sshd, tmp_path, capfd, monkeypatch):

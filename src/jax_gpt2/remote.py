@@ -333,7 +333,11 @@ def run_remote_commands(
 ) -> int:
     assert commands
     assert remote_dir
-    exit_code = run_streaming(ssh_argv(settings, target, run_script(remote_dir, commands)), dry_run)
+    argv = ssh_argv(settings, target, run_script(remote_dir, commands))
+    if sys.stdin.isatty() and sys.stdout.isatty():
+        # At a terminal, a remote tty lets Ctrl-C stop the remote run too (and pytest use colour).
+        argv.insert(1, "-t")
+    exit_code = run_streaming(argv, dry_run)
     if exit_code == SSH_FAILED_EXIT_CODE:
         say(f"exit code {exit_code}: the SSH connection failed, or the command itself exited {exit_code}")
     assert 0 <= exit_code <= 255
