@@ -226,6 +226,8 @@ def isolated_environment(tmp_path, monkeypatch):
     monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "config"))
     for name in ("RUNPOD_API_KEY", "RUNPOD_API_URL", "SSH_KEY_PATH"):
         monkeypatch.delenv(name, raising=False)
+    for name in ("NO_PROXY", "no_proxy"):  # The RunPod stand-in is on loopback: never via a proxy.
+        monkeypatch.setenv(name, "127.0.0.1,localhost")
 
 
 def make_tree(root: Path, files: dict[str, str]) -> Path:
@@ -243,6 +245,13 @@ def fake_uv(directory: Path, exit_codes: dict[str, int] | None = None) -> Path:
     script.write_text(f'#!/bin/sh\necho "fake-uv $*" | tee -a {directory / "uv.log"}\ncase "$*" in\n{cases}esac\n')
     script.chmod(0o755)
     return script
+
+
+def unused_key_pair(directory: Path) -> Path:
+    """A key pair for tests that never log in: only the public half is read (into the pod spec)."""
+    (directory / "key").write_text("private half, never read by these tests\n")
+    (directory / "key.pub").write_text("ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIAt3stOnlyPubl1cKey test@jax-gpt2\n")
+    return directory / "key"
 
 
 def remote_args(sshd: LocalSshd, remote_dir: Path, local_dir: Path, *more: str) -> list[str]:
@@ -489,8 +498,7 @@ def test_pod_is_terminated_on_ctrl_c(sshd, runpod, tmp_path, monkeypatch, capfd)
 
 def test_pod_is_terminated_on_ctrl_c_while_waiting_for_it(runpod_without_sshd, tmp_path, capfd, monkeypatch):
     monkeypatch.setenv("RUNPOD_API_KEY", API_KEY)
-    key = tmp_path / "key"
-    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)], check=True)
+    key = unused_key_pair(tmp_path)
 
     monkeypatch.setattr(remote, "wait_for_ssh", press_ctrl_c)
     args = ["remote", "--api-url", runpod_without_sshd.url, "--ssh-key", str(key), "--poll-interval-s", POLL_S]
@@ -502,8 +510,7 @@ def test_pod_is_terminated_on_ctrl_c_while_waiting_for_it(runpod_without_sshd, t
 def test_pod_that_never_gets_an_address_times_out_and_is_deleted(runpod_without_sshd, tmp_path, capfd, monkeypatch):
     monkeypatch.setenv("RUNPOD_API_KEY", API_KEY)
     runpod_without_sshd.starting_polls = 10**6
-    key = tmp_path / "key"
-    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)], check=True)
+    key = unused_key_pair(tmp_path)
     args = ["remote", "--api-url", runpod_without_sshd.url, "--ssh-key", str(key),
             "--poll-interval-s", POLL_S, "--wait-timeout-s", "0.3", "--command", "true"]  # fmt: skip
     started = time.monotonic()
@@ -523,8 +530,7 @@ def test_pod_that_never_gets_an_address_times_out_and_is_deleted(runpod_without_
 def test_api_errors_are_one_line_without_the_key(runpod_without_sshd, tmp_path, capfd, monkeypatch, status, expected):
     monkeypatch.setenv("RUNPOD_API_KEY", API_KEY)
     runpod_without_sshd.fail_status = status
-    key = tmp_path / "key"
-    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)], check=True)
+    key = unused_key_pair(tmp_path)
     assert main(["remote", "--api-url", runpod_without_sshd.url, "--ssh-key", str(key)]) == remote.ERROR_EXIT_CODE
     out, err = capfd.readouterr()
     assert_one_clean_error_line(err, expected)
@@ -534,8 +540,7 @@ def test_api_errors_are_one_line_without_the_key(runpod_without_sshd, tmp_path, 
 
 def test_unreachable_api_is_one_line(tmp_path, capfd, monkeypatch):
     monkeypatch.setenv("RUNPOD_API_KEY", API_KEY)
-    key = tmp_path / "key"
-    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)], check=True)
+    key = unused_key_pair(tmp_path)
     closed = f"http://127.0.0.1:{free_loopback_port()}/v1"
     assert main(["remote", "--api-url", closed, "--ssh-key", str(key)]) == remote.ERROR_EXIT_CODE
     out, err = capfd.readouterr()
@@ -564,8 +569,7 @@ def test_provisioning_refuses_a_name_already_recorded(runpod_without_sshd, tmp_p
 
 def test_dry_run_prints_every_action_and_does_none(runpod_without_sshd, tmp_path, capfd, monkeypatch):
     monkeypatch.setenv("RUNPOD_API_KEY", API_KEY)
-    key = tmp_path / "key"
-    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)], check=True)
+    key = unused_key_pair(tmp_path)
     monkeypatch.setenv("RUNPOD_API_URL", runpod_without_sshd.url)
     args = ["remote", "--dry-run", "--terminate", "--ssh-key", str(key), "--remote-dir", str(tmp_path / "remote")]
     assert main(args) == 0

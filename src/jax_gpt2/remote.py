@@ -241,7 +241,7 @@ def bootstrap_script(remote_dir: str, remote_uv: str) -> str:
     return script
 
 
-def run_script(remote_dir: str, commands: list[str]) -> str:
+def run_script(remote_dir: str, commands: tuple[str, ...]) -> str:
     """Run commands in order in the synced tree; the first failure's exit code is the result."""
     assert commands
     assert all(command.strip() for command in commands)
@@ -249,9 +249,9 @@ def run_script(remote_dir: str, commands: list[str]) -> str:
     return " && ".join([remote_path_setup(remote_dir), *steps])
 
 
-def default_commands(remote_uv: str) -> list[str]:
+def default_commands(remote_uv: str) -> tuple[str, ...]:
     assert remote_uv
-    commands = [shlex.quote(remote_uv) + step.removeprefix("uv") for step in DEFAULT_STEPS]
+    commands = tuple(shlex.quote(remote_uv) + step.removeprefix("uv") for step in DEFAULT_STEPS)
     assert len(commands) == len(DEFAULT_STEPS)
     return commands
 
@@ -329,7 +329,7 @@ def bootstrap_remote(settings: SshSettings, target: SshTarget, remote_dir: str, 
 
 
 def run_remote_commands(
-    settings: SshSettings, target: SshTarget, remote_dir: str, commands: list[str], dry_run: bool
+    settings: SshSettings, target: SshTarget, remote_dir: str, commands: tuple[str, ...], dry_run: bool
 ) -> int:
     assert commands
     assert remote_dir
@@ -652,7 +652,7 @@ class Workload:
     local_dir: str
     remote_dir: str
     remote_uv: str
-    commands: list[str]
+    commands: tuple[str, ...]
     bootstrap: bool
 
 
@@ -696,7 +696,7 @@ def runpod_settings_from_args(args: argparse.Namespace) -> RunPodSettings:
 
 
 def workload_from_args(args: argparse.Namespace) -> Workload:
-    commands = [args.remote_command] if args.remote_command is not None else default_commands(args.remote_uv)
+    commands = (args.remote_command,) if args.remote_command is not None else default_commands(args.remote_uv)
     if not all(command.strip() for command in commands):
         raise RemoteError("--command must not be empty")
     workload = Workload(
