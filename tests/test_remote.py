@@ -291,6 +291,13 @@ def test_command_output_and_exit_code_come_back(sshd, tmp_path, capfd):
     assert "to-stderr" in err
 
 
+def test_command_may_end_in_a_shell_comment(sshd, tmp_path, capfd):
+    tree = make_tree(tmp_path / "tree", {"a.txt": "a\n"})
+    command = "echo still-runs  # a note for the reader"
+    assert main(remote_args(sshd, tmp_path / "remote", tree, "--no-bootstrap", "--command", command)) == 0
+    assert "still-runs" in capfd.readouterr().out
+
+
 def test_sync_skips_gitignored_files_and_the_git_and_venv_dirs(sshd, tmp_path):
     tree = make_tree(tmp_path / "tree", {
         ".gitignore": "*.log\nbuild/\n", "src/keep.py": "x = 1\n", "debug.log": "noise\n",

@@ -245,7 +245,8 @@ def run_script(remote_dir: str, commands: tuple[str, ...]) -> str:
     """Run commands in order in the synced tree; the first failure's exit code is the result."""
     assert commands
     assert all(command.strip() for command in commands)
-    steps = [f"echo {shlex.quote('>>> ' + command)} >&2 && ( {command} )" for command in commands]
+    # The newline before ")" keeps a trailing `# comment` in a command from swallowing it.
+    steps = [f"echo {shlex.quote('>>> ' + command)} >&2 && ( {command}\n)" for command in commands]
     return " && ".join([remote_path_setup(remote_dir), *steps])
 
 
@@ -399,9 +400,12 @@ def runpod_request(settings: RunPodSettings, method: str, path: str, body: dict 
             f"cannot reach the RunPod API at {settings.api_url}: {redact(str(reason), settings.api_key)}"
         ) from None
     try:
-        return json.loads(text) if text.strip() else {}
+        answer = json.loads(text) if text.strip() else {}
     except json.JSONDecodeError:
-        raise RemoteError(f"RunPod API answered {method} {path} with something that is not JSON") from None
+        answer = None
+    if not isinstance(answer, dict):
+        raise RemoteError(f"RunPod API answered {method} {path} with something that is not a JSON object")
+    return answer
 
 
 def show_request_dry_run(settings: RunPodSettings, method: str, path: str, body: dict | None) -> None:
@@ -498,9 +502,12 @@ def forget_stale_host_key(settings: SshSettings, target: SshTarget) -> None:
     if not Path(settings.known_hosts_path).is_file():
         return
     host_pattern = target.host if target.port == 22 else f"[{target.host}]:{target.port}"
-    subprocess.run(
-        ["ssh-keygen", "-R", host_pattern, "-f", settings.known_hosts_path], check=False, capture_output=True
-    )
+    try:
+        subprocess.run(
+            ["ssh-keygen", "-R", host_pattern, "-f", settings.known_hosts_path], check=False, capture_output=True
+        )
+    except FileNotFoundError:
+        say("ssh-keygen is not installed here; a stale host key for this address would make ssh refuse it")
 
 
 def terminate_after_failure(settings: RunPodSettings, pod_id: str) -> None:
@@ -545,9 +552,9 @@ def read_public_key(key_path: str | None) -> str:
     candidates = [Path(key_path + ".pub")] if key_path else [home_ssh / "id_ed25519.pub", home_ssh / "id_rsa.pub"]
     assert candidates
     for candidate in candidates:
-        if candidate.is_file():
-            public_key = candidate.read_text().strip()
-            assert public_key
+        public_key = candidate.read_text().strip() if candidate.is_file() else ""
+        if public_key:
+            assert public_key == public_key.strip()
             return public_key
     tried = ", ".join(str(candidate) for candidate in candidates)
     raise RemoteError(f"no SSH public key found (tried {tried}); pass --ssh-key PATH with PATH.pub beside it")
@@ -670,6 +677,8 @@ def ssh_settings_from_args(args: argparse.Namespace) -> SshSettings:
     key_path = args.ssh_key or os.environ.get("SSH_KEY_PATH") or None
     if key_path is not None and not Path(key_path).is_file():
         raise RemoteError(f"SSH key not found: {key_path}")
+    if args.connect_timeout_s < 1:
+        raise RemoteError("--connect-timeout-s must be at least 1")
     known_hosts = args.known_hosts or str(config_dir() / "known_hosts")
     settings = SshSettings(key_path=key_path, known_hosts_path=known_hosts, connect_timeout_s=args.connect_timeout_s)
     assert settings.connect_timeout_s >= 1
@@ -717,6 +726,8 @@ def provision_from_args(args: argparse.Namespace, ssh: SshSettings, runpod: RunP
     assert ssh.known_hosts_path
     if not args.name.strip():
         raise RemoteError("--name must not be empty")
+    if args.container_disk_gb < 1:
+        raise RemoteError("--container-disk-gb must be at least 1")
     path = state_path()
     remembered = load_instances(path).get(args.name)
     if remembered is not None:
