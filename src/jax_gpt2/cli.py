@@ -8,6 +8,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from jax_gpt2.remote import add_remote_command
+
 
 class UserError(Exception):
     """An error whose message is the whole story for the user: printed alone, no traceback."""
@@ -139,7 +141,7 @@ def add_random_model_command(subparsers) -> None:
 
 
 # Each entry registers one subcommand on the parser and sets `run` (args -> exit code) as its default.
-_COMMANDS: list = [add_next_command, add_compare_command, add_random_model_command]
+_COMMANDS: list = [add_next_command, add_compare_command, add_random_model_command, add_remote_command]
 
 
 if __name__ == "__main__":
