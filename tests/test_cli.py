@@ -86,3 +86,43 @@ def test_bad_flag_value_is_rejected_by_the_parser(capsys):
         main(["next", "hi", "--top-k", "0"])
     assert exit_info.value.code == 2
     assert "must be >= 1" in capsys.readouterr().err
+
+
+def test_generate_streams_greedy_text_equal_to_the_library(tiny_model_dir, capsys):
+    from jax_gpt2 import load_config, load_weights
+    from jax_gpt2.generate import generate
+    from jax_gpt2.tokenizer import encode, load_tokenizer
+
+    tokenizer, config = load_tokenizer(tiny_model_dir), load_config(tiny_model_dir)
+    new_ids = generate([encode(tokenizer, "Hello")], load_weights(tiny_model_dir), config, max_new_tokens=8)[0]
+    expected = "Hello" + tokenizer.decode(new_ids, skip_special_tokens=False)
+    args = ["generate", "Hello", "--model", str(tiny_model_dir), "--max-new-tokens", "8", "--ignore-eos"]
+    assert main(args) == 0
+    assert capsys.readouterr().out == expected + "\n"
+
+
+def test_generate_ends_the_text_at_a_stop_string(tiny_model_dir, capsys):
+    args = ["generate", "Hello", "--model", str(tiny_model_dir), "--max-new-tokens", "12", "--ignore-eos"]
+    assert main(args) == 0
+    full = capsys.readouterr().out.rstrip("\n")
+    stop = full[len("Hello") + 2 : len("Hello") + 4]  # two characters from inside the continuation
+    assert main([*args, "--stop", stop]) == 0
+    stopped = capsys.readouterr().out.rstrip("\n")
+    assert stopped == full[: full.index(stop, len("Hello"))]
+
+
+def test_generate_runs_several_prompts_from_a_file_as_one_batch(tiny_model_dir, tmp_path, capsys):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("Hello\nThe cache\n\nA token\n")
+    assert main(["generate", "--file", str(prompts), "--model", str(tiny_model_dir), "--max-new-tokens", "4"]) == 0
+    out = capsys.readouterr().out
+    assert [line for line in out.splitlines() if line.startswith("--- ")] == [
+        "--- 'Hello'", "--- 'The cache'", "--- 'A token'",
+    ]  # fmt: skip
+
+
+def test_generate_bad_sampling_value_is_one_clear_line(tiny_model_dir, capsys):
+    assert main(["generate", "Hi", "--model", str(tiny_model_dir), "--top-p", "1.5"]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err.strip() == "jax-gpt2 generate: error: top_p must be None or in (0, 1]; got 1.5"

@@ -5,6 +5,7 @@ non-zero exit code, never a traceback: `UserError` and `ValueError` are caught i
 """
 
 import argparse
+import itertools
 import sys
 from pathlib import Path
 
@@ -43,10 +44,23 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def enable_compilation_cache() -> None:
+    """JAX's persistent compilation cache, so a second run of the same command starts warm."""
+    import os
+
+    import jax
+
+    cache_home = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
+    jax.config.update("jax_compilation_cache_dir", str(cache_home / "jax-gpt2" / "xla"))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
 def _load_model(name_or_path: str):
     """(folder, config, weights) for a hub name or local folder; imports JAX only when a command needs it."""
     from jax_gpt2.loader import load_config, load_weights, resolve_model_dir
 
+    enable_compilation_cache()
     folder = resolve_model_dir(name_or_path)
     config = load_config(folder)
     return folder, config, load_weights(folder, config=config)
@@ -140,8 +154,91 @@ def add_random_model_command(subparsers) -> None:
     parser.set_defaults(run=run_random_model)
 
 
+def _read_prompts(args: argparse.Namespace) -> list[str]:
+    prompts = list(args.prompts)
+    if args.file is not None:
+        if not args.file.is_file():
+            raise UserError(f"--file {args.file}: no such file")
+        prompts += [line for line in args.file.read_text().splitlines() if line.strip()]
+    if not prompts:
+        raise UserError("give at least one prompt (as an argument or with --file)")
+    return prompts
+
+
+def _sampling_settings(args: argparse.Namespace, config) -> dict:
+    return dict(
+        max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+        min_p=args.min_p, repetition_penalty=args.repetition_penalty, seed=args.seed,
+        eos_token_id=None if args.ignore_eos else config.eos_token_id,
+    )  # fmt: skip
+
+
+def _stream_one(prompt: str, ids: list[int], tokenizer, weights, config, settings: dict, stops: list[str]) -> None:
+    """Print one prompt's continuation as it is made: whole UTF-8 characters, nothing past a stop string."""
+    from jax_gpt2.generate import stream_generate
+    from jax_gpt2.stopping import StopStringStream
+    from jax_gpt2.tokenizer import IncrementalDecoder
+
+    decoder, stop_stream = IncrementalDecoder(tokenizer), StopStringStream(stops)
+    steps = stream_generate([ids], weights, config, **settings)
+    first = next(steps)  # arguments are checked before anything is printed
+    sys.stdout.write(prompt)
+    for step in itertools.chain([first], steps):
+        token = step[0]
+        if token is None or token == settings["eos_token_id"]:
+            break
+        text, stopped = stop_stream.push(decoder.push(token))
+        sys.stdout.write(text)
+        sys.stdout.flush()
+        if stopped:
+            break
+    else:
+        sys.stdout.write(stop_stream.push(decoder.flush())[0] + stop_stream.flush())
+    sys.stdout.write("\n")
+
+
+def run_generate(args: argparse.Namespace) -> int:
+    """Stream the continuation of one prompt, or generate several prompts as one batch."""
+    from jax_gpt2.generate import generate
+    from jax_gpt2.stopping import find_stop
+    from jax_gpt2.tokenizer import encode, load_tokenizer
+
+    prompts = _read_prompts(args)
+    folder, config, weights = _load_model(args.model)
+    tokenizer = load_tokenizer(folder)
+    prompt_ids = [encode(tokenizer, prompt) for prompt in prompts]
+    settings = _sampling_settings(args, config)
+    if len(prompts) == 1:
+        _stream_one(prompts[0], prompt_ids[0], tokenizer, weights, config, settings, args.stop)
+        return 0
+    for prompt, new_ids in zip(prompts, generate(prompt_ids, weights, config, **settings)):
+        if new_ids and new_ids[-1] == settings["eos_token_id"]:
+            new_ids = new_ids[:-1]
+        text = tokenizer.decode(new_ids)
+        stop_at = find_stop(text, args.stop) if args.stop else None
+        print(f"--- {prompt!r}\n{prompt}{text[:stop_at]}")
+    return 0
+
+
+def add_generate_command(subparsers) -> None:
+    parser = subparsers.add_parser("generate", help="continue prompts (one prompt streams; several run as a batch)")
+    parser.add_argument("prompts", nargs="*", metavar="PROMPT")
+    parser.add_argument("--file", type=Path, default=None, help="more prompts, one per line")
+    parser.add_argument("--model", default="gpt2", help="hub name or local folder (default: gpt2)")
+    parser.add_argument("--max-new-tokens", type=_positive_int, default=64)
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")
+    parser.add_argument("--top-k", type=int, default=None)
+    parser.add_argument("--top-p", type=float, default=None)
+    parser.add_argument("--min-p", type=float, default=None)
+    parser.add_argument("--repetition-penalty", type=float, default=None)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--stop", action="append", default=[], help="end the text where this string occurs")
+    parser.add_argument("--ignore-eos", action="store_true", help="do not stop at the model's end-of-text token")
+    parser.set_defaults(run=run_generate)
+
+
 # Each entry registers one subcommand on the parser and sets `run` (args -> exit code) as its default.
-_COMMANDS: list = [add_next_command, add_compare_command, add_random_model_command, add_remote_command]
+_COMMANDS: list = [add_next_command, add_generate_command, add_compare_command, add_random_model_command, add_remote_command]
 
 
 if __name__ == "__main__":
