@@ -237,8 +237,51 @@ def add_generate_command(subparsers) -> None:
     parser.set_defaults(run=run_generate)
 
 
+def run_bench(args: argparse.Namespace) -> int:
+    """Benchmark jax-gpt2 against transformers on random weights of a preset shape."""
+    import dataclasses
+    import json
+
+    import torch
+
+    from jax_gpt2.bench import format_table, run_benchmarks
+    from jax_gpt2.config import PRESETS
+
+    torch.set_num_threads(args.threads)  # XLA's CPU client uses every core; give torch the same
+    config = PRESETS[args.preset]
+    if args.layers is not None:
+        config = dataclasses.replace(config, n_layer=args.layers)
+    results = run_benchmarks(
+        config, args.batch_sizes, args.prefill, args.new_tokens, args.repeats, args.contexts, progress=True
+    )
+    results["preset"], results["layers"] = args.preset, config.n_layer
+    print(format_table(results))
+    if args.out is not None:
+        args.out.write_text(json.dumps(results, indent=2))
+        print(f"wrote {args.out}")
+    return 0
+
+
+def add_bench_command(subparsers) -> None:
+    import os
+
+    from jax_gpt2.config import PRESETS
+
+    parser = subparsers.add_parser("bench", help="speed against transformers, and against the bandwidth roofline")
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="gpt2")
+    parser.add_argument("--layers", type=_positive_int, default=None, help="override n_layer (quick runs)")
+    parser.add_argument("--batch-sizes", type=_positive_int, nargs="+", default=[1, 8])
+    parser.add_argument("--contexts", type=_positive_int, nargs="*", default=[1000], help="long-context decode, B=1")
+    parser.add_argument("--prefill", type=_positive_int, nargs="*", default=[128, 512])
+    parser.add_argument("--new-tokens", type=_positive_int, default=32)
+    parser.add_argument("--repeats", type=_positive_int, default=3)
+    parser.add_argument("--threads", type=_positive_int, default=os.cpu_count() or 1)
+    parser.add_argument("--out", type=Path, default=None, help="write the results as JSON")
+    parser.set_defaults(run=run_bench)
+
+
 # Each entry registers one subcommand on the parser and sets `run` (args -> exit code) as its default.
-_COMMANDS: list = [add_next_command, add_generate_command, add_compare_command, add_random_model_command, add_remote_command]
+_COMMANDS: list = [add_next_command, add_generate_command, add_compare_command, add_random_model_command, add_bench_command, add_remote_command]
 
 
 if __name__ == "__main__":
