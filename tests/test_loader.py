@@ -70,7 +70,7 @@ def test_old_attention_mask_buffers_are_ignored(tiny, tmp_path):
         state[f"transformer.h.{layer}.attn.bias"] = np.tril(np.ones((P, P), np.float32))[None, None]
         state[f"transformer.h.{layer}.attn.masked_bias"] = np.array(-1e4, np.float32)
     weights = load_weights(write_checkpoint(tmp_path, state, hf_config_of(tiny)))
-    np.testing.assert_array_equal(weights.blocks.qkv_w_LDE, tiny.weights.blocks.qkv_w_LDE)
+    np.testing.assert_array_equal(weights.blocks[0].qkv_w_DE, tiny.weights.blocks[0].qkv_w_DE)
 
 
 @pytest.mark.parametrize("prefixed", [True, False], ids=["GPT2LMHeadModel-keys", "GPT2Model-keys"])
@@ -80,7 +80,7 @@ def test_prefixed_and_unprefixed_keys_load_the_same_weights(prefixed, tiny, tmp_
         state = {key.removeprefix("transformer."): value for key, value in state.items()}
     weights = load_weights(write_checkpoint(tmp_path, state, hf_config_of(tiny)))
     np.testing.assert_array_equal(weights.wte_VD, tiny.weights.wte_VD)
-    np.testing.assert_array_equal(weights.blocks.fc_w_LDF, tiny.weights.blocks.fc_w_LDF)
+    np.testing.assert_array_equal(weights.blocks[-1].fc_w_DF, tiny.weights.blocks[-1].fc_w_DF)
 
 
 def test_key_both_with_and_without_prefix_is_an_error(tiny):

@@ -8,6 +8,10 @@ import math
 import jax
 import jax.numpy as jnp
 
+# Full float32 matmuls: GPUs would otherwise use TF32 and miss transformers' float32 logits by 1e-3.
+# On CPU this changes nothing; bf16 weights still run bf16 matmuls.
+PRECISION = jax.lax.Precision.HIGHEST
+
 
 def layer_norm(x_BTD: jax.Array, scale_D: jax.Array, bias_D: jax.Array, eps: float) -> jax.Array:
     """LayerNorm over the last axis with biased variance, as torch.nn.LayerNorm computes it."""
@@ -67,7 +71,7 @@ def linear(x_BTI: jax.Array, w_IO: jax.Array, b_O: jax.Array) -> jax.Array:
     """x @ w + b in HF's Conv1D layout (in, out), so checkpoints load without transposes."""
     assert x_BTI.shape[-1] == w_IO.shape[0]
     assert b_O.shape == (w_IO.shape[1],)
-    y_BTO = jnp.einsum("BTI,IO->BTO", x_BTI, w_IO.astype(x_BTI.dtype)) + b_O.astype(x_BTI.dtype)
+    y_BTO = jnp.einsum("BTI,IO->BTO", x_BTI, w_IO.astype(x_BTI.dtype), precision=PRECISION) + b_O.astype(x_BTI.dtype)
     return y_BTO
 
 
@@ -96,10 +100,10 @@ def cached_attention(
     assert v_BNSH.shape == k_BNSH.shape
     assert mask_BTS.shape == (B, T, k_BNSH.shape[2])
     assert mask_BTS.dtype == jnp.bool_
-    scores_BNTS = jnp.einsum("BTNH,BNSH->BNTS", q_BTNH, k_BNSH.astype(q_BTNH.dtype)).astype(jnp.float32)
+    scores_BNTS = jnp.einsum("BTNH,BNSH->BNTS", q_BTNH, k_BNSH.astype(q_BTNH.dtype), precision=PRECISION).astype(jnp.float32)
     scores_BNTS = scores_BNTS * scale
     scores_BNTS = jnp.where(mask_BTS[:, None, :, :], scores_BNTS, jnp.finfo(jnp.float32).min)
     probs_BNTS = jax.nn.softmax(scores_BNTS, axis=-1).astype(v_BNSH.dtype)
-    out_BTNH = jnp.einsum("BNTS,BNSH->BTNH", probs_BNTS, v_BNSH)
+    out_BTNH = jnp.einsum("BNTS,BNSH->BTNH", probs_BNTS, v_BNSH, precision=PRECISION)
     assert out_BTNH.shape == q_BTNH.shape
     return out_BTNH.astype(q_BTNH.dtype)

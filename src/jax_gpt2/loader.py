@@ -91,7 +91,7 @@ def load_weights(name_or_path: str | os.PathLike, dtype=jnp.float32, config: GPT
     state = normalize_keys(read_state_dict(folder))
     weights = weights_from_state_dict(state, config, dtype)
     assert weights.wte_VD.dtype == jnp.dtype(dtype)
-    assert weights.blocks.ln1_scale_LD.shape == (config.n_layer, config.n_embd)
+    assert len(weights.blocks) == config.n_layer
     return weights
 
 
@@ -225,30 +225,42 @@ def check_state_dict(state: dict[str, np.ndarray], config: GPT2Config) -> None:
 
 
 def weights_from_state_dict(state: dict[str, np.ndarray], config: GPT2Config, dtype=jnp.float32) -> GPT2Weights:
-    """Stack the per-layer tensors along L and convert to `dtype` device arrays."""
+    """Convert to `dtype` device arrays, one BlockWeights per layer."""
     check_state_dict(state, config)
 
-    def stacked(name: str) -> jnp.ndarray:
-        return jnp.asarray(np.stack([state[f"h.{i}.{name}"] for i in range(config.n_layer)]), dtype)
+    def block(i: int) -> BlockWeights:
+        def array(name: str) -> jnp.ndarray:
+            return jnp.asarray(state[f"h.{i}.{name}"], dtype)
 
-    blocks = BlockWeights(
-        ln1_scale_LD=stacked("ln_1.weight"), ln1_bias_LD=stacked("ln_1.bias"),
-        qkv_w_LDE=stacked("attn.c_attn.weight"), qkv_b_LE=stacked("attn.c_attn.bias"),
-        attn_out_w_LDD=stacked("attn.c_proj.weight"), attn_out_b_LD=stacked("attn.c_proj.bias"),
-        ln2_scale_LD=stacked("ln_2.weight"), ln2_bias_LD=stacked("ln_2.bias"),
-        fc_w_LDF=stacked("mlp.c_fc.weight"), fc_b_LF=stacked("mlp.c_fc.bias"),
-        proj_w_LFD=stacked("mlp.c_proj.weight"), proj_b_LD=stacked("mlp.c_proj.bias"),
-    )  # fmt: skip
-    # transformers ties lm_head to wte whenever the config says so, whatever the file holds.
-    untied = not config.tie_word_embeddings
+        return BlockWeights(
+            ln1_scale_D=array("ln_1.weight"), ln1_bias_D=array("ln_1.bias"),
+            qkv_w_DE=array("attn.c_attn.weight"), qkv_b_E=array("attn.c_attn.bias"),
+            attn_out_w_DD=array("attn.c_proj.weight"), attn_out_b_D=array("attn.c_proj.bias"),
+            ln2_scale_D=array("ln_2.weight"), ln2_bias_D=array("ln_2.bias"),
+            fc_w_DF=array("mlp.c_fc.weight"), fc_b_F=array("mlp.c_fc.bias"),
+            proj_w_FD=array("mlp.c_proj.weight"), proj_b_D=array("mlp.c_proj.bias"),
+        )  # fmt: skip
+
     weights = GPT2Weights(
         wte_VD=jnp.asarray(state["wte.weight"], dtype),
         wpe_PD=jnp.asarray(state["wpe.weight"], dtype),
-        blocks=blocks,
+        blocks=tuple(block(i) for i in range(config.n_layer)),
         lnf_scale_D=jnp.asarray(state["ln_f.weight"], dtype),
         lnf_bias_D=jnp.asarray(state["ln_f.bias"], dtype),
-        lm_head_VD=jnp.asarray(state["lm_head.weight"], dtype) if untied else None,
+        lm_head_VD=jnp.asarray(state["lm_head.weight"], dtype) if uses_own_lm_head(state, config) else None,
     )
-    assert weights.blocks.qkv_w_LDE.shape == (config.n_layer, config.n_embd, 3 * config.n_embd)
+    assert len(weights.blocks) == config.n_layer
     assert weights.wte_VD.shape == (config.vocab_size, config.n_embd)
     return weights
+
+
+def uses_own_lm_head(state: dict[str, np.ndarray], config: GPT2Config) -> bool:
+    """Whether the output projection is lm_head.weight rather than wte.
+
+    transformers (5.x) ties them when the config says so, except that a stored lm_head.weight
+    whose values differ from wte is kept (it warns "will NOT tie them"): we do the same.
+    """
+    if "lm_head.weight" not in state:
+        assert config.tie_word_embeddings, "check_state_dict rejects an untied config without lm_head"
+        return False
+    return not config.tie_word_embeddings or not np.array_equal(state["lm_head.weight"], state["wte.weight"])

@@ -20,8 +20,8 @@ import numpy as np
 from jax_gpt2 import kvcache
 from jax_gpt2.config import GPT2Config
 from jax_gpt2.kvcache import KVCache
-from jax_gpt2.layers import cached_attention, layer_norm, linear, mlp
-from jax_gpt2.weights import BlockWeights, GPT2Weights, layer_weights
+from jax_gpt2.layers import PRECISION, cached_attention, layer_norm, linear, mlp
+from jax_gpt2.weights import BlockWeights, GPT2Weights
 
 
 def embed(ids_BT: jax.Array, positions_BT: jax.Array, weights: GPT2Weights) -> jax.Array:
@@ -46,16 +46,16 @@ def attention_scale(config: GPT2Config, layer: jax.Array) -> jax.Array:
 def block(
     x_BTD: jax.Array, w: BlockWeights, layer: jax.Array, cache: KVCache, mask_BTS: jax.Array, config: GPT2Config
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """One transformer block (w holds one layer, no L axis): writes its keys/values into the cache.
+    """One transformer block: writes its keys/values into the cache at `layer`.
 
     Returns the new residual stream and the cache's updated k_LBNSH, v_LBNSH.
     """
     B, T, D = x_BTD.shape
     N, H = config.n_head, config.head_dim
     assert D == config.n_embd
-    assert w.qkv_w_LDE.shape == (D, 3 * D)
-    h_BTD = layer_norm(x_BTD, w.ln1_scale_LD, w.ln1_bias_LD, config.layer_norm_epsilon)
-    qkv_BTE = linear(h_BTD, w.qkv_w_LDE, w.qkv_b_LE)
+    assert w.qkv_w_DE.shape == (D, 3 * D)
+    h_BTD = layer_norm(x_BTD, w.ln1_scale_D, w.ln1_bias_D, config.layer_norm_epsilon)
+    qkv_BTE = linear(h_BTD, w.qkv_w_DE, w.qkv_b_E)
     q_BTD, k_BTD, v_BTD = jnp.split(qkv_BTE, 3, axis=-1)
     q_BTNH = q_BTD.reshape(B, T, N, H)
     k_BNTH = k_BTD.reshape(B, T, N, H).transpose(0, 2, 1, 3)
@@ -65,9 +65,9 @@ def block(
     k_BNSH = jax.lax.dynamic_index_in_dim(k_LBNSH, layer, axis=0, keepdims=False)
     v_BNSH = jax.lax.dynamic_index_in_dim(v_LBNSH, layer, axis=0, keepdims=False)
     attn_BTNH = cached_attention(q_BTNH, k_BNSH, v_BNSH, mask_BTS, attention_scale(config, layer))
-    x_BTD = x_BTD + linear(attn_BTNH.reshape(B, T, D), w.attn_out_w_LDD, w.attn_out_b_LD)
-    h_BTD = layer_norm(x_BTD, w.ln2_scale_LD, w.ln2_bias_LD, config.layer_norm_epsilon)
-    x_BTD = x_BTD + mlp(h_BTD, w.fc_w_LDF, w.fc_b_LF, w.proj_w_LFD, w.proj_b_LD, config.activation_function)
+    x_BTD = x_BTD + linear(attn_BTNH.reshape(B, T, D), w.attn_out_w_DD, w.attn_out_b_D)
+    h_BTD = layer_norm(x_BTD, w.ln2_scale_D, w.ln2_bias_D, config.layer_norm_epsilon)
+    x_BTD = x_BTD + mlp(h_BTD, w.fc_w_DF, w.fc_b_F, w.proj_w_FD, w.proj_b_D, config.activation_function)
     assert x_BTD.shape == (B, T, D)
     return x_BTD, k_LBNSH, v_LBNSH
 
@@ -75,22 +75,20 @@ def block(
 def transformer(
     ids_BT: jax.Array, cache: KVCache, weights: GPT2Weights, config: GPT2Config
 ) -> tuple[jax.Array, KVCache]:
-    """Run T new tokens through every block (a scan over L); returns the final hidden states after ln_f."""
+    """Run T new tokens through every block; returns the final hidden states after ln_f, and the cache.
+
+    A Python loop over layers, unrolled at trace time: each layer's weights are their own buffers
+    (see weights.py for why not a scan over stacked weights).
+    """
     B, T = ids_BT.shape
     assert cache.k_LBNSH.shape[:3] == (config.n_layer, B, config.n_head)
-    assert weights.blocks.ln1_scale_LD.shape[0] == config.n_layer
+    assert len(weights.blocks) == config.n_layer
     x_BTD = embed(ids_BT, kvcache.positions(cache, T), weights)
     mask_BTS = kvcache.visible_mask(cache, T)
-
-    def scan_body(carry, layer_and_weights):
-        x_BTD, k_LBNSH, v_LBNSH = carry
-        layer, w = layer_and_weights
+    k_LBNSH, v_LBNSH = cache.k_LBNSH, cache.v_LBNSH
+    for layer, w in enumerate(weights.blocks):
         layer_cache = KVCache(k_LBNSH, v_LBNSH, cache.start_B, cache.end)
-        return block(x_BTD, w, layer, layer_cache, mask_BTS, config), None
-
-    layers_L = jnp.arange(config.n_layer, dtype=jnp.int32)
-    carry = (x_BTD, cache.k_LBNSH, cache.v_LBNSH)
-    (x_BTD, k_LBNSH, v_LBNSH), _ = jax.lax.scan(scan_body, carry, (layers_L, weights.blocks))
+        x_BTD, k_LBNSH, v_LBNSH = block(x_BTD, w, jnp.int32(layer), layer_cache, mask_BTS, config)
     hidden_BTD = layer_norm(x_BTD, weights.lnf_scale_D, weights.lnf_bias_D, config.layer_norm_epsilon)
     new_cache = KVCache(k_LBNSH, v_LBNSH, cache.start_B, cache.end + T)
     return hidden_BTD, new_cache
@@ -100,7 +98,7 @@ def lm_logits(hidden_BTD: jax.Array, weights: GPT2Weights) -> jax.Array:
     """Project hidden states onto the vocabulary (lm_head, tied to wte unless the checkpoint unties it)."""
     head_VD = weights.wte_VD if weights.lm_head_VD is None else weights.lm_head_VD
     assert hidden_BTD.shape[-1] == head_VD.shape[1]
-    logits_BTV = jnp.einsum("BTD,VD->BTV", hidden_BTD, head_VD.astype(hidden_BTD.dtype))
+    logits_BTV = jnp.einsum("BTD,VD->BTV", hidden_BTD, head_VD.astype(hidden_BTD.dtype), precision=PRECISION)
     assert logits_BTV.shape == (*hidden_BTD.shape[:2], head_VD.shape[0])
     return logits_BTV.astype(jnp.float32)
 
@@ -142,14 +140,21 @@ def check_token_ids(ids_BT, config: GPT2Config) -> np.ndarray:
     return ids.astype(np.int32)
 
 
+def check_length(num_tokens: int, config: GPT2Config) -> None:
+    """A sequence must fit the position table (a static shape, so this holds under jit too)."""
+    if num_tokens > config.n_positions:
+        raise ValueError(f"sequence of {num_tokens} tokens is longer than n_positions={config.n_positions}")
+
+
 def gpt2_forward(input_ids_BT, weights: GPT2Weights, config: GPT2Config) -> jax.Array:
     """Logits for every position of every row: (B, T) int ids -> (B, T, V) float32 logits."""
     if _is_traced(input_ids_BT):
         assert input_ids_BT.ndim == 2
+        assert jnp.issubdtype(input_ids_BT.dtype, jnp.integer), "token ids must be integers"
+        check_length(input_ids_BT.shape[1], config)
         return _forward_jit(input_ids_BT, weights, config)
     ids_BT = check_token_ids(input_ids_BT, config)
-    if ids_BT.shape[1] > config.n_positions:
-        raise ValueError(f"sequence of {ids_BT.shape[1]} tokens is longer than n_positions={config.n_positions}")
+    check_length(ids_BT.shape[1], config)
     logits_BTV = _forward_jit(jnp.asarray(ids_BT), weights, config)
     assert logits_BTV.shape == (*ids_BT.shape, config.vocab_size)
     return logits_BTV
@@ -176,13 +181,13 @@ def gpt2_forward_cached(
 def block_hidden_states(input_ids_BT, weights: GPT2Weights, config: GPT2Config) -> list[jax.Array]:
     """The residual stream after each block (before ln_f), layer by layer: a failing parity test names its layer."""
     ids_BT = jnp.asarray(check_token_ids(input_ids_BT, config))
+    check_length(ids_BT.shape[1], config)
     B, T = ids_BT.shape
     cache = empty_cache(config, jnp.zeros((B,), jnp.int32), T, weights.wte_VD.dtype)
     x_BTD = embed(ids_BT, kvcache.positions(cache, T), weights)
     mask_BTS = kvcache.visible_mask(cache, T)
     outputs = []
-    for layer in range(config.n_layer):
-        w = layer_weights(weights.blocks, layer)
+    for layer, w in enumerate(weights.blocks):
         x_BTD, _, _ = block(x_BTD, w, jnp.int32(layer), cache, mask_BTS, config)
         outputs.append(x_BTD)
     assert len(outputs) == config.n_layer
