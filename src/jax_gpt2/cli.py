@@ -271,7 +271,7 @@ def add_bench_command(subparsers) -> None:
     parser.add_argument("--preset", choices=sorted(PRESETS), default="gpt2")
     parser.add_argument("--layers", type=_positive_int, default=None, help="override n_layer (quick runs)")
     parser.add_argument("--batch-sizes", type=_positive_int, nargs="+", default=[1, 8])
-    parser.add_argument("--contexts", type=_positive_int, nargs="*", default=[1000], help="long-context decode, B=1")
+    parser.add_argument("--contexts", type=_positive_int, nargs="*", default=[990], help="long-context decode at B=1: prompt tokens")
     parser.add_argument("--prefill", type=_positive_int, nargs="*", default=[128, 512])
     parser.add_argument("--new-tokens", type=_positive_int, default=32)
     parser.add_argument("--repeats", type=_positive_int, default=3)

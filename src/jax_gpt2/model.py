@@ -33,18 +33,18 @@ def embed(ids_BT: jax.Array, positions_BT: jax.Array, weights: GPT2Weights) -> j
     return x_BTD
 
 
-def attention_scale(config: GPT2Config, layer: jax.Array) -> jax.Array:
+def attention_scale(config: GPT2Config, layer: int) -> float:
     """The factor on q.k: 1/sqrt(H) unless disabled, further divided by (layer + 1) if the config asks."""
-    assert layer.ndim == 0
+    assert 0 <= layer < config.n_layer
     assert config.head_dim >= 1
-    scale = jnp.float32(config.head_dim**-0.5 if config.scale_attn_weights else 1.0)
+    scale = config.head_dim**-0.5 if config.scale_attn_weights else 1.0
     if config.scale_attn_by_inverse_layer_idx:
-        scale = scale / (layer.astype(jnp.float32) + 1.0)
+        scale = scale / float(layer + 1)
     return scale
 
 
 def block(
-    x_BTD: jax.Array, w: BlockWeights, layer: jax.Array, cache: KVCache, mask_BTS: jax.Array, config: GPT2Config
+    x_BTD: jax.Array, w: BlockWeights, layer: int, cache: KVCache, mask_BTS: jax.Array, config: GPT2Config
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """One transformer block: writes its keys/values into the cache at `layer`.
 
@@ -58,12 +58,9 @@ def block(
     qkv_BTE = linear(h_BTD, w.qkv_w_DE, w.qkv_b_E)
     q_BTD, k_BTD, v_BTD = jnp.split(qkv_BTE, 3, axis=-1)
     q_BTNH = q_BTD.reshape(B, T, N, H)
-    k_BNTH = k_BTD.reshape(B, T, N, H).transpose(0, 2, 1, 3)
-    v_BNTH = v_BTD.reshape(B, T, N, H).transpose(0, 2, 1, 3)
-    k_LBNSH = kvcache.write_layer(cache.k_LBNSH, layer, cache.end, k_BNTH)
-    v_LBNSH = kvcache.write_layer(cache.v_LBNSH, layer, cache.end, v_BNTH)
-    k_BNSH = jax.lax.dynamic_index_in_dim(k_LBNSH, layer, axis=0, keepdims=False)
-    v_BNSH = jax.lax.dynamic_index_in_dim(v_LBNSH, layer, axis=0, keepdims=False)
+    k_LBNSH = kvcache.write_layer(cache.k_LBNSH, layer, cache.end_B, k_BTD.reshape(B, T, N, H))
+    v_LBNSH = kvcache.write_layer(cache.v_LBNSH, layer, cache.end_B, v_BTD.reshape(B, T, N, H))
+    k_BNSH, v_BNSH = k_LBNSH[layer], v_LBNSH[layer]
     attn_BTNH = cached_attention(q_BTNH, k_BNSH, v_BNSH, mask_BTS, attention_scale(config, layer))
     x_BTD = x_BTD + linear(attn_BTNH.reshape(B, T, D), w.attn_out_w_DD, w.attn_out_b_D)
     h_BTD = layer_norm(x_BTD, w.ln2_scale_D, w.ln2_bias_D, config.layer_norm_epsilon)
@@ -87,10 +84,10 @@ def transformer(
     mask_BTS = kvcache.visible_mask(cache, T)
     k_LBNSH, v_LBNSH = cache.k_LBNSH, cache.v_LBNSH
     for layer, w in enumerate(weights.blocks):
-        layer_cache = KVCache(k_LBNSH, v_LBNSH, cache.start_B, cache.end)
-        x_BTD, k_LBNSH, v_LBNSH = block(x_BTD, w, jnp.int32(layer), layer_cache, mask_BTS, config)
+        layer_cache = KVCache(k_LBNSH, v_LBNSH, cache.start_B, cache.end_B)
+        x_BTD, k_LBNSH, v_LBNSH = block(x_BTD, w, layer, layer_cache, mask_BTS, config)
     hidden_BTD = layer_norm(x_BTD, weights.lnf_scale_D, weights.lnf_bias_D, config.layer_norm_epsilon)
-    new_cache = KVCache(k_LBNSH, v_LBNSH, cache.start_B, cache.end + T)
+    new_cache = KVCache(k_LBNSH, v_LBNSH, cache.start_B, cache.end_B + T)
     return hidden_BTD, new_cache
 
 
@@ -164,17 +161,18 @@ def gpt2_forward_cached(
     input_ids_BT, cache: KVCache, weights: GPT2Weights, config: GPT2Config
 ) -> tuple[jax.Array, KVCache]:
     """Append T tokens per row to the cache and return their logits and the new cache (the old one is untouched)."""
-    if _is_traced(input_ids_BT) or _is_traced(cache.end):
+    if _is_traced(input_ids_BT) or _is_traced(cache.end_B):
         return _forward_cached_jit(input_ids_BT, cache, weights, config)
     ids_BT = check_token_ids(input_ids_BT, config)
     B, T = ids_BT.shape
     if B != cache.start_B.shape[0]:
         raise ValueError(f"batch of {B} rows does not match the cache's {cache.start_B.shape[0]} rows")
-    end, first_start = int(cache.end), int(np.min(cache.start_B))
-    if end + T > cache.max_len:
-        raise ValueError(f"{T} new tokens at slot {end} run past the cache's end ({cache.max_len} slots)")
-    if end + T - first_start > config.n_positions:
-        raise ValueError(f"a row would reach position {end + T - first_start - 1}, past n_positions={config.n_positions}")
+    end_B, start_B = np.asarray(cache.end_B), np.asarray(cache.start_B)
+    if end_B.max() + T > cache.max_len:
+        raise ValueError(f"{T} new tokens at slot {end_B.max()} run past the cache's end ({cache.max_len} slots)")
+    last_position = int((end_B + T - start_B).max()) - 1
+    if last_position >= config.n_positions:
+        raise ValueError(f"a row would reach position {last_position}, past n_positions={config.n_positions}")
     return _forward_cached_jit(jnp.asarray(ids_BT), cache, weights, config)
 
 
@@ -188,7 +186,7 @@ def block_hidden_states(input_ids_BT, weights: GPT2Weights, config: GPT2Config) 
     mask_BTS = kvcache.visible_mask(cache, T)
     outputs = []
     for layer, w in enumerate(weights.blocks):
-        x_BTD, _, _ = block(x_BTD, w, jnp.int32(layer), cache, mask_BTS, config)
+        x_BTD, _, _ = block(x_BTD, w, layer, cache, mask_BTS, config)
         outputs.append(x_BTD)
     assert len(outputs) == config.n_layer
     return outputs
