@@ -10,6 +10,7 @@ from jax_gpt2.config import PRESETS, GPT2Config
 from jax_gpt2.kvcache import KVCache
 from jax_gpt2.loader import ModelNotFoundError, load_config, load_weights
 from jax_gpt2.model import block_hidden_states, empty_cache, gpt2_forward, gpt2_forward_cached
+from jax_gpt2.perplexity import perplexity
 from jax_gpt2.weights import BlockWeights, GPT2Weights
 
 __all__ = [
@@ -25,4 +26,5 @@ __all__ = [
     "gpt2_forward_cached",
     "load_config",
     "load_weights",
+    "perplexity",
 ]

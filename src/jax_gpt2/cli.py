@@ -280,8 +280,75 @@ def add_bench_command(subparsers) -> None:
     parser.set_defaults(run=run_bench)
 
 
+_PERPLEXITY_DTYPES = ("fp32", "bf16", "int8")
+
+
+def run_perplexity(args: argparse.Namespace) -> int:
+    """Sliding-window perplexity of a text file, with a progress bar over windows on stderr."""
+    import json
+    import time
+
+    import jax.numpy as jnp
+    from tqdm import tqdm
+
+    from jax_gpt2.loader import load_config, load_weights, resolve_model_dir
+    from jax_gpt2.perplexity import batch_nlls, check_arguments, perplexity_of, plan_windows
+    from jax_gpt2.tokenizer import encode, load_tokenizer
+
+    if args.dtype == "int8":
+        raise UserError("--dtype int8 is not implemented yet (no int8 weights in jax-gpt2); use fp32 or bf16")
+    text = args.file.read_text(encoding="utf-8")
+    folder = resolve_model_dir(args.model)
+    config = load_config(folder)
+    weights = load_weights(folder, dtype=jnp.bfloat16 if args.dtype == "bf16" else jnp.float32, config=config)
+    ids = encode(load_tokenizer(folder), text)
+    max_length = args.max_length if args.max_length is not None else config.n_positions
+    stride = args.stride if args.stride is not None else max(1, max_length // 2)
+    check_arguments(len(ids), config, max_length, stride, args.batch_size)
+    num_windows = len(plan_windows(len(ids), max_length, stride))
+    start = time.perf_counter()
+    with tqdm(total=num_windows, unit="window", file=sys.stderr, desc="perplexity") as bar:
+        batches = batch_nlls(ids, weights, config, max_length, stride, args.batch_size)
+        ppl, num_scored = perplexity_of(_advancing(bar, batches))
+    seconds = time.perf_counter() - start
+    result = {
+        "perplexity": ppl, "tokens": len(ids), "scored_tokens": num_scored, "windows": num_windows,
+        "seconds": seconds, "tokens_per_second": len(ids) / seconds, "model": str(args.model),
+        "max_length": max_length, "stride": stride, "batch_size": args.batch_size, "dtype": args.dtype,
+    }  # fmt: skip
+    if args.json:
+        print(json.dumps(result))
+        return 0
+    print(f"perplexity: {ppl:.4f}")
+    print(f"tokens: {len(ids)} ({num_scored} scored, {num_windows} windows of up to {max_length}, stride {stride})")
+    print(f"speed: {len(ids) / seconds:.1f} tokens/s ({seconds:.2f} s, compilation included)")
+    return 0
+
+
+def _advancing(bar, batches):
+    """The batches unchanged, moving the progress bar by each one's windows as it arrives."""
+    for batch in batches:
+        bar.update(batch.num_windows)
+        yield batch
+
+
+def add_perplexity_command(subparsers) -> None:
+    parser = subparsers.add_parser("perplexity", help="sliding-window perplexity of a text file")
+    parser.add_argument("file", type=Path, help="UTF-8 text file")
+    parser.add_argument("--model", default="gpt2", help="hub name or local folder (default: gpt2)")
+    parser.add_argument("--max-length", type=_positive_int, default=None, help="window length (default: n_positions)")
+    parser.add_argument("--stride", type=_positive_int, default=None, help="window step (default: max-length / 2)")
+    parser.add_argument("--batch-size", type=_positive_int, default=8, help="windows per device call (default: 8)")
+    parser.add_argument("--dtype", choices=_PERPLEXITY_DTYPES, default="fp32", help="weight dtype (default: fp32)")
+    parser.add_argument("--json", action="store_true", help="print one JSON line instead of text")
+    parser.set_defaults(run=run_perplexity)
+
+
 # Each entry registers one subcommand on the parser and sets `run` (args -> exit code) as its default.
-_COMMANDS: list = [add_next_command, add_generate_command, add_compare_command, add_random_model_command, add_bench_command, add_remote_command]
+_COMMANDS: list = [
+    add_next_command, add_generate_command, add_compare_command, add_perplexity_command,
+    add_random_model_command, add_bench_command, add_remote_command,
+]
 
 
 if __name__ == "__main__":

@@ -1,0 +1,146 @@
+"""Perplexity benchmark: jax-gpt2's `perplexity` against transformers' documented sliding-window recipe.
+
+    uv run python -m benchmarks.perplexity_bench            # ~20k tokens, max_length 1024, stride 512
+
+A gpt2-shape model with random weights (std 0.1) is written to a temporary folder, with GPT-2's
+own vocabulary when a copy is cached (~/.cache/jax-gpt2-tests/gpt2-vocab, see tests/gpt2_vocab.py),
+else a small trained BPE. The text is generated deterministically from a word list. Both sides
+score the same token ids in the same run, transformers with torch.set_num_threads(2). Wall and
+process CPU seconds are both printed: on a shared machine the CPU seconds are the steadier figure.
+
+jax-gpt2 is timed after a warm-up on one batch's worth of windows (same shapes, so the timed run
+does not compile); the warm-up time, compilation included, is reported too. transformers' recipe
+counts (labels kept - 1) tokens per window, one too few whenever the window's first label is
+masked, so its perplexity is printed as is and with the count fixed (the definition jax-gpt2
+implements): the fixed one should agree with jax-gpt2 to float32 precision.
+"""
+
+import argparse
+import json
+import math
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from jax_gpt2 import PRESETS, load_config, load_weights, perplexity
+from jax_gpt2.random_model import write_random_model
+from jax_gpt2.tokenizer import encode, load_tokenizer
+
+GPT2_VOCAB = Path.home() / ".cache" / "jax-gpt2-tests" / "gpt2-vocab"
+WORDS = (
+    "the of and to in is was for on that with as by at from his her it an are were which be this has had "
+    "not but they their one all new more first two after who about into time over most also other some "
+    "model language token window stride cache layer head attention weight river mountain city music "
+    "history science winter market garden letter station engine bridge forest ocean island village "
+    "quickly slowly because however although during between without before under around against"
+).split()
+
+
+def generated_text(num_words: int, seed: int = 0) -> str:
+    """Sentences of 6-18 words drawn from WORDS with a fixed seed: the same text on every run."""
+    assert num_words >= 1
+    rng = np.random.default_rng(seed)
+    sentences, written = [], 0
+    while written < num_words:
+        length = int(rng.integers(6, 19))
+        words = [WORDS[i] for i in rng.integers(0, len(WORDS), length)]
+        sentences.append(" ".join(words).capitalize() + ".")
+        written += length
+    return " ".join(sentences)
+
+
+def time_jax(ids: np.ndarray, folder: Path, max_length: int, stride: int, batch_size: int) -> dict:
+    config, weights = load_config(folder), load_weights(folder)
+    warm_ids = ids[: max_length + (batch_size - 1) * stride]  # one full batch: the shapes the timed run uses
+    start = time.perf_counter()
+    perplexity(warm_ids, weights, config, max_length, stride, batch_size)
+    warm_seconds = time.perf_counter() - start
+    start, cpu_start = time.perf_counter(), time.process_time()
+    ppl = perplexity(ids, weights, config, max_length, stride, batch_size)
+    seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
+    return {"perplexity": ppl, "seconds": seconds, "cpu_seconds": cpu_seconds,
+            "tokens_per_second": len(ids) / seconds,
+            "warmup_seconds": warm_seconds, "warmup_tokens": len(warm_ids)}  # fmt: skip
+
+
+def time_transformers_recipe(ids: np.ndarray, folder: Path, max_length: int, stride: int) -> dict:
+    """The loop from transformers' docs ("Perplexity of fixed-length models"), batch of one window."""
+    import torch
+    import transformers
+
+    torch.set_num_threads(2)
+    model = transformers.GPT2LMHeadModel.from_pretrained(folder).eval()
+    input_ids = torch.as_tensor(ids[None, :], dtype=torch.long)
+    seq_len = input_ids.size(1)
+    nll_sum, n_tokens, fixed_nll_sum, fixed_n_tokens, prev_end_loc = 0.0, 0, 0.0, 0, 0
+    start, cpu_start = time.perf_counter(), time.process_time()
+    for begin_loc in range(0, seq_len, stride):
+        end_loc = min(begin_loc + max_length, seq_len)
+        trg_len = end_loc - prev_end_loc
+        window_ids = input_ids[:, begin_loc:end_loc]
+        target_ids = window_ids.clone()
+        target_ids[:, :-trg_len] = -100
+        with torch.no_grad():
+            neg_log_likelihood = model(window_ids, labels=target_ids).loss
+        num_valid_tokens = (target_ids != -100).sum().item()
+        num_loss_tokens = num_valid_tokens - target_ids.size(0)  # the recipe's count
+        scored = (target_ids[:, 1:] != -100).sum().item()  # the tokens the loss actually averaged
+        nll_sum += neg_log_likelihood.item() * num_loss_tokens
+        n_tokens += num_loss_tokens
+        fixed_nll_sum += neg_log_likelihood.double().item() * scored
+        fixed_n_tokens += scored
+        prev_end_loc = end_loc
+        if end_loc == seq_len:
+            break
+    seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
+    return {"perplexity": math.exp(nll_sum / n_tokens),
+            "perplexity_count_fixed": math.exp(fixed_nll_sum / fixed_n_tokens),
+            "scored_tokens_recipe": n_tokens, "scored_tokens_fixed": fixed_n_tokens,
+            "seconds": seconds, "cpu_seconds": cpu_seconds, "tokens_per_second": len(ids) / seconds}  # fmt: skip
+
+
+def report(jax_result: dict, hf_result: dict, num_tokens: int) -> None:
+    """The figures, one line per side, then the same as one JSON line."""
+    fixed = hf_result["perplexity_count_fixed"]
+    relative = abs(jax_result["perplexity"] - fixed) / fixed
+    for name, result, note in [
+        ("jax-gpt2", jax_result, f"warm-up on {jax_result['warmup_tokens']} tokens, compile included: "
+                                 f"{jax_result['warmup_seconds']:.1f} s"),
+        ("transformers", hf_result, f"the docs recipe, {hf_result['scored_tokens_recipe']} tokens counted"),
+    ]:  # fmt: skip
+        print(
+            f"{name + ':':<14}perplexity {result['perplexity']:.6f}  {result['tokens_per_second']:7.1f} tokens/s "
+            f"({result['seconds']:.1f} s wall, {result['cpu_seconds']:.1f} s CPU; {note})"
+        )
+    print(
+        f"transformers, count fixed ({hf_result['scored_tokens_fixed']} tokens): perplexity {fixed:.6f}; "
+        f"relative difference to jax-gpt2 {relative:.2e}"
+    )
+    print(f"speed-up (wall): {jax_result['tokens_per_second'] / hf_result['tokens_per_second']:.2f}x")
+    print(json.dumps({"jax_gpt2": jax_result, "transformers": hf_result, "tokens": num_tokens}))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tokens", type=int, default=20_000)
+    parser.add_argument("--max-length", type=int, default=1024)
+    parser.add_argument("--stride", type=int, default=512)
+    parser.add_argument("--batch-size", type=int, default=8)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as work:
+        folder = Path(work) / "random-gpt2"
+        vocab = GPT2_VOCAB if (GPT2_VOCAB / "vocab.json").is_file() else None
+        write_random_model(folder, PRESETS["gpt2"], std=0.1, tokenizer_from=vocab)
+        ids = np.asarray(encode(load_tokenizer(folder), generated_text(args.tokens)))[: args.tokens]
+        assert len(ids) == args.tokens, f"the generated text gave only {len(ids)} tokens"
+        print(f"text: {len(ids)} tokens ({'GPT-2 vocabulary' if vocab else 'trained BPE'}), gpt2 shape, random weights")
+        print(f"settings: max_length {args.max_length}, stride {args.stride}, jax batch_size {args.batch_size}")
+        jax_result = time_jax(ids, folder, args.max_length, args.stride, args.batch_size)
+        hf_result = time_transformers_recipe(ids, folder, args.max_length, args.stride)
+    report(jax_result, hf_result, len(ids))
+
+
+if __name__ == "__main__":
+    main()
