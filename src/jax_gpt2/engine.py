@@ -161,6 +161,8 @@ def row_params(requests: Sequence[SequenceRequest]) -> SamplingParams:
 
 
 def _set_row(all_B: jax.Array, row: jax.Array, one_1: jax.Array) -> jax.Array:
+    assert one_1.shape[0] == 1
+    assert one_1.shape[1:] == all_B.shape[1:]
     return all_B.at[row].set(one_1[0])
 
 
@@ -242,6 +244,7 @@ _release_jit = jax.jit(release, donate_argnames=("slots",))
 def compiled_count() -> int:
     """How many programs the engine's jitted functions hold: constant once warmed up."""
     counts = [_admit_jit._cache_size(), _decode_chunk_jit._cache_size(), _release_jit._cache_size()]
+    assert len(counts) == 3
     assert all(count >= 0 for count in counts)
     return sum(counts)
 
@@ -318,6 +321,8 @@ class _Sequence:
         return tail if hit else tail + self.stop_stream.flush()
 
     def _logprob(self, token: int, chunk: ChunkOutput, k: int, row: int) -> TokenLogprob | None:
+        assert chunk.tokens_KB[k, row] == token
+        assert chunk.top_ids_KBA.shape[2] >= (self.request.num_logprobs or 0)
         if self.request.num_logprobs is None:
             return None
         top = []
@@ -358,6 +363,8 @@ class Engine:
         self._accepting, self._stopping = True, False
         self._ids = itertools.count()
         self._thread: threading.Thread | None = None
+        assert self.buckets[-1] == self.context_length
+        assert self._eos_E.ndim == 1
 
     @property
     def num_active(self) -> int:
@@ -395,8 +402,10 @@ class Engine:
         """One scheduling round: read the inbox, admit waiting sequences, decode one chunk. True if busy."""
         self._read_inbox(block=False)
         self._admit_waiting()
+        assert self.num_active > 0 or not self._waiting, "a sequence waits while a slot is free"
         if self.num_active > 0:
             self._run_chunk()
+        assert len(self._rows) == self.max_batch
         return self.busy
 
     @property
@@ -485,6 +494,8 @@ class Engine:
             ids_1T, start_1 = left_pad([prompt], next(b for b in self.buckets if b >= len(prompt)))
             self._admit_row(seq.request, row, ids_1T, start_1)
             self._rows[row] = seq
+        assert self._num_queued >= len(self._waiting)
+        assert not self._waiting or None not in self._rows
 
     def _admit_row(self, request: SequenceRequest, row: int, ids_1T: np.ndarray, start_1: np.ndarray) -> None:
         assert 0 <= row < self.max_batch
@@ -512,8 +523,11 @@ class Engine:
                 self._deliver(seq, event)
         if finished:  # eos and max_tokens are done on the device already; stop strings are not
             self._release(finished)
+        assert all(self._rows[row] is None for row in finished)
 
     def _release(self, rows: list[int]) -> None:
+        assert rows
+        assert all(0 <= row < self.max_batch for row in rows)
         free_B = np.zeros((self.max_batch,), np.bool_)
         free_B[rows] = True
         self._slots = _release_jit(self._slots, free_B)
@@ -531,6 +545,8 @@ class Engine:
         with self._lock:
             self._num_queued -= len(self._waiting)
         self._rows, self._waiting = [None] * self.max_batch, collections.deque()
+        assert self._num_queued >= 0
+        assert self.num_active == 0
         self._slots = empty_slots(self.config, self.max_batch, self.context_length, self.weights.wte_VD.dtype)
         for seq in sequences:
             self._deliver(seq, Event(seq.seq_id, (), "", None, "error"))

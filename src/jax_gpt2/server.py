@@ -143,6 +143,7 @@ def _encode_prompts(engine: Engine, prompts: list[str], max_tokens: int | None, 
     """Token ids of each prompt, checked against the context: (prompt + max_tokens) must fit it."""
     if not prompts:
         raise APIError(400, "the prompt list is empty", param)
+    assert max_tokens is None or max_tokens >= 1
     prompt_ids = [encode(engine.tokenizer, prompt) for prompt in prompts]
     for ids in prompt_ids:
         if not ids:
@@ -156,6 +157,7 @@ def _encode_prompts(engine: Engine, prompts: list[str], max_tokens: int | None, 
                 "max_tokens" if max_tokens else param,
                 "context_length_exceeded",
             )
+    assert len(prompt_ids) == len(prompts)
     return prompt_ids
 
 
@@ -191,6 +193,8 @@ class _Relay:
 
 
 def _submit(engine: Engine, requests: list[SequenceRequest]) -> tuple[_Relay, list[int]]:
+    """Hand the sequences to the engine; its refusals become 503 (busy, closing) or 400 (bad values)."""
+    assert requests
     relay = _Relay(asyncio.get_running_loop())
     try:
         return relay, engine.submit(requests, relay)
@@ -245,16 +249,19 @@ class _Choice:
 
 def _completion_logprobs(logprobs: list[TokenLogprob], offset: int) -> dict:
     """The completions API's logprobs: parallel lists, alternatives as {text: logprob}."""
+    assert offset >= 0
     offsets = []
     for lp in logprobs:
         offsets.append(offset)
         offset += len(lp.token)
-    return {
+    result = {
         "tokens": [lp.token for lp in logprobs],
         "token_logprobs": [lp.logprob for lp in logprobs],
         "top_logprobs": [{text: value for _, text, value in lp.top} for lp in logprobs],
         "text_offset": offsets,
     }
+    assert len(offsets) == len(logprobs)
+    return result
 
 
 def _chat_logprobs(logprobs: list[TokenLogprob]) -> dict:
@@ -262,6 +269,8 @@ def _chat_logprobs(logprobs: list[TokenLogprob]) -> dict:
         return {"token": text, "logprob": value, "bytes": list(text.encode())}
 
     content = [{**entry(lp.token, lp.logprob), "top_logprobs": [entry(t, v) for _, t, v in lp.top]} for lp in logprobs]
+    assert len(content) == len(logprobs)
+    assert all(lp.logprob <= 0 for lp in logprobs)
     return {"content": content}
 
 
@@ -283,6 +292,8 @@ class _Reply:
         return ("chatcmpl-" if self.chat else "cmpl-") + self.token
 
     def choice(self, index: int, text: str, logprobs: list[TokenLogprob], finish: str | None, chunk: bool, offset: int) -> dict:
+        assert 0 <= index < len(self.prefixes)
+        assert finish in (None, "stop", "length")
         if self.chat:
             message_key, message = ("delta", {"content": text}) if chunk else ("message", {"role": "assistant", "content": text})
             lp = _chat_logprobs(logprobs) if self.with_logprobs else None
@@ -291,6 +302,8 @@ class _Reply:
         return {"index": index, "text": text, "logprobs": lp, "finish_reason": finish}
 
     def envelope(self, choices: list[dict], chunk: bool, completion_tokens: int | None) -> dict:
+        assert completion_tokens is None or completion_tokens >= 0
+        assert chunk or completion_tokens is not None  # a whole reply always reports usage
         kind = ("chat.completion" if self.chat else "text_completion") + (".chunk" if chunk and self.chat else "")
         body = {"id": self.id, "object": kind, "created": self.created, "model": self.model, "choices": choices}
         if completion_tokens is not None:
@@ -305,6 +318,8 @@ def _sse(body: dict | str) -> str:
 
 async def _stream(engine: Engine, relay: _Relay, seq_ids: list[int], reply: _Reply) -> AsyncIterator[str]:
     """Server-sent events: a chunk per engine event, an optional usage chunk, then [DONE]."""
+    assert len(seq_ids) == len(reply.prefixes)
+    assert not (reply.chat and any(reply.prefixes))
     prefixes = list(reply.prefixes)  # echo: a choice's first chunk starts with its prompt
     offsets = [len(prefix) for prefix in reply.prefixes]  # of each token in the choice's text (logprobs)
     completion_tokens = 0
@@ -328,7 +343,10 @@ async def _stream(engine: Engine, relay: _Relay, seq_ids: list[int], reply: _Rep
 
 
 async def _respond(engine: Engine, requests: list[SequenceRequest], reply: _Reply, request: Request, stream: bool):
+    """Submit, then stream the events as SSE or gather them into one reply."""
+    assert len(requests) == len(reply.prefixes)
     relay, seq_ids = _submit(engine, requests)
+    assert len(seq_ids) == len(requests)
     if stream:
         return StreamingResponse(_stream(engine, relay, seq_ids, reply), media_type="text/event-stream")
     choices = [_Choice() for _ in seq_ids]
@@ -363,6 +381,8 @@ async def create_completion(body: CompletionBody, request: Request):
         prompt_tokens=sum(len(ids) for ids in prompt_ids), with_logprobs=body.logprobs is not None,
         include_usage=bool(body.stream_options and body.stream_options.include_usage),
     )  # fmt: skip
+    assert len(requests) == len(prompt_ids) * body.n
+    assert max_tokens >= 1
     return await _respond(engine, requests, reply, request, body.stream)
 
 
@@ -378,6 +398,8 @@ async def create_chat_completion(body: ChatBody, request: Request):
         chat=True, model=body.model, prefixes=[""] * len(requests), prompt_tokens=len(prompt_ids),
         with_logprobs=body.logprobs, include_usage=bool(body.stream_options and body.stream_options.include_usage),
     )  # fmt: skip
+    assert len(requests) == body.n
+    assert max_tokens >= 1
     return await _respond(engine, requests, reply, request, body.stream)
 
 
