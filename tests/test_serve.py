@@ -291,6 +291,22 @@ def test_a_client_that_goes_away_mid_stream_frees_its_slot(one_slot_server, monk
         assert reply.json()["choices"][0]["finish_reason"] == "length"
 
 
+def test_a_non_streaming_client_that_goes_away_frees_its_slot_too(one_slot_server, monkeypatch):
+    engine = one_slot_server.engine
+    step, cancelled = engine.step, []
+    monkeypatch.setattr(engine, "step", lambda: time.sleep(0.1) or step())  # 60 tokens take > 1.5 s
+    monkeypatch.setattr(engine, "cancel", lambda ids: cancelled.extend(ids) or Engine.cancel(engine, ids))
+    body = {"model": MODEL_ID, "prompt": "Hello", "max_tokens": 60}
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{one_slot_server.url}/v1/completions", json=body, timeout=0.5)
+    for _ in range(100):  # the server looks for a disconnect each second while it waits
+        if cancelled and engine.num_active == 0:
+            break
+        time.sleep(0.05)
+    assert len(cancelled) == 1
+    assert engine.num_active == 0
+
+
 GOOD = {"model": MODEL_ID, "prompt": "Hello", "max_tokens": 4}
 CHAT = {"model": MODEL_ID, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4}
 

@@ -31,6 +31,7 @@ from jax_gpt2.tokenizer import encode
 
 MAX_STOPS = 4  # as the OpenAI API
 RETRY_AFTER_S = 1
+DISCONNECT_CHECK_S = 1.0  # how often a non-streamed request looks for a client that went away
 
 
 class APIError(Exception):
@@ -214,13 +215,19 @@ async def _events(
     assert len(seq_ids) >= 1
     index = {seq_id: choice for choice, seq_id in enumerate(seq_ids)}
     running = set(seq_ids)
+    loop = asyncio.get_running_loop()
+    checked = loop.time()
     try:
         while running:
             try:
-                event = await asyncio.wait_for(relay.queue.get(), timeout=1.0)
+                event = await asyncio.wait_for(relay.queue.get(), timeout=DISCONNECT_CHECK_S)
             except TimeoutError:
-                if gone is not None and await gone():
+                event = None
+            if gone is not None and loop.time() - checked >= DISCONNECT_CHECK_S:
+                checked = loop.time()
+                if await gone():
                     return
+            if event is None:
                 continue
             if event.finish_reason is not None:
                 running.discard(event.seq_id)
