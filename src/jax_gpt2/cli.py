@@ -344,10 +344,35 @@ def add_perplexity_command(subparsers) -> None:
     parser.set_defaults(run=run_perplexity)
 
 
+def run_serve(args: argparse.Namespace) -> int:
+    """An OpenAI-compatible HTTP server with continuous batching (needs the `serve` extra)."""
+    try:
+        from jax_gpt2.server import run_server
+    except ImportError as error:
+        raise UserError(f"serve needs FastAPI and uvicorn ({error.name} is missing): pip install 'jax-gpt2[serve]'")
+    enable_compilation_cache()
+    run_server(args.model, args.host, args.port, args.max_batch, args.max_seq_len, args.max_queue, args.dtype,
+               args.chunk_steps)  # fmt: skip
+    return 0
+
+
+def add_serve_command(subparsers) -> None:
+    parser = subparsers.add_parser("serve", help="an OpenAI-compatible HTTP server (completions, chat, streaming)")
+    parser.add_argument("--model", default="gpt2", help="hub name or local folder (default: gpt2); also the served id")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--max-batch", type=_positive_int, default=8, help="decode slots (sequences decoded together)")
+    parser.add_argument("--max-seq-len", type=_positive_int, default=1024, help="cache slots per sequence (prompt + output)")
+    parser.add_argument("--max-queue", type=int, default=64, help="sequences that may wait for a slot; beyond: 503")
+    parser.add_argument("--chunk-steps", type=_positive_int, default=4, help="decode steps between scheduling rounds")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    parser.set_defaults(run=run_serve)
+
+
 # Each entry registers one subcommand on the parser and sets `run` (args -> exit code) as its default.
 _COMMANDS: list = [
     add_next_command, add_generate_command, add_compare_command, add_perplexity_command,
-    add_random_model_command, add_bench_command, add_remote_command,
+    add_random_model_command, add_bench_command, add_serve_command, add_remote_command,
 ]
 
 

@@ -22,7 +22,7 @@ import numpy as np
 from jax_gpt2.config import GPT2Config
 from jax_gpt2.kvcache import KVCache
 from jax_gpt2.model import empty_cache, lm_logits, transformer
-from jax_gpt2.sampling import SamplerFlags, SamplingParams, flags_for, next_tokens, sampling_params
+from jax_gpt2.sampling import SamplerFlags, SamplingParams, choose_tokens, flags_for, pick_logits, sampling_params
 from jax_gpt2.weights import GPT2Weights
 
 PAD_ID = 0  # what a finished row (or a left-pad slot) holds; never attended to, never returned
@@ -36,7 +36,7 @@ class DecodeState:
     seen_BV: jax.Array  # bool: the token occurs in the row so far (for the repetition penalty)
     done_B: jax.Array  # bool: the row has emitted an eos
     keys_B: jax.Array  # uint32 (B, 2): each row's own random key, so a row samples alike alone or batched
-    step: jax.Array  # int32 scalar: decode steps taken so far
+    step_B: jax.Array  # int32: decode steps each row has taken (its random key is folded with it)
 
 
 def bucket_length(n: int) -> int:
@@ -75,9 +75,38 @@ def prefill(
     is_real_BT = jnp.arange(T)[None, :] >= start_B[:, None]
     rows_BT = jnp.broadcast_to(jnp.arange(B)[:, None], (B, T))
     seen_BV = jnp.zeros((B, config.vocab_size), jnp.bool_).at[rows_BT, ids_BT].max(is_real_BT)
-    state = DecodeState(cache, logits_BV, seen_BV, jnp.zeros((B,), jnp.bool_), keys_B, jnp.zeros((), jnp.int32))
+    state = DecodeState(cache, logits_BV, seen_BV, jnp.zeros((B,), jnp.bool_), keys_B, jnp.zeros((B,), jnp.int32))
     assert state.logits_BV.shape == (B, config.vocab_size)
     return state
+
+
+def decode_step(
+    state: DecodeState, eos_E: jax.Array, params: SamplingParams, weights: GPT2Weights, config: GPT2Config,
+    flags: SamplerFlags,
+) -> tuple[DecodeState, jax.Array, jax.Array, jax.Array]:  # fmt: skip
+    """One token per row: pick it, write it into the cache, run it through the model.
+
+    Returns the new state, token_B (PAD_ID where the row was already done), emitted_B, and
+    picked_BV, the logits the token was picked from (see `pick_logits`; unused outputs cost nothing
+    under jit).
+    """
+    B = state.done_B.shape[0]
+    assert eos_E.ndim == 1
+    assert state.step_B.shape == (B,)
+    step_keys_B = jax.vmap(jax.random.fold_in)(state.keys_B, state.step_B)
+    picked_BV = pick_logits(state.logits_BV, state.seen_BV, params, flags)
+    token_B = jnp.where(state.done_B, PAD_ID, choose_tokens(picked_BV, params, step_keys_B, flags))
+    hidden_BTD, cache = transformer(token_B[:, None], state.cache, weights, config)
+    new_state = DecodeState(
+        cache=cache,
+        logits_BV=lm_logits(hidden_BTD, weights)[:, 0],
+        seen_BV=state.seen_BV.at[jnp.arange(B), token_B].set(True),
+        done_B=state.done_B | jnp.isin(token_B, eos_E),
+        keys_B=state.keys_B,
+        step_B=state.step_B + 1,
+    )
+    assert new_state.logits_BV.shape == state.logits_BV.shape
+    return new_state, token_B, ~state.done_B, picked_BV
 
 
 def decode(
@@ -106,20 +135,9 @@ def decode(
 
     def step(carry):
         i, state, tokens_BK, emitted_BK = carry
-        step_keys_B = jax.vmap(jax.random.fold_in, in_axes=(0, None))(state.keys_B, state.step)
-        token_B = next_tokens(state.logits_BV, state.seen_BV, params, step_keys_B, flags)
-        token_B = jnp.where(state.done_B, PAD_ID, token_B)
+        state, token_B, emitted_B, _ = decode_step(state, eos_E, params, weights, config, flags)
         tokens_BK = jax.lax.dynamic_update_slice(tokens_BK, token_B[:, None], (0, i))
-        emitted_BK = jax.lax.dynamic_update_slice(emitted_BK, ~state.done_B[:, None], (0, i))
-        hidden_BTD, cache = transformer(token_B[:, None], state.cache, weights, config)
-        state = DecodeState(
-            cache=cache,
-            logits_BV=lm_logits(hidden_BTD, weights)[:, 0],
-            seen_BV=state.seen_BV.at[jnp.arange(B), token_B].set(True),
-            done_B=state.done_B | jnp.isin(token_B, eos_E),
-            keys_B=state.keys_B,
-            step=state.step + 1,
-        )
+        emitted_BK = jax.lax.dynamic_update_slice(emitted_BK, emitted_B[:, None], (0, i))
         return i + 1, state, tokens_BK, emitted_BK
 
     carry = (jnp.zeros((), jnp.int32), state, tokens_BK, emitted_BK)

@@ -129,20 +129,38 @@ def warp_for_sampling(logits_BV: jax.Array, params: SamplingParams, flags: Sampl
     return logits_BV
 
 
+def pick_logits(logits_BV: jax.Array, seen_BV: jax.Array, params: SamplingParams, flags: SamplerFlags) -> jax.Array:
+    """The logits each row's next token is picked from: repetition-penalized, then for sampling rows
+    warped (temperature, top-k, top-p, min-p). A greedy row takes their argmax, a sampling row draws
+    from their softmax; so their log-softmax is the distribution a token was chosen from."""
+    assert logits_BV.ndim == 2
+    assert seen_BV.shape == logits_BV.shape
+    logits_BV = logits_BV.astype(jnp.float32)
+    if flags.penalize:
+        logits_BV = apply_repetition_penalty(logits_BV, seen_BV, params.repetition_penalty_B)
+    if not flags.sample:
+        return logits_BV
+    warped_BV = warp_for_sampling(logits_BV, params, flags)
+    return jnp.where(params.temperature_B[:, None] > 0, warped_BV, logits_BV)
+
+
+def choose_tokens(picked_BV: jax.Array, params: SamplingParams, keys_B: jax.Array, flags: SamplerFlags) -> jax.Array:
+    """One token per row from `pick_logits`' output: argmax for greedy rows, a draw for sampling rows."""
+    assert picked_BV.ndim == 2
+    assert keys_B.shape[0] == picked_BV.shape[0]
+    greedy_B = jnp.argmax(picked_BV, axis=-1).astype(jnp.int32)
+    if not flags.sample:
+        return greedy_B
+    sampled_B = jax.vmap(jax.random.categorical)(keys_B, picked_BV).astype(jnp.int32)
+    tokens_B = jnp.where(params.temperature_B > 0, sampled_B, greedy_B)
+    assert tokens_B.shape == picked_BV.shape[:1]
+    return tokens_B
+
+
 def next_tokens(
     logits_BV: jax.Array, seen_BV: jax.Array, params: SamplingParams, keys_B: jax.Array, flags: SamplerFlags
 ) -> jax.Array:
     """One token per row: argmax for greedy rows, a draw from the warped softmax for sampling rows."""
     assert logits_BV.ndim == 2
     assert keys_B.shape[0] == logits_BV.shape[0]
-    logits_BV = logits_BV.astype(jnp.float32)
-    if flags.penalize:
-        logits_BV = apply_repetition_penalty(logits_BV, seen_BV, params.repetition_penalty_B)
-    greedy_B = jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
-    if not flags.sample:
-        return greedy_B
-    warped_BV = warp_for_sampling(logits_BV, params, flags)
-    sampled_B = jax.vmap(jax.random.categorical)(keys_B, warped_BV).astype(jnp.int32)
-    tokens_B = jnp.where(params.temperature_B > 0, sampled_B, greedy_B)
-    assert tokens_B.shape == logits_BV.shape[:1]
-    return tokens_B
+    return choose_tokens(pick_logits(logits_BV, seen_BV, params, flags), params, keys_B, flags)

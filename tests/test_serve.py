@@ -1,0 +1,413 @@
+"""`jax-gpt2 serve` through the real `openai` client (and raw HTTP where the wire format matters):
+completions and chat equal `generate`, streaming equals the one-shot reply, stop strings, seeds and
+n choices, logprobs, echo; 16 concurrent streams through 4 slots each get exactly their lone
+result with no new compiles; a full queue answers 503 + Retry-After; bad input a 400 with
+OpenAI's error body; a client that goes away frees its slot; shutdown drains, then exits."""
+
+import asyncio
+import contextlib
+import dataclasses
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import httpx
+import openai
+import pytest
+import uvicorn
+
+from checkpoints import TINY, hf_config, random_hf_model, save_safetensors
+from jax_gpt2 import load_config, load_weights
+from jax_gpt2.engine import Engine, compiled_count
+from jax_gpt2.generate import generate
+from jax_gpt2.random_model import train_tokenizer
+from jax_gpt2.server import chat_prompt, create_app, ChatMessage
+from jax_gpt2.tokenizer import IncrementalDecoder, encode, load_tokenizer
+
+MODEL_ID = "tiny-gpt2"
+CONTEXT = 64
+
+
+@dataclasses.dataclass(frozen=True)
+class Model:
+    folder: object
+    weights: object
+    config: object
+    tokenizer: object
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory) -> Model:
+    folder = tmp_path_factory.mktemp("tiny-serve")
+    vocab_size = train_tokenizer(folder, 300)
+    save_safetensors(random_hf_model(hf_config(**{**TINY, "vocab_size": vocab_size, "n_positions": CONTEXT}), 0.3), folder)
+    return Model(folder, load_weights(folder), load_config(folder), load_tokenizer(folder))
+
+
+@dataclasses.dataclass(frozen=True)
+class Running:
+    url: str
+    engine: Engine
+    server: uvicorn.Server
+    thread: threading.Thread
+
+    def client(self) -> openai.OpenAI:
+        return openai.OpenAI(base_url=f"{self.url}/v1", api_key="unused", max_retries=0, timeout=60)
+
+
+@contextlib.contextmanager
+def running_server(model: Model, config=None, **engine_settings):
+    """uvicorn on a free loopback port in a thread, the engine warmed up first."""
+    engine = Engine(model.weights, config or model.config, model.tokenizer, **engine_settings)
+    engine.warm_up()
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    server = uvicorn.Server(uvicorn.Config(create_app(engine, MODEL_ID), log_level="warning"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    for _ in range(600):
+        if server.started:
+            break
+        time.sleep(0.05)
+    assert server.started, "uvicorn did not start in 30 s"
+    try:
+        yield Running(f"http://127.0.0.1:{sock.getsockname()[1]}", engine, server, thread)
+    finally:
+        server.should_exit = True
+        thread.join(60)
+
+
+@pytest.fixture(scope="module")
+def server(model):
+    with running_server(model, max_batch=4, max_seq_len=CONTEXT, max_queue=32) as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def one_slot_server(model):
+    """One slot, a queue of one, and no eos, so a sequence runs to its max_tokens."""
+    config = dataclasses.replace(model.config, eos_token_id=None)
+    with running_server(model, config, max_batch=1, max_seq_len=CONTEXT, max_queue=1) as running:
+        yield running
+
+
+def server_text(model: Model, ids: list[int]) -> str:
+    """The text the server makes of these tokens: incremental decoding, as it streams."""
+    decoder = IncrementalDecoder(model.tokenizer)
+    return "".join(decoder.push(token) for token in ids) + decoder.flush()
+
+
+def expected(model: Model, prompts: list[str], max_tokens: list[int], **settings) -> list[tuple[str, str, int]]:
+    """(text, finish_reason, completion tokens) that `generate` gives each prompt (one batch: rows are
+    independent), eos ending a row early; greedy unless settings say otherwise."""
+    eos = model.config.eos_token_id
+    ids = [encode(model.tokenizer, prompt) for prompt in prompts]
+    rows = generate(ids, model.weights, model.config, max_new_tokens=max(max_tokens), eos_token_id=eos, **settings)
+    results = []
+    for row, limit in zip(rows, max_tokens):
+        row = row[:limit]
+        if eos in row:
+            results.append((server_text(model, row[: row.index(eos)]), "stop", row.index(eos)))
+        else:
+            results.append((server_text(model, row), "length", len(row)))
+    return results
+
+
+def test_models_and_health(server):
+    assert [m.id for m in server.client().models.list().data] == [MODEL_ID]
+    health = httpx.get(f"{server.url}/health").json()
+    assert health["status"] == "ok"
+    assert health["max_batch"] == 4
+
+
+def test_greedy_completion_equals_generate(server, model):
+    reply = server.client().completions.create(model=MODEL_ID, prompt="Hello world", max_tokens=12, temperature=0)
+    [(text, finish, tokens)] = expected(model, ["Hello world"], [12])
+    assert reply.choices[0].text == text
+    assert reply.choices[0].finish_reason == finish
+    assert reply.usage.prompt_tokens == len(encode(model.tokenizer, "Hello world"))
+    assert reply.usage.completion_tokens == tokens
+    assert reply.usage.total_tokens == reply.usage.prompt_tokens + tokens
+
+
+def test_chat_continues_the_role_lines_and_assistant_prompt(server, model):
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello world"}]
+    prompt = chat_prompt([ChatMessage(**m) for m in messages])
+    assert prompt == "system: Be brief.\nuser: Hello world\nassistant:"
+    reply = server.client().chat.completions.create(model=MODEL_ID, messages=messages, max_tokens=10, temperature=0)
+    [(text, finish, _)] = expected(model, [prompt], [10])
+    assert reply.choices[0].message.role == "assistant"
+    assert reply.choices[0].message.content == text
+    assert reply.choices[0].finish_reason == finish
+
+
+def test_streaming_equals_the_one_shot_reply_and_ends_with_done(server):
+    settings = dict(model=MODEL_ID, prompt="The quick brown fox", max_tokens=14, temperature=0.9, seed=3)
+    whole = server.client().completions.create(**settings)
+    chunks = list(server.client().completions.create(stream=True, **settings))
+    assert "".join(chunk.choices[0].text for chunk in chunks) == whole.choices[0].text
+    assert chunks[-1].choices[0].finish_reason == whole.choices[0].finish_reason
+    raw = httpx.post(f"{server.url}/v1/completions", json={**settings, "stream": True}, timeout=60)
+    assert raw.headers["content-type"].startswith("text/event-stream")
+    events = [line for line in raw.text.split("\n\n") if line]
+    assert all(event.startswith("data: ") for event in events)
+    assert events[-1] == "data: [DONE]"
+
+
+def test_streamed_chat_opens_with_the_role_and_can_report_usage(server, model):
+    stream = server.client().chat.completions.create(
+        model=MODEL_ID, messages=[{"role": "user", "content": "Hi"}], max_tokens=6, temperature=0, stream=True,
+        stream_options={"include_usage": True},
+    )  # fmt: skip
+    chunks = list(stream)
+    [(text, finish, tokens)] = expected(model, ["user: Hi\nassistant:"], [6])
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(chunk.choices[0].delta.content or "" for chunk in chunks[:-1]) == text
+    assert chunks[-2].choices[0].finish_reason == finish
+    assert chunks[-1].choices == []
+    assert chunks[-1].usage.completion_tokens == tokens
+
+
+def test_a_stop_string_ends_the_text_where_it_begins(server):
+    client = server.client()
+    full = client.completions.create(model=MODEL_ID, prompt="Hello world", max_tokens=16, temperature=0).choices[0]
+    stop = full.text[4:6]
+    stopped = client.completions.create(model=MODEL_ID, prompt="Hello world", max_tokens=16, temperature=0, stop=[stop])
+    assert stopped.choices[0].text == full.text[: full.text.index(stop)]
+    assert stopped.choices[0].finish_reason == "stop"
+    streamed = client.completions.create(
+        model=MODEL_ID, prompt="Hello world", max_tokens=16, temperature=0, stop=stop, stream=True
+    )
+    assert "".join(chunk.choices[0].text for chunk in streamed) == stopped.choices[0].text
+
+
+def test_a_seed_reproduces_and_n_choices_are_the_rows_of_generate(server, model):
+    client = server.client()
+    settings = dict(model=MODEL_ID, prompt="Hello world", max_tokens=10, temperature=1.0, n=3)
+    first = client.completions.create(seed=5, **settings)
+    assert [c.index for c in first.choices] == [0, 1, 2]
+    assert [c.text for c in client.completions.create(seed=5, **settings).choices] == [c.text for c in first.choices]
+    assert [c.text for c in client.completions.create(seed=6, **settings).choices] != [c.text for c in first.choices]
+    rows = expected(model, ["Hello world"] * 3, [10] * 3, temperature=1.0, seed=5)
+    assert [c.text for c in first.choices] == [text for text, _, _ in rows]
+    assert first.usage.completion_tokens == sum(tokens for _, _, tokens in rows)
+
+
+def test_a_prompt_list_gives_choices_prompt_by_prompt(server, model):
+    prompts = ["Hello world", "A"]
+    reply = server.client().completions.create(model=MODEL_ID, prompt=prompts, max_tokens=5, temperature=0, n=2)
+    texts = [text for text, _, _ in expected(model, prompts, [5, 5])]
+    assert [c.text for c in reply.choices] == [texts[0], texts[0], texts[1], texts[1]]
+    assert reply.usage.prompt_tokens == sum(len(encode(model.tokenizer, p)) for p in prompts)
+
+
+def test_logprobs_and_echo(server):
+    client = server.client()
+    reply = client.completions.create(model=MODEL_ID, prompt="Hello", max_tokens=4, temperature=0, logprobs=2)
+    logprobs = reply.choices[0].logprobs
+    assert len(logprobs.tokens) == len(logprobs.token_logprobs) == len(logprobs.top_logprobs) == 4
+    assert "".join(logprobs.tokens) == reply.choices[0].text
+    for token, value, top in zip(logprobs.tokens, logprobs.token_logprobs, logprobs.top_logprobs):
+        assert value <= 0
+        assert max(top.values()) == pytest.approx(value)  # greedy: the chosen token is the best
+    echoed = client.completions.create(model=MODEL_ID, prompt="Hello", max_tokens=4, temperature=0, echo=True)
+    assert echoed.choices[0].text == "Hello" + reply.choices[0].text
+    chat = client.chat.completions.create(
+        model=MODEL_ID, messages=[{"role": "user", "content": "Hi"}], max_tokens=3, temperature=0, logprobs=True,
+        top_logprobs=2,
+    )  # fmt: skip
+    assert len(chat.choices[0].logprobs.content) <= 3
+    assert all(len(entry.top_logprobs) == 2 for entry in chat.choices[0].logprobs.content)
+
+
+def test_16_concurrent_streams_through_4_slots_each_get_their_lone_result(server, model):
+    """Different prompt and output lengths, so sequences join and leave at different steps and slots
+    are reused; a second wave compiles nothing new."""
+    prompts = [("The quick brown fox jumps over the lazy dog. " * 3)[: 2 + 3 * i] for i in range(16)]
+    max_tokens = [3 + (5 * i) % 17 for i in range(16)]
+    wanted = expected(model, prompts, max_tokens)
+
+    async def one(client: openai.AsyncOpenAI, prompt: str, limit: int) -> tuple[str, str]:
+        stream = await client.completions.create(model=MODEL_ID, prompt=prompt, max_tokens=limit, temperature=0, stream=True)
+        pieces, finish = [], None
+        async for chunk in stream:
+            pieces.append(chunk.choices[0].text)
+            finish = chunk.choices[0].finish_reason or finish
+        return "".join(pieces), finish
+
+    async def wave() -> list[tuple[str, str]]:
+        client = openai.AsyncOpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0, timeout=120)
+        async with client:
+            return await asyncio.gather(*(one(client, p, m) for p, m in zip(prompts, max_tokens)))
+
+    assert asyncio.run(wave()) == [(text, finish) for text, finish, _ in wanted]
+    compiled = compiled_count()
+    assert asyncio.run(wave()) == [(text, finish) for text, finish, _ in wanted]
+    assert compiled_count() == compiled
+
+
+def test_a_full_queue_answers_503_with_retry_after(one_slot_server, monkeypatch):
+    engine, gate = one_slot_server.engine, threading.Event()
+    step = engine.step
+    monkeypatch.setattr(engine, "step", lambda: gate.wait(30) and step())  # hold the engine between rounds
+    body = {"model": MODEL_ID, "prompt": "Hello", "max_tokens": 4}
+    with httpx.Client(base_url=one_slot_server.url, timeout=60) as http:
+        with http.stream("POST", "/v1/completions", json={**body, "stream": True}) as waiting:
+            assert waiting.status_code == 200
+            assert engine.num_queued == 1  # the one sequence the queue holds
+            refused = http.post("/v1/completions", json=body)
+            gate.set()
+            assert "data: [DONE]" in waiting.read().decode()
+        assert refused.status_code == 503
+        assert refused.headers["retry-after"] == "1"
+        assert refused.json()["error"]["code"] == "queue_full"
+        assert http.post("/v1/completions", json=body).status_code == 200  # served once there is room
+
+
+def test_a_client_that_goes_away_mid_stream_frees_its_slot(one_slot_server, monkeypatch):
+    engine = one_slot_server.engine
+    step, cancelled = engine.step, []
+    monkeypatch.setattr(engine, "step", lambda: time.sleep(0.05) or step())  # >= 50 ms a round: 60 tokens take > 0.7 s
+    monkeypatch.setattr(engine, "cancel", lambda ids: cancelled.extend(ids) or Engine.cancel(engine, ids))
+    body = {"model": MODEL_ID, "prompt": "Hello", "max_tokens": 60, "stream": True}
+    with httpx.Client(base_url=one_slot_server.url, timeout=60) as http:
+        with http.stream("POST", "/v1/completions", json=body) as response:
+            first = next(response.iter_lines())
+            assert first.startswith("data: ")
+            assert engine.num_active == 1
+        # the connection is closed here, long before 60 tokens
+        for _ in range(100):
+            if engine.num_active == 0:
+                break
+            time.sleep(0.05)
+        assert engine.num_active == 0
+        assert len(cancelled) == 1
+        reply = http.post("/v1/completions", json={**body, "stream": False, "max_tokens": 3})
+        assert reply.json()["choices"][0]["finish_reason"] == "length"
+
+
+def test_a_non_streaming_client_that_goes_away_frees_its_slot_too(one_slot_server, monkeypatch):
+    engine = one_slot_server.engine
+    step, cancelled = engine.step, []
+    monkeypatch.setattr(engine, "step", lambda: time.sleep(0.1) or step())  # 60 tokens take > 1.5 s
+    monkeypatch.setattr(engine, "cancel", lambda ids: cancelled.extend(ids) or Engine.cancel(engine, ids))
+    body = {"model": MODEL_ID, "prompt": "Hello", "max_tokens": 60}
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{one_slot_server.url}/v1/completions", json=body, timeout=0.5)
+    for _ in range(100):  # the server looks for a disconnect each second while it waits
+        if cancelled and engine.num_active == 0:
+            break
+        time.sleep(0.05)
+    assert len(cancelled) == 1
+    assert engine.num_active == 0
+
+
+GOOD = {"model": MODEL_ID, "prompt": "Hello", "max_tokens": 4}
+CHAT = {"model": MODEL_ID, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4}
+
+
+@pytest.mark.parametrize(
+    "path, body, param",
+    [
+        ("/v1/completions", "{not json", None),
+        ("/v1/completions", {**GOOD, "model": "gpt-4"}, "model"),
+        ("/v1/completions", {**GOOD, "max_tokens": 0}, "max_tokens"),
+        ("/v1/completions", {**GOOD, "max_tokens": CONTEXT}, "max_tokens"),  # prompt + max_tokens > context
+        ("/v1/completions", {**GOOD, "temperature": 2.5}, "temperature"),
+        ("/v1/completions", {**GOOD, "temperature": -0.1}, "temperature"),
+        ("/v1/completions", {**GOOD, "top_p": 0}, "top_p"),
+        ("/v1/completions", {**GOOD, "top_k": -2}, "top_k"),
+        ("/v1/completions", {**GOOD, "min_p": 1.5}, "min_p"),
+        ("/v1/completions", {**GOOD, "repetition_penalty": 0}, "repetition_penalty"),
+        ("/v1/completions", {**GOOD, "n": 0}, "n"),
+        ("/v1/completions", {**GOOD, "logprobs": 6}, "logprobs"),
+        ("/v1/completions", {**GOOD, "seed": -1}, "seed"),
+        ("/v1/completions", {**GOOD, "stop": ["a", "b", "c", "d", "e"]}, "stop"),
+        ("/v1/completions", {**GOOD, "stop": ""}, "stop"),
+        ("/v1/completions", {**GOOD, "prompt": []}, "prompt"),
+        ("/v1/completions", {**GOOD, "prompt": 7}, "prompt"),
+        ("/v1/completions", {**GOOD, "echo": True, "logprobs": 1}, "echo"),
+        ("/v1/completions", {**GOOD, "frequency_penalty": 0.5}, "frequency_penalty"),
+        ("/v1/completions", {"model": MODEL_ID}, "prompt"),
+        ("/v1/chat/completions", {**CHAT, "messages": []}, "messages"),
+        ("/v1/chat/completions", {**CHAT, "max_completion_tokens": CONTEXT}, "max_tokens"),
+        ("/v1/chat/completions", {**CHAT, "top_logprobs": 9}, "top_logprobs"),
+    ],
+)
+def test_bad_input_is_a_400_with_an_openai_error_body(server, path, body, param):
+    kwargs = {"content": body, "headers": {"content-type": "application/json"}} if isinstance(body, str) else {"json": body}
+    response = httpx.post(f"{server.url}{path}", timeout=60, **kwargs)
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["type"] == "invalid_request_error"
+    assert error["message"]
+    assert error["param"] == param or (error["param"] or "").startswith(f"{param}.")
+
+
+def test_the_openai_client_sees_a_400_as_bad_request_and_the_server_lives_on(server):
+    with pytest.raises(openai.BadRequestError) as caught:
+        server.client().completions.create(model=MODEL_ID, prompt="Hello", max_tokens=4, temperature=9)
+    assert caught.value.status_code == 400
+    assert httpx.get(f"{server.url}/health").status_code == 200
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_shutdown_lets_open_streams_finish_with_queued_sequences_too(model, monkeypatch):
+    """What Ctrl-C / SIGTERM trigger in uvicorn (should_exit): no new connections, the open response
+    runs to its end (one choice decoding, one still queued), then the engine drains and stops."""
+    config = dataclasses.replace(model.config, eos_token_id=None)
+    with running_server(model, config, max_batch=1, max_seq_len=CONTEXT, max_queue=4) as running:
+        step = running.engine.step
+        monkeypatch.setattr(running.engine, "step", lambda: time.sleep(0.02) or step())  # 2 x 30 tokens > 0.3 s
+        body = {"model": MODEL_ID, "prompt": "Hello", "max_tokens": 30, "n": 2, "stream": True}
+        with httpx.stream("POST", f"{running.url}/v1/completions", json=body, timeout=60) as response:
+            lines = response.iter_lines()
+            assert next(lines).startswith("data: ")
+            running.server.should_exit = True
+            events = [line[len("data: ") :] for line in lines if line]
+        assert events[-1] == "[DONE]"
+        finished = [c for e in events[:-1] for c in json.loads(e)["choices"] if c["finish_reason"]]
+        assert sorted((c["index"], c["finish_reason"]) for c in finished) == [(0, "length"), (1, "length")]
+        running.thread.join(60)
+        assert not running.thread.is_alive()
+        assert not running.engine._thread.is_alive()
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_the_cli_serves_and_exits_on_sigterm(model):
+    port = free_port()
+    command = [sys.executable, "-m", "jax_gpt2.cli", "serve", "--model", str(model.folder), "--port", str(port),
+               "--max-batch", "2", "--max-seq-len", str(CONTEXT)]  # fmt: skip
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        for _ in range(240):
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+                    break
+            assert process.poll() is None, process.stdout.read().decode()
+            time.sleep(0.25)
+        body = {"model": str(model.folder), "prompt": "Hello", "max_tokens": 5, "temperature": 0}
+        reply = httpx.post(f"http://127.0.0.1:{port}/v1/completions", json=body, timeout=60).json()
+        assert reply["choices"][0]["text"] == expected(model, ["Hello"], [5])[0][0]
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(60) in (0, -signal.SIGTERM)  # uvicorn re-raises the signal once shut down
+        assert "Application shutdown complete" in process.stdout.read().decode()
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
