@@ -80,29 +80,48 @@ def make_models(config: GPT2Config, seed: int = 0):
 
 
 def bench_decode(config, weights, model, batch: int, prompt_len: int, new_tokens: int, repeats: int) -> dict:
-    """Greedy decode tokens/s for both, with a check that both produced the same tokens."""
+    """Greedy decode tokens/s for both, without the prompt's prefill, and a check that the tokens agree.
+
+    Each side runs the same call twice, for new_tokens and for 1 new token (prefill plus one step):
+    decode speed is the extra tokens over the extra time, so a long prompt's prefill is not counted.
+    """
     import torch
 
+    assert new_tokens >= 2
     rng = np.random.default_rng(batch)
     prompts = rng.integers(0, config.vocab_size, (batch, prompt_len))
-    ours = time_repeats(lambda: generate(prompts.tolist(), weights, config, max_new_tokens=new_tokens), repeats)
     ids = torch.as_tensor(prompts)
 
-    def run_hf():
+    def run_ours(count: int):
+        return generate(prompts.tolist(), weights, config, max_new_tokens=count)
+
+    def run_hf(count: int):
         with torch.no_grad():
             return model.generate(
-                ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                ids, attention_mask=torch.ones_like(ids), max_new_tokens=count, min_new_tokens=count,
                 do_sample=False, pad_token_id=0, eos_token_id=None,
             )  # fmt: skip
 
-    theirs = time_repeats(run_hf, repeats)
-    same = generate(prompts.tolist(), weights, config, max_new_tokens=new_tokens) == run_hf()[:, prompt_len:].tolist()
-    tokens = batch * new_tokens
+    ours_full, ours_first = time_repeats(lambda: run_ours(new_tokens), repeats), time_repeats(lambda: run_ours(1), repeats)
+    hf_full, hf_first = time_repeats(lambda: run_hf(new_tokens), repeats), time_repeats(lambda: run_hf(1), repeats)
+    extra_tokens = batch * (new_tokens - 1)
     return dict(
-        batch=batch, prompt_len=prompt_len, new_tokens=new_tokens, tokens_equal=same,
-        jax_tok_s=tokens / ours.median_s, jax_spread_s=[ours.min_s, ours.max_s],
-        hf_tok_s=tokens / theirs.median_s, hf_spread_s=[theirs.min_s, theirs.max_s],
+        batch=batch, prompt_len=prompt_len, new_tokens=new_tokens,
+        tokens_equal=run_ours(new_tokens) == run_hf(new_tokens)[:, prompt_len:].tolist(),
+        jax_tok_s=extra_tokens / (ours_full.median_s - ours_first.median_s),
+        hf_tok_s=extra_tokens / (hf_full.median_s - hf_first.median_s),
+        jax_first_token_s=ours_first.median_s, hf_first_token_s=hf_first.median_s,
+        jax_spread_s=[ours_full.min_s, ours_full.max_s], hf_spread_s=[hf_full.min_s, hf_full.max_s],
     )  # fmt: skip
+
+
+def cold_first_token_s(config: GPT2Config, weights) -> float:
+    """Seconds from a fresh compile to the first token: batch 1, 20 prompt tokens, one new token."""
+    jax.clear_caches()
+    prompt = np.random.default_rng(7).integers(0, config.vocab_size, (1, 20)).tolist()
+    start = time.perf_counter()
+    generate(prompt, weights, config, max_new_tokens=1)
+    return time.perf_counter() - start
 
 
 def bench_prefill(config, weights, model, prompt_len: int, repeats: int) -> dict:
@@ -145,10 +164,12 @@ def run_benchmarks(
     from tqdm import tqdm
 
     weights, model = make_models(config)
+    cold_s = cold_first_token_s(config, weights)
     bandwidth = measure_bandwidth_gbs()
     plan = [("decode", batch, 20) for batch in batches] + [("context", 1, context) for context in contexts]
     plan += [("prefill", 1, length) for length in prefill_lens]
     results: dict = dict(machine=machine_info(), bandwidth_gbs=bandwidth, config=dataclasses.asdict(config))
+    results["jax_cold_first_token_s"] = cold_s
     results.update(decode=[], prefill=[])
     for kind, batch, length in tqdm(plan, desc="benchmarks", disable=not progress):
         if kind == "prefill":
@@ -169,10 +190,13 @@ def format_table(results: dict) -> str:
         f"machine: {results['machine']['cpu']}, {results['machine']['cores']} cores, "
         f"jax {results['machine']['jax']}, torch {results['machine']['torch']} "
         f"({results['machine']['torch_threads']} threads); read bandwidth {results['bandwidth_gbs']:.1f} GB/s",
+        f"jax-gpt2 cold first token (compile included, B=1, 20 tokens): {results['jax_cold_first_token_s']:.2f} s",
         f"{'measurement':<34}{'jax-gpt2':>12}{'transformers':>14}{'ratio':>8}{'roofline':>10}",
     ]
     for row in results["decode"]:
         name = f"decode B={row['batch']} ctx={row['prompt_len']}+{row['new_tokens']} tok/s"
+        first = f"first token B={row['batch']} ctx={row['prompt_len']} ms"
+        lines.append(f"{first:<34}{1e3 * row['jax_first_token_s']:>12.1f}{1e3 * row['hf_first_token_s']:>14.1f}")
         ratio = row["jax_tok_s"] / row["hf_tok_s"]
         fraction = f"{100 * row['jax_fraction_of_roofline']:.0f}%"
         same = "" if row["tokens_equal"] else "  (tokens differ!)"
