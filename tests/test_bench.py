@@ -9,7 +9,7 @@ from jax_gpt2.config import PRESETS, GPT2Config
 
 def test_harness_measures_both_sides_and_the_roofline_on_a_tiny_model():
     config = GPT2Config(vocab_size=97, n_positions=64, n_embd=24, n_layer=2, n_head=3, bos_token_id=0, eos_token_id=0)
-    results = run_benchmarks(config, [1, 2], [8], new_tokens=4, repeats=1, contexts=[30], progress=False)
+    results = run_benchmarks(config, [1, 2], [8], new_tokens=24, repeats=2, contexts=[30], progress=False)
     assert [row["batch"] for row in results["decode"]] == [1, 2, 1]
     for row in results["decode"]:
         assert row["tokens_equal"]  # both sides decoded the same greedy tokens
