@@ -7,6 +7,7 @@
 """
 
 from jax_gpt2.config import PRESETS, GPT2Config
+from jax_gpt2.generate import generate, stream_generate
 from jax_gpt2.kvcache import KVCache
 from jax_gpt2.loader import ModelNotFoundError, load_config, load_weights
 from jax_gpt2.model import block_hidden_states, empty_cache, gpt2_forward, gpt2_forward_cached
@@ -24,6 +25,8 @@ __all__ = [
     "empty_cache",
     "gpt2_forward",
     "gpt2_forward_cached",
+    "generate",
+    "stream_generate",
     "load_config",
     "load_weights",
     "perplexity",
