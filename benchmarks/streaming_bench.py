@@ -7,26 +7,18 @@ the prompt's prefill out: each side runs the same call for 33 new tokens and for
 extra tokens per row are divided by the extra time (fastest of 3 runs each).
 """
 
-import time
-
 import numpy as np
 import torch
 
-from jax_gpt2.bench import make_models
+from jax_gpt2.bench import make_models, time_repeats
 from jax_gpt2.config import PRESETS
 from jax_gpt2.generate import generate, stream_generate
 
 NEW_TOKENS = 33
 
 
-def fastest(run, repeats: int = 3) -> float:
-    run()
-    seconds = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        run()
-        seconds.append(time.perf_counter() - start)
-    return min(seconds)
+def fastest(run) -> float:
+    return time_repeats(run, repeats=3).min_s
 
 
 def hf_generate(model, prompts: list[list[int]], count: int) -> None:
