@@ -128,17 +128,16 @@ def test_generate_bad_sampling_value_is_one_clear_line(tiny_model_dir, capsys):
     assert captured.err.strip() == "jax-gpt2 generate: error: top_p must be None or in (0, 1]; got 1.5"
 
 
-def test_cli_commands_write_jax_persistent_compilation_cache(tiny_model_dir, tmp_path, monkeypatch, capsys):
-    """A second run of the CLI starts warm: compiled programs land in $XDG_CACHE_HOME/jax-gpt2/xla."""
-    import jax
+def test_cli_commands_write_jax_persistent_compilation_cache(tiny_model_dir, tmp_path):
+    """A second run of the CLI starts warm: compiled programs land in $XDG_CACHE_HOME/jax-gpt2/xla.
 
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    previous = jax.config.jax_compilation_cache_dir
-    try:
-        args = ["generate", "Hello there", "--model", str(tiny_model_dir), "--max-new-tokens", "3", "--seed", "5"]
-        assert main([*args, "--temperature", "0.7"]) == 0  # sampling settings compile a program of their own
-    finally:
-        jax.config.update("jax_compilation_cache_dir", previous)
-    cached = list((tmp_path / "jax-gpt2" / "xla").iterdir())
-    assert len(cached) >= 1
-    capsys.readouterr()
+    A fresh process, as a user's command is: JAX fixes its cache folder at the first compile.
+    """
+    import os
+    import subprocess
+    import sys
+
+    args = ["generate", "Hello there", "--model", str(tiny_model_dir), "--max-new-tokens", "3"]
+    env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path)}
+    subprocess.run([sys.executable, "-m", "jax_gpt2.cli", *args], env=env, check=True, capture_output=True)
+    assert len(list((tmp_path / "jax-gpt2" / "xla").iterdir())) >= 1
