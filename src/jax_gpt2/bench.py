@@ -109,11 +109,18 @@ def bench_decode(config, weights, model, batch: int, prompt_len: int, new_tokens
         batch=batch, prompt_len=prompt_len, new_tokens=new_tokens,
         tokens_equal=run_ours(new_tokens) == run_hf(new_tokens)[:, prompt_len:].tolist(),
         # Fastest of each (the least disturbed run), so a noisy repeat cannot make the difference negative.
-        jax_tok_s=extra_tokens / (ours_full.min_s - ours_first.min_s),
-        hf_tok_s=extra_tokens / (hf_full.min_s - hf_first.min_s),
+        jax_tok_s=rate(extra_tokens, ours_full.min_s - ours_first.min_s),
+        hf_tok_s=rate(extra_tokens, hf_full.min_s - hf_first.min_s),
         jax_first_token_s=ours_first.median_s, hf_first_token_s=hf_first.median_s,
         jax_spread_s=[ours_full.min_s, ours_full.max_s], hf_spread_s=[hf_full.min_s, hf_full.max_s],
     )  # fmt: skip
+
+
+def rate(tokens: int, seconds: float) -> float:
+    """Tokens per second, or NaN when timing noise swamped the interval (a model too small to time)."""
+    assert tokens >= 1
+    assert np.isfinite(seconds)
+    return tokens / seconds if seconds > 0 else float("nan")
 
 
 def cold_first_token_s(config: GPT2Config, weights) -> float:
