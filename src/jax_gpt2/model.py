@@ -20,7 +20,10 @@ import numpy as np
 from jax_gpt2 import kvcache
 from jax_gpt2.config import GPT2Config
 from jax_gpt2.kvcache import KVCache
-from jax_gpt2.layers import PRECISION, cached_attention, layer_norm, linear, mlp
+from jax_gpt2.layers import PRECISION, cached_attention, causal_attention_in_blocks, layer_norm, linear, mlp
+
+# Query block for prompts that fill the cache (full forward, perplexity windows): 256 measured best.
+ATTENTION_BLOCK = 256
 from jax_gpt2.weights import BlockWeights, GPT2Weights
 
 
@@ -61,7 +64,11 @@ def block(
     k_LBNSH = kvcache.write_layer(cache.k_LBNSH, layer, cache.end_B, k_BTD.reshape(B, T, N, H))
     v_LBNSH = kvcache.write_layer(cache.v_LBNSH, layer, cache.end_B, v_BTD.reshape(B, T, N, H))
     k_BNSH, v_BNSH = k_LBNSH[layer], v_LBNSH[layer]
-    attn_BTNH = cached_attention(q_BTNH, k_BNSH, v_BNSH, mask_BTS, attention_scale(config, layer))
+    scale = attention_scale(config, layer)
+    if T == k_BNSH.shape[2] and T > ATTENTION_BLOCK:  # a static shape test: the prompt fills the cache
+        attn_BTNH = causal_attention_in_blocks(q_BTNH, k_BNSH, v_BNSH, mask_BTS, scale, ATTENTION_BLOCK)
+    else:
+        attn_BTNH = cached_attention(q_BTNH, k_BNSH, v_BNSH, mask_BTS, scale)
     x_BTD = x_BTD + linear(attn_BTNH.reshape(B, T, D), w.attn_out_w_DD, w.attn_out_b_D)
     h_BTD = layer_norm(x_BTD, w.ln2_scale_D, w.ln2_bias_D, config.layer_norm_epsilon)
     x_BTD = x_BTD + mlp(h_BTD, w.fc_w_DF, w.fc_b_F, w.proj_w_FD, w.proj_b_D, config.activation_function)
