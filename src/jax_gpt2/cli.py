@@ -56,14 +56,19 @@ def enable_compilation_cache() -> None:
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
-def _load_model(name_or_path: str):
-    """(folder, config, weights) for a hub name or local folder; imports JAX only when a command needs it."""
+def _load_model(name_or_path: str, dtype=None):
+    """(folder, config, weights) for a hub name or local folder; imports JAX only when a command needs it.
+
+    dtype None is float32.
+    """
+    import jax.numpy as jnp
+
     from jax_gpt2.loader import load_config, load_weights, resolve_model_dir
 
     enable_compilation_cache()
     folder = resolve_model_dir(name_or_path)
     config = load_config(folder)
-    return folder, config, load_weights(folder, config=config)
+    return folder, config, load_weights(folder, dtype=jnp.float32 if dtype is None else dtype, config=config)
 
 
 def run_next(args: argparse.Namespace) -> int:
@@ -291,16 +296,13 @@ def run_perplexity(args: argparse.Namespace) -> int:
     import jax.numpy as jnp
     from tqdm import tqdm
 
-    from jax_gpt2.loader import load_config, load_weights, resolve_model_dir
     from jax_gpt2.perplexity import batch_nlls, check_arguments, perplexity_of, plan_windows
     from jax_gpt2.tokenizer import encode, load_tokenizer
 
     if args.dtype == "int8":
         raise UserError("--dtype int8 is not implemented yet (no int8 weights in jax-gpt2); use fp32 or bf16")
     text = args.file.read_text(encoding="utf-8")
-    folder = resolve_model_dir(args.model)
-    config = load_config(folder)
-    weights = load_weights(folder, dtype=jnp.bfloat16 if args.dtype == "bf16" else jnp.float32, config=config)
+    folder, config, weights = _load_model(args.model, jnp.bfloat16 if args.dtype == "bf16" else jnp.float32)
     ids = encode(load_tokenizer(folder), text)
     max_length = args.max_length if args.max_length is not None else config.n_positions
     stride = args.stride if args.stride is not None else max(1, max_length // 2)
