@@ -69,8 +69,8 @@ def test_old_attention_mask_buffers_are_ignored(tiny, tmp_path):
     for layer in range(tiny.config.n_layer):
         state[f"transformer.h.{layer}.attn.bias"] = np.tril(np.ones((P, P), np.float32))[None, None]
         state[f"transformer.h.{layer}.attn.masked_bias"] = np.array(-1e4, np.float32)
-    weights = load_weights(write_checkpoint(tmp_path, state, hf_config_of(tiny)))
-    np.testing.assert_array_equal(weights.blocks[0].qkv_w_DE, tiny.weights.blocks[0].qkv_w_DE)
+    weights = load_weights(write_checkpoint(tmp_path, state, hf_config_of(tiny)), pack=False)
+    np.testing.assert_array_equal(weights.blocks[0].qkv_w_DE, load_weights(tiny.folder, pack=False).blocks[0].qkv_w_DE)
 
 
 @pytest.mark.parametrize("prefixed", [True, False], ids=["GPT2LMHeadModel-keys", "GPT2Model-keys"])
@@ -78,9 +78,10 @@ def test_prefixed_and_unprefixed_keys_load_the_same_weights(prefixed, tiny, tmp_
     state = state_of(tiny)
     if not prefixed:
         state = {key.removeprefix("transformer."): value for key, value in state.items()}
-    weights = load_weights(write_checkpoint(tmp_path, state, hf_config_of(tiny)))
-    np.testing.assert_array_equal(weights.wte_VD, tiny.weights.wte_VD)
-    np.testing.assert_array_equal(weights.blocks[-1].fc_w_DF, tiny.weights.blocks[-1].fc_w_DF)
+    weights = load_weights(write_checkpoint(tmp_path, state, hf_config_of(tiny)), pack=False)
+    reference = load_weights(tiny.folder, pack=False)
+    np.testing.assert_array_equal(weights.wte_VD, reference.wte_VD)
+    np.testing.assert_array_equal(weights.blocks[-1].fc_w_DF, reference.blocks[-1].fc_w_DF)
 
 
 def test_key_both_with_and_without_prefix_is_an_error(tiny):
@@ -92,10 +93,10 @@ def test_key_both_with_and_without_prefix_is_an_error(tiny):
 
 def test_lm_head_is_tied_to_wte_when_absent(tiny, tmp_path):
     state = {key: value for key, value in state_of(tiny).items() if key != "lm_head.weight"}
-    weights = load_weights(write_checkpoint(tmp_path, state, hf_config_of(tiny)))
+    weights = load_weights(write_checkpoint(tmp_path, state, hf_config_of(tiny)), pack=False)
     assert weights.lm_head_VD is None
     ids_BT = tiny.random_ids(2, 8)
-    expected_BTV = gpt2_forward(ids_BT, tiny.weights, tiny.config)
+    expected_BTV = gpt2_forward(ids_BT, load_weights(tiny.folder, pack=False), tiny.config)
     np.testing.assert_array_equal(gpt2_forward(ids_BT, weights, tiny.config), expected_BTV)
 
 
@@ -103,7 +104,7 @@ def test_untied_lm_head_is_used_when_config_unties_it(build_checkpoint):
     untied = build_checkpoint("untied-lm-head")
     lm_head_VD = untied.hf_model.lm_head.weight.detach().numpy()
     assert not np.array_equal(lm_head_VD, untied.hf_model.transformer.wte.weight.detach().numpy())
-    np.testing.assert_array_equal(untied.weights.lm_head_VD, lm_head_VD)
+    np.testing.assert_array_equal(load_weights(untied.folder, pack=False).lm_head_VD, lm_head_VD)
 
 
 def test_untied_config_without_lm_head_is_an_error(build_checkpoint, tmp_path):

@@ -15,6 +15,8 @@ from pathlib import Path
 import jax.numpy as jnp
 import numpy as np
 
+from jax_gpt2 import native
+from jax_gpt2.packed import PACKED_DTYPES, pack_weights
 from jax_gpt2.config import GPT2Config, config_from_file
 from jax_gpt2.weights import BlockWeights, GPT2Weights
 
@@ -83,15 +85,36 @@ def load_config(name_or_path: str | os.PathLike) -> GPT2Config:
     return config
 
 
-def load_weights(name_or_path: str | os.PathLike, dtype=jnp.float32, config: GPT2Config | None = None) -> GPT2Weights:
-    """Every parameter of a hub model or local folder, checked against its config, as `dtype` arrays."""
+def load_weights(
+    name_or_path: str | os.PathLike, dtype=jnp.float32, config: GPT2Config | None = None, pack: bool | None = None
+) -> GPT2Weights:
+    """Every parameter of a hub model or local folder, checked against its config.
+
+    dtype is float32, bfloat16 or int8. With `pack` (the default where the CPU kernels build and
+    run, see native.py) the block matrices and lm_head become PackedMatrix tiles of `dtype` and
+    everything else stays float32; without it every array is `dtype` (int8 always packs).
+    """
     folder = resolve_model_dir(name_or_path)
     if config is None:
         config = config_from_file(folder / "config.json")
     state = normalize_keys(read_state_dict(folder))
-    weights = weights_from_state_dict(state, config, dtype)
-    assert weights.wte_VD.dtype == jnp.dtype(dtype)
-    assert len(weights.blocks) == config.n_layer
+    return weights_for_dtype(state, config, dtype, pack)
+
+
+def weights_for_dtype(state: dict[str, np.ndarray], config: GPT2Config, dtype, pack: bool | None) -> GPT2Weights:
+    """weights_from_state_dict, then packed for the CPU kernels when asked (or, pack None, when they run here)."""
+    dtype = jnp.dtype(dtype)
+    if dtype.name not in PACKED_DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(PACKED_DTYPES)}; got {dtype.name}")
+    if pack is None:
+        pack = dtype == jnp.int8 or native.kernels_available()
+    if dtype == jnp.int8 and not pack:
+        raise ValueError("int8 weights exist only packed (weight-only int8); pass pack=True or None")
+    if not pack:
+        return weights_from_state_dict(state, config, dtype)
+    weights = pack_weights(weights_from_state_dict(state, config, jnp.float32), dtype)
+    assert weights.lm_head_DV is not None
+    assert weights.wte_VD.dtype == jnp.float32
     return weights
 
 

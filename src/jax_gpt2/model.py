@@ -20,7 +20,11 @@ import numpy as np
 from jax_gpt2 import kvcache
 from jax_gpt2.config import GPT2Config
 from jax_gpt2.kvcache import KVCache
-from jax_gpt2.layers import PRECISION, cached_attention, causal_attention_in_blocks, layer_norm, linear, mlp
+from jax_gpt2.packed import packed_matmul
+from jax_gpt2.layers import (
+    PRECISION, cached_attention, can_use_decode_kernel, causal_attention_in_blocks, decode_attention, layer_norm,
+    linear, mlp,
+)
 
 # Query block for prompts that fill the cache (full forward, perplexity windows): 256 measured best.
 ATTENTION_BLOCK = 256
@@ -63,17 +67,27 @@ def block(
     q_BTNH = q_BTD.reshape(B, T, N, H)
     k_LBNSH = kvcache.write_layer(cache.k_LBNSH, layer, cache.end_B, k_BTD.reshape(B, T, N, H))
     v_LBNSH = kvcache.write_layer(cache.v_LBNSH, layer, cache.end_B, v_BTD.reshape(B, T, N, H))
-    k_BNSH, v_BNSH = k_LBNSH[layer], v_LBNSH[layer]
     scale = attention_scale(config, layer)
+    if can_use_decode_kernel(q_BTNH, k_LBNSH):
+        attn_BTNH = decode_attention(q_BTNH, k_LBNSH, v_LBNSH, cache.start_B, cache.end_B, layer, scale)
+        return finish_block(x_BTD, attn_BTNH, w, config), k_LBNSH, v_LBNSH
+    k_BNSH, v_BNSH = k_LBNSH[layer], v_LBNSH[layer]
     if T == k_BNSH.shape[2] and T > ATTENTION_BLOCK:  # a static shape test: the prompt fills the cache
         attn_BTNH = causal_attention_in_blocks(q_BTNH, k_BNSH, v_BNSH, mask_BTS, scale, ATTENTION_BLOCK)
     else:
         attn_BTNH = cached_attention(q_BTNH, k_BNSH, v_BNSH, mask_BTS, scale)
+    return finish_block(x_BTD, attn_BTNH, w, config), k_LBNSH, v_LBNSH
+
+
+def finish_block(x_BTD: jax.Array, attn_BTNH: jax.Array, w: BlockWeights, config: GPT2Config) -> jax.Array:
+    """The rest of a block after attention: output projection, residual, then the MLP half."""
+    B, T, D = x_BTD.shape
+    assert attn_BTNH.shape == (B, T, config.n_head, config.head_dim)
     x_BTD = x_BTD + linear(attn_BTNH.reshape(B, T, D), w.attn_out_w_DD, w.attn_out_b_D)
     h_BTD = layer_norm(x_BTD, w.ln2_scale_D, w.ln2_bias_D, config.layer_norm_epsilon)
     x_BTD = x_BTD + mlp(h_BTD, w.fc_w_DF, w.fc_b_F, w.proj_w_FD, w.proj_b_D, config.activation_function)
     assert x_BTD.shape == (B, T, D)
-    return x_BTD, k_LBNSH, v_LBNSH
+    return x_BTD
 
 
 def transformer(
@@ -100,6 +114,10 @@ def transformer(
 
 def lm_logits(hidden_BTD: jax.Array, weights: GPT2Weights) -> jax.Array:
     """Project hidden states onto the vocabulary (lm_head, tied to wte unless the checkpoint unties it)."""
+    if weights.lm_head_DV is not None:
+        B, T, D = hidden_BTD.shape
+        logits_MV = packed_matmul(hidden_BTD.reshape(B * T, D), weights.lm_head_DV)
+        return logits_MV.reshape(B, T, weights.lm_head_DV.shape[1])
     head_VD = weights.wte_VD if weights.lm_head_VD is None else weights.lm_head_VD
     assert hidden_BTD.shape[-1] == head_VD.shape[1]
     logits_BTV = jnp.einsum("BTD,VD->BTV", hidden_BTD, head_VD.astype(hidden_BTD.dtype), precision=PRECISION)

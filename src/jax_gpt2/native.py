@@ -1,0 +1,105 @@
+"""Build, load and register the C++ packed-matmul kernels (kernels/cpu_kernels.cc) with XLA.
+
+The kernels are compiled from source with the machine's C++ compiler the first time they are
+needed, against the XLA FFI headers that ship inside jaxlib, and kept in a cache folder keyed by
+a hash of the source, the compiler and the jaxlib version: a second process loads the built
+library in milliseconds. They need x86-64 Linux with AVX-512F and a CPU backend; anywhere else
+(no compiler, a GPU, another CPU) `kernels_available()` is False and the model uses XLA's dot.
+
+Set JAX_GPT2_NATIVE=0 to turn the kernels off, JAX_GPT2_KERNEL_THREADS to size their thread pool,
+JAX_GPT2_CACHE_DIR to move the build cache.
+"""
+
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import warnings
+from pathlib import Path
+
+import jax
+
+SOURCE = Path(__file__).parent / "kernels" / "cpu_kernels.cc"
+FLAGS = ["-O3", "-std=c++17", "-fPIC", "-shared", "-pthread", "-w"]
+# The FFI handlers in the library and the XLA custom-call targets they are registered as.
+TARGETS = {
+    "float32": ("JaxGpt2PackedMatmulF32", "jax_gpt2_packed_matmul_f32"),
+    "bfloat16": ("JaxGpt2PackedMatmulBF16", "jax_gpt2_packed_matmul_bf16"),
+    "int8": ("JaxGpt2PackedMatmulI8", "jax_gpt2_packed_matmul_i8"),
+    "attention": ("JaxGpt2DecodeAttention", "jax_gpt2_decode_attention"),
+}
+
+
+def cache_dir() -> Path:
+    if os.environ.get("JAX_GPT2_CACHE_DIR"):
+        return Path(os.environ["JAX_GPT2_CACHE_DIR"])
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "jax-gpt2"
+
+
+def _compiler() -> str | None:
+    return shutil.which(os.environ.get("CXX", "g++"))
+
+
+def library_path(compiler: str) -> Path:
+    """Where the build for this source, compiler and jaxlib lives."""
+    import jaxlib
+
+    key = hashlib.sha256(SOURCE.read_bytes())
+    key.update(" ".join([compiler, *FLAGS, jaxlib.__version__, sys.platform]).encode())
+    return cache_dir() / "kernels" / f"cpu_kernels-{key.hexdigest()[:16]}.so"
+
+
+def build_library(compiler: str, target: Path) -> None:
+    """Compile into a temporary file beside `target`, then rename: concurrent builders never see half a library."""
+    assert SOURCE.is_file(), f"missing kernel source {SOURCE}"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=target.parent, suffix=".so", delete=False) as partial:
+        partial_path = Path(partial.name)
+    command = [compiler, *FLAGS, f"-I{jax.ffi.include_dir()}", str(SOURCE), "-o", str(partial_path)]
+    try:
+        subprocess.run(command, check=True, capture_output=True, text=True)
+        os.replace(partial_path, target)
+    finally:
+        partial_path.unlink(missing_ok=True)
+    assert target.is_file()
+
+
+def _platform_can_run() -> bool:
+    if os.environ.get("JAX_GPT2_NATIVE", "1") == "0":
+        return False
+    if platform.system() != "Linux" or platform.machine() not in ("x86_64", "AMD64"):
+        return False
+    return jax.default_backend() == "cpu"
+
+
+@functools.cache  # the library and XLA's target registry are per process; build and register once
+def kernels_available() -> bool:
+    """True when the kernels' targets are registered with XLA and this CPU can run them."""
+    compiler = _compiler()
+    if not _platform_can_run() or compiler is None:
+        return False
+    target = library_path(compiler)
+    try:
+        if not target.is_file():
+            build_library(compiler, target)
+        library = ctypes.cdll.LoadLibrary(str(target))
+    except (OSError, subprocess.CalledProcessError) as error:
+        detail = getattr(error, "stderr", "") or str(error)
+        warnings.warn(f"jax-gpt2: CPU kernels unavailable, using XLA's dot ({detail.strip()[:500]})", stacklevel=2)
+        return False
+    if not library.jax_gpt2_kernels_supported():
+        return False
+    for symbol, name in TARGETS.values():
+        jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(getattr(library, symbol)), platform="cpu")
+    return True
+
+
+def target_name(dtype_name: str) -> str:
+    assert dtype_name in TARGETS, f"no kernel named {dtype_name}"
+    assert kernels_available(), "register the kernels before naming their targets"
+    return TARGETS[dtype_name][1]
