@@ -12,6 +12,7 @@ import torch
 
 from jax_gpt2.bench import bench_decode, make_models, rate, time_repeats
 from jax_gpt2.config import PRESETS
+from jax_gpt2.loader import weights_for_dtype
 from jax_gpt2.generate import generate, stream_generate
 
 NEW_TOKENS = 33
@@ -21,7 +22,8 @@ REPEATS = 3
 def main() -> None:
     torch.set_num_threads(2)  # XLA's CPU client uses both cores too
     config = PRESETS["gpt2"]
-    weights, model = make_models(config)
+    state, model = make_models(config)
+    weights = weights_for_dtype(state, config, np.float32, pack=None)
     for batch in (1, 8):
         both = bench_decode(config, weights, model, batch, 20, NEW_TOKENS, REPEATS)
         # bench_decode draws its prompts from the batch size as seed: the same prompts here.

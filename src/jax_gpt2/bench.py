@@ -4,7 +4,12 @@ same run. Never a timed test: the suite only checks that this runs.
 
 Roofline for one decode step: every weight is read once (wte twice: the row gather is negligible,
 the tied lm_head reads it whole) plus the filled part of the KV cache; tokens/s at the roofline
-is batch * bandwidth / bytes per step.
+is batch * bandwidth / bytes per step. For bf16 and int8 the block matrices and lm_head count at
+2 and 1 byte (int8 plus a float32 scale per output column); everything else stays float32.
+
+Each dtype runs against transformers in the nearest form it has: float32 for fp32, the model
+cast to bfloat16 for bf16; transformers has no int8 eager path for GPT-2's Conv1D layers, so
+int8 rows carry transformers' float32 figures.
 """
 
 import dataclasses
@@ -20,7 +25,7 @@ import numpy as np
 
 from jax_gpt2.config import GPT2Config
 from jax_gpt2.generate import generate
-from jax_gpt2.loader import normalize_keys, weights_from_state_dict
+from jax_gpt2.loader import normalize_keys, weights_for_dtype
 from jax_gpt2.model import gpt2_forward
 from jax_gpt2.random_model import random_state_dict
 
@@ -53,30 +58,35 @@ def measure_bandwidth_gbs(megabytes: int = 512, repeats: int = 5) -> float:
     return buffer.nbytes / timing.min_s / 1e9
 
 
-def decode_bytes_per_step(config: GPT2Config, batch: int, context: int, dtype_bytes: int = 4) -> int:
-    """Bytes one decode step must read: all weights once, plus the keys and values of `context` tokens."""
+BYTES_PER_WEIGHT = {"float32": 4.0, "bfloat16": 2.0, "int8": 1.0}
+
+
+def decode_bytes_per_step(config: GPT2Config, batch: int, context: int, dtype_name: str = "float32") -> float:
+    """Bytes one decode step must read: all weights once, plus the float32 keys and values of `context` tokens."""
     D, F, L, V = config.n_embd, config.d_mlp, config.n_layer, config.vocab_size
-    per_layer = D * 3 * D + 3 * D + D * D + D + 2 * D * F + F + D + 4 * D
-    weights = L * per_layer + V * D + 2 * D
-    cache = 2 * L * batch * context * D
+    matrix_bytes = BYTES_PER_WEIGHT[dtype_name]
+    per_layer_matrices = D * 3 * D + D * D + 2 * D * F
+    per_layer_vectors = 3 * D + D + F + D + 4 * D
+    scales = 4 * (L * (3 * D + D + F + D) + V) if dtype_name == "int8" else 0
+    weights = (L * per_layer_matrices + V * D) * matrix_bytes + 4 * (L * per_layer_vectors + 2 * D) + scales
+    cache = 4 * 2 * L * batch * context * D
     assert weights > 0
     assert cache >= 0
-    return (weights + cache) * dtype_bytes
+    return weights + cache
 
 
 def make_models(config: GPT2Config, seed: int = 0):
-    """The same random weights as jax-gpt2 GPT2Weights and as a transformers GPT2LMHeadModel (float32)."""
+    """The same random weights as a float32 state dict and as a transformers GPT2LMHeadModel (float32)."""
     import torch
     import transformers
 
     state = random_state_dict(config, std=0.1, seed=seed)
-    weights = weights_from_state_dict(normalize_keys(state), config)
     hf_config = transformers.GPT2Config(**{f.name: getattr(config, f.name) for f in dataclasses.fields(config)})
     model = transformers.GPT2LMHeadModel(hf_config).eval()
     missing, unexpected = model.load_state_dict({k: torch.from_numpy(v) for k, v in state.items()}, strict=False)
     assert missing == ["lm_head.weight"], missing  # tied to wte, which was loaded
     assert not unexpected
-    return weights, model
+    return normalize_keys(state), model
 
 
 def bench_decode(config, weights, model, batch: int, prompt_len: int, new_tokens: int, repeats: int) -> dict:
@@ -107,13 +117,21 @@ def bench_decode(config, weights, model, batch: int, prompt_len: int, new_tokens
     extra_tokens = batch * (new_tokens - 1)
     return dict(
         batch=batch, prompt_len=prompt_len, new_tokens=new_tokens,
-        tokens_equal=run_ours(new_tokens) == run_hf(new_tokens)[:, prompt_len:].tolist(),
+        token_agreement=agreement(run_ours(new_tokens), run_hf(new_tokens)[:, prompt_len:].tolist()),
         # Fastest of each (the least disturbed run), so a noisy repeat cannot make the difference negative.
         jax_tok_s=rate(extra_tokens, ours_full.min_s - ours_first.min_s),
         hf_tok_s=rate(extra_tokens, hf_full.min_s - hf_first.min_s),
         jax_first_token_s=ours_first.median_s, hf_first_token_s=hf_first.median_s,
         jax_spread_s=[ours_full.min_s, ours_full.max_s], hf_spread_s=[hf_full.min_s, hf_full.max_s],
     )  # fmt: skip
+
+
+def agreement(ours: list[list[int]], theirs: list[list[int]]) -> float:
+    """Fraction of greedy tokens equal at the same position (1.0: identical; narrowed weights drift)."""
+    assert len(ours) == len(theirs)
+    pairs = [(a, b) for row_a, row_b in zip(ours, theirs, strict=True) for a, b in zip(row_a, row_b, strict=True)]
+    assert pairs
+    return sum(a == b for a, b in pairs) / len(pairs)
 
 
 def rate(tokens: int, seconds: float) -> float:
@@ -123,13 +141,28 @@ def rate(tokens: int, seconds: float) -> float:
     return tokens / seconds if seconds > 0 else float("nan")
 
 
-def cold_first_token_s(config: GPT2Config, weights) -> float:
-    """Seconds from a fresh compile to the first token: batch 1, 20 prompt tokens, one new token."""
-    jax.clear_caches()
+def first_token_s(config: GPT2Config, weights, cache_dir: str) -> tuple[float, float]:
+    """Seconds to the first token (batch 1, 20 prompt tokens) from an empty compile cache, then with
+    JAX's persistent compilation cache (what a second CLI run sees): (cold, warm)."""
+    from jax.experimental.compilation_cache import compilation_cache
+
     prompt = np.random.default_rng(7).integers(0, config.vocab_size, (1, 20)).tolist()
-    start = time.perf_counter()
-    generate(prompt, weights, config, max_new_tokens=1)
-    return time.perf_counter() - start
+    previous = jax.config.jax_compilation_cache_dir
+    compilation_cache.reset_cache()  # JAX opens its cache once per process: reopen it at cache_dir
+    jax.config.update("jax_compilation_cache_dir", cache_dir)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    try:
+        seconds = []
+        for _ in range(2):
+            jax.clear_caches()
+            start = time.perf_counter()
+            generate(prompt, weights, config, max_new_tokens=1)
+            seconds.append(time.perf_counter() - start)
+    finally:
+        compilation_cache.reset_cache()
+        jax.config.update("jax_compilation_cache_dir", previous)
+    assert len(seconds) == 2
+    return seconds[0], seconds[1]
 
 
 def bench_prefill(config, weights, model, prompt_len: int, repeats: int) -> dict:
@@ -164,53 +197,120 @@ def machine_info() -> dict:
     )  # fmt: skip
 
 
+DTYPES = {"fp32": "float32", "bf16": "bfloat16", "int8": "int8"}  # CLI name -> weight dtype
+
+
+def transformers_model_for(model, dtype: str):
+    """transformers' nearest form of a jax-gpt2 dtype: the float32 model itself, or a bfloat16 copy."""
+    import copy
+
+    import torch
+
+    assert dtype in DTYPES
+    return copy.deepcopy(model).to(torch.bfloat16) if dtype == "bf16" else model
+
+
 def run_benchmarks(
-    config: GPT2Config, batches: list[int], prefill_lens: list[int], new_tokens: int, repeats: int,
-    contexts: list[int], progress: bool = True,
+    config: GPT2Config, dtypes: list[str], batches: list[int], prefill_lens: list[int], new_tokens: int,
+    repeats: int, contexts: list[int], progress: bool = True,
 ) -> dict:  # fmt: skip
-    """Every measurement of one model shape, as a JSON-ready dict."""
+    """Every measurement of one model shape, for each weight dtype, as a JSON-ready dict."""
+    import tempfile
+
     from tqdm import tqdm
 
-    weights, model = make_models(config)
-    cold_s = cold_first_token_s(config, weights)
-    bandwidth = measure_bandwidth_gbs()
-    plan = [("decode", batch, 20) for batch in batches] + [("context", 1, context) for context in contexts]
+    assert dtypes and all(dtype in DTYPES for dtype in dtypes)
+    state, model = make_models(config)
+    results: dict = dict(machine=machine_info(), bandwidth_gbs=measure_bandwidth_gbs(), config=dataclasses.asdict(config))
+    results["runs"] = []
+    plan = [("decode", batch, 20) for batch in batches] + [("decode", 1, context) for context in contexts]
     plan += [("prefill", 1, length) for length in prefill_lens]
-    results: dict = dict(machine=machine_info(), bandwidth_gbs=bandwidth, config=dataclasses.asdict(config))
-    results["jax_cold_first_token_s"] = cold_s
-    results.update(decode=[], prefill=[])
-    for kind, batch, length in tqdm(plan, desc="benchmarks", disable=not progress):
-        if kind == "prefill":
-            results["prefill"].append(bench_prefill(config, weights, model, length, repeats))
-            continue
-        row = bench_decode(config, weights, model, batch, length, new_tokens, repeats)
-        mean_context = length + new_tokens // 2
-        roofline = batch * bandwidth * 1e9 / decode_bytes_per_step(config, batch, mean_context)
-        row.update(roofline_tok_s=roofline, jax_fraction_of_roofline=row["jax_tok_s"] / roofline)
-        results["decode"].append(row)
-    assert len(results["decode"]) == len(batches) + len(contexts)
+    bar = tqdm(total=len(dtypes) * (len(plan) + 1), desc="benchmarks", disable=not progress)
+    for dtype in dtypes:
+        weights = weights_for_dtype(state, config, jnp.dtype(DTYPES[dtype]), pack=None)
+        hf_model = transformers_model_for(model, dtype)
+        with tempfile.TemporaryDirectory() as cache_dir:
+            cold_s, warm_s = first_token_s(config, weights, cache_dir)
+        bar.update()
+        run = dict(dtype=dtype, packed=weights.lm_head_DV is not None, transformers_dtype=str(hf_model.dtype))
+        run.update(jax_cold_first_token_s=cold_s, jax_warm_first_token_s=warm_s, decode=[], prefill=[])
+        for kind, batch, length in plan:
+            if kind == "prefill":
+                run["prefill"].append(bench_prefill(config, weights, hf_model, length, repeats))
+            else:
+                run["decode"].append(decode_row(config, weights, hf_model, dtype, batch, length, new_tokens, repeats, results["bandwidth_gbs"]))
+            bar.update()
+        results["runs"].append(run)
+    bar.close()
+    assert len(results["runs"]) == len(dtypes)
     return results
+
+
+def decode_row(config, weights, hf_model, dtype: str, batch: int, length: int, new_tokens: int, repeats: int, bandwidth: float) -> dict:
+    """bench_decode plus the roofline: tokens/s if every byte a step reads came at the measured bandwidth."""
+    row = bench_decode(config, weights, hf_model, batch, length, new_tokens, repeats)
+    mean_context = length + new_tokens // 2
+    roofline = batch * bandwidth * 1e9 / decode_bytes_per_step(config, batch, mean_context, DTYPES[dtype])
+    row.update(roofline_tok_s=roofline, jax_fraction_of_roofline=row["jax_tok_s"] / roofline)
+    assert roofline > 0
+    return row
 
 
 def format_table(results: dict) -> str:
     """The results as a plain-text table: figures, ratio to transformers, roofline fraction."""
+    machine = results["machine"]
     lines = [
-        f"machine: {results['machine']['cpu']}, {results['machine']['cores']} cores, "
-        f"jax {results['machine']['jax']}, torch {results['machine']['torch']} "
-        f"({results['machine']['torch_threads']} threads); read bandwidth {results['bandwidth_gbs']:.1f} GB/s",
-        f"jax-gpt2 cold first token (compile included, B=1, 20 tokens): {results['jax_cold_first_token_s']:.2f} s",
-        f"{'measurement':<34}{'jax-gpt2':>12}{'transformers':>14}{'ratio':>8}{'roofline':>10}",
+        f"machine: {machine['cpu']}, {machine['cores']} cores, jax {machine['jax']}, torch {machine['torch']} "
+        f"({machine['torch_threads']} threads); read bandwidth {results['bandwidth_gbs']:.1f} GB/s",
     ]
-    for row in results["decode"]:
-        name = f"decode B={row['batch']} ctx={row['prompt_len']}+{row['new_tokens']} tok/s"
-        first = f"first token B={row['batch']} ctx={row['prompt_len']} ms"
-        lines.append(f"{first:<34}{1e3 * row['jax_first_token_s']:>12.1f}{1e3 * row['hf_first_token_s']:>14.1f}")
-        ratio = row["jax_tok_s"] / row["hf_tok_s"]
-        fraction = f"{100 * row['jax_fraction_of_roofline']:.0f}%"
-        same = "" if row["tokens_equal"] else "  (tokens differ!)"
-        lines.append(f"{name:<34}{row['jax_tok_s']:>12.1f}{row['hf_tok_s']:>14.1f}{ratio:>7.2f}x{fraction:>10}{same}")
-    for row in results["prefill"]:
-        name = f"prefill T={row['prompt_len']} tok/s"
-        ratio = row["jax_tok_s"] / row["hf_tok_s"]
-        lines.append(f"{name:<34}{row['jax_tok_s']:>12.1f}{row['hf_tok_s']:>14.1f}{ratio:>7.2f}x")
+    for run in results["runs"]:
+        lines.append(
+            f"\n[{run['dtype']}] transformers as {run['transformers_dtype']}; first token B=1, 20 tokens: "
+            f"{run['jax_cold_first_token_s']:.2f} s cold (compile), {run['jax_warm_first_token_s']:.2f} s warm cache"
+        )
+        lines.append(f"{'measurement':<34}{'jax-gpt2':>12}{'transformers':>14}{'ratio':>8}{'roofline':>10}{'same tokens':>13}")
+        for row in run["decode"]:
+            name = f"decode B={row['batch']} ctx={row['prompt_len']}+{row['new_tokens']} tok/s"
+            ratio = row["jax_tok_s"] / row["hf_tok_s"]
+            fraction = f"{100 * row['jax_fraction_of_roofline']:.0f}%"
+            same = f"{100 * row['token_agreement']:.0f}%"
+            lines.append(f"{name:<34}{row['jax_tok_s']:>12.1f}{row['hf_tok_s']:>14.1f}{ratio:>7.2f}x{fraction:>10}{same:>13}")
+        for row in run["prefill"]:
+            name = f"prefill T={row['prompt_len']} tok/s"
+            ratio = row["jax_tok_s"] / row["hf_tok_s"]
+            lines.append(f"{name:<34}{row['jax_tok_s']:>12.1f}{row['hf_tok_s']:>14.1f}{ratio:>7.2f}x")
     return "\n".join(lines)
+
+
+def plot_results(results: dict, path) -> None:
+    """A PNG of the table: tokens/s of each measurement, jax-gpt2 beside transformers, per dtype."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels, ours, theirs = [], [], []
+    for run in results["runs"]:
+        for row in run["decode"]:
+            labels.append(f"{run['dtype']} decode B={row['batch']} ctx={row['prompt_len']}")
+            ours.append(row["jax_tok_s"])
+            theirs.append(row["hf_tok_s"])
+        for row in run["prefill"]:
+            labels.append(f"{run['dtype']} prefill T={row['prompt_len']}")
+            ours.append(row["jax_tok_s"])
+            theirs.append(row["hf_tok_s"])
+    assert labels
+    positions = np.arange(len(labels))
+    figure, axes = plt.subplots(figsize=(9, 0.45 * len(labels) + 1.5))
+    axes.barh(positions - 0.2, ours, height=0.4, label="jax-gpt2")
+    axes.barh(positions + 0.2, theirs, height=0.4, label="transformers (eager PyTorch)")
+    axes.set_yticks(positions, labels)
+    axes.invert_yaxis()
+    axes.set_xscale("log")
+    axes.set_xlabel("tokens/s (log scale)")
+    machine = results["machine"]
+    axes.set_title(f"GPT-2 {results.get('preset', '')} on {machine['cpu']}, {machine['cores']} cores", fontsize=10)
+    axes.legend(loc="lower right")
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)

@@ -249,7 +249,7 @@ def run_bench(args: argparse.Namespace) -> int:
 
     import torch
 
-    from jax_gpt2.bench import format_table, run_benchmarks
+    from jax_gpt2.bench import format_table, plot_results, run_benchmarks
     from jax_gpt2.config import PRESETS
 
     torch.set_num_threads(args.threads)  # XLA's CPU client uses every core; give torch the same
@@ -257,13 +257,16 @@ def run_bench(args: argparse.Namespace) -> int:
     if args.layers is not None:
         config = dataclasses.replace(config, n_layer=args.layers)
     results = run_benchmarks(
-        config, args.batch_sizes, args.prefill, args.new_tokens, args.repeats, args.contexts, progress=True
+        config, args.dtypes, args.batch_sizes, args.prefill, args.new_tokens, args.repeats, args.contexts, progress=True
     )
     results["preset"], results["layers"] = args.preset, config.n_layer
     print(format_table(results))
     if args.out is not None:
         args.out.write_text(json.dumps(results, indent=2))
         print(f"wrote {args.out}")
+    if args.plot is not None:
+        plot_results(results, args.plot)
+        print(f"wrote {args.plot}")
     return 0
 
 
@@ -281,7 +284,9 @@ def add_bench_command(subparsers) -> None:
     parser.add_argument("--new-tokens", type=_positive_int, default=32)
     parser.add_argument("--repeats", type=_positive_int, default=3)
     parser.add_argument("--threads", type=_positive_int, default=os.cpu_count() or 1)
+    parser.add_argument("--dtypes", nargs="+", choices=["fp32", "bf16", "int8"], default=["fp32", "bf16", "int8"])
     parser.add_argument("--out", type=Path, default=None, help="write the results as JSON")
+    parser.add_argument("--plot", type=Path, default=None, help="write a PNG chart of the results (needs matplotlib)")
     parser.set_defaults(run=run_bench)
 
 
