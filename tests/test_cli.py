@@ -3,6 +3,7 @@
 
 import json
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -99,6 +100,20 @@ def test_generate_streams_greedy_text_equal_to_the_library(tiny_model_dir, capsy
     args = ["generate", "Hello", "--model", str(tiny_model_dir), "--max-new-tokens", "8", "--ignore-eos"]
     assert main(args) == 0
     assert capsys.readouterr().out == expected + "\n"
+
+
+@pytest.mark.parametrize("dtype_name, dtype", [("bf16", "bfloat16"), ("int8", "int8")])
+def test_generate_with_narrow_weights_equals_the_library_at_that_dtype(dtype_name, dtype, tiny_model_dir, capsys):
+    from jax_gpt2 import load_config, load_weights
+    from jax_gpt2.generate import generate
+    from jax_gpt2.tokenizer import encode, load_tokenizer
+
+    tokenizer, config = load_tokenizer(tiny_model_dir), load_config(tiny_model_dir)
+    weights = load_weights(tiny_model_dir, dtype=jnp.dtype(dtype))
+    new_ids = generate([encode(tokenizer, "Hello")], weights, config, max_new_tokens=8)[0]
+    args = ["generate", "Hello", "--model", str(tiny_model_dir), "--max-new-tokens", "8", "--ignore-eos"]
+    assert main([*args, "--dtype", dtype_name]) == 0
+    assert capsys.readouterr().out == "Hello" + tokenizer.decode(new_ids, skip_special_tokens=False) + "\n"
 
 
 def test_generate_ends_the_text_at_a_stop_string(tiny_model_dir, capsys):

@@ -56,19 +56,28 @@ def enable_compilation_cache() -> None:
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
-def _load_model(name_or_path: str, dtype=None):
-    """(folder, config, weights) for a hub name or local folder; imports JAX only when a command needs it.
+# --dtype names -> weight dtypes. bf16 and int8 are weight-only where the CPU kernels run (see packed.py).
+DTYPE_NAMES = {"fp32": "float32", "bf16": "bfloat16", "int8": "int8"}
 
-    dtype None is float32.
-    """
+
+def add_dtype_option(parser) -> None:
+    parser.add_argument(
+        "--dtype", choices=sorted(DTYPE_NAMES), default="fp32",
+        help="weight dtype: fp32 (default), bf16, or int8 (per-channel symmetric, weight-only)",
+    )  # fmt: skip
+
+
+def _load_model(name_or_path: str, dtype_name: str = "fp32"):
+    """(folder, config, weights) for a hub name or local folder; imports JAX only when a command needs it."""
     import jax.numpy as jnp
 
     from jax_gpt2.loader import load_config, load_weights, resolve_model_dir
 
+    assert dtype_name in DTYPE_NAMES, dtype_name
     enable_compilation_cache()
     folder = resolve_model_dir(name_or_path)
     config = load_config(folder)
-    return folder, config, load_weights(folder, dtype=jnp.float32 if dtype is None else dtype, config=config)
+    return folder, config, load_weights(folder, dtype=jnp.dtype(DTYPE_NAMES[dtype_name]), config=config)
 
 
 def run_next(args: argparse.Namespace) -> int:
@@ -79,7 +88,7 @@ def run_next(args: argparse.Namespace) -> int:
     from jax_gpt2.model import gpt2_forward
     from jax_gpt2.tokenizer import encode, load_tokenizer
 
-    folder, config, weights = _load_model(args.model)
+    folder, config, weights = _load_model(args.model, args.dtype)
     tokenizer = load_tokenizer(folder)
     ids = encode(tokenizer, args.prompt)
     if not ids:
@@ -99,6 +108,7 @@ def add_next_command(subparsers) -> None:
     parser.add_argument("prompt")
     parser.add_argument("--model", default="gpt2", help="hub name or local folder (default: gpt2)")
     parser.add_argument("--top-k", type=_positive_int, default=5)
+    add_dtype_option(parser)
     parser.set_defaults(run=run_next)
 
 
@@ -209,7 +219,7 @@ def run_generate(args: argparse.Namespace) -> int:
     from jax_gpt2.tokenizer import encode, load_tokenizer
 
     prompts = _read_prompts(args)
-    folder, config, weights = _load_model(args.model)
+    folder, config, weights = _load_model(args.model, args.dtype)
     tokenizer = load_tokenizer(folder)
     prompt_ids = [encode(tokenizer, prompt) for prompt in prompts]
     settings = _sampling_settings(args, config)
@@ -239,6 +249,7 @@ def add_generate_command(subparsers) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--stop", action="append", default=[], help="end the text where this string occurs")
     parser.add_argument("--ignore-eos", action="store_true", help="do not stop at the model's end-of-text token")
+    add_dtype_option(parser)
     parser.set_defaults(run=run_generate)
 
 
@@ -290,24 +301,18 @@ def add_bench_command(subparsers) -> None:
     parser.set_defaults(run=run_bench)
 
 
-_PERPLEXITY_DTYPES = ("fp32", "bf16", "int8")
-
-
 def run_perplexity(args: argparse.Namespace) -> int:
     """Sliding-window perplexity of a text file, with a progress bar over windows on stderr."""
     import json
     import time
 
-    import jax.numpy as jnp
     from tqdm import tqdm
 
     from jax_gpt2.perplexity import batch_nlls, check_arguments, perplexity_of, plan_windows
     from jax_gpt2.tokenizer import encode, load_tokenizer
 
-    if args.dtype == "int8":
-        raise UserError("--dtype int8 is not implemented yet (no int8 weights in jax-gpt2); use fp32 or bf16")
     text = args.file.read_text(encoding="utf-8")
-    folder, config, weights = _load_model(args.model, jnp.bfloat16 if args.dtype == "bf16" else jnp.float32)
+    folder, config, weights = _load_model(args.model, args.dtype)
     ids = encode(load_tokenizer(folder), text)
     max_length = args.max_length if args.max_length is not None else config.n_positions
     stride = args.stride if args.stride is not None else max(1, max_length // 2)
@@ -346,7 +351,7 @@ def add_perplexity_command(subparsers) -> None:
     parser.add_argument("--max-length", type=_positive_int, default=None, help="window length (default: n_positions)")
     parser.add_argument("--stride", type=_positive_int, default=None, help="window step (default: max-length / 2)")
     parser.add_argument("--batch-size", type=_positive_int, default=8, help="windows per device call (default: 8)")
-    parser.add_argument("--dtype", choices=_PERPLEXITY_DTYPES, default="fp32", help="weight dtype (default: fp32)")
+    add_dtype_option(parser)
     parser.add_argument("--json", action="store_true", help="print one JSON line instead of text")
     parser.set_defaults(run=run_perplexity)
 
@@ -358,7 +363,7 @@ def run_serve(args: argparse.Namespace) -> int:
     except ImportError as error:
         raise UserError(f"serve needs FastAPI and uvicorn ({error.name} is missing): pip install 'jax-gpt2[serve]'")
     enable_compilation_cache()
-    run_server(args.model, args.host, args.port, args.max_batch, args.max_seq_len, args.max_queue, args.dtype,
+    run_server(args.model, args.host, args.port, args.max_batch, args.max_seq_len, args.max_queue, DTYPE_NAMES[args.dtype],
                args.chunk_steps)  # fmt: skip
     return 0
 
@@ -372,7 +377,7 @@ def add_serve_command(subparsers) -> None:
     parser.add_argument("--max-seq-len", type=_positive_int, default=1024, help="cache slots per sequence (prompt + output)")
     parser.add_argument("--max-queue", type=int, default=64, help="sequences that may wait for a slot; beyond: 503")
     parser.add_argument("--chunk-steps", type=_positive_int, default=4, help="decode steps between scheduling rounds")
-    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    add_dtype_option(parser)
     parser.set_defaults(run=run_serve)
 
 

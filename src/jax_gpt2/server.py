@@ -477,11 +477,11 @@ def run_server(
     from jax_gpt2.loader import load_config, load_weights, resolve_model_dir
     from jax_gpt2.tokenizer import load_tokenizer
 
-    assert dtype in ("float32", "bfloat16")
+    assert dtype in ("float32", "bfloat16", "int8")
     assert port >= 0
     folder = resolve_model_dir(name_or_path)
     config = load_config(folder)
-    weights = load_weights(folder, dtype=getattr(jnp, dtype), config=config)
+    weights = load_weights(folder, dtype=jnp.dtype(dtype), config=config)
     engine = Engine(weights, config, load_tokenizer(folder), max_batch, max_seq_len, max_queue, chunk_steps)
     print(f"jax-gpt2 serve: compiling for {max_batch} slots x {engine.context_length} positions, "
           f"prefill buckets {engine.buckets} ...", flush=True)  # fmt: skip
