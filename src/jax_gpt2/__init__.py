@@ -4,12 +4,17 @@
     config = load_config("./my-gpt2")
     weights = load_weights("./my-gpt2")
     logits_BTV = gpt2_forward(input_ids_BT, weights, config)
+
+On x86-64 CPUs with AVX-512, load_weights packs the matrices for small C++ kernels (native.py,
+packed.py) that read each weight byte once per token; dtype=jnp.bfloat16 or jnp.int8 narrows them.
 """
 
 from jax_gpt2.config import PRESETS, GPT2Config
 from jax_gpt2.generate import generate, stream_generate
 from jax_gpt2.kvcache import KVCache
 from jax_gpt2.loader import ModelNotFoundError, load_config, load_weights
+from jax_gpt2.native import kernels_available
+from jax_gpt2.packed import PackedMatrix, pack_weights
 from jax_gpt2.model import block_hidden_states, empty_cache, gpt2_forward, gpt2_forward_cached
 from jax_gpt2.perplexity import perplexity
 from jax_gpt2.weights import BlockWeights, GPT2Weights
@@ -20,6 +25,7 @@ __all__ = [
     "GPT2Config",
     "GPT2Weights",
     "KVCache",
+    "PackedMatrix",
     "ModelNotFoundError",
     "block_hidden_states",
     "empty_cache",
@@ -29,5 +35,7 @@ __all__ = [
     "stream_generate",
     "load_config",
     "load_weights",
+    "kernels_available",
+    "pack_weights",
     "perplexity",
 ]
