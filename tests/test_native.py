@@ -1,0 +1,687 @@
+"""The native CPU kernels (native.py, packed.py, kernels/cpu_kernels.cc) compute what XLA computes.
+
+Tolerances, each with its reason, all in this docstring:
+
+- Packed matmul: per output element |kernel - exact| <= MATMUL_RTOL * sum_i |x_i| |w_io|, where
+  exact is the float64 product of x and the *rounded* weights (unpack_matrix), so only float32
+  accumulation is measured, never the weight rounding. Summing I float32 products in sequence
+  errs by at most ~I * 2^-24 of that sum (4.6e-5 at I = 768) and typically by ~sqrt(I) * 2^-24
+  (1.7e-6; measured: at most 2.8e-7 over every shape and dtype here). 1e-5 sits above both and
+  far below a wrong product: one dropped input row alone moves a result by ~1/I of the sum
+  (1.3e-3 at I = 768), a wrong scale or a leaked column by far more.
+- Decode attention: |kernel - XLA| <= ATTENTION_RTOL * max |v|. Both are convex mixtures of the
+  v rows; they differ in summation order and in the kernel's own exp (rel. error < 1e-8), so a
+  few float32 ulps of the scores (up to ~60 here) decide: measured at most 1.5e-6. The attention
+  weights alone are held tighter, each to SOFTMAX_RTOL of itself (see that test).
+- Whole model, kernels against XLA alone (a subprocess with JAX_GPT2_NATIVE=0) or transformers:
+  the parity bar of conftest (`assert_matches_transformers`, 1e-4 scaled by the logit magnitude,
+  identical argmax), because both sides compute the same float32 math in another order.
+- Weight-only bf16 / int8 against float32: the rounding of the weights themselves, amplified by
+  12 random layers, see `test_narrow_weights_stay_near_float32_logits`.
+"""
+
+import concurrent.futures
+import dataclasses
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import pytest
+
+from jax_gpt2 import empty_cache, generate, gpt2_forward, gpt2_forward_cached, load_config, load_weights, native
+from jax_gpt2.generate import left_pad
+from jax_gpt2.layers import cached_attention, can_use_decode_kernel, decode_attention
+from jax_gpt2.packed import PACKED_DTYPES, TILE, PackedMatrix, pack_matrix, packed_matmul, unpack_matrix
+
+MATMUL_RTOL = 1e-5
+ATTENTION_RTOL = 1e-5
+SOFTMAX_RTOL = 1e-5
+
+KERNELS = native.kernels_available()
+needs_kernels = pytest.mark.skipif(
+    not KERNELS, reason="native kernels unavailable here (need x86-64 Linux, AVX-512F, g++, CPU backend)"
+)
+DTYPES = list(PACKED_DTYPES)  # float32, bfloat16, int8
+TESTS_DIR = Path(__file__).parent
+
+
+# --- inputs --------------------------------------------------------------------------------------
+
+
+def random_weight_IO(I: int, O: int, seed: int = 0) -> np.ndarray:
+    """Columns of very different magnitudes (so int8 scales differ), column 0 all zero when O > 1."""
+    rng = np.random.default_rng(seed)
+    w_IO = rng.normal(size=(I, O)) * np.exp(rng.normal(size=(1, O)))
+    if O > 1:
+        w_IO[:, 0] = 0.0
+    return w_IO.astype(np.float32)
+
+
+def random_x_MI(M: int, I: int, seed: int = 1) -> np.ndarray:
+    return np.random.default_rng(seed).normal(size=(M, I)).astype(np.float32)
+
+
+def exact_product(x_MI: np.ndarray, packed: PackedMatrix) -> tuple[np.ndarray, np.ndarray]:
+    """(x @ W, |x| @ |W|) in float64 over the rounded weights the PackedMatrix stands for."""
+    w_IO = np.asarray(unpack_matrix(packed), np.float64)
+    x_MI = np.asarray(x_MI, np.float64)
+    return x_MI @ w_IO, np.abs(x_MI) @ np.abs(w_IO)
+
+
+def assert_within_accumulation_error(actual_MO, exact_MO: np.ndarray, magnitude_MO: np.ndarray, what: str) -> None:
+    actual_MO = np.asarray(actual_MO, np.float64)
+    assert actual_MO.shape == exact_MO.shape, f"{what}: shape {actual_MO.shape} != {exact_MO.shape}"
+    assert np.isfinite(actual_MO).all(), f"{what}: not finite"
+    error_MO = np.abs(actual_MO - exact_MO)
+    worst = float((error_MO / np.maximum(magnitude_MO, np.finfo(np.float64).tiny)).max())
+    assert (error_MO <= MATMUL_RTOL * magnitude_MO).all(), f"{what}: error {worst:.3g} x sum|x||w| > {MATMUL_RTOL}"
+
+
+# --- packed matmul -------------------------------------------------------------------------------
+
+MATMUL_SHAPES = [(I, O) for I in (1, 37, 768) for O in (1, 63, 64, 65, 200)]
+ROWS = [1, 5, 6, 7, 13]  # below, at and past the kernel's 6-row block, and two blocks plus one
+
+
+@needs_kernels
+@pytest.mark.parametrize("M", ROWS)
+@pytest.mark.parametrize(("I", "O"), MATMUL_SHAPES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_kernel_matmul_equals_float64_math_on_the_rounded_weights(dtype, I, O, M):
+    packed = pack_matrix(random_weight_IO(I, O), dtype)
+    x_MI = random_x_MI(M, I)
+    exact_MO, magnitude_MO = exact_product(x_MI, packed)
+    y_MO = packed_matmul(jnp.asarray(x_MI), packed, use_kernel=True)
+    assert_within_accumulation_error(y_MO, exact_MO, magnitude_MO, f"{dtype} kernel")
+
+
+@needs_kernels
+@pytest.mark.parametrize("M", ROWS)
+@pytest.mark.parametrize(("I", "O"), MATMUL_SHAPES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_kernel_matmul_equals_the_xla_fallback(dtype, I, O, M):
+    packed = pack_matrix(random_weight_IO(I, O), dtype)
+    x_MI = jnp.asarray(random_x_MI(M, I))
+    _, magnitude_MO = exact_product(x_MI, packed)
+    fallback_MO = np.asarray(packed_matmul(x_MI, packed, use_kernel=False), np.float64)
+    y_MO = packed_matmul(x_MI, packed, use_kernel=True)
+    assert_within_accumulation_error(y_MO, fallback_MO, magnitude_MO, f"{dtype} kernel vs XLA")
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_kernel_leaves_an_all_zero_weight_column_exactly_zero(dtype):
+    packed = pack_matrix(random_weight_IO(768, 65), dtype)
+    y_MO = np.asarray(packed_matmul(jnp.asarray(random_x_MI(7, 768)), packed, use_kernel=True))
+    assert (y_MO[:, 0] == 0).all()
+    assert (y_MO[:, 1:] != 0).all()
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_kernel_under_jit_takes_a_transposed_operand(dtype):
+    """XLA hands the kernel a row-major copy whatever layout the operand had in the graph."""
+    packed = pack_matrix(random_weight_IO(37, 65), dtype)
+    x_IM = jnp.asarray(random_x_MI(13, 37).T)
+    jitted_MO = jax.jit(lambda x_IM: packed_matmul(x_IM.T, packed, use_kernel=True))(x_IM)
+    eager_MO = packed_matmul(jnp.asarray(np.ascontiguousarray(x_IM.T)), packed, use_kernel=True)
+    np.testing.assert_array_equal(np.asarray(jitted_MO), np.asarray(eager_MO))
+
+
+@needs_kernels
+def test_kernel_under_vmap_equals_each_slice():
+    packed = pack_matrix(random_weight_IO(37, 200), "int8")
+    x_BMI = jnp.asarray(np.random.default_rng(2).normal(size=(3, 5, 37)).astype(np.float32))
+    batched_BMO = jax.vmap(lambda x_MI: packed_matmul(x_MI, packed, use_kernel=True))(x_BMI)
+    for b in range(3):
+        np.testing.assert_array_equal(np.asarray(batched_BMO[b]), np.asarray(packed_matmul(x_BMI[b], packed)))
+
+
+@needs_kernels
+def test_kernel_calls_from_many_threads_each_get_their_own_result():
+    """One thread pool serves every call in the process: concurrent callers must not mix their tiles."""
+    packed = pack_matrix(random_weight_IO(768, 200), "bfloat16")
+    xs = [jnp.asarray(random_x_MI(7, 768, seed=seed)) for seed in range(8)]
+    matmul = jax.jit(lambda x_MI: packed_matmul(x_MI, packed, use_kernel=True))
+    expected = [np.asarray(matmul(x_MI)) for x_MI in xs]
+    with concurrent.futures.ThreadPoolExecutor(max_workers=4) as pool:
+        results = list(pool.map(lambda i: np.asarray(matmul(xs[i % 8])), range(64)))
+    for i, y_MO in enumerate(results):
+        np.testing.assert_array_equal(y_MO, expected[i % 8])
+
+
+@needs_kernels
+def test_independent_kernel_calls_inside_one_jit_each_get_their_own_result():
+    """XLA may run independent custom calls of one program at the same time."""
+    matrices = [pack_matrix(random_weight_IO(768, 65 + 64 * k, seed=k), DTYPES[k % 3]) for k in range(4)]
+    x_MI = jnp.asarray(random_x_MI(5, 768))
+    together = jax.jit(lambda x_MI: [packed_matmul(x_MI, packed, use_kernel=True) for packed in matrices])(x_MI)
+    for packed, y_MO in zip(matrices, together, strict=True):
+        np.testing.assert_array_equal(np.asarray(y_MO), np.asarray(packed_matmul(x_MI, packed, use_kernel=True)))
+
+
+@needs_kernels
+def test_kernel_rejects_a_matrix_whose_out_features_disagree_with_its_tiles():
+    """An inconsistent PackedMatrix is an error from the kernel, not a write past the output."""
+    packed = pack_matrix(random_weight_IO(37, 64), "float32")
+    wrong = PackedMatrix(packed.tiles_GIC, None, out_features=65)  # one tile holds at most 64 columns
+    with pytest.raises(Exception, match="O does not match the number of tiles"):
+        np.asarray(packed_matmul(jnp.asarray(random_x_MI(5, 37)), wrong, use_kernel=True))
+
+
+# --- pack_matrix / unpack_matrix -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("I", "O"), MATMUL_SHAPES)
+def test_float32_packing_round_trips_exactly(I, O):
+    w_IO = random_weight_IO(I, O)
+    packed = pack_matrix(w_IO, jnp.float32)
+    assert packed.shape == (I, O)
+    assert packed.tiles_GIC.shape == (-(-O // TILE), I, TILE)
+    assert packed.scale_GC is None
+    np.testing.assert_array_equal(np.asarray(unpack_matrix(packed)), w_IO)
+
+
+@pytest.mark.parametrize(("I", "O"), MATMUL_SHAPES)
+def test_bfloat16_packing_rounds_each_weight_to_nearest_bfloat16(I, O):
+    w_IO = random_weight_IO(I, O)
+    packed = pack_matrix(w_IO, jnp.bfloat16)
+    assert packed.dtype == jnp.bfloat16
+    assert packed.scale_GC is None
+    rounded_IO = w_IO.astype(ml_dtypes.bfloat16).astype(np.float32)
+    np.testing.assert_array_equal(np.asarray(unpack_matrix(packed)), rounded_IO)
+
+
+@pytest.mark.parametrize(("I", "O"), MATMUL_SHAPES)
+def test_int8_packing_errs_by_at_most_half_a_step_of_its_column(I, O):
+    w_IO = random_weight_IO(I, O)
+    packed = pack_matrix(w_IO, jnp.int8)
+    assert packed.dtype == jnp.int8
+    assert packed.scale_GC.shape == (packed.tiles_GIC.shape[0], TILE)
+    scale_O = np.asarray(packed.scale_GC).reshape(-1)[:O]
+    column_max_O = np.abs(w_IO).max(axis=0)
+    nonzero_O = column_max_O > 0
+    np.testing.assert_allclose(scale_O[nonzero_O], column_max_O[nonzero_O] / 127, rtol=1e-6)
+    # Each column's largest weight becomes +-127 exactly: the whole int8 range is used.
+    tiles_IQ = np.asarray(packed.tiles_GIC).transpose(1, 0, 2).reshape(I, -1)[:, :O]
+    assert (np.abs(tiles_IQ).max(axis=0)[nonzero_O] == 127).all()
+    # Half a step, plus the float32 rounding of w / scale and of q * scale (a few ulps of 127 steps).
+    error_IO = np.abs(np.asarray(unpack_matrix(packed)) - w_IO)
+    assert (error_IO <= scale_O * (0.5 + 1e-4)).all(), f"worst {float((error_IO / scale_O).max()):.6f} steps"
+
+
+def test_int8_packing_keeps_an_all_zero_column_zero():
+    w_IO = random_weight_IO(37, 65)
+    assert (w_IO[:, 0] == 0).all()
+    unpacked_IO = np.asarray(unpack_matrix(pack_matrix(w_IO, jnp.int8)))
+    assert (unpacked_IO[:, 0] == 0).all()
+    assert np.isfinite(unpacked_IO).all()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_padding_columns_of_the_last_tile_are_zero(dtype):
+    packed = pack_matrix(random_weight_IO(37, 65), dtype)
+    assert packed.tiles_GIC.shape == (2, 37, TILE)
+    assert (np.asarray(packed.tiles_GIC[1, :, 1:].astype(jnp.float32)) == 0).all()
+
+
+@pytest.mark.parametrize("use_kernel", [False, pytest.param(True, marks=needs_kernels)], ids=["xla", "kernel"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_values_in_padding_columns_never_reach_the_output(dtype, use_kernel):
+    """Fill the padding past O with garbage: the product's O columns must not change by a bit."""
+    I, O, M = 37, 65, 7
+    packed = pack_matrix(random_weight_IO(I, O), dtype)
+    garbage_GIC = np.array(packed.tiles_GIC.astype(jnp.float32))
+    garbage_GIC[-1, :, O % TILE :] = 99.0
+    dirty = PackedMatrix(jnp.asarray(garbage_GIC, packed.dtype), packed.scale_GC, O)
+    if packed.scale_GC is not None:
+        scale_GC = np.asarray(packed.scale_GC).copy()
+        scale_GC[-1, O % TILE :] = 1e6
+        dirty = dataclasses.replace(dirty, scale_GC=jnp.asarray(scale_GC))
+    x_MI = jnp.asarray(random_x_MI(M, I))
+    clean_MO = np.asarray(packed_matmul(x_MI, packed, use_kernel=use_kernel))
+    dirty_MO = np.asarray(packed_matmul(x_MI, dirty, use_kernel=use_kernel))
+    assert dirty_MO.shape == (M, O)
+    np.testing.assert_array_equal(dirty_MO, clean_MO)
+
+
+# --- decode attention ----------------------------------------------------------------------------
+
+
+def decode_rows(S: int) -> tuple[np.ndarray, np.ndarray]:
+    """start_B, end_B (inclusive): every case the kernel treats apart, one row each."""
+    rows = [
+        (0, S - 1),  # the whole cache
+        (min(3, S - 1), S - 1),  # left padding
+        (S // 2, S // 2),  # one visible slot
+        (min(2, S - 1), S + 4),  # end past the last slot: clamped, like XLA's dropped write
+        (-3, S // 3),  # start before slot 0 (nothing to skip)
+        (S // 2 + 1, S // 2),  # start > end: nothing visible
+        (S, S + 2),  # starts past the cache: nothing visible
+    ]
+    start_B, end_B = np.array(rows, np.int32).T
+    return start_B, end_B
+
+
+def xla_decode_attention(q_BTNH, k_LBNSH, v_LBNSH, start_B, end_B, layer, scale) -> np.ndarray:
+    """cached_attention with the mask that [start, end] implies."""
+    slots_S = np.arange(k_LBNSH.shape[3])
+    visible_BS = (slots_S[None, :] >= start_B[:, None]) & (slots_S[None, :] <= end_B[:, None])
+    mask_BTS = jnp.asarray(visible_BS[:, None, :])
+    return np.asarray(cached_attention(q_BTNH, k_LBNSH[layer], v_LBNSH[layer], mask_BTS, scale))
+
+
+def random_attention_inputs(L: int, B: int, N: int, S: int, H: int, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    q_BTNH = jnp.asarray(rng.normal(size=(B, 1, N, H)).astype(np.float32))
+    k_LBNSH = jnp.asarray(rng.normal(size=(L, B, N, S, H)).astype(np.float32))
+    v_LBNSH = jnp.asarray(rng.normal(size=(L, B, N, S, H)).astype(np.float32))
+    return q_BTNH, k_LBNSH, v_LBNSH
+
+
+def assert_attention_close(actual_BTNH, reference_BTNH: np.ndarray, v_LBNSH, what: str) -> None:
+    actual_BTNH = np.asarray(actual_BTNH)
+    assert actual_BTNH.shape == reference_BTNH.shape
+    assert np.isfinite(actual_BTNH).all(), f"{what}: not finite"
+    tolerance = ATTENTION_RTOL * float(np.abs(np.asarray(v_LBNSH)).max())
+    diff = float(np.abs(actual_BTNH - reference_BTNH).max())
+    assert diff <= tolerance, f"{what}: max abs diff {diff:.3g} > {tolerance:.3g}"
+
+
+@needs_kernels
+@pytest.mark.parametrize("scale_name", ["1/sqrt(H)", "2", "1/(3 sqrt(H))"])
+@pytest.mark.parametrize("S", [1, 37, 1030])
+@pytest.mark.parametrize("H", [7, 16, 24, 64])
+def test_decode_attention_equals_xla_masked_attention(H, S, scale_name):
+    """Every row case of decode_rows, every layer of a 3-layer cache, several scales."""
+    scale = {"1/sqrt(H)": H**-0.5, "2": 2.0, "1/(3 sqrt(H))": H**-0.5 / 3}[scale_name]
+    start_B, end_B = decode_rows(S)
+    L, B, N = 3, len(start_B), 2
+    q_BTNH, k_LBNSH, v_LBNSH = random_attention_inputs(L, B, N, S, H)
+    assert can_use_decode_kernel(q_BTNH, k_LBNSH)
+    for layer in range(L):
+        kernel_BTNH = decode_attention(q_BTNH, k_LBNSH, v_LBNSH, jnp.asarray(start_B), jnp.asarray(end_B), layer, scale)
+        reference_BTNH = xla_decode_attention(q_BTNH, k_LBNSH, v_LBNSH, start_B, end_B, layer, scale)
+        assert_attention_close(kernel_BTNH, reference_BTNH, v_LBNSH, f"layer {layer}")
+
+
+@needs_kernels
+@pytest.mark.parametrize("scale", [0.1, 0.3, 1.0])  # score ranges of about 4, 13 and 43
+def test_decode_attention_weights_are_the_float64_softmax_to_float32_accuracy(scale):
+    """With v the identity (S = H) the output is the attention weights themselves: each must be the
+    float64 softmax within SOFTMAX_RTOL of its own size, down to weights of 1e-19.
+
+    float32 scores of size up to ~45 err by a few ulps (~4e-6) absolute, which is each weight's
+    relative error; XLA's softmax measures 4.3e-6 here, the kernel 4.0e-6. A cruder exp (the
+    degree-4 series instead of degree 7, 5e-5) fails.
+    """
+    L, B, N, S, H = 1, 2, 3, 64, 64
+    q_BTNH, k_LBNSH, _ = random_attention_inputs(L, B, N, S, H)
+    v_LBNSH = jnp.broadcast_to(jnp.eye(S, H, dtype=jnp.float32), (L, B, N, S, H))
+    start_B, end_B = jnp.zeros((B,), jnp.int32), jnp.full((B,), S - 1, jnp.int32)
+    weights_BNS = np.asarray(decode_attention(q_BTNH, k_LBNSH, v_LBNSH, start_B, end_B, 0, scale))[:, 0]
+    scores_BNS = np.einsum("BNH,BNSH->BNS", np.asarray(q_BTNH, np.float64)[:, 0], np.asarray(k_LBNSH[0], np.float64))
+    exact_BNS = np.exp(scale * (scores_BNS - scores_BNS.max(-1, keepdims=True)))
+    exact_BNS /= exact_BNS.sum(-1, keepdims=True)
+    relative_error = float((np.abs(weights_BNS - exact_BNS) / exact_BNS).max())
+    assert relative_error <= SOFTMAX_RTOL, f"worst weight off by {relative_error:.3g} of itself"
+
+
+@needs_kernels
+def test_decode_attention_with_nothing_visible_is_the_uniform_average_xla_gives():
+    """A parked row (start > end): every score masked alike in XLA, so the plain mean of all S values,
+    finite (no division by an empty sum)."""
+    L, B, N, S, H = 2, 2, 3, 37, 24
+    q_BTNH, k_LBNSH, v_LBNSH = random_attention_inputs(L, B, N, S, H)
+    start_B, end_B = np.array([5, 0], np.int32), np.array([4, -1], np.int32)
+    kernel_BTNH = decode_attention(q_BTNH, k_LBNSH, v_LBNSH, jnp.asarray(start_B), jnp.asarray(end_B), 1, 0.2)
+    mean_BTNH = np.asarray(v_LBNSH[1]).mean(axis=2)[:, None]
+    assert_attention_close(kernel_BTNH, mean_BTNH, v_LBNSH, "uniform")
+    reference_BTNH = xla_decode_attention(q_BTNH, k_LBNSH, v_LBNSH, start_B, end_B, 1, 0.2)
+    assert_attention_close(kernel_BTNH, reference_BTNH, v_LBNSH, "vs XLA")
+
+
+@needs_kernels
+def test_decode_attention_clamps_an_end_past_the_cache_to_its_last_slot():
+    L, B, N, S, H = 1, 1, 2, 37, 64
+    q_BTNH, k_LBNSH, v_LBNSH = random_attention_inputs(L, B, N, S, H)
+    start_B = jnp.array([4], jnp.int32)
+    past_BTNH = decode_attention(q_BTNH, k_LBNSH, v_LBNSH, start_B, jnp.array([S + 10], jnp.int32), 0, 0.125)
+    last_BTNH = decode_attention(q_BTNH, k_LBNSH, v_LBNSH, start_B, jnp.array([S - 1], jnp.int32), 0, 0.125)
+    np.testing.assert_array_equal(np.asarray(past_BTNH), np.asarray(last_BTNH))
+
+
+@needs_kernels
+def test_decode_attention_reads_only_its_own_layer_and_visible_slots():
+    """Poison everything the row may not see with NaN: the output stays finite and unchanged."""
+    L, B, N, S, H = 3, 2, 2, 40, 24
+    q_BTNH, k_LBNSH, v_LBNSH = random_attention_inputs(L, B, N, S, H)
+    start_B, end_B = np.array([3, 0], np.int32), np.array([20, 39], np.int32)
+    clean_BTNH = decode_attention(q_BTNH, k_LBNSH, v_LBNSH, jnp.asarray(start_B), jnp.asarray(end_B), 1, 0.3)
+    slots_S = np.arange(S)
+    hidden_BS = (slots_S[None, :] < start_B[:, None]) | (slots_S[None, :] > end_B[:, None])
+
+    def poisoned(cache_LBNSH) -> jax.Array:
+        """NaN in layers 0 and 2, and in the slots of layer 1 that each row may not see."""
+        cache_LBNSH = np.array(cache_LBNSH)
+        cache_LBNSH[[0, 2]] = np.nan
+        cache_LBNSH[1][np.broadcast_to(hidden_BS[:, None, :], (B, N, S))] = np.nan
+        return jnp.asarray(cache_LBNSH)
+
+    start_B, end_B = jnp.asarray(start_B), jnp.asarray(end_B)
+    poisoned_BTNH = decode_attention(q_BTNH, poisoned(k_LBNSH), poisoned(v_LBNSH), start_B, end_B, 1, 0.3)
+    np.testing.assert_array_equal(np.asarray(poisoned_BTNH), np.asarray(clean_BTNH))
+
+
+# --- whole model: kernels against XLA alone ------------------------------------------------------
+
+PROMPT_LENGTHS = (7, 2, 5)  # a ragged batch: 0, 5 and 2 slots of left padding
+NEW_TOKENS = 6
+
+
+def model_inputs(vocab_size: int) -> tuple[list[list[int]], np.ndarray]:
+    """Prompts and a teacher-forced continuation_BK, the same in every process."""
+    rng = np.random.default_rng(0)
+    prompts = [rng.integers(0, vocab_size, length).tolist() for length in PROMPT_LENGTHS]
+    return prompts, rng.integers(0, vocab_size, (len(prompts), NEW_TOKENS))
+
+
+def teacher_forced_logits(prompts, continuation_BK: np.ndarray, weights, config) -> np.ndarray:
+    """Prefill the left-padded prompts (T > 1), then one token per row per step (the decode kernel's
+    T = 1 path): the logits at every slot, (B, T + K, V)."""
+    ids_BT, start_B = left_pad(prompts, max(PROMPT_LENGTHS))
+    cache = empty_cache(config, jnp.asarray(start_B), max_len=ids_BT.shape[1] + NEW_TOKENS)
+    logits_BTV, cache = gpt2_forward_cached(ids_BT, cache, weights, config)
+    steps = [np.asarray(logits_BTV)]
+    for step in range(NEW_TOKENS):
+        logits_B1V, cache = gpt2_forward_cached(continuation_BK[:, step : step + 1], cache, weights, config)
+        steps.append(np.asarray(logits_B1V))
+    return np.concatenate(steps, axis=1)
+
+
+def model_outputs(folder: str) -> dict[str, np.ndarray]:
+    """Everything the whole-model tests compare between this process and one with JAX_GPT2_NATIVE=0.
+
+    Imported and run by that subprocess too, so both sides run this same code.
+    """
+    config = load_config(folder)
+    prompts, continuation_BK = model_inputs(config.vocab_size)
+    outputs = {"kernels_available": np.asarray(native.kernels_available())}
+    for dtype in DTYPES:
+        weights = load_weights(folder, dtype=dtype, config=config)
+        outputs[f"{dtype}_packed"] = np.asarray(isinstance(weights.blocks[0].qkv_w_DE, PackedMatrix))
+        if dtype == "bfloat16":
+            continue  # unpacked bf16 (no kernels) runs bf16 activations: another model, not compared
+        outputs[f"{dtype}_tokens"] = np.asarray(generate(prompts, weights, config, max_new_tokens=NEW_TOKENS))
+        outputs[f"{dtype}_logits"] = teacher_forced_logits(prompts, continuation_BK, weights, config)
+    return outputs
+
+
+def kernel_probe(_: str) -> dict[str, np.ndarray]:
+    """A matmul of each dtype and a decode attention, for the tests of the build cache and the thread pool."""
+    x_MI = jnp.asarray(random_x_MI(13, 768))
+    outputs = {"kernels_available": np.asarray(native.kernels_available())}
+    if not native.kernels_available():
+        return outputs
+    for dtype in DTYPES:
+        outputs[dtype] = np.asarray(packed_matmul(x_MI, pack_matrix(random_weight_IO(768, 200), dtype), use_kernel=True))
+    start_B, end_B = decode_rows(37)
+    q_BTNH, k_LBNSH, v_LBNSH = random_attention_inputs(2, len(start_B), 3, 37, 24)
+    attention_BTNH = decode_attention(q_BTNH, k_LBNSH, v_LBNSH, jnp.asarray(start_B), jnp.asarray(end_B), 1, 0.2)
+    outputs["attention"] = np.asarray(attention_BTNH)
+    return outputs
+
+
+SUBPROCESS = """
+import sys
+sys.path.insert(0, sys.argv[1])
+import jax
+jax.config.update("jax_default_matmul_precision", "highest")  # as conftest sets it for this process
+import numpy as np
+import test_native
+np.savez(sys.argv[4], **getattr(test_native, sys.argv[2])(sys.argv[3]))
+"""
+
+
+def run_in_subprocess(function: str, argument: str, out: Path, **env: str) -> tuple[dict[str, np.ndarray], str]:
+    """test_native.<function>(argument) in a fresh Python with these environment variables set;
+    its outputs and its stderr."""
+    command = [sys.executable, "-c", SUBPROCESS, str(TESTS_DIR), function, argument, str(out)]
+    result = subprocess.run(command, env={**os.environ, **env}, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, f"subprocess {function} failed:\n{result.stderr[-4000:]}"
+    with np.load(out) as npz:
+        return {key: npz[key] for key in npz.files}, result.stderr
+
+
+@pytest.fixture(scope="module")
+def with_kernels(build_checkpoint):
+    """name -> model_outputs in this process (kernels on where they run)."""
+    computed: dict[str, dict[str, np.ndarray]] = {}
+
+    def outputs(name: str) -> dict[str, np.ndarray]:
+        if name not in computed:
+            computed[name] = model_outputs(str(build_checkpoint(name).folder))
+        return computed[name]
+
+    return outputs
+
+
+@pytest.fixture(scope="module")
+def xla_only(build_checkpoint, tmp_path_factory):
+    """name -> model_outputs in a subprocess with JAX_GPT2_NATIVE=0: XLA for every matmul and attention."""
+    computed: dict[str, dict[str, np.ndarray]] = {}
+
+    def outputs(name: str) -> dict[str, np.ndarray]:
+        if name not in computed:
+            folder = str(build_checkpoint(name).folder)
+            out = tmp_path_factory.mktemp(f"xla-only-{name}") / "outputs.npz"
+            computed[name], _ = run_in_subprocess("model_outputs", folder, out, JAX_GPT2_NATIVE="0")
+        return computed[name]
+
+    return outputs
+
+
+MODEL_SHAPES = ["tiny", "gpt2"]
+
+
+@needs_kernels
+def test_with_kernels_every_dtype_loads_packed(with_kernels):
+    outputs = with_kernels("tiny")
+    assert outputs["kernels_available"]
+    for dtype in DTYPES:
+        assert outputs[f"{dtype}_packed"], f"{dtype} weights should be packed where the kernels run"
+
+
+def test_without_kernels_only_int8_loads_packed(xla_only):
+    outputs = xla_only("tiny")
+    assert not outputs["kernels_available"]
+    assert not outputs["float32_packed"]
+    assert not outputs["bfloat16_packed"]
+    assert outputs["int8_packed"]  # int8 exists only packed: XLA unpacks it
+
+
+@needs_kernels
+@pytest.mark.parametrize("name", MODEL_SHAPES)
+def test_greedy_generate_with_kernels_equals_xla_alone(name, with_kernels, xla_only):
+    np.testing.assert_array_equal(with_kernels(name)["float32_tokens"], xla_only(name)["float32_tokens"])
+
+
+@needs_kernels
+@pytest.mark.parametrize("name", MODEL_SHAPES)
+def test_prefill_and_decode_logits_with_kernels_match_xla_alone(name, with_kernels, xla_only, assert_matches_transformers):
+    ours_BSV, theirs_BSV = with_kernels(name)["float32_logits"], xla_only(name)["float32_logits"]
+    assert_matches_transformers(ours_BSV, theirs_BSV, what="float32 logits vs XLA alone")
+
+
+@needs_kernels
+@pytest.mark.parametrize("name", MODEL_SHAPES)
+def test_int8_without_kernels_equals_int8_with_kernels(name, with_kernels, xla_only, assert_matches_transformers):
+    """Same rounded weights either way: XLA's unpack-then-dot is the kernel's math in another order."""
+    assert_matches_transformers(with_kernels(name)["int8_logits"], xla_only(name)["int8_logits"], what="int8 logits")
+    np.testing.assert_array_equal(with_kernels(name)["int8_tokens"], xla_only(name)["int8_tokens"])
+
+
+@needs_kernels
+@pytest.mark.parametrize("name", MODEL_SHAPES)
+def test_prefill_and_decode_logits_with_kernels_match_transformers(
+    name, build_checkpoint, with_kernels, assert_matches_transformers
+):
+    """Each row's real slots (past its left padding) against transformers running that row alone."""
+    import checkpoints  # here, not at the top: the subprocesses import this module and need no torch
+
+    checkpoint = build_checkpoint(name)
+    prompts, continuation_BK = model_inputs(checkpoint.config.vocab_size)
+    logits_BSV = with_kernels(name)["float32_logits"]
+    for row, prompt in enumerate(prompts):
+        alone_1T = np.concatenate([prompt, continuation_BK[row]])[None]
+        start = max(PROMPT_LENGTHS) - len(prompt)
+        reference_1TV = checkpoints.hf_logits(checkpoint.hf_model, alone_1T)
+        assert_matches_transformers(logits_BSV[row : row + 1, start:], reference_1TV, what=f"row {row}")
+
+
+# --- whole model: bf16 and int8 weights ----------------------------------------------------------
+
+
+def rounded_float32_weights(weights, dtype):
+    """The float32 (unpacked, XLA-only matmuls) model whose matrices hold exactly the values that
+    weights packed as `dtype` stand for; the tied output projection becomes its own rounded copy,
+    since packing rounds lm_head but the embedding gather keeps float32 wte."""
+
+    def rounded(w_IO):
+        return unpack_matrix(pack_matrix(np.asarray(w_IO), dtype))
+
+    blocks = tuple(
+        dataclasses.replace(
+            w, qkv_w_DE=rounded(w.qkv_w_DE), attn_out_w_DD=rounded(w.attn_out_w_DD),
+            fc_w_DF=rounded(w.fc_w_DF), proj_w_FD=rounded(w.proj_w_FD),
+        )  # fmt: skip
+        for w in weights.blocks
+    )
+    assert weights.lm_head_VD is None, "the shapes used here tie lm_head to wte"
+    return dataclasses.replace(weights, blocks=blocks, lm_head_VD=rounded(weights.wte_VD.T).T)
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "int8"])
+def test_narrow_weight_model_is_the_float32_model_on_rounded_weights(dtype, gpt2_shape, assert_matches_transformers):
+    """All of the narrow models' error is the weight rounding: none is added by packing or the kernels."""
+    ids_BT = gpt2_shape.random_ids(2, 64)
+    narrow = load_weights(gpt2_shape.folder, dtype=dtype, pack=True)
+    reference = rounded_float32_weights(load_weights(gpt2_shape.folder, pack=False), dtype)
+    logits_BTV = gpt2_forward(ids_BT, narrow, gpt2_shape.config)
+    assert_matches_transformers(logits_BTV, gpt2_forward(ids_BT, reference, gpt2_shape.config), what=f"{dtype} logits")
+
+
+# Measured on the std 0.1 gpt2-shaped model, 2 x 64 tokens (logits up to |14|, std 2.8): max abs
+# diff 0.48 (bf16) and 2.8 (int8), mean 0.049 and 0.22; argmax agrees at 94% and 82% of positions.
+# The errors are the weight rounding (bf16: 8-bit mantissa, rms ~0.16% of |w|; int8: a step of
+# max|w|/127 per column, rms ~0.7% of |w|), amplified through 12 random layers; the test above
+# shows the kernels add nothing to them. The bounds leave ~2x headroom over the measurement.
+NARROW_BOUNDS = {"bfloat16": dict(max=1.0, mean=0.1, argmax=0.85), "int8": dict(max=5.0, mean=0.5, argmax=0.7)}
+
+
+@pytest.fixture(scope="module")
+def narrow_logit_errors(gpt2_shape) -> dict[str, tuple[np.ndarray, float]]:
+    """dtype -> |logits - float32 logits| on 2 x 64 tokens, and the argmax agreement."""
+    ids_BT = gpt2_shape.random_ids(2, 64)
+    float32_BTV = np.asarray(gpt2_forward(ids_BT, gpt2_shape.weights, gpt2_shape.config))
+    errors = {}
+    for dtype in NARROW_BOUNDS:
+        weights = load_weights(gpt2_shape.folder, dtype=dtype, pack=True)  # weight-only, with or without kernels
+        logits_BTV = np.asarray(gpt2_forward(ids_BT, weights, gpt2_shape.config))
+        errors[dtype] = (np.abs(logits_BTV - float32_BTV), float((logits_BTV.argmax(-1) == float32_BTV.argmax(-1)).mean()))
+    return errors
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "int8"])
+def test_narrow_weights_stay_near_float32_logits(dtype, narrow_logit_errors, capsys):
+    diff_BTV, argmax_agreement = narrow_logit_errors[dtype]
+    bounds = NARROW_BOUNDS[dtype]
+    with capsys.disabled():
+        print(
+            f"\n{dtype} weights vs float32 logits (gpt2 shape, std 0.1): max abs diff {diff_BTV.max():.3g} "
+            f"(bound {bounds['max']}), mean {diff_BTV.mean():.3g} (bound {bounds['mean']}), "
+            f"argmax agrees at {argmax_agreement:.0%} (bound {bounds['argmax']:.0%})"
+        )
+    assert diff_BTV.max() <= bounds["max"]
+    assert diff_BTV.mean() <= bounds["mean"]
+    assert argmax_agreement >= bounds["argmax"]
+    assert diff_BTV.max() > 0, "the narrow weights must actually be narrow"
+
+
+def test_int8_errs_more_than_bfloat16(narrow_logit_errors):
+    """int8's step (max|w|/127) is ~4x bf16's rounding: a bf16 'int8' or an int8 'bf16' fails here."""
+    bf16_BTV, _ = narrow_logit_errors["bfloat16"]
+    int8_BTV, _ = narrow_logit_errors["int8"]
+    assert int8_BTV.mean() > 2 * bf16_BTV.mean()
+    assert int8_BTV.max() > bf16_BTV.max()
+
+
+# --- build cache, thread pool, switches ----------------------------------------------------------
+
+
+@needs_kernels
+def test_a_fresh_cache_dir_builds_the_library_once(tmp_path):
+    cache = tmp_path / "cache"
+    first, _ = run_in_subprocess("kernel_probe", "", tmp_path / "first.npz", JAX_GPT2_CACHE_DIR=str(cache))
+    libraries = sorted((cache / "kernels").glob("cpu_kernels-*.so"))
+    assert first["kernels_available"]
+    assert len(libraries) == 1
+    built_at = libraries[0].stat().st_mtime_ns
+    second, _ = run_in_subprocess("kernel_probe", "", tmp_path / "second.npz", JAX_GPT2_CACHE_DIR=str(cache))
+    assert second["kernels_available"]
+    assert sorted((cache / "kernels").glob("cpu_kernels-*.so")) == libraries
+    assert libraries[0].stat().st_mtime_ns == built_at, "the second process rebuilt instead of loading"
+
+
+POOL_SETTINGS = {
+    "1 thread": dict(JAX_GPT2_KERNEL_THREADS="1"),
+    "3 threads": dict(JAX_GPT2_KERNEL_THREADS="3"),  # more threads than this machine's 2 cores
+    "1 chunk per thread": dict(JAX_GPT2_KERNEL_CHUNKS="1"),  # long runs of tiles per thread
+    "single tiles": dict(JAX_GPT2_KERNEL_CHUNKS="100000"),
+}
+
+
+@needs_kernels
+@pytest.mark.parametrize("setting", list(POOL_SETTINGS))
+def test_kernel_results_do_not_depend_on_how_the_pool_splits_the_work(setting, tmp_path):
+    """Each output tile (and each attention head) is computed by one thread, in one order: bit-identical."""
+    here = kernel_probe("")
+    there, _ = run_in_subprocess("kernel_probe", "", tmp_path / "probe.npz", **POOL_SETTINGS[setting])
+    assert there["kernels_available"]
+    for key in [*DTYPES, "attention"]:
+        np.testing.assert_array_equal(there[key], here[key], err_msg=key)
+
+
+def test_native_zero_turns_the_kernels_off(tmp_path):
+    there, _ = run_in_subprocess("kernel_probe", "", tmp_path / "probe.npz", JAX_GPT2_NATIVE="0")
+    assert not there["kernels_available"]
+
+
+@needs_kernels  # elsewhere nothing is built, so nothing can fail
+def test_a_failed_build_falls_back_to_xla_with_a_warning(tmp_path):
+    """A compiler that fails (here `false`) leaves no library behind, warns, and turns the kernels off."""
+    cache = tmp_path / "cache"
+    env = dict(JAX_GPT2_CACHE_DIR=str(cache), CXX="false", JAX_GPT2_NATIVE="1")
+    there, stderr = run_in_subprocess("kernel_probe", "", tmp_path / "probe.npz", **env)
+    assert not there["kernels_available"]
+    assert "CPU kernels unavailable, using XLA's dot" in stderr
+    assert list(cache.rglob("*.so")) == [], "a failed build must not leave a (partial) library to load"
+
+
+# --- errors --------------------------------------------------------------------------------------
+
+
+def test_int8_without_packing_is_a_value_error(tiny):
+    with pytest.raises(ValueError, match="int8 weights exist only packed"):
+        load_weights(tiny.folder, dtype=jnp.int8, pack=False)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float16, jnp.float64, jnp.int4])
+def test_unsupported_dtype_is_a_value_error(dtype, tiny):
+    with pytest.raises(ValueError, match="dtype must be one of"):
+        load_weights(tiny.folder, dtype=dtype)
