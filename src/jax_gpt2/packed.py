@@ -57,6 +57,8 @@ def pack_matrix(w_IO: np.ndarray, dtype) -> PackedMatrix:
         scale_GC = jnp.asarray(scale_Q.reshape(G, TILE), jnp.float32)
     tiles_GIC = np.ascontiguousarray(padded_IQ.reshape(I, G, TILE).transpose(1, 0, 2))
     packed = PackedMatrix(jnp.asarray(tiles_GIC, dtype), scale_GC, O)
+    if native.kernels_available():
+        native.advise_huge_pages(packed.tiles_GIC)  # weights are streamed every token: fewer TLB misses
     assert packed.shape == (I, O)
     assert (scale_GC is None) == (jnp.dtype(dtype) != jnp.int8)
     return packed

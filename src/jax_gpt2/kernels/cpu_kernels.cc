@@ -34,7 +34,8 @@ namespace ffi = xla::ffi;
 namespace {
 
 constexpr int64_t kTileColumns = 64;  // four 16-float zmm registers
-constexpr int kMaxRows = 6;           // 6 rows x 4 registers = 24 accumulators, under the 32 zmm
+constexpr int kMaxRows = 6;
+           // 6 rows x 4 registers = 24 accumulators, under the 32 zmm
 
 // ---------------------------------------------------------------------------------------------
 // A persistent pool: tiles are handed out by an atomic counter, so a thread slowed by another
