@@ -164,22 +164,13 @@ def test_cli_json_is_one_machine_readable_line(text_model, capsys):
     assert result["tokens_per_second"] > 0
 
 
-def test_cli_bf16_weights_give_a_nearby_perplexity(text_model, capsys):
-    """bf16 keeps ~3 significant digits per weight: the mean NLL moves by well under 5%."""
+@pytest.mark.parametrize("dtype", ["bf16", "int8"])
+def test_cli_narrow_weights_give_a_nearby_perplexity(dtype, text_model, capsys):
+    """bf16 keeps ~3 significant digits per weight, per-channel int8 ~2: the mean NLL moves by well under 5%."""
     folder, text_file = text_model
-    assert main(["perplexity", str(text_file), "--model", str(folder), *CLI_SETTINGS, "--dtype", "bf16", "--json"]) == 0
+    assert main(["perplexity", str(text_file), "--model", str(folder), *CLI_SETTINGS, "--dtype", dtype, "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
     expected, _ = library_perplexity(folder)
-    assert result["dtype"] == "bf16"
-    assert abs(math.log(result["perplexity"]) - math.log(expected)) <= 0.05 * math.log(expected)
-
-
-def test_cli_int8_weights_give_a_nearby_perplexity(text_model, capsys):
-    """Per-channel int8 keeps ~2 significant digits per weight: the mean NLL still moves by well under 5%."""
-    folder, text_file = text_model
-    assert main(["perplexity", str(text_file), "--model", str(folder), *CLI_SETTINGS, "--dtype", "int8", "--json"]) == 0
-    result = json.loads(capsys.readouterr().out)
-    expected, _ = library_perplexity(folder)
-    assert result["dtype"] == "int8"
+    assert result["dtype"] == dtype
     assert result["perplexity"] != expected  # the weights really were narrowed
     assert abs(math.log(result["perplexity"]) - math.log(expected)) <= 0.05 * math.log(expected)
