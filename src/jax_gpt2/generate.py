@@ -80,6 +80,18 @@ def prefill(
     return state
 
 
+def pick_next(state: DecodeState, params: SamplingParams, flags: SamplerFlags) -> tuple[jax.Array, jax.Array]:
+    """The next token of each row from its current logits (PAD_ID once the row is done), and the
+    processed logits it was picked from."""
+    B = state.done_B.shape[0]
+    assert state.logits_BV.shape[0] == B
+    step_keys_B = jax.vmap(jax.random.fold_in)(state.keys_B, state.step_B)
+    picked_BV = pick_logits(state.logits_BV, state.seen_BV, params, flags)
+    token_B = jnp.where(state.done_B, PAD_ID, choose_tokens(picked_BV, params, step_keys_B, flags))
+    assert token_B.shape == (B,)
+    return token_B, picked_BV
+
+
 def decode_step(
     state: DecodeState, eos_E: jax.Array, params: SamplingParams, weights: GPT2Weights, config: GPT2Config,
     flags: SamplerFlags,
@@ -93,9 +105,7 @@ def decode_step(
     B = state.done_B.shape[0]
     assert eos_E.ndim == 1
     assert state.step_B.shape == (B,)
-    step_keys_B = jax.vmap(jax.random.fold_in)(state.keys_B, state.step_B)
-    picked_BV = pick_logits(state.logits_BV, state.seen_BV, params, flags)
-    token_B = jnp.where(state.done_B, PAD_ID, choose_tokens(picked_BV, params, step_keys_B, flags))
+    token_B, picked_BV = pick_next(state, params, flags)
     hidden_BTD, cache = transformer(token_B[:, None], state.cache, weights, config)
     new_state = DecodeState(
         cache=cache,
@@ -148,7 +158,12 @@ def decode(
 @functools.partial(jax.jit, static_argnames=("config", "flags", "num_slots"))
 def _generate_jit(ids_BT, start_B, keys_B, max_steps, eos_E, params, weights, config, flags, num_slots):
     state = prefill(ids_BT, start_B, keys_B, weights, config, ids_BT.shape[1] + num_slots)
-    _, tokens_BK, emitted_BK = decode(state, max_steps, eos_E, params, weights, config, flags, num_slots)
+    # The last token needs picking but no forward pass (its logits would never be used): decode
+    # max_steps - 1 full steps, then pick once more. Saves one whole-model step per call.
+    state, tokens_BK, emitted_BK = decode(state, max_steps - 1, eos_E, params, weights, config, flags, num_slots)
+    token_B, _ = pick_next(state, params, flags)
+    tokens_BK = jax.lax.dynamic_update_slice(tokens_BK, token_B[:, None], (0, max_steps - 1))
+    emitted_BK = jax.lax.dynamic_update_slice(emitted_BK, ~state.done_B[:, None], (0, max_steps - 1))
     return tokens_BK, emitted_BK
 
 
