@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jax_gpt2 import native
-from jax_gpt2.config import GPT2Config
+from jax_gpt2.config import WEIGHT_DTYPES, GPT2Config
 from jax_gpt2.generate import generate
 from jax_gpt2.loader import normalize_keys, weights_for_dtype
 from jax_gpt2.model import gpt2_forward
@@ -112,11 +112,7 @@ def bench_decode(config, weights, model, batch: int, prompt_len: int, new_tokens
         return generate(prompts.tolist(), weights, config, max_new_tokens=count)
 
     def run_hf(count: int):
-        with torch.no_grad():
-            return model.generate(
-                ids, attention_mask=torch.ones_like(ids), max_new_tokens=count, min_new_tokens=count,
-                do_sample=False, pad_token_id=0, eos_token_id=None,
-            )  # fmt: skip
+        return hf_greedy(model, ids, count)
 
     extra_tokens = batch * (new_tokens - 1)
     ours_rates, ours_first = paired_rates(lambda: run_ours(new_tokens), lambda: run_ours(1), extra_tokens, repeats)
@@ -127,6 +123,18 @@ def bench_decode(config, weights, model, batch: int, prompt_len: int, new_tokens
         jax_tok_s=median_of_finite(ours_rates), hf_tok_s=median_of_finite(hf_rates),
         jax_rates=ours_rates, hf_rates=hf_rates, jax_first_token_s=ours_first, hf_first_token_s=hf_first,
     )  # fmt: skip
+
+
+def hf_greedy(model, ids, count: int):
+    """transformers' greedy generate of exactly `count` new tokens (no eos stop), prompt included."""
+    import torch
+
+    assert count >= 1
+    with torch.no_grad():
+        return model.generate(
+            ids, attention_mask=torch.ones_like(ids), max_new_tokens=count, min_new_tokens=count,
+            do_sample=False, pad_token_id=0, eos_token_id=None,
+        )  # fmt: skip
 
 
 def paired_rates(run_full, run_first, extra_tokens: int, repeats: int) -> tuple[list[float], float]:
@@ -206,19 +214,12 @@ def bench_prefill(config, weights, model, prompt_len: int, repeats: int) -> dict
     ids = np.random.default_rng(prompt_len).integers(0, config.vocab_size, (1, prompt_len))
     tensor = torch.as_tensor(ids)
 
-    def hf_first_token():
-        with torch.no_grad():
-            return model.generate(
-                tensor, attention_mask=torch.ones_like(tensor), max_new_tokens=1, do_sample=False,
-                pad_token_id=0, eos_token_id=None,
-            )  # fmt: skip
-
     def hf_forward():
         with torch.no_grad():
             return model(tensor).logits
 
     ours = time_repeats(lambda: generate(ids.tolist(), weights, config, max_new_tokens=1), repeats)
-    theirs = time_repeats(hf_first_token, repeats)
+    theirs = time_repeats(lambda: hf_greedy(model, tensor, 1), repeats)
     ours_forward = time_repeats(lambda: gpt2_forward(ids, weights, config).block_until_ready(), repeats)
     theirs_forward = time_repeats(hf_forward, repeats)
     return dict(
@@ -241,16 +242,13 @@ def machine_info() -> dict:
     )  # fmt: skip
 
 
-DTYPES = {"fp32": "float32", "bf16": "bfloat16", "int8": "int8"}  # CLI name -> weight dtype
-
-
 def transformers_model_for(model, dtype: str):
     """transformers' nearest form of a jax-gpt2 dtype: the float32 model itself, or a bfloat16 copy."""
     import copy
 
     import torch
 
-    assert dtype in DTYPES
+    assert dtype in WEIGHT_DTYPES
     return copy.deepcopy(model).to(torch.bfloat16) if dtype == "bf16" else model
 
 
@@ -263,7 +261,7 @@ def run_benchmarks(
 
     from tqdm import tqdm
 
-    assert dtypes and all(dtype in DTYPES for dtype in dtypes)
+    assert dtypes and all(dtype in WEIGHT_DTYPES for dtype in dtypes)
     state, model = make_models(config)
     results: dict = dict(machine=machine_info(), config=dataclasses.asdict(config), runs=[])
     bandwidths = [measure_bandwidth_gbs()]
@@ -271,7 +269,7 @@ def run_benchmarks(
     plan += [("prefill", 1, length) for length in prefill_lens]
     bar = tqdm(total=len(dtypes) * (len(plan) + 1), desc="benchmarks", disable=not progress)
     for dtype in dtypes:
-        weights = weights_for_dtype(state, config, jnp.dtype(DTYPES[dtype]), pack=None)
+        weights = weights_for_dtype(state, config, jnp.dtype(WEIGHT_DTYPES[dtype]), pack=None)
         hf_model = transformers_model_for(model, dtype)
         with tempfile.TemporaryDirectory() as cache_dir:
             cold_s, warm_s = first_token_s(config, weights, cache_dir)
@@ -312,7 +310,7 @@ def add_rooflines(results: dict) -> None:
 def decode_row(config, weights, hf_model, dtype: str, batch: int, length: int, new_tokens: int, repeats: int) -> dict:
     """bench_decode plus the bytes one step reads on average (weights and the cache's filled part)."""
     row = bench_decode(config, weights, hf_model, batch, length, new_tokens, repeats)
-    row["bytes_per_step"] = decode_bytes_per_step(config, batch, length + new_tokens // 2, DTYPES[dtype])
+    row["bytes_per_step"] = decode_bytes_per_step(config, batch, length + new_tokens // 2, WEIGHT_DTYPES[dtype])
     assert row["bytes_per_step"] > 0
     return row
 

@@ -56,13 +56,11 @@ def enable_compilation_cache() -> None:
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
-# --dtype names -> weight dtypes. bf16 and int8 are weight-only where the CPU kernels run (see packed.py).
-DTYPE_NAMES = {"fp32": "float32", "bf16": "bfloat16", "int8": "int8"}
-
-
 def add_dtype_option(parser) -> None:
+    from jax_gpt2.config import WEIGHT_DTYPES
+
     parser.add_argument(
-        "--dtype", choices=sorted(DTYPE_NAMES), default="fp32",
+        "--dtype", choices=sorted(WEIGHT_DTYPES), default="fp32",
         help="weight dtype: fp32 (default), bf16, or int8 (per-channel symmetric, weight-only)",
     )  # fmt: skip
 
@@ -71,13 +69,14 @@ def _load_model(name_or_path: str, dtype_name: str = "fp32"):
     """(folder, config, weights) for a hub name or local folder; imports JAX only when a command needs it."""
     import jax.numpy as jnp
 
+    from jax_gpt2.config import WEIGHT_DTYPES
     from jax_gpt2.loader import load_config, load_weights, resolve_model_dir
 
-    assert dtype_name in DTYPE_NAMES, dtype_name
+    assert dtype_name in WEIGHT_DTYPES, dtype_name
     enable_compilation_cache()
     folder = resolve_model_dir(name_or_path)
     config = load_config(folder)
-    return folder, config, load_weights(folder, dtype=jnp.dtype(DTYPE_NAMES[dtype_name]), config=config)
+    return folder, config, load_weights(folder, dtype=jnp.dtype(WEIGHT_DTYPES[dtype_name]), config=config)
 
 
 def run_next(args: argparse.Namespace) -> int:
@@ -284,7 +283,7 @@ def run_bench(args: argparse.Namespace) -> int:
 def add_bench_command(subparsers) -> None:
     import os
 
-    from jax_gpt2.config import PRESETS
+    from jax_gpt2.config import PRESETS, WEIGHT_DTYPES
 
     parser = subparsers.add_parser("bench", help="speed against transformers, and against the bandwidth roofline")
     parser.add_argument("--preset", choices=sorted(PRESETS), default="gpt2")
@@ -295,7 +294,7 @@ def add_bench_command(subparsers) -> None:
     parser.add_argument("--new-tokens", type=_positive_int, default=32)
     parser.add_argument("--repeats", type=_positive_int, default=3)
     parser.add_argument("--threads", type=_positive_int, default=os.cpu_count() or 1)
-    parser.add_argument("--dtypes", nargs="+", choices=["fp32", "bf16", "int8"], default=["fp32", "bf16", "int8"])
+    parser.add_argument("--dtypes", nargs="+", choices=list(WEIGHT_DTYPES), default=list(WEIGHT_DTYPES))
     parser.add_argument("--out", type=Path, default=None, help="write the results as JSON")
     parser.add_argument("--plot", type=Path, default=None, help="write a PNG chart of the results (needs matplotlib)")
     parser.set_defaults(run=run_bench)
@@ -362,8 +361,10 @@ def run_serve(args: argparse.Namespace) -> int:
         from jax_gpt2.server import run_server
     except ImportError as error:
         raise UserError(f"serve needs FastAPI and uvicorn ({error.name} is missing): pip install 'jax-gpt2[serve]'")
+    from jax_gpt2.config import WEIGHT_DTYPES
+
     enable_compilation_cache()
-    run_server(args.model, args.host, args.port, args.max_batch, args.max_seq_len, args.max_queue, DTYPE_NAMES[args.dtype],
+    run_server(args.model, args.host, args.port, args.max_batch, args.max_seq_len, args.max_queue, WEIGHT_DTYPES[args.dtype],
                args.chunk_steps)  # fmt: skip
     return 0
 

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jax_gpt2 import native
-from jax_gpt2.packed import PackedMatrix, packed_matmul
+from jax_gpt2.packed import PackedMatrix, packed_matmul_BT
 
 # Full float32 matmuls: GPUs would otherwise use TF32 and miss transformers' float32 logits by 1e-3.
 # On CPU this changes nothing; bf16 weights still run bf16 matmuls.
@@ -79,8 +79,7 @@ def linear(x_BTI: jax.Array, w_IO: "jax.Array | PackedMatrix", b_O: jax.Array) -
     assert x_BTI.shape[-1] == w_IO.shape[0]
     assert b_O.shape == (w_IO.shape[1],)
     if isinstance(w_IO, PackedMatrix):
-        B, T, I = x_BTI.shape
-        y_BTO = packed_matmul(x_BTI.reshape(B * T, I), w_IO).reshape(B, T, w_IO.shape[1])
+        y_BTO = packed_matmul_BT(x_BTI, w_IO)
         return y_BTO + b_O.astype(y_BTO.dtype)
     y_BTO = jnp.einsum("BTI,IO->BTO", x_BTI, w_IO.astype(x_BTI.dtype), precision=PRECISION) + b_O.astype(x_BTI.dtype)
     return y_BTO

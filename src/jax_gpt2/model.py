@@ -20,7 +20,7 @@ import numpy as np
 from jax_gpt2 import kvcache
 from jax_gpt2.config import GPT2Config
 from jax_gpt2.kvcache import KVCache
-from jax_gpt2.packed import packed_matmul
+from jax_gpt2.packed import packed_matmul_BT
 from jax_gpt2.layers import (
     PRECISION, cached_attention, can_use_decode_kernel, causal_attention_in_blocks, decode_attention, layer_norm,
     linear, mlp,
@@ -115,9 +115,7 @@ def transformer(
 def lm_logits(hidden_BTD: jax.Array, weights: GPT2Weights) -> jax.Array:
     """Project hidden states onto the vocabulary (lm_head, tied to wte unless the checkpoint unties it)."""
     if weights.lm_head_DV is not None:
-        B, T, D = hidden_BTD.shape
-        logits_MV = packed_matmul(hidden_BTD.reshape(B * T, D), weights.lm_head_DV)
-        return logits_MV.reshape(B, T, weights.lm_head_DV.shape[1])
+        return packed_matmul_BT(hidden_BTD, weights.lm_head_DV)
     head_VD = weights.wte_VD if weights.lm_head_VD is None else weights.lm_head_VD
     assert hidden_BTD.shape[-1] == head_VD.shape[1]
     logits_BTV = jnp.einsum("BTD,VD->BTV", hidden_BTD, head_VD.astype(hidden_BTD.dtype), precision=PRECISION)

@@ -93,6 +93,14 @@ def packed_matmul(x_MI: jax.Array, packed: PackedMatrix, use_kernel: bool | None
     return y_MO
 
 
+def packed_matmul_BT(x_BTI: jax.Array, packed: PackedMatrix) -> jax.Array:
+    """`packed_matmul` over every (batch, time) row: the kernel sees one (B*T, I) matrix."""
+    B, T, I = x_BTI.shape
+    y_BTO = packed_matmul(x_BTI.reshape(B * T, I), packed).reshape(B, T, packed.out_features)
+    assert y_BTO.dtype == jnp.float32
+    return y_BTO
+
+
 def pack_weights(weights: GPT2Weights, dtype) -> GPT2Weights:
     """Pack every block matrix and the output projection; embeddings, norms and biases stay float32.
 
