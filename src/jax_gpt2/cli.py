@@ -361,11 +361,9 @@ def run_serve(args: argparse.Namespace) -> int:
         from jax_gpt2.server import run_server
     except ImportError as error:
         raise UserError(f"serve needs FastAPI and uvicorn ({error.name} is missing): pip install 'jax-gpt2[serve]'")
-    from jax_gpt2.config import WEIGHT_DTYPES
-
-    enable_compilation_cache()
-    run_server(args.model, args.host, args.port, args.max_batch, args.max_seq_len, args.max_queue, WEIGHT_DTYPES[args.dtype],
-               args.chunk_steps)  # fmt: skip
+    folder, config, weights = _load_model(args.model, args.dtype)
+    run_server(args.model, folder, config, weights, args.host, args.port, args.max_batch, args.max_seq_len,
+               args.max_queue, args.chunk_steps)  # fmt: skip
     return 0
 
 

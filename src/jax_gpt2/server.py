@@ -466,24 +466,20 @@ def create_app(engine: Engine, model_id: str) -> FastAPI:
 
 
 def run_server(
-    name_or_path: str, host: str, port: int, max_batch: int, max_seq_len: int, max_queue: int, dtype: str,
+    model_id: str, folder, config, weights, host: str, port: int, max_batch: int, max_seq_len: int, max_queue: int,
     chunk_steps: int,
 ) -> None:  # fmt: skip
-    """Load the model, compile every shape the engine uses, then serve until Ctrl-C / SIGTERM, which
-    stop new connections, let the open responses finish (the engine keeps decoding them), and exit."""
-    import jax.numpy as jnp
+    """Compile every shape the engine uses for a loaded model, then serve it as `model_id` until
+    Ctrl-C / SIGTERM, which stop new connections, let the open responses finish (the engine keeps
+    decoding them), and exit."""
     import uvicorn
 
-    from jax_gpt2.loader import load_config, load_weights, resolve_model_dir
     from jax_gpt2.tokenizer import load_tokenizer
 
-    assert dtype in ("float32", "bfloat16", "int8")
+    assert model_id
     assert port >= 0
-    folder = resolve_model_dir(name_or_path)
-    config = load_config(folder)
-    weights = load_weights(folder, dtype=jnp.dtype(dtype), config=config)
     engine = Engine(weights, config, load_tokenizer(folder), max_batch, max_seq_len, max_queue, chunk_steps)
     print(f"jax-gpt2 serve: compiling for {max_batch} slots x {engine.context_length} positions, "
           f"prefill buckets {engine.buckets} ...", flush=True)  # fmt: skip
     engine.warm_up()
-    uvicorn.run(create_app(engine, name_or_path), host=host, port=port, log_level="info")
+    uvicorn.run(create_app(engine, model_id), host=host, port=port, log_level="info")
