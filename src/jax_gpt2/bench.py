@@ -29,6 +29,7 @@ from jax_gpt2.generate import generate
 from jax_gpt2.loader import normalize_keys, weights_for_dtype
 from jax_gpt2.model import gpt2_forward
 from jax_gpt2.random_model import random_state_dict
+from jax_gpt2.sharding import place_weights
 
 
 @dataclasses.dataclass(frozen=True)
@@ -254,9 +255,10 @@ def transformers_model_for(model, dtype: str):
 
 def run_benchmarks(
     config: GPT2Config, dtypes: list[str], batches: list[int], prefill_lens: list[int], new_tokens: int,
-    repeats: int, contexts: list[int], progress: bool = True,
+    repeats: int, contexts: list[int], progress: bool = True, mesh=None,
 ) -> dict:  # fmt: skip
-    """Every measurement of one model shape, for each weight dtype, as a JSON-ready dict."""
+    """Every measurement of one model shape, for each weight dtype, as a JSON-ready dict (our side on
+    `mesh` when given: placed as load_weights places it, unpacked)."""
     import tempfile
 
     from tqdm import tqdm
@@ -264,12 +266,16 @@ def run_benchmarks(
     assert dtypes and all(dtype in WEIGHT_DTYPES for dtype in dtypes)
     state, model = make_models(config)
     results: dict = dict(machine=machine_info(), config=dataclasses.asdict(config), runs=[])
+    results["mesh"] = None if mesh is None else dict(mesh.shape)
     bandwidths = [measure_bandwidth_gbs()]
     plan = [("decode", batch, 20) for batch in batches] + [("decode", 1, context) for context in contexts]
     plan += [("prefill", 1, length) for length in prefill_lens]
     bar = tqdm(total=len(dtypes) * (len(plan) + 1), desc="benchmarks", disable=not progress)
     for dtype in dtypes:
-        weights = weights_for_dtype(state, config, jnp.dtype(WEIGHT_DTYPES[dtype]), pack=None)
+        on_mesh = mesh is not None and mesh.size > 1
+        weights = weights_for_dtype(state, config, jnp.dtype(WEIGHT_DTYPES[dtype]), pack=False if on_mesh else None)
+        if on_mesh:
+            weights = place_weights(weights, config, mesh)
         hf_model = transformers_model_for(model, dtype)
         with tempfile.TemporaryDirectory() as cache_dir:
             cold_s, warm_s = first_token_s(config, weights, cache_dir)

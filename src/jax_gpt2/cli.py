@@ -29,12 +29,31 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return int(args.run(args))
-    except (UserError, ValueError, FileNotFoundError) as error:
+    except (UserError, ValueError, FileNotFoundError, TimeoutError) as error:
+        _fail_distributed(args, error)
         print(f"jax-gpt2 {args.command}: error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"jax-gpt2 {args.command}: interrupted", file=sys.stderr)
         return 130
+    except Exception as error:  # in a multi-process run, the collectives' errors when a peer dies (XLA's types)
+        _fail_distributed(args, error)
+        raise
+
+
+def _fail_distributed(args: argparse.Namespace, error: Exception) -> None:
+    """In a multi-process run, any error ends this process at once with one line (see
+    sharding.exit_with_message): the others then fail fast on their next collective instead of waiting."""
+    jax = sys.modules.get("jax")
+    if jax is None or not jax.distributed.is_initialized():
+        return
+    from jax_gpt2.sharding import EXIT_LOST_PEER, exit_with_message
+
+    where = f"process {jax.process_index()} of {jax.process_count()}"
+    text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    if any(sign in text for sign in ("Gloo", "Connection closed", "heartbeat", "UNAVAILABLE", "Connection reset")):
+        text = f"lost contact with another process (it died or its host is unreachable): {text}"
+    exit_with_message(f"jax-gpt2 {args.command}: error: {where}: {text}", EXIT_LOST_PEER)
 
 
 def _positive_int(text: str) -> int:
@@ -65,7 +84,7 @@ def add_dtype_option(parser) -> None:
     )  # fmt: skip
 
 
-def _load_model(name_or_path: str, dtype_name: str = "fp32"):
+def _load_model(name_or_path: str, dtype_name: str = "fp32", mesh=None):
     """(folder, config, weights) for a hub name or local folder; imports JAX only when a command needs it."""
     import jax.numpy as jnp
 
@@ -76,7 +95,74 @@ def _load_model(name_or_path: str, dtype_name: str = "fp32"):
     enable_compilation_cache()
     folder = resolve_model_dir(name_or_path)
     config = load_config(folder)
-    return folder, config, load_weights(folder, dtype=jnp.dtype(WEIGHT_DTYPES[dtype_name]), config=config)
+    weights = load_weights(folder, dtype=jnp.dtype(WEIGHT_DTYPES[dtype_name]), config=config, mesh=mesh)
+    return folder, config, weights
+
+
+def _mesh_shape(text: str) -> tuple[int, int]:
+    from jax_gpt2.sharding import parse_mesh
+
+    try:
+        return parse_mesh(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def add_mesh_option(parser) -> None:
+    parser.add_argument(
+        "--mesh", type=_mesh_shape, default=None, metavar="DATAxMODEL",
+        help="run on DATA x MODEL devices: the batch split DATA ways, each layer MODEL ways (e.g. 2x1, 1x4)",
+    )  # fmt: skip
+
+
+def add_distributed_options(parser) -> None:
+    group = parser.add_argument_group("many processes (jax.distributed; every process runs the same command)")
+    group.add_argument("--coordinator", default=None, metavar="HOST:PORT", help="process 0's address and a free port")
+    group.add_argument("--num-processes", type=int, default=None, metavar="P", help="how many processes take part")
+    group.add_argument("--process-id", type=int, default=None, metavar="I", help="this process's id, 0 .. P-1")
+    group.add_argument(
+        "--timeout", type=float, default=60.0, metavar="SECONDS",
+        help="bound on waiting for the coordinator and the other processes, and on a silent peer (default 60)",
+    )  # fmt: skip
+
+
+def _start_processes(args: argparse.Namespace) -> None:
+    """jax.distributed.initialize when --coordinator is given (before anything touches JAX's devices)."""
+    given = [args.num_processes is not None, args.process_id is not None]
+    if args.coordinator is None:
+        if any(given):
+            raise UserError("--num-processes and --process-id need --coordinator HOST:PORT")
+        return
+    if not all(given):
+        raise UserError("--coordinator needs --num-processes P and --process-id I as well")
+    from jax_gpt2.sharding import check_processes, initialize, one_line_fatal_reports
+
+    check_processes(args.num_processes, args.process_id)
+    one_line_fatal_reports(
+        f"jax-gpt2 {args.command}: error: process {args.process_id} of {args.num_processes}: JAX's coordination "
+        "service failed: another process died, or the coordinator (process 0) is gone"
+    )
+    initialize(args.coordinator, args.num_processes, args.process_id, args.timeout)
+
+
+def _mesh_from_args(args: argparse.Namespace):
+    """The mesh --mesh asks for; in a multi-process run without --mesh, every device on "data"."""
+    import jax
+
+    from jax_gpt2.sharding import make_mesh
+
+    if args.mesh is None:
+        return None if jax.process_count() == 1 else make_mesh(jax.device_count(), 1)
+    data, model = args.mesh
+    if jax.process_count() > 1 and data * model != jax.device_count():
+        raise UserError(f"--mesh {data}x{model} must use all {jax.device_count()} devices of the {jax.process_count()} processes")
+    return make_mesh(data, model)
+
+
+def _is_main_process() -> bool:
+    import jax
+
+    return jax.process_index() == 0
 
 
 def run_next(args: argparse.Namespace) -> int:
@@ -218,14 +304,20 @@ def run_generate(args: argparse.Namespace) -> int:
     from jax_gpt2.tokenizer import encode, load_tokenizer
 
     prompts = _read_prompts(args)
-    folder, config, weights = _load_model(args.model, args.dtype)
+    _start_processes(args)
+    folder, config, weights = _load_model(args.model, args.dtype, _mesh_from_args(args))
     tokenizer = load_tokenizer(folder)
     prompt_ids = [encode(tokenizer, prompt) for prompt in prompts]
     settings = _sampling_settings(args, config)
-    if len(prompts) == 1:
+    if len(prompts) == 1 and args.coordinator is None:
         _stream_one(prompts[0], prompt_ids[0], tokenizer, weights, config, settings, args.stop)
         return 0
-    for prompt, new_ids in zip(prompts, generate(prompt_ids, weights, config, **settings)):
+    # Many processes: every one runs the whole batch's program (its rows are split over "data");
+    # process 0 prints every output, in input order.
+    outputs = generate(prompt_ids, weights, config, **settings)
+    if not _is_main_process():
+        return 0
+    for prompt, new_ids in zip(prompts, outputs):
         if new_ids and new_ids[-1] == settings["eos_token_id"]:
             new_ids = new_ids[:-1]
         text = tokenizer.decode(new_ids)
@@ -249,6 +341,8 @@ def add_generate_command(subparsers) -> None:
     parser.add_argument("--stop", action="append", default=[], help="end the text where this string occurs")
     parser.add_argument("--ignore-eos", action="store_true", help="do not stop at the model's end-of-text token")
     add_dtype_option(parser)
+    add_mesh_option(parser)
+    add_distributed_options(parser)
     parser.set_defaults(run=run_generate)
 
 
@@ -266,10 +360,16 @@ def run_bench(args: argparse.Namespace) -> int:
     config = PRESETS[args.preset]
     if args.layers is not None:
         config = dataclasses.replace(config, n_layer=args.layers)
+    _start_processes(args)
+    enable_compilation_cache()
+    mesh = _mesh_from_args(args)
     results = run_benchmarks(
-        config, args.dtypes, args.batch_sizes, args.prefill, args.new_tokens, args.repeats, args.contexts, progress=True
-    )
+        config, args.dtypes, args.batch_sizes, args.prefill, args.new_tokens, args.repeats, args.contexts,
+        progress=_is_main_process(), mesh=mesh,
+    )  # fmt: skip
     results["preset"], results["layers"] = args.preset, config.n_layer
+    if not _is_main_process():
+        return 0
     print(format_table(results))
     if args.out is not None:
         args.out.write_text(json.dumps(results, indent=2))
@@ -297,6 +397,8 @@ def add_bench_command(subparsers) -> None:
     parser.add_argument("--dtypes", nargs="+", choices=list(WEIGHT_DTYPES), default=list(WEIGHT_DTYPES))
     parser.add_argument("--out", type=Path, default=None, help="write the results as JSON")
     parser.add_argument("--plot", type=Path, default=None, help="write a PNG chart of the results (needs matplotlib)")
+    add_mesh_option(parser)
+    add_distributed_options(parser)
     parser.set_defaults(run=run_bench)
 
 
@@ -305,13 +407,15 @@ def run_perplexity(args: argparse.Namespace) -> int:
     import json
     import time
 
+    import jax
     from tqdm import tqdm
 
     from jax_gpt2.perplexity import batch_nlls, check_arguments, perplexity_of, plan_windows
     from jax_gpt2.tokenizer import encode, load_tokenizer
 
     text = args.file.read_text(encoding="utf-8")
-    folder, config, weights = _load_model(args.model, args.dtype)
+    _start_processes(args)
+    folder, config, weights = _load_model(args.model, args.dtype, _mesh_from_args(args))
     ids = encode(load_tokenizer(folder), text)
     max_length = args.max_length if args.max_length is not None else config.n_positions
     stride = args.stride if args.stride is not None else max(1, max_length // 2)
@@ -326,12 +430,15 @@ def run_perplexity(args: argparse.Namespace) -> int:
         "perplexity": ppl, "tokens": len(ids), "scored_tokens": num_scored, "windows": num_windows,
         "seconds": seconds, "tokens_per_second": len(ids) / seconds, "model": str(args.model),
         "max_length": max_length, "stride": stride, "batch_size": args.batch_size, "dtype": args.dtype,
+        "mesh": _mesh_name(weights.mesh), "processes": jax.process_count(), "process_id": jax.process_index(),
     }  # fmt: skip
     if args.json:
         print(json.dumps(result))
         return 0
     print(f"perplexity: {ppl:.4f}")
     print(f"tokens: {len(ids)} ({num_scored} scored, {num_windows} windows of up to {max_length}, stride {stride})")
+    if weights.mesh is not None:
+        print(f"mesh: {result['mesh']} (data x model), process {jax.process_index()} of {jax.process_count()}")
     print(f"speed: {len(ids) / seconds:.1f} tokens/s ({seconds:.2f} s, compilation included)")
     return 0
 
@@ -351,8 +458,14 @@ def add_perplexity_command(subparsers) -> None:
     parser.add_argument("--stride", type=_positive_int, default=None, help="window step (default: max-length / 2)")
     parser.add_argument("--batch-size", type=_positive_int, default=8, help="windows per device call (default: 8)")
     add_dtype_option(parser)
+    add_mesh_option(parser)
+    add_distributed_options(parser)
     parser.add_argument("--json", action="store_true", help="print one JSON line instead of text")
     parser.set_defaults(run=run_perplexity)
+
+
+def _mesh_name(mesh) -> str:
+    return "1x1" if mesh is None else f"{mesh.shape['data']}x{mesh.shape['model']}"
 
 
 def run_serve(args: argparse.Namespace) -> int:

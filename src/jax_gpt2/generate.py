@@ -14,16 +14,22 @@ people who build their own loop (the server does).
 import dataclasses
 import functools
 from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import PartitionSpec as P
 
 from jax_gpt2.config import GPT2Config
 from jax_gpt2.kvcache import KVCache
 from jax_gpt2.model import empty_cache, lm_logits, transformer
+from jax_gpt2.sharding import fetch, pad_rows, padded_rows, put, put_rows
 from jax_gpt2.sampling import SamplerFlags, SamplingParams, choose_tokens, flags_for, pick_logits, sampling_params
 from jax_gpt2.weights import GPT2Weights
+
+if TYPE_CHECKING:
+    from jax.sharding import Mesh
 
 PAD_ID = 0  # what a finished row (or a left-pad slot) holds; never attended to, never returned
 
@@ -266,14 +272,34 @@ def generate(
     request = prepare_request(
         prompt_ids, config, max_new_tokens, temperature, top_k, top_p, min_p, repetition_penalty, eos_token_id, seed
     )
+    B = len(request.ids_BT)
+    placed = on_mesh(request, weights.mesh)
     tokens_BK, emitted_BK = _generate_jit(
-        request.ids_BT, request.start_B, request.keys_B, np.int32(request.max_new_tokens), request.eos_E,
-        request.params, weights, config, request.flags, bucket_length(request.max_new_tokens),
+        placed.ids_BT, placed.start_B, placed.keys_B, np.int32(request.max_new_tokens), placed.eos_E,
+        placed.params, weights, config, request.flags, bucket_length(request.max_new_tokens),
     )  # fmt: skip
-    tokens_BK, emitted_BK = np.asarray(tokens_BK), np.asarray(emitted_BK)
-    outputs = [tokens_BK[row][emitted_BK[row]].tolist() for row in range(tokens_BK.shape[0])]
+    tokens_BK, emitted_BK = fetch(tokens_BK)[:B], fetch(emitted_BK)[:B]
+    outputs = [tokens_BK[row][emitted_BK[row]].tolist() for row in range(B)]
     assert len(outputs) == len(request.ids_BT)
     return outputs
+
+
+def on_mesh(request: GenerationRequest, mesh: "Mesh | None") -> GenerationRequest:
+    """The request as the device takes it: unchanged on one device; on a mesh, its rows padded to a
+    multiple of the "data" axis (copies of the last row, dropped from the results) and split over it."""
+    if mesh is None:
+        return request
+    rows = padded_rows(len(request.ids_BT), mesh)
+
+    def split(x):
+        return put_rows(pad_rows(x, rows), mesh)
+
+    placed = dataclasses.replace(
+        request, ids_BT=split(request.ids_BT), start_B=split(request.start_B), keys_B=split(request.keys_B),
+        params=jax.tree.map(split, request.params), eos_E=put(request.eos_E, mesh, P()),
+    )  # fmt: skip
+    assert placed.ids_BT.shape[0] == rows
+    return placed
 
 
 def stream_generate(
@@ -289,14 +315,16 @@ def stream_generate(
     request = prepare_request(
         prompt_ids, config, max_new_tokens, temperature, top_k, top_p, min_p, repetition_penalty, eos_token_id, seed
     )
+    B = len(request.ids_BT)
+    placed = on_mesh(request, weights.mesh)
     max_len = request.ids_BT.shape[1] + bucket_length(request.max_new_tokens)
-    state = _prefill_jit(request.ids_BT, request.start_B, request.keys_B, weights, config, max_len)
+    state = _prefill_jit(placed.ids_BT, placed.start_B, placed.keys_B, weights, config, max_len)
     remaining = request.max_new_tokens
     while remaining > 0:
         state, tokens_BK, emitted_BK = _decode_jit(
-            state, np.int32(remaining), request.eos_E, request.params, weights, config, request.flags, chunk_steps
+            state, np.int32(remaining), placed.eos_E, placed.params, weights, config, request.flags, chunk_steps
         )
-        tokens_BK, emitted_BK = np.asarray(tokens_BK), np.asarray(emitted_BK)
+        tokens_BK, emitted_BK = fetch(tokens_BK)[:B], fetch(emitted_BK)[:B]
         for column in range(tokens_BK.shape[1]):
             if not emitted_BK[:, column].any():
                 return

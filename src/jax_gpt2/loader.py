@@ -14,10 +14,12 @@ from pathlib import Path
 
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh
 
 from jax_gpt2 import native
 from jax_gpt2.packed import PACKED_DTYPES, pack_weights
 from jax_gpt2.config import GPT2Config, config_from_file
+from jax_gpt2.sharding import check_mesh_fits, place_weights
 from jax_gpt2.weights import BlockWeights, GPT2Weights
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
@@ -86,17 +88,27 @@ def load_config(name_or_path: str | os.PathLike) -> GPT2Config:
 
 
 def load_weights(
-    name_or_path: str | os.PathLike, dtype=jnp.float32, config: GPT2Config | None = None, pack: bool | None = None
-) -> GPT2Weights:
+    name_or_path: str | os.PathLike, dtype=jnp.float32, config: GPT2Config | None = None, pack: bool | None = None,
+    mesh: Mesh | None = None,
+) -> GPT2Weights:  # fmt: skip
     """Every parameter of a hub model or local folder, checked against its config.
 
     dtype is float32, bfloat16 or int8. With `pack` (the default where the CPU kernels build and
     run, see native.py) the block matrices and lm_head become PackedMatrix tiles of `dtype` and
     everything else stays float32; without it every array is `dtype` (int8 always packs).
+
+    With a mesh of more than one device (sharding.make_mesh) the arrays are placed on it,
+    Megatron-style, and never packed (sharding.py says why); a one-device mesh changes nothing.
     """
     folder = resolve_model_dir(name_or_path)
     if config is None:
         config = config_from_file(folder / "config.json")
+    if mesh is not None and mesh.size > 1:
+        check_mesh_fits(config, mesh)  # before reading gigabytes
+        if pack or jnp.dtype(dtype) == jnp.int8:
+            raise ValueError("weights on a mesh are not packed for the CPU kernels: use float32 or bfloat16, pack=None")
+        state = normalize_keys(read_state_dict(folder))
+        return place_weights(weights_for_dtype(state, config, dtype, pack=False), config, mesh)
     state = normalize_keys(read_state_dict(folder))
     return weights_for_dtype(state, config, dtype, pack)
 

@@ -4,6 +4,7 @@ Shape key (every array name ends in its shape):
     B batch            T query length      S key/cache length (slots in the cache)
     D model width      F MLP hidden (4D)   N heads            H head dim (D // N)
     V vocab            L layers            P max positions    E fused q|k|v width (3D)
+    G qkv column groups (the mesh's "model" axis, see split_qkv)   J heads per group (N / G)
 
 `gpt2_forward` is the cached path run over an empty cache exactly T slots long, so the full
 forward and incremental decoding cannot drift apart. The public functions check concrete token
@@ -12,6 +13,7 @@ shapes and dtypes.
 """
 
 import functools
+from typing import TYPE_CHECKING
 
 import jax
 import jax.numpy as jnp
@@ -21,6 +23,7 @@ from jax_gpt2 import kvcache
 from jax_gpt2.config import GPT2Config
 from jax_gpt2.kvcache import KVCache
 from jax_gpt2.packed import packed_matmul_BT
+from jax_gpt2.sharding import constrain_cache, model_shards
 from jax_gpt2.layers import (
     PRECISION, cached_attention, can_use_decode_kernel, causal_attention_in_blocks, decode_attention, layer_norm,
     linear, mlp,
@@ -29,6 +32,9 @@ from jax_gpt2.layers import (
 # Query block for prompts that fill the cache (full forward, perplexity windows): 256 measured best.
 ATTENTION_BLOCK = 256
 from jax_gpt2.weights import BlockWeights, GPT2Weights
+
+if TYPE_CHECKING:
+    from jax.sharding import Mesh
 
 
 def embed(ids_BT: jax.Array, positions_BT: jax.Array, weights: GPT2Weights) -> jax.Array:
@@ -50,25 +56,42 @@ def attention_scale(config: GPT2Config, layer: int) -> float:
     return scale
 
 
+def split_qkv(qkv_BTE: jax.Array, config: GPT2Config, groups: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """q, k, v as (B, T, N, H) from the fused projection, whose columns come in `groups` runs of
+    [q | k | v] heads: 1 is HF's order; on a mesh, one run per "model" shard (sharding.regroup_qkv),
+    so each device already holds whole heads of all three and the split moves no data.
+
+    G groups of J = N / G heads each.
+    """
+    B, T, E = qkv_BTE.shape
+    N, H = config.n_head, config.head_dim
+    assert E == 3 * N * H
+    assert N % groups == 0
+    qkv_BTG3JH = qkv_BTE.reshape(B, T, groups, 3, N // groups, H)
+    q_BTNH, k_BTNH, v_BTNH = (qkv_BTG3JH[:, :, :, i].reshape(B, T, N, H) for i in range(3))
+    return q_BTNH, k_BTNH, v_BTNH
+
+
 def block(
-    x_BTD: jax.Array, w: BlockWeights, layer: int, cache: KVCache, mask_BTS: jax.Array, config: GPT2Config
-) -> tuple[jax.Array, jax.Array, jax.Array]:
+    x_BTD: jax.Array, w: BlockWeights, layer: int, cache: KVCache, mask_BTS: jax.Array, config: GPT2Config,
+    mesh: "Mesh | None" = None,
+) -> tuple[jax.Array, jax.Array, jax.Array]:  # fmt: skip
     """One transformer block: writes its keys/values into the cache at `layer`.
 
-    Returns the new residual stream and the cache's updated k_LBNSH, v_LBNSH.
+    Returns the new residual stream and the cache's updated k_LBNSH, v_LBNSH. `mesh` is the
+    weights' (GPT2Weights.mesh): it sets the qkv column grouping and keeps the native decode
+    attention off, since XLA cannot split that kernel across devices (see sharding.py).
     """
     B, T, D = x_BTD.shape
-    N, H = config.n_head, config.head_dim
     assert D == config.n_embd
     assert w.qkv_w_DE.shape == (D, 3 * D)
     h_BTD = layer_norm(x_BTD, w.ln1_scale_D, w.ln1_bias_D, config.layer_norm_epsilon)
     qkv_BTE = linear(h_BTD, w.qkv_w_DE, w.qkv_b_E)
-    q_BTD, k_BTD, v_BTD = jnp.split(qkv_BTE, 3, axis=-1)
-    q_BTNH = q_BTD.reshape(B, T, N, H)
-    k_LBNSH = kvcache.write_layer(cache.k_LBNSH, layer, cache.end_B, k_BTD.reshape(B, T, N, H))
-    v_LBNSH = kvcache.write_layer(cache.v_LBNSH, layer, cache.end_B, v_BTD.reshape(B, T, N, H))
+    q_BTNH, k_BTNH, v_BTNH = split_qkv(qkv_BTE, config, model_shards(mesh))
+    k_LBNSH = kvcache.write_layer(cache.k_LBNSH, layer, cache.end_B, k_BTNH)
+    v_LBNSH = kvcache.write_layer(cache.v_LBNSH, layer, cache.end_B, v_BTNH)
     scale = attention_scale(config, layer)
-    if can_use_decode_kernel(q_BTNH, k_LBNSH):
+    if mesh is None and can_use_decode_kernel(q_BTNH, k_LBNSH):
         attn_BTNH = decode_attention(q_BTNH, k_LBNSH, v_LBNSH, cache.start_B, cache.end_B, layer, scale)
         return finish_block(x_BTD, attn_BTNH, w, config), k_LBNSH, v_LBNSH
     k_BNSH, v_BNSH = k_LBNSH[layer], v_LBNSH[layer]
@@ -101,12 +124,13 @@ def transformer(
     B, T = ids_BT.shape
     assert cache.k_LBNSH.shape[:3] == (config.n_layer, B, config.n_head)
     assert len(weights.blocks) == config.n_layer
+    cache = constrain_cache(cache, weights.mesh)
     x_BTD = embed(ids_BT, kvcache.positions(cache, T), weights)
     mask_BTS = kvcache.visible_mask(cache, T)
     k_LBNSH, v_LBNSH = cache.k_LBNSH, cache.v_LBNSH
     for layer, w in enumerate(weights.blocks):
         layer_cache = KVCache(k_LBNSH, v_LBNSH, cache.start_B, cache.end_B)
-        x_BTD, k_LBNSH, v_LBNSH = block(x_BTD, w, layer, layer_cache, mask_BTS, config)
+        x_BTD, k_LBNSH, v_LBNSH = block(x_BTD, w, layer, layer_cache, mask_BTS, config, weights.mesh)
     hidden_BTD = layer_norm(x_BTD, weights.lnf_scale_D, weights.lnf_bias_D, config.layer_norm_epsilon)
     new_cache = KVCache(k_LBNSH, v_LBNSH, cache.start_B, cache.end_B + T)
     return hidden_BTD, new_cache
@@ -209,7 +233,7 @@ def block_hidden_states(input_ids_BT, weights: GPT2Weights, config: GPT2Config) 
     mask_BTS = kvcache.visible_mask(cache, T)
     outputs = []
     for layer, w in enumerate(weights.blocks):
-        x_BTD, _, _ = block(x_BTD, w, layer, cache, mask_BTS, config)
+        x_BTD, _, _ = block(x_BTD, w, layer, cache, mask_BTS, config, weights.mesh)
         outputs.append(x_BTD)
     assert len(outputs) == config.n_layer
     return outputs

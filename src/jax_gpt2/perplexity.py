@@ -29,8 +29,10 @@ from collections.abc import Iterable, Iterator, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh, PartitionSpec as P
 
 from jax_gpt2.config import GPT2Config
+from jax_gpt2.sharding import data_shards, fetch, padded_rows, put, put_rows
 from jax_gpt2.model import check_token_ids, empty_cache, lm_logits, transformer
 from jax_gpt2.weights import GPT2Weights
 
@@ -188,14 +190,24 @@ def batch_nlls(
     check_arguments(ids.shape[0], config, max_length, stride, batch_size)
     ids = check_token_ids(ids[None, :], config)[0]
     windows = plan_windows(ids.shape[0], max_length, stride)
-    # One shape for the whole file: no wider than the text, no more rows than windows.
-    B, T = min(batch_size, len(windows)), min(max_length, ids.shape[0])
+    # One shape for the whole file: no wider than the text, no more rows than windows (on a mesh,
+    # rounded up to whole "data" shards: the extra rows are empty windows that score nothing).
+    B, T = padded_rows(min(batch_size, len(windows)), weights.mesh), min(max_length, ids.shape[0])
     R = scored_slots(B, T, stride)
     for first in range(0, len(windows), B):
         group = windows[first : first + B]
         ids_BT, positions_R, targets_R, n = pack_batch(ids, group, B, T, R)
-        nll_R = np.asarray(scored_nll(ids_BT, positions_R, targets_R, weights, config))
+        if weights.mesh is not None:
+            ids_BT, positions_R, targets_R = on_mesh(ids_BT, positions_R, targets_R, weights.mesh)
+        nll_R = fetch(scored_nll(ids_BT, positions_R, targets_R, weights, config))
         yield BatchNLL(len(group), float(np.sum(nll_R[:n], dtype=np.float64)), n)
+
+
+def on_mesh(ids_BT: np.ndarray, positions_R: np.ndarray, targets_R: np.ndarray, mesh: Mesh) -> tuple[jax.Array, ...]:
+    """One batch placed on the mesh: windows split over "data" (across processes too), the scored slots whole."""
+    assert ids_BT.shape[0] % data_shards(mesh) == 0
+    assert positions_R.shape == targets_R.shape
+    return put_rows(ids_BT, mesh), put(positions_R, mesh, P()), put(targets_R, mesh, P())
 
 
 def perplexity_of(batches: Iterable[BatchNLL]) -> tuple[float, int]:

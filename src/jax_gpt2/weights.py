@@ -12,6 +12,10 @@ q|k|v width, 3 * D.
 On a CPU with the native kernels, `packed.pack_weights` replaces the four matrices of each block
 with PackedMatrix tiles (float32, bfloat16 or int8) and sets lm_head_DV; the suffixes still name
 the logical (in, out) shape.
+
+On a mesh (sharding.place_weights) every array is a global array with its NamedSharding, `mesh`
+names the mesh, and each qkv matrix has its columns regrouped per "model" shard (see
+sharding.regroup_qkv); the model reads both from here, so nothing else needs to know.
 """
 
 import dataclasses
@@ -20,6 +24,8 @@ from typing import TYPE_CHECKING
 import jax
 
 if TYPE_CHECKING:
+    from jax.sharding import Mesh
+
     from jax_gpt2.packed import PackedMatrix
 
 
@@ -52,3 +58,5 @@ class GPT2Weights:
     lm_head_VD: jax.Array | None = None
     # The output projection packed for the CPU kernels (from wte or lm_head_VD); lm_logits uses it when set.
     lm_head_DV: "PackedMatrix | None" = None
+    # The mesh the arrays are placed on (None: one device). Static: it decides the program's layout.
+    mesh: "Mesh | None" = dataclasses.field(default=None, metadata=dict(static=True))

@@ -1,0 +1,405 @@
+"""Many devices and many hosts: one mesh, Megatron-style weight placement, a multi-process start.
+
+JAX already is the distributed engine: arrays carry a `NamedSharding` over a `Mesh`, `jax.jit`
+partitions every computation to match (GSPMD) and inserts the collectives, and
+`jax.distributed.initialize` joins processes on many hosts into one set of devices. This module
+only says where each array lives:
+
+    mesh (data, model)   "data" splits the batch (rows, windows, decode slots);
+                         "model" splits every layer Megatron-style (tensor parallelism):
+    c_attn   (D, 3D)  columns: q, k and v each split by heads     P(None, "model")
+    c_fc     (D, F)   columns                                     P(None, "model")
+    c_proj   (D, D)   rows (the heads' outputs)                   P("model", None)
+    mlp proj (F, D)   rows                                        P("model", None)
+    wte, wpe, lm_head, LayerNorms, output biases: replicated      P()
+    KV cache (L, B, N, S, H): rows on "data", heads on "model"    P(None, "data", "model", None, None)
+
+So a block needs two all-reduces of its (B, T, D) output per layer (after c_proj and after the
+MLP) and nothing else. Why the vocabulary is replicated rather than split: see `weight_specs`.
+
+The fused c_attn matrix cannot be split by heads as it is stored, [q | k | v]: a plain column split
+gives the first device all of q and part of k. `regroup_qkv` reorders its columns once at load
+into one run [q_g | k_g | v_g] per "model" shard g (Megatron-LM's layout); `model.split_qkv`
+reads them back, and the weights record the mesh (a static field) so it knows the grouping.
+
+The CPU kernels (packed weights, the native decode attention) are not used on a mesh: a mesh
+load does not pack, and the model takes XLA's dot and attention. The kernels work on whole,
+unsharded matrices in one process's memory; XLA cannot partition an opaque custom call, so it
+would gather every operand onto each device (the whole KV cache, every step) and run the kernel
+on all of them. Running them per shard under `shard_map` is possible, but meshes exist for
+accelerators, where the kernels never run; on CPU, one device with the kernels is the faster
+choice (see README, "Many devices and many hosts").
+"""
+
+import contextlib
+import dataclasses
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+
+import jax
+import numpy as np
+from jax.experimental import multihost_utils
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+
+from jax_gpt2.config import GPT2Config
+from jax_gpt2.kvcache import KVCache
+from jax_gpt2.weights import BlockWeights, GPT2Weights
+
+AXES = ("data", "model")
+
+
+def make_mesh(data: int = 1, model: int = 1, devices=None) -> Mesh:
+    """A (data, model) mesh over the first data * model devices (default: every process's, `jax.devices()`).
+
+    "model" is the inner axis, so one model group is consecutive devices: a process's devices are
+    listed together, so tensor parallelism stays inside a host and only data parallelism crosses hosts.
+    """
+    for name, value in (("data", data), ("model", model)):
+        if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"mesh axis {name!r} must be an integer >= 1; got {value!r}")
+    devices = list(jax.devices() if devices is None else devices)
+    if data * model > len(devices):
+        raise ValueError(
+            f"a {data}x{model} mesh needs {data * model} devices but {len(devices)} are visible "
+            "(on CPU, XLA_FLAGS=--xla_force_host_platform_device_count=N set before JAX starts gives N; "
+            "across processes, every process's devices count)"
+        )
+    grid = np.array(devices[: data * model], dtype=object).reshape(data, model)
+    mesh = Mesh(grid, AXES, axis_types=(AxisType.Auto, AxisType.Auto))
+    assert mesh.shape == {"data": data, "model": model}
+    return mesh
+
+
+def parse_mesh(text: str) -> tuple[int, int]:
+    """'DATAxMODEL' (e.g. '2x2', '1x4') -> (data, model)."""
+    parts = text.lower().split("x")
+    if len(parts) != 2 or not all(part.isdigit() for part in parts):
+        raise ValueError(f"a mesh is DATAxMODEL, two positive integers such as 2x1 or 1x4; got {text!r}")
+    data, model = int(parts[0]), int(parts[1])
+    if data < 1 or model < 1:
+        raise ValueError(f"mesh axes must be >= 1; got {text!r}")
+    return data, model
+
+
+def model_shards(mesh: Mesh | None) -> int:
+    """How many devices split each layer (1 without a mesh)."""
+    return 1 if mesh is None else mesh.shape["model"]
+
+
+def data_shards(mesh: Mesh | None) -> int:
+    """How many devices split the batch (1 without a mesh)."""
+    return 1 if mesh is None else mesh.shape["data"]
+
+
+def check_mesh_fits(config: GPT2Config, mesh: Mesh) -> None:
+    """Whole heads and whole MLP columns per "model" shard, or a ValueError naming both numbers."""
+    shards = model_shards(mesh)
+    if config.n_head % shards != 0:
+        raise ValueError(f"n_head={config.n_head} does not divide by the mesh's model axis ({shards})")
+    if config.d_mlp % shards != 0:
+        raise ValueError(f"n_inner={config.d_mlp} (the MLP width) does not divide by the mesh's model axis ({shards})")
+
+
+def block_specs() -> BlockWeights:
+    """Where each array of a block lives (see the module docstring for the scheme)."""
+    replicated = P()
+    return BlockWeights(
+        ln1_scale_D=replicated, ln1_bias_D=replicated,
+        qkv_w_DE=P(None, "model"), qkv_b_E=P("model"),
+        attn_out_w_DD=P("model", None), attn_out_b_D=replicated,
+        ln2_scale_D=replicated, ln2_bias_D=replicated,
+        fc_w_DF=P(None, "model"), fc_b_F=P("model"),
+        proj_w_FD=P("model", None), proj_b_D=replicated,
+    )  # fmt: skip
+
+
+def weight_specs(weights: GPT2Weights) -> GPT2Weights:
+    """A GPT2Weights of PartitionSpecs, one per array of `weights`.
+
+    The embeddings and lm_head are replicated, not split along V: measured on 4 forced host
+    devices (benchmarks/scaling.py, README) a V-split lm_head decoded no faster, GPT-2's V = 50257
+    divides by no even count (a split needs a padded vocabulary and a slice of every logits
+    block), and the (B, V) logits feed top-k and softmax over all of V, which a split would
+    all-gather every step anyway.
+    """
+    assert weights.lm_head_DV is None, "packed weights are not placed on a mesh"
+    assert weights.mesh is None, "already placed"
+    specs = GPT2Weights(
+        wte_VD=P(), wpe_PD=P(), blocks=tuple(block_specs() for _ in weights.blocks),
+        lnf_scale_D=P(), lnf_bias_D=P(), lm_head_VD=None if weights.lm_head_VD is None else P(),
+    )  # fmt: skip
+    assert len(specs.blocks) == len(weights.blocks)
+    return specs
+
+
+def regroup_qkv(w_XE: np.ndarray, groups: int) -> np.ndarray:
+    """HF's fused columns [q | k | v] -> [q_1 k_1 v_1 | ... | q_G k_G v_G], each q_g (k_g, v_g)
+    the g-th run of whole heads; works on the weight (D, E) and the bias (E,) alike.
+
+    Then a contiguous column split into G shards gives shard g exactly its heads' q, k and v.
+    """
+    E = w_XE.shape[-1]
+    assert E % (3 * groups) == 0
+    assert groups >= 1
+    lead = w_XE.shape[:-1]
+    w_X3GJ = w_XE.reshape(*lead, 3, groups, E // 3 // groups)
+    regrouped_XE = np.swapaxes(w_X3GJ, -3, -2).reshape(*lead, E)
+    assert regrouped_XE.shape == w_XE.shape
+    return regrouped_XE
+
+
+def place_weights(weights: GPT2Weights, config: GPT2Config, mesh: Mesh) -> GPT2Weights:
+    """Every array of (unpacked) weights put on the mesh with its NamedSharding; c_attn regrouped.
+
+    Works alike in one process and in many: each process holds the whole host array and hands
+    over only the pieces that live on its own devices (`jax.make_array_from_callback`).
+    """
+    if weights.lm_head_DV is not None:
+        raise ValueError("packed weights (for the CPU kernels) cannot go on a mesh: load them with pack=False")
+    check_mesh_fits(config, mesh)
+    groups = model_shards(mesh)
+
+    def regrouped(w: BlockWeights) -> BlockWeights:
+        qkv_w_DE = regroup_qkv(np.asarray(w.qkv_w_DE), groups)
+        return dataclasses.replace(w, qkv_w_DE=qkv_w_DE, qkv_b_E=regroup_qkv(np.asarray(w.qkv_b_E), groups))
+
+    host = dataclasses.replace(weights, blocks=tuple(regrouped(w) for w in weights.blocks))
+    placed = jax.tree.map(lambda x, spec: put(x, mesh, spec), host, weight_specs(weights))
+    placed = dataclasses.replace(placed, mesh=mesh)
+    assert placed.blocks[0].qkv_w_DE.sharding.spec == P(None, "model")
+    assert placed.wte_VD.dtype == weights.wte_VD.dtype
+    return placed
+
+
+def put(x, mesh: Mesh, spec: P) -> jax.Array:
+    """A host array (the same on every process) as one global array on the mesh, laid out by spec."""
+    host = np.asarray(x)
+    sharding = NamedSharding(mesh, spec)
+    array = jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+    assert array.shape == host.shape
+    assert array.sharding == sharding
+    return array
+
+
+def rows_spec(ndim: int, rows: int, mesh: Mesh) -> P:
+    """Split the leading (batch) axis over "data" when it divides; replicate it otherwise (one row)."""
+    assert ndim >= 1
+    assert rows >= 1
+    return P("data", *[None] * (ndim - 1)) if rows % data_shards(mesh) == 0 else P()
+
+
+def put_rows(x, mesh: Mesh) -> jax.Array:
+    """A host array whose axis 0 is the batch, split over "data"."""
+    host = np.asarray(x)
+    return put(host, mesh, rows_spec(host.ndim, host.shape[0], mesh))
+
+
+def padded_rows(rows: int, mesh: Mesh | None) -> int:
+    """The batch rounded up to a multiple of the "data" axis."""
+    assert rows >= 1
+    shards = data_shards(mesh)
+    padded = -(-rows // shards) * shards
+    assert padded % shards == 0
+    return padded
+
+
+def pad_rows(x, rows: int) -> np.ndarray:
+    """Axis 0 grown to `rows` by repeating the last row: a copy of a real row finishes when it does,
+    so padding never keeps a decode loop running longer, and it is dropped from every result."""
+    host = np.asarray(x)
+    assert 1 <= host.shape[0] <= rows
+    padded = np.concatenate([host, np.repeat(host[-1:], rows - host.shape[0], axis=0)])
+    assert padded.shape[0] == rows
+    return padded
+
+
+def fetch(array: jax.Array) -> np.ndarray:
+    """A global array as one host numpy array on every process (gathered if other processes hold parts)."""
+    if array.is_fully_addressable:
+        return np.asarray(array)
+    gathered = np.asarray(multihost_utils.process_allgather(array, tiled=True))
+    assert gathered.shape == array.shape
+    return gathered
+
+
+def cache_specs(cache: KVCache, mesh: Mesh) -> KVCache:
+    """Rows on "data" (when the batch divides), heads on "model"."""
+    B = cache.start_B.shape[0]
+    rows = "data" if B % data_shards(mesh) == 0 else None
+    kv = P(None, rows, "model", None, None)
+    return KVCache(k_LBNSH=kv, v_LBNSH=kv, start_B=P(rows), end_B=P(rows))
+
+
+def constrain_cache(cache: KVCache, mesh: Mesh | None) -> KVCache:
+    """Inside jit: pin the cache to `cache_specs` (a no-op without a mesh), so XLA never has to guess."""
+    if mesh is None:
+        return cache
+    shardings = jax.tree.map(lambda spec: NamedSharding(mesh, spec), cache_specs(cache, mesh))
+    return jax.lax.with_sharding_constraint(cache, shardings)
+
+
+def parse_coordinator(address: str) -> tuple[str, int]:
+    """'HOST:PORT' -> (host, port), or a ValueError that shows the expected form."""
+    host, colon, port = address.rpartition(":")
+    if not colon or not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise ValueError(f"the coordinator address must be HOST:PORT with a port in 1..65535, e.g. 10.0.0.1:1234; got {address!r}")
+    return host.strip("[]"), int(port)
+
+
+def check_processes(num_processes: int, process_id: int) -> None:
+    """A ValueError for a process count below 1 or an id outside [0, num_processes)."""
+    if not isinstance(num_processes, (int, np.integer)) or num_processes < 1:
+        raise ValueError(f"num_processes must be an integer >= 1; got {num_processes!r}")
+    if not isinstance(process_id, (int, np.integer)) or not 0 <= process_id < num_processes:
+        raise ValueError(f"process_id must be in [0, {num_processes}) for num_processes={num_processes}; got {process_id!r}")
+
+
+def wait_for_coordinator(host: str, port: int, timeout_s: float) -> None:
+    """Block until something listens at host:port, or raise TimeoutError after timeout_s.
+
+    jax.distributed's own wait ends a process that cannot reach its coordinator with an abort and
+    a C++ stack trace; this check turns the common case (wrong address, coordinator not started
+    or dead) into one clear error first.
+    """
+    assert timeout_s > 0
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            with socket.create_connection((host, port), timeout=min(1.0, timeout_s)):
+                return
+        except OSError:
+            if time.monotonic() >= deadline:
+                raise TimeoutError(f"the coordinator {host}:{port} did not answer within {timeout_s:g} s") from None
+            time.sleep(0.2)
+
+
+def initialize(coordinator: str, num_processes: int, process_id: int, timeout_s: float = 60.0) -> None:
+    """Join this process to a multi-process JAX run (`jax.distributed.initialize`), before any other JAX call.
+
+    Process 0 hosts the coordinator at `coordinator` (HOST:PORT); every process passes the same
+    address and count and its own id. On CPU the processes exchange data with gloo collectives.
+    Afterwards `jax.devices()` lists every process's devices and `make_mesh` spans them.
+    timeout_s bounds the wait for the coordinator and for the other processes to join, and is the
+    heartbeat timeout after which the coordination service declares a silent process dead.
+    """
+    host, port = parse_coordinator(coordinator)
+    check_processes(num_processes, process_id)
+    if not timeout_s > 0:
+        raise ValueError(f"timeout must be > 0 seconds; got {timeout_s}")
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    if process_id != 0:
+        wait_for_coordinator(host, port, timeout_s)
+    # If the others never all join, jax.distributed aborts this process with a C++ stack trace once its
+    # own timeout (set to twice ours) runs out: end it first, with one line that says what happened.
+    message = (
+        f"jax-gpt2: error: process {process_id} of {num_processes}: not every process joined the coordinator "
+        f"{coordinator} within {timeout_s:g} s (is each one started, with the same address and count?)"
+    )
+    watchdog = threading.Timer(timeout_s, exit_with_message, args=(message, EXIT_LOST_PEER))
+    watchdog.daemon = True
+    watchdog.start()
+    try:
+        jax.distributed.initialize(
+            coordinator, num_processes=int(num_processes), process_id=int(process_id),
+            cluster_detection_method="deactivate",  # what the caller passed, never what the environment suggests
+            initialization_timeout=int(2 * timeout_s), heartbeat_timeout_seconds=int(2 * timeout_s),
+            shutdown_timeout_seconds=int(timeout_s),
+        )  # fmt: skip
+        # One collective now opens the processes' gloo connections. From then on a process that dies
+        # closes them, and the others' next collective fails at once with a Python error, long before
+        # the coordination service's heartbeat check (which aborts with a stack trace) would fire.
+        with stdout_to_stderr():  # gloo announces its connections on C++ stdout, which belongs to the output
+            multihost_utils.sync_global_devices("jax_gpt2.sharding.initialize")
+    finally:
+        watchdog.cancel()
+    assert jax.process_count() == num_processes
+    assert jax.process_index() == process_id
+
+
+@contextlib.contextmanager
+def stdout_to_stderr() -> Iterator[None]:
+    """Point file descriptor 1 at stderr for a while (C++ code writes there directly, past sys.stdout)."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    os.dup2(2, 1)
+    try:
+        yield
+    finally:
+        os.dup2(saved, 1)
+        os.close(saved)
+
+
+EXIT_LOST_PEER = 3  # the exit code of a process that ends because another process (or the coordinator) is gone
+
+
+def exit_with_message(message: str, code: int) -> None:
+    """End this process at once with one line on stderr.
+
+    Not sys.exit: JAX's exit handler would wait at a shutdown barrier for processes that are gone,
+    then abort with a stack trace. Used only when the multi-process run cannot go on anyway.
+    """
+    assert code != 0
+    assert message
+    sys.stdout.flush()
+    print(message, file=sys.stderr, flush=True)
+    os._exit(code)
+
+
+# What jaxlib's coordination client logs before it aborts the process (it offers no Python hook).
+JAX_FATAL_MARK = "Terminating process because the JAX distributed service detected fatal errors"
+
+# A helper process that passes bytes from its stdin to stderr as they come, except jaxlib's
+# coordination-service log records: they are dropped, and the fatal one becomes `line` (then the
+# rest, the C++ stack trace, is dropped too). absl writes each record as one line, in one write.
+_STDERR_FILTER = r"""
+import os, re, signal, sys
+signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C ends the command; this must outlive it to pass on its last words
+mark, line = sys.argv[1].encode(), sys.argv[2].encode() + b"\n"
+record = re.compile(rb"[IWEF]\d{4} ")  # absl's prefix: level, then the date
+line_end = re.compile(rb"[\r\n]")  # progress bars end their lines with \r
+held = b""
+while chunk := os.read(0, 1 << 16):
+    held += chunk
+    out = []
+    while True:
+        found = line_end.search(held)
+        end = found.end() if found else 0
+        if not record.match(held):
+            end = end or len(held)  # text (progress bars too) passes on at once
+        elif not end:
+            break  # part of a record: wait for its end
+        piece, held = held[:end], held[end:]
+        if mark in piece:
+            os.write(2, b"".join(out) + line)
+            while os.read(0, 1 << 16):
+                pass
+            sys.exit(0)
+        if not (record.match(piece) and b"coordination_service" in piece):
+            out.append(piece)
+        if not held:
+            break
+    os.write(2, b"".join(out))
+os.write(2, held)
+"""
+
+
+def one_line_fatal_reports(line: str) -> None:
+    """Replace jaxlib's fatal report (a C++ abort with a stack trace) on this process's stderr by `line`.
+
+    When process 0 (the coordination service) dies, or the service declares a silent process
+    dead, jaxlib's client aborts every other process at once from a C++ thread, printing a long
+    report: no Python code runs in between. So the report is rewritten on its way out, by a small
+    helper process that reads this process's stderr and outlives it. Call once, before
+    `initialize`; only the command-line tool does (a library should not take over stderr).
+    """
+    assert JAX_FATAL_MARK
+    assert "\n" not in line
+    helper = subprocess.Popen([sys.executable, "-c", _STDERR_FILTER, JAX_FATAL_MARK, line], stdin=subprocess.PIPE)
+    sys.stderr.flush()
+    os.dup2(helper.stdin.fileno(), 2)
+    helper.stdin.close()  # fd 2 now holds the pipe; the helper sees its end when this process is gone
