@@ -135,9 +135,12 @@ def _start_processes(args: argparse.Namespace) -> None:
         return
     if not all(given):
         raise UserError("--coordinator needs --num-processes P and --process-id I as well")
-    from jax_gpt2.sharding import check_processes, initialize, one_line_fatal_reports
+    from jax_gpt2.sharding import check_processes, initialize, one_line_fatal_reports, parse_coordinator
 
+    parse_coordinator(args.coordinator)  # every mistake in the flags is reported before stderr is taken over
     check_processes(args.num_processes, args.process_id)
+    if not args.timeout > 0:
+        raise UserError(f"--timeout must be > 0 seconds; got {args.timeout}")
     one_line_fatal_reports(
         f"jax-gpt2 {args.command}: error: process {args.process_id} of {args.num_processes}: JAX's coordination "
         "service failed: another process died, or the coordinator (process 0) is gone"
