@@ -19,13 +19,16 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from checkpoints import hf_config, random_hf_model, save_safetensors
 from jax_gpt2 import empty_cache, generate, gpt2_forward, gpt2_forward_cached, load_config, load_weights, perplexity
 from jax_gpt2 import stream_generate
+from jax_gpt2.engine import Engine, SequenceRequest
+from jax_gpt2.random_model import train_tokenizer
 from jax_gpt2.sharding import block_specs, make_mesh
+from jax_gpt2.tokenizer import load_tokenizer
 
 assert jax.device_count() == 4, "run through test_sharding.py, which sets XLA_FLAGS for four host devices"
 
 MESHES = [(1, 2), (2, 1), (2, 2), (1, 4)]  # (data, model)
-# Four heads and F = 128 divide by every model axis above; a vocabulary of 97 divides by none.
-SHAPE = dict(vocab_size=97, n_positions=64, n_embd=32, n_layer=2, n_head=4, bos_token_id=0, eos_token_id=0)
+# Four heads and F = 128 divide by every model axis above. The vocabulary is the trained tokenizer's.
+SHAPE = dict(n_positions=64, n_embd=32, n_layer=2, n_head=4, bos_token_id=0, eos_token_id=0)
 PROMPTS = [[5, 17, 3], [9] * 11, [42], [7, 8, 9, 10, 11, 12]]  # ragged; 3 of them do not divide by 2
 # The perplexity contract: the same windows, the same float64 sums; float32 rounding in the logits moves
 # the mean NLL by ~1e-8 here.
@@ -42,8 +45,11 @@ class Model:
 
 @pytest.fixture(scope="module")
 def model(tmp_path_factory) -> Model:
-    hf_model = random_hf_model(hf_config(**SHAPE), std=0.3)
-    folder = save_safetensors(hf_model, tmp_path_factory.mktemp("mesh-model"))
+    folder = tmp_path_factory.mktemp("mesh-model")
+    vocab_size = train_tokenizer(folder, 299)  # odd: a split lm_head needs padding rows
+    assert vocab_size % 2 == 1
+    hf_model = random_hf_model(hf_config(**SHAPE, vocab_size=vocab_size), std=0.3)
+    save_safetensors(hf_model, folder)
     return Model(folder, hf_model, load_config(folder), load_weights(folder))
 
 
@@ -62,6 +68,11 @@ def test_every_weight_has_its_megatron_sharding(placed):
     for block in placed.blocks:
         for field in dataclasses.fields(block):
             assert getattr(block, field.name).sharding.spec == getattr(expected, field.name), field.name
+    if placed.mesh.shape["model"] > 1:  # lm_head split along V, its rows padded to whole shards
+        assert placed.lm_head_VD.sharding.spec == P("model", None)
+        assert placed.lm_head_VD.shape[0] == -(-placed.wte_VD.shape[0] // placed.mesh.shape["model"]) * placed.mesh.shape["model"]
+    else:  # nothing to split: lm_head stays tied to wte
+        assert placed.lm_head_VD is None
     for array in (placed.wte_VD, placed.wpe_PD, placed.lnf_scale_D, placed.lnf_bias_D):
         assert array.sharding.spec == P()
         assert array.sharding.is_fully_replicated
@@ -144,13 +155,14 @@ def test_perplexity_matches_one_device(placed, model, batch_size):
 
 
 def test_a_model_axis_that_does_not_divide_the_heads_is_refused(tmp_path):
-    folder = save_safetensors(random_hf_model(hf_config(**{**SHAPE, "n_embd": 24, "n_head": 3}), 0.3), tmp_path)
+    config = hf_config(**{**SHAPE, "vocab_size": 97, "n_embd": 24, "n_head": 3})
+    folder = save_safetensors(random_hf_model(config, 0.3), tmp_path)
     with pytest.raises(ValueError, match=r"n_head=3 .*model axis \(4\)"):
         load_weights(folder, mesh=make_mesh(1, 4))
 
 
 def test_a_model_axis_that_does_not_divide_the_mlp_is_refused(tmp_path):
-    folder = save_safetensors(random_hf_model(hf_config(**{**SHAPE, "n_inner": 37}), 0.3), tmp_path)
+    folder = save_safetensors(random_hf_model(hf_config(**{**SHAPE, "vocab_size": 97, "n_inner": 37}), 0.3), tmp_path)
     with pytest.raises(ValueError, match=r"n_inner=37 .*model axis \(2\)"):
         load_weights(folder, mesh=make_mesh(1, 2))
 
@@ -171,3 +183,38 @@ def test_a_one_device_mesh_changes_nothing(model):
 def test_a_mesh_larger_than_the_devices_is_refused():
     with pytest.raises(ValueError, match="needs 8 devices but 4 are visible"):
         make_mesh(2, 4)
+
+
+def serve(weights, model, requests: list[SequenceRequest], max_batch: int) -> tuple[dict, Engine]:
+    """Every request through one engine until idle: {seq_id: (token ids, text, finish reason)}."""
+    engine = Engine(weights, model.config, load_tokenizer(model.folder), max_batch=max_batch, max_seq_len=64)
+    events: dict[int, list] = {}
+    engine.submit(requests, lambda event: events.setdefault(event.seq_id, []).append(event))
+    for _ in range(200):  # a scheduling bug fails instead of hanging
+        if not engine.step():
+            break
+    assert not engine.busy
+    answers = {
+        seq_id: ([t for e in seq for t in e.token_ids], "".join(e.text for e in seq), seq[-1].finish_reason)
+        for seq_id, seq in events.items()
+    }  # fmt: skip
+    return answers, engine
+
+
+def test_the_server_engine_on_a_mesh_answers_as_on_one_device(placed, model):
+    """Five sequences through four decode slots (one waits for a free slot), greedy and sampled."""
+    requests = [SequenceRequest(tuple(prompt), max_tokens=10) for prompt in PROMPTS]
+    requests.append(SequenceRequest((3, 4, 5), max_tokens=10, temperature=0.9, top_k=20, seed=5))
+    reference, _ = serve(model.weights, model, requests, max_batch=4)
+    answers, engine = serve(placed, model, requests, max_batch=4)
+    assert answers == reference
+    assert all(len(ids) >= 1 for ids, _, _ in answers.values())
+    slots = NamedSharding(placed.mesh, P(None, "data", "model", None, None))
+    assert engine._slots.state.cache.k_LBNSH.sharding.is_equivalent_to(slots, 5)
+    assert engine._slots.state.done_B.sharding.is_equivalent_to(NamedSharding(placed.mesh, P("data")), 1)
+
+
+def test_the_engine_refuses_slots_that_do_not_divide_by_the_data_axis(model):
+    placed = load_weights(model.folder, mesh=make_mesh(2, 1))
+    with pytest.raises(ValueError, match=r"max_batch=3 must divide by the mesh's data axis \(2\)"):
+        Engine(placed, model.config, load_tokenizer(model.folder), max_batch=3, max_seq_len=64)

@@ -477,7 +477,7 @@ def run_serve(args: argparse.Namespace) -> int:
         from jax_gpt2.server import run_server
     except ImportError as error:
         raise UserError(f"serve needs FastAPI and uvicorn ({error.name} is missing): pip install 'jax-gpt2[serve]'")
-    folder, config, weights = _load_model(args.model, args.dtype)
+    folder, config, weights = _load_model(args.model, args.dtype, _mesh_from_args(args))
     run_server(args.model, folder, config, weights, args.host, args.port, args.max_batch, args.max_seq_len,
                args.max_queue, args.chunk_steps)  # fmt: skip
     return 0
@@ -493,6 +493,7 @@ def add_serve_command(subparsers) -> None:
     parser.add_argument("--max-queue", type=int, default=64, help="sequences that may wait for a slot; beyond: 503")
     parser.add_argument("--chunk-steps", type=_positive_int, default=4, help="decode steps between scheduling rounds")
     add_dtype_option(parser)
+    add_mesh_option(parser)
     parser.set_defaults(run=run_serve)
 
 

@@ -23,24 +23,31 @@ sequence's events go to the `deliver` callback given at submit, called on the en
 
 import collections
 import dataclasses
+import functools
 import itertools
 import logging
 import queue
 import threading
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding
 
 from jax_gpt2.config import GPT2Config
 from jax_gpt2.generate import DecodeState, decode_step, left_pad, prefill
 from jax_gpt2.kvcache import KVCache
 from jax_gpt2.model import empty_cache
 from jax_gpt2.sampling import SamplerFlags, SamplingParams
+from jax_gpt2.sharding import cache_specs, data_shards, rows_spec
 from jax_gpt2.stopping import StopStringStream
 from jax_gpt2.tokenizer import IncrementalDecoder
 from jax_gpt2.weights import GPT2Weights
+
+if TYPE_CHECKING:
+    from jax.sharding import Mesh
 
 log = logging.getLogger(__name__)
 
@@ -144,6 +151,21 @@ def empty_slots(config: GPT2Config, max_batch: int, max_seq_len: int, dtype) -> 
     )
     params = row_params([SequenceRequest((0,), 1)] * B)
     return Slots(state, jax.tree.map(jnp.asarray, params), jnp.zeros((B,), jnp.int32))
+
+
+def empty_slots_on(mesh: "Mesh | None", config: GPT2Config, max_batch: int, max_seq_len: int, dtype) -> Slots:
+    """`empty_slots`, made where they live: on a mesh, rows (decode slots) split over "data" and the
+    cache's heads over "model" (sharding.cache_specs), so XLA never moves a slot between devices."""
+    make = functools.partial(empty_slots, config, max_batch, max_seq_len, dtype)
+    if mesh is None:
+        return make()
+    shapes = jax.eval_shape(make)
+    rows = jax.tree.map(lambda x: NamedSharding(mesh, rows_spec(x.ndim, x.shape[0], mesh)), shapes)
+    cache = jax.tree.map(lambda spec: NamedSharding(mesh, spec), cache_specs(shapes.state.cache, mesh))
+    shardings = dataclasses.replace(rows, state=dataclasses.replace(rows.state, cache=cache))
+    slots = jax.jit(make, out_shardings=shardings)()
+    assert slots.state.cache.k_LBNSH.sharding == cache.k_LBNSH
+    return slots
 
 
 def row_params(requests: Sequence[SequenceRequest]) -> SamplingParams:
@@ -348,13 +370,15 @@ class Engine:
                 raise ValueError(f"{name} must be >= 1; got {value}")
         if max_queue < 0:
             raise ValueError(f"max_queue must be >= 0; got {max_queue}")
+        if max_batch % data_shards(weights.mesh) != 0:
+            raise ValueError(f"max_batch={max_batch} must divide by the mesh's data axis ({data_shards(weights.mesh)})")
         self.weights, self.config, self.tokenizer = weights, config, tokenizer
         self.max_batch, self.max_queue, self.chunk_steps = max_batch, max_queue, chunk_steps
         self.context_length = min(max_seq_len, config.n_positions)
         self.buckets = serve_buckets(self.context_length)
         eos = [] if config.eos_token_id is None else [config.eos_token_id]
         self.eos_ids, self._eos_E = set(eos), np.asarray(eos, np.int32).reshape(-1)
-        self._slots = empty_slots(config, max_batch, self.context_length, weights.wte_VD.dtype)
+        self._slots = empty_slots_on(weights.mesh, config, max_batch, self.context_length, weights.wte_VD.dtype)
         self._rows: list[_Sequence | None] = [None] * max_batch
         self._waiting: collections.deque[_Sequence] = collections.deque()
         self._inbox: queue.Queue = queue.Queue()
@@ -547,6 +571,8 @@ class Engine:
         self._rows, self._waiting = [None] * self.max_batch, collections.deque()
         assert self._num_queued >= 0
         assert self.num_active == 0
-        self._slots = empty_slots(self.config, self.max_batch, self.context_length, self.weights.wte_VD.dtype)
+        self._slots = empty_slots_on(
+            self.weights.mesh, self.config, self.max_batch, self.context_length, self.weights.wte_VD.dtype
+        )
         for seq in sequences:
             self._deliver(seq, Event(seq.seq_id, (), "", None, "error"))

@@ -141,9 +141,10 @@ def lm_logits(hidden_BTD: jax.Array, weights: GPT2Weights) -> jax.Array:
     if weights.lm_head_DV is not None:
         return packed_matmul_BT(hidden_BTD, weights.lm_head_DV)
     head_VD = weights.wte_VD if weights.lm_head_VD is None else weights.lm_head_VD
+    V = weights.wte_VD.shape[0]  # on a mesh lm_head may carry zero rows past V, to split evenly (sharding.py)
     assert hidden_BTD.shape[-1] == head_VD.shape[1]
-    logits_BTV = jnp.einsum("BTD,VD->BTV", hidden_BTD, head_VD.astype(hidden_BTD.dtype), precision=PRECISION)
-    assert logits_BTV.shape == (*hidden_BTD.shape[:2], head_VD.shape[0])
+    logits_BTV = jnp.einsum("BTD,VD->BTV", hidden_BTD, head_VD.astype(hidden_BTD.dtype), precision=PRECISION)[..., :V]
+    assert logits_BTV.shape == (*hidden_BTD.shape[:2], V)
     return logits_BTV.astype(jnp.float32)
 
 

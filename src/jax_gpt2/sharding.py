@@ -11,11 +11,13 @@ only says where each array lives:
     c_fc     (D, F)   columns                                     P(None, "model")
     c_proj   (D, D)   rows (the heads' outputs)                   P("model", None)
     mlp proj (F, D)   rows                                        P("model", None)
-    wte, wpe, lm_head, LayerNorms, output biases: replicated      P()
+    lm_head  (V, D)   rows (vocabulary entries), padded           P("model", None)
+    wte, wpe, LayerNorms, output biases: replicated               P()
     KV cache (L, B, N, S, H): rows on "data", heads on "model"    P(None, "data", "model", None, None)
 
 So a block needs two all-reduces of its (B, T, D) output per layer (after c_proj and after the
-MLP) and nothing else. Why the vocabulary is replicated rather than split: see `weight_specs`.
+MLP) and nothing else; the logits come out split along V. Why lm_head is split and wte is not:
+see `weight_specs`.
 
 The fused c_attn matrix cannot be split by heads as it is stored, [q | k | v]: a plain column split
 gives the first device all of q and part of k. `regroup_qkv` reorders its columns once at load
@@ -118,23 +120,37 @@ def block_specs() -> BlockWeights:
     )  # fmt: skip
 
 
-def weight_specs(weights: GPT2Weights) -> GPT2Weights:
-    """A GPT2Weights of PartitionSpecs, one per array of `weights`.
+def weight_specs(weights: GPT2Weights, mesh: Mesh) -> GPT2Weights:
+    """A GPT2Weights of PartitionSpecs, one per array of `weights` as place_weights lays them out.
 
-    The embeddings and lm_head are replicated, not split along V: measured on 4 forced host
-    devices (benchmarks/scaling.py, README) a V-split lm_head decoded no faster, GPT-2's V = 50257
-    divides by no even count (a split needs a padded vocabulary and a slice of every logits
-    block), and the (B, V) logits feed top-k and softmax over all of V, which a split would
-    all-gather every step anyway.
+    The output projection is split along V on "model" (its own copy of wte, padded to whole shards
+    when V does not divide, as GPT-2's 50257 never does): every decode step reads it whole, so
+    split it is read 1/model of it per device; measured on forced host devices (README) a 1x4 mesh
+    decoded B=8 at 21.9 tok/s split against 12.3 replicated. The embedding stays replicated:
+    its gather reads B x T rows, and split it would cost an all-reduce for nothing.
     """
     assert weights.lm_head_DV is None, "packed weights are not placed on a mesh"
     assert weights.mesh is None, "already placed"
+    split_head = model_shards(mesh) > 1 or weights.lm_head_VD is not None
     specs = GPT2Weights(
         wte_VD=P(), wpe_PD=P(), blocks=tuple(block_specs() for _ in weights.blocks),
-        lnf_scale_D=P(), lnf_bias_D=P(), lm_head_VD=None if weights.lm_head_VD is None else P(),
+        lnf_scale_D=P(), lnf_bias_D=P(), lm_head_VD=P("model", None) if split_head else None,
     )  # fmt: skip
     assert len(specs.blocks) == len(weights.blocks)
     return specs
+
+
+def padded_lm_head(weights: GPT2Weights, shards: int) -> np.ndarray:
+    """The output projection (V, D) with zero rows appended up to a multiple of `shards`.
+
+    model.lm_logits drops the logits of the padding rows (it keeps the first wte_VD.shape[0]).
+    """
+    head_VD = np.asarray(weights.wte_VD if weights.lm_head_VD is None else weights.lm_head_VD)
+    V, D = head_VD.shape
+    padded_VD = np.zeros((-(-V // shards) * shards, D), head_VD.dtype)
+    padded_VD[:V] = head_VD
+    assert padded_VD.shape[0] % shards == 0
+    return padded_VD
 
 
 def regroup_qkv(w_XE: np.ndarray, groups: int) -> np.ndarray:
@@ -168,8 +184,10 @@ def place_weights(weights: GPT2Weights, config: GPT2Config, mesh: Mesh) -> GPT2W
         qkv_w_DE = regroup_qkv(np.asarray(w.qkv_w_DE), groups)
         return dataclasses.replace(w, qkv_w_DE=qkv_w_DE, qkv_b_E=regroup_qkv(np.asarray(w.qkv_b_E), groups))
 
-    host = dataclasses.replace(weights, blocks=tuple(regrouped(w) for w in weights.blocks))
-    placed = jax.tree.map(lambda x, spec: put(x, mesh, spec), host, weight_specs(weights))
+    specs = weight_specs(weights, mesh)
+    head = None if specs.lm_head_VD is None else padded_lm_head(weights, groups)
+    host = dataclasses.replace(weights, blocks=tuple(regrouped(w) for w in weights.blocks), lm_head_VD=head)
+    placed = jax.tree.map(lambda x, spec: put(x, mesh, spec), host, specs)
     placed = dataclasses.replace(placed, mesh=mesh)
     assert placed.blocks[0].qkv_w_DE.sharding.spec == P(None, "model")
     assert placed.wte_VD.dtype == weights.wte_VD.dtype
