@@ -57,6 +57,12 @@ def write_layer(cache_LBNSH: jax.Array, layer: int, end_B: jax.Array, new_BTNH: 
     B, T = new_BTNH.shape[:2]
     assert cache_LBNSH.shape[1] == B
     assert new_BTNH.shape[2:] == (cache_LBNSH.shape[2], cache_LBNSH.shape[4])
+    if T == cache_LBNSH.shape[3]:
+        # A block that fills every slot (a full forward, a perplexity window) starts at slot 0 (the host
+        # checks refuse anything else): one static update. On a mesh it stays on each row's device; the
+        # scatter below made XLA gather the whole (B, T, N, H) block across "data" first. On one device
+        # it is faster too: 12 layers of 8 x 1024 tokens, 1.0 s against 1.8 s for the scatter here.
+        return cache_LBNSH.at[layer].set(new_BTNH.transpose(0, 2, 1, 3).astype(cache_LBNSH.dtype))
     rows_BT = jnp.broadcast_to(jnp.arange(B)[:, None], (B, T))
     slots_BT = end_B[:, None] + jnp.arange(T, dtype=jnp.int32)[None, :]
     return cache_LBNSH.at[layer, rows_BT, :, slots_BT, :].set(new_BTNH.astype(cache_LBNSH.dtype), mode="drop")
