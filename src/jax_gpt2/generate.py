@@ -273,7 +273,7 @@ def generate(
         prompt_ids, config, max_new_tokens, temperature, top_k, top_p, min_p, repetition_penalty, eos_token_id, seed
     )
     B = len(request.ids_BT)
-    placed = on_mesh(request, weights.mesh)
+    placed = place_request(request, weights.mesh)
     tokens_BK, emitted_BK = _generate_jit(
         placed.ids_BT, placed.start_B, placed.keys_B, np.int32(request.max_new_tokens), placed.eos_E,
         placed.params, weights, config, request.flags, bucket_length(request.max_new_tokens),
@@ -284,7 +284,7 @@ def generate(
     return outputs
 
 
-def on_mesh(request: GenerationRequest, mesh: "Mesh | None") -> GenerationRequest:
+def place_request(request: GenerationRequest, mesh: "Mesh | None") -> GenerationRequest:
     """The request as the device takes it: unchanged on one device; on a mesh, its rows padded to a
     multiple of the "data" axis (copies of the last row, dropped from the results) and split over it."""
     if mesh is None:
@@ -316,7 +316,7 @@ def stream_generate(
         prompt_ids, config, max_new_tokens, temperature, top_k, top_p, min_p, repetition_penalty, eos_token_id, seed
     )
     B = len(request.ids_BT)
-    placed = on_mesh(request, weights.mesh)
+    placed = place_request(request, weights.mesh)
     max_len = request.ids_BT.shape[1] + bucket_length(request.max_new_tokens)
     state = _prefill_jit(placed.ids_BT, placed.start_B, placed.keys_B, weights, config, max_len)
     remaining = request.max_new_tokens

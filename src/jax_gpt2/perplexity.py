@@ -198,12 +198,12 @@ def batch_nlls(
         group = windows[first : first + B]
         ids_BT, positions_R, targets_R, n = pack_batch(ids, group, B, T, R)
         if weights.mesh is not None:
-            ids_BT, positions_R, targets_R = on_mesh(ids_BT, positions_R, targets_R, weights.mesh)
+            ids_BT, positions_R, targets_R = place_batch(ids_BT, positions_R, targets_R, weights.mesh)
         nll_R = fetch(scored_nll(ids_BT, positions_R, targets_R, weights, config))
         yield BatchNLL(len(group), float(np.sum(nll_R[:n], dtype=np.float64)), n)
 
 
-def on_mesh(ids_BT: np.ndarray, positions_R: np.ndarray, targets_R: np.ndarray, mesh: Mesh) -> tuple[jax.Array, ...]:
+def place_batch(ids_BT: np.ndarray, positions_R: np.ndarray, targets_R: np.ndarray, mesh: Mesh) -> tuple[jax.Array, ...]:
     """One batch placed on the mesh: windows split over "data" (across processes too), the scored slots whole."""
     assert ids_BT.shape[0] % data_shards(mesh) == 0
     assert positions_R.shape == targets_R.shape
