@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from jax_gpt2.config import GPT2Config, config_from_hf_dict
+from jax_gpt2.config import GPT2Config, config_from_file, config_from_hf_dict
 
 
 @pytest.mark.parametrize(("changes", "expected"), [
@@ -37,3 +37,10 @@ def test_numpy_scalars_count_as_numbers():
     config = GPT2Config(n_layer=np.int64(3), layer_norm_epsilon=np.float32(1e-6))
     assert config.n_layer == 3
     assert config.layer_norm_epsilon == np.float32(1e-6)
+
+
+def test_a_config_json_that_is_not_utf8_is_a_value_error_naming_the_file(tmp_path):
+    path = tmp_path / "config.json"
+    path.write_bytes(b'{"n_layer": 2, "\xff": 1}')
+    with pytest.raises(ValueError, match=f"{path} is not valid JSON"):
+        config_from_file(path)

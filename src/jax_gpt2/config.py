@@ -163,8 +163,8 @@ def config_from_file(path: Path) -> GPT2Config:
     if not path.is_file():
         raise FileNotFoundError(f"no config.json at {path}")
     try:
-        hf = json.loads(path.read_text())
-    except json.JSONDecodeError as error:
+        hf = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise ValueError(f"{path} is not valid JSON: {error}") from None
     if not isinstance(hf, dict):
         raise ValueError(f"{path} must hold a JSON object; got {type(hf).__name__}")
