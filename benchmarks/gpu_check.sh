@@ -88,7 +88,7 @@ steps() {
       parity 300 "$py $parity --collect-only" \
       generate 300 "$py benchmarks/gpu_generate.py --presets distilgpt2 --layers 1 --batch 2 --new-tokens 4 --torch-device cpu --out $q_out/generate.json" \
       precision 300 "$py benchmarks/gpu_precision.py --preset distilgpt2 --layers 1 --prompt-len 16 --batch-sizes 2 --new-tokens 4 --repeats 1 --torch-device cpu --out $q_out/precision.json" \
-      bench 300 "$py -m jax_gpt2.cli bench --preset distilgpt2 --layers 1 --dtypes fp32 bf16 --batch-sizes 2 --contexts --prefill 8 --new-tokens 4 --repeats 1 --torch-device cpu --out $q_out/bench-gpt2.json"
+      bench 300 "$py -m jax_gpt2.cli bench --preset distilgpt2 --layers 1 --dtypes fp32 bf16 --batch-sizes 2 --contexts --prefill --new-tokens 4 --repeats 1 --torch-device cpu --out $q_out/bench-gpt2.json"
   fi
 }
 

@@ -17,6 +17,9 @@ STEPS = ["card", "parity", "generate", "precision", "bench"]
 
 def run_script(*args: str, out: Path, path: str | None = None) -> subprocess.CompletedProcess:
     env = {**os.environ, "OUT": str(out)}
+    # The dry run's steps are five Python processes: with bytecode caching off, each one compiles
+    # torch's and transformers' sources again (about 10 s of CPU apiece on this host).
+    env.pop("PYTHONDONTWRITEBYTECODE", None)
     if path is not None:
         env["PATH"] = path
     return subprocess.run(["bash", str(SCRIPT), *args], env=env, capture_output=True, text=True, timeout=1200)
