@@ -17,7 +17,7 @@
 # Results go to $OUT when it is set, else to benchmarks/gpu-check/: gpu_check.log (every step's
 # output), summary.json (each step's command, exit code and seconds), parity.xml, generate.json,
 # precision.json, bench-gpt2.json. Every step runs even when one before it failed; the exit code
-# is 0 only when all passed. The steps' time budgets add up to 9 min 10 s (the install not counted).
+# is 0 only when all passed. The steps' time budgets add up to 9 min 30 s (the install not counted).
 # With no GPU visible it stops at once with one line on stderr.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -29,7 +29,7 @@ while [ $# -gt 0 ]; do
   case "$1" in
     --dry-run) dry_run=1; shift ;;
     --python) [ $# -ge 2 ] || { echo "$usage" >&2; exit 2; }; python=$2; shift 2 ;;
-    -h|--help) sed -n '2,24p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) awk 'NR > 1 && !/^#/ { exit } NR > 1 { sub(/^# ?/, ""); print }' "$0"; exit 0 ;;
     *) echo "$usage" >&2; exit 2 ;;
   esac
 done
@@ -59,14 +59,16 @@ export XLA_PYTHON_CLIENT_PREALLOCATE=false  # leave the card's memory to torch t
 if [ "$dry_run" = 1 ]; then
   export JAX_PLATFORMS=cpu
 else
-  export JAX_PLATFORMS=cuda  # fail loudly rather than fall back to the CPU when the plugin cannot start
+  export JAX_PLATFORMS=cuda,cpu  # named platforms must start: no silent fall-back to the CPU
 fi
 if [ -n "$python" ]; then
-  py=$(printf '%q' "$python")
+  py_words=("$python")
   export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
 else
-  py="uv run --no-sync python"  # --no-sync: a plain `uv run` would sync away the cuda extra
+  py_words=(uv run --no-sync python)  # --no-sync: a plain `uv run` would sync away the cuda extra
 fi
+py=$(printf '%q ' "${py_words[@]}")
+py=${py% }  # the interpreter as shell words, for the step commands
 
 # The steps after the install, one line each: name, time budget in seconds, shell command.
 # $1: "card" for the settings a GPU run uses, "dry" for the tiny ones a CPU check uses.
@@ -78,8 +80,8 @@ steps() {
   if [ "$1" = card ]; then
     printf '%s\t%s\t%s\n' \
       card 30 "nvidia-smi && $py -c \"$report; assert jax.default_backend() == 'gpu'\"" \
-      parity 150 "$py $parity" \
-      generate 90 "$py benchmarks/gpu_generate.py --presets gpt2 gpt2-medium --torch-device $torch_device --out $q_out/generate.json" \
+      parity 140 "$py $parity" \
+      generate 120 "$py benchmarks/gpu_generate.py --presets gpt2 gpt2-medium --torch-device $torch_device --out $q_out/generate.json" \
       precision 100 "$py benchmarks/gpu_precision.py --preset gpt2 --batch-sizes 1 64 --new-tokens 32 --repeats 3 --torch-device $torch_device --out $q_out/precision.json" \
       bench 180 "$py -m jax_gpt2.cli bench --preset gpt2 --dtypes fp32 bf16 --batch-sizes 1 8 64 --contexts --prefill 128 --new-tokens 32 --repeats 3 --torch-device $torch_device --out $q_out/bench-gpt2.json"
   else
@@ -107,7 +109,7 @@ if [ "$dry_run" = 1 ]; then
 else
   mode=card
   if [ -z "$python" ]; then run_step install 1200 "uv sync --frozen --extra cuda"; fi
-  torch_device=$($py -c 'import torch; print("cuda" if torch.cuda.is_available() else "cpu")' 2>/dev/null || echo cpu)
+  torch_device=$("${py_words[@]}" -c 'import torch; print("cuda" if torch.cuda.is_available() else "cpu")' 2>/dev/null || echo cpu)
   if [ "$torch_device" = cpu ]; then
     echo "=== note: torch cannot use this card here; transformers runs on the CPU beside JAX on the GPU" | tee -a "$log"
   fi
@@ -118,7 +120,7 @@ while IFS=$'\t' read -r name budget command; do
 done < <(steps "$mode" "$torch_device")
 
 MODE=$mode TORCH_DEVICE=$torch_device CARD_PLAN=$card_plan STEPS_TSV=$steps_tsv SUMMARY=$out/summary.json \
-  $py - <<'EOF'
+  "${py_words[@]}" - <<'EOF'
 import json, os
 
 steps = []

@@ -153,3 +153,11 @@ def test_the_jax_plugin_and_torch_use_the_same_cuda_13_libraries():
         plugin_deps = {dep["name"] for dep in plugin["optional-dependencies"]["with-cuda"]}
         assert {"nvidia-cudnn-cu13", "nvidia-nccl-cu13"} <= plugin_deps & torch_deps
         assert not any(name.endswith("-cu12") for name in plugin_deps)
+
+
+def test_help_describes_the_steps_and_the_modes(tmp_path):
+    result = run_script("--help", out=tmp_path / "out")
+    assert result.returncode == 0
+    for word in ["install", "parity", "precision", "bench", "--dry-run", "--python", "$OUT"]:
+        assert word in result.stdout
+    assert not (tmp_path / "out").exists()
