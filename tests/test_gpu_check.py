@@ -146,7 +146,9 @@ def test_the_cuda_extra_resolves_to_the_jax_cuda13_plugin_of_the_same_version():
 
 
 def test_the_jax_plugin_and_torch_use_the_same_cuda_13_libraries():
-    """One CUDA generation in the environment: jax[cuda12]'s cudnn/nccl wheels would share torch's folders."""
+    """One CUDA generation in the environment: jax[cuda12] would add nvidia-*-cu12 wheels that write
+    the same files as torch's cu13 ones (nvidia-nvshmem-cu12 ships nvidia/nvshmem/lib/libnvshmem_host.so.3,
+    as nvidia-nvshmem-cu13 does)."""
     packages = locked_packages()
     torch_deps = {dep["name"] for dep in packages["torch"][0]["dependencies"]}
     for plugin in packages["jax-cuda13-plugin"]:
