@@ -97,7 +97,8 @@ steps() {
 run_step() {  # name, budget in seconds, command: its output to the screen and the log, its result to steps_tsv
   local name=$1 budget=$2 command=$3 start=$SECONDS code
   echo "=== $name (budget ${budget} s): $command" | tee -a "$log"
-  timeout --kill-after=10 "$budget" bash -c "$command" 2>&1 | tee -a "$log"
+  # stdin from /dev/null: the loop below feeds the step list on stdin, which a step must not eat
+  timeout --kill-after=10 "$budget" bash -c "$command" < /dev/null 2>&1 | tee -a "$log"
   code=${PIPESTATUS[0]}
   if [ "$code" = 124 ]; then echo "=== $name: stopped at its budget of $budget s" | tee -a "$log"; fi
   printf '%s\t%s\t%s\t%s\t%s\n' "$name" "$code" "$((SECONDS - start))" "$budget" "$command" >> "$steps_tsv"
