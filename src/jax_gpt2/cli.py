@@ -275,12 +275,15 @@ def run_bench(args: argparse.Namespace) -> int:
     from jax_gpt2.config import PRESETS
 
     torch.set_num_threads(args.threads)  # XLA's CPU client uses every core; give torch the same
+    if args.torch_device == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--torch-device cuda: torch {torch.__version__} sees no CUDA device here")
     config = PRESETS[args.preset]
     if args.layers is not None:
         config = dataclasses.replace(config, n_layer=args.layers)
     results = run_benchmarks(
-        config, args.dtypes, args.batch_sizes, args.prefill, args.new_tokens, args.repeats, args.contexts, progress=True
-    )
+        config, args.dtypes, args.batch_sizes, args.prefill, args.new_tokens, args.repeats, args.contexts,
+        progress=True, torch_device=args.torch_device,
+    )  # fmt: skip
     results["preset"], results["layers"] = args.preset, config.n_layer
     print(format_table(results))
     if args.out is not None:
@@ -306,6 +309,9 @@ def add_bench_command(subparsers) -> None:
     parser.add_argument("--new-tokens", type=_positive_int, default=32)
     parser.add_argument("--repeats", type=_positive_int, default=3)
     parser.add_argument("--threads", type=_positive_int, default=os.cpu_count() or 1)
+    parser.add_argument(
+        "--torch-device", choices=["cpu", "cuda"], default="cpu", help="where transformers runs (default: cpu)"
+    )
     parser.add_argument("--dtypes", nargs="+", choices=list(WEIGHT_DTYPES), default=list(WEIGHT_DTYPES))
     parser.add_argument("--out", type=Path, default=None, help="write the results as JSON")
     parser.add_argument("--plot", type=Path, default=None, help="write a PNG chart of the results (needs matplotlib)")
