@@ -380,7 +380,7 @@ signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C ends the command; this mu
 mark, line = sys.argv[1].encode(), sys.argv[2].encode() + b"\n"
 record = re.compile(rb"[IWEF]\d{4} ")  # absl's prefix: level, then the date
 line_end = re.compile(rb"[\r\n]")  # progress bars end their lines with \r
-held = b""
+held, last = b"", b"\n"  # last: the last byte passed on (the line starts on a fresh line)
 while chunk := os.read(0, 1 << 16):
     held += chunk
     out = []
@@ -393,7 +393,9 @@ while chunk := os.read(0, 1 << 16):
             break  # part of a record: wait for its end
         piece, held = held[:end], held[end:]
         if mark in piece:
-            os.write(2, b"".join(out) + line)
+            passed = b"".join(out)
+            fresh = (passed or last)[-1:] == b"\n"
+            os.write(2, passed + (b"" if fresh else b"\n") + line)
             while os.read(0, 1 << 16):
                 pass
             sys.exit(0)
@@ -401,7 +403,9 @@ while chunk := os.read(0, 1 << 16):
             out.append(piece)
         if not held:
             break
-    os.write(2, b"".join(out))
+    passed = b"".join(out)
+    os.write(2, passed)
+    last = passed[-1:] or last
 os.write(2, held)
 """
 
