@@ -366,6 +366,7 @@ def run_bench(args: argparse.Namespace) -> int:
     import dataclasses
     import json
 
+    import jax
     import torch
 
     from jax_gpt2.bench import format_table, plot_results, run_benchmarks
@@ -388,6 +389,9 @@ def run_bench(args: argparse.Namespace) -> int:
     if not _is_main_process():
         return 0
     print(format_table(results))
+    if mesh is not None:
+        devices = f"{_mesh_name(mesh)} mesh (data x model) of {jax.device_count()} devices"
+        print(f"jax-gpt2 ran on a {devices}: unpacked weights, XLA's dot")
     if args.out is not None:
         args.out.write_text(json.dumps(results, indent=2))
         print(f"wrote {args.out}")
