@@ -140,7 +140,7 @@ def test_generate_bad_sampling_value_is_one_clear_line(tiny_model_dir, capsys):
     assert main(["generate", "Hi", "--model", str(tiny_model_dir), "--top-p", "1.5"]) == 2
     captured = capsys.readouterr()
     assert captured.out == ""
-    assert captured.err.strip() == "jax-gpt2 generate: error: top_p must be None or in (0, 1]; got 1.5"
+    assert captured.err.strip() == "jax-gpt2 generate: error: top_p must be in (0, 1] (1 is off); got 1.5"
 
 
 def test_cli_commands_write_jax_persistent_compilation_cache(tiny_model_dir, tmp_path):

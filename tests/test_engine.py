@@ -22,7 +22,7 @@ from jax_gpt2.engine import (
 from jax_gpt2.generate import generate
 from jax_gpt2.model import gpt2_forward
 from jax_gpt2.random_model import train_tokenizer
-from jax_gpt2.sampling import flags_for, next_tokens, sampling_params
+from jax_gpt2.sampling import SamplingSettings, flags_for, next_tokens, sampling_params
 from jax_gpt2.tokenizer import encode, load_tokenizer
 
 MAX_ROUNDS = 500  # every test run ends long before; a scheduling bug fails instead of hanging
@@ -125,9 +125,9 @@ def test_greedy_rows_under_all_enabled_flags_are_exactly_greedy():
     logits_BV = logits_BV.at[:, 7].set(logits_BV.max(axis=1))  # ties: argmax picks the first, both ways
     seen_BV = jax.random.bernoulli(jax.random.PRNGKey(1), 0.2, (64, 300))
     keys_B = jax.random.split(jax.random.PRNGKey(2), 64)
-    params = sampling_params(64, temperature=0.0, top_k=0, top_p=1.0, min_p=0.0, repetition_penalty=1.0)
-    greedy_B = next_tokens(logits_BV, seen_BV, params, keys_B, flags_for(0.0))
-    assert not flags_for(0.0).sample
+    params = sampling_params([SamplingSettings()] * 64)
+    greedy_B = next_tokens(logits_BV, seen_BV, params, keys_B, flags_for([SamplingSettings()]))
+    assert not flags_for([SamplingSettings()]).sample
     np.testing.assert_array_equal(next_tokens(logits_BV, seen_BV, params, keys_B, SERVER_FLAGS), greedy_B)
     np.testing.assert_array_equal(greedy_B, np.argmax(logits_BV, axis=1))
 

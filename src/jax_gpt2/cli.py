@@ -5,6 +5,7 @@ non-zero exit code, never a traceback: `UserError` and `ValueError` are caught i
 """
 
 import argparse
+import dataclasses
 import itertools
 import sys
 from pathlib import Path
@@ -179,58 +180,63 @@ def _read_prompts(args: argparse.Namespace) -> list[str]:
     return prompts
 
 
-def _sampling_settings(args: argparse.Namespace, config) -> dict:
+def _sampling_settings(args: argparse.Namespace):
+    """The flags as SamplingSettings (its validator turns a bad value into one line on stderr)."""
+    from jax_gpt2.generate import settings_from_arguments
+
+    settings = settings_from_arguments(
+        args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.min_p, args.repetition_penalty, args.seed
+    )
+    return dataclasses.replace(settings, stop=tuple(args.stop))
+
+
+def _generate_arguments(settings, eos_ids: list[int]) -> dict:
+    """SamplingSettings as generate's keyword arguments (its public signature)."""
     return dict(
-        max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-        min_p=args.min_p, repetition_penalty=args.repetition_penalty, seed=args.seed,
-        eos_token_id=None if args.ignore_eos else config.eos_token_id,
+        max_new_tokens=settings.max_new_tokens, temperature=settings.temperature, top_k=settings.top_k,
+        top_p=settings.top_p, min_p=settings.min_p, repetition_penalty=settings.repetition_penalty,
+        seed=settings.seed, eos_token_id=eos_ids or None,
     )  # fmt: skip
 
 
-def _stream_one(prompt: str, ids: list[int], tokenizer, weights, config, settings: dict, stops: list[str]) -> None:
+def _stream_one(prompt: str, ids: list[int], tokenizer, weights, config, settings, eos_ids: list[int]) -> None:
     """Print one prompt's continuation as it is made: whole UTF-8 characters, nothing past a stop string."""
     from jax_gpt2.generate import stream_generate
-    from jax_gpt2.stopping import StopStringStream
-    from jax_gpt2.tokenizer import IncrementalDecoder
+    from jax_gpt2.stopping import TextFinisher
 
-    decoder, stop_stream = IncrementalDecoder(tokenizer), StopStringStream(stops)
-    steps = stream_generate([ids], weights, config, **settings)
+    finisher = TextFinisher(tokenizer, settings.stop, eos_ids, settings.max_new_tokens)
+    steps = stream_generate([ids], weights, config, **_generate_arguments(settings, eos_ids))
     first = next(steps)  # arguments are checked before anything is printed
     sys.stdout.write(prompt)
     for step in itertools.chain([first], steps):
-        token = step[0]
-        if token is None or token == settings["eos_token_id"]:
+        if step[0] is None:
             break
-        text, stopped = stop_stream.push(decoder.push(token))
-        sys.stdout.write(text)
+        sys.stdout.write(finisher.push(step[0]))
         sys.stdout.flush()
-        if stopped:
+        if finisher.finish_reason is not None:
             break
-    else:
-        sys.stdout.write(stop_stream.push(decoder.flush())[0] + stop_stream.flush())
-    sys.stdout.write("\n")
+    sys.stdout.write(finisher.close() + "\n")
 
 
 def run_generate(args: argparse.Namespace) -> int:
     """Stream the continuation of one prompt, or generate several prompts as one batch."""
     from jax_gpt2.generate import generate
-    from jax_gpt2.stopping import find_stop
+    from jax_gpt2.stopping import finish_text
     from jax_gpt2.tokenizer import encode, load_tokenizer
 
     prompts = _read_prompts(args)
+    settings = _sampling_settings(args)
     folder, config, weights = _load_model(args.model, args.dtype)
     tokenizer = load_tokenizer(folder)
     prompt_ids = [encode(tokenizer, prompt) for prompt in prompts]
-    settings = _sampling_settings(args, config)
+    eos_ids = [] if args.ignore_eos or config.eos_token_id is None else [config.eos_token_id]
     if len(prompts) == 1:
-        _stream_one(prompts[0], prompt_ids[0], tokenizer, weights, config, settings, args.stop)
+        _stream_one(prompts[0], prompt_ids[0], tokenizer, weights, config, settings, eos_ids)
         return 0
-    for prompt, new_ids in zip(prompts, generate(prompt_ids, weights, config, **settings)):
-        if new_ids and new_ids[-1] == settings["eos_token_id"]:
-            new_ids = new_ids[:-1]
-        text = tokenizer.decode(new_ids)
-        stop_at = find_stop(text, args.stop) if args.stop else None
-        print(f"--- {prompt!r}\n{prompt}{text[:stop_at]}")
+    rows = generate(prompt_ids, weights, config, **_generate_arguments(settings, eos_ids))
+    for prompt, new_ids in zip(prompts, rows):
+        text, _ = finish_text(tokenizer, new_ids, settings.stop, eos_ids, settings.max_new_tokens)
+        print(f"--- {prompt!r}\n{prompt}{text}")
     return 0
 
 
@@ -254,7 +260,6 @@ def add_generate_command(subparsers) -> None:
 
 def run_bench(args: argparse.Namespace) -> int:
     """Benchmark jax-gpt2 against transformers on random weights of a preset shape."""
-    import dataclasses
     import json
 
     import torch

@@ -22,7 +22,9 @@ import numpy as np
 from jax_gpt2.config import GPT2Config
 from jax_gpt2.kvcache import KVCache
 from jax_gpt2.model import empty_cache, lm_logits, transformer
-from jax_gpt2.sampling import SamplerFlags, SamplingParams, choose_tokens, flags_for, pick_logits, sampling_params
+from jax_gpt2.sampling import (
+    SamplerFlags, SamplingParams, SamplingSettings, choose_tokens, flags_for, pick_logits, sampling_params,
+)
 from jax_gpt2.weights import GPT2Weights
 
 PAD_ID = 0  # what a finished row (or a left-pad slot) holds; never attended to, never returned
@@ -209,20 +211,6 @@ def _check_prompts(prompt_ids, config: GPT2Config, max_new_tokens: int) -> list[
     return [[int(t) for t in prompt] for prompt in prompts]
 
 
-def _check_sampling(max_new_tokens, temperature, top_k, top_p, min_p, repetition_penalty) -> None:
-    if not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be an integer >= 1; got {max_new_tokens!r}")
-    if not np.isfinite(temperature) or temperature < 0:
-        raise ValueError(f"temperature must be >= 0 (0 is greedy); got {temperature}")
-    if top_k is not None and (not isinstance(top_k, (int, np.integer)) or top_k < 0):
-        raise ValueError(f"top_k must be None or an integer >= 0 (0 is off); got {top_k!r}")
-    for name, value in (("top_p", top_p), ("min_p", min_p)):
-        if value is not None and not 0 < value <= 1:
-            raise ValueError(f"{name} must be None or in (0, 1]; got {value}")
-    if repetition_penalty is not None and not (np.isfinite(repetition_penalty) and repetition_penalty > 0):
-        raise ValueError(f"repetition_penalty must be None or > 0 (1 is off); got {repetition_penalty}")
-
-
 def _eos_array(eos_token_id, config: GPT2Config) -> np.ndarray:
     eos = [] if eos_token_id is None else [eos_token_id] if np.ndim(eos_token_id) == 0 else list(eos_token_id)
     for token in eos:
@@ -231,24 +219,33 @@ def _eos_array(eos_token_id, config: GPT2Config) -> np.ndarray:
     return np.asarray(eos, np.int32).reshape(-1)
 
 
-def prepare_request(
-    prompt_ids, config: GPT2Config, max_new_tokens, temperature, top_k, top_p, min_p, repetition_penalty,
-    eos_token_id, seed,
-) -> GenerationRequest:  # fmt: skip
-    """Check every argument on the host (clear ValueErrors) and lay the prompts out for the device."""
-    _check_sampling(max_new_tokens, temperature, top_k, top_p, min_p, repetition_penalty)
-    prompts = _check_prompts(prompt_ids, config, max_new_tokens)
+def settings_from_arguments(
+    max_new_tokens, temperature, top_k, top_p, min_p, repetition_penalty, seed
+) -> SamplingSettings:  # fmt: skip
+    """generate's keyword arguments (None meaning off) as SamplingSettings, which checks them."""
+    return SamplingSettings(
+        max_new_tokens=max_new_tokens, temperature=temperature, top_k=0 if top_k is None else top_k,
+        top_p=1.0 if top_p is None else top_p, min_p=0.0 if min_p is None else min_p,
+        repetition_penalty=1.0 if repetition_penalty is None else repetition_penalty, seed=seed,
+    )  # fmt: skip
+
+
+def prepare_request(prompt_ids, config: GPT2Config, settings: SamplingSettings, eos_token_id) -> GenerationRequest:
+    """Check the prompts on the host (clear ValueErrors) and lay them out for the device."""
+    assert isinstance(settings, SamplingSettings)
+    assert settings.max_new_tokens >= 1
+    prompts = _check_prompts(prompt_ids, config, settings.max_new_tokens)
     ids_BT, start_B = left_pad(prompts, bucket_length(max(len(prompt) for prompt in prompts)))
-    base_key = jax.random.PRNGKey(seed)
+    base_key = jax.random.PRNGKey(settings.seed)
     keys_B = np.asarray(jax.vmap(jax.random.fold_in, in_axes=(None, 0))(base_key, jnp.arange(len(prompts))))
     request = GenerationRequest(
         ids_BT=ids_BT,
         start_B=start_B,
         keys_B=keys_B,
         eos_E=_eos_array(eos_token_id, config),
-        params=sampling_params(len(prompts), temperature, top_k, top_p, min_p, repetition_penalty),
-        flags=flags_for(temperature, top_k, top_p, min_p, repetition_penalty),
-        max_new_tokens=int(max_new_tokens),
+        params=sampling_params([settings] * len(prompts)),
+        flags=flags_for([settings]),
+        max_new_tokens=settings.max_new_tokens,
     )
     assert request.ids_BT.shape[0] == len(prompts)
     return request
@@ -262,10 +259,13 @@ def generate(
     """The new tokens of each prompt (a ragged list of id lists), up to and including its eos.
 
     Prefill and every decode step run inside one jitted call: no per-token Python dispatch.
+    max_new_tokens=0 makes nothing (an empty list per prompt, after the same checks).
     """
-    request = prepare_request(
-        prompt_ids, config, max_new_tokens, temperature, top_k, top_p, min_p, repetition_penalty, eos_token_id, seed
-    )
+    settings = settings_from_arguments(max_new_tokens, temperature, top_k, top_p, min_p, repetition_penalty, seed)
+    if settings.max_new_tokens == 0:
+        _eos_array(eos_token_id, config)
+        return [[] for _ in _check_prompts(prompt_ids, config, 0)]
+    request = prepare_request(prompt_ids, config, settings, eos_token_id)
     tokens_BK, emitted_BK = _generate_jit(
         request.ids_BT, request.start_B, request.keys_B, np.int32(request.max_new_tokens), request.eos_E,
         request.params, weights, config, request.flags, bucket_length(request.max_new_tokens),
@@ -286,9 +286,12 @@ def stream_generate(
     row has finished). The device runs `chunk_steps` steps per dispatch; the tokens equal `generate`'s."""
     if chunk_steps < 1:
         raise ValueError(f"chunk_steps must be >= 1; got {chunk_steps}")
-    request = prepare_request(
-        prompt_ids, config, max_new_tokens, temperature, top_k, top_p, min_p, repetition_penalty, eos_token_id, seed
-    )
+    settings = settings_from_arguments(max_new_tokens, temperature, top_k, top_p, min_p, repetition_penalty, seed)
+    if settings.max_new_tokens == 0:
+        _eos_array(eos_token_id, config)
+        _check_prompts(prompt_ids, config, 0)
+        return
+    request = prepare_request(prompt_ids, config, settings, eos_token_id)
     max_len = request.ids_BT.shape[1] + bucket_length(request.max_new_tokens)
     state = _prefill_jit(request.ids_BT, request.start_B, request.keys_B, weights, config, max_len)
     remaining = request.max_new_tokens
