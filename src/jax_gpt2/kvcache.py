@@ -7,6 +7,11 @@ Row b holds real tokens in slots [start_B[b], end_B[b]) and writes its next toke
 A left-padded batch (generate) starts with start_B[b] = its padding and every end equal; a
 server slot gets its own start and end when a request moves in. A slot's position id is
 `slot - start_B[b]`, so the first real token of every row has position 0, whatever its padding.
+
+The buffers may hold more rows than are in use: with start_B and end_B of B entries, rows [0, B)
+of k_LBNSH / v_LBNSH are the batch and the rows after them are neither read nor written. The
+server keeps one cache of max_batch rows and runs each step over the prefix of rows that holds
+its running sequences (a prefix, not a gather: taking rows out of the cache would copy them).
 """
 
 import dataclasses
@@ -55,7 +60,7 @@ def write_layer(cache_LBNSH: jax.Array, layer: int, end_B: jax.Array, new_BTNH: 
     wrapped (JAX's default for out-of-bounds scatter).
     """
     B, T = new_BTNH.shape[:2]
-    assert cache_LBNSH.shape[1] == B
+    assert cache_LBNSH.shape[1] >= B  # rows [0, B) of the cache are the batch
     assert new_BTNH.shape[2:] == (cache_LBNSH.shape[2], cache_LBNSH.shape[4])
     rows_BT = jnp.broadcast_to(jnp.arange(B)[:, None], (B, T))
     slots_BT = end_B[:, None] + jnp.arange(T, dtype=jnp.int32)[None, :]

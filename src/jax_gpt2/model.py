@@ -71,7 +71,7 @@ def block(
     if can_use_decode_kernel(q_BTNH, k_LBNSH):
         attn_BTNH = decode_attention(q_BTNH, k_LBNSH, v_LBNSH, cache.start_B, cache.end_B, layer, scale)
         return finish_block(x_BTD, attn_BTNH, w, config), k_LBNSH, v_LBNSH
-    k_BNSH, v_BNSH = k_LBNSH[layer], v_LBNSH[layer]
+    k_BNSH, v_BNSH = k_LBNSH[layer, :B], v_LBNSH[layer, :B]
     if T == k_BNSH.shape[2] and T > ATTENTION_BLOCK:  # a static shape test: the prompt fills the cache
         attn_BTNH = causal_attention_in_blocks(q_BTNH, k_BNSH, v_BNSH, mask_BTS, scale, ATTENTION_BLOCK)
     else:
@@ -99,7 +99,10 @@ def transformer(
     (see weights.py for why not a scan over stacked weights).
     """
     B, T = ids_BT.shape
-    assert cache.k_LBNSH.shape[:3] == (config.n_layer, B, config.n_head)
+    assert cache.start_B.shape == (B,)
+    assert cache.k_LBNSH.shape[0] == config.n_layer
+    assert cache.k_LBNSH.shape[1] >= B  # rows [0, B) of the cache are the batch (see kvcache.py)
+    assert cache.k_LBNSH.shape[2] == config.n_head
     assert len(weights.blocks) == config.n_layer
     x_BTD = embed(ids_BT, kvcache.positions(cache, T), weights)
     mask_BTS = kvcache.visible_mask(cache, T)

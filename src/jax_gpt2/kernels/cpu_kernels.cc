@@ -303,6 +303,7 @@ __attribute__((target("avx512f"))) void AttendOne(const float* q_H, const float*
   }
 }
 
+// The cache may hold more rows than q: rows [0, R) are read, the rest are not touched.
 ffi::Error DecodeAttention(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi::F32> v,
                            ffi::Buffer<ffi::S32> start, ffi::Buffer<ffi::S32> end, int64_t layer, float scale,
                            ffi::ResultBuffer<ffi::F32> out) {
@@ -313,9 +314,10 @@ ffi::Error DecodeAttention(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi
   if (q_dims.size() != 3 || k_dims.size() != 5 || !same)
     return ffi::Error::InvalidArgument("decode_attention: expected q (B, N, H) and caches (L, B, N, S, H)");
   int64_t L = k_dims[0], B = k_dims[1], N = k_dims[2], S = k_dims[3], H = k_dims[4];
-  if (q_dims[0] != B || q_dims[1] != N || q_dims[2] != H || layer < 0 || layer >= L)
+  int64_t R = q_dims[0];  // the rows in use: the first R of the cache's B (the server's active prefix)
+  if (R > B || q_dims[1] != N || q_dims[2] != H || layer < 0 || layer >= L)
     return ffi::Error::InvalidArgument("decode_attention: q, cache or layer disagree");
-  if (start.element_count() != B || end.element_count() != B)
+  if (start.element_count() != R || end.element_count() != R)
     return ffi::Error::InvalidArgument("decode_attention: one start and end slot per row");
   const int32_t* start_B = start.typed_data();
   const int32_t* end_B = end.typed_data();
@@ -323,7 +325,7 @@ ffi::Error DecodeAttention(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi
   const float* v_LBNSH = v.typed_data();
   const float* q_BNH = q.typed_data();
   float* out_BNH = out->typed_data();
-  Pool().Run(B * N, [&](int64_t bn) {
+  Pool().Run(R * N, [&](int64_t bn) {
     int64_t b = bn / N;
     int64_t offset = ((layer * B + b) * N + bn % N) * S * H;
     // Visible: slots s < S with start <= s <= end, as XLA's masked path sees them. A row with none
