@@ -9,7 +9,7 @@ import pytest
 
 from checkpoints import TINY, hf_config, random_hf_model, save_safetensors
 from jax_gpt2 import load_config, load_weights
-from jax_gpt2.engine import (
+from jax_gpt2.serve.engine import (
     SERVER_FLAGS,
     Engine,
     EngineClosed,

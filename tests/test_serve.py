@@ -23,10 +23,10 @@ import uvicorn
 
 from checkpoints import TINY, hf_config, random_hf_model, save_safetensors
 from jax_gpt2 import load_config, load_weights
-from jax_gpt2.engine import Engine, compiled_count
+from jax_gpt2.serve.engine import Engine, compiled_count
 from jax_gpt2.generate import generate
 from jax_gpt2.random_model import train_tokenizer
-from jax_gpt2.server import chat_prompt, create_app, ChatMessage
+from jax_gpt2.serve.routes import chat_prompt, create_app, ChatMessage
 from jax_gpt2.tokenizer import IncrementalDecoder, encode, load_tokenizer
 
 MODEL_ID = "tiny-gpt2"

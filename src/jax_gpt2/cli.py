@@ -363,7 +363,7 @@ def add_perplexity_command(subparsers) -> None:
 def run_serve(args: argparse.Namespace) -> int:
     """An OpenAI-compatible HTTP server with continuous batching (needs the `serve` extra)."""
     try:
-        from jax_gpt2.server import run_server
+        from jax_gpt2.serve.routes import run_server
     except ImportError as error:
         raise UserError(f"serve needs FastAPI and uvicorn ({error.name} is missing): pip install 'jax-gpt2[serve]'")
     folder, config, weights = _load_model(args.model, args.dtype)

@@ -26,7 +26,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from jax_gpt2.engine import MAX_SEED, TOP_LOGPROBS, Engine, EngineClosed, Event, QueueFull, SequenceRequest, TokenLogprob
+from jax_gpt2.serve.engine import MAX_SEED, TOP_LOGPROBS, Engine, EngineClosed, Event, QueueFull, SequenceRequest, TokenLogprob
 from jax_gpt2.tokenizer import encode
 
 MAX_STOPS = 4  # as the OpenAI API
