@@ -362,14 +362,34 @@ def add_perplexity_command(subparsers) -> None:
 
 def run_serve(args: argparse.Namespace) -> int:
     """An OpenAI-compatible HTTP server with continuous batching (needs the `serve` extra)."""
+    import os
+
     try:
-        from jax_gpt2.serve.routes import run_server
+        from jax_gpt2.serve.routes import ServerLimits, run_server
     except ImportError as error:
-        raise UserError(f"serve needs FastAPI and uvicorn ({error.name} is missing): pip install 'jax-gpt2[serve]'")
+        raise UserError(f"serve needs the serve extra ({error.name} is missing): pip install 'jax-gpt2[serve]'")
+    from jax_gpt2.tokenizer import load_tokenizer
+
+    api_key = args.api_key or os.environ.get("JAX_GPT2_API_KEY") or None
+    limits = ServerLimits(args.max_body_bytes, args.max_prompt_tokens, args.max_n, args.max_tokens, args.max_stops)
+    engine_settings = dict(
+        max_batch=args.max_batch, max_seq_len=args.max_seq_len, max_queue=args.max_queue, chunk_steps=args.chunk_steps,
+        prefill_chunk=args.prefill_chunk, prefix_cache_mib=args.prefix_cache_mib,
+    )  # fmt: skip
     folder, config, weights = _load_model(args.model, args.dtype)
-    run_server(args.model, folder, config, weights, args.host, args.port, args.max_batch, args.max_seq_len,
-               args.max_queue, args.chunk_steps)  # fmt: skip
+    run_server(args.model, load_tokenizer(folder), config, weights, args.host, args.port, engine_settings, limits,
+               api_key, args.drain_timeout)  # fmt: skip
     return 0
+
+
+def _non_negative(kind):
+    def parse(text: str):
+        value = kind(text)
+        if value < 0:
+            raise argparse.ArgumentTypeError(f"must be >= 0; got {value}")
+        return value
+
+    return parse
 
 
 def add_serve_command(subparsers) -> None:
@@ -379,8 +399,23 @@ def add_serve_command(subparsers) -> None:
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--max-batch", type=_positive_int, default=8, help="decode slots (sequences decoded together)")
     parser.add_argument("--max-seq-len", type=_positive_int, default=1024, help="cache slots per sequence (prompt + output)")
-    parser.add_argument("--max-queue", type=int, default=64, help="sequences that may wait for a slot; beyond: 503")
+    parser.add_argument("--max-queue", type=_non_negative(int), default=64,
+                        help="sequences that may wait beyond the slots; past that, 503 (0: none wait)")  # fmt: skip
     parser.add_argument("--chunk-steps", type=_positive_int, default=4, help="decode steps between scheduling rounds")
+    parser.add_argument("--prefill-chunk", type=_positive_int, default=128,
+                        help="prompt tokens prefilled per round, between decode chunks")  # fmt: skip
+    parser.add_argument("--prefix-cache-mib", type=_non_negative(float), default=256,
+                        help="memory for reusable prompt-prefix keys/values (0: off)")  # fmt: skip
+    parser.add_argument("--api-key", default=None,
+                        help="require 'Authorization: Bearer KEY' on every route but /health (or set JAX_GPT2_API_KEY)")  # fmt: skip
+    parser.add_argument("--max-body-bytes", type=_positive_int, default=2 << 20, help="larger request bodies: 413")
+    parser.add_argument("--max-prompt-tokens", type=_positive_int, default=65536, help="prompt tokens per request")
+    parser.add_argument("--max-n", type=_positive_int, default=16, help="choices per prompt (n)")
+    parser.add_argument("--max-tokens", type=_positive_int, default=None, help="max_tokens a request may ask (default: the context)")
+    parser.add_argument("--max-stops", type=_positive_int, default=4, help="stop strings per request")
+    parser.add_argument("--drain-timeout", type=_non_negative(float), default=25.0,
+                        help="seconds open requests may run after SIGTERM before they end with an error "
+                             "(default 25: inside Kubernetes' 30 s grace period); a second signal exits at once")  # fmt: skip
     add_dtype_option(parser)
     parser.set_defaults(run=run_serve)
 

@@ -1,24 +1,29 @@
-"""The serving engine: continuous batching over a fixed set of decode slots.
+"""The serving engine: continuous batching over decode slots, prompts prefilled in chunks, shared
+prompt prefixes reused. The host side: it schedules; slots.py holds the device state and programs.
 
-One preallocated KV cache holds `max_batch` rows ("slots") of `max_seq_len` cache slots each. A
-request is prefilled alone (batch 1, prompt padded to a power-of-two bucket), then moved into a
-free row between decode chunks; every row decodes `chunk_steps` tokens per dispatch; a finished
-row (eos, stop string, max_tokens, cancelled) is marked done and its row is free for the next
-request at once. Every shape is fixed when the engine is built, so load never recompiles:
+One scheduling round (`step`):
 
-    submit --> waiting (bounded) --admit: prefill 1 x bucket, roll, copy into row b--> slots
-    slots --decode_chunk: K steps of every row (done rows emit nothing)--> tokens, logprobs
-    host: detokenize, stop strings, max_tokens --> Event per sequence --> deliver(event)
+    waiting --start--> staging <--restore-- prefix cache (blocks of PREFIX_BLOCK prompt tokens, LRU)
+    staging --prefill chunks (at most prefill_chunk tokens a round)--> staging --save--> prefix cache
+    staging --admit: pick the first token, copy the prompt's slots into the lowest free row--> Slots
+    rows [0, W) of Slots --decode_chunk: up to chunk_steps steps--> tokens, logprobs --> host
+    host: a TextFinisher per sequence --> Event --> deliver(event)
 
-Shape letters beyond model.py's: K the steps of one chunk, A the top alternatives per token
-(logprobs). Rows are independent (see kvcache.py): a row's tokens do not depend on its slot, on
-its neighbours or on when it joined, so greedy output equals `generate` on the same prompt, and
-a sampled sequence with seed s and index i equals row i of `generate(..., seed=s)` (its key is
-`fold_in(PRNGKey(s), i)` and it folds in its own step count).
+W, the width, is the smallest compiled width (1, 2, 4, ..., max_batch) that holds every busy row:
+one client decodes at batch 1, eight at batch 8. When the busy rows would fit a smaller width, the
+highest ones move down (a copy of their filled slots). A long prompt is prefilled a chunk per round,
+so running streams keep getting tokens while it is read; the first token comes straight from the
+prefill. Requests sharing a prompt prefix (a system prompt, few-shot examples) copy its keys and
+values from the prefix cache instead of computing them again.
 
-The engine is a plain object: `submit` and `cancel` may be called from any thread; `step` runs
-one scheduling round and is what the background thread (`start`) calls in a loop. Each
-sequence's events go to the `deliver` callback given at submit, called on the engine's thread.
+Rows are independent (see kvcache.py): a row's tokens do not depend on its slot, its neighbours or
+when it joined, so greedy output equals `generate` on the same prompt, and a sampled sequence with
+seed s and index i equals row i of `generate(..., seed=s)` (its key is fold_in(PRNGKey(s), i) and it
+folds in its own step count).
+
+The engine is a plain object: `submit`, `cancel` and `begin_drain` may be called from any thread;
+`step` runs one scheduling round and is what the background thread (`start`) calls in a loop.
+Each sequence's events go to the `deliver` callback given at submit, called on the engine thread.
 """
 
 import collections
@@ -27,6 +32,7 @@ import itertools
 import logging
 import queue
 import threading
+import time
 from collections.abc import Callable, Sequence
 
 import jax
@@ -34,21 +40,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from jax_gpt2.config import GPT2Config
-from jax_gpt2.generate import DecodeState, decode_step, left_pad, prefill
-from jax_gpt2.kvcache import KVCache
-from jax_gpt2.model import empty_cache
-from jax_gpt2.sampling import SamplerFlags, SamplingParams
-from jax_gpt2.stopping import StopStringStream
-from jax_gpt2.tokenizer import IncrementalDecoder
+from jax_gpt2.generate import PAD_ID
+from jax_gpt2.sampling import SamplingSettings, sampling_params
+from jax_gpt2.serve import slots
+from jax_gpt2.serve.slots import PREFIX_BLOCK, TOP_LOGPROBS
+from jax_gpt2.stopping import TextFinisher
 from jax_gpt2.weights import GPT2Weights
 
 log = logging.getLogger(__name__)
-
-# Every stage on, always: requests with different settings share one compiled step, and load never
-# changes it. Greedy rows stay exact: penalty 1 is x / 1 or x * 1, and they take the argmax.
-SERVER_FLAGS = SamplerFlags(sample=True, filter=True, penalize=True)
-TOP_LOGPROBS = 5  # A: alternatives computed per token (the OpenAI API allows up to 5)
-MAX_SEED = 2**32 - 1  # PRNGKey keeps 32 bits of the seed; larger seeds would silently collide
 
 
 class QueueFull(Exception):
@@ -59,19 +58,9 @@ class EngineClosed(Exception):
     """The engine is shutting down and takes no new requests."""
 
 
-@jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
-class Slots:
-    """The device side of the engine: one DecodeState over max_batch rows, and each row's settings."""
-
-    state: DecodeState
-    params: SamplingParams
-    limit_B: jax.Array  # int32: the row's max_tokens; the row is done after that many steps
-
-
-@dataclasses.dataclass(frozen=True)
-class ChunkOutput:
-    """What one chunk made, on the host: step k, row b."""
+class StepOutput:
+    """What picking made, on the host: step k, row b (K and B are 1 for a first token)."""
 
     tokens_KB: np.ndarray
     emitted_KB: np.ndarray
@@ -82,312 +71,266 @@ class ChunkOutput:
 
 @dataclasses.dataclass(frozen=True)
 class SequenceRequest:
-    """One sequence to generate (one choice of one prompt), settings with their "off" values."""
+    """One sequence to generate (one choice of one prompt)."""
 
     prompt_ids: tuple[int, ...]
-    max_tokens: int
-    temperature: float = 0.0  # 0 is greedy
-    top_k: int = 0
-    top_p: float = 1.0
-    min_p: float = 0.0
-    repetition_penalty: float = 1.0
-    seed: int = 0
+    settings: SamplingSettings
     index: int = 0  # its key is fold_in(PRNGKey(seed), index): row `index` of generate(..., seed=seed)
-    stops: tuple[str, ...] = ()
-    num_logprobs: int | None = None  # None: no logprobs; 0..TOP_LOGPROBS alternatives per token
+    num_logprobs: int | None = None  # generated tokens: None, or 0..TOP_LOGPROBS alternatives each
+    prompt_logprobs: int | None = None  # prompt tokens: None, or 0..TOP_LOGPROBS alternatives each
 
 
 @dataclasses.dataclass(frozen=True)
 class TokenLogprob:
     token_id: int
     token: str  # the token decoded alone
-    logprob: float
+    logprob: float | None  # None for a prompt's first token (nothing predicts it)
     top: tuple[tuple[int, str, float], ...]  # (id, text, logprob) of the best alternatives, best first
 
 
 @dataclasses.dataclass(frozen=True)
 class Event:
-    """New output of one sequence: tokens (eos excluded), their text, and finish_reason once it ends."""
+    """New output of one sequence: tokens (eos excluded), their text, the logprobs of every token picked
+    (an eos included), and finish_reason once it ends."""
 
     seq_id: int
     token_ids: tuple[int, ...]
     text: str
     logprobs: tuple[TokenLogprob, ...] | None
     finish_reason: str | None  # None while running; "stop", "length" or "error" at the end
+    prompt_logprobs: tuple[TokenLogprob, ...] | None = None  # once, in the first event, when asked
+    error: str | None = None  # with finish_reason "error": what the client should be told
 
 
-def serve_buckets(context_length: int) -> list[int]:
-    """Prefill lengths: powers of two from 8, then the context length itself (few compiles)."""
-    assert context_length >= 1
-    buckets = []
-    bucket = 8
-    while bucket < context_length:
-        buckets.append(bucket)
-        bucket *= 2
-    buckets.append(context_length)
-    assert buckets == sorted(set(buckets))
-    return buckets
-
-
-def empty_slots(config: GPT2Config, max_batch: int, max_seq_len: int, dtype) -> Slots:
-    """max_batch free (done) rows over a cache of max_seq_len slots."""
-    assert max_batch >= 1
-    assert max_seq_len >= 1
-    B = max_batch
-    state = DecodeState(
-        cache=empty_cache(config, jnp.zeros((B,), jnp.int32), max_seq_len, dtype),
-        logits_BV=jnp.zeros((B, config.vocab_size), jnp.float32),
-        seen_BV=jnp.zeros((B, config.vocab_size), jnp.bool_),
-        done_B=jnp.ones((B,), jnp.bool_),
-        keys_B=jnp.zeros((B, 2), jnp.uint32),
-        step_B=jnp.zeros((B,), jnp.int32),
-    )
-    params = row_params([SequenceRequest((0,), 1)] * B)
-    return Slots(state, jax.tree.map(jnp.asarray, params), jnp.zeros((B,), jnp.int32))
-
-
-def row_params(requests: Sequence[SequenceRequest]) -> SamplingParams:
-    """SamplingParams with one row per request (host arrays, fixed dtypes: no recompiles)."""
-    assert len(requests) >= 1
-    params = SamplingParams(
-        temperature_B=np.array([r.temperature for r in requests], np.float32),
-        top_k_B=np.array([r.top_k for r in requests], np.int32),
-        top_p_B=np.array([r.top_p for r in requests], np.float32),
-        min_p_B=np.array([r.min_p for r in requests], np.float32),
-        repetition_penalty_B=np.array([r.repetition_penalty for r in requests], np.float32),
-    )
-    assert params.top_k_B.shape == (len(requests),)
-    return params
-
-
-def _set_row(all_B: jax.Array, row: jax.Array, one_1: jax.Array) -> jax.Array:
-    assert one_1.shape[0] == 1
-    assert one_1.shape[1:] == all_B.shape[1:]
-    return all_B.at[row].set(one_1[0])
-
-
-def admit(
-    slots: Slots, ids_1T: jax.Array, start_1: jax.Array, keys_1: jax.Array, row: jax.Array,
-    params_1: SamplingParams, limit: jax.Array, weights: GPT2Weights, config: GPT2Config,
-) -> Slots:  # fmt: skip
-    """Prefill one left-padded prompt and move it into `row`, its real tokens rolled to slot 0."""
-    T = ids_1T.shape[1]
-    assert ids_1T.shape[0] == 1
-    assert T <= slots.state.cache.max_len
-    new = prefill(ids_1T, start_1, keys_1, weights, config, T)
-    shift = start_1[0]
-
-    def move(cache_LBNSH: jax.Array, new_LBNSH: jax.Array) -> jax.Array:
-        rolled_L1NTH = jnp.roll(new_LBNSH, -shift, axis=3)  # bucket padding would otherwise eat slots
-        return jax.lax.dynamic_update_slice(cache_LBNSH, rolled_L1NTH, (0, row, 0, 0, 0))
-
-    old = slots.state
-    cache = KVCache(
-        k_LBNSH=move(old.cache.k_LBNSH, new.cache.k_LBNSH),
-        v_LBNSH=move(old.cache.v_LBNSH, new.cache.v_LBNSH),
-        start_B=old.cache.start_B.at[row].set(0),
-        end_B=old.cache.end_B.at[row].set(T - shift),
-    )
-    state = DecodeState(
-        cache=cache,
-        logits_BV=_set_row(old.logits_BV, row, new.logits_BV),
-        seen_BV=_set_row(old.seen_BV, row, new.seen_BV),
-        done_B=old.done_B.at[row].set(False),
-        keys_B=_set_row(old.keys_B, row, keys_1),
-        step_B=old.step_B.at[row].set(0),
-    )
-    params = jax.tree.map(lambda all_B, one_1: _set_row(all_B, row, one_1), slots.params, params_1)
-    new_slots = Slots(state, params, slots.limit_B.at[row].set(limit))
-    assert new_slots.state.cache.k_LBNSH.shape == old.cache.k_LBNSH.shape
-    return new_slots
-
-
-def decode_chunk(
-    slots: Slots, eos_E: jax.Array, weights: GPT2Weights, config: GPT2Config, num_steps: int
-) -> tuple[Slots, tuple[jax.Array, ...]]:
-    """num_steps decode steps of every row; a row is done at eos or after limit_B[b] tokens.
-
-    Returns the slots and (tokens_KB, emitted_KB, logprob_KB, top_ids_KBA, top_logprobs_KBA).
-    """
-    assert num_steps >= 1
-    assert eos_E.ndim == 1
-
-    def step(slots: Slots, _):
-        state, token_B, emitted_B, picked_BV = decode_step(
-            slots.state, eos_E, slots.params, weights, config, SERVER_FLAGS
-        )
-        state = dataclasses.replace(state, done_B=state.done_B | (state.step_B >= slots.limit_B))
-        logprobs_BV = jax.nn.log_softmax(picked_BV, axis=-1)
-        logprob_B = jnp.take_along_axis(logprobs_BV, token_B[:, None], axis=-1)[:, 0]
-        top_logprobs_BA, top_ids_BA = jax.lax.top_k(logprobs_BV, TOP_LOGPROBS)
-        outputs = (token_B, emitted_B, logprob_B, top_ids_BA.astype(jnp.int32), top_logprobs_BA)
-        return Slots(state, slots.params, slots.limit_B), outputs
-
-    slots, outputs = jax.lax.scan(step, slots, None, length=num_steps)
-    assert outputs[0].shape == (num_steps, slots.limit_B.shape[0])
-    return slots, outputs
-
-
-def release(slots: Slots, free_B: jax.Array) -> Slots:
-    """Mark rows done (a stop string hit, or the client went away): they emit nothing more."""
-    assert free_B.shape == slots.state.done_B.shape
-    assert free_B.dtype == jnp.bool_
-    state = dataclasses.replace(slots.state, done_B=slots.state.done_B | free_B)
-    return Slots(state, slots.params, slots.limit_B)
-
-
-_admit_jit = jax.jit(admit, static_argnames=("config",), donate_argnames=("slots",))
-_decode_chunk_jit = jax.jit(decode_chunk, static_argnames=("config", "num_steps"), donate_argnames=("slots",))
-_release_jit = jax.jit(release, donate_argnames=("slots",))
-
-
-def compiled_count() -> int:
-    """How many programs the engine's jitted functions hold: constant once warmed up."""
-    counts = [_admit_jit._cache_size(), _decode_chunk_jit._cache_size(), _release_jit._cache_size()]
-    assert len(counts) == 3
-    assert all(count >= 0 for count in counts)
-    return sum(counts)
+def powers_of_two_to(limit: int, start: int = 1) -> list[int]:
+    """start, 2 start, 4 start, ... below limit, then limit itself: few compiled shapes, little waste."""
+    assert start >= 1
+    assert limit >= 1
+    sizes, size = [], start
+    while size < limit:
+        sizes.append(size)
+        size *= 2
+    sizes.append(limit)
+    assert sizes == sorted(set(sizes))
+    return sizes
 
 
 def check_request(request: SequenceRequest, vocab_size: int, context_length: int) -> None:
-    """Host validation of one sequence: a ValueError naming the field, before it reaches the device."""
+    """Host validation of one sequence beyond its settings (which checked themselves): a ValueError
+    naming the problem, before anything reaches the device."""
     prompt = request.prompt_ids
+    if not isinstance(request.settings, SamplingSettings):
+        raise ValueError(f"settings must be SamplingSettings; got {type(request.settings).__name__}")
     if len(prompt) == 0:
         raise ValueError("the prompt is empty: it needs at least one token")
+    if not all(isinstance(t, (int, np.integer)) and not isinstance(t, bool) for t in prompt):
+        raise ValueError("prompt token ids must be integers")
     if min(prompt) < 0 or max(prompt) >= vocab_size:
         raise ValueError(f"prompt token ids must be in [0, {vocab_size}); got [{min(prompt)}, {max(prompt)}]")
-    if request.max_tokens < 1:
-        raise ValueError(f"max_tokens must be >= 1; got {request.max_tokens}")
-    if len(prompt) + request.max_tokens > context_length:
+    wanted = len(prompt) + request.settings.max_new_tokens
+    if wanted > context_length:
         raise ValueError(
             f"this model's context is {context_length} tokens; the prompt has {len(prompt)} and max_tokens is "
-            f"{request.max_tokens} ({len(prompt) + request.max_tokens} in all)"
+            f"{request.settings.max_new_tokens} ({wanted} in all)"
         )
-    if not (np.isfinite(request.temperature) and request.temperature >= 0):
-        raise ValueError(f"temperature must be >= 0; got {request.temperature}")
-    if request.top_k < 0:
-        raise ValueError(f"top_k must be >= 0 (0 is off); got {request.top_k}")
-    if not 0 < request.top_p <= 1:
-        raise ValueError(f"top_p must be in (0, 1]; got {request.top_p}")
-    if not 0 <= request.min_p <= 1:
-        raise ValueError(f"min_p must be in [0, 1]; got {request.min_p}")
-    if not (np.isfinite(request.repetition_penalty) and request.repetition_penalty > 0):
-        raise ValueError(f"repetition_penalty must be > 0 (1 is off); got {request.repetition_penalty}")
-    if not 0 <= request.seed <= MAX_SEED:
-        raise ValueError(f"seed must be in [0, {MAX_SEED}]; got {request.seed}")
-    if any(not stop for stop in request.stops):
-        raise ValueError("stop strings must be non-empty")
-    if request.num_logprobs is not None and not 0 <= request.num_logprobs <= TOP_LOGPROBS:
-        raise ValueError(f"logprobs must be in [0, {TOP_LOGPROBS}]; got {request.num_logprobs}")
+    for name in ("num_logprobs", "prompt_logprobs"):
+        value = getattr(request, name)
+        if value is not None and not 0 <= value <= TOP_LOGPROBS:
+            raise ValueError(f"logprobs must be in [0, {TOP_LOGPROBS}]; got {value}")
+
+
+class PrefixCache:
+    """Keys and values of prompt prefixes in whole blocks of PREFIX_BLOCK tokens, least recently used
+    out first, at most `capacity` blocks. Block i of a prompt is keyed by all of the prompt's first
+    (i + 1) * PREFIX_BLOCK tokens: keys and values depend on every earlier token and on position,
+    so a block is reused only after exactly the same tokens. A chain is touched deepest block
+    first, so an ancestor is always more recent than its descendants and is evicted after them."""
+
+    def __init__(self, capacity: int) -> None:
+        assert capacity >= 0
+        self.capacity = capacity
+        self.blocks: collections.OrderedDict[tuple[int, ...], tuple[jax.Array, jax.Array]] = collections.OrderedDict()
+
+    @staticmethod
+    def keys(prompt: Sequence[int], num_tokens: int) -> list[tuple[int, ...]]:
+        """The keys of the whole blocks in the first num_tokens tokens of the prompt."""
+        assert num_tokens <= len(prompt)
+        return [tuple(prompt[: (i + 1) * PREFIX_BLOCK]) for i in range(num_tokens // PREFIX_BLOCK)]
+
+    def match(self, prompt: Sequence[int], max_tokens: int) -> list[tuple[jax.Array, jax.Array]]:
+        """The longest run of cached blocks the prompt starts with, covering at most max_tokens tokens."""
+        found = []
+        for key in self.keys(prompt, max_tokens):
+            if key not in self.blocks:
+                break
+            found.append(key)
+        self.use(found)
+        return [self.blocks[key] for key in found]
+
+    def add(self, key: tuple[int, ...], block: tuple[jax.Array, jax.Array]) -> None:
+        assert len(key) % PREFIX_BLOCK == 0
+        assert key not in self.blocks
+        self.blocks[key] = block
+        while len(self.blocks) > self.capacity:
+            self.blocks.popitem(last=False)
+
+    def use(self, chain: list[tuple[int, ...]]) -> None:
+        for key in reversed(chain):
+            if key in self.blocks:
+                self.blocks.move_to_end(key)
 
 
 class _Sequence:
-    """Host bookkeeping of one sequence: its detokenizer, stop strings and token count. Engine-thread only."""
+    """Host bookkeeping of one sequence: its text finisher and counts. Engine-thread only."""
 
-    def __init__(self, seq_id: int, request: SequenceRequest, deliver: Callable[[Event], None], tokenizer) -> None:
+    def __init__(self, seq_id: int, request: SequenceRequest, deliver: Callable[[Event], None], tokenizer,
+                 eos_ids: set[int]) -> None:  # fmt: skip
+        settings = request.settings
         self.seq_id, self.request, self.deliver, self.tokenizer = seq_id, request, deliver, tokenizer
-        self.decoder = IncrementalDecoder(tokenizer)
-        self.stop_stream = StopStringStream(request.stops)
-        self.num_tokens = 0
-        self.finish_reason: str | None = None
+        self.finisher = TextFinisher(tokenizer, settings.stop, eos_ids, settings.max_new_tokens)
+        self.num_picked = 0  # tokens picked on the device, an eos included
+        self.prompt_logprobs: tuple[TokenLogprob, ...] | None = None  # sent with the first event
 
-    def take(self, token_K: list[int], chunk: ChunkOutput, row: int, eos_ids: set[int]) -> Event:
-        """Turn this row's new tokens of a chunk into one event; sets finish_reason when it ends."""
-        assert self.finish_reason is None
-        assert len(token_K) <= chunk.tokens_KB.shape[0]
+    @property
+    def filled_slots(self) -> int:
+        """An upper bound of the cache slots the sequence fills: its prompt and every token picked."""
+        return len(self.request.prompt_ids) + self.num_picked
+
+    def take(self, token_K: list[int], out: StepOutput, row: int) -> Event:
+        """This row's new tokens (of one chunk, or a first token) as one event; finishes the sequence when it ends."""
+        assert self.finisher.finish_reason is None
+        assert len(token_K) <= out.tokens_KB.shape[0]
         ids, text, logprobs = [], [], []
         for k, token in enumerate(token_K):
-            if token in eos_ids:
-                text.append(self._flush())
-                self.finish_reason = "stop"
+            self.num_picked += 1
+            kept = self.finisher.num_tokens
+            text.append(self.finisher.push(token))
+            if self.finisher.num_tokens > kept:  # an eos is not kept in the text or the ids
+                ids.append(token)
+            # ... but it has a logprob: harnesses read the last entry as the token the model picked after the prompt
+            logprobs.append(self._logprob(token, out, k, row))
+            if self.finisher.finish_reason is not None:
                 break
-            self.num_tokens += 1
-            ids.append(token)
-            logprobs.append(self._logprob(token, chunk, k, row))
-            piece, hit = self.stop_stream.push(self.decoder.push(token))
-            text.append(piece)
-            if hit:
-                self.finish_reason = "stop"
-                break
-            if self.num_tokens >= self.request.max_tokens:
-                text.append(self._flush())
-                self.finish_reason = "length"
-                break
+        return self.event(ids, "".join(text), logprobs)
+
+    def event(self, ids: list[int], text: str, logprobs: list[TokenLogprob]) -> Event:
         wanted = self.request.num_logprobs is not None
-        return Event(self.seq_id, tuple(ids), "".join(text), tuple(logprobs) if wanted else None, self.finish_reason)
+        prompt_logprobs, self.prompt_logprobs = self.prompt_logprobs, None
+        return Event(self.seq_id, tuple(ids), text, tuple(logprobs) if wanted else None,
+                     self.finisher.finish_reason, prompt_logprobs)  # fmt: skip
 
-    def _flush(self) -> str:
-        tail, hit = self.stop_stream.push(self.decoder.flush())
-        return tail if hit else tail + self.stop_stream.flush()
-
-    def _logprob(self, token: int, chunk: ChunkOutput, k: int, row: int) -> TokenLogprob | None:
-        assert chunk.tokens_KB[k, row] == token
-        assert chunk.top_ids_KBA.shape[2] >= (self.request.num_logprobs or 0)
+    def _logprob(self, token: int, out: StepOutput, k: int, row: int) -> TokenLogprob | None:
+        assert out.tokens_KB[k, row] == token
+        assert out.top_ids_KBA.shape[2] >= (self.request.num_logprobs or 0)
         if self.request.num_logprobs is None:
             return None
         top = []
-        for alt, value in zip(chunk.top_ids_KBA[k, row], chunk.top_logprobs_KBA[k, row]):
+        for alt, value in zip(out.top_ids_KBA[k, row], out.top_logprobs_KBA[k, row]):
             if len(top) < self.request.num_logprobs and np.isfinite(value):  # filtered tokens have -inf
-                top.append((int(alt), self._text(int(alt)), float(value)))
-        return TokenLogprob(token, self._text(token), float(chunk.logprob_KB[k, row]), tuple(top))
+                top.append((int(alt), self.text(int(alt)), float(value)))
+        return TokenLogprob(token, self.text(token), float(out.logprob_KB[k, row]), tuple(top))
 
-    def _text(self, token: int) -> str:
+    def text(self, token: int) -> str:
         return self.tokenizer.decode([token], skip_special_tokens=False)
+
+    def set_prompt_logprobs(self, chunks: list[tuple[np.ndarray, np.ndarray, np.ndarray]]) -> None:
+        """From the prefill chunks' outputs: prompt token j's entry comes from position j - 1."""
+        prompt, num_top = self.request.prompt_ids, self.request.prompt_logprobs
+        logprob_P, top_ids_PA, top_logprobs_PA = (np.concatenate(parts) for parts in zip(*chunks))
+        assert logprob_P.shape[0] == len(prompt)
+        entries = [TokenLogprob(prompt[0], self.text(prompt[0]), None, ())]
+        for j in range(1, len(prompt)):
+            top = tuple((int(t), self.text(int(t)), float(v)) for t, v in zip(top_ids_PA[j - 1], top_logprobs_PA[j - 1]))
+            entries.append(TokenLogprob(prompt[j], self.text(prompt[j]), float(logprob_P[j - 1]), top[:num_top]))
+        self.prompt_logprobs = tuple(entries)
+
+
+@dataclasses.dataclass
+class _Prefill:
+    """The prompt in the staging cache: how many of its tokens are in, and its prompt logprobs so far."""
+
+    seq: _Sequence
+    done: int
+    chunks: list[tuple[np.ndarray, np.ndarray, np.ndarray]]
 
 
 class Engine:
-    """Continuous batching over max_batch slots; see the module docstring. No global state: two
+    """Continuous batching over max_batch rows; see the module docstring. No global state: two
     engines (say, in one test process) share only the jitted functions' compile caches."""
 
     def __init__(
         self, weights: GPT2Weights, config: GPT2Config, tokenizer, max_batch: int = 8, max_seq_len: int = 1024,
-        max_queue: int = 64, chunk_steps: int = 4,
+        max_queue: int = 64, chunk_steps: int = 4, prefill_chunk: int = 128, prefix_cache_mib: float = 256,
     ) -> None:  # fmt: skip
-        for name, value in (("max_batch", max_batch), ("max_seq_len", max_seq_len), ("chunk_steps", chunk_steps)):
+        for name, value in (("max_batch", max_batch), ("max_seq_len", max_seq_len), ("chunk_steps", chunk_steps),
+                            ("prefill_chunk", prefill_chunk)):  # fmt: skip
             if value < 1:
                 raise ValueError(f"{name} must be >= 1; got {value}")
-        if max_queue < 0:
-            raise ValueError(f"max_queue must be >= 0; got {max_queue}")
+        for name, value in (("max_queue", max_queue), ("prefix_cache_mib", prefix_cache_mib)):
+            if value < 0:
+                raise ValueError(f"{name} must be >= 0; got {value}")
         self.weights, self.config, self.tokenizer = weights, config, tokenizer
         self.max_batch, self.max_queue, self.chunk_steps = max_batch, max_queue, chunk_steps
-        self.context_length = min(max_seq_len, config.n_positions)
-        self.buckets = serve_buckets(self.context_length)
+        self.context_length = S = min(max_seq_len, config.n_positions)
+        self.widths = powers_of_two_to(max_batch)
+        self.copy_buckets = powers_of_two_to(S, start=8)
+        self.chunk_buckets = powers_of_two_to(min(prefill_chunk, S), start=8)
+        dtype = weights.wte_VD.dtype
+        block_bytes = 2 * config.n_layer * config.n_embd * PREFIX_BLOCK * jnp.dtype(dtype).itemsize
+        self.prefix_cache = PrefixCache(int(prefix_cache_mib * 2**20) // block_bytes if S > PREFIX_BLOCK else 0)
         eos = [] if config.eos_token_id is None else [config.eos_token_id]
         self.eos_ids, self._eos_E = set(eos), np.asarray(eos, np.int32).reshape(-1)
-        self._slots = empty_slots(config, max_batch, self.context_length, weights.wte_VD.dtype)
+        self._slots, self._staging = self._empty_state()
         self._rows: list[_Sequence | None] = [None] * max_batch
+        self._prefill: _Prefill | None = None
         self._waiting: collections.deque[_Sequence] = collections.deque()
         self._inbox: queue.Queue = queue.Queue()
-        self._lock = threading.Lock()  # guards the counters and flags below, shared with submitting threads
-        self._num_queued = 0  # submitted and not yet in a slot (the bounded queue)
+        self._lock = threading.Lock()  # guards the two counters below, shared with submitting threads
+        self._num_waiting = 0  # submitted, not yet prefilling
+        self._num_running = 0  # prefilling or in a row
         self._accepting, self._stopping = True, False
+        self._drain_deadline: float | None = None  # monotonic time; set once, by begin_drain
         self._ids = itertools.count()
         self._thread: threading.Thread | None = None
-        assert self.buckets[-1] == self.context_length
-        assert self._eos_E.ndim == 1
+        self.reused_tokens = 0  # prompt tokens whose keys and values came from the prefix cache
+        assert self.copy_buckets[-1] == S
+        assert self.chunk_buckets[-1] <= S
 
     @property
     def num_active(self) -> int:
-        return sum(seq is not None for seq in self._rows)
+        """Sequences being prefilled or decoded."""
+        return self._num_running
 
     @property
     def num_queued(self) -> int:
-        return self._num_queued
+        """Sequences waiting for their prefill to start."""
+        return self._num_waiting
+
+    @property
+    def busy(self) -> bool:
+        return self._prefill is not None or len(self._waiting) > 0 or any(seq is not None for seq in self._rows)
 
     def submit(self, requests: Sequence[SequenceRequest], deliver: Callable[[Event], None]) -> list[int]:
-        """Queue sequences (all or none); returns their ids. Raises ValueError, QueueFull or EngineClosed."""
+        """Queue sequences (all or none); returns their ids. Raises ValueError, QueueFull or EngineClosed.
+
+        At most max_batch + max_queue sequences are in the engine at once: max_queue is the waiting
+        room beyond the slots (0: a request is taken only if a slot is free for each of its sequences).
+        """
         assert len(requests) >= 1
         for request in requests:
             check_request(request, self.config.vocab_size, self.context_length)
-        if len(requests) > self.max_queue:
-            raise ValueError(f"at most {self.max_queue} sequences per request (prompts x n); got {len(requests)}")
+        capacity = self.max_batch + self.max_queue
+        if len(requests) > capacity:
+            raise ValueError(f"at most {capacity} sequences per request (prompts x n; max_batch + max_queue); "
+                             f"got {len(requests)}")  # fmt: skip
         with self._lock:
             if not self._accepting:
                 raise EngineClosed("the server is shutting down")
-            if self._num_queued + len(requests) > self.max_queue:
-                raise QueueFull(f"{self._num_queued} sequences already wait for a slot (max_queue={self.max_queue})")
-            self._num_queued += len(requests)
-            sequences = [_Sequence(next(self._ids), r, deliver, self.tokenizer) for r in requests]
+            if self._num_waiting + self._num_running + len(requests) > capacity:
+                raise QueueFull(f"{self._num_running} sequences run and {self._num_waiting} wait "
+                                f"(max_batch={self.max_batch}, max_queue={self.max_queue})")  # fmt: skip
+            self._num_waiting += len(requests)
+            sequences = [_Sequence(next(self._ids), r, deliver, self.tokenizer, self.eos_ids) for r in requests]
             for seq in sequences:
                 self._inbox.put(("submit", seq))
         assert len(sequences) == len(requests)
@@ -398,31 +341,51 @@ class Engine:
         for seq_id in seq_ids:
             self._inbox.put(("cancel", seq_id))
 
+    def begin_drain(self, timeout_s: float) -> None:
+        """Take no new requests; sequences still running timeout_s from now end with an error event.
+
+        Only plain assignments: safe to call from a signal handler (the engine thread acts on it)."""
+        assert timeout_s >= 0
+        self._accepting = False
+        if self._drain_deadline is None:
+            self._drain_deadline = time.monotonic() + timeout_s
+
     def step(self) -> bool:
-        """One scheduling round: read the inbox, admit waiting sequences, decode one chunk. True if busy."""
+        """One scheduling round: read the inbox, prefill, move rows down, decode one chunk. True if busy."""
         self._read_inbox(block=False)
-        self._admit_waiting()
-        assert self.num_active > 0 or not self._waiting, "a sequence waits while a slot is free"
-        if self.num_active > 0:
+        self._prefill_round()
+        self._compact()
+        if any(seq is not None for seq in self._rows):
             self._run_chunk()
         assert len(self._rows) == self.max_batch
         return self.busy
 
-    @property
-    def busy(self) -> bool:
-        return self.num_active > 0 or len(self._waiting) > 0
-
     def warm_up(self) -> None:
-        """Compile everything load can reach: admit at every bucket, the chunk, release. Call while idle."""
-        assert self.num_active == 0
+        """Compile everything load can reach (every prefill bucket, copy bucket and width). Call while idle."""
+        assert not self.busy
         assert self._thread is None
-        warm = SequenceRequest((0,), max_tokens=1)
-        for bucket in self.buckets:
-            ids_1T, start_1 = left_pad([[0]], bucket)
-            self._admit_row(warm, 0, ids_1T, start_1)
-        self._slots, _ = _decode_chunk_jit(self._slots, self._eos_E, self.weights, self.config, self.chunk_steps)
-        self._release([0])
-        jax.block_until_ready(self._slots)
+        zero, one, S = np.int32(0), np.int32(1), self.context_length
+        for T in self.chunk_buckets:
+            ids_1T = np.zeros((1, T), np.int32)
+            self._staging, last_logits_1V, _ = slots.prefill_chunk_jit(
+                self._staging, ids_1T, one, ids_1T, np.bool_(True), self.weights, self.config
+            )
+            self._staging = slots.begin_prompt_jit(self._staging)
+        for bucket in self.copy_buckets:
+            self._slots = slots.copy_prompt_jit(self._slots, self._staging, zero, bucket=bucket)
+            self._slots = slots.move_slots_jit(self._slots, zero, zero, bucket=bucket)
+        self._slots = slots.move_state_jit(self._slots, zero, zero)
+        params_1 = sampling_params([SamplingSettings()])
+        self._slots, _ = slots.admit_jit(self._slots, last_logits_1V, np.zeros((1, S), np.int32), one, zero,
+                                    np.zeros((1, 2), np.uint32), params_1, one, np.bool_(True), self._eos_E)  # fmt: skip
+        for width in self.widths:
+            self._slots, _ = slots.decode_chunk_jit(self._slots, self._eos_E, self.weights, self.config, width, self.chunk_steps)
+        self._slots = slots.release_jit(self._slots, np.ones((self.max_batch,), np.bool_))
+        if self.prefix_cache.capacity > 0:
+            k, v = slots.read_block_jit(self._staging, zero)
+            self._staging = slots.restore_block_jit(self._staging, k, v, zero)
+        jax.block_until_ready((self._slots, self._staging))
+        self._slots, self._staging = self._empty_state()
 
     def start(self) -> None:
         """Run scheduling rounds on a background thread until `shutdown`."""
@@ -442,6 +405,9 @@ class Engine:
     def _run(self) -> None:
         while True:
             try:
+                if self._drain_deadline is not None and time.monotonic() >= self._drain_deadline and self.busy:
+                    log.warning("drain timeout: ending the sequences still running")
+                    self._fail_all("the server is shutting down (drain timeout)")
                 if not self.busy:
                     if self._stopping:
                         return
@@ -450,7 +416,7 @@ class Engine:
                 self.step()
             except Exception:  # a failed round must not kill the server: fail its sequences, start clean
                 log.exception("engine round failed; failing the sequences in flight")
-                self._fail_all()
+                self._fail_all("generation failed")
 
     def _read_inbox(self, block: bool) -> None:
         try:
@@ -471,55 +437,151 @@ class Engine:
         elif kind == "stop":
             self._stopping = True
             if not payload:
-                self._fail_all()
+                self._fail_all("the server is shutting down")
         else:
-            waiting = [seq for seq in self._waiting if seq.seq_id == payload]
-            for seq in waiting:
-                self._waiting.remove(seq)
-                with self._lock:
-                    self._num_queued -= 1
-            rows = [row for row, seq in enumerate(self._rows) if seq is not None and seq.seq_id == payload]
-            for row in rows:
-                self._rows[row] = None
-            if rows:
-                self._release(rows)
+            self._cancel(payload)
 
-    def _admit_waiting(self) -> None:
-        while self._waiting and None in self._rows:
-            seq = self._waiting.popleft()
-            with self._lock:
-                self._num_queued -= 1
-            row = self._rows.index(None)
-            prompt = seq.request.prompt_ids
-            ids_1T, start_1 = left_pad([prompt], next(b for b in self.buckets if b >= len(prompt)))
-            self._admit_row(seq.request, row, ids_1T, start_1)
-            self._rows[row] = seq
-        assert self._num_queued >= len(self._waiting)
-        assert not self._waiting or None not in self._rows
+    def _cancel(self, seq_id: int) -> None:
+        for seq in [seq for seq in self._waiting if seq.seq_id == seq_id]:
+            self._waiting.remove(seq)
+            self._count(waiting=-1)
+        if self._prefill is not None and self._prefill.seq.seq_id == seq_id:
+            self._prefill = None
+            self._count(running=-1)
+        rows = [row for row, seq in enumerate(self._rows) if seq is not None and seq.seq_id == seq_id]
+        for row in rows:
+            self._rows[row] = None
+            self._count(running=-1)
+        if rows:
+            self._release(rows)
 
-    def _admit_row(self, request: SequenceRequest, row: int, ids_1T: np.ndarray, start_1: np.ndarray) -> None:
-        assert 0 <= row < self.max_batch
-        assert ids_1T.shape[1] in self.buckets
-        keys_1 = np.asarray(jax.random.fold_in(jax.random.PRNGKey(request.seed), request.index))[None]
-        self._slots = _admit_jit(
-            self._slots, ids_1T, start_1, keys_1, np.int32(row), row_params([request]),
-            np.int32(request.max_tokens), self.weights, self.config,
+    def _count(self, waiting: int = 0, running: int = 0) -> None:
+        with self._lock:
+            self._num_waiting += waiting
+            self._num_running += running
+            assert self._num_waiting >= 0
+            assert self._num_running >= 0
+
+    def _prefill_round(self) -> None:
+        """Prefill chunks, of one prompt or several short ones, until prefill_chunk tokens are spent."""
+        budget = self.chunk_buckets[-1]
+        while budget > 0 and (self._prefill is not None or self._start_prefill()):
+            budget -= self._prefill_one_chunk()
+
+    def _start_prefill(self) -> bool:
+        """Move the next waiting sequence into staging (if it will find a free row), restoring cached prefix blocks."""
+        if not self._waiting:
+            return False
+        seq = self._waiting[0]
+        if seq.request.settings.max_new_tokens > 0 and None not in self._rows:
+            return False
+        self._waiting.popleft()
+        self._count(waiting=-1, running=1)
+        prompt = seq.request.prompt_ids
+        self._staging = slots.begin_prompt_jit(self._staging)
+        reusable = len(prompt) - 1 if seq.request.prompt_logprobs is None else 0  # the last token needs its logits
+        blocks = self.prefix_cache.match(prompt, reusable)
+        for i, (k, v) in enumerate(blocks):
+            self._staging = slots.restore_block_jit(self._staging, k, v, np.int32(i * PREFIX_BLOCK))
+        self._prefill = _Prefill(seq, len(blocks) * PREFIX_BLOCK, [])
+        self.reused_tokens += len(blocks) * PREFIX_BLOCK
+        return True
+
+    def _prefill_one_chunk(self) -> int:
+        """The next chunk of the staging prompt; admits it when the prompt is all in. Returns the tokens computed."""
+        job = self._prefill
+        prompt = job.seq.request.prompt_ids
+        n = min(self.chunk_buckets[-1], len(prompt) - job.done)
+        T = next(bucket for bucket in self.chunk_buckets if bucket >= n)
+        ids_1T, next_ids_1T = np.full((1, T), PAD_ID, np.int32), np.full((1, T), PAD_ID, np.int32)
+        ids_1T[0, :n] = prompt[job.done : job.done + n]
+        following = prompt[job.done + 1 : job.done + n + 1]
+        next_ids_1T[0, : len(following)] = following
+        want = job.seq.request.prompt_logprobs is not None
+        self._staging, last_logits_1V, logprobs = slots.prefill_chunk_jit(
+            self._staging, ids_1T, np.int32(n), next_ids_1T, np.bool_(want), self.weights, self.config
+        )
+        if want:
+            job.chunks.append(tuple(part[:n] for part in jax.device_get(logprobs)))
+        job.done += n
+        assert job.done <= len(prompt)
+        if job.done == len(prompt):
+            self._prefill = None
+            self._finish_prefill(job, last_logits_1V)
+        return T
+
+    def _finish_prefill(self, job: _Prefill, last_logits_1V: jax.Array) -> None:
+        """Save the prompt's new prefix blocks; then end a scoring-only sequence, or start it in a free row."""
+        seq, prompt = job.seq, job.seq.request.prompt_ids
+        self._save_prefix(prompt)
+        if seq.request.prompt_logprobs is not None:
+            seq.set_prompt_logprobs(job.chunks)
+        if seq.request.settings.max_new_tokens == 0:
+            self._count(running=-1)
+            self._deliver(seq, seq.event([], "", []))
+            return
+        row = self._rows.index(None)
+        bucket = next(b for b in self.copy_buckets if b >= len(prompt))
+        self._slots = slots.copy_prompt_jit(self._slots, self._staging, np.int32(row), bucket=bucket)
+        prompt_1S = np.full((1, self.context_length), PAD_ID, np.int32)
+        prompt_1S[0, : len(prompt)] = prompt
+        request = seq.request
+        keys_1 = np.asarray(jax.random.fold_in(jax.random.PRNGKey(request.settings.seed), request.index))[None]
+        self._slots, outputs = slots.admit_jit(
+            self._slots, last_logits_1V, prompt_1S, np.int32(len(prompt)), np.int32(row), keys_1,
+            sampling_params([request.settings]), np.int32(request.settings.max_new_tokens),
+            np.bool_(request.num_logprobs is not None), self._eos_E,
         )  # fmt: skip
+        out = StepOutput(*(part[None] for part in jax.device_get(outputs)))  # K = 1
+        self._rows[row] = seq
+        self._hand_out({row: [int(out.tokens_KB[0, 0])]}, out, {row: 0})
+
+    def _save_prefix(self, prompt: tuple[int, ...]) -> None:
+        if self.prefix_cache.capacity == 0:
+            return
+        chain = self.prefix_cache.keys(prompt, len(prompt))
+        for i, key in enumerate(chain):
+            if key not in self.prefix_cache.blocks:
+                self.prefix_cache.add(key, slots.read_block_jit(self._staging, np.int32(i * PREFIX_BLOCK)))
+        self.prefix_cache.use(chain)
+
+    def _width_for(self, num_rows: int) -> int:
+        return next(width for width in self.widths if width >= num_rows)
+
+    def _compact(self) -> None:
+        """Move the highest busy rows into free lower ones while that lets the chunk run narrower."""
+        busy = [row for row, seq in enumerate(self._rows) if seq is not None]
+        target = self._width_for(max(len(busy), 1))
+        for source in sorted((row for row in busy if row >= target), reverse=True):
+            destination = self._rows.index(None)
+            assert destination < target
+            seq = self._rows[source]
+            bucket = next(b for b in self.copy_buckets if b >= min(seq.filled_slots, self.context_length))
+            self._slots = slots.move_slots_jit(self._slots, np.int32(source), np.int32(destination), bucket=bucket)
+            self._slots = slots.move_state_jit(self._slots, np.int32(source), np.int32(destination))
+            self._rows[destination], self._rows[source] = seq, None
+        assert all(seq is None for seq in self._rows[target:])
 
     def _run_chunk(self) -> None:
-        self._slots, outputs = _decode_chunk_jit(self._slots, self._eos_E, self.weights, self.config, self.chunk_steps)
-        chunk = ChunkOutput(*jax.device_get(outputs))
+        width = self._width_for(1 + max(row for row, seq in enumerate(self._rows) if seq is not None))
+        self._slots, outputs = slots.decode_chunk_jit(self._slots, self._eos_E, self.weights, self.config, width, self.chunk_steps)
+        out = StepOutput(*jax.device_get(outputs))
+        busy = [row for row in range(width) if self._rows[row] is not None]
+        picked = {row: out.tokens_KB[out.emitted_KB[:, row], row].tolist() for row in busy}
+        self._hand_out(picked, out, {row: row for row in busy})
+
+    def _hand_out(self, picked: dict[int, list[int]], out: StepOutput, column: dict[int, int]) -> None:
+        """Hand each row's picked tokens to its sequence; deliver the events; free the rows that finished."""
         finished = []
-        for row, seq in enumerate(self._rows):
-            if seq is None:
-                continue
-            token_K = chunk.tokens_KB[chunk.emitted_KB[:, row], row].tolist()
+        for row, token_K in picked.items():
+            seq = self._rows[row]
             assert token_K, f"row {row} is running on the host but was done on the device"
-            event = seq.take(token_K, chunk, row, self.eos_ids)
-            if seq.finish_reason is not None:
+            event = seq.take(token_K, out, column[row])
+            if event.finish_reason is not None:
                 self._rows[row] = None
+                self._count(running=-1)
                 finished.append(row)
-            if event.token_ids or event.text or event.finish_reason:
+            if event.token_ids or event.text or event.finish_reason or event.prompt_logprobs:
                 self._deliver(seq, event)
         if finished:  # eos and max_tokens are done on the device already; stop strings are not
             self._release(finished)
@@ -530,7 +592,7 @@ class Engine:
         assert all(0 <= row < self.max_batch for row in rows)
         free_B = np.zeros((self.max_batch,), np.bool_)
         free_B[rows] = True
-        self._slots = _release_jit(self._slots, free_B)
+        self._slots = slots.release_jit(self._slots, free_B)
 
     def _deliver(self, seq: _Sequence, event: Event) -> None:
         try:
@@ -540,13 +602,18 @@ class Engine:
             if event.finish_reason is None:
                 self.cancel([seq.seq_id])
 
-    def _fail_all(self) -> None:
-        sequences = [seq for seq in self._rows if seq is not None] + list(self._waiting)
-        with self._lock:
-            self._num_queued -= len(self._waiting)
-        self._rows, self._waiting = [None] * self.max_batch, collections.deque()
-        assert self._num_queued >= 0
-        assert self.num_active == 0
-        self._slots = empty_slots(self.config, self.max_batch, self.context_length, self.weights.wte_VD.dtype)
+    def _empty_state(self) -> tuple[slots.Slots, "slots.KVCache"]:
+        dtype, S = self.weights.wte_VD.dtype, self.context_length
+        empty = slots.empty_slots_jit(self.config, self.max_batch, S, dtype)
+        return empty, slots.empty_staging_jit(self.config, S, dtype)
+
+    def _fail_all(self, message: str) -> None:
+        """End every sequence in the engine with an error event and start from empty slots."""
+        staged = [self._prefill.seq] if self._prefill is not None else []
+        sequences = [seq for seq in self._rows if seq is not None] + staged + list(self._waiting)
+        self._count(waiting=-len(self._waiting), running=-(len(sequences) - len(self._waiting)))
+        self._rows, self._waiting, self._prefill = [None] * self.max_batch, collections.deque(), None
+        self._slots, self._staging = self._empty_state()
         for seq in sequences:
-            self._deliver(seq, Event(seq.seq_id, (), "", None, "error"))
+            self._deliver(seq, Event(seq.seq_id, (), "", None, "error", error=message))
+        assert not self.busy
