@@ -30,6 +30,7 @@ import collections
 import dataclasses
 import itertools
 import logging
+import math
 import queue
 import threading
 import time
@@ -463,8 +464,12 @@ class Engine:
             assert self._num_running >= 0
 
     def _prefill_round(self) -> None:
-        """Prefill chunks, of one prompt or several short ones, until prefill_chunk tokens are spent."""
-        budget = self.chunk_buckets[-1]
+        """Prefill chunks, of one prompt or several short ones, until prefill_chunk tokens are spent:
+        running streams wait at most that long for their next tokens. With nothing decoding nobody
+        waits, so every prompt that has a free row is prefilled at once (requests arriving together
+        then start decoding together, as one batch of `generate` would)."""
+        decoding = any(seq is not None for seq in self._rows)
+        budget = self.chunk_buckets[-1] if decoding else math.inf
         while budget > 0 and (self._prefill is not None or self._start_prefill()):
             budget -= self._prefill_one_chunk()
 
