@@ -5,20 +5,21 @@
 
 One run, in order:
 
-1. Load levels. `jax-gpt2 serve` (default flags) in a subprocess; for each concurrency level, that many
-   clients (openai.AsyncOpenAI, streaming, greedy, `--max-tokens` each) take `--requests` prompts
-   from one list. Per level: tokens/s = completion tokens / wall time of the level; TTFT = request
-   sent -> first streamed text; ITL = per request (last event - first event) / (tokens - 1), the
-   mean gap after the first token (events carry a few tokens, so single gaps are bursty).
-2. Chunked prefill. Four clients stream long completions; ITL samples are every token's share of
-   its event's gap (an event of k tokens after g seconds gives k samples of g / k), taken over the
-   same window with and without one 1000-token prompt arriving in it, for `--prefill-chunk` 128
-   and for a whole-prompt prefill (`--prefill-chunk 1024`): p50 and p99 of each.
-3. Prefix reuse. TTFT of requests whose 512-token prefix is in the prefix cache (the same prefix,
+1. Load levels, beside generate. `jax-gpt2 serve` (default flags) runs in a subprocess. For each
+   concurrency level c, c clients (openai.AsyncOpenAI, streaming, greedy, `--max-tokens` each) take
+   `--requests` prompts from one list; then, the server idle, `generate` runs the same prompts c at a
+   time in this process (batch c). The pair is repeated `--repeats` times, alternating, so both
+   sides see the same machine (on a shared host the load wanders): tokens/s is the median over the
+   repeats, latencies are pooled. tokens/s = completion tokens / wall time; TTFT = request sent ->
+   first streamed text (for generate: the whole call, which returns every token at once); ITL = per
+   request (last event - first event) / (tokens - 1), the mean gap after the first token.
+2. Prefix reuse. TTFT of requests whose 512-token prefix is in the prefix cache (the same prefix,
    new tails) against requests whose 512-token prefix is new each time.
-4. Baselines, server stopped: `generate` at batch 1 on the same prompts one after another, and at
-   batch 8 on the same prompts eight at a time (one warm-up call per shape first). Its TTFT column is
-   the whole call (generate returns every token at once).
+3. Chunked prefill. Four clients stream long completions; ITL samples are every token's share of
+   its event's gap (an event of k tokens after g seconds gives k samples of g / k), taken over the
+   same length of window with and without one 1000-token prompt arriving in it, for
+   `--prefill-chunk` 128 and for a whole-prompt prefill (`--prefill-chunk 1024`): p50, p99, and
+   the longest gap between two events of one stream.
 """
 
 import argparse
@@ -88,22 +89,6 @@ def client_for(url: str) -> openai.AsyncOpenAI:
     return openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=600)
 
 
-async def run_level(url: str, model: str, prompts: list[str], concurrency: int, max_tokens: int) -> dict:
-    """`concurrency` clients take prompts from one list until it is empty."""
-    assert concurrency >= 1
-    pending, results = list(reversed(prompts)), []
-
-    async def worker(client: openai.AsyncOpenAI) -> None:
-        while pending:
-            results.append(await one_stream(client, model, pending.pop(), max_tokens))
-
-    async with client_for(url) as client:
-        start = time.perf_counter()
-        await asyncio.gather(*(worker(client) for _ in range(concurrency)))
-        wall = time.perf_counter() - start
-    return summarize(f"serve, {concurrency} client{'s' if concurrency > 1 else ''}", results, wall)
-
-
 def token_gaps(result: dict, start: float, end: float) -> list[float]:
     """Every token's share of its event's gap, for events inside [start, end)."""
     gaps = []
@@ -125,7 +110,9 @@ async def running_streams_itl(url: str, model: str, prompts: list[str], long_pro
         end = time.perf_counter()
         results = await asyncio.gather(*streams)
     gaps = [gap for result in results for gap in token_gaps(result, start, end)]
-    row = {"itl_p50_ms": 1e3 * percentile(gaps, 50), "itl_p99_ms": 1e3 * percentile(gaps, 99), "samples": len(gaps)}
+    stalls = [after - before for r in results for before, after in zip(r["times"], r["times"][1:]) if start <= after < end]
+    row = {"itl_p50_ms": 1e3 * percentile(gaps, 50), "itl_p99_ms": 1e3 * percentile(gaps, 99), "samples": len(gaps),
+           "longest_gap_ms": 1e3 * max(stalls, default=float("nan"))}  # fmt: skip
     if long_prompt is not None:
         row["long_prompt_ttft_ms"] = 1e3 * arrival["ttft"]
     return row
@@ -175,34 +162,68 @@ def server_process(args: argparse.Namespace, *flags: str):
         log.close()
 
 
-def generate_baselines(folder: Path, prompts: list[str], max_tokens: int, batch_sizes: list[int]) -> list[dict]:
-    """`generate` on the prompts, batch_size at a time, warm; the server is not running."""
-    from jax_gpt2 import load_config, load_weights
-    from jax_gpt2.generate import generate
-    from jax_gpt2.tokenizer import encode, load_tokenizer
+class GenerateBaseline:
+    """`generate` on the benchmark's prompts in this process, each batch shape compiled once up front."""
 
-    config, tokenizer = load_config(folder), load_tokenizer(folder)
-    weights = load_weights(folder, config=config)
-    ids = [encode(tokenizer, prompt) for prompt in prompts]
-    eos = config.eos_token_id
-    rows = []
-    for batch in batch_sizes:
-        groups = [ids[i : i + batch] for i in range(0, len(ids), batch)]
-        generate(groups[0], weights, config, max_new_tokens=max_tokens, eos_token_id=eos)  # compile this shape
-        results, start = [], time.perf_counter()
-        for group in groups:
+    def __init__(self, folder: Path, prompts: list[str], max_tokens: int, batch_sizes: list[int]) -> None:
+        from jax_gpt2 import load_config, load_weights
+        from jax_gpt2.tokenizer import encode, load_tokenizer
+
+        self.config, tokenizer = load_config(folder), load_tokenizer(folder)
+        self.weights = load_weights(folder, config=self.config)
+        self.ids, self.max_tokens = [encode(tokenizer, prompt) for prompt in prompts], max_tokens
+        for batch in batch_sizes:
+            for group in self.groups(batch):
+                self.generate(group)  # compile every shape this batch size meets
+
+    def groups(self, batch: int) -> list[list[list[int]]]:
+        return [self.ids[i : i + batch] for i in range(0, len(self.ids), batch)]
+
+    def generate(self, group: list[list[int]]) -> list[list[int]]:
+        from jax_gpt2.generate import generate
+
+        return generate(group, self.weights, self.config, max_new_tokens=self.max_tokens, eos_token_id=self.config.eos_token_id)
+
+    def run(self, batch: int) -> dict:
+        """The prompts, batch at a time, one call after another."""
+        eos, results, start = self.config.eos_token_id, [], time.perf_counter()
+        for group in self.groups(batch):
             sent = time.perf_counter()
-            outputs = generate(group, weights, config, max_new_tokens=max_tokens, eos_token_id=eos)
-            for new in outputs:
+            for new in self.generate(group):
                 tokens = len(new) - (1 if new and new[-1] == eos else 0)
                 results.append({"ttft": time.perf_counter() - sent, "itl": None, "tokens": tokens})
-        rows.append(summarize(f"generate, batch {batch}", results, time.perf_counter() - start))
-    return rows
+        return {"results": results, "wall": time.perf_counter() - start}
 
 
-def format_row(r: dict) -> str:
-    return (f"| {r['name']} | {r['requests']} | {r['tokens_per_s']:.1f} | {r['ttft_p50_ms']:.0f} | {r['ttft_p99_ms']:.0f} "
-            f"| {r['itl_p50_ms']:.1f} | {r['itl_p99_ms']:.1f} |")  # fmt: skip
+def median_row(name: str, runs: list[dict]) -> dict:
+    """tokens/s: the median over the repeats; latencies pooled over every request of every repeat."""
+    rows = [summarize(name, run["results"], run["wall"]) for run in runs]
+    pooled = summarize(name, [r for run in runs for r in run["results"]], sum(run["wall"] for run in runs))
+    pooled["tokens_per_s"] = float(np.median([row["tokens_per_s"] for row in rows]))
+    pooled["tokens_per_s_repeats"] = [row["tokens_per_s"] for row in rows]
+    return pooled
+
+
+async def serve_level(url: str, model: str, prompts: list[str], concurrency: int, max_tokens: int) -> dict:
+    """`concurrency` clients take prompts from one list until it is empty."""
+    assert concurrency >= 1
+    pending, results = list(reversed(prompts)), []
+
+    async def worker(client: openai.AsyncOpenAI) -> None:
+        while pending:
+            results.append(await one_stream(client, model, pending.pop(), max_tokens))
+
+    async with client_for(url) as client:
+        start = time.perf_counter()
+        await asyncio.gather(*(worker(client) for _ in range(concurrency)))
+        return {"results": results, "wall": time.perf_counter() - start}
+
+
+def format_row(r: dict, baseline: dict | None = None) -> str:
+    ratio = f" ({r['tokens_per_s'] / baseline['tokens_per_s']:.2f}x generate)" if baseline else ""
+    itl = f"{r['itl_p50_ms']:.1f} | {r['itl_p99_ms']:.1f}" if r["itl_p50_ms"] == r["itl_p50_ms"] else "- | -"
+    return (f"| {r['name']} | {r['requests']} | {r['tokens_per_s']:.1f}{ratio} | {r['ttft_p50_ms']:.0f} | "
+            f"{r['ttft_p99_ms']:.0f} | {itl} |")  # fmt: skip
 
 
 def long_prompt_ids(folder: Path, count: int, seed: int) -> list[int]:
@@ -217,6 +238,7 @@ def main() -> int:
     parser.add_argument("--model", type=Path, required=True, help="a local model folder")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 8, 16])
     parser.add_argument("--requests", type=int, default=16, help="requests per concurrency level")
+    parser.add_argument("--repeats", type=int, default=3, help="serve / generate pairs per level")
     parser.add_argument("--max-tokens", type=int, default=96)
     parser.add_argument("--prompt-chars", type=int, default=96)
     parser.add_argument("--skip", nargs="*", default=[], choices=["prefill", "prefix"], help="parts to leave out")
@@ -225,12 +247,22 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=None, help="write the results as JSON")
     args = parser.parse_args()
     prompts, model_id = prompts_for(args.requests, args.prompt_chars), str(args.model)
-    results: dict = {"max_tokens": args.max_tokens, "prompt_chars": args.prompt_chars, "levels": []}
+    results: dict = {"max_tokens": args.max_tokens, "prompt_chars": args.prompt_chars, "repeats": args.repeats,
+                     "levels": []}  # fmt: skip
+    baseline = GenerateBaseline(args.model, prompts, args.max_tokens, args.concurrency)
     print("| | requests | tok/s | TTFT p50 ms | TTFT p99 ms | ITL p50 ms | ITL p99 ms |\n|---|---|---|---|---|---|---|")
     with server_process(args) as url:
         for concurrency in args.concurrency:
-            results["levels"].append(asyncio.run(run_level(url, model_id, prompts, concurrency, args.max_tokens)))
-            print(format_row(results["levels"][-1]), flush=True)
+            served, generated = [], []
+            for _ in range(args.repeats):
+                served.append(asyncio.run(serve_level(url, model_id, prompts, concurrency, args.max_tokens)))
+                generated.append(baseline.run(concurrency))
+            plural = "s" if concurrency > 1 else ""
+            level = {"serve": median_row(f"serve, {concurrency} client{plural}", served),
+                     "generate": median_row(f"generate, batch {concurrency}", generated)}  # fmt: skip
+            results["levels"].append(level)
+            print(format_row(level["serve"], level["generate"]), flush=True)
+            print(format_row(level["generate"]), flush=True)
         if "prefix" not in args.skip:
             prefixes = [long_prompt_ids(args.model, 512, seed) for seed in range(6)]
             tails = [long_prompt_ids(args.model, 16, 100 + seed) for seed in range(6)]
@@ -249,10 +281,8 @@ def main() -> int:
                     row = asyncio.run(running_streams_itl(url, model_id, prompts, arrival))
                     results["prefill"][f"prefill chunk {chunk}, {name}"] = row
                     print(f"prefill chunk {chunk}, {name}: running streams' ITL p50 {row['itl_p50_ms']:.1f} ms, "
-                          f"p99 {row['itl_p99_ms']:.1f} ms ({row['samples']} tokens)", flush=True)  # fmt: skip
-    results["generate"] = generate_baselines(args.model, prompts, args.max_tokens, [1, 8])
-    for row in results["generate"]:
-        print(format_row(row), flush=True)
+                          f"p99 {row['itl_p99_ms']:.1f} ms, longest gap {row['longest_gap_ms']:.0f} ms "
+                          f"({row['samples']} tokens)", flush=True)  # fmt: skip
     if args.out is not None:
         args.out.write_text(json.dumps(results, indent=2))
     return 0
