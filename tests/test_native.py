@@ -33,10 +33,11 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from jax_gpt2 import empty_cache, generate, gpt2_forward, gpt2_forward_cached, load_config, load_weights, native
+from jax_gpt2 import empty_cache, generate, gpt2_forward, gpt2_forward_cached, load_config, load_weights
+from jax_gpt2.kernels import native
 from jax_gpt2.generate import left_pad
 from jax_gpt2.layers import cached_attention, can_use_decode_kernel, decode_attention
-from jax_gpt2.packed import PACKED_DTYPES, TILE, PackedMatrix, pack_matrix, packed_matmul, unpack_matrix
+from jax_gpt2.kernels.matmul import PACKED_DTYPES, TILE, PackedMatrix, pack_matrix, packed_matmul, unpack_matrix
 
 MATMUL_RTOL = 1e-5
 ATTENTION_RTOL = 1e-5

@@ -13,8 +13,8 @@ from jax_gpt2.config import PRESETS, GPT2Config
 from jax_gpt2.generate import generate, stream_generate
 from jax_gpt2.kvcache import KVCache
 from jax_gpt2.loader import ModelNotFoundError, load_config, load_weights
-from jax_gpt2.native import kernels_available
-from jax_gpt2.packed import PackedMatrix, pack_weights
+from jax_gpt2.kernels.native import kernels_available
+from jax_gpt2.kernels.matmul import PackedMatrix, pack_weights
 from jax_gpt2.model import block_hidden_states, empty_cache, gpt2_forward, gpt2_forward_cached
 from jax_gpt2.perplexity import perplexity
 from jax_gpt2.weights import BlockWeights, GPT2Weights

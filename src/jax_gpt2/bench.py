@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jax_gpt2 import native
+from jax_gpt2.kernels import native
 from jax_gpt2.config import WEIGHT_DTYPES, GPT2Config
 from jax_gpt2.generate import generate
 from jax_gpt2.loader import normalize_keys, weights_for_dtype

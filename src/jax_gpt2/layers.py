@@ -9,8 +9,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jax_gpt2 import native
-from jax_gpt2.packed import PackedMatrix, packed_matmul_BT
+from jax_gpt2.kernels import native
+from jax_gpt2.kernels.matmul import PackedMatrix, packed_matmul_BT
 
 # Full float32 matmuls: GPUs would otherwise use TF32 and miss transformers' float32 logits by 1e-3.
 # On CPU this changes nothing; bf16 weights still run bf16 matmuls.

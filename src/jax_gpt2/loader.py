@@ -15,8 +15,8 @@ from pathlib import Path
 import jax.numpy as jnp
 import numpy as np
 
-from jax_gpt2 import native
-from jax_gpt2.packed import PACKED_DTYPES, pack_weights
+from jax_gpt2.kernels import native
+from jax_gpt2.kernels.matmul import PACKED_DTYPES, pack_weights
 from jax_gpt2.config import GPT2Config, config_from_file
 from jax_gpt2.weights import BlockWeights, GPT2Weights
 

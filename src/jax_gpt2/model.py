@@ -20,7 +20,7 @@ import numpy as np
 from jax_gpt2 import kvcache
 from jax_gpt2.config import GPT2Config
 from jax_gpt2.kvcache import KVCache
-from jax_gpt2.packed import packed_matmul_BT
+from jax_gpt2.kernels.matmul import packed_matmul_BT
 from jax_gpt2.layers import (
     PRECISION, cached_attention, can_use_decode_kernel, causal_attention_in_blocks, decode_attention, layer_norm,
     linear, mlp,

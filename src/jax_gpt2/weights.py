@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 import jax
 
 if TYPE_CHECKING:
-    from jax_gpt2.packed import PackedMatrix
+    from jax_gpt2.kernels.matmul import PackedMatrix
 
 
 @jax.tree_util.register_dataclass

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jax_gpt2 import native
+from jax_gpt2.kernels import native
 from jax_gpt2.weights import BlockWeights, GPT2Weights
 
 TILE = 64  # output columns per tile; the kernel's four 16-float registers

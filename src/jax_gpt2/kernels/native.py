@@ -24,7 +24,7 @@ from pathlib import Path
 
 import jax
 
-SOURCE = Path(__file__).parent / "kernels" / "cpu_kernels.cc"
+SOURCE = Path(__file__).parent / "cpu_kernels.cc"
 FLAGS = ["-O3", "-std=c++17", "-fPIC", "-shared", "-pthread", "-w"]
 # The FFI handlers in the library and the XLA custom-call targets they are registered as.
 TARGETS = {
