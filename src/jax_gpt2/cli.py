@@ -65,6 +65,24 @@ def add_dtype_option(parser) -> None:
     )  # fmt: skip
 
 
+def add_kv_dtype_option(parser) -> None:
+    from jax_gpt2.config import KV_DTYPES
+
+    parser.add_argument(
+        "--kv-dtype", choices=sorted(KV_DTYPES), default="fp32",
+        help="KV-cache dtype: fp32 (default) or bf16 (half the cache bytes; attention math stays fp32)",
+    )  # fmt: skip
+
+
+def kv_dtype_of(name: str):
+    import jax.numpy as jnp
+
+    from jax_gpt2.config import KV_DTYPES
+
+    assert name in KV_DTYPES, name
+    return jnp.dtype(KV_DTYPES[name])
+
+
 def _load_model(name_or_path: str, dtype_name: str = "fp32"):
     """(folder, config, weights) for a hub name or local folder; imports JAX only when a command needs it."""
     import jax.numpy as jnp
@@ -183,7 +201,7 @@ def _sampling_settings(args: argparse.Namespace, config) -> dict:
     return dict(
         max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
         min_p=args.min_p, repetition_penalty=args.repetition_penalty, seed=args.seed,
-        eos_token_id=None if args.ignore_eos else config.eos_token_id,
+        eos_token_id=None if args.ignore_eos else config.eos_token_id, kv_dtype=kv_dtype_of(args.kv_dtype),
     )  # fmt: skip
 
 
@@ -249,6 +267,7 @@ def add_generate_command(subparsers) -> None:
     parser.add_argument("--stop", action="append", default=[], help="end the text where this string occurs")
     parser.add_argument("--ignore-eos", action="store_true", help="do not stop at the model's end-of-text token")
     add_dtype_option(parser)
+    add_kv_dtype_option(parser)
     parser.set_defaults(run=run_generate)
 
 
@@ -319,13 +338,14 @@ def run_perplexity(args: argparse.Namespace) -> int:
     num_windows = len(plan_windows(len(ids), max_length, stride))
     start = time.perf_counter()
     with tqdm(total=num_windows, unit="window", file=sys.stderr, desc="perplexity") as bar:
-        batches = batch_nlls(ids, weights, config, max_length, stride, args.batch_size)
+        batches = batch_nlls(ids, weights, config, max_length, stride, args.batch_size, kv_dtype_of(args.kv_dtype))
         ppl, num_scored = perplexity_of(_advancing(bar, batches))
     seconds = time.perf_counter() - start
     result = {
         "perplexity": ppl, "tokens": len(ids), "scored_tokens": num_scored, "windows": num_windows,
         "seconds": seconds, "tokens_per_second": len(ids) / seconds, "model": str(args.model),
         "max_length": max_length, "stride": stride, "batch_size": args.batch_size, "dtype": args.dtype,
+        "kv_dtype": args.kv_dtype,
     }  # fmt: skip
     if args.json:
         print(json.dumps(result))
@@ -351,6 +371,7 @@ def add_perplexity_command(subparsers) -> None:
     parser.add_argument("--stride", type=_positive_int, default=None, help="window step (default: max-length / 2)")
     parser.add_argument("--batch-size", type=_positive_int, default=8, help="windows per device call (default: 8)")
     add_dtype_option(parser)
+    add_kv_dtype_option(parser)
     parser.add_argument("--json", action="store_true", help="print one JSON line instead of text")
     parser.set_defaults(run=run_perplexity)
 
@@ -363,7 +384,7 @@ def run_serve(args: argparse.Namespace) -> int:
         raise UserError(f"serve needs FastAPI and uvicorn ({error.name} is missing): pip install 'jax-gpt2[serve]'")
     folder, config, weights = _load_model(args.model, args.dtype)
     run_server(args.model, folder, config, weights, args.host, args.port, args.max_batch, args.max_seq_len,
-               args.max_queue, args.chunk_steps)  # fmt: skip
+               args.max_queue, args.chunk_steps, kv_dtype_of(args.kv_dtype))  # fmt: skip
     return 0
 
 
@@ -377,6 +398,7 @@ def add_serve_command(subparsers) -> None:
     parser.add_argument("--max-queue", type=int, default=64, help="sequences that may wait for a slot; beyond: 503")
     parser.add_argument("--chunk-steps", type=_positive_int, default=4, help="decode steps between scheduling rounds")
     add_dtype_option(parser)
+    add_kv_dtype_option(parser)
     parser.set_defaults(run=run_serve)
 
 

@@ -35,7 +35,7 @@ import numpy as np
 
 from jax_gpt2.config import GPT2Config
 from jax_gpt2.generate import DecodeState, decode_step, left_pad, prefill
-from jax_gpt2.kvcache import KVCache
+from jax_gpt2.kvcache import KVCache, check_kv_dtype
 from jax_gpt2.model import empty_cache
 from jax_gpt2.sampling import SamplerFlags, SamplingParams
 from jax_gpt2.stopping import StopStringStream
@@ -129,13 +129,13 @@ def serve_buckets(context_length: int) -> list[int]:
     return buckets
 
 
-def empty_slots(config: GPT2Config, max_batch: int, max_seq_len: int, dtype) -> Slots:
-    """max_batch free (done) rows over a cache of max_seq_len slots."""
+def empty_slots(config: GPT2Config, max_batch: int, max_seq_len: int, kv_dtype) -> Slots:
+    """max_batch free (done) rows over a cache of max_seq_len slots, stored as kv_dtype."""
     assert max_batch >= 1
     assert max_seq_len >= 1
     B = max_batch
     state = DecodeState(
-        cache=empty_cache(config, jnp.zeros((B,), jnp.int32), max_seq_len, dtype),
+        cache=empty_cache(config, jnp.zeros((B,), jnp.int32), max_seq_len, kv_dtype),
         logits_BV=jnp.zeros((B, config.vocab_size), jnp.float32),
         seen_BV=jnp.zeros((B, config.vocab_size), jnp.bool_),
         done_B=jnp.ones((B,), jnp.bool_),
@@ -174,7 +174,7 @@ def admit(
     T = ids_1T.shape[1]
     assert ids_1T.shape[0] == 1
     assert T <= slots.state.cache.max_len
-    new = prefill(ids_1T, start_1, keys_1, weights, config, T)
+    new = prefill(ids_1T, start_1, keys_1, weights, config, T, slots.state.cache.k_LBNSH.dtype)
     shift = start_1[0]
 
     def move(cache_LBNSH: jax.Array, new_LBNSH: jax.Array) -> jax.Array:
@@ -341,7 +341,7 @@ class Engine:
 
     def __init__(
         self, weights: GPT2Weights, config: GPT2Config, tokenizer, max_batch: int = 8, max_seq_len: int = 1024,
-        max_queue: int = 64, chunk_steps: int = 4,
+        max_queue: int = 64, chunk_steps: int = 4, kv_dtype=jnp.float32,
     ) -> None:  # fmt: skip
         for name, value in (("max_batch", max_batch), ("max_seq_len", max_seq_len), ("chunk_steps", chunk_steps)):
             if value < 1:
@@ -349,12 +349,13 @@ class Engine:
         if max_queue < 0:
             raise ValueError(f"max_queue must be >= 0; got {max_queue}")
         self.weights, self.config, self.tokenizer = weights, config, tokenizer
+        self.kv_dtype = check_kv_dtype(kv_dtype)
         self.max_batch, self.max_queue, self.chunk_steps = max_batch, max_queue, chunk_steps
         self.context_length = min(max_seq_len, config.n_positions)
         self.buckets = serve_buckets(self.context_length)
         eos = [] if config.eos_token_id is None else [config.eos_token_id]
         self.eos_ids, self._eos_E = set(eos), np.asarray(eos, np.int32).reshape(-1)
-        self._slots = empty_slots(config, max_batch, self.context_length, weights.wte_VD.dtype)
+        self._slots = empty_slots(config, max_batch, self.context_length, self.kv_dtype)
         self._rows: list[_Sequence | None] = [None] * max_batch
         self._waiting: collections.deque[_Sequence] = collections.deque()
         self._inbox: queue.Queue = queue.Queue()
@@ -547,6 +548,6 @@ class Engine:
         self._rows, self._waiting = [None] * self.max_batch, collections.deque()
         assert self._num_queued >= 0
         assert self.num_active == 0
-        self._slots = empty_slots(self.config, self.max_batch, self.context_length, self.weights.wte_VD.dtype)
+        self._slots = empty_slots(self.config, self.max_batch, self.context_length, self.kv_dtype)
         for seq in sequences:
             self._deliver(seq, Event(seq.seq_id, (), "", None, "error"))

@@ -467,7 +467,7 @@ def create_app(engine: Engine, model_id: str) -> FastAPI:
 
 def run_server(
     model_id: str, folder, config, weights, host: str, port: int, max_batch: int, max_seq_len: int, max_queue: int,
-    chunk_steps: int,
+    chunk_steps: int, kv_dtype,
 ) -> None:  # fmt: skip
     """Compile every shape the engine uses for a loaded model, then serve it as `model_id` until
     Ctrl-C / SIGTERM, which stop new connections, let the open responses finish (the engine keeps
@@ -478,7 +478,7 @@ def run_server(
 
     assert model_id
     assert port >= 0
-    engine = Engine(weights, config, load_tokenizer(folder), max_batch, max_seq_len, max_queue, chunk_steps)
+    engine = Engine(weights, config, load_tokenizer(folder), max_batch, max_seq_len, max_queue, chunk_steps, kv_dtype)
     print(f"jax-gpt2 serve: compiling for {max_batch} slots x {engine.context_length} positions, "
           f"prefill buckets {engine.buckets} ...", flush=True)  # fmt: skip
     engine.warm_up()

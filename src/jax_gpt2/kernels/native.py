@@ -5,6 +5,7 @@ needed, against the XLA FFI headers that ship inside jaxlib, and kept in a cache
 a hash of the source, the compiler and the jaxlib version: a second process loads the built
 library in milliseconds. They need x86-64 Linux with AVX-512F and a CPU backend; anywhere else
 (no compiler, a GPU, another CPU) `kernels_available()` is False and the model uses XLA's dot.
+`load_weights` asks once and records the answer in the weights (GPT2Weights.use_kernels).
 
 Set JAX_GPT2_NATIVE=0 to turn the kernels off, JAX_GPT2_KERNEL_THREADS to size their thread pool,
 JAX_GPT2_CACHE_DIR to move the build cache.
@@ -97,6 +98,46 @@ def kernels_available() -> bool:
     for symbol, name in TARGETS.values():
         jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(getattr(library, symbol)), platform="cpu")
     return True
+
+
+def is_registered(name: str) -> bool:
+    """Whether the kernel TARGETS names is registered with XLA in this process (built, loaded, runs here)."""
+    return name in TARGETS and kernels_available()
+
+
+def kernels_isa() -> str:
+    """The vector instruction set the kernels run on: the library's own answer where it gives one
+    (jax_gpt2_kernels_isa), else what this CPU offers (cpu_vector_isa)."""
+    if kernels_available():
+        library = ctypes.cdll.LoadLibrary(str(library_path(_compiler())))  # already loaded: the same handle
+        if hasattr(library, "jax_gpt2_kernels_isa"):
+            library.jax_gpt2_kernels_isa.restype = ctypes.c_char_p
+            return library.jax_gpt2_kernels_isa().decode()
+    return cpu_vector_isa()
+
+
+def cpu_vector_isa(cpuinfo: str | None = None) -> str:
+    """The widest vector unit this CPU reports: avx512, avx2 (with FMA), neon, or the machine name."""
+    if cpuinfo is None:
+        cpuinfo = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
+    flags = set()
+    for line in cpuinfo.splitlines():
+        if line.startswith(("flags", "Features")):
+            flags.update(line.split(":", 1)[1].split())
+    if "avx512f" in flags:
+        return "avx512"
+    if "avx2" in flags and "fma" in flags:
+        return "avx2"
+    if "asimd" in flags or platform.machine() in ("arm64", "aarch64"):
+        return "neon"
+    return platform.machine() or "unknown"
+
+
+def kernel_threads() -> int:
+    """The kernels' pool size, by the library's rule: JAX_GPT2_KERNEL_THREADS, else every core, at most 64."""
+    text = os.environ.get("JAX_GPT2_KERNEL_THREADS")
+    threads = int(text) if text else (os.cpu_count() or 1)
+    return max(1, min(threads, 64))
 
 
 def target_name(dtype_name: str) -> str:
