@@ -4,6 +4,7 @@ they join; stop strings, max_tokens, eos and cancellation free their slots; a fu
 logprobs are the model's; once warmed up, load compiles nothing new."""
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -97,6 +98,21 @@ def test_greedy_sequences_equal_generate_while_slots_are_reused(model):
         assert collector.finish(seq_id) == ("length" if len(expected) == request.max_tokens else "stop")
     assert engine.num_active == 0
     assert engine.num_queued == 0
+
+
+def test_a_bf16_cache_engine_gives_generates_bf16_cache_tokens(model):
+    weights, config, tokenizer = model
+    engine = make_engine(model, kv_dtype=jnp.bfloat16)
+    assert engine._slots.state.cache.k_LBNSH.dtype == jnp.bfloat16
+    requests = [SequenceRequest(tuple(encode(tokenizer, p)), max_tokens=6) for p in PROMPTS[:3]]
+    collector = Collector()
+    seq_ids = engine.submit(requests, collector)
+    run_until_idle(engine)
+    for seq_id, request in zip(seq_ids, requests):
+        rows = generate([list(request.prompt_ids)], weights, config, max_new_tokens=6, kv_dtype=jnp.bfloat16,
+                        eos_token_id=config.eos_token_id)  # fmt: skip
+        expected = rows[0][:-1] if rows[0] and rows[0][-1] == config.eos_token_id else rows[0]
+        assert collector.ids(seq_id) == expected
 
 
 def test_sequences_joining_mid_flight_with_mixed_settings_equal_generate(model):

@@ -272,22 +272,28 @@ def add_generate_command(subparsers) -> None:
 
 
 def run_bench(args: argparse.Namespace) -> int:
-    """Benchmark jax-gpt2 against transformers on random weights of a preset shape."""
+    """Benchmark jax-gpt2 against transformers (and llama.cpp, given) on random weights of a preset shape."""
     import dataclasses
     import json
 
     import torch
 
-    from jax_gpt2.bench import format_table, plot_results, run_benchmarks
+    from jax_gpt2.bench import LlamaPeer, bench_model_stem, format_table, plot_results, run_benchmarks
     from jax_gpt2.config import PRESETS
 
     torch.set_num_threads(args.threads)  # XLA's CPU client uses every core; give torch the same
     config = PRESETS[args.preset]
     if args.layers is not None:
         config = dataclasses.replace(config, n_layer=args.layers)
+    llama = None
+    if args.llama_bench is not None:
+        if args.gguf_dir is None:
+            raise UserError("--llama-bench needs --gguf-dir (bash benchmarks/build_llama_cpp.sh convert PRESET [LAYERS])")
+        llama = LlamaPeer(args.llama_bench, args.gguf_dir, bench_model_stem(args.preset, config.n_layer), args.threads)
     results = run_benchmarks(
-        config, args.dtypes, args.batch_sizes, args.prefill, args.new_tokens, args.repeats, args.contexts, progress=True
-    )
+        config, args.dtypes, args.batch_sizes, args.prefill, args.new_tokens, args.repeats, args.contexts,
+        progress=True, kv_dtype=args.kv_dtype, llama=llama,
+    )  # fmt: skip
     results["preset"], results["layers"] = args.preset, config.n_layer
     print(format_table(results))
     if args.out is not None:
@@ -312,8 +318,11 @@ def add_bench_command(subparsers) -> None:
     parser.add_argument("--prefill", type=_positive_int, nargs="*", default=[128, 512])
     parser.add_argument("--new-tokens", type=_positive_int, default=32)
     parser.add_argument("--repeats", type=_positive_int, default=3)
-    parser.add_argument("--threads", type=_positive_int, default=os.cpu_count() or 1)
+    parser.add_argument("--threads", type=_positive_int, default=os.cpu_count() or 1, help="torch's and llama.cpp's threads")
     parser.add_argument("--dtypes", nargs="+", choices=list(WEIGHT_DTYPES), default=list(WEIGHT_DTYPES))
+    add_kv_dtype_option(parser)
+    parser.add_argument("--llama-bench", type=Path, default=None, help="llama.cpp's llama-bench binary: a third column")
+    parser.add_argument("--gguf-dir", type=Path, default=None, help="GGUF conversions of the bench's weights (see benchmarks/build_llama_cpp.sh)")
     parser.add_argument("--out", type=Path, default=None, help="write the results as JSON")
     parser.add_argument("--plot", type=Path, default=None, help="write a PNG chart of the results (needs matplotlib)")
     parser.set_defaults(run=run_bench)
