@@ -107,12 +107,13 @@ def is_registered(name: str) -> bool:
 
 def kernels_isa() -> str:
     """The vector instruction set the kernels run on: the library's own answer where it gives one
-    (jax_gpt2_kernels_isa), else what this CPU offers (cpu_vector_isa)."""
+    (jax_gpt2_kernel_isa), else what this CPU offers (cpu_vector_isa)."""
     if kernels_available():
         library = ctypes.cdll.LoadLibrary(str(library_path(_compiler())))  # already loaded: the same handle
-        if hasattr(library, "jax_gpt2_kernels_isa"):
-            library.jax_gpt2_kernels_isa.restype = ctypes.c_char_p
-            return library.jax_gpt2_kernels_isa().decode()
+        for symbol in ("jax_gpt2_kernel_isa", "jax_gpt2_kernels_isa"):
+            if hasattr(library, symbol):
+                getattr(library, symbol).restype = ctypes.c_char_p
+                return getattr(library, symbol)().decode()
     return cpu_vector_isa()
 
 
