@@ -2,7 +2,7 @@
 
 Shape key: see model.py. Every function asserts shapes at trace time; none reads a traced value.
 Two functions reach the kernels, each told explicitly whether to (use_kernels, the weights'
-static field, decided at load): `linear` for the matmuls and `attention` for attention.
+static field, decided at load): `matmul` (under `linear`) for the matmuls and `attention` for attention.
 """
 
 import math
