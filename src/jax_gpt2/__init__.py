@@ -5,7 +5,7 @@
     weights = load_weights("./my-gpt2")
     logits_BTV = gpt2_forward(input_ids_BT, weights, config)
 
-On x86-64 CPUs with AVX-512, load_weights packs the matrices for small C++ kernels (native.py,
+On x86-64 and aarch64 CPUs, load_weights packs the matrices for small C++ kernels (native.py,
 packed.py) that read each weight byte once per token; dtype=jnp.bfloat16 or jnp.int8 narrows them.
 """
 
