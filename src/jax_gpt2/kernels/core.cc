@@ -74,7 +74,9 @@ inline void Store(float* p, VF v, int64_t count) {
     std::memcpy(p, &v, count * sizeof(float));
 }
 
-inline VF Splat(float x) { return VF{} + x; }
+// x in every lane. Not `VF{} + x`: 0 + x is no identity in IEEE math (0 + -0 = +0), so GCC keeps that
+// add, one extra instruction per row in the matmul's inner loop; x - 0 is one, and folds away.
+inline VF Splat(float x) { return x - VF{}; }
 
 // Weights per 32-bit word: 1 (float32), 2 (bfloat16) or 4 (int8).
 template <typename W>
