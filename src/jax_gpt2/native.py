@@ -98,18 +98,28 @@ def library_path(compiler: str, march: str = "native") -> Path:
 
 
 def build_library(compiler: str, target: Path, march: str = "native") -> None:
-    """Compile into a temporary file beside `target`, then rename: concurrent builders never see half a library."""
+    """Compile into a temporary file beside `target`, then rename: concurrent builders never see half a library.
+
+    The two sources compile at once, in two compiler processes (the XLA headers make ffi.cc as slow
+    as the core), then link.
+    """
     assert all(source.is_file() for source in SOURCES), f"missing kernel sources in {KERNELS_DIR}"
     target.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile(dir=target.parent, suffix=target.suffix, delete=False) as partial:
-        partial_path = Path(partial.name)
-    include = f"-I{jax.ffi.include_dir()}"
-    command = [compiler, *LIBRARY_FLAGS, *march_flags(march), include, *map(str, SOURCES), "-o", str(partial_path)]
-    try:
-        subprocess.run(command, check=True, capture_output=True, text=True)
+    flags = [*LIBRARY_FLAGS, *march_flags(march), f"-I{jax.ffi.include_dir()}"]
+    with tempfile.TemporaryDirectory(dir=target.parent) as scratch:
+        objects = [Path(scratch) / f"{source.stem}.o" for source in SOURCES]
+        compiles = [
+            subprocess.Popen([compiler, *flags, "-c", str(source), "-o", str(obj)], stderr=subprocess.PIPE, text=True)
+            for source, obj in zip(SOURCES, objects, strict=True)
+        ]
+        for command, process in zip(SOURCES, compiles, strict=True):
+            _, stderr = process.communicate()
+            if process.returncode != 0:
+                raise subprocess.CalledProcessError(process.returncode, str(command), stderr=stderr)
+        partial_path = Path(scratch) / f"partial{target.suffix}"
+        link = [compiler, *flags, *map(str, objects), "-o", str(partial_path)]
+        subprocess.run(link, check=True, capture_output=True, text=True)
         os.replace(partial_path, target)
-    finally:
-        partial_path.unlink(missing_ok=True)
     assert target.is_file()
 
 
