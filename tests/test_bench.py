@@ -59,3 +59,11 @@ def test_bench_command_writes_json(tmp_path, capsys):
     results = json.loads(out.read_text())
     assert results["layers"] == 1
     assert "prefill T=8" in capsys.readouterr().out
+
+
+def test_bench_refuses_a_cuda_torch_device_that_torch_cannot_see(monkeypatch, capsys):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert main(["bench", "--preset", "distilgpt2", "--layers", "1", "--torch-device", "cuda"]) == 2
+    assert "--torch-device cuda: torch" in capsys.readouterr().err

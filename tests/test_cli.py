@@ -2,6 +2,8 @@
 (no traceback) for user mistakes."""
 
 import json
+import shutil
+from pathlib import Path
 
 import jax.numpy as jnp
 import numpy as np
@@ -156,3 +158,55 @@ def test_cli_commands_write_jax_persistent_compilation_cache(tiny_model_dir, tmp
     env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path)}
     subprocess.run([sys.executable, "-m", "jax_gpt2.cli", *args], env=env, check=True, capture_output=True)
     assert len(list((tmp_path / "jax-gpt2" / "xla").iterdir())) >= 1
+
+
+# --- no traceback, ever: config.json values and input files -------------------------------------
+
+
+def assert_one_error_line(err: str, expected: str) -> None:
+    assert "Traceback" not in err
+    assert err.count("\n") == 1, err
+    assert expected in err, err
+
+
+@pytest.mark.parametrize(("key", "value", "expected"), [
+    ("n_layer", "2", 'config.n_layer must be an integer; got "2" (str)'),
+    ("n_layer", 2.5, "config.n_layer must be an integer; got 2.5 (float)"),
+    ("n_layer", True, "config.n_layer must be an integer; got true (bool)"),  # not read as 1 layer
+    ("layer_norm_epsilon", "x", 'config.layer_norm_epsilon must be a number; got "x" (str)'),
+])  # fmt: skip
+def test_config_value_of_the_wrong_type_is_one_line_naming_the_key(tiny_model_dir, tmp_path, capsys, key, value, expected):
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, folder)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, key: value}))
+    assert main(["next", "hi", "--model", str(folder)]) == 2
+    assert_one_error_line(capsys.readouterr().err, f"jax-gpt2 next: error: {expected}")
+
+
+def test_perplexity_of_a_folder_is_one_line(tiny_model_dir, tmp_path, capsys):
+    assert main(["perplexity", str(tmp_path), "--model", str(tiny_model_dir)]) == 2
+    assert_one_error_line(capsys.readouterr().err, f"text file {tmp_path} is a folder")
+
+
+def binary_file(folder: Path) -> Path:
+    path = folder / "weights.bin"
+    path.write_bytes(b"GPT\xff\xfe\x00\x81 not text")
+    return path
+
+
+def test_perplexity_of_a_binary_file_names_the_file(tiny_model_dir, tmp_path, capsys):
+    path = binary_file(tmp_path)
+    assert main(["perplexity", str(path), "--model", str(tiny_model_dir)]) == 2
+    assert_one_error_line(capsys.readouterr().err, f"text file {path} is not UTF-8 text (byte 3: invalid start byte)")
+
+
+def test_generate_with_a_binary_prompt_file_names_the_file(tiny_model_dir, tmp_path, capsys):
+    path = binary_file(tmp_path)
+    assert main(["generate", "--file", str(path), "--model", str(tiny_model_dir)]) == 2
+    assert_one_error_line(capsys.readouterr().err, f"--file {path} is not UTF-8 text (byte 3: invalid start byte)")
+
+
+def test_generate_with_a_folder_as_prompt_file_is_one_line(tiny_model_dir, tmp_path, capsys):
+    assert main(["generate", "--file", str(tmp_path), "--model", str(tiny_model_dir)]) == 2
+    assert_one_error_line(capsys.readouterr().err, f"--file {tmp_path} is a folder")

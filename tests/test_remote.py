@@ -13,6 +13,7 @@ Nothing leaves 127.0.0.1. If OpenSSH's server or rsync is missing the session fi
 import getpass
 import json
 import os
+import shlex
 import shutil
 import socket
 import subprocess
@@ -564,7 +565,7 @@ def test_missing_api_key_is_one_line_and_sends_nothing(runpod_without_sshd, capf
 def test_provisioning_refuses_a_name_already_recorded(runpod_without_sshd, tmp_path, capfd, monkeypatch):
     monkeypatch.setenv("RUNPOD_API_KEY", API_KEY)
     target = remote.SshTarget(user="root", host="203.0.113.7", port=22022)
-    remote.remember_instance(remote.state_path(), "busy", "pod-old", target, dry_run=False)
+    remote.remember_instance(remote.state_path(), "busy", "pod-old", target)
     assert main(["remote", "--api-url", runpod_without_sshd.url, "--name", "busy"]) == remote.ERROR_EXIT_CODE
     assert_one_clean_error_line(capfd.readouterr().err, "an instance named 'busy' is already recorded (pod pod-old)")
     assert runpod_without_sshd.requests == []
@@ -602,6 +603,41 @@ def test_dry_run_on_an_existing_host_contacts_nothing(tmp_path, capfd):
     assert out.count("[dry-run] ssh ") == 3  # prepare, bootstrap, run
     assert out.count("[dry-run] rsync ") == 1
     assert "nvidia-smi" in out
+
+
+def test_dry_run_lines_are_the_commands_a_run_executes(sshd, tmp_path, capfd):
+    """Run the printed ssh and rsync lines by hand: they sync the tree and run the command."""
+    tree = make_tree(tmp_path / "tree", {"hello.txt": "hello from the plan\n"})
+    args = remote_args(sshd, tmp_path / "remote", tree, "--no-bootstrap", "--command", "cat hello.txt")
+    assert main([*args, "--dry-run"]) == 0
+    # An entry may span terminal lines (the run script's quoted newline): split on the prefix.
+    lines = [entry.rstrip("\n") for entry in capfd.readouterr().out.split("[dry-run] ")[1:]]
+    assert [line.split()[0] for line in lines] == ["ssh", "rsync", "ssh"]  # prepare, sync, run
+    assert not (tmp_path / "remote").exists()
+    results = [subprocess.run(shlex.split(line), capture_output=True, text=True, timeout=60) for line in lines]
+    assert [result.returncode for result in results] == [0, 0, 0]
+    assert (tmp_path / "remote" / "hello.txt").read_text() == "hello from the plan\n"
+    assert results[-1].stdout == "hello from the plan\n"
+
+
+def test_missing_local_dir_is_refused_before_anything_is_contacted(tmp_path, capfd):
+    closed = f"root@127.0.0.1:{free_loopback_port()}"  # Contacting it would fail differently.
+    args = ["remote", "--use-existing", closed, "--local-dir", str(tmp_path / "nowhere"), "--command", "true"]
+    assert main(args) == remote.ERROR_EXIT_CODE
+    assert_one_clean_error_line(capfd.readouterr().err, f"local directory to sync does not exist: {tmp_path}")
+
+
+def test_plan_with_both_an_address_and_a_new_pod_is_refused(tmp_path):
+    ssh = remote.SshSettings(key_path=None, known_hosts_path=str(tmp_path / "known_hosts"), connect_timeout_s=5)
+    workload = remote.Workload(local_dir=".", remote_dir="r", remote_uv="uv", commands=("true",), bootstrap=False)
+    spec = remote.PodSpec(name="box", gpu_type="g", image="i", container_disk_gb=1, public_key="ssh-ed25519 AAAA")
+    settings = remote.RunPodSettings(api_url="http://x", api_key=API_KEY, poll_interval_s=1.0, wait_timeout_s=1.0)
+    with pytest.raises(AssertionError, match="either an existing target or a new pod"):
+        remote.RemotePlan(
+            ssh=ssh, workload=workload, remote_tty=False, target=remote.SshTarget("root", "1.2.3.4", 22),
+            new_pod=spec, pod_id=None, runpod=settings, terminate=False, instance_name="box",
+            state_path=tmp_path / "remote.json",
+        )  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------

@@ -106,7 +106,7 @@ def bench_decode(config, weights, model, batch: int, prompt_len: int, new_tokens
     assert new_tokens >= 2
     rng = np.random.default_rng(batch)
     prompts = rng.integers(0, config.vocab_size, (batch, prompt_len))
-    ids = torch.as_tensor(prompts)
+    ids = torch.as_tensor(prompts, device=model.device)
 
     def run_ours(count: int):
         return generate(prompts.tolist(), weights, config, max_new_tokens=count)
@@ -131,10 +131,20 @@ def hf_greedy(model, ids, count: int):
 
     assert count >= 1
     with torch.no_grad():
-        return model.generate(
+        tokens = model.generate(
             ids, attention_mask=torch.ones_like(ids), max_new_tokens=count, min_new_tokens=count,
             do_sample=False, pad_token_id=0, eos_token_id=None,
         )  # fmt: skip
+    wait_for_torch(tokens.device)
+    return tokens
+
+
+def wait_for_torch(device) -> None:
+    """Block until `device` has finished its queued work: a CUDA call returns before its kernels end."""
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def paired_rates(run_full, run_first, extra_tokens: int, repeats: int) -> tuple[list[float], float]:
@@ -212,11 +222,13 @@ def bench_prefill(config, weights, model, prompt_len: int, repeats: int) -> dict
     import torch
 
     ids = np.random.default_rng(prompt_len).integers(0, config.vocab_size, (1, prompt_len))
-    tensor = torch.as_tensor(ids)
+    tensor = torch.as_tensor(ids, device=model.device)
 
     def hf_forward():
         with torch.no_grad():
-            return model(tensor).logits
+            logits = model(tensor).logits
+        wait_for_torch(logits.device)
+        return logits
 
     ours = time_repeats(lambda: generate(ids.tolist(), weights, config, max_new_tokens=1), repeats)
     theirs = time_repeats(lambda: hf_greedy(model, tensor, 1), repeats)
@@ -238,7 +250,7 @@ def machine_info() -> dict:
         cpu = names[0] if names else cpu
     return dict(
         cpu=cpu, cores=os.cpu_count(), jax=jax.__version__, torch=torch.__version__,
-        torch_threads=torch.get_num_threads(), device=str(jax.devices()[0]),
+        torch_threads=torch.get_num_threads(), device=str(jax.devices()[0]), device_kind=jax.devices()[0].device_kind,
     )  # fmt: skip
 
 
@@ -254,9 +266,12 @@ def transformers_model_for(model, dtype: str):
 
 def run_benchmarks(
     config: GPT2Config, dtypes: list[str], batches: list[int], prefill_lens: list[int], new_tokens: int,
-    repeats: int, contexts: list[int], progress: bool = True,
+    repeats: int, contexts: list[int], progress: bool = True, torch_device: str = "cpu",
 ) -> dict:  # fmt: skip
-    """Every measurement of one model shape, for each weight dtype, as a JSON-ready dict."""
+    """Every measurement of one model shape, for each weight dtype, as a JSON-ready dict.
+
+    transformers runs on `torch_device` ("cpu", or "cuda" to compare on the same card as JAX's GPU).
+    """
     import tempfile
 
     from tqdm import tqdm
@@ -270,11 +285,12 @@ def run_benchmarks(
     bar = tqdm(total=len(dtypes) * (len(plan) + 1), desc="benchmarks", disable=not progress)
     for dtype in dtypes:
         weights = weights_for_dtype(state, config, jnp.dtype(WEIGHT_DTYPES[dtype]), pack=None)
-        hf_model = transformers_model_for(model, dtype)
+        hf_model = transformers_model_for(model, dtype).to(torch_device)
         with tempfile.TemporaryDirectory() as cache_dir:
             cold_s, warm_s = first_token_s(config, weights, cache_dir)
         bar.update()
         run = dict(dtype=dtype, packed=weights.lm_head_DV is not None, transformers_dtype=str(hf_model.dtype))
+        run["transformers_device"] = str(hf_model.device)
         run.update(jax_cold_first_token_s=cold_s, jax_warm_first_token_s=warm_s, decode=[], prefill=[])
         for kind, batch, length in plan:
             bandwidths.append(measure_bandwidth_gbs(repeats=3))  # sampled throughout: the host's bandwidth wanders
@@ -319,13 +335,15 @@ def format_table(results: dict) -> str:
     """The results as a plain-text table: figures, ratio to transformers, roofline fraction."""
     machine = results["machine"]
     lines = [
-        f"machine: {machine['cpu']}, {machine['cores']} cores, jax {machine['jax']}, torch {machine['torch']} "
+        f"machine: {machine['cpu']}, {machine['cores']} cores, jax {machine['jax']} on {machine['device_kind']}, "
+        f"torch {machine['torch']} "
         f"({machine['torch_threads']} threads); read bandwidth best {results['bandwidth_gbs']:.1f} GB/s, median "
         f"{results['bandwidth_median_gbs']:.1f} GB/s of {len(results['bandwidth_samples_gbs'])} samples in this run",
     ]
     for run in results["runs"]:
         lines.append(
-            f"\n[{run['dtype']}] transformers as {run['transformers_dtype']}; first token B=1, 20 tokens: "
+            f"\n[{run['dtype']}] transformers as {run['transformers_dtype']} on {run['transformers_device']}; "
+            f"first token B=1, 20 tokens: "
             f"{run['jax_cold_first_token_s']:.2f} s cold (compile), {run['jax_warm_first_token_s']:.2f} s warm cache"
         )
         lines.append(f"{'measurement':<34}{'jax-gpt2':>12}{'transformers':>14}{'ratio':>8}{'roofline':>10}{'(median)':>10}{'same tokens':>13}{'jax-gpt2 range':>17}")

@@ -168,12 +168,24 @@ def add_random_model_command(subparsers) -> None:
     parser.set_defaults(run=run_random_model)
 
 
+def _read_text_file(path: Path, what: str) -> str:
+    """A UTF-8 text file's contents, or a UserError that names the file (never a traceback)."""
+    if path.is_dir():
+        raise UserError(f"{what} {path} is a folder; give a UTF-8 text file")
+    if not path.is_file():
+        raise UserError(f"{what} {path}: no such file")
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise UserError(f"{what} {path} is not UTF-8 text (byte {error.start}: {error.reason})") from None
+    except OSError as error:
+        raise UserError(f"{what} {path} cannot be read: {error.strerror}") from None
+
+
 def _read_prompts(args: argparse.Namespace) -> list[str]:
     prompts = list(args.prompts)
     if args.file is not None:
-        if not args.file.is_file():
-            raise UserError(f"--file {args.file}: no such file")
-        prompts += [line for line in args.file.read_text().splitlines() if line.strip()]
+        prompts += [line for line in _read_text_file(args.file, "--file").splitlines() if line.strip()]
     if not prompts:
         raise UserError("give at least one prompt (as an argument or with --file)")
     return prompts
@@ -263,12 +275,15 @@ def run_bench(args: argparse.Namespace) -> int:
     from jax_gpt2.config import PRESETS
 
     torch.set_num_threads(args.threads)  # XLA's CPU client uses every core; give torch the same
+    if args.torch_device == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--torch-device cuda: torch {torch.__version__} sees no CUDA device here")
     config = PRESETS[args.preset]
     if args.layers is not None:
         config = dataclasses.replace(config, n_layer=args.layers)
     results = run_benchmarks(
-        config, args.dtypes, args.batch_sizes, args.prefill, args.new_tokens, args.repeats, args.contexts, progress=True
-    )
+        config, args.dtypes, args.batch_sizes, args.prefill, args.new_tokens, args.repeats, args.contexts,
+        progress=True, torch_device=args.torch_device,
+    )  # fmt: skip
     results["preset"], results["layers"] = args.preset, config.n_layer
     print(format_table(results))
     if args.out is not None:
@@ -294,6 +309,9 @@ def add_bench_command(subparsers) -> None:
     parser.add_argument("--new-tokens", type=_positive_int, default=32)
     parser.add_argument("--repeats", type=_positive_int, default=3)
     parser.add_argument("--threads", type=_positive_int, default=os.cpu_count() or 1)
+    parser.add_argument(
+        "--torch-device", choices=["cpu", "cuda"], default="cpu", help="where transformers runs (default: cpu)"
+    )
     parser.add_argument("--dtypes", nargs="+", choices=list(WEIGHT_DTYPES), default=list(WEIGHT_DTYPES))
     parser.add_argument("--out", type=Path, default=None, help="write the results as JSON")
     parser.add_argument("--plot", type=Path, default=None, help="write a PNG chart of the results (needs matplotlib)")
@@ -310,7 +328,7 @@ def run_perplexity(args: argparse.Namespace) -> int:
     from jax_gpt2.perplexity import batch_nlls, check_arguments, perplexity_of, plan_windows
     from jax_gpt2.tokenizer import encode, load_tokenizer
 
-    text = args.file.read_text(encoding="utf-8")
+    text = _read_text_file(args.file, "text file")
     folder, config, weights = _load_model(args.model, args.dtype)
     ids = encode(load_tokenizer(folder), text)
     max_length = args.max_length if args.max_length is not None else config.n_positions

@@ -7,6 +7,8 @@ implement is an error that names it, never silently ignored.
 
 import dataclasses
 import json
+import numbers
+import typing
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +53,8 @@ class GPT2Config:
     eos_token_id: int | None = 50256
 
     def __post_init__(self) -> None:
+        for field in dataclasses.fields(self):
+            check_field_type(field.name, getattr(self, field.name), field.type)
         for name in ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head"):
             if getattr(self, name) < 1:
                 raise ValueError(f"config.{name} must be >= 1; got {getattr(self, name)}")
@@ -75,6 +79,36 @@ class GPT2Config:
     def head_dim(self) -> int:
         """H: the width of one attention head."""
         return self.n_embd // self.n_head
+
+
+def check_field_type(name: str, value: Any, annotation: Any) -> None:
+    """A ValueError naming the field unless value has its declared type (JSON gives any type).
+
+    bool is an int to Python, but `"n_layer": true` is a mistake, not 1 layer: only a bool field
+    takes a bool. A float field takes an integer too (JSON may write 1.0 as 1); None only where
+    the field allows it. NumPy scalars pass (they are numbers.Integral / numbers.Real).
+    """
+    allowed = typing.get_args(annotation) or (annotation,)  # `int | None` -> (int, NoneType)
+    assert allowed
+    if value is None and type(None) in allowed:
+        return
+    (kind,) = [t for t in allowed if t is not type(None)]
+    assert kind in _ACCEPTED, f"config.{name}: no type check for {kind}"
+    type_name, accepted = _ACCEPTED[kind]
+    if isinstance(value, accepted) and (kind is bool or not isinstance(value, bool)):
+        return
+    expected = type_name + (" or null" if type(None) in allowed else "")
+    shown = json.dumps(value, default=repr)  # as config.json spells it: "2", true, null
+    raise ValueError(f"config.{name} must be {expected}; got {shown} ({type(value).__name__})")
+
+
+# Each field type: how an error names it, and the Python types that hold it.
+_ACCEPTED = {
+    int: ("an integer", numbers.Integral),
+    float: ("a number", numbers.Real),
+    bool: ("true or false", bool),
+    str: ("a string", str),
+}
 
 
 PRESETS: dict[str, GPT2Config] = {
@@ -129,8 +163,8 @@ def config_from_file(path: Path) -> GPT2Config:
     if not path.is_file():
         raise FileNotFoundError(f"no config.json at {path}")
     try:
-        hf = json.loads(path.read_text())
-    except json.JSONDecodeError as error:
+        hf = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise ValueError(f"{path} is not valid JSON: {error}") from None
     if not isinstance(hf, dict):
         raise ValueError(f"{path} must hold a JSON object; got {type(hf).__name__}")

@@ -174,4 +174,7 @@ def decode_attention(
         q_BTNH.reshape(B, N, H), k_LBNSH, v_LBNSH, start_B.astype(jnp.int32), end_B.astype(jnp.int32),
         layer=np.int64(layer), scale=np.float32(scale),
     )  # fmt: skip
-    return out_BNH.reshape(B, 1, N, H)
+    out_BTNH = out_BNH.reshape(B, 1, N, H)
+    assert out_BTNH.shape == q_BTNH.shape
+    assert out_BTNH.dtype == q_BTNH.dtype == jnp.float32
+    return out_BTNH

@@ -115,7 +115,11 @@ def transformer(
 def lm_logits(hidden_BTD: jax.Array, weights: GPT2Weights) -> jax.Array:
     """Project hidden states onto the vocabulary (lm_head, tied to wte unless the checkpoint unties it)."""
     if weights.lm_head_DV is not None:
-        return packed_matmul_BT(hidden_BTD, weights.lm_head_DV)
+        assert hidden_BTD.shape[-1] == weights.lm_head_DV.shape[0]
+        logits_BTV = packed_matmul_BT(hidden_BTD, weights.lm_head_DV)
+        assert logits_BTV.shape == (*hidden_BTD.shape[:2], weights.lm_head_DV.shape[1])
+        assert logits_BTV.dtype == jnp.float32
+        return logits_BTV
     head_VD = weights.wte_VD if weights.lm_head_VD is None else weights.lm_head_VD
     assert hidden_BTD.shape[-1] == head_VD.shape[1]
     logits_BTV = jnp.einsum("BTD,VD->BTV", hidden_BTD, head_VD.astype(hidden_BTD.dtype), precision=PRECISION)

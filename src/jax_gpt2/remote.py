@@ -10,8 +10,12 @@ Each run syncs the working tree with rsync over ssh (respecting .gitignore), boo
 remote once (uv + `uv sync --extra cuda`, remembered by a marker file there), runs the commands
 with their output streamed, and exits with the remote exit code.
 
+A run is decided first, as one `RemotePlan` built from the options and the state file (nothing
+contacted, nothing changed); `--dry-run` prints that plan, a normal run executes it.
+
 This module imports no model code on purpose: it must run (and `--dry-run` must print) on a
-laptop where JAX or CUDA would not even import. Standard library only.
+laptop where JAX or CUDA would not even import. Standard library only, and nothing from
+jax_gpt2 either, so moving the file changes only the line that imports it in cli.py.
 """
 
 import argparse
@@ -93,7 +97,7 @@ class PodSpec:
 
 
 # ---------------------------------------------------------------------------------------------
-# Addresses, progress and dry-run output
+# Addresses and progress
 
 
 def parse_ssh_address(text: str) -> SshTarget:
@@ -133,12 +137,6 @@ def say(message: str) -> None:
     print(f"jax-gpt2 remote: {message}", file=sys.stderr, flush=True)
 
 
-def show_dry_run(action: str) -> None:
-    assert action
-    assert isinstance(action, str)
-    print(f"[dry-run] {action}", flush=True)
-
-
 def last_line(text: str) -> str:
     """The last non-empty line of a tool's stderr: the one that usually says what went wrong."""
     assert isinstance(text, str)
@@ -173,19 +171,19 @@ def ssh_option_args(settings: SshSettings, port: int) -> list[str]:
     return args
 
 
-def ssh_argv(settings: SshSettings, target: SshTarget, remote_script: str) -> list[str]:
+def ssh_argv(settings: SshSettings, target: SshTarget, remote_script: str) -> tuple[str, ...]:
     assert remote_script
-    argv = ["ssh", *ssh_option_args(settings, target.port), f"{target.user}@{target.host}", remote_script]
+    argv = ("ssh", *ssh_option_args(settings, target.port), f"{target.user}@{target.host}", remote_script)
     assert argv[-1] == remote_script
     return argv
 
 
-def rsync_argv(settings: SshSettings, target: SshTarget, local_dir: str, remote_dir: str) -> list[str]:
+def rsync_argv(settings: SshSettings, target: SshTarget, local_dir: str, remote_dir: str) -> tuple[str, ...]:
     """Mirror local_dir into remote_dir, minus what git ignores; itemized, so you see what went."""
     assert local_dir
     assert remote_dir
     remote_shell = shlex.join(["ssh", *ssh_option_args(settings, target.port)])
-    argv = [
+    argv = (
         "rsync", "--archive", "--compress", "--itemize-changes",
         # Mirror deletions too, but excluded paths (the remote's .venv, the marker) are protected.
         "--delete",
@@ -194,7 +192,7 @@ def rsync_argv(settings: SshSettings, target: SshTarget, local_dir: str, remote_
         "-e", remote_shell,
         local_dir.rstrip("/") + "/",  # Trailing slash: sync the contents, not the directory.
         f"{target.user}@{target.host}:{remote_dir.rstrip('/')}/",
-    ]  # fmt: skip
+    )  # fmt: skip
     assert argv[0] == "rsync"
     return argv
 
@@ -261,13 +259,10 @@ def default_commands(remote_uv: str) -> tuple[str, ...]:
 # Running ssh and rsync
 
 
-def run_streaming(argv: list[str], dry_run: bool) -> int:
+def run_streaming(argv: tuple[str, ...]) -> int:
     """Run a local command with its output going straight to ours; the exit code comes back."""
     assert argv
     assert argv[0] in ("ssh", "rsync")
-    if dry_run:
-        show_dry_run(shlex.join(argv))
-        return 0
     sys.stdout.flush()
     sys.stderr.flush()
     try:
@@ -280,7 +275,7 @@ def run_streaming(argv: list[str], dry_run: bool) -> int:
     return exit_code if exit_code >= 0 else 128 - exit_code
 
 
-def run_captured(argv: list[str]) -> subprocess.CompletedProcess:
+def run_captured(argv: tuple[str, ...]) -> subprocess.CompletedProcess:
     """Run a short local command whose output we only read when it fails."""
     assert argv
     assert argv[0] == "ssh"
@@ -290,14 +285,10 @@ def run_captured(argv: list[str]) -> subprocess.CompletedProcess:
         raise RemoteError("`ssh` is not installed here; install an OpenSSH client") from None
 
 
-def prepare_remote(settings: SshSettings, target: SshTarget, remote_dir: str, dry_run: bool) -> None:
-    """The first login of a run: proves the host answers, then creates the tree and rsync."""
+def prepare_remote(argv: tuple[str, ...], target: SshTarget, remote_dir: str) -> None:
+    """The first login of a session: proves the host answers, then creates the tree and rsync."""
+    assert argv[0] == "ssh"
     assert remote_dir
-    assert target.host
-    argv = ssh_argv(settings, target, prepare_script(remote_dir))
-    if dry_run:
-        show_dry_run(shlex.join(argv))
-        return
     result = run_captured(argv)
     address = format_ssh_address(target)
     if result.returncode == SSH_FAILED_EXIT_CODE:
@@ -306,39 +297,29 @@ def prepare_remote(settings: SshSettings, target: SshTarget, remote_dir: str, dr
         raise RemoteError(f"preparing {remote_dir} on {address} failed: {last_line(result.stderr)}")
 
 
-def sync_tree(settings: SshSettings, target: SshTarget, local_dir: str, remote_dir: str, dry_run: bool) -> None:
+def sync_tree(argv: tuple[str, ...], target: SshTarget, local_dir: str, remote_dir: str) -> None:
+    assert argv[0] == "rsync"
     assert local_dir
-    assert remote_dir
-    if not Path(local_dir).is_dir():
-        raise RemoteError(f"local directory to sync does not exist: {local_dir}")
-    if not dry_run:
-        say(f"syncing {local_dir} -> {format_ssh_address(target)}:{remote_dir}")
-    exit_code = run_streaming(rsync_argv(settings, target, local_dir, remote_dir), dry_run)
+    say(f"syncing {local_dir} -> {format_ssh_address(target)}:{remote_dir}")
+    exit_code = run_streaming(argv)
     if exit_code != 0:
         raise RemoteError(f"rsync to {format_ssh_address(target)} failed with exit code {exit_code}")
 
 
-def bootstrap_remote(settings: SshSettings, target: SshTarget, remote_dir: str, remote_uv: str, dry_run: bool) -> None:
-    assert remote_dir
-    assert remote_uv
-    argv = ssh_argv(settings, target, bootstrap_script(remote_dir, remote_uv))
-    exit_code = run_streaming(argv, dry_run)
+def bootstrap_remote(argv: tuple[str, ...], target: SshTarget) -> None:
+    assert argv[0] == "ssh"
+    assert target.host
+    exit_code = run_streaming(argv)
     if exit_code != 0:
         raise RemoteError(
             f"bootstrap on {format_ssh_address(target)} failed with exit code {exit_code} (its output is above)"
         )
 
 
-def run_remote_commands(
-    settings: SshSettings, target: SshTarget, remote_dir: str, commands: tuple[str, ...], dry_run: bool
-) -> int:
-    assert commands
-    assert remote_dir
-    argv = ssh_argv(settings, target, run_script(remote_dir, commands))
-    if sys.stdin.isatty() and sys.stdout.isatty():
-        # At a terminal, a remote tty lets Ctrl-C stop the remote run too (and pytest use colour).
-        argv.insert(1, "-t")
-    exit_code = run_streaming(argv, dry_run)
+def run_remote_commands(argv: tuple[str, ...]) -> int:
+    assert argv[0] == "ssh"
+    assert len(argv) >= 3
+    exit_code = run_streaming(argv)
     if exit_code == SSH_FAILED_EXIT_CODE:
         say(f"exit code {exit_code}: the SSH connection failed, or the command itself exited {exit_code}")
     assert 0 <= exit_code <= 255
@@ -408,12 +389,14 @@ def runpod_request(settings: RunPodSettings, method: str, path: str, body: dict 
     return answer
 
 
-def show_request_dry_run(settings: RunPodSettings, method: str, path: str, body: dict | None) -> None:
-    assert method
+def describe_request(settings: RunPodSettings, method: str, path: str, body: dict | None) -> list[str]:
+    """How a dry run shows one API request: the key is never shown, only that one is sent."""
+    assert method in ("GET", "POST", "DELETE")
     assert path.startswith("/")
-    show_dry_run(f"{method} {settings.api_url.rstrip('/')}{path}  (Authorization: Bearer {REDACTED})")
+    lines = [f"{method} {settings.api_url.rstrip('/')}{path}  (Authorization: Bearer {REDACTED})"]
     if body is not None:
-        show_dry_run(f"  body: {json.dumps(body, sort_keys=True)}")
+        lines.append(f"  body: {json.dumps(body, sort_keys=True)}")
+    return lines
 
 
 def create_pod_body(spec: PodSpec) -> dict:
@@ -431,27 +414,20 @@ def create_pod_body(spec: PodSpec) -> dict:
     }
 
 
-def create_pod(settings: RunPodSettings, spec: PodSpec, dry_run: bool) -> str:
-    """POST /pods; returns the new pod's id (a placeholder in a dry run)."""
+def create_pod(settings: RunPodSettings, spec: PodSpec) -> str:
+    """POST /pods; returns the new pod's id."""
     assert spec.public_key
     assert spec.gpu_type
-    body = create_pod_body(spec)
-    if dry_run:
-        show_request_dry_run(settings, "POST", "/pods", body)
-        return "<pod-id>"
-    pod = runpod_request(settings, "POST", "/pods", body)
+    pod = runpod_request(settings, "POST", "/pods", create_pod_body(spec))
     pod_id = pod.get("id")
     if not isinstance(pod_id, str) or not pod_id:
         raise RemoteError("RunPod API created a pod but its answer has no pod id")
     return pod_id
 
 
-def terminate_pod(settings: RunPodSettings, pod_id: str, dry_run: bool) -> None:
+def terminate_pod(settings: RunPodSettings, pod_id: str) -> None:
     assert pod_id
     assert settings.api_url
-    if dry_run:
-        show_request_dry_run(settings, "DELETE", f"/pods/{pod_id}", None)
-        return
     say(f"terminating pod {pod_id}")
     runpod_request(settings, "DELETE", f"/pods/{pod_id}", None)
 
@@ -515,24 +491,16 @@ def terminate_after_failure(settings: RunPodSettings, pod_id: str) -> None:
     assert pod_id
     assert settings.api_url
     try:
-        terminate_pod(settings, pod_id, dry_run=False)
+        terminate_pod(settings, pod_id)
     except RemoteError as error:
         say(f"could not terminate pod {pod_id} ({error}); delete it in the RunPod console")
 
 
-def provision_pod(runpod: RunPodSettings, ssh: SshSettings, spec: PodSpec, dry_run: bool) -> tuple[str, SshTarget]:
+def provision_pod(runpod: RunPodSettings, ssh: SshSettings, spec: PodSpec) -> tuple[str, SshTarget]:
     """Create a pod and wait until SSH answers; a pod that never gets there is deleted again."""
     assert spec.name
     assert runpod.wait_timeout_s > 0
-    pod_id = create_pod(runpod, spec, dry_run)
-    if dry_run:
-        show_dry_run(
-            f"GET {runpod.api_url.rstrip('/')}/pods/{pod_id} every {runpod.poll_interval_s:g} s until desiredStatus "
-            f"is RUNNING with a publicIp and portMappings['22'] (at most {runpod.wait_timeout_s:g} s)"
-        )
-        placeholder = SshTarget(user=POD_SSH_USER, host="<pod-public-ip>", port=22)
-        show_dry_run(f"{shlex.join(ssh_argv(ssh, placeholder, 'true'))}  (retried until it answers)")
-        return pod_id, placeholder
+    pod_id = create_pod(runpod, spec)
     say(f"created pod {pod_id} ({spec.gpu_type}); waiting for it to start")
     try:
         target = wait_for_pod(runpod, pod_id)
@@ -605,24 +573,24 @@ def save_instances(path: Path, instances: dict[str, dict]) -> None:
     os.replace(temporary, path)  # Atomic: an interrupted write never leaves half a file.
 
 
-def remember_instance(path: Path, name: str, pod_id: str, target: SshTarget, dry_run: bool) -> None:
+def instance_record(pod_id: str, target: SshTarget) -> dict:
+    """What the state file keeps about one provisioned pod."""
+    assert pod_id
+    assert target.host
+    return {"provider": "runpod", "pod_id": pod_id, "address": format_ssh_address(target)}
+
+
+def remember_instance(path: Path, name: str, pod_id: str, target: SshTarget) -> None:
     assert name
     assert pod_id
-    record = {"provider": "runpod", "pod_id": pod_id, "address": format_ssh_address(target)}
-    if dry_run:
-        show_dry_run(f"record {name} = {json.dumps(record, sort_keys=True)} in {path}")
-        return
     instances = load_instances(path)
-    instances[name] = record
+    instances[name] = instance_record(pod_id, target)
     save_instances(path, instances)
 
 
-def forget_instance(path: Path, name: str, dry_run: bool) -> None:
+def forget_instance(path: Path, name: str) -> None:
     assert name
     assert path.suffix == ".json"
-    if dry_run:
-        show_dry_run(f"remove {name} from {path}")
-        return
     instances = load_instances(path)
     if instances.pop(name, None) is not None:
         save_instances(path, instances)
@@ -649,7 +617,9 @@ def resolve_existing(path: Path, name_or_address: str) -> tuple[SshTarget, str |
 
 
 # ---------------------------------------------------------------------------------------------
-# One run: resolve or provision the target, sync, bootstrap, run, maybe terminate
+# The plan: everything one run does, decided before any of it is done.
+# `--dry-run` prints it (describe_plan); a normal run executes it (execute_plan). Both build their
+# ssh and rsync lines with the same function, so what a dry run shows is what a run does.
 
 
 @dataclass(frozen=True)
@@ -663,14 +633,156 @@ class Workload:
     bootstrap: bool
 
 
-def sync_and_run(ssh: SshSettings, target: SshTarget, workload: Workload, dry_run: bool) -> int:
-    assert workload.commands
-    assert workload.remote_dir
-    prepare_remote(ssh, target, workload.remote_dir, dry_run)
-    sync_tree(ssh, target, workload.local_dir, workload.remote_dir, dry_run)
-    if workload.bootstrap:
-        bootstrap_remote(ssh, target, workload.remote_dir, workload.remote_uv, dry_run)
-    return run_remote_commands(ssh, target, workload.remote_dir, workload.commands, dry_run)
+@dataclass(frozen=True)
+class RemotePlan:
+    """One run: maybe rent a pod, then sync, bootstrap and run on the target, maybe delete the pod.
+
+    A pod this run creates has no address until it runs, so `target` is None then: a dry run
+    shows its session on a placeholder address, a real run on the address the pod gets.
+    """
+
+    ssh: SshSettings
+    workload: Workload
+    remote_tty: bool  # At a terminal: `ssh -t`, so Ctrl-C stops the remote run too (and pytest has colour).
+    target: SshTarget | None  # None: the pod in `new_pod`.
+    new_pod: PodSpec | None  # Rent this pod first and remember it under `instance_name`.
+    pod_id: str | None  # An existing pod this tool rented earlier (known from the state file).
+    runpod: RunPodSettings | None  # Set when the run creates or deletes a pod.
+    terminate: bool  # Delete the pod afterwards, also on failure and Ctrl-C.
+    instance_name: str
+    state_path: Path
+
+    def __post_init__(self):
+        assert (self.target is None) != (self.new_pod is None), "either an existing target or a new pod"
+        assert self.new_pod is None or self.pod_id is None, "a new pod has no id until it is created"
+        assert self.runpod is not None or (self.new_pod is None and not self.terminate), "RunPod calls need settings"
+        assert not self.terminate or self.new_pod is not None or self.pod_id is not None, "terminate what?"
+        assert self.workload.commands
+        assert self.instance_name
+
+
+@dataclass(frozen=True)
+class SessionCommands:
+    """The ssh and rsync command lines of one session on one host, in the order they run."""
+
+    prepare: tuple[str, ...]  # ssh: proves the host answers, creates the tree, installs rsync.
+    sync: tuple[str, ...]  # rsync: the working tree minus what git ignores.
+    bootstrap: tuple[str, ...] | None  # ssh: uv and `uv sync --extra cuda`, once; None: --no-bootstrap.
+    run: tuple[str, ...]  # ssh: the commands, output streamed.
+
+
+# Stand-ins, in a dry run, for what only exists once the pod has been created.
+PLACEHOLDER_POD_ID = "<pod-id>"
+PLACEHOLDER_POD_TARGET = SshTarget(user=POD_SSH_USER, host="<pod-public-ip>", port=22)
+
+
+def session_commands(plan: RemotePlan, target: SshTarget) -> SessionCommands:
+    assert target.host
+    assert plan.workload.remote_dir
+    workload, ssh = plan.workload, plan.ssh
+    bootstrap = ssh_argv(ssh, target, bootstrap_script(workload.remote_dir, workload.remote_uv))
+    run = ssh_argv(ssh, target, run_script(workload.remote_dir, workload.commands))
+    commands = SessionCommands(
+        prepare=ssh_argv(ssh, target, prepare_script(workload.remote_dir)),
+        sync=rsync_argv(ssh, target, workload.local_dir, workload.remote_dir),
+        bootstrap=bootstrap if workload.bootstrap else None,
+        run=(run[0], "-t", *run[1:]) if plan.remote_tty else run,
+    )
+    assert commands.run[-1].endswith(")")
+    return commands
+
+
+def describe_new_pod(plan: RemotePlan) -> list[str]:
+    """The API requests, the SSH probe and the state-file record that renting a pod takes."""
+    assert plan.new_pod is not None
+    assert plan.runpod is not None
+    runpod = plan.runpod
+    probe = shlex.join(ssh_argv(plan.ssh, PLACEHOLDER_POD_TARGET, "true"))
+    record = json.dumps(instance_record(PLACEHOLDER_POD_ID, PLACEHOLDER_POD_TARGET), sort_keys=True)
+    return [
+        *describe_request(runpod, "POST", "/pods", create_pod_body(plan.new_pod)),
+        f"GET {runpod.api_url.rstrip('/')}/pods/{PLACEHOLDER_POD_ID} every {runpod.poll_interval_s:g} s until "
+        f"desiredStatus is RUNNING with a publicIp and portMappings['22'] (at most {runpod.wait_timeout_s:g} s)",
+        f"{probe}  (retried until it answers)",
+        f"record {plan.instance_name} = {record} in {plan.state_path}",
+    ]
+
+
+def describe_plan(plan: RemotePlan) -> list[str]:
+    """Every action of the plan in order, one entry each (a request body as an entry of its own).
+
+    The remote script of the run step holds a newline (see run_script), quoted, so an entry may
+    span two terminal lines; pasted into a shell it is still one command.
+    """
+    lines = describe_new_pod(plan) if plan.new_pod is not None else []
+    commands = session_commands(plan, plan.target or PLACEHOLDER_POD_TARGET)
+    bootstrap = [commands.bootstrap] if commands.bootstrap is not None else []
+    lines += [shlex.join(argv) for argv in (commands.prepare, commands.sync, *bootstrap, commands.run)]
+    if plan.terminate:
+        assert plan.runpod is not None
+        lines += describe_request(plan.runpod, "DELETE", f"/pods/{plan.pod_id or PLACEHOLDER_POD_ID}", None)
+        lines.append(f"remove {plan.instance_name} from {plan.state_path}")
+    assert lines
+    assert all(line.strip() for line in lines)
+    return lines
+
+
+def show_plan(plan: RemotePlan) -> None:
+    """--dry-run: print the plan on stdout and do nothing."""
+    lines = describe_plan(plan)
+    assert lines
+    for line in lines:
+        print(f"[dry-run] {line}", flush=True)
+
+
+def run_session(plan: RemotePlan, target: SshTarget) -> int:
+    """Prepare, sync, bootstrap and run on target; the remote commands' exit code comes back."""
+    assert target.host
+    assert plan.workload.commands
+    commands = session_commands(plan, target)
+    prepare_remote(commands.prepare, target, plan.workload.remote_dir)
+    sync_tree(commands.sync, target, plan.workload.local_dir, plan.workload.remote_dir)
+    if commands.bootstrap is not None:
+        bootstrap_remote(commands.bootstrap, target)
+    return run_remote_commands(commands.run)
+
+
+def rent_pod(plan: RemotePlan) -> tuple[str, SshTarget]:
+    """Create the plan's new pod, wait for SSH, remember it, and say how to come back to it."""
+    assert plan.new_pod is not None
+    assert plan.runpod is not None
+    pod_id, target = provision_pod(plan.runpod, plan.ssh, plan.new_pod)
+    remember_instance(plan.state_path, plan.instance_name, pod_id, target)
+    say(f"pod {plan.instance_name} ({pod_id}) is up at {format_ssh_address(target)}")
+    say(f"iterate with: jax-gpt2 remote --use-existing {plan.instance_name}")
+    return pod_id, target
+
+
+def execute_plan(plan: RemotePlan) -> int:
+    """Do what describe_plan shows; the remote commands' exit code comes back."""
+    Path(plan.ssh.known_hosts_path).parent.mkdir(parents=True, exist_ok=True)
+    if plan.new_pod is not None:
+        pod_id, target = rent_pod(plan)
+    else:
+        assert plan.target is not None
+        pod_id, target = plan.pod_id, plan.target
+    try:
+        exit_code = run_session(plan, target)
+    finally:
+        if plan.terminate:  # Also on failure and Ctrl-C: a forgotten pod bills by the hour.
+            assert plan.runpod is not None
+            assert pod_id is not None
+            terminate_pod(plan.runpod, pod_id)
+            forget_instance(plan.state_path, plan.instance_name)
+    if pod_id is not None and not plan.terminate:
+        name = plan.instance_name
+        say(f"pod {name} keeps running (and billing): --use-existing {name} to iterate, add --terminate to delete it")
+    assert 0 <= exit_code <= 255
+    return exit_code
+
+
+# ---------------------------------------------------------------------------------------------
+# From the command line to a plan
 
 
 def ssh_settings_from_args(args: argparse.Namespace) -> SshSettings:
@@ -708,6 +820,8 @@ def workload_from_args(args: argparse.Namespace) -> Workload:
     commands = (args.remote_command,) if args.remote_command is not None else default_commands(args.remote_uv)
     if not all(command.strip() for command in commands):
         raise RemoteError("--command must not be empty")
+    if not Path(args.local_dir).is_dir():
+        raise RemoteError(f"local directory to sync does not exist: {args.local_dir}")
     workload = Workload(
         local_dir=args.local_dir,
         remote_dir=args.remote_dir,
@@ -720,15 +834,13 @@ def workload_from_args(args: argparse.Namespace) -> Workload:
     return workload
 
 
-def provision_from_args(args: argparse.Namespace, ssh: SshSettings, runpod: RunPodSettings) -> tuple[str, SshTarget]:
-    """Rent a pod under --name, remember it, and say how to come back to it."""
-    assert runpod.api_key
-    assert ssh.known_hosts_path
+def pod_spec_from_args(args: argparse.Namespace, ssh: SshSettings, path: Path) -> PodSpec:
+    """What to rent under --name; refused when that name already stands for a pod."""
+    assert path.suffix == ".json"
     if not args.name.strip():
         raise RemoteError("--name must not be empty")
     if args.container_disk_gb < 1:
         raise RemoteError("--container-disk-gb must be at least 1")
-    path = state_path()
     remembered = load_instances(path).get(args.name)
     if remembered is not None:
         raise RemoteError(
@@ -742,54 +854,53 @@ def provision_from_args(args: argparse.Namespace, ssh: SshSettings, runpod: RunP
         container_disk_gb=args.container_disk_gb,
         public_key=read_public_key(ssh.key_path),
     )
-    pod_id, target = provision_pod(runpod, ssh, spec, args.dry_run)
-    remember_instance(path, args.name, pod_id, target, args.dry_run)
-    if not args.dry_run:
-        say(f"pod {args.name} ({pod_id}) is up at {format_ssh_address(target)}")
-        say(f"iterate with: jax-gpt2 remote --use-existing {args.name}")
-    return pod_id, target
+    assert spec.public_key
+    return spec
 
 
-def run_remote_session(args: argparse.Namespace) -> int:
+def plan_from_args(args: argparse.Namespace) -> RemotePlan:
+    """Check every option and read the state file; contacts nothing and changes nothing."""
     assert args.command == "remote"
     ssh = ssh_settings_from_args(args)
     workload = workload_from_args(args)
-    if not args.dry_run:
-        Path(ssh.known_hosts_path).parent.mkdir(parents=True, exist_ok=True)
-    runpod = None
+    path = state_path()
+    target, pod_id, new_pod, runpod = None, None, None, None
     if args.use_existing is None:
         runpod = runpod_settings_from_args(args)
-        name = args.name
-        pod_id, target = provision_from_args(args, ssh, runpod)
+        new_pod = pod_spec_from_args(args, ssh, path)
     else:
-        name = args.use_existing
-        target, pod_id = resolve_existing(state_path(), args.use_existing)
+        target, pod_id = resolve_existing(path, args.use_existing)
         if args.terminate and pod_id is None:
             raise RemoteError("--terminate deletes pods this tool provisioned; a plain address has none")
         if args.terminate:
             runpod = runpod_settings_from_args(args)
-    try:
-        exit_code = sync_and_run(ssh, target, workload, args.dry_run)
-    finally:
-        if args.terminate:  # Also on failure and Ctrl-C: a forgotten pod bills by the hour.
-            assert runpod is not None
-            terminate_pod(runpod, pod_id, args.dry_run)
-            forget_instance(state_path(), name, args.dry_run)
-    if pod_id is not None and not args.terminate and not args.dry_run:
-        say(f"pod {name} keeps running (and billing): --use-existing {name} to iterate, add --terminate to delete it")
-    assert 0 <= exit_code <= 255
-    return exit_code
+    return RemotePlan(
+        ssh=ssh,
+        workload=workload,
+        remote_tty=sys.stdin.isatty() and sys.stdout.isatty(),
+        target=target,
+        new_pod=new_pod,
+        pod_id=pod_id,
+        runpod=runpod,
+        terminate=args.terminate,
+        instance_name=args.name if args.use_existing is None else args.use_existing,
+        state_path=path,
+    )
 
 
 def run_remote(args: argparse.Namespace) -> int:
     """The subcommand's entry point: RemoteError becomes one line on stderr, never a traceback."""
     assert args.command == "remote"
     try:
-        exit_code = run_remote_session(args)
+        plan = plan_from_args(args)
+        if args.dry_run:
+            show_plan(plan)
+            return 0
+        exit_code = execute_plan(plan)
     except RemoteError as error:
         print(f"jax-gpt2 remote: error: {error}", file=sys.stderr, flush=True)
         return ERROR_EXIT_CODE
-    assert isinstance(exit_code, int)
+    assert 0 <= exit_code <= 255
     return exit_code
 
 
