@@ -196,3 +196,11 @@ def test_the_model_written_for_llama_cpp_holds_the_benchs_own_weights(tmp_path):
     written = load_weights(tmp_path / "model", pack=False)
     np.testing.assert_array_equal(np.asarray(written.blocks[0].fc_w_DF), state["h.0.mlp.c_fc.weight"])
     np.testing.assert_array_equal(np.asarray(written.wte_VD), state["wte.weight"])
+
+
+def test_bench_refuses_a_cuda_torch_device_that_torch_cannot_see(monkeypatch, capsys):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert main(["bench", "--preset", "distilgpt2", "--layers", "1", "--torch-device", "cuda"]) == 2
+    assert "--torch-device cuda: torch" in capsys.readouterr().err

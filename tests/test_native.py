@@ -1,4 +1,9 @@
-"""The native CPU kernels (kernels/: native.py, matmul.py, attention.py, cpu_kernels.cc) compute what XLA computes.
+"""The native CPU kernels (kernels/: native.py, matmul.py, attention.py, core.cc, ffi.cc) compute what
+XLA computes, through the model.
+
+This file tests the host's own build as the library uses it; tests/test_kernels.py runs every
+build this CPU can execute (AVX-512, AVX2, SSE2) op by op, tests/test_kernel_core.py the C++ core
+alone (and its aarch64 build under qemu).
 
 Tolerances, each with its reason, all in this docstring:
 
@@ -46,7 +51,7 @@ SOFTMAX_RTOL = 1e-5
 
 KERNELS = native.kernels_available()
 needs_kernels = pytest.mark.skipif(
-    not KERNELS, reason="native kernels unavailable here (need x86-64 Linux, AVX-512F, g++, CPU backend)"
+    not KERNELS, reason="native kernels unavailable here (need x86-64 or aarch64 Linux or macOS, a C++ compiler, CPU backend)"
 )
 DTYPES = list(PACKED_DTYPES)  # float32, bfloat16, int8
 TESTS_DIR = Path(__file__).parent
@@ -687,13 +692,13 @@ def test_int8_errs_more_than_bfloat16(narrow_logit_errors):
 def test_a_fresh_cache_dir_builds_the_library_once(tmp_path):
     cache = tmp_path / "cache"
     first, _ = run_in_subprocess("kernel_probe", "", tmp_path / "first.npz", JAX_GPT2_CACHE_DIR=str(cache))
-    libraries = sorted((cache / "kernels").glob("cpu_kernels-*.so"))
+    libraries = sorted((cache / "kernels").glob("kernels-native-*.so"))
     assert first["kernels_available"]
     assert len(libraries) == 1
     built_at = libraries[0].stat().st_mtime_ns
     second, _ = run_in_subprocess("kernel_probe", "", tmp_path / "second.npz", JAX_GPT2_CACHE_DIR=str(cache))
     assert second["kernels_available"]
-    assert sorted((cache / "kernels").glob("cpu_kernels-*.so")) == libraries
+    assert sorted((cache / "kernels").glob("kernels-native-*.so")) == libraries
     assert libraries[0].stat().st_mtime_ns == built_at, "the second process rebuilt instead of loading"
 
 

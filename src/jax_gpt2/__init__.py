@@ -5,10 +5,10 @@
     weights = load_weights("./my-gpt2")
     logits_BTV = gpt2_forward(input_ids_BT, weights, config)
 
-Where the C++ CPU kernels (kernels/) build and run, load_weights packs the matrices for them (they
-read each weight byte once per token) and records that choice in the weights (use_kernels);
-dtype=jnp.bfloat16 or jnp.int8 narrows them, and empty_cache / generate take kv_dtype=jnp.bfloat16
-for a cache of half the bytes.
+On x86-64 and aarch64 CPUs, where the C++ kernels (kernels/) build and run, load_weights packs the
+matrices for them (they read each weight byte once per token) and records that choice in the
+weights (use_kernels); dtype=jnp.bfloat16 or jnp.int8 narrows them, and empty_cache / generate take
+kv_dtype=jnp.bfloat16 for a cache of half the bytes.
 """
 
 from jax_gpt2.config import PRESETS, GPT2Config

@@ -154,7 +154,7 @@ def bench_decode(
     assert new_tokens >= 2
     rng = np.random.default_rng(batch)
     prompts = rng.integers(0, config.vocab_size, (batch, prompt_len))
-    ids = torch.as_tensor(prompts)
+    ids = torch.as_tensor(prompts, device=model.device)
 
     def run_ours(count: int):
         return generate(prompts.tolist(), weights, config, max_new_tokens=count, kv_dtype=kv_dtype)
@@ -179,10 +179,20 @@ def hf_greedy(model, ids, count: int):
 
     assert count >= 1
     with torch.no_grad():
-        return model.generate(
+        tokens = model.generate(
             ids, attention_mask=torch.ones_like(ids), max_new_tokens=count, min_new_tokens=count,
             do_sample=False, pad_token_id=0, eos_token_id=None,
         )  # fmt: skip
+    wait_for_torch(tokens.device)
+    return tokens
+
+
+def wait_for_torch(device) -> None:
+    """Block until `device` has finished its queued work: a CUDA call returns before its kernels end."""
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def paired_rates(run_full, run_first, extra_tokens: int, repeats: int) -> tuple[list[float], float]:
@@ -260,11 +270,13 @@ def bench_prefill(config, weights, model, prompt_len: int, repeats: int, kv_dtyp
     import torch
 
     ids = np.random.default_rng(prompt_len).integers(0, config.vocab_size, (1, prompt_len))
-    tensor = torch.as_tensor(ids)
+    tensor = torch.as_tensor(ids, device=model.device)
 
     def hf_forward():
         with torch.no_grad():
-            return model(tensor).logits
+            logits = model(tensor).logits
+        wait_for_torch(logits.device)
+        return logits
 
     ours = time_repeats(lambda: generate(ids.tolist(), weights, config, max_new_tokens=1, kv_dtype=kv_dtype), repeats)
     theirs = time_repeats(lambda: hf_greedy(model, tensor, 1), repeats)
@@ -286,7 +298,7 @@ def machine_info() -> dict:
         cpu = names[0] if names else cpu
     return dict(
         cpu=cpu, cores=os.cpu_count(), jax=jax.__version__, torch=torch.__version__,
-        torch_threads=torch.get_num_threads(), device=str(jax.devices()[0]),
+        torch_threads=torch.get_num_threads(), device=str(jax.devices()[0]), device_kind=jax.devices()[0].device_kind,
     )  # fmt: skip
 
 
@@ -345,8 +357,12 @@ def load_quietly(state, config: GPT2Config, dtype: str, pack: bool | None):
 def run_benchmarks(
     config: GPT2Config, dtypes: list[str], batches: list[int], prefill_lens: list[int], new_tokens: int,
     repeats: int, contexts: list[int], progress: bool = True, kv_dtype: str = "fp32", llama: LlamaPeer | None = None,
+    torch_device: str = "cpu",
 ) -> dict:  # fmt: skip
-    """Every measurement of one model shape, for each weight dtype, as a JSON-ready dict."""
+    """Every measurement of one model shape, for each weight dtype, as a JSON-ready dict.
+
+    transformers runs on `torch_device` ("cpu", or "cuda" to compare on the same card as JAX's GPU).
+    """
     from tqdm import tqdm
 
     assert dtypes and all(dtype in WEIGHT_DTYPES for dtype in dtypes)
@@ -363,7 +379,7 @@ def run_benchmarks(
     plan += [("prefill", 1, length) for length in prefill_lens]
     bar = tqdm(total=len(dtypes) * (len(plan) + 1) + 1, desc="benchmarks", disable=not progress)
     for dtype in dtypes:
-        run = bench_dtype(config, state, model, dtype, plan, new_tokens, repeats, kv_dtype, bandwidths, bar.update)
+        run = bench_dtype(config, state, model, dtype, plan, new_tokens, repeats, kv_dtype, torch_device, bandwidths, bar.update)
         if llama is not None:
             run["llama"] = run_llama_bench(llama.binary, gguf_path(llama.gguf_dir, llama.stem, dtype), llama.threads)
         results["runs"].append(run)
@@ -377,16 +393,19 @@ def run_benchmarks(
     return results
 
 
-def bench_dtype(config, state, model, dtype: str, plan, new_tokens: int, repeats: int, kv_dtype: str, bandwidths, tick) -> dict:
+def bench_dtype(
+    config, state, model, dtype: str, plan, new_tokens: int, repeats: int, kv_dtype: str, torch_device: str, bandwidths, tick
+) -> dict:
     """One dtype's run: the model as load_weights makes it here, every row of the plan against transformers."""
     import tempfile
 
     weights = load_quietly(state, config, dtype, pack=None)
-    hf_model = transformers_model_for(model, dtype)
+    hf_model = transformers_model_for(model, dtype).to(torch_device)
     with tempfile.TemporaryDirectory() as cache_dir:
         cold_s, warm_s = first_token_s(config, weights, cache_dir)
     tick()
     run = dict(dtype=dtype, packed=weights.lm_head_DV is not None, transformers_dtype=str(hf_model.dtype))
+    run["transformers_device"] = str(hf_model.device)
     run.update(execution_path(weights), matrix_dtype=matrix_dtype_name(weights))
     run.update(jax_cold_first_token_s=cold_s, jax_warm_first_token_s=warm_s, decode=[], prefill=[])
     cache_dtype = jnp.dtype(KV_DTYPES[kv_dtype])
@@ -464,7 +483,8 @@ def format_table(results: dict) -> str:
     """The results as a plain-text table: figures, ratio to transformers (and llama.cpp), roofline fraction."""
     machine, path = results["machine"], results["kernels"]
     lines = [
-        f"machine: {machine['cpu']}, {machine['cores']} cores, jax {machine['jax']}, torch {machine['torch']} "
+        f"machine: {machine['cpu']}, {machine['cores']} cores, jax {machine['jax']} on {machine['device_kind']}, "
+        f"torch {machine['torch']} "
         f"({machine['torch_threads']} threads); read bandwidth best {results['bandwidth_gbs']:.1f} GB/s, median "
         f"{results['bandwidth_median_gbs']:.1f} GB/s of {len(results['bandwidth_samples_gbs'])} samples in this run",
         f"kernels: {'available' if path['available'] else 'not available'} here (ISA {path['isa']}, "
@@ -481,7 +501,7 @@ def format_table(results: dict) -> str:
 def format_run(run: dict) -> list[str]:
     lines = [
         f"\n[{run['dtype']}] {run['path']} ({run['isa']}, {run['threads']} threads, matrices {run['matrix_dtype']}); "
-        f"transformers as {run['transformers_dtype']}; first token B=1, 20 tokens: "
+        f"transformers as {run['transformers_dtype']} on {run['transformers_device']}; first token B=1, 20 tokens: "
         f"{run['jax_cold_first_token_s']:.2f} s cold (compile), {run['jax_warm_first_token_s']:.2f} s warm cache",
         f"{'measurement':<34}{'jax-gpt2':>12}{'transformers':>14}{'ratio':>8}{'roofline':>10}{'(median)':>10}{'same tokens':>13}{'jax-gpt2 range':>17}",
     ]

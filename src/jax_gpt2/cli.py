@@ -294,6 +294,8 @@ def run_bench(args: argparse.Namespace) -> int:
     from jax_gpt2.config import PRESETS
 
     torch.set_num_threads(args.threads)  # XLA's CPU client uses every core; give torch the same
+    if args.torch_device == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--torch-device cuda: torch {torch.__version__} sees no CUDA device here")
     config = PRESETS[args.preset]
     if args.layers is not None:
         config = dataclasses.replace(config, n_layer=args.layers)
@@ -304,7 +306,7 @@ def run_bench(args: argparse.Namespace) -> int:
         llama = LlamaPeer(args.llama_bench, args.gguf_dir, bench_model_stem(args.preset, config.n_layer), args.threads)
     results = run_benchmarks(
         config, args.dtypes, args.batch_sizes, args.prefill, args.new_tokens, args.repeats, args.contexts,
-        progress=True, kv_dtype=args.kv_dtype, llama=llama,
+        progress=True, kv_dtype=args.kv_dtype, llama=llama, torch_device=args.torch_device,
     )  # fmt: skip
     results["preset"], results["layers"] = args.preset, config.n_layer
     print(format_table(results))
@@ -331,6 +333,9 @@ def add_bench_command(subparsers) -> None:
     parser.add_argument("--new-tokens", type=_positive_int, default=32)
     parser.add_argument("--repeats", type=_positive_int, default=3)
     parser.add_argument("--threads", type=_positive_int, default=os.cpu_count() or 1, help="torch's and llama.cpp's threads")
+    parser.add_argument(
+        "--torch-device", choices=["cpu", "cuda"], default="cpu", help="where transformers runs (default: cpu)"
+    )
     parser.add_argument("--dtypes", nargs="+", choices=list(WEIGHT_DTYPES), default=list(WEIGHT_DTYPES))
     add_kv_dtype_option(parser)
     parser.add_argument("--llama-bench", type=Path, default=None, help="llama.cpp's llama-bench binary: a third column")

@@ -1,4 +1,4 @@
-"""The CPU kernels, one folder: the C++ source (cpu_kernels.cc), its build and registration with
+"""The CPU kernels, one folder: the C++ source (core.cc, the compute; ffi.cc, the XLA glue), its build and registration with
 XLA (native.py), and the two calls the model makes, packed matmul (matmul.py) and one-token decode
 attention (attention.py). Whether they run is decided once at load (GPT2Weights.use_kernels).
 """
