@@ -112,6 +112,22 @@ def test_greedy_sequences_equal_generate_while_slots_are_reused(model):
     assert engine.num_queued == 0
 
 
+def test_a_bf16_cache_engine_gives_generates_bf16_cache_tokens(model):
+    weights, config, tokenizer = model
+    engine = make_engine(model, kv_dtype=jnp.bfloat16)
+    assert engine._slots.cache.k_LBNSH.dtype == jnp.bfloat16
+    assert engine._staging.k_LBNSH.dtype == jnp.bfloat16  # prefill chunks are written in the cache's dtype
+    requests = [sequence(encode(tokenizer, p), max_tokens=6) for p in PROMPTS[:3]]
+    collector = Collector()
+    seq_ids = engine.submit(requests, collector)
+    run_until_idle(engine)
+    for seq_id, request in zip(seq_ids, requests):
+        rows = generate([list(request.prompt_ids)], weights, config, max_new_tokens=6, kv_dtype=jnp.bfloat16,
+                        eos_token_id=config.eos_token_id)  # fmt: skip
+        expected = rows[0][:-1] if rows[0] and rows[0][-1] == config.eos_token_id else rows[0]
+        assert collector.ids(seq_id) == expected
+
+
 def test_sequences_joining_mid_flight_with_mixed_settings_equal_generate(model):
     """Greedy and sampled rows share the compiled step; each sampled row folds in its own step count."""
     engine = make_engine(model, max_batch=3)

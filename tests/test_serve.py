@@ -655,9 +655,11 @@ def serve_process(model: Model, *flags: str) -> tuple[subprocess.Popen, str]:
     raise AssertionError("the server did not start")
 
 
-def long_stream(url: str, model: Model):
+def long_stream(url: str, model: Model, n: int = 1):
+    """A sampled stream of n choices of CONTEXT - 8 tokens each (the tiny model makes ~500 tokens/s:
+    n = 16 over 2 slots keeps the stream open for seconds, not a fraction of one)."""
     body = {"model": str(model.folder), "prompt": "Hello", "max_tokens": CONTEXT - 8, "stream": True, "temperature": 1.0,
-            "seed": 1}  # fmt: skip
+            "seed": 1, "n": n}  # fmt: skip
     return httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=120)
 
 
@@ -681,7 +683,7 @@ def test_after_sigterm_the_drain_timeout_ends_open_streams_with_an_error_event(m
 def test_a_second_sigterm_exits_at_once(model):
     process, url = serve_process(model, "--drain-timeout", "600", "--chunk-steps", "1")
     try:
-        with long_stream(url, model) as response:
+        with long_stream(url, model, n=16) as response:
             lines = (line for line in response.iter_lines() if line)
             assert next(lines).startswith("data: ")
             process.send_signal(signal.SIGTERM)

@@ -66,6 +66,24 @@ def add_dtype_option(parser) -> None:
     )  # fmt: skip
 
 
+def add_kv_dtype_option(parser) -> None:
+    from jax_gpt2.config import KV_DTYPES
+
+    parser.add_argument(
+        "--kv-dtype", choices=sorted(KV_DTYPES), default="fp32",
+        help="KV-cache dtype: fp32 (default) or bf16 (half the cache bytes; attention math stays fp32)",
+    )  # fmt: skip
+
+
+def kv_dtype_of(name: str):
+    import jax.numpy as jnp
+
+    from jax_gpt2.config import KV_DTYPES
+
+    assert name in KV_DTYPES, name
+    return jnp.dtype(KV_DTYPES[name])
+
+
 def _load_model(name_or_path: str, dtype_name: str = "fp32"):
     """(folder, config, weights) for a hub name or local folder; imports JAX only when a command needs it."""
     import jax.numpy as jnp
@@ -202,22 +220,15 @@ def _sampling_settings(args: argparse.Namespace):
     return dataclasses.replace(settings, stop=tuple(args.stop))
 
 
-def _generate_arguments(settings, eos_ids: list[int]) -> dict:
-    """SamplingSettings as generate's keyword arguments (its public signature)."""
-    return dict(
-        max_new_tokens=settings.max_new_tokens, temperature=settings.temperature, top_k=settings.top_k,
-        top_p=settings.top_p, min_p=settings.min_p, repetition_penalty=settings.repetition_penalty,
-        seed=settings.seed, eos_token_id=eos_ids or None,
-    )  # fmt: skip
-
-
-def _stream_one(prompt: str, ids: list[int], tokenizer, weights, config, settings, eos_ids: list[int]) -> None:
+def _stream_one(
+    prompt: str, ids: list[int], tokenizer, weights, config, settings, eos_ids: list[int], kv_dtype
+) -> None:  # fmt: skip
     """Print one prompt's continuation as it is made: whole UTF-8 characters, nothing past a stop string."""
-    from jax_gpt2.generate import stream_generate
+    from jax_gpt2.generate import stream_with_settings
     from jax_gpt2.stopping import TextFinisher
 
     finisher = TextFinisher(tokenizer, settings.stop, eos_ids, settings.max_new_tokens)
-    steps = stream_generate([ids], weights, config, **_generate_arguments(settings, eos_ids))
+    steps = stream_with_settings([ids], weights, config, settings, eos_ids, kv_dtype)
     first = next(steps)  # arguments are checked before anything is printed
     sys.stdout.write(prompt)
     for step in itertools.chain([first], steps):
@@ -232,20 +243,20 @@ def _stream_one(prompt: str, ids: list[int], tokenizer, weights, config, setting
 
 def run_generate(args: argparse.Namespace) -> int:
     """Stream the continuation of one prompt, or generate several prompts as one batch."""
-    from jax_gpt2.generate import generate
+    from jax_gpt2.generate import generate_with_settings
     from jax_gpt2.stopping import finish_text
     from jax_gpt2.tokenizer import encode, load_tokenizer
 
     prompts = _read_prompts(args)
-    settings = _sampling_settings(args)
+    settings, kv_dtype = _sampling_settings(args), kv_dtype_of(args.kv_dtype)
     folder, config, weights = _load_model(args.model, args.dtype)
     tokenizer = load_tokenizer(folder)
     prompt_ids = [encode(tokenizer, prompt) for prompt in prompts]
     eos_ids = [] if args.ignore_eos or config.eos_token_id is None else [config.eos_token_id]
     if len(prompts) == 1:
-        _stream_one(prompts[0], prompt_ids[0], tokenizer, weights, config, settings, eos_ids)
+        _stream_one(prompts[0], prompt_ids[0], tokenizer, weights, config, settings, eos_ids, kv_dtype)
         return 0
-    rows = generate(prompt_ids, weights, config, **_generate_arguments(settings, eos_ids))
+    rows = generate_with_settings(prompt_ids, weights, config, settings, eos_ids, kv_dtype)
     for prompt, new_ids in zip(prompts, rows):
         text, _ = finish_text(tokenizer, new_ids, settings.stop, eos_ids, settings.max_new_tokens)
         print(f"--- {prompt!r}\n{prompt}{text}")
@@ -267,16 +278,17 @@ def add_generate_command(subparsers) -> None:
     parser.add_argument("--stop", action="append", default=[], help="end the text where this string occurs")
     parser.add_argument("--ignore-eos", action="store_true", help="do not stop at the model's end-of-text token")
     add_dtype_option(parser)
+    add_kv_dtype_option(parser)
     parser.set_defaults(run=run_generate)
 
 
 def run_bench(args: argparse.Namespace) -> int:
-    """Benchmark jax-gpt2 against transformers on random weights of a preset shape."""
+    """Benchmark jax-gpt2 against transformers (and llama.cpp, given) on random weights of a preset shape."""
     import json
 
     import torch
 
-    from jax_gpt2.bench import format_table, plot_results, run_benchmarks
+    from jax_gpt2.bench import LlamaPeer, bench_model_stem, format_table, plot_results, run_benchmarks
     from jax_gpt2.config import PRESETS
 
     torch.set_num_threads(args.threads)  # XLA's CPU client uses every core; give torch the same
@@ -285,9 +297,14 @@ def run_bench(args: argparse.Namespace) -> int:
     config = PRESETS[args.preset]
     if args.layers is not None:
         config = dataclasses.replace(config, n_layer=args.layers)
+    llama = None
+    if args.llama_bench is not None:
+        if args.gguf_dir is None:
+            raise UserError("--llama-bench needs --gguf-dir (bash benchmarks/build_llama_cpp.sh convert PRESET [LAYERS])")
+        llama = LlamaPeer(args.llama_bench, args.gguf_dir, bench_model_stem(args.preset, config.n_layer), args.threads)
     results = run_benchmarks(
         config, args.dtypes, args.batch_sizes, args.prefill, args.new_tokens, args.repeats, args.contexts,
-        progress=True, torch_device=args.torch_device,
+        progress=True, kv_dtype=args.kv_dtype, llama=llama, torch_device=args.torch_device,
     )  # fmt: skip
     results["preset"], results["layers"] = args.preset, config.n_layer
     print(format_table(results))
@@ -313,11 +330,14 @@ def add_bench_command(subparsers) -> None:
     parser.add_argument("--prefill", type=_positive_int, nargs="*", default=[128, 512])
     parser.add_argument("--new-tokens", type=_positive_int, default=32)
     parser.add_argument("--repeats", type=_positive_int, default=3)
-    parser.add_argument("--threads", type=_positive_int, default=os.cpu_count() or 1)
+    parser.add_argument("--threads", type=_positive_int, default=os.cpu_count() or 1, help="torch's and llama.cpp's threads")
     parser.add_argument(
         "--torch-device", choices=["cpu", "cuda"], default="cpu", help="where transformers runs (default: cpu)"
     )
     parser.add_argument("--dtypes", nargs="+", choices=list(WEIGHT_DTYPES), default=list(WEIGHT_DTYPES))
+    add_kv_dtype_option(parser)
+    parser.add_argument("--llama-bench", type=Path, default=None, help="llama.cpp's llama-bench binary: a third column")
+    parser.add_argument("--gguf-dir", type=Path, default=None, help="GGUF conversions of the bench's weights (see benchmarks/build_llama_cpp.sh)")
     parser.add_argument("--out", type=Path, default=None, help="write the results as JSON")
     parser.add_argument("--plot", type=Path, default=None, help="write a PNG chart of the results (needs matplotlib)")
     parser.set_defaults(run=run_bench)
@@ -342,13 +362,14 @@ def run_perplexity(args: argparse.Namespace) -> int:
     num_windows = len(plan_windows(len(ids), max_length, stride))
     start = time.perf_counter()
     with tqdm(total=num_windows, unit="window", file=sys.stderr, desc="perplexity") as bar:
-        batches = batch_nlls(ids, weights, config, max_length, stride, args.batch_size)
+        batches = batch_nlls(ids, weights, config, max_length, stride, args.batch_size, kv_dtype_of(args.kv_dtype))
         ppl, num_scored = perplexity_of(_advancing(bar, batches))
     seconds = time.perf_counter() - start
     result = {
         "perplexity": ppl, "tokens": len(ids), "scored_tokens": num_scored, "windows": num_windows,
         "seconds": seconds, "tokens_per_second": len(ids) / seconds, "model": str(args.model),
         "max_length": max_length, "stride": stride, "batch_size": args.batch_size, "dtype": args.dtype,
+        "kv_dtype": args.kv_dtype,
     }  # fmt: skip
     if args.json:
         print(json.dumps(result))
@@ -374,6 +395,7 @@ def add_perplexity_command(subparsers) -> None:
     parser.add_argument("--stride", type=_positive_int, default=None, help="window step (default: max-length / 2)")
     parser.add_argument("--batch-size", type=_positive_int, default=8, help="windows per device call (default: 8)")
     add_dtype_option(parser)
+    add_kv_dtype_option(parser)
     parser.add_argument("--json", action="store_true", help="print one JSON line instead of text")
     parser.set_defaults(run=run_perplexity)
 
@@ -383,6 +405,7 @@ def run_serve(args: argparse.Namespace) -> int:
     import os
 
     try:
+        from jax_gpt2.serve.engine import Engine
         from jax_gpt2.serve.routes import ServerLimits, run_server
     except ImportError as error:
         raise UserError(f"serve needs the serve extra ({error.name} is missing): pip install 'jax-gpt2[serve]'")
@@ -390,13 +413,13 @@ def run_serve(args: argparse.Namespace) -> int:
 
     api_key = args.api_key or os.environ.get("JAX_GPT2_API_KEY") or None
     limits = ServerLimits(args.max_body_bytes, args.max_prompt_tokens, args.max_n, args.max_tokens, args.max_stops)
-    engine_settings = dict(
-        max_batch=args.max_batch, max_seq_len=args.max_seq_len, max_queue=args.max_queue, chunk_steps=args.chunk_steps,
-        prefill_chunk=args.prefill_chunk, prefix_cache_mib=args.prefix_cache_mib,
-    )  # fmt: skip
     folder, config, weights = _load_model(args.model, args.dtype)
-    run_server(args.model, load_tokenizer(folder), config, weights, args.host, args.port, engine_settings, limits,
-               api_key, args.drain_timeout)  # fmt: skip
+    engine = Engine(
+        weights, config, load_tokenizer(folder), max_batch=args.max_batch, max_seq_len=args.max_seq_len,
+        max_queue=args.max_queue, chunk_steps=args.chunk_steps, prefill_chunk=args.prefill_chunk,
+        prefix_cache_mib=args.prefix_cache_mib, kv_dtype=kv_dtype_of(args.kv_dtype),
+    )  # fmt: skip
+    run_server(args.model, engine, args.host, args.port, limits, api_key, args.drain_timeout)
     return 0
 
 
@@ -435,6 +458,7 @@ def add_serve_command(subparsers) -> None:
                         help="seconds open requests may run after SIGTERM before they end with an error "
                              "(default 25: inside Kubernetes' 30 s grace period); a second signal exits at once")  # fmt: skip
     add_dtype_option(parser)
+    add_kv_dtype_option(parser)
     parser.set_defaults(run=run_serve)
 
 

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jax_gpt2.config import GPT2Config
-from jax_gpt2.kvcache import KVCache
+from jax_gpt2.kvcache import KVCache, check_kv_dtype
 from jax_gpt2.model import empty_cache, lm_logits, transformer
 from jax_gpt2.sampling import (
     SamplerFlags, SamplingParams, SamplingSettings, choose_tokens, flags_for, pick_logits, sampling_params,
@@ -65,13 +65,14 @@ def left_pad(prompts: Sequence[Sequence[int]], length: int) -> tuple[np.ndarray,
 
 
 def prefill(
-    ids_BT: jax.Array, start_B: jax.Array, keys_B: jax.Array, weights: GPT2Weights, config: GPT2Config, max_len: int
-) -> DecodeState:
-    """Run left-padded prompts through the model into a fresh cache of max_len slots."""
+    ids_BT: jax.Array, start_B: jax.Array, keys_B: jax.Array, weights: GPT2Weights, config: GPT2Config, max_len: int,
+    kv_dtype=jnp.float32,
+) -> DecodeState:  # fmt: skip
+    """Run left-padded prompts through the model into a fresh cache of max_len slots, stored as kv_dtype."""
     B, T = ids_BT.shape
     assert start_B.shape == (B,)
     assert max_len >= T
-    cache = empty_cache(config, start_B, max_len, weights.wte_VD.dtype)
+    cache = empty_cache(config, start_B, max_len, kv_dtype)
     hidden_BTD, cache = transformer(ids_BT, cache, weights, config)
     logits_BV = lm_logits(hidden_BTD[:, -1:], weights)[:, 0]
     is_real_BT = jnp.arange(T)[None, :] >= start_B[:, None]
@@ -157,9 +158,9 @@ def decode(
     return state, tokens_BK, emitted_BK
 
 
-@functools.partial(jax.jit, static_argnames=("config", "flags", "num_slots"))
-def _generate_jit(ids_BT, start_B, keys_B, max_steps, eos_E, params, weights, config, flags, num_slots):
-    state = prefill(ids_BT, start_B, keys_B, weights, config, ids_BT.shape[1] + num_slots)
+@functools.partial(jax.jit, static_argnames=("config", "flags", "num_slots", "kv_dtype"))
+def _generate_jit(ids_BT, start_B, keys_B, max_steps, eos_E, params, weights, config, flags, num_slots, kv_dtype):
+    state = prefill(ids_BT, start_B, keys_B, weights, config, ids_BT.shape[1] + num_slots, kv_dtype)
     # The last token needs picking but no forward pass (its logits would never be used): decode
     # max_steps - 1 full steps, then pick once more. Saves one whole-model step per call.
     state, tokens_BK, emitted_BK = decode(state, max_steps - 1, eos_E, params, weights, config, flags, num_slots)
@@ -169,9 +170,9 @@ def _generate_jit(ids_BT, start_B, keys_B, max_steps, eos_E, params, weights, co
     return tokens_BK, emitted_BK
 
 
-@functools.partial(jax.jit, static_argnames=("config", "max_len"))
-def _prefill_jit(ids_BT, start_B, keys_B, weights, config, max_len):
-    return prefill(ids_BT, start_B, keys_B, weights, config, max_len)
+@functools.partial(jax.jit, static_argnames=("config", "max_len", "kv_dtype"))
+def _prefill_jit(ids_BT, start_B, keys_B, weights, config, max_len, kv_dtype):
+    return prefill(ids_BT, start_B, keys_B, weights, config, max_len, kv_dtype)
 
 
 @functools.partial(jax.jit, static_argnames=("config", "flags", "num_slots"), donate_argnames=("state",))
@@ -255,20 +256,32 @@ def generate(
     prompt_ids, weights: GPT2Weights, config: GPT2Config, max_new_tokens: int = 64, temperature: float = 0.0,
     top_k: int | None = None, top_p: float | None = None, min_p: float | None = None,
     repetition_penalty: float | None = None, eos_token_id: int | Sequence[int] | None = None, seed: int = 0,
+    kv_dtype=jnp.float32,
 ) -> list[list[int]]:  # fmt: skip
     """The new tokens of each prompt (a ragged list of id lists), up to and including its eos.
 
     Prefill and every decode step run inside one jitted call: no per-token Python dispatch.
     max_new_tokens=0 makes nothing (an empty list per prompt, after the same checks).
+    kv_dtype jnp.bfloat16 stores the cache in half the bytes (attention math stays float32).
     """
     settings = settings_from_arguments(max_new_tokens, temperature, top_k, top_p, min_p, repetition_penalty, seed)
+    return generate_with_settings(prompt_ids, weights, config, settings, eos_token_id, kv_dtype)
+
+
+def generate_with_settings(
+    prompt_ids, weights: GPT2Weights, config: GPT2Config, settings: SamplingSettings,
+    eos_token_id: int | Sequence[int] | None, kv_dtype=jnp.float32,
+) -> list[list[int]]:  # fmt: skip
+    """`generate` for callers that hold SamplingSettings already (the CLI): the same checks and tokens."""
+    assert isinstance(settings, SamplingSettings)
+    kv_dtype = check_kv_dtype(kv_dtype)
     if settings.max_new_tokens == 0:
         _eos_array(eos_token_id, config)
         return [[] for _ in _check_prompts(prompt_ids, config, 0)]
     request = prepare_request(prompt_ids, config, settings, eos_token_id)
     tokens_BK, emitted_BK = _generate_jit(
         request.ids_BT, request.start_B, request.keys_B, np.int32(request.max_new_tokens), request.eos_E,
-        request.params, weights, config, request.flags, bucket_length(request.max_new_tokens),
+        request.params, weights, config, request.flags, bucket_length(request.max_new_tokens), kv_dtype,
     )  # fmt: skip
     tokens_BK, emitted_BK = np.asarray(tokens_BK), np.asarray(emitted_BK)
     outputs = [tokens_BK[row][emitted_BK[row]].tolist() for row in range(tokens_BK.shape[0])]
@@ -280,20 +293,32 @@ def stream_generate(
     prompt_ids, weights: GPT2Weights, config: GPT2Config, max_new_tokens: int = 64, temperature: float = 0.0,
     top_k: int | None = None, top_p: float | None = None, min_p: float | None = None,
     repetition_penalty: float | None = None, eos_token_id: int | Sequence[int] | None = None, seed: int = 0,
-    chunk_steps: int = 4,
+    chunk_steps: int = 4, kv_dtype=jnp.float32,
 ) -> Iterator[list[int | None]]:  # fmt: skip
     """Like `generate`, but yields as tokens are made: one list per step, a token per row (None once the
-    row has finished). The device runs `chunk_steps` steps per dispatch; the tokens equal `generate`'s."""
+    row has finished). The device runs `chunk_steps` steps per dispatch; the tokens equal `generate`'s.
+    A generator: the arguments are checked when the first step is asked for."""
+    settings = settings_from_arguments(max_new_tokens, temperature, top_k, top_p, min_p, repetition_penalty, seed)
+    yield from stream_with_settings(prompt_ids, weights, config, settings, eos_token_id, kv_dtype, chunk_steps)
+
+
+def stream_with_settings(
+    prompt_ids, weights: GPT2Weights, config: GPT2Config, settings: SamplingSettings,
+    eos_token_id: int | Sequence[int] | None, kv_dtype=jnp.float32, chunk_steps: int = 4,
+) -> Iterator[list[int | None]]:  # fmt: skip
+    """`stream_generate` for callers that hold SamplingSettings already: nothing runs (and nothing is
+    checked) until the first step is asked for, as with any generator."""
+    assert isinstance(settings, SamplingSettings)
     if chunk_steps < 1:
         raise ValueError(f"chunk_steps must be >= 1; got {chunk_steps}")
-    settings = settings_from_arguments(max_new_tokens, temperature, top_k, top_p, min_p, repetition_penalty, seed)
+    kv_dtype = check_kv_dtype(kv_dtype)
     if settings.max_new_tokens == 0:
         _eos_array(eos_token_id, config)
         _check_prompts(prompt_ids, config, 0)
         return
     request = prepare_request(prompt_ids, config, settings, eos_token_id)
     max_len = request.ids_BT.shape[1] + bucket_length(request.max_new_tokens)
-    state = _prefill_jit(request.ids_BT, request.start_B, request.keys_B, weights, config, max_len)
+    state = _prefill_jit(request.ids_BT, request.start_B, request.keys_B, weights, config, max_len, kv_dtype)
     remaining = request.max_new_tokens
     while remaining > 0:
         state, tokens_BK, emitted_BK = _decode_jit(

@@ -12,12 +12,30 @@ The buffers may hold more rows than are in use: with start_B and end_B of B entr
 of k_LBNSH / v_LBNSH are the batch and the rows after them are neither read nor written. The
 server keeps one cache of max_batch rows and runs each step over the prefix of rows that holds
 its running sequences (a prefix, not a gather: taking rows out of the cache would copy them).
+
+Keys and values are stored float32 or bfloat16 (half the bytes a long-context decode step reads);
+attention widens a bfloat16 cache to float32 as it reads it, so only the stored values are rounded.
 """
 
 import dataclasses
 
 import jax
 import jax.numpy as jnp
+
+
+KV_DTYPES = ("float32", "bfloat16")
+
+
+def check_kv_dtype(kv_dtype) -> jnp.dtype:
+    """A cache dtype the model supports, as a dtype; anything else is a ValueError that names the choices."""
+    try:
+        dtype = jnp.dtype(kv_dtype)
+    except TypeError:
+        raise ValueError(f"kv_dtype must be one of {', '.join(KV_DTYPES)}; got {kv_dtype!r}") from None
+    if dtype.name not in KV_DTYPES:
+        raise ValueError(f"kv_dtype must be one of {', '.join(KV_DTYPES)}; got {dtype.name}")
+    assert jnp.issubdtype(dtype, jnp.floating)
+    return dtype
 
 
 @jax.tree_util.register_dataclass
@@ -40,6 +58,7 @@ def init_cache(
     """An empty cache of max_len slots for len(start_B) rows; row b's prompt begins at slot start_B[b]."""
     assert start_B.ndim == 1
     assert max_len >= 1
+    assert jnp.dtype(dtype).name in KV_DTYPES
     assert jnp.issubdtype(start_B.dtype, jnp.integer)
     shape = (n_layer, start_B.shape[0], n_head, max_len, head_dim)
     cache = KVCache(

@@ -42,6 +42,7 @@ import numpy as np
 
 from jax_gpt2.config import GPT2Config
 from jax_gpt2.generate import PAD_ID
+from jax_gpt2.kvcache import check_kv_dtype
 from jax_gpt2.sampling import SamplingSettings, sampling_params
 from jax_gpt2.serve import slots
 from jax_gpt2.serve.slots import PREFIX_BLOCK, TOP_LOGPROBS
@@ -262,6 +263,7 @@ class Engine:
     def __init__(
         self, weights: GPT2Weights, config: GPT2Config, tokenizer, max_batch: int = 8, max_seq_len: int = 1024,
         max_queue: int = 64, chunk_steps: int = 4, prefill_chunk: int = 128, prefix_cache_mib: float = 256,
+        kv_dtype=jnp.float32,
     ) -> None:  # fmt: skip
         for name, value in (("max_batch", max_batch), ("max_seq_len", max_seq_len), ("chunk_steps", chunk_steps),
                             ("prefill_chunk", prefill_chunk)):  # fmt: skip
@@ -271,13 +273,13 @@ class Engine:
             if value < 0:
                 raise ValueError(f"{name} must be >= 0; got {value}")
         self.weights, self.config, self.tokenizer = weights, config, tokenizer
+        self.kv_dtype = check_kv_dtype(kv_dtype)
         self.max_batch, self.max_queue, self.chunk_steps = max_batch, max_queue, chunk_steps
         self.context_length = S = min(max_seq_len, config.n_positions)
         self.widths = powers_of_two_to(max_batch)
         self.copy_buckets = powers_of_two_to(S, start=8)
         self.chunk_buckets = powers_of_two_to(min(prefill_chunk, S), start=8)
-        dtype = weights.wte_VD.dtype
-        block_bytes = 2 * config.n_layer * config.n_embd * PREFIX_BLOCK * jnp.dtype(dtype).itemsize
+        block_bytes = 2 * config.n_layer * config.n_embd * PREFIX_BLOCK * jnp.dtype(self.kv_dtype).itemsize
         self.prefix_cache = PrefixCache(int(prefix_cache_mib * 2**20) // block_bytes if S > PREFIX_BLOCK else 0)
         eos = [] if config.eos_token_id is None else [config.eos_token_id]
         self.eos_ids, self._eos_E = set(eos), np.asarray(eos, np.int32).reshape(-1)
@@ -608,7 +610,7 @@ class Engine:
                 self.cancel([seq.seq_id])
 
     def _empty_state(self) -> tuple[slots.Slots, "slots.KVCache"]:
-        dtype, S = self.weights.wte_VD.dtype, self.context_length
+        dtype, S = self.kv_dtype, self.context_length
         empty = slots.empty_slots_jit(self.config, self.max_batch, S, dtype)
         return empty, slots.empty_staging_jit(self.config, S, dtype)
 

@@ -596,14 +596,13 @@ def _uvicorn_server(app: FastAPI, engine: Engine, host: str, port: int, drain_ti
 
 
 def run_server(
-    model_id: str, tokenizer, config, weights, host: str, port: int, engine_settings: dict, limits: ServerLimits,
-    api_key: str | None, drain_timeout_s: float,
+    model_id: str, engine: Engine, host: str, port: int, limits: ServerLimits, api_key: str | None,
+    drain_timeout_s: float,
 ) -> None:  # fmt: skip
-    """Compile every shape the engine uses for a loaded model, then serve it as `model_id` until
-    SIGTERM / Ctrl-C (a drain of at most drain_timeout_s), or a second one (at once)."""
+    """Compile every shape `engine` uses, then serve its model as `model_id` until SIGTERM / Ctrl-C
+    (a drain of at most drain_timeout_s), or a second one (at once)."""
     assert model_id
     assert drain_timeout_s >= 0
-    engine = Engine(weights, config, tokenizer, **engine_settings)
     print(f"jax-gpt2 serve: compiling for {engine.max_batch} slots x {engine.context_length} positions "
           f"(widths {engine.widths}, prefill chunks {engine.chunk_buckets}) ...", flush=True)  # fmt: skip
     engine.warm_up()
