@@ -1,20 +1,25 @@
-"""A bounded load test of `jax-gpt2 serve` on loopback, beside sequential `generate` on the same prompts.
+"""`jax-gpt2 serve` under load, through the real openai client, beside `generate` on the same model and prompts.
 
     uv run jax-gpt2 random-model /tmp/serve-gpt2 --preset gpt2
-    uv run python benchmarks/serve_load.py --model /tmp/serve-gpt2 --requests 16 --max-tokens 32
+    uv run python benchmarks/serve_load.py --model /tmp/serve-gpt2 --out benchmarks/serve_load_cpu.json
 
-Starts the server as a subprocess (or uses --url), then for each concurrency level runs `--requests`
-greedy streaming completions through that many concurrent clients (each level also stops after
-`--time-limit` seconds), and reports:
+One run, in order:
 
-    throughput      completion tokens / wall time of the level
-    TTFT p50/p99    request sent -> first streamed text
-    ITL p50/p99     per request, (last event - first event) / (tokens - 1): the mean time per token
-                    after the first (events carry a chunk of tokens, so per-event gaps are bursty)
-
-The baseline runs `generate` on the same prompts one after another in this process (after one
-warm-up call per shape), while the server sits idle: its throughput, and its per-request latency
-as its TTFT (generate returns all tokens at once).
+1. Load levels, beside generate. `jax-gpt2 serve` (default flags) runs in a subprocess. For each
+   concurrency level c, c clients (openai.AsyncOpenAI, streaming, greedy, `--max-tokens` each) take
+   `--requests` prompts from one list; then, the server idle, `generate` runs the same prompts c at a
+   time in this process (batch c). The pair is repeated `--repeats` times, alternating, so both
+   sides see the same machine (on a shared host the load wanders): tokens/s is the median over the
+   repeats, latencies are pooled. tokens/s = completion tokens / wall time; TTFT = request sent ->
+   first streamed text (for generate: the whole call, which returns every token at once); ITL = per
+   request (last event - first event) / (tokens - 1), the mean gap after the first token.
+2. Prefix reuse. TTFT of requests whose 512-token prefix is in the prefix cache (the same prefix,
+   new tails) against requests whose 512-token prefix is new each time.
+3. Chunked prefill. Four clients stream long completions; ITL samples are every token's share of
+   its event's gap (an event of k tokens after g seconds gives k samples of g / k), taken over the
+   same length of window with and without one 1000-token prompt arriving in it, for
+   `--prefill-chunk` 128 and for a whole-prompt prefill (`--prefill-chunk 1024`): p50, p99, and
+   the longest gap between two events of one stream.
 """
 
 import argparse
@@ -30,6 +35,7 @@ from pathlib import Path
 
 import httpx
 import numpy as np
+import openai
 
 TEXT = (
     "The quick brown fox jumps over the lazy dog. A language model reads a sequence of tokens and predicts the "
@@ -37,56 +43,35 @@ TEXT = (
 )
 
 
-def prompts_for(count: int, lengths: list[int]) -> list[str]:
-    """count prompts cycling through the given lengths (in characters), each starting at a new offset."""
+def prompts_for(count: int, chars: int) -> list[str]:
+    """count prompts of the same length in characters, each starting at a new offset of one text."""
     assert count >= 1
-    assert all(n >= 1 for n in lengths)
-    text = TEXT * 20
-    prompts = [text[i % 50 : i % 50 + lengths[i % len(lengths)]] for i in range(count)]
-    assert len(prompts) == count
-    return prompts
+    text = TEXT * 40
+    return [text[i * 7 : i * 7 + chars] for i in range(count)]
 
 
 def percentile(values: list[float], q: float) -> float:
     return float(np.percentile(values, q)) if values else float("nan")
 
 
-async def one_request(client: httpx.AsyncClient, model: str, prompt: str, max_tokens: int) -> dict:
-    """Stream one greedy completion; the times of its events and its token count."""
-    body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True,
-            "stream_options": {"include_usage": True}}  # fmt: skip
-    sent, times, tokens = time.perf_counter(), [], 0
-    async with client.stream("POST", "/v1/completions", json=body) as response:
-        response.raise_for_status()
-        async for line in response.aiter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            event = json.loads(line[len("data: ") :])
-            if event["choices"] and event["choices"][0]["text"]:
-                times.append(time.perf_counter())
-            if event.get("usage"):
-                tokens = event["usage"]["completion_tokens"]
-    assert times, "no text came back"
+async def one_stream(client: openai.AsyncOpenAI, model: str, prompt, max_tokens: int, count_tokens: bool = False) -> dict:
+    """Stream one greedy completion: when it was sent, when each event with text came (and, with
+    count_tokens, how many tokens each carried: logprobs 0 lists them)."""
+    sent, times, counts = time.perf_counter(), [], []
+    stream = await client.completions.create(
+        model=model, prompt=prompt, max_tokens=max_tokens, temperature=0, stream=True,
+        stream_options={"include_usage": True}, logprobs=0 if count_tokens else None,
+    )  # fmt: skip
+    tokens = 0
+    async for chunk in stream:
+        if chunk.choices and chunk.choices[0].text:
+            times.append(time.perf_counter())
+            counts.append(len(chunk.choices[0].logprobs.tokens) if count_tokens else 0)
+        if chunk.usage:
+            tokens = chunk.usage.completion_tokens
+    assert times, "no tokens came back"
     itl = (times[-1] - times[0]) / (tokens - 1) if tokens > 1 else None
-    return {"ttft": times[0] - sent, "itl": itl, "tokens": tokens}
-
-
-async def run_level(url: str, model: str, prompts: list[str], concurrency: int, max_tokens: int, limit_s: float) -> dict:
-    """`concurrency` clients take prompts from one list until it is empty or the time limit passes."""
-    assert concurrency >= 1
-    assert prompts
-    pending, results = list(reversed(prompts)), []
-    deadline = time.perf_counter() + limit_s
-
-    async def worker(client: httpx.AsyncClient) -> None:
-        while pending and time.perf_counter() < deadline:
-            results.append(await one_request(client, model, pending.pop(), max_tokens))
-
-    start = time.perf_counter()
-    async with httpx.AsyncClient(base_url=url, timeout=600, limits=httpx.Limits(max_connections=concurrency)) as client:
-        await asyncio.gather(*(worker(client) for _ in range(concurrency)))
-    wall = time.perf_counter() - start
-    return summarize(f"serve, {concurrency} clients", results, wall)
+    return {"sent": sent, "ttft": times[0] - sent, "itl": itl, "tokens": tokens, "times": times, "counts": counts}
 
 
 def summarize(name: str, results: list[dict], wall: float) -> dict:
@@ -100,24 +85,46 @@ def summarize(name: str, results: list[dict], wall: float) -> dict:
     }  # fmt: skip
 
 
-def sequential_generate(folder: Path, prompts: list[str], max_tokens: int) -> dict:
-    """The baseline: `generate` on each prompt alone, one after another, warm."""
-    from jax_gpt2 import load_config, load_weights
-    from jax_gpt2.generate import generate
-    from jax_gpt2.tokenizer import encode, load_tokenizer
+def client_for(url: str) -> openai.AsyncOpenAI:
+    return openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=600)
 
-    config, tokenizer = load_config(folder), load_tokenizer(folder)
-    weights = load_weights(folder, config=config)
-    ids = [encode(tokenizer, prompt) for prompt in prompts]
-    for prompt_ids in {len(p): p for p in ids}.values():  # compile each prompt bucket first
-        generate([prompt_ids], weights, config, max_new_tokens=max_tokens, eos_token_id=config.eos_token_id)
-    results, start = [], time.perf_counter()
-    for prompt_ids in ids:
-        sent = time.perf_counter()
-        new = generate([prompt_ids], weights, config, max_new_tokens=max_tokens, eos_token_id=config.eos_token_id)[0]
-        tokens = len(new) - (1 if new and new[-1] == config.eos_token_id else 0)
-        results.append({"ttft": time.perf_counter() - sent, "itl": None, "tokens": tokens})
-    return summarize("sequential generate", results, time.perf_counter() - start)
+
+def token_gaps(result: dict, start: float, end: float) -> list[float]:
+    """Every token's share of its event's gap, for events inside [start, end)."""
+    gaps = []
+    for before, after, count in zip(result["times"], result["times"][1:], result["counts"][1:]):
+        if start <= after < end:
+            gaps += [(after - before) / count] * count
+    return gaps
+
+
+async def running_streams_itl(url: str, model: str, prompts: list[str], long_prompt: list[int] | None) -> dict:
+    """ITL of four streams over a window in their middle, with a long prompt arriving at its start (or not)."""
+    async with client_for(url) as client:
+        streams = [asyncio.create_task(one_stream(client, model, prompt, 400, True)) for prompt in prompts[:4]]
+        await asyncio.sleep(4.0)  # all four are decoding
+        start = time.perf_counter()
+        if long_prompt is not None:
+            arrival = await one_stream(client, model, long_prompt, 1)
+        await asyncio.sleep(4.0 if long_prompt is None else 0.5)
+        end = time.perf_counter()
+        results = await asyncio.gather(*streams)
+    gaps = [gap for result in results for gap in token_gaps(result, start, end)]
+    stalls = [after - before for r in results for before, after in zip(r["times"], r["times"][1:]) if start <= after < end]
+    row = {"itl_p50_ms": 1e3 * percentile(gaps, 50), "itl_p99_ms": 1e3 * percentile(gaps, 99), "samples": len(gaps),
+           "longest_gap_ms": 1e3 * max(stalls, default=float("nan"))}  # fmt: skip
+    if long_prompt is not None:
+        row["long_prompt_ttft_ms"] = 1e3 * arrival["ttft"]
+    return row
+
+
+async def prefix_ttft(url: str, model: str, prefix_ids: list[list[int]], tails: list[list[int]]) -> list[float]:
+    """TTFT of one request per (prefix, tail), one after another."""
+    ttft = []
+    async with client_for(url) as client:
+        for prefix, tail in zip(prefix_ids, tails):
+            ttft.append((await one_stream(client, model, prefix + tail, 1))["ttft"])
+    return ttft
 
 
 def free_port() -> int:
@@ -127,15 +134,11 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def server_process(args: argparse.Namespace):
-    """`jax-gpt2 serve` in a subprocess until the block ends (then SIGTERM), or the given --url."""
-    if args.url:
-        yield args.url
-        return
+def server_process(args: argparse.Namespace, *flags: str):
+    """`jax-gpt2 serve` in a subprocess until the block ends (then SIGTERM)."""
     port = free_port()
-    command = [sys.executable, "-m", "jax_gpt2.cli", "serve", "--model", str(args.model), "--port", str(port),
-               "--max-batch", str(args.max_batch), "--max-seq-len", str(args.max_seq_len)]  # fmt: skip
-    log = open(args.server_log, "w")
+    command = [sys.executable, "-m", "jax_gpt2.cli", "serve", "--model", str(args.model), "--port", str(port), *flags]
+    log = open(args.server_log, "a")
     process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
     try:
         url = f"http://127.0.0.1:{port}"
@@ -159,39 +162,129 @@ def server_process(args: argparse.Namespace):
         log.close()
 
 
-def format_row(r: dict) -> str:
-    return (f"{r['name']:<24} {r['requests']:>4} {r['tokens']:>6} {r['wall_s']:>8.1f} {r['tokens_per_s']:>9.1f} "
-            f"{r['ttft_p50_ms']:>9.0f} {r['ttft_p99_ms']:>9.0f} {r['itl_p50_ms']:>8.1f} {r['itl_p99_ms']:>8.1f}")  # fmt: skip
+class GenerateBaseline:
+    """`generate` on the benchmark's prompts in this process, each batch shape compiled once up front."""
+
+    def __init__(self, folder: Path, prompts: list[str], max_tokens: int, batch_sizes: list[int]) -> None:
+        from jax_gpt2 import load_config, load_weights
+        from jax_gpt2.tokenizer import encode, load_tokenizer
+
+        self.config, tokenizer = load_config(folder), load_tokenizer(folder)
+        self.weights = load_weights(folder, config=self.config)
+        self.ids, self.max_tokens = [encode(tokenizer, prompt) for prompt in prompts], max_tokens
+        for batch in batch_sizes:
+            for group in self.groups(batch):
+                self.generate(group)  # compile every shape this batch size meets
+
+    def groups(self, batch: int) -> list[list[list[int]]]:
+        return [self.ids[i : i + batch] for i in range(0, len(self.ids), batch)]
+
+    def generate(self, group: list[list[int]]) -> list[list[int]]:
+        from jax_gpt2.generate import generate
+
+        return generate(group, self.weights, self.config, max_new_tokens=self.max_tokens, eos_token_id=self.config.eos_token_id)
+
+    def run(self, batch: int) -> dict:
+        """The prompts, batch at a time, one call after another."""
+        eos, results, start = self.config.eos_token_id, [], time.perf_counter()
+        for group in self.groups(batch):
+            sent = time.perf_counter()
+            for new in self.generate(group):
+                tokens = len(new) - (1 if new and new[-1] == eos else 0)
+                results.append({"ttft": time.perf_counter() - sent, "itl": None, "tokens": tokens})
+        return {"results": results, "wall": time.perf_counter() - start}
+
+
+def median_row(name: str, runs: list[dict]) -> dict:
+    """tokens/s: the median over the repeats; latencies pooled over every request of every repeat."""
+    rows = [summarize(name, run["results"], run["wall"]) for run in runs]
+    pooled = summarize(name, [r for run in runs for r in run["results"]], sum(run["wall"] for run in runs))
+    pooled["tokens_per_s"] = float(np.median([row["tokens_per_s"] for row in rows]))
+    pooled["tokens_per_s_repeats"] = [row["tokens_per_s"] for row in rows]
+    return pooled
+
+
+async def serve_level(url: str, model: str, prompts: list[str], concurrency: int, max_tokens: int) -> dict:
+    """`concurrency` clients take prompts from one list until it is empty."""
+    assert concurrency >= 1
+    pending, results = list(reversed(prompts)), []
+
+    async def worker(client: openai.AsyncOpenAI) -> None:
+        while pending:
+            results.append(await one_stream(client, model, pending.pop(), max_tokens))
+
+    async with client_for(url) as client:
+        start = time.perf_counter()
+        await asyncio.gather(*(worker(client) for _ in range(concurrency)))
+        return {"results": results, "wall": time.perf_counter() - start}
+
+
+def format_row(r: dict, baseline: dict | None = None) -> str:
+    ratio = f" ({r['tokens_per_s'] / baseline['tokens_per_s']:.2f}x generate)" if baseline else ""
+    itl = f"{r['itl_p50_ms']:.1f} | {r['itl_p99_ms']:.1f}" if r["itl_p50_ms"] == r["itl_p50_ms"] else "- | -"
+    return (f"| {r['name']} | {r['requests']} | {r['tokens_per_s']:.1f}{ratio} | {r['ttft_p50_ms']:.0f} | "
+            f"{r['ttft_p99_ms']:.0f} | {itl} |")  # fmt: skip
+
+
+def long_prompt_ids(folder: Path, count: int, seed: int) -> list[int]:
+    from jax_gpt2 import load_config
+
+    vocab_size = load_config(folder).vocab_size
+    return [int(t) for t in np.random.default_rng(seed).integers(1, vocab_size, count)]
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", type=Path, required=True, help="a local model folder")
-    parser.add_argument("--url", default=None, help="use this running server instead of starting one")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 8, 16])
     parser.add_argument("--requests", type=int, default=16, help="requests per concurrency level")
-    parser.add_argument("--max-tokens", type=int, default=32)
-    parser.add_argument("--prompt-chars", type=int, nargs="+", default=[20, 60, 120, 240])
-    parser.add_argument("--time-limit", type=float, default=120.0, help="seconds per level at most")
-    parser.add_argument("--max-batch", type=int, default=8)
-    parser.add_argument("--max-seq-len", type=int, default=256)
-    parser.add_argument("--startup-limit", type=float, default=600.0)
+    parser.add_argument("--repeats", type=int, default=3, help="serve / generate pairs per level")
+    parser.add_argument("--max-tokens", type=int, default=96)
+    parser.add_argument("--prompt-chars", type=int, default=96)
+    parser.add_argument("--skip", nargs="*", default=[], choices=["prefill", "prefix"], help="parts to leave out")
+    parser.add_argument("--startup-limit", type=float, default=900.0)
     parser.add_argument("--server-log", type=Path, default=Path("serve_load.server.log"))
-    parser.add_argument("--out", type=Path, default=None, help="write the rows as JSON")
+    parser.add_argument("--out", type=Path, default=None, help="write the results as JSON")
     args = parser.parse_args()
-    prompts = prompts_for(args.requests, args.prompt_chars)
-    model_id = str(args.model)
-    rows = []
+    prompts, model_id = prompts_for(args.requests, args.prompt_chars), str(args.model)
+    results: dict = {"max_tokens": args.max_tokens, "prompt_chars": args.prompt_chars, "repeats": args.repeats,
+                     "levels": []}  # fmt: skip
+    baseline = GenerateBaseline(args.model, prompts, args.max_tokens, args.concurrency)
+    print("| | requests | tok/s | TTFT p50 ms | TTFT p99 ms | ITL p50 ms | ITL p99 ms |\n|---|---|---|---|---|---|---|")
     with server_process(args) as url:
-        print(f"{'':<24} {'reqs':>4} {'tokens':>6} {'wall s':>8} {'tok/s':>9} {'TTFT p50':>9} {'TTFT p99':>9} "
-              f"{'ITL p50':>8} {'ITL p99':>8}   (ms)", flush=True)  # fmt: skip
         for concurrency in args.concurrency:
-            rows.append(asyncio.run(run_level(url, model_id, prompts, concurrency, args.max_tokens, args.time_limit)))
-            print(format_row(rows[-1]), flush=True)
-    rows.append(sequential_generate(args.model, prompts, args.max_tokens))
-    print(format_row(rows[-1]), flush=True)
+            served, generated = [], []
+            for _ in range(args.repeats):
+                served.append(asyncio.run(serve_level(url, model_id, prompts, concurrency, args.max_tokens)))
+                generated.append(baseline.run(concurrency))
+            plural = "s" if concurrency > 1 else ""
+            level = {"serve": median_row(f"serve, {concurrency} client{plural}", served),
+                     "generate": median_row(f"generate, batch {concurrency}", generated)}  # fmt: skip
+            results["levels"].append(level)
+            print(format_row(level["serve"], level["generate"]), flush=True)
+            print(format_row(level["generate"]), flush=True)
+        if "prefix" not in args.skip:
+            prefixes = [long_prompt_ids(args.model, 512, seed) for seed in range(6)]
+            tails = [long_prompt_ids(args.model, 16, 100 + seed) for seed in range(6)]
+            cold = asyncio.run(prefix_ttft(url, model_id, prefixes, tails))  # a new prefix each time
+            asyncio.run(prefix_ttft(url, model_id, prefixes[:1], tails[:1]))  # make sure the first one is cached
+            warm = asyncio.run(prefix_ttft(url, model_id, prefixes[:1] * 6, tails))  # the cached prefix, new tails
+            results["prefix"] = {"cold_ttft_ms": [1e3 * t for t in cold], "cached_ttft_ms": [1e3 * t for t in warm]}
+            print(f"TTFT, 512-token prefix + 16: new prefix p50 {1e3 * np.median(cold):.0f} ms, "
+                  f"cached prefix p50 {1e3 * np.median(warm):.0f} ms", flush=True)  # fmt: skip
+    if "prefill" not in args.skip:
+        results["prefill"] = {}
+        long_prompt = long_prompt_ids(args.model, 1000, 7)
+        for chunk in (128, 1024):
+            with server_process(args, "--prefill-chunk", str(chunk), "--prefix-cache-mib", "0") as url:
+                for name, arrival in (("alone", None), ("with a 1000-token prompt", long_prompt)):
+                    row = asyncio.run(running_streams_itl(url, model_id, prompts, arrival))
+                    results["prefill"][f"prefill chunk {chunk}, {name}"] = row
+                    print(f"prefill chunk {chunk}, {name}: running streams' ITL p50 {row['itl_p50_ms']:.1f} ms, "
+                          f"p99 {row['itl_p99_ms']:.1f} ms, longest gap {row['longest_gap_ms']:.0f} ms "
+                          f"({row['samples']} tokens)", flush=True)  # fmt: skip
     if args.out is not None:
-        args.out.write_text(json.dumps(rows, indent=2))
+        args.out.write_text(json.dumps(results, indent=2))
     return 0
 
 

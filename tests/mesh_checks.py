@@ -19,7 +19,8 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from checkpoints import hf_config, random_hf_model, save_safetensors
 from jax_gpt2 import empty_cache, generate, gpt2_forward, gpt2_forward_cached, load_config, load_weights, perplexity
 from jax_gpt2 import stream_generate
-from jax_gpt2.engine import Engine, SequenceRequest
+from jax_gpt2.sampling import SamplingSettings
+from jax_gpt2.serve.engine import Engine, SequenceRequest
 from jax_gpt2.random_model import train_tokenizer
 from jax_gpt2.sharding import block_specs, make_mesh
 from jax_gpt2.tokenizer import load_tokenizer
@@ -203,15 +204,17 @@ def serve(weights, model, requests: list[SequenceRequest], max_batch: int) -> tu
 
 def test_the_server_engine_on_a_mesh_answers_as_on_one_device(placed, model):
     """Five sequences through four decode slots (one waits for a free slot), greedy and sampled."""
-    requests = [SequenceRequest(tuple(prompt), max_tokens=10) for prompt in PROMPTS]
-    requests.append(SequenceRequest((3, 4, 5), max_tokens=10, temperature=0.9, top_k=20, seed=5))
+    requests = [SequenceRequest(tuple(prompt), SamplingSettings(max_new_tokens=10)) for prompt in PROMPTS]
+    sampled = SamplingSettings(max_new_tokens=10, temperature=0.9, top_k=20, seed=5)
+    requests.append(SequenceRequest((3, 4, 5), sampled))
     reference, _ = serve(model.weights, model, requests, max_batch=4)
     answers, engine = serve(placed, model, requests, max_batch=4)
     assert answers == reference
     assert all(len(ids) >= 1 for ids, _, _ in answers.values())
     slots = NamedSharding(placed.mesh, P(None, "data", "model", None, None))
-    assert engine._slots.state.cache.k_LBNSH.sharding.is_equivalent_to(slots, 5)
-    assert engine._slots.state.done_B.sharding.is_equivalent_to(NamedSharding(placed.mesh, P("data")), 1)
+    assert engine._slots.cache.k_LBNSH.sharding.is_equivalent_to(slots, 5)
+    assert engine._slots.rows.done_B.sharding.is_equivalent_to(NamedSharding(placed.mesh, P("data")), 1)
+    assert all(width % placed.mesh.shape["data"] == 0 for width in engine.widths)
 
 
 def test_the_engine_refuses_slots_that_do_not_divide_by_the_data_axis(model):

@@ -1,10 +1,21 @@
 """The benchmark harness runs end to end on a tiny model (speed itself is never a test here)."""
 
 import json
+import stat
+import sys
 
-from jax_gpt2.bench import decode_bytes_per_step, format_table, plot_results, run_benchmarks
+import numpy as np
+import pytest
+
+from jax_gpt2 import kernels, load_weights
+from jax_gpt2.bench import (
+    LlamaPeer, bench_model_stem, bench_without_kernels, decode_bytes_per_step, format_table, make_models, plot_results,
+    run_benchmarks, write_bench_model,
+)  # fmt: skip
 from jax_gpt2.cli import main
 from jax_gpt2.config import PRESETS, GPT2Config
+from jax_gpt2.kernels.native import cpu_vector_isa
+from jax_gpt2.llama_cpp import GGUF_TYPES, gguf_path, llama_bench_command, parse_llama_bench_json
 
 
 def test_harness_measures_both_sides_and_the_roofline_on_a_tiny_model():
@@ -21,6 +32,7 @@ def test_harness_measures_both_sides_and_the_roofline_on_a_tiny_model():
     assert results["bandwidth_gbs"] > 0
     assert run["jax_cold_first_token_s"] > 0
     assert "decode B=2" in format_table(results)
+    assert "decode at ctx=60 is" in format_table(results)  # the long-context share of short-context decode
 
 
 def test_narrowed_dtypes_run_against_transformers_nearest_form(tmp_path):
@@ -59,6 +71,131 @@ def test_bench_command_writes_json(tmp_path, capsys):
     results = json.loads(out.read_text())
     assert results["layers"] == 1
     assert "prefill T=8" in capsys.readouterr().out
+
+
+TINY_BENCH = GPT2Config(vocab_size=500, n_positions=256, n_embd=128, n_layer=2, n_head=2, bos_token_id=0, eos_token_id=0)
+
+
+def test_each_run_records_which_path_ran():
+    results = run_benchmarks(TINY_BENCH, ["fp32", "int8"], [1], [], new_tokens=4, repeats=1, contexts=[], progress=False)
+    for run in results["runs"]:
+        assert run["path"] == ("kernels" if kernels.kernels_available() else "XLA")
+        assert run["isa"] in ("avx512", "avx2", "neon") or run["path"] == "XLA"
+        assert run["threads"] >= 1
+        assert f"[{run['dtype']}] {run['path']} ({run['isa']}, {run['threads']} threads" in format_table(results)
+    assert results["kernels"]["available"] == kernels.kernels_available()
+    assert [row["dtype"] for row in results["without_kernels"]] == ["fp32", "int8"]
+    assert "without the kernels (pack=False" in format_table(results)
+
+
+def test_the_no_kernel_figure_loads_every_dtype_without_kernels_beside_fp32():
+    # As large as the first test's model: the rate is a difference of two timed runs.
+    config = GPT2Config(vocab_size=1000, n_positions=128, n_embd=256, n_layer=4, n_head=4, bos_token_id=0, eos_token_id=0)
+    state, _ = make_models(config)
+    rows = bench_without_kernels(config, state, ["bf16", "int8"], new_tokens=48, repeats=2, kv_dtype="fp32")
+    assert [row["dtype"] for row in rows] == ["fp32", "bf16", "int8"]
+    assert [row["matrix_dtype"] for row in rows] == ["float32"] * 3  # widened once at load, on a CPU
+    assert rows[0]["ratio_to_fp32"] == 1.0
+    assert all(row["jax_tok_s"] > 0 for row in rows)
+    assert all(row["ratio_to_fp32"] == row["jax_tok_s"] / rows[0]["jax_tok_s"] for row in rows)
+
+
+def test_a_bf16_cache_run_is_recorded_and_counts_half_the_cache_bytes():
+    results = run_benchmarks(TINY_BENCH, ["fp32"], [1], [], new_tokens=4, repeats=1, contexts=[40], progress=False, kv_dtype="bf16")
+    assert results["kv_dtype"] == "bf16"
+    assert "KV cache bf16" in format_table(results)
+    config = PRESETS["gpt2"]
+    fp32_cache = decode_bytes_per_step(config, 1, 1000) - decode_bytes_per_step(config, 1, 0)
+    bf16_cache = decode_bytes_per_step(config, 1, 1000, kv_dtype_name="bfloat16") - decode_bytes_per_step(config, 1, 0)
+    assert bf16_cache == fp32_cache / 2
+    assert fp32_cache == 4 * 2 * 12 * 1000 * 768  # keys and values, 12 layers, 1000 tokens, 768 wide
+
+
+@pytest.mark.parametrize(
+    ("cpuinfo", "isa"),
+    [
+        ("flags\t\t: fpu sse2 avx avx2 fma avx512f avx512bw avx512_bf16\n", "avx512"),
+        ("flags\t\t: fpu sse2 avx avx2 fma bmi2\n", "avx2"),
+        ("Features\t: fp asimd evtstrm aes pmull sha1 sha2 crc32\n", "neon"),
+    ],
+    ids=["zen4", "zen3", "graviton"],
+)
+def test_the_cpu_vector_isa_is_read_from_cpuinfo(cpuinfo, isa):
+    assert cpu_vector_isa(cpuinfo) == isa
+
+
+# --- llama.cpp -------------------------------------------------------------------------------------
+
+FAKE_LLAMA_BENCH = """#!{python}
+import json, sys
+args = sys.argv[1:]
+value = lambda flag: args[args.index(flag) + 1]
+assert value("-o") == "json"
+p, n, t = int(value("-p")), int(value("-n")), int(value("-t"))
+common = dict(n_threads=t, model_type="gpt2 fake", build_commit="fake")
+print(json.dumps([
+    dict(common, n_prompt=p, n_gen=0, avg_ts=500.0, stddev_ts=5.0),
+    dict(common, n_prompt=0, n_gen=n, avg_ts=50.0, stddev_ts=0.5),
+]))
+"""
+
+
+def test_a_llama_bench_binary_adds_a_third_column(tmp_path):
+    """The plumbing only, with a stand-in that prints llama-bench's JSON: the real figures are measured, not tested."""
+    binary = tmp_path / "llama-bench"
+    binary.write_text(FAKE_LLAMA_BENCH.format(python=sys.executable))
+    binary.chmod(binary.stat().st_mode | stat.S_IXUSR)
+    stem = "tiny-L2"
+    for dtype in GGUF_TYPES:
+        gguf_path(tmp_path, stem, dtype).write_bytes(b"GGUF")
+    llama = LlamaPeer(binary, tmp_path, stem, threads=2)
+    results = run_benchmarks(TINY_BENCH, ["fp32", "int8"], [1], [128], new_tokens=4, repeats=1, contexts=[], progress=False, llama=llama)
+    for run in results["runs"]:
+        assert run["llama"]["tg_tok_s"] == 50.0
+        assert run["llama"]["pp_tok_s"] == 500.0
+        assert run["llama"]["threads"] == 2
+        assert run["llama"]["gguf"] == f"tiny-L2-{GGUF_TYPES[run['dtype']]}.gguf"
+    table = format_table(results)
+    assert "llama.cpp q8_0 (2 threads): tg128 50.0 tok/s, pp128 500.0 tok/s" in table
+    plot_results(results, tmp_path / "bench.png")
+    assert (tmp_path / "bench.png").read_bytes().startswith(b"\x89PNG")
+
+
+def test_a_missing_gguf_file_says_how_to_make_it(tmp_path):
+    llama = LlamaPeer(tmp_path / "llama-bench", tmp_path, "nothing", threads=2)
+    (tmp_path / "llama-bench").write_text("")
+    with pytest.raises(FileNotFoundError, match="build_llama_cpp.sh convert"):
+        run_benchmarks(TINY_BENCH, ["fp32"], [1], [], new_tokens=2, repeats=1, contexts=[], progress=False, llama=llama)
+
+
+def test_llama_bench_runs_with_our_thread_count_and_reads_pp_and_tg():
+    command = llama_bench_command("llama-bench", "m.gguf", threads=2, prompt_len=128, new_tokens=128, repeats=3)
+    assert command[command.index("-t") + 1] == "2"
+    report = json.dumps([
+        dict(n_prompt=128, n_gen=0, avg_ts=658.0, stddev_ts=3.0, n_threads=2),
+        dict(n_prompt=0, n_gen=128, avg_ts=135.1, stddev_ts=1.0, n_threads=2),
+    ])  # fmt: skip
+    figures = parse_llama_bench_json(report, 128, 128)
+    assert (figures["pp_tok_s"], figures["tg_tok_s"]) == (658.0, 135.1)
+    with pytest.raises(ValueError, match="not pp512 and tg128"):
+        parse_llama_bench_json(report, 512, 128)
+
+
+def test_the_model_written_for_llama_cpp_holds_the_benchs_own_weights(tmp_path):
+    """Same preset, layers, std and seed: the GGUF files are conversions of what bench measures."""
+    vocab = tmp_path / "vocab"
+    vocab.mkdir()
+    (vocab / "vocab.json").write_text(json.dumps({f"t{i}": i for i in range(50257)}))
+    (vocab / "merges.txt").write_text("#version: 0.2\n")
+    stem = write_bench_model(tmp_path / "model", "distilgpt2", 1, vocab)
+    assert stem == bench_model_stem("distilgpt2", 1)
+    config_json = json.loads((tmp_path / "model" / "config.json").read_text())
+    assert config_json["n_ctx"] == 1024
+    assert config_json["n_layer"] == 1
+    state, _ = make_models(GPT2Config(n_layer=1))
+    written = load_weights(tmp_path / "model", pack=False)
+    np.testing.assert_array_equal(np.asarray(written.blocks[0].fc_w_DF), state["h.0.mlp.c_fc.weight"])
+    np.testing.assert_array_equal(np.asarray(written.wte_VD), state["wte.weight"])
 
 
 def test_bench_refuses_a_cuda_torch_device_that_torch_cannot_see(monkeypatch, capsys):

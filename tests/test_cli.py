@@ -118,6 +118,19 @@ def test_generate_with_narrow_weights_equals_the_library_at_that_dtype(dtype_nam
     assert capsys.readouterr().out == "Hello" + tokenizer.decode(new_ids, skip_special_tokens=False) + "\n"
 
 
+def test_generate_with_a_bf16_cache_equals_the_library_with_that_cache(tiny_model_dir, capsys):
+    from jax_gpt2 import load_config, load_weights
+    from jax_gpt2.generate import generate
+    from jax_gpt2.tokenizer import encode, load_tokenizer
+
+    tokenizer, config = load_tokenizer(tiny_model_dir), load_config(tiny_model_dir)
+    weights = load_weights(tiny_model_dir)
+    new_ids = generate([encode(tokenizer, "Hello")], weights, config, max_new_tokens=8, kv_dtype=jnp.bfloat16)[0]
+    args = ["generate", "Hello", "--model", str(tiny_model_dir), "--max-new-tokens", "8", "--ignore-eos"]
+    assert main([*args, "--kv-dtype", "bf16"]) == 0
+    assert capsys.readouterr().out == "Hello" + tokenizer.decode(new_ids, skip_special_tokens=False) + "\n"
+
+
 def test_generate_ends_the_text_at_a_stop_string(tiny_model_dir, capsys):
     args = ["generate", "Hello", "--model", str(tiny_model_dir), "--max-new-tokens", "12", "--ignore-eos"]
     assert main(args) == 0
@@ -142,7 +155,7 @@ def test_generate_bad_sampling_value_is_one_clear_line(tiny_model_dir, capsys):
     assert main(["generate", "Hi", "--model", str(tiny_model_dir), "--top-p", "1.5"]) == 2
     captured = capsys.readouterr()
     assert captured.out == ""
-    assert captured.err.strip() == "jax-gpt2 generate: error: top_p must be None or in (0, 1]; got 1.5"
+    assert captured.err.strip() == "jax-gpt2 generate: error: top_p must be in (0, 1] (1 is off); got 1.5"
 
 
 def test_cli_commands_write_jax_persistent_compilation_cache(tiny_model_dir, tmp_path):

@@ -3,26 +3,23 @@ gives for the same prompt and settings (greedy, and sampled with the same seed a
 they join; stop strings, max_tokens, eos and cancellation free their slots; a full queue refuses;
 logprobs are the model's; once warmed up, load compiles nothing new."""
 
+import dataclasses
+
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import checkpoints
 from checkpoints import TINY, hf_config, random_hf_model, save_safetensors
 from jax_gpt2 import load_config, load_weights
-from jax_gpt2.engine import (
-    SERVER_FLAGS,
-    Engine,
-    EngineClosed,
-    Event,
-    QueueFull,
-    SequenceRequest,
-    compiled_count,
-    serve_buckets,
-)
-from jax_gpt2.generate import generate
+from jax_gpt2.generate import generate, prefill
 from jax_gpt2.model import gpt2_forward
 from jax_gpt2.random_model import train_tokenizer
-from jax_gpt2.sampling import flags_for, next_tokens, sampling_params
+from jax_gpt2.sampling import SamplingSettings, flags_for, next_tokens, runtime_flags, sampling_params
+from jax_gpt2.serve import slots
+from jax_gpt2.serve.engine import Engine, EngineClosed, Event, QueueFull, SequenceRequest
+from jax_gpt2.serve.slots import PREFIX_BLOCK, compiled_count, empty_staging
 from jax_gpt2.tokenizer import encode, load_tokenizer
 
 MAX_ROUNDS = 500  # every test run ends long before; a scheduling bug fails instead of hanging
@@ -37,9 +34,19 @@ def model(tmp_path_factory):
     return load_weights(folder), load_config(folder), load_tokenizer(folder)
 
 
-def make_engine(model, **overrides) -> Engine:
-    weights, config, tokenizer = model
-    return Engine(weights, config, tokenizer, **{"max_batch": 2, "max_seq_len": 64, "max_queue": 16, **overrides})
+@pytest.fixture(scope="module")
+def long_model(tmp_path_factory):
+    """The same kind of model with 256 positions: room for prompts of several prefix blocks."""
+    folder = tmp_path_factory.mktemp("tiny-engine-long")
+    vocab_size = train_tokenizer(folder, 300)
+    save_safetensors(random_hf_model(hf_config(**{**TINY, "vocab_size": vocab_size, "n_positions": 256}), 0.3), folder)
+    return load_weights(folder), load_config(folder), load_tokenizer(folder)
+
+
+def make_engine(model, config=None, **overrides) -> Engine:
+    weights, model_config, tokenizer = model
+    settings = {"max_batch": 2, "max_seq_len": model_config.n_positions, "max_queue": 16, **overrides}
+    return Engine(weights, config or model_config, tokenizer, **settings)
 
 
 class Collector:
@@ -68,13 +75,19 @@ def run_until_idle(engine: Engine) -> int:
     raise AssertionError(f"the engine was still busy after {MAX_ROUNDS} rounds")
 
 
+def sequence(prompt_ids, max_tokens: int, index: int = 0, num_logprobs=None, **settings) -> SequenceRequest:
+    settings = SamplingSettings(max_new_tokens=max_tokens, **settings)
+    return SequenceRequest(tuple(prompt_ids), settings, index=index, num_logprobs=num_logprobs)
+
+
 def reference(model, request: SequenceRequest) -> list[int]:
     """What generate makes for this sequence alone (row `index` of a batch of copies), eos dropped."""
     weights, config, _ = model
+    s = request.settings
     rows = generate(
-        [list(request.prompt_ids)] * (request.index + 1), weights, config, max_new_tokens=request.max_tokens,
-        temperature=request.temperature, top_k=request.top_k or None, top_p=request.top_p, min_p=request.min_p or None,
-        repetition_penalty=request.repetition_penalty, eos_token_id=config.eos_token_id, seed=request.seed,
+        [list(request.prompt_ids)] * (request.index + 1), weights, config, max_new_tokens=s.max_new_tokens,
+        temperature=s.temperature, top_k=s.top_k, top_p=s.top_p, min_p=s.min_p,
+        repetition_penalty=s.repetition_penalty, eos_token_id=config.eos_token_id, seed=s.seed,
     )  # fmt: skip
     ids = rows[request.index]
     return ids[:-1] if ids and ids[-1] == config.eos_token_id else ids
@@ -86,7 +99,7 @@ PROMPTS = ["Hello world", "The quick brown fox jumps over", "A", "Keys and value
 def test_greedy_sequences_equal_generate_while_slots_are_reused(model):
     engine = make_engine(model)
     tokenizer = model[2]
-    requests = [SequenceRequest(tuple(encode(tokenizer, p)), max_tokens=3 + 4 * i) for i, p in enumerate(PROMPTS)]
+    requests = [sequence(encode(tokenizer, p), max_tokens=3 + 4 * i) for i, p in enumerate(PROMPTS)]
     collector = Collector()
     seq_ids = engine.submit(requests, collector)
     run_until_idle(engine)  # 5 sequences through 2 slots
@@ -94,9 +107,25 @@ def test_greedy_sequences_equal_generate_while_slots_are_reused(model):
         expected = reference(model, request)
         assert collector.ids(seq_id) == expected
         assert collector.text(seq_id) == tokenizer.decode(expected, skip_special_tokens=False)
-        assert collector.finish(seq_id) == ("length" if len(expected) == request.max_tokens else "stop")
+        assert collector.finish(seq_id) == ("length" if len(expected) == request.settings.max_new_tokens else "stop")
     assert engine.num_active == 0
     assert engine.num_queued == 0
+
+
+def test_a_bf16_cache_engine_gives_generates_bf16_cache_tokens(model):
+    weights, config, tokenizer = model
+    engine = make_engine(model, kv_dtype=jnp.bfloat16)
+    assert engine._slots.cache.k_LBNSH.dtype == jnp.bfloat16
+    assert engine._staging.k_LBNSH.dtype == jnp.bfloat16  # prefill chunks are written in the cache's dtype
+    requests = [sequence(encode(tokenizer, p), max_tokens=6) for p in PROMPTS[:3]]
+    collector = Collector()
+    seq_ids = engine.submit(requests, collector)
+    run_until_idle(engine)
+    for seq_id, request in zip(seq_ids, requests):
+        rows = generate([list(request.prompt_ids)], weights, config, max_new_tokens=6, kv_dtype=jnp.bfloat16,
+                        eos_token_id=config.eos_token_id)  # fmt: skip
+        expected = rows[0][:-1] if rows[0] and rows[0][-1] == config.eos_token_id else rows[0]
+        assert collector.ids(seq_id) == expected
 
 
 def test_sequences_joining_mid_flight_with_mixed_settings_equal_generate(model):
@@ -104,10 +133,10 @@ def test_sequences_joining_mid_flight_with_mixed_settings_equal_generate(model):
     engine = make_engine(model, max_batch=3)
     ids = [tuple(encode(model[2], p)) for p in PROMPTS]
     waves = [
-        [SequenceRequest(ids[0], 20, temperature=1.0, seed=7), SequenceRequest(ids[1], 12)],
-        [SequenceRequest(ids[2], 16, temperature=0.8, top_k=20, seed=3, index=2)],
-        [SequenceRequest(ids[3], 10, temperature=1.2, top_p=0.9, min_p=0.05, seed=11, index=1),
-         SequenceRequest(ids[4], 14, repetition_penalty=1.5)],
+        [sequence(ids[0], 20, temperature=1.0, seed=7), sequence(ids[1], 12)],
+        [sequence(ids[2], 16, temperature=0.8, top_k=20, seed=3, index=2)],
+        [sequence(ids[3], 10, temperature=1.2, top_p=0.9, min_p=0.05, seed=11, index=1),
+         sequence(ids[4], 14, repetition_penalty=1.5)],
     ]  # fmt: skip
     collector, submitted = Collector(), []
     for wave in waves:
@@ -119,17 +148,19 @@ def test_sequences_joining_mid_flight_with_mixed_settings_equal_generate(model):
         assert collector.ids(seq_id) == reference(model, request), request
 
 
-def test_greedy_rows_under_all_enabled_flags_are_exactly_greedy():
-    """The server always runs every sampler stage; temperature 0 and penalty 1 rows must still be argmax."""
+def test_greedy_rows_beside_sampling_rows_are_exactly_greedy():
+    """A batch with a sampling, filtering, penalizing row runs every sampler stage; its temperature 0,
+    penalty 1 rows must still take the argmax."""
     logits_BV = jax.random.normal(jax.random.PRNGKey(0), (64, 300)) * 5
     logits_BV = logits_BV.at[:, 7].set(logits_BV.max(axis=1))  # ties: argmax picks the first, both ways
     seen_BV = jax.random.bernoulli(jax.random.PRNGKey(1), 0.2, (64, 300))
     keys_B = jax.random.split(jax.random.PRNGKey(2), 64)
-    params = sampling_params(64, temperature=0.0, top_k=0, top_p=1.0, min_p=0.0, repetition_penalty=1.0)
-    greedy_B = next_tokens(logits_BV, seen_BV, params, keys_B, flags_for(0.0))
-    assert not flags_for(0.0).sample
-    np.testing.assert_array_equal(next_tokens(logits_BV, seen_BV, params, keys_B, SERVER_FLAGS), greedy_B)
-    np.testing.assert_array_equal(greedy_B, np.argmax(logits_BV, axis=1))
+    rows = [SamplingSettings()] * 63 + [SamplingSettings(temperature=1.0, top_p=0.5, repetition_penalty=1.3)]
+    params = sampling_params(rows)
+    active_B = jnp.ones((64,), bool)
+    mixed_B = jax.jit(lambda p: next_tokens(logits_BV, seen_BV, p, keys_B, runtime_flags(p, active_B)))(params)
+    assert flags_for(rows).sample
+    np.testing.assert_array_equal(np.asarray(mixed_B)[:63], np.argmax(logits_BV, axis=1)[:63])
 
 
 def test_logprobs_are_the_models_log_softmax_over_the_picked_distribution(model):
@@ -137,7 +168,7 @@ def test_logprobs_are_the_models_log_softmax_over_the_picked_distribution(model)
     engine = make_engine(model)
     prompt = encode(tokenizer, "Hello world")
     collector = Collector()
-    [seq_id] = engine.submit([SequenceRequest(tuple(prompt), 6, num_logprobs=3)], collector)
+    [seq_id] = engine.submit([sequence(prompt, 6, num_logprobs=3)], collector)
     run_until_idle(engine)
     generated = collector.ids(seq_id)
     logprobs = [lp for event in collector.events[seq_id] for lp in event.logprobs]
@@ -156,11 +187,11 @@ def test_a_stop_string_ends_the_text_there_and_frees_the_slot(model):
     engine = make_engine(model, max_batch=1)
     prompt = tuple(encode(model[2], "The quick brown fox jumps over"))
     collector = Collector()
-    [free_id] = engine.submit([SequenceRequest(prompt, 16)], collector)
+    [free_id] = engine.submit([sequence(prompt, 16)], collector)
     run_until_idle(engine)
     full = collector.text(free_id)
     stop = full[3:5]
-    [stopped_id, next_id] = engine.submit([SequenceRequest(prompt, 16, stops=(stop,)), SequenceRequest(prompt, 4)], collector)
+    [stopped_id, next_id] = engine.submit([sequence(prompt, 16, stop=(stop,)), sequence(prompt, 4)], collector)
     run_until_idle(engine)
     assert collector.text(stopped_id) == full[: full.index(stop)]
     assert collector.finish(stopped_id) == "stop"
@@ -171,7 +202,7 @@ def test_cancel_frees_a_running_slot_and_drops_a_waiting_sequence(model):
     engine = make_engine(model, max_batch=1)
     prompt = tuple(encode(model[2], "Hello"))
     collector = Collector()
-    running, waiting, last = engine.submit([SequenceRequest(prompt, 40)] * 3, collector)
+    running, waiting, last = engine.submit([sequence(prompt, 40)] * 3, collector)
     engine.step()
     assert engine.num_active == 1
     assert engine.num_queued == 2
@@ -183,40 +214,58 @@ def test_cancel_frees_a_running_slot_and_drops_a_waiting_sequence(model):
     assert (engine.num_active, engine.num_queued) == (0, 0)
 
 
-def test_a_full_queue_refuses_and_bad_requests_raise_value_errors(model):
+def test_a_full_engine_refuses_and_bad_requests_raise_value_errors(model):
     engine = make_engine(model, max_batch=1, max_queue=2)
     prompt = tuple(encode(model[2], "Hello"))
-    engine.submit([SequenceRequest(prompt, 4)] * 2, Collector())
+    engine.submit([sequence(prompt, 4)] * 3, Collector())  # one slot and a waiting room of two
     with pytest.raises(QueueFull):
-        engine.submit([SequenceRequest(prompt, 4)], Collector())
+        engine.submit([sequence(prompt, 4)], Collector())
     for bad, message in [
-        (SequenceRequest((), 4), "empty"),
-        (SequenceRequest((1, 9999), 4), r"\[0, "),
-        (SequenceRequest(prompt, 0), "max_tokens"),
-        (SequenceRequest(prompt, 64), "context is 64 tokens"),
-        (SequenceRequest(prompt, 4, temperature=-1.0), "temperature"),
-        (SequenceRequest(prompt, 4, top_p=0.0), "top_p"),
-        (SequenceRequest(prompt, 4, min_p=1.5), "min_p"),
-        (SequenceRequest(prompt, 4, repetition_penalty=0.0), "repetition_penalty"),
-        (SequenceRequest(prompt, 4, seed=2**32), "seed"),
-        (SequenceRequest(prompt, 4, num_logprobs=6), "logprobs"),
+        (sequence((), 4), "empty"),
+        (sequence((1, 9999), 4), r"\[0, "),
+        (sequence(prompt, 64), "context is 64 tokens"),
+        (SequenceRequest(prompt, SamplingSettings(max_new_tokens=4), num_logprobs=6), "logprobs"),
+        (SequenceRequest(prompt, SamplingSettings(max_new_tokens=4), prompt_logprobs=-1), "logprobs"),
     ]:
         with pytest.raises(ValueError, match=message):
             engine.submit([bad], Collector())
+    with pytest.raises(ValueError, match="at most 3 sequences per request"):
+        engine.submit([sequence(prompt, 4)] * 4, Collector())
     run_until_idle(engine)
     engine.shutdown()
     with pytest.raises(EngineClosed):
-        engine.submit([SequenceRequest(prompt, 4)], Collector())
+        engine.submit([sequence(prompt, 4)], Collector())
+
+
+def test_max_queue_zero_takes_requests_while_slots_are_free_and_refuses_the_rest(model):
+    engine = make_engine(model, max_batch=2, max_queue=0)
+    prompt = tuple(encode(model[2], "Hello"))
+    collector = Collector()
+    [first, second] = engine.submit([sequence(prompt, 4)] * 2, collector)  # both slots
+    with pytest.raises(QueueFull):
+        engine.submit([sequence(prompt, 4)], collector)  # it would have to wait
+    run_until_idle(engine)
+    [third] = engine.submit([sequence(prompt, 4)], collector)  # a slot is free again
+    run_until_idle(engine)
+    assert collector.ids(first) == collector.ids(second) == collector.ids(third)
 
 
 def test_a_warm_engine_compiles_nothing_new_under_load(model):
-    engine = make_engine(model, max_batch=2)
-    assert serve_buckets(64) == [8, 16, 32, 64]
+    """Every prefill bucket, width, copy size and sampler setting is compiled at warm-up."""
+    engine = make_engine(model, max_batch=4, prefill_chunk=16)
+    assert engine.chunk_buckets == [8, 16]
+    assert engine.widths == [1, 2, 4]
     engine.warm_up()
     compiled = compiled_count()
-    lengths = [1, 5, 9, 17, 30, 33, 50]  # every bucket
-    requests = [SequenceRequest(tuple(range(1, n + 1)), 64 - n if n == 50 else 3, temperature=n % 2) for n in lengths]
+    lengths = [1, 5, 9, 17, 30, 33, 50]
+    requests = [
+        SequenceRequest(tuple(range(1, n + 1)), SamplingSettings(max_new_tokens=64 - n if n == 50 else 3 + n % 7,
+                        temperature=n % 2, top_k=n % 3, repetition_penalty=1 + n % 2 / 2),
+                        num_logprobs=n % 3 or None, prompt_logprobs=n % 4 or None)  # fmt: skip
+        for n in lengths
+    ]
     engine.submit(requests, Collector())
+    engine.submit([SequenceRequest((3, 4, 5), SamplingSettings(max_new_tokens=0), prompt_logprobs=2)], Collector())
     run_until_idle(engine)
     assert compiled_count() == compiled
 
@@ -226,7 +275,110 @@ def test_the_background_thread_drains_every_submitted_sequence_on_shutdown(model
     prompt = tuple(encode(model[2], "Hello"))
     collector = Collector()
     engine.start()
-    seq_ids = engine.submit([SequenceRequest(prompt, 12)] * 5, collector)
+    seq_ids = engine.submit([sequence(prompt, 12)] * 5, collector)
     engine.shutdown(drain=True, timeout=120)
     assert [collector.finish(seq_id) for seq_id in seq_ids].count(None) == 0
     assert all(collector.ids(seq_id) == collector.ids(seq_ids[0]) for seq_id in seq_ids)
+
+
+def test_after_the_drain_timeout_running_sequences_end_with_an_error_event(model):
+    engine = make_engine(model, max_batch=1)
+    prompt = tuple(encode(model[2], "Hello"))
+    collector = Collector()
+    running, waiting = engine.submit([sequence(prompt, 60)] * 2, collector)
+    engine.step()
+    engine.begin_drain(timeout_s=0)
+    with pytest.raises(EngineClosed):
+        engine.submit([sequence(prompt, 4)], collector)
+    engine.start()
+    engine.shutdown(drain=True, timeout=120)
+    for seq_id in (running, waiting):
+        assert collector.finish(seq_id) == "error"
+        assert "shutting down" in collector.events[seq_id][-1].error
+    assert len(collector.ids(running)) < 60
+    assert (engine.num_active, engine.num_queued) == (0, 0)
+
+
+def test_a_lone_sequence_decodes_at_width_one_and_a_survivor_moves_down(model, monkeypatch):
+    """One sequence runs at batch 1. Three run at width 4; when the two in rows 0 and 1 end, the one in
+    row 2 moves to row 0 and runs at width 1 again, its tokens unchanged by the move."""
+    config = dataclasses.replace(model[1], eos_token_id=None)  # sequences run to their max_tokens
+    engine = make_engine(model, config, max_batch=4)
+    widths, decode_chunk = [], slots.decode_chunk_jit
+    monkeypatch.setattr(slots, "decode_chunk_jit", lambda *args: widths.append(args[4]) or decode_chunk(*args))
+    prompt = encode(model[2], "Hello world")
+    collector = Collector()
+    [lone] = engine.submit([sequence(prompt, 9)], collector)
+    run_until_idle(engine)
+    assert set(widths) == {1}
+    widths.clear()
+    short, other, survivor = engine.submit([sequence(prompt, 5), sequence(prompt, 5), sequence(prompt, 30)], collector)
+    run_until_idle(engine)
+    assert 4 in widths
+    assert widths[-3:] == [1, 1, 1]
+    weights = model[0]
+    [alone] = generate([prompt], weights, config, max_new_tokens=30)
+    assert collector.ids(survivor) == alone
+    assert collector.ids(lone) == alone[:9]
+    assert collector.ids(short) == collector.ids(other) == alone[:5]
+
+
+def test_a_prompt_prefilled_in_chunks_has_the_cache_and_logits_of_a_whole_prefill(long_model):
+    """Chunks of 16, 16 and 5 (padded to 8) against one pass over all 37 tokens, at the parity bar."""
+    weights, config, _ = long_model
+    prompt = [int(t) for t in np.random.default_rng(0).integers(1, config.vocab_size, 37)]
+    staging, done = empty_staging(config, 64, jnp.float32), 0
+    for size, bucket in [(16, 16), (16, 16), (5, 8)]:
+        ids_1T = np.zeros((1, bucket), np.int32)
+        ids_1T[0, :size] = prompt[done : done + size]
+        staging, last_logits_1V, _ = slots.prefill_chunk_jit(
+            staging, ids_1T, np.int32(size), ids_1T, np.bool_(False), weights, config
+        )
+        done += size
+    whole = prefill(np.asarray([prompt]), np.zeros((1,), np.int32), np.zeros((1, 2), np.uint32), weights, config, 64)
+    assert int(staging.end_B[0]) == 37
+    for chunked, full in [(staging.k_LBNSH, whole.cache.k_LBNSH), (staging.v_LBNSH, whole.cache.v_LBNSH)]:
+        full_37 = np.asarray(full[:, :, :, :37])
+        assert np.abs(np.asarray(chunked[:, :, :, :37]) - full_37).max() <= checkpoints.logit_tolerance(full_37)
+    reference = np.asarray(whole.logits_BV)
+    assert np.abs(np.asarray(last_logits_1V) - reference).max() <= checkpoints.logit_tolerance(reference)
+
+
+def test_prompt_logprobs_are_the_log_softmax_of_the_full_forward(long_model):
+    """A scoring-only sequence (max_tokens 0) prefilled in chunks of 8: entry j is log p(token j | tokens < j)."""
+    weights, config, tokenizer = long_model
+    engine = make_engine(long_model, prefill_chunk=8)
+    prompt = encode(tokenizer, "The quick brown fox jumps over the lazy dog")
+    collector = Collector()
+    [seq_id] = engine.submit([SequenceRequest(tuple(prompt), SamplingSettings(max_new_tokens=0), prompt_logprobs=3)],
+                             collector)  # fmt: skip
+    run_until_idle(engine)
+    [event] = collector.events[seq_id]
+    assert (event.finish_reason, event.token_ids, event.text) == ("length", (), "")
+    entries = event.prompt_logprobs
+    assert [entry.token_id for entry in entries] == prompt
+    assert entries[0].logprob is None
+    expected_TV = np.asarray(jax.nn.log_softmax(gpt2_forward(np.asarray([prompt]), weights, config)[0]))
+    for j in range(1, len(prompt)):
+        assert entries[j].logprob == pytest.approx(expected_TV[j - 1, prompt[j]], abs=1e-4)
+        assert [alt for alt, _, _ in entries[j].top] == np.argsort(-expected_TV[j - 1])[:3].tolist()
+
+
+def test_a_shared_prefix_is_reused_and_gives_the_same_tokens(long_model):
+    """Two prompts sharing 150 tokens: the second restores two cached blocks (128 tokens) and prefills
+    the rest; its tokens equal an engine's without a prefix cache, and generate's."""
+    weights, config, _ = long_model
+    rng = np.random.default_rng(1)
+    shared = [int(t) for t in rng.integers(1, config.vocab_size, 150)]
+    first, second = shared + [5, 6, 7], shared + [8, 9]
+    with_cache, without = make_engine(long_model), make_engine(long_model, prefix_cache_mib=0)
+    outputs = []
+    for engine in (with_cache, without):
+        collector = Collector()
+        ids = [engine.submit([sequence(prompt, 12)], collector)[0] for prompt in (first, second)]
+        run_until_idle(engine)
+        outputs.append([collector.ids(seq_id) for seq_id in ids])
+    assert with_cache.reused_tokens == 2 * PREFIX_BLOCK
+    assert without.reused_tokens == 0
+    assert outputs[0] == outputs[1]
+    assert outputs[0][1] == reference(long_model, sequence(second, 12))

@@ -137,10 +137,11 @@ def test_a_new_prompt_length_inside_a_known_bucket_does_not_recompile(model):
         (dict(top_k=-1), "top_k"),
         (dict(top_p=0.0), "top_p"),
         (dict(top_p=1.5), "top_p"),
-        (dict(min_p=0.0), "min_p"),
+        (dict(min_p=-0.1), "min_p"),
         (dict(min_p=2.0), "min_p"),
         (dict(repetition_penalty=0.0), "repetition_penalty"),
-        (dict(max_new_tokens=0), "max_new_tokens"),
+        (dict(max_new_tokens=-1), "max_new_tokens"),
+        (dict(seed=2**32), "seed"),
         (dict(eos_token_id=10_000), "eos_token_id"),
     ],
 )
@@ -148,6 +149,14 @@ def test_bad_arguments_raise_value_errors_that_name_them(model, arguments, messa
     _, weights, config = model
     with pytest.raises(ValueError, match=message):
         generate([[1, 2, 3]], weights, config, **{"max_new_tokens": 4, **arguments})
+
+
+def test_zero_new_tokens_make_nothing_after_the_same_checks(model):
+    _, weights, config = model
+    assert generate(PROMPTS, weights, config, max_new_tokens=0) == [[], [], [], []]
+    assert list(stream_generate(PROMPTS, weights, config, max_new_tokens=0)) == []
+    with pytest.raises(ValueError, match="outside"):
+        generate([[1, config.vocab_size]], weights, config, max_new_tokens=0)
 
 
 def test_bad_prompts_raise_value_errors(model):

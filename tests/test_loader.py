@@ -7,17 +7,20 @@ to its config.json, so each test changes exactly one thing.
 import json
 import shutil
 import time
+import warnings
 from pathlib import Path
 
+import jax.numpy as jnp
+import ml_dtypes
 import numpy as np
 import pytest
 import transformers
 from safetensors.numpy import save_file
 
 import checkpoints
-from jax_gpt2 import GPT2Config, ModelNotFoundError, PRESETS, gpt2_forward, load_config, load_weights
+from jax_gpt2 import GPT2Config, ModelNotFoundError, PRESETS, PackedMatrix, gpt2_forward, load_config, load_weights
 from jax_gpt2.config import config_from_hf_dict
-from jax_gpt2.loader import normalize_keys, read_state_dict, resolve_model_dir
+from jax_gpt2.loader import normalize_keys, read_state_dict, resolve_model_dir, weights_without_kernels
 
 
 def state_of(checkpoint) -> dict[str, np.ndarray]:
@@ -271,3 +274,62 @@ def test_unknown_hub_name_fails_fast_and_asks_for_a_local_folder(monkeypatch, tm
     with pytest.raises(ModelNotFoundError, match="pass a local folder"):
         resolve_model_dir("jax-gpt2-tests/no-such-model-anywhere")
     assert time.monotonic() - started < 30
+
+
+# --- without the kernels: no slow path for narrow dtypes ------------------------------------------
+
+MATRIX_KEYS = {"qkv_w_DE": "attn.c_attn", "attn_out_w_DD": "attn.c_proj", "fc_w_DF": "mlp.c_fc", "proj_w_FD": "mlp.c_proj"}
+
+
+def rounded(w_IO: np.ndarray, dtype: str) -> np.ndarray:
+    """The value each weight has in the narrow model, computed here apart from the library's packing:
+    bf16 round-to-nearest-even, or int8 symmetric per output column (scale max |w| / 127)."""
+    if dtype == "bfloat16":
+        return w_IO.astype(ml_dtypes.bfloat16).astype(np.float32)
+    scale_O = np.abs(w_IO).max(axis=0) / np.float32(127)
+    scale_O[scale_O == 0] = 1
+    return np.clip(np.rint(w_IO / scale_O), -127, 127) * scale_O
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "int8"])
+def test_narrow_weights_without_kernels_are_widened_once_to_their_rounded_values(dtype, tiny):
+    """XLA's CPU dot would widen a narrow matrix before every product (~1.6 GB/s): the loader widens
+    it once instead, to the very values the kernels would read, and says so."""
+    state = normalize_keys(read_state_dict(tiny.folder))
+    with pytest.warns(UserWarning, match=f"{dtype} weights widened to float32 at load"):
+        weights = load_weights(tiny.folder, dtype=dtype, pack=False)
+    assert not weights.use_kernels
+    for layer, block in enumerate(weights.blocks):
+        for field, key in MATRIX_KEYS.items():
+            w_IO = getattr(block, field)
+            assert not isinstance(w_IO, PackedMatrix)
+            assert w_IO.dtype == jnp.float32
+            np.testing.assert_array_equal(np.asarray(w_IO), rounded(state[f"h.{layer}.{key}.weight"], dtype))
+        np.testing.assert_array_equal(np.asarray(block.qkv_b_E), state[f"h.{layer}.attn.c_attn.bias"])  # not rounded
+    # The tied output projection is rounded like lm_head_DV would be; the embedding gather keeps wte.
+    np.testing.assert_array_equal(np.asarray(weights.wte_VD), state["wte.weight"])
+    np.testing.assert_array_equal(np.asarray(weights.lm_head_VD), rounded(state["wte.weight"].T, dtype).T)
+
+
+def test_float32_without_kernels_loads_as_is_and_without_a_warning(tiny):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        weights = load_weights(tiny.folder, pack=False)
+    assert not weights.use_kernels
+    assert weights.lm_head_VD is None  # tied: no second copy of wte
+    assert weights.blocks[0].qkv_w_DE.dtype == jnp.float32
+
+
+def test_on_an_accelerator_bf16_stays_bf16_and_int8_stays_packed_for_xla(tiny):
+    """A GPU's own bf16 dot is fast, and int8 tiles dequantize inside the fused dot: nothing to widen."""
+    float32 = load_weights(tiny.folder, pack=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        bf16 = weights_without_kernels(float32, jnp.dtype(jnp.bfloat16), "gpu")
+        int8 = weights_without_kernels(float32, jnp.dtype(jnp.int8), "gpu")
+    assert bf16.blocks[0].fc_w_DF.dtype == jnp.bfloat16
+    assert bf16.wte_VD.dtype == jnp.bfloat16
+    assert isinstance(int8.blocks[0].fc_w_DF, PackedMatrix)
+    assert int8.blocks[0].fc_w_DF.dtype == jnp.int8
+    assert not bf16.use_kernels
+    assert not int8.use_kernels

@@ -103,3 +103,27 @@ def test_cached_forward_leaves_the_old_cache_unchanged(tiny):
     assert (np.asarray(new_cache.end_B) == np.asarray(before.end_B) + 1).all()
     for old, kept in zip(jax.tree_util.tree_leaves(cache), jax.tree_util.tree_leaves(before), strict=True):
         np.testing.assert_array_equal(old, kept)
+
+
+@pytest.mark.parametrize("num_new", [1, 3])  # one token: the native decode attention where it runs; three: XLA's
+def test_the_first_rows_of_a_wider_cache_step_as_a_cache_of_only_those_rows(tiny, num_new):
+    """The server steps rows [0, B) of a cache that holds more: logits, keys and values equal those of a
+    cache of exactly B rows, and the rows past B are not touched."""
+    B, extra, S = 2, 3, 16
+    narrow = empty_cache(tiny.config, jnp.zeros((B,), jnp.int32), S)
+    _, narrow = gpt2_forward_cached(tiny.random_ids(B, 5), narrow, tiny.weights, tiny.config)
+    others = jax.random.normal(jax.random.PRNGKey(0), (2, tiny.config.n_layer, extra, *narrow.k_LBNSH.shape[2:]))
+    wide = narrow.__class__(
+        k_LBNSH=jnp.concatenate([narrow.k_LBNSH, others[0]], axis=1),
+        v_LBNSH=jnp.concatenate([narrow.v_LBNSH, others[1]], axis=1),
+        start_B=narrow.start_B,
+        end_B=narrow.end_B,
+    )
+    ids_BT = tiny.random_ids(B, num_new, seed=1)
+    narrow_logits_BTV, narrow = gpt2_forward_cached(ids_BT, narrow, tiny.weights, tiny.config)
+    wide_logits_BTV, wide = gpt2_forward_cached(ids_BT, wide, tiny.weights, tiny.config)
+    np.testing.assert_array_equal(np.asarray(wide_logits_BTV), np.asarray(narrow_logits_BTV))
+    np.testing.assert_array_equal(np.asarray(wide.k_LBNSH[:, :B]), np.asarray(narrow.k_LBNSH))
+    np.testing.assert_array_equal(np.asarray(wide.v_LBNSH[:, :B]), np.asarray(narrow.v_LBNSH))
+    np.testing.assert_array_equal(np.asarray(wide.k_LBNSH[:, B:]), np.asarray(others[0]))
+    np.testing.assert_array_equal(np.asarray(wide.v_LBNSH[:, B:]), np.asarray(others[1]))

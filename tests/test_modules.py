@@ -30,7 +30,7 @@ from transformers.activations import ACT2FN
 from transformers.models.gpt2.modeling_gpt2 import GPT2Attention, GPT2MLP
 
 import checkpoints
-from jax_gpt2 import kvcache, layers, native
+from jax_gpt2 import kernels, kvcache, layers
 from jax_gpt2.config import SUPPORTED_ACTIVATIONS, GPT2Config, config_from_hf_dict
 from jax_gpt2.model import attention_scale
 
@@ -57,15 +57,17 @@ def ours_activation(name: str, x_BTF) -> np.ndarray:
 def ours_mlp(x_BTD, hf_mlp: GPT2MLP, activation_name: str) -> np.ndarray:
     fc, proj = hf_mlp.c_fc, hf_mlp.c_proj  # Conv1D: weight is (in, out), as ours.
     out_BTD = layers.mlp(
-        jnp.asarray(x_BTD), as_jax(fc.weight), as_jax(fc.bias), as_jax(proj.weight), as_jax(proj.bias), activation_name
-    )
+        jnp.asarray(x_BTD), as_jax(fc.weight), as_jax(fc.bias), as_jax(proj.weight), as_jax(proj.bias), activation_name,
+        use_kernels=False,
+    )  # fmt: skip
     return np.asarray(out_BTD)
 
 
 def ours_qkv(x_BTD, hf_attention: GPT2Attention, config: GPT2Config):
     """q, k, v (B, T, N, H) of the fused c_attn projection."""
     B, T, _ = x_BTD.shape
-    qkv_BTE = layers.linear(jnp.asarray(x_BTD), as_jax(hf_attention.c_attn.weight), as_jax(hf_attention.c_attn.bias))
+    c_attn = hf_attention.c_attn
+    qkv_BTE = layers.linear(jnp.asarray(x_BTD), as_jax(c_attn.weight), as_jax(c_attn.bias), use_kernels=False)
     q_BTD, k_BTD, v_BTD = jnp.split(qkv_BTE, 3, axis=-1)
     shape_BTNH = (B, T, config.n_head, config.head_dim)
     return q_BTD.reshape(shape_BTNH), k_BTD.reshape(shape_BTNH), v_BTD.reshape(shape_BTNH)
@@ -74,7 +76,8 @@ def ours_qkv(x_BTD, hf_attention: GPT2Attention, config: GPT2Config):
 def ours_out_projection(attn_BTNH, hf_attention: GPT2Attention) -> np.ndarray:
     B, T, N, H = attn_BTNH.shape
     proj = hf_attention.c_proj
-    return np.asarray(layers.linear(attn_BTNH.reshape(B, T, N * H), as_jax(proj.weight), as_jax(proj.bias)))
+    out_BTD = layers.linear(attn_BTNH.reshape(B, T, N * H), as_jax(proj.weight), as_jax(proj.bias), use_kernels=False)
+    return np.asarray(out_BTD)
 
 
 def ours_attention_full(x_BTD, hf_attention, config, layer: int, start_B, block: int | None = None) -> np.ndarray:
@@ -106,8 +109,8 @@ def ours_attention_cached(x_BTD, cache: kvcache.KVCache, hf_attention, config, l
     v_LBNSH = kvcache.write_layer(cache.v_LBNSH, layer, cache.end_B, v_BTNH)
     scale = attention_scale(config, layer)
     if decode_kernel:
-        assert layers.can_use_decode_kernel(q_BTNH, k_LBNSH)
-        attn_BTNH = layers.decode_attention(q_BTNH, k_LBNSH, v_LBNSH, cache.start_B, cache.end_B, layer, scale)
+        assert layers.can_use_decode_kernel(q_BTNH, k_LBNSH, use_kernels=True)
+        attn_BTNH = kernels.decode_attention(q_BTNH, k_LBNSH, v_LBNSH, cache.start_B, cache.end_B, layer, scale)
     else:
         mask_BTS = kvcache.visible_mask(cache, T)
         attn_BTNH = layers.cached_attention(q_BTNH, k_LBNSH[layer], v_LBNSH[layer], mask_BTS, scale)
@@ -311,6 +314,6 @@ def test_cached_attention_matches_transformers_with_a_kv_cache(variant, assert_m
 
 
 def test_decode_attention_kernel_matches_transformers_with_a_kv_cache(assert_matches_transformers):
-    if not native.kernels_available():
+    if not kernels.kernels_available():
         pytest.skip("the native CPU kernels do not run here (no g++, not x86-64 Linux with AVX-512F, or not CPU)")
     incremental_attention_matches("default", [6, 1, 1, 1], decode_kernel=True, check=assert_matches_transformers)

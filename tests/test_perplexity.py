@@ -10,6 +10,7 @@ gives it; a window's first token has no context in it, so the text's first token
 import json
 import math
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
@@ -136,9 +137,10 @@ def text_model(tmp_path_factory):
 CLI_SETTINGS = ["--max-length", "32", "--stride", "16", "--batch-size", "4"]
 
 
-def library_perplexity(folder) -> tuple[float, int]:
+def library_perplexity(folder, kv_dtype=jnp.float32) -> tuple[float, int]:
     ids = encode(load_tokenizer(folder), TEXT)
-    return perplexity(ids, load_weights(folder), load_config(folder), max_length=32, stride=16, batch_size=4), len(ids)
+    weights, config = load_weights(folder), load_config(folder)
+    return perplexity(ids, weights, config, max_length=32, stride=16, batch_size=4, kv_dtype=kv_dtype), len(ids)
 
 
 def test_cli_prints_perplexity_token_count_and_speed(text_model, capsys):
@@ -174,3 +176,12 @@ def test_cli_narrow_weights_give_a_nearby_perplexity(dtype, text_model, capsys):
     assert result["dtype"] == dtype
     assert result["perplexity"] != expected  # the weights really were narrowed
     assert abs(math.log(result["perplexity"]) - math.log(expected)) <= 0.05 * math.log(expected)
+
+def test_cli_bf16_cache_gives_the_librarys_bf16_cache_perplexity(text_model, capsys):
+    folder, text_file = text_model
+    assert main(["perplexity", str(text_file), "--model", str(folder), *CLI_SETTINGS, "--kv-dtype", "bf16", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    expected, _ = library_perplexity(folder, jnp.bfloat16)
+    assert result["kv_dtype"] == "bf16"
+    assert abs(result["perplexity"] - expected) <= RELATIVE_TOLERANCE * expected
+    assert result["perplexity"] != library_perplexity(folder)[0]  # the cache really was bf16

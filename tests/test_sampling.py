@@ -17,9 +17,11 @@ from transformers.generation.logits_process import (
 
 from jax_gpt2.sampling import (
     SamplerFlags,
+    SamplingSettings,
     apply_repetition_penalty,
     flags_for,
     next_tokens,
+    runtime_flags,
     sampling_params,
     warp_for_sampling,
 )
@@ -72,15 +74,15 @@ def test_warping_keeps_exactly_the_tokens_transformers_keeps(logits_BV, settings
         warpers.append(MinPLogitsWarper(settings["min_p"]))
     for warper in warpers:
         scores = warper(None, scores)
-    params = sampling_params(B, **{"temperature": 1.0, **settings})
-    ours = warp_for_sampling(jnp.asarray(logits_BV), params, flags_for(**{"temperature": 1.0, **settings}))
+    rows = [SamplingSettings(**{"temperature": 1.0, **settings})] * B
+    ours = warp_for_sampling(jnp.asarray(logits_BV), sampling_params(rows), flags_for(rows))
     np.testing.assert_array_equal(kept(ours), kept(scores.numpy()))
     assert 1 < kept(ours).sum(axis=1).min()  # the case is not degenerate
     np.testing.assert_allclose(np.asarray(ours)[kept(ours)], scores.numpy()[kept(ours)], rtol=1e-6)
 
 
 def test_temperature_zero_rows_are_greedy_even_beside_sampling_rows(logits_BV):
-    params = sampling_params(B, temperature=1.0)
+    params = sampling_params([SamplingSettings(temperature=1.0)] * B)
     params = params.__class__(**{**params.__dict__, "temperature_B": jnp.array([0.0, 1.0, 0.0, 1.0])})
     keys_B = jax.random.split(jax.random.PRNGKey(0), B)
     flags = SamplerFlags(sample=True, filter=False, penalize=False)
@@ -95,8 +97,8 @@ def test_sampled_frequencies_follow_softmax_of_logits_over_temperature():
     temperature, draws = 0.7, 20_000
     logits_BV = jnp.broadcast_to(jnp.asarray(logits_V), (draws, logits_V.size))
     keys_B = jax.random.split(jax.random.PRNGKey(1234), draws)
-    params = sampling_params(draws, temperature=temperature)
-    flags = flags_for(temperature=temperature)
+    rows = [SamplingSettings(temperature=temperature)] * draws
+    params, flags = sampling_params(rows), flags_for(rows)
     tokens_B = np.asarray(next_tokens(logits_BV, jnp.zeros(logits_BV.shape, bool), params, keys_B, flags))
     observed = np.bincount(tokens_B, minlength=logits_V.size)
 
@@ -107,3 +109,53 @@ def test_sampled_frequencies_follow_softmax_of_logits_over_temperature():
     assert stats.chisquare(observed, expected_counts(logits_V / temperature)).pvalue > 0.001
     # and the test has power: the untempered softmax is rejected
     assert stats.chisquare(observed, expected_counts(logits_V)).pvalue < 1e-6
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        dict(temperature=0.0),
+        dict(temperature=0.0, repetition_penalty=1.3),
+        dict(temperature=0.8, top_k=20),
+        dict(temperature=1.1, top_p=0.8, min_p=0.02, repetition_penalty=1.2),
+    ],
+)
+def test_flags_decided_at_run_time_pick_what_static_flags_pick(logits_BV, settings):
+    """The server's compiled step decides each stage with lax.cond from the rows' values; the tokens
+    (greedy, or drawn with the same keys) equal those of the step whose stages are fixed on the host."""
+    rows = [SamplingSettings(**settings)] * B
+    params = sampling_params(rows)
+    seen_BV = jax.random.bernoulli(jax.random.PRNGKey(1), 0.2, (B, V))
+    keys_B = jax.random.split(jax.random.PRNGKey(2), B)
+    static = next_tokens(jnp.asarray(logits_BV), seen_BV, params, keys_B, flags_for(rows))
+    active_B = jnp.ones((B,), bool)
+    traced = jax.jit(lambda p: next_tokens(jnp.asarray(logits_BV), seen_BV, p, keys_B, runtime_flags(p, active_B)))(params)
+    np.testing.assert_array_equal(np.asarray(traced), np.asarray(static))
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("max_new_tokens", -1), ("max_new_tokens", 2.5), ("temperature", -0.1), ("temperature", float("nan")),
+        ("top_k", -1), ("top_k", 1.5), ("top_p", 0.0), ("top_p", 1.5), ("min_p", -0.1), ("min_p", 2.0),
+        ("repetition_penalty", 0.0), ("seed", -1), ("seed", 2**32), ("stop", ("",)), ("stop", ["x"]),
+    ],
+)  # fmt: skip
+def test_settings_out_of_range_raise_one_error_that_names_the_field(field, value):
+    with pytest.raises(ValueError, match=field) as caught:
+        SamplingSettings(**{field: value})
+    assert caught.value.field == field
+
+
+def test_off_values_are_valid_settings():
+    settings = SamplingSettings(max_new_tokens=0, top_k=0, top_p=1.0, min_p=0.0, repetition_penalty=1.0, seed=2**32 - 1)
+    assert flags_for([settings]) == SamplerFlags(sample=False, filter=False, penalize=False)
+
+
+def test_an_inactive_rows_settings_switch_no_stage_on():
+    """A finished sequence's row keeps its settings; the server's step must not sort for it."""
+    params = sampling_params([SamplingSettings(temperature=0.9, top_p=0.5, repetition_penalty=1.2), SamplingSettings()])
+    flags = runtime_flags(params, jnp.array([False, True]))
+    assert (bool(flags.sample), bool(flags.filter), bool(flags.penalize)) == (False, False, False)
+    flags = runtime_flags(params, jnp.array([True, True]))
+    assert (bool(flags.sample), bool(flags.filter), bool(flags.penalize)) == (True, True, True)

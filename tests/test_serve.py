@@ -8,7 +8,6 @@ import asyncio
 import contextlib
 import dataclasses
 import json
-import os
 import signal
 import socket
 import subprocess
@@ -17,20 +16,25 @@ import threading
 import time
 
 import httpx
+import numpy as np
 import openai
 import pytest
+import torch
 import uvicorn
+from prometheus_client.parser import text_string_to_metric_families
 
 from checkpoints import TINY, hf_config, random_hf_model, save_safetensors
 from jax_gpt2 import load_config, load_weights
-from jax_gpt2.engine import Engine, compiled_count
 from jax_gpt2.generate import generate
 from jax_gpt2.random_model import train_tokenizer
-from jax_gpt2.server import chat_prompt, create_app, ChatMessage
+from jax_gpt2.serve.engine import Engine
+from jax_gpt2.serve.slots import compiled_count
+from jax_gpt2.serve.protocol import ChatMessage
+from jax_gpt2.serve.routes import ServerLimits, chat_prompt, create_app
 from jax_gpt2.tokenizer import IncrementalDecoder, encode, load_tokenizer
 
 MODEL_ID = "tiny-gpt2"
-CONTEXT = 64
+CONTEXT = 128
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,14 +43,16 @@ class Model:
     weights: object
     config: object
     tokenizer: object
+    hf: object  # the transformers model the checkpoint was written from
 
 
 @pytest.fixture(scope="module")
 def model(tmp_path_factory) -> Model:
     folder = tmp_path_factory.mktemp("tiny-serve")
     vocab_size = train_tokenizer(folder, 300)
-    save_safetensors(random_hf_model(hf_config(**{**TINY, "vocab_size": vocab_size, "n_positions": CONTEXT}), 0.3), folder)
-    return Model(folder, load_weights(folder), load_config(folder), load_tokenizer(folder))
+    hf = random_hf_model(hf_config(**{**TINY, "vocab_size": vocab_size, "n_positions": CONTEXT}), 0.3)
+    save_safetensors(hf, folder)
+    return Model(folder, load_weights(folder), load_config(folder), load_tokenizer(folder), hf)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,18 +62,18 @@ class Running:
     server: uvicorn.Server
     thread: threading.Thread
 
-    def client(self) -> openai.OpenAI:
-        return openai.OpenAI(base_url=f"{self.url}/v1", api_key="unused", max_retries=0, timeout=60)
+    def client(self, api_key: str = "unused") -> openai.OpenAI:
+        return openai.OpenAI(base_url=f"{self.url}/v1", api_key=api_key, max_retries=0, timeout=60)
 
 
 @contextlib.contextmanager
-def running_server(model: Model, config=None, **engine_settings):
+def running_server(model: Model, config=None, limits=None, api_key=None, **engine_settings):
     """uvicorn on a free loopback port in a thread, the engine warmed up first."""
     engine = Engine(model.weights, config or model.config, model.tokenizer, **engine_settings)
     engine.warm_up()
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(create_app(engine, MODEL_ID), log_level="warning"))
+    server = uvicorn.Server(uvicorn.Config(create_app(engine, MODEL_ID, limits, api_key), log_level="warning"))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     for _ in range(600):
@@ -84,7 +90,8 @@ def running_server(model: Model, config=None, **engine_settings):
 
 @pytest.fixture(scope="module")
 def server(model):
-    with running_server(model, max_batch=4, max_seq_len=CONTEXT, max_queue=32) as running:
+    limits = ServerLimits(max_body_bytes=1 << 20, max_n=8)
+    with running_server(model, limits=limits, max_batch=4, max_seq_len=CONTEXT, max_queue=32, prefill_chunk=16) as running:
         yield running
 
 
@@ -257,12 +264,14 @@ def test_a_full_queue_answers_503_with_retry_after(one_slot_server, monkeypatch)
     monkeypatch.setattr(engine, "step", lambda: gate.wait(30) and step())  # hold the engine between rounds
     body = {"model": MODEL_ID, "prompt": "Hello", "max_tokens": 4}
     with httpx.Client(base_url=one_slot_server.url, timeout=60) as http:
-        with http.stream("POST", "/v1/completions", json={**body, "stream": True}) as waiting:
-            assert waiting.status_code == 200
-            assert engine.num_queued == 1  # the one sequence the queue holds
+        with (http.stream("POST", "/v1/completions", json={**body, "stream": True}) as first,
+              http.stream("POST", "/v1/completions", json={**body, "stream": True}) as second):  # fmt: skip
+            assert (first.status_code, second.status_code) == (200, 200)
+            assert engine.num_queued == 2  # one for the slot, one in the queue of one
             refused = http.post("/v1/completions", json=body)
             gate.set()
-            assert "data: [DONE]" in waiting.read().decode()
+            assert "data: [DONE]" in first.read().decode()
+            assert "data: [DONE]" in second.read().decode()
         assert refused.status_code == 503
         assert refused.headers["retry-after"] == "1"
         assert refused.json()["error"]["code"] == "queue_full"
@@ -316,22 +325,28 @@ CHAT = {"model": MODEL_ID, "messages": [{"role": "user", "content": "Hi"}], "max
     [
         ("/v1/completions", "{not json", None),
         ("/v1/completions", {**GOOD, "model": "gpt-4"}, "model"),
-        ("/v1/completions", {**GOOD, "max_tokens": 0}, "max_tokens"),
+        ("/v1/completions", {**GOOD, "max_tokens": -1}, "max_tokens"),
         ("/v1/completions", {**GOOD, "max_tokens": CONTEXT}, "max_tokens"),  # prompt + max_tokens > context
-        ("/v1/completions", {**GOOD, "temperature": 2.5}, "temperature"),
+        ("/v1/completions", {**GOOD, "temperature": "hot"}, "temperature"),
         ("/v1/completions", {**GOOD, "temperature": -0.1}, "temperature"),
         ("/v1/completions", {**GOOD, "top_p": 0}, "top_p"),
         ("/v1/completions", {**GOOD, "top_k": -2}, "top_k"),
         ("/v1/completions", {**GOOD, "min_p": 1.5}, "min_p"),
         ("/v1/completions", {**GOOD, "repetition_penalty": 0}, "repetition_penalty"),
         ("/v1/completions", {**GOOD, "n": 0}, "n"),
+        ("/v1/completions", {**GOOD, "n": 9}, "n"),  # the server's limit
         ("/v1/completions", {**GOOD, "logprobs": 6}, "logprobs"),
         ("/v1/completions", {**GOOD, "seed": -1}, "seed"),
         ("/v1/completions", {**GOOD, "stop": ["a", "b", "c", "d", "e"]}, "stop"),
         ("/v1/completions", {**GOOD, "stop": ""}, "stop"),
         ("/v1/completions", {**GOOD, "prompt": []}, "prompt"),
         ("/v1/completions", {**GOOD, "prompt": 7}, "prompt"),
-        ("/v1/completions", {**GOOD, "echo": True, "logprobs": 1}, "echo"),
+        ("/v1/completions", {**GOOD, "prompt": [1, 99999]}, "prompt"),  # a token id outside the vocabulary
+        ("/v1/completions", {**GOOD, "prompt": [[1, 2], []]}, "prompt"),
+        ("/v1/completions", {**GOOD, "prompt": [1, "a"]}, "prompt"),
+        ("/v1/completions", {**GOOD, "prompt": [1] * CONTEXT}, "prompt"),  # the prompt alone fills the context
+        ("/v1/completions", {**GOOD, "prompt": [1] * 100, "max_tokens": 40}, "max_tokens"),  # together they do not fit
+        ("/v1/completions", {**GOOD, "prompt": "x" * 100_000}, "prompt"),  # can never fit: refused untokenized
         ("/v1/completions", {**GOOD, "frequency_penalty": 0.5}, "frequency_penalty"),
         ("/v1/completions", {"model": MODEL_ID}, "prompt"),
         ("/v1/chat/completions", {**CHAT, "messages": []}, "messages"),
@@ -351,7 +366,7 @@ def test_bad_input_is_a_400_with_an_openai_error_body(server, path, body, param)
 
 def test_the_openai_client_sees_a_400_as_bad_request_and_the_server_lives_on(server):
     with pytest.raises(openai.BadRequestError) as caught:
-        server.client().completions.create(model=MODEL_ID, prompt="Hello", max_tokens=4, temperature=9)
+        server.client().completions.create(model=MODEL_ID, prompt="Hello", max_tokens=4, temperature=-1)
     assert caught.value.status_code == 400
     assert httpx.get(f"{server.url}/health").status_code == 200
 
@@ -383,12 +398,6 @@ def test_shutdown_lets_open_streams_finish_with_queued_sequences_too(model, monk
         assert not running.engine._thread.is_alive()
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def test_the_cli_serves_and_exits_on_sigterm(model):
     port = free_port()
     command = [sys.executable, "-m", "jax_gpt2.cli", "serve", "--model", str(model.folder), "--port", str(port),
@@ -407,6 +416,283 @@ def test_the_cli_serves_and_exits_on_sigterm(model):
         process.send_signal(signal.SIGTERM)
         assert process.wait(60) in (0, -signal.SIGTERM)  # uvicorn re-raises the signal once shut down
         assert "Application shutdown complete" in process.stdout.read().decode()
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+
+def hf_log_softmax(model: Model, ids: list[int]) -> np.ndarray:
+    """log_softmax of transformers' float32 logits at every position of one prompt."""
+    with torch.no_grad():
+        logits_TV = model.hf(torch.tensor([ids])).logits[0].double()
+    return torch.log_softmax(logits_TV, dim=-1).numpy()
+
+
+def test_echo_with_logprobs_and_no_new_tokens_scores_token_id_prompts_as_transformers(server, model):
+    """Two token-id prompts, one choice each: the prompt's text, token 0 with null logprob, then
+    log p(token j | tokens < j) and the top 3, equal to transformers' float32 log_softmax within 1e-4."""
+    rng = np.random.default_rng(3)
+    prompts = [[int(t) for t in rng.integers(1, model.config.vocab_size, n)] for n in (21, 40)]
+    reply = server.client().completions.create(model=MODEL_ID, prompt=prompts, max_tokens=0, echo=True, logprobs=3)
+    assert [choice.index for choice in reply.choices] == [0, 1]
+    assert reply.usage.prompt_tokens == 61
+    assert reply.usage.completion_tokens == 0
+    for choice, ids in zip(reply.choices, prompts):
+        logprobs, expected_TV = choice.logprobs, hf_log_softmax(model, ids)
+        assert choice.text == model.tokenizer.decode(ids, skip_special_tokens=False)
+        assert choice.finish_reason == "length"
+        assert logprobs.tokens == [model.tokenizer.decode([t], skip_special_tokens=False) for t in ids]
+        assert logprobs.token_logprobs[0] is None
+        assert logprobs.top_logprobs[0] is None
+        assert logprobs.text_offset == list(np.cumsum([0] + [len(token) for token in logprobs.tokens[:-1]]))
+        for j in range(1, len(ids)):
+            assert logprobs.token_logprobs[j] == pytest.approx(expected_TV[j - 1, ids[j]], abs=1e-4)
+            top = {}  # {text: logprob} of the best 3; two tokens with one text (halves of a character) keep the better
+            for t in np.argsort(-expected_TV[j - 1])[:3]:
+                top.setdefault(model.tokenizer.decode([int(t)], skip_special_tokens=False), expected_TV[j - 1, t])
+            assert logprobs.top_logprobs[j].keys() == top.keys()
+            for text, value in top.items():
+                assert logprobs.top_logprobs[j][text] == pytest.approx(value, abs=1e-4)
+
+
+def test_the_lm_evaluation_harness_loglikelihood_request_reads_the_continuation(server, model):
+    """What lm-evaluation-harness's local-completions sends for loglikelihood (token ids, echo, logprobs 1,
+    max_tokens 1, temperature 0) and how it reads the reply: token_logprobs[ctxlen:-1] sums to the
+    continuation's log-likelihood under transformers, and is_greedy compares with top_logprobs' max."""
+    rng = np.random.default_rng(4)
+    contexts = [[int(t) for t in rng.integers(1, model.config.vocab_size, n)] for n in (12, 30)]
+    continuations = [[int(t) for t in rng.integers(1, model.config.vocab_size, 4)], None]
+    continuations[1] = [int(np.argmax(hf_log_softmax(model, contexts[1])[-1]))]  # a greedy one-token continuation
+    requests = [context + continuation for context, continuation in zip(contexts, continuations)]
+    body = {"model": MODEL_ID, "prompt": requests, "temperature": 0, "max_tokens": 1, "logprobs": 1, "seed": 1234,
+            "echo": True}  # fmt: skip
+    reply = httpx.post(f"{server.url}/v1/completions", json=body, timeout=60).json()
+    for choice, context, continuation, ids in zip(sorted(reply["choices"], key=lambda c: c["index"]), contexts,
+                                                  continuations, requests):  # fmt: skip
+        ctxlen = len(context)
+        token_logprobs = choice["logprobs"]["token_logprobs"][ctxlen:-1]
+        top_logprobs = choice["logprobs"]["top_logprobs"][ctxlen:-1]
+        expected_TV = hf_log_softmax(model, ids)
+        expected = sum(expected_TV[ctxlen - 1 + k, token] for k, token in enumerate(continuation))
+        assert sum(token_logprobs) == pytest.approx(expected, abs=1e-4 * len(continuation))
+        is_greedy = all(value == max(top.values()) for value, top in zip(token_logprobs, top_logprobs))
+        assert is_greedy == all(expected_TV[ctxlen - 1 + k].argmax() == t for k, t in enumerate(continuation))
+    assert len(reply["choices"][1]["logprobs"]["token_logprobs"]) == len(requests[1]) + 1  # the new token's too
+
+
+def test_echo_with_n_choices_gives_each_its_prompt_then_its_own_tokens(server, model):
+    client = server.client()
+    reply = client.completions.create(model=MODEL_ID, prompt="Hello world", max_tokens=5, echo=True, logprobs=1, n=2,
+                                      temperature=1.0, seed=9)  # fmt: skip
+    plain = client.completions.create(model=MODEL_ID, prompt="Hello world", max_tokens=5, n=2, temperature=1.0, seed=9)
+    num_prompt = len(encode(model.tokenizer, "Hello world"))
+    for echoed, alone in zip(reply.choices, plain.choices):
+        assert echoed.text == "Hello world" + alone.text
+        assert "".join(echoed.logprobs.tokens[:num_prompt]) == "Hello world"
+        assert len(echoed.logprobs.tokens) > num_prompt  # and the generated tokens' after them
+        assert echoed.logprobs.token_logprobs[0] is None
+        assert all(value <= 0 for value in echoed.logprobs.token_logprobs[1:])
+    streamed = list(client.completions.create(model=MODEL_ID, prompt="Hello world", max_tokens=5, echo=True,
+                                              logprobs=1, stream=True, temperature=0))  # fmt: skip
+    assert streamed[0].choices[0].text.startswith("Hello world")
+    assert streamed[0].choices[0].logprobs.token_logprobs[0] is None
+    assert streamed[0].choices[0].logprobs.text_offset[0] == 0
+
+
+def test_chat_logprobs_have_the_chat_api_shape(server):
+    chat = server.client().chat.completions.create(
+        model=MODEL_ID, messages=[{"role": "user", "content": "Hi"}], max_tokens=4, temperature=0, logprobs=True,
+        top_logprobs=3,
+    )  # fmt: skip
+    content = chat.choices[0].logprobs.content
+    assert 1 <= len(content) <= 4
+    for entry in content:
+        assert entry.bytes == list(entry.token.encode())
+        assert len(entry.top_logprobs) == 3
+        assert entry.top_logprobs[0].logprob == pytest.approx(entry.logprob)  # greedy: the chosen token is the best
+
+
+def test_a_prompt_prefilled_in_chunks_of_16_equals_generate(server, model):
+    """The server fixture prefills 16 tokens a round: a 100-token prompt takes 7 chunks, between decode rounds."""
+    prompt = ("The quick brown fox jumps over the lazy dog. " * 8)[:400]
+    ids = encode(model.tokenizer, prompt)
+    assert len(ids) > 3 * 16
+    ids = ids[: CONTEXT - 12]
+    reply = server.client().completions.create(model=MODEL_ID, prompt=ids, max_tokens=12, temperature=0)
+    eos = model.config.eos_token_id
+    [row] = generate([ids], model.weights, model.config, max_new_tokens=12, eos_token_id=eos)
+    row = row[: row.index(eos)] if eos in row else row
+    assert reply.choices[0].text == server_text(model, row)
+
+
+def test_a_shared_prefix_gives_the_same_output_with_and_without_reuse(model):
+    """The same long prompt through a server whose prefix cache holds it and one without a prefix cache."""
+    ids = [int(t) for t in np.random.default_rng(5).integers(1, model.config.vocab_size, 100)]
+    texts = []
+    for prefix_cache_mib in (16, 0):
+        with running_server(model, max_batch=2, max_seq_len=CONTEXT, prefix_cache_mib=prefix_cache_mib) as running:
+            client = running.client()
+            first = client.completions.create(model=MODEL_ID, prompt=ids, max_tokens=10, temperature=0).choices[0].text
+            second = client.completions.create(model=MODEL_ID, prompt=ids + [7], max_tokens=10, temperature=0)
+            texts.append((first, second.choices[0].text))
+            assert running.engine.reused_tokens == (64 if prefix_cache_mib else 0)
+    assert texts[0] == texts[1]
+
+
+def metric_values(url: str, headers=None) -> dict[tuple[str, tuple], float]:
+    """Every sample of GET /metrics, parsed by prometheus_client's own parser: (name, labels) -> value."""
+    text = httpx.get(f"{url}/metrics", headers=headers, timeout=60).text
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value for f in text_string_to_metric_families(text) for s in f.samples}
+
+
+def test_metrics_parse_as_prometheus_text_and_their_counters_move(server):
+    ok = ("jax_gpt2_requests_total", (("route", "/v1/completions"), ("status", "200")))
+    bad = ("jax_gpt2_requests_total", (("route", "/v1/completions"), ("status", "400")))
+    before = metric_values(server.url)
+    reply = server.client().completions.create(model=MODEL_ID, prompt="Hello world", max_tokens=6, temperature=0,
+                                               stream=True, stream_options={"include_usage": True})  # fmt: skip
+    usage = list(reply)[-1].usage
+    httpx.post(f"{server.url}/v1/completions", json={"model": MODEL_ID, "prompt": "x", "n": 0}, timeout=60)
+    after = metric_values(server.url)
+    assert after[ok] == before.get(ok, 0) + 1
+    assert after[bad] == before.get(bad, 0) + 1
+    key = lambda name: (name, ())  # noqa: E731
+    assert after[key("jax_gpt2_prompt_tokens_total")] - before[key("jax_gpt2_prompt_tokens_total")] == usage.prompt_tokens
+    assert after[key("jax_gpt2_generated_tokens_total")] - before[key("jax_gpt2_generated_tokens_total")] == usage.completion_tokens
+    ttft, itl = key("jax_gpt2_time_to_first_token_seconds_count"), key("jax_gpt2_inter_token_latency_seconds_count")
+    assert after[ttft] == before[ttft] + 1
+    assert after[itl] == before[itl] + usage.completion_tokens - 1
+    assert after[key("jax_gpt2_queue_depth")] == 0
+    assert after[key("jax_gpt2_active_sequences")] == 0
+
+
+def test_an_api_key_guards_every_route_but_health(model):
+    with running_server(model, api_key="s3cret", max_batch=2, max_seq_len=CONTEXT) as running:
+        with pytest.raises(openai.AuthenticationError) as caught:
+            running.client(api_key="wrong").completions.create(model=MODEL_ID, prompt="Hi", max_tokens=2)
+        assert caught.value.body["code"] == "invalid_api_key"
+        for path in ("/v1/models", "/metrics"):
+            assert httpx.get(f"{running.url}{path}", timeout=60).status_code == 401
+        assert httpx.get(f"{running.url}/health", timeout=60).status_code == 200
+        reply = running.client(api_key="s3cret").completions.create(model=MODEL_ID, prompt="Hi", max_tokens=2)
+        assert reply.choices[0].finish_reason in ("stop", "length")
+        assert metric_values(running.url, {"Authorization": "Bearer s3cret"})
+
+
+@pytest.mark.parametrize(
+    "path, body",
+    [
+        ("/v1/completions", '{"model": "tiny-gpt2", "prompt": "hi \\ud800", "max_tokens": 2}'),
+        ("/v1/completions", '{"model": "tiny-gpt2", "prompt": ["ok", "hi \\ud800"], "max_tokens": 2}'),
+        ("/v1/completions", '{"model": "tiny-gpt2", "prompt": "ok", "stop": ["\\udc00"], "max_tokens": 2}'),
+        ("/v1/chat/completions", '{"model": "tiny-gpt2", "messages": [{"role": "user", "content": "hi \\ud800"}]}'),
+    ],
+)
+def test_a_lone_surrogate_is_a_400_and_the_server_lives_on(server, path, body):
+    response = httpx.post(f"{server.url}{path}", content=body, headers={"content-type": "application/json"}, timeout=60)
+    assert response.status_code == 400, response.text
+    assert "surrogate" in response.json()["error"]["message"]
+    assert server.client().completions.create(model=MODEL_ID, prompt="ok", max_tokens=2).choices
+
+
+def test_unknown_routes_wrong_methods_and_broken_json_answer_in_the_openai_error_shape(server):
+    for response, status in [
+        (httpx.get(f"{server.url}/v1/nothing-here", timeout=60), 404),
+        (httpx.get(f"{server.url}/v1/completions", timeout=60), 405),
+        (httpx.post(f"{server.url}/v1/completions", content=b"\xff\xfe{", timeout=60), 400),
+        (httpx.post(f"{server.url}/v1/completions", json=[1, 2], timeout=60), 400),
+    ]:
+        assert response.status_code == status
+        error = response.json()["error"]
+        assert set(error) == {"message", "type", "param", "code"}
+        assert error["message"]
+
+
+def test_a_body_over_the_limit_is_refused_before_it_is_read_and_others_keep_going(server, model, monkeypatch):
+    """A 20 MB body announced by its Content-Length gets its 413 after 64 KiB of it were sent: the server
+    did not wait for the rest. Meanwhile /health answers and a running stream gets all its tokens."""
+    step = server.engine.step
+    monkeypatch.setattr(server.engine, "step", lambda: time.sleep(0.01) or step())
+    host, port = server.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=60) as raw, httpx.Client(base_url=server.url, timeout=60) as http:
+        with http.stream("POST", "/v1/completions", json={**GOOD, "max_tokens": 40, "stream": True}) as stream:
+            raw.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                        b"Content-Length: 20000000\r\n\r\n" + b'{"prompt": "' + b"The quick brown fox. " * 3000)  # fmt: skip
+            assert raw.recv(4096).startswith(b"HTTP/1.1 413")
+            assert http.get("/health").status_code == 200
+            assert "data: [DONE]" in stream.read().decode()
+    assert server.client().completions.create(model=MODEL_ID, prompt="ok", max_tokens=2).choices
+
+
+def test_a_50_MB_prompt_through_the_openai_client_is_a_413_and_the_next_request_is_served(server):
+    with pytest.raises(openai.APIStatusError) as caught:
+        server.client().completions.create(model=MODEL_ID, prompt="The quick brown fox. " * 2_500_000, max_tokens=2)
+    assert caught.value.status_code == 413
+    assert caught.value.body["code"] == "request_too_large"
+    assert server.client().completions.create(model=MODEL_ID, prompt="ok", max_tokens=2).choices
+
+
+def test_max_queue_zero_serves_while_a_slot_is_free(model):
+    with running_server(model, max_batch=1, max_seq_len=CONTEXT, max_queue=0) as running:
+        for _ in range(2):
+            assert running.client().completions.create(model=MODEL_ID, prompt="Hi", max_tokens=3).choices
+
+
+def serve_process(model: Model, *flags: str) -> tuple[subprocess.Popen, str]:
+    """`jax-gpt2 serve` in a subprocess, once /health answers."""
+    port = free_port()
+    command = [sys.executable, "-m", "jax_gpt2.cli", "serve", "--model", str(model.folder), "--port", str(port),
+               "--max-batch", "2", "--max-seq-len", str(CONTEXT), *flags]  # fmt: skip
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    for _ in range(480):
+        with contextlib.suppress(httpx.HTTPError):
+            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+                return process, f"http://127.0.0.1:{port}"
+        assert process.poll() is None, process.stdout.read().decode()
+        time.sleep(0.25)
+    process.kill()
+    raise AssertionError("the server did not start")
+
+
+def long_stream(url: str, model: Model, n: int = 1):
+    """A sampled stream of n choices of CONTEXT - 8 tokens each (the tiny model makes ~500 tokens/s:
+    n = 16 over 2 slots keeps the stream open for seconds, not a fraction of one)."""
+    body = {"model": str(model.folder), "prompt": "Hello", "max_tokens": CONTEXT - 8, "stream": True, "temperature": 1.0,
+            "seed": 1, "n": n}  # fmt: skip
+    return httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=120)
+
+
+def test_after_sigterm_the_drain_timeout_ends_open_streams_with_an_error_event(model):
+    process, url = serve_process(model, "--drain-timeout", "0", "--chunk-steps", "1")
+    try:
+        with long_stream(url, model) as response:
+            lines = response.iter_lines()
+            assert next(lines).startswith("data: ")
+            process.send_signal(signal.SIGTERM)
+            events = [line[len("data: ") :] for line in lines if line]
+        assert "[DONE]" not in events
+        assert "shutting down" in json.loads(events[-1])["error"]["message"]
+        assert process.wait(60) in (0, -signal.SIGTERM)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+
+def test_a_second_sigterm_exits_at_once(model):
+    process, url = serve_process(model, "--drain-timeout", "600", "--chunk-steps", "1")
+    try:
+        with long_stream(url, model, n=16) as response:
+            lines = (line for line in response.iter_lines() if line)
+            assert next(lines).startswith("data: ")
+            process.send_signal(signal.SIGTERM)
+            assert next(lines).startswith("data: ")  # the first signal drains: the stream goes on
+            assert process.poll() is None
+            process.send_signal(signal.SIGTERM)
+            assert process.wait(30) == -signal.SIGTERM  # uvicorn re-raises the signal it caught
+            with contextlib.suppress(httpx.HTTPError):
+                assert "data: [DONE]" not in list(lines)  # cut short, not finished
     finally:
         if process.poll() is None:
             process.kill()

@@ -5,19 +5,20 @@
     weights = load_weights("./my-gpt2")
     logits_BTV = gpt2_forward(input_ids_BT, weights, config)
 
-On x86-64 CPUs with AVX-512, load_weights packs the matrices for small C++ kernels (native.py,
-packed.py) that read each weight byte once per token; dtype=jnp.bfloat16 or jnp.int8 narrows them.
+On x86-64 and aarch64 CPUs, where the C++ kernels (kernels/) build and run, load_weights packs the
+matrices for them (they read each weight byte once per token) and records that choice in the
+weights (use_kernels); dtype=jnp.bfloat16 or jnp.int8 narrows them, and empty_cache / generate take
+kv_dtype=jnp.bfloat16 for a cache of half the bytes.
 """
 
 from jax_gpt2.config import PRESETS, GPT2Config
 from jax_gpt2.generate import generate, stream_generate
 from jax_gpt2.kvcache import KVCache
 from jax_gpt2.loader import ModelNotFoundError, load_config, load_weights
-from jax_gpt2.native import kernels_available
-from jax_gpt2.packed import PackedMatrix, pack_weights
+from jax_gpt2.kernels import kernels_available
 from jax_gpt2.model import block_hidden_states, empty_cache, gpt2_forward, gpt2_forward_cached
 from jax_gpt2.perplexity import perplexity
-from jax_gpt2.weights import BlockWeights, GPT2Weights
+from jax_gpt2.weights import BlockWeights, GPT2Weights, PackedMatrix, pack_weights
 
 __all__ = [
     "PRESETS",

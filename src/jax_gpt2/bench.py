@@ -9,7 +9,13 @@ is batch * bandwidth / bytes per step. For bf16 and int8 the block matrices and 
 
 Each dtype runs against transformers in the nearest form it has: float32 for fp32, the model
 cast to bfloat16 for bf16; transformers has no int8 eager path for GPT-2's Conv1D layers, so
-int8 rows carry transformers' float32 figures.
+int8 rows carry transformers' float32 figures. Given a llama-bench binary and GGUF conversions of
+the same weights (llama_cpp.py), llama.cpp is a third column: f32, f16 and q8_0 beside our fp32,
+bf16 and int8.
+
+Every run records which path ran (the kernels or XLA, the ISA, the thread count), and one more
+figure without the kernels: each dtype loaded with pack=False in this same process, decoding at
+batch 1, against fp32 without the kernels (a narrow dtype must not be slower there).
 """
 
 import dataclasses
@@ -17,17 +23,20 @@ import os
 import platform
 import statistics
 import time
+import warnings
 from collections.abc import Callable
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jax_gpt2 import native
-from jax_gpt2.config import WEIGHT_DTYPES, GPT2Config
+from jax_gpt2 import kernels
+from jax_gpt2.config import KV_DTYPES, PRESETS, WEIGHT_DTYPES, GPT2Config, config_to_hf_dict
 from jax_gpt2.generate import generate
 from jax_gpt2.loader import normalize_keys, weights_for_dtype
 from jax_gpt2.model import gpt2_forward
+from jax_gpt2.llama_cpp import GGUF_TYPES, gguf_path, run_llama_bench
 from jax_gpt2.random_model import random_state_dict
 from jax_gpt2.sharding import place_weights
 
@@ -59,7 +68,7 @@ def measure_bandwidth_gbs(megabytes: int = 512, repeats: int = 10) -> float:
     """
     assert megabytes >= 64
     buffer = jnp.ones((megabytes * 2**20 // 4,), jnp.float32)
-    native.advise_huge_pages(buffer)
+    kernels.advise_huge_pages(buffer)
     total = jax.jit(jnp.sum)
     timing = time_repeats(lambda: total(buffer).block_until_ready(), repeats)
     return buffer.nbytes / timing.min_s / 1e9
@@ -68,26 +77,32 @@ def measure_bandwidth_gbs(megabytes: int = 512, repeats: int = 10) -> float:
 BYTES_PER_WEIGHT = {"float32": 4.0, "bfloat16": 2.0, "int8": 1.0}
 
 
-def decode_bytes_per_step(config: GPT2Config, batch: int, context: int, dtype_name: str = "float32") -> float:
-    """Bytes one decode step must read: all weights once, plus the float32 keys and values of `context` tokens."""
+def decode_bytes_per_step(
+    config: GPT2Config, batch: int, context: int, dtype_name: str = "float32", kv_dtype_name: str = "float32"
+) -> float:
+    """Bytes one decode step must read: all weights once, plus the keys and values of `context` tokens."""
     D, F, L, V = config.n_embd, config.d_mlp, config.n_layer, config.vocab_size
     matrix_bytes = BYTES_PER_WEIGHT[dtype_name]
     per_layer_matrices = D * 3 * D + D * D + 2 * D * F
     per_layer_vectors = 3 * D + D + F + D + 4 * D
     scales = 4 * (L * (3 * D + D + F + D) + V) if dtype_name == "int8" else 0
     weights = (L * per_layer_matrices + V * D) * matrix_bytes + 4 * (L * per_layer_vectors + 2 * D) + scales
-    cache = 4 * 2 * L * batch * context * D
+    cache = BYTES_PER_WEIGHT[kv_dtype_name] * 2 * L * batch * context * D
     assert weights > 0
     assert cache >= 0
     return weights + cache
 
 
-def make_models(config: GPT2Config, seed: int = 0):
+# The bench's random weights: write_bench_model writes the same ones for llama.cpp's converter.
+BENCH_STD, BENCH_SEED = 0.1, 0
+
+
+def make_models(config: GPT2Config, seed: int = BENCH_SEED):
     """The same random weights as a float32 state dict and as a transformers GPT2LMHeadModel (float32)."""
     import torch
     import transformers
 
-    state = random_state_dict(config, std=0.1, seed=seed)
+    state = random_state_dict(config, std=BENCH_STD, seed=seed)
     hf_config = transformers.GPT2Config(**{f.name: getattr(config, f.name) for f in dataclasses.fields(config)})
     model = transformers.GPT2LMHeadModel(hf_config).eval()
     missing, unexpected = model.load_state_dict({k: torch.from_numpy(v) for k, v in state.items()}, strict=False)
@@ -96,7 +111,40 @@ def make_models(config: GPT2Config, seed: int = 0):
     return normalize_keys(state), model
 
 
-def bench_decode(config, weights, model, batch: int, prompt_len: int, new_tokens: int, repeats: int) -> dict:
+def bench_model_stem(preset: str, n_layer: int) -> str:
+    """The name of the bench's weights for a preset and layer count (GGUF files are named after it)."""
+    assert preset
+    assert n_layer >= 1
+    return f"{preset}-L{n_layer}-std{BENCH_STD}-seed{BENCH_SEED}"
+
+
+def write_bench_model(folder: Path, preset: str, layers: int | None, vocab_dir: Path) -> str:
+    """The bench's weights for `preset` as a transformers folder that llama.cpp's converter reads:
+    config.json with "n_ctx" (transformers 5 omits it; the converter requires it), model.safetensors,
+    and GPT-2's vocab.json + merges.txt (the converter identifies the tokenizer by hashing them).
+    Returns the model's stem for gguf_path."""
+    import json
+    import shutil
+
+    from safetensors.numpy import save_file
+
+    config = PRESETS[preset] if layers is None else dataclasses.replace(PRESETS[preset], n_layer=layers)
+    vocab_size = len(json.loads((Path(vocab_dir) / "vocab.json").read_text()))
+    if vocab_size != config.vocab_size:
+        raise ValueError(f"{vocab_dir}/vocab.json has {vocab_size} tokens; {preset} has {config.vocab_size}")
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in ("vocab.json", "merges.txt"):
+        shutil.copyfile(Path(vocab_dir) / name, folder / name)
+    hf_config = {**config_to_hf_dict(config), "n_ctx": config.n_positions}
+    (folder / "config.json").write_text(json.dumps(hf_config, indent=2))
+    save_file(random_state_dict(config, BENCH_STD, BENCH_SEED), folder / "model.safetensors", metadata={"format": "pt"})
+    assert (folder / "model.safetensors").is_file()
+    return bench_model_stem(preset, config.n_layer)
+
+
+def bench_decode(
+    config, weights, model, batch: int, prompt_len: int, new_tokens: int, repeats: int, kv_dtype=jnp.float32
+) -> dict:
     """Greedy decode tokens/s for both, without the prompt's prefill, and a check that the tokens agree.
 
     Each side runs the same call twice, for new_tokens and for 1 new token (prefill plus one step):
@@ -110,7 +158,7 @@ def bench_decode(config, weights, model, batch: int, prompt_len: int, new_tokens
     ids = torch.as_tensor(prompts, device=model.device)
 
     def run_ours(count: int):
-        return generate(prompts.tolist(), weights, config, max_new_tokens=count)
+        return generate(prompts.tolist(), weights, config, max_new_tokens=count, kv_dtype=kv_dtype)
 
     def run_hf(count: int):
         return hf_greedy(model, ids, count)
@@ -213,7 +261,7 @@ def first_token_s(config: GPT2Config, weights, cache_dir: str) -> tuple[float, f
     return seconds[0], seconds[1]
 
 
-def bench_prefill(config, weights, model, prompt_len: int, repeats: int) -> dict:
+def bench_prefill(config, weights, model, prompt_len: int, repeats: int, kv_dtype=jnp.float32) -> dict:
     """Prompt tokens/s at batch 1, two ways, both sides alike:
 
     prefill: the prompt to its first new token (`generate`, 1 new token: logits for the last
@@ -231,7 +279,7 @@ def bench_prefill(config, weights, model, prompt_len: int, repeats: int) -> dict
         wait_for_torch(logits.device)
         return logits
 
-    ours = time_repeats(lambda: generate(ids.tolist(), weights, config, max_new_tokens=1), repeats)
+    ours = time_repeats(lambda: generate(ids.tolist(), weights, config, max_new_tokens=1, kv_dtype=kv_dtype), repeats)
     theirs = time_repeats(lambda: hf_greedy(model, tensor, 1), repeats)
     ours_forward = time_repeats(lambda: gpt2_forward(ids, weights, config).block_until_ready(), repeats)
     theirs_forward = time_repeats(hf_forward, repeats)
@@ -265,53 +313,139 @@ def transformers_model_for(model, dtype: str):
     return copy.deepcopy(model).to(torch.bfloat16) if dtype == "bf16" else model
 
 
+@dataclasses.dataclass(frozen=True)
+class LlamaPeer:
+    """llama.cpp's llama-bench and the folder of GGUF conversions of this bench's weights (named `stem`)."""
+
+    binary: Path
+    gguf_dir: Path
+    stem: str
+    threads: int
+
+
+def check_llama_peer(llama: LlamaPeer, dtypes: list[str]) -> None:
+    if not Path(llama.binary).is_file():
+        raise FileNotFoundError(f"no llama-bench at {llama.binary} (bash benchmarks/build_llama_cpp.sh build)")
+    for dtype in dtypes:
+        if not gguf_path(llama.gguf_dir, llama.stem, dtype).is_file():
+            raise FileNotFoundError(
+                f"no {gguf_path(llama.gguf_dir, llama.stem, dtype)}: the bench's weights in GGUF "
+                f"(bash benchmarks/build_llama_cpp.sh convert PRESET [LAYERS])"
+            )
+
+
+def execution_path(weights) -> dict:
+    """Which code ran a model: the kernels (their ISA and pool size) or XLA (the CPU's ISA, every core)."""
+    if weights.use_kernels:
+        return dict(path="kernels", isa=kernels.kernels_isa(), threads=kernels.kernel_threads())
+    return dict(path="XLA", isa=kernels.native.cpu_vector_isa(), threads=os.cpu_count() or 1)
+
+
+def matrix_dtype_name(weights) -> str:
+    """The dtype the block matrices are read in (a PackedMatrix's tiles, or the plain array's)."""
+    dtype = weights.blocks[0].qkv_w_DE.dtype
+    assert jnp.dtype(dtype).name in BYTES_PER_WEIGHT
+    return jnp.dtype(dtype).name
+
+
+def load_quietly(state, config: GPT2Config, dtype: str, pack: bool | None):
+    """weights_for_dtype without the widening warning (the bench records the path itself)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return weights_for_dtype(state, config, jnp.dtype(WEIGHT_DTYPES[dtype]), pack)
+
+
 def run_benchmarks(
     config: GPT2Config, dtypes: list[str], batches: list[int], prefill_lens: list[int], new_tokens: int,
-    repeats: int, contexts: list[int], progress: bool = True, torch_device: str = "cpu", mesh=None,
+    repeats: int, contexts: list[int], progress: bool = True, kv_dtype: str = "fp32", llama: LlamaPeer | None = None,
+    torch_device: str = "cpu", mesh=None,
 ) -> dict:  # fmt: skip
     """Every measurement of one model shape, for each weight dtype, as a JSON-ready dict.
 
     transformers runs on `torch_device` ("cpu", or "cuda" to compare on the same card as JAX's GPU);
     our side on `mesh` when given (placed as load_weights places it, unpacked).
     """
-    import tempfile
-
     from tqdm import tqdm
 
     assert dtypes and all(dtype in WEIGHT_DTYPES for dtype in dtypes)
+    assert kv_dtype in KV_DTYPES
+    if llama is not None:
+        check_llama_peer(llama, dtypes)  # before minutes of measuring, not after
     state, model = make_models(config)
-    results: dict = dict(machine=machine_info(), config=dataclasses.asdict(config), runs=[])
+    results: dict = dict(machine=machine_info(), config=dataclasses.asdict(config), kv_dtype=kv_dtype, runs=[])
+    results["kernels"] = dict(
+        available=kernels.kernels_available(), isa=kernels.kernels_isa(), threads=kernels.kernel_threads()
+    )  # fmt: skip
     results["mesh"] = None if mesh is None else dict(mesh.shape)
     bandwidths = [measure_bandwidth_gbs()]
     plan = [("decode", batch, 20) for batch in batches] + [("decode", 1, context) for context in contexts]
     plan += [("prefill", 1, length) for length in prefill_lens]
-    bar = tqdm(total=len(dtypes) * (len(plan) + 1), desc="benchmarks", disable=not progress)
+    bar = tqdm(total=len(dtypes) * (len(plan) + 1) + 1, desc="benchmarks", disable=not progress)
     for dtype in dtypes:
-        on_mesh = mesh is not None and mesh.size > 1
-        weights = weights_for_dtype(state, config, jnp.dtype(WEIGHT_DTYPES[dtype]), pack=False if on_mesh else None)
-        if on_mesh:
-            weights = place_weights(weights, config, mesh)
-        hf_model = transformers_model_for(model, dtype).to(torch_device)
-        with tempfile.TemporaryDirectory() as cache_dir:
-            cold_s, warm_s = first_token_s(config, weights, cache_dir)
-        bar.update()
-        run = dict(dtype=dtype, packed=weights.lm_head_DV is not None, transformers_dtype=str(hf_model.dtype))
-        run["transformers_device"] = str(hf_model.device)
-        run.update(jax_cold_first_token_s=cold_s, jax_warm_first_token_s=warm_s, decode=[], prefill=[])
-        for kind, batch, length in plan:
-            bandwidths.append(measure_bandwidth_gbs(repeats=3))  # sampled throughout: the host's bandwidth wanders
-            if kind == "prefill":
-                run["prefill"].append(bench_prefill(config, weights, hf_model, length, repeats))
-            else:
-                run["decode"].append(decode_row(config, weights, hf_model, dtype, batch, length, new_tokens, repeats))
-            bar.update()
+        run = bench_dtype(config, state, model, dtype, plan, new_tokens, repeats, kv_dtype, torch_device, mesh, bandwidths, bar.update)
+        if llama is not None:
+            run["llama"] = run_llama_bench(llama.binary, gguf_path(llama.gguf_dir, llama.stem, dtype), llama.threads)
         results["runs"].append(run)
         bandwidths.append(measure_bandwidth_gbs())
+    results["without_kernels"] = bench_without_kernels(config, state, dtypes, new_tokens, repeats, kv_dtype)
+    bar.update()
     bar.close()
     results["bandwidth_samples_gbs"] = bandwidths
     add_rooflines(results)
     assert len(results["runs"]) == len(dtypes)
     return results
+
+
+def bench_dtype(
+    config, state, model, dtype: str, plan, new_tokens: int, repeats: int, kv_dtype: str, torch_device: str, mesh,
+    bandwidths, tick,
+) -> dict:  # fmt: skip
+    """One dtype's run: the model as load_weights makes it here (placed on `mesh` when it has more
+    than one device: unpacked, XLA's dot), every row of the plan against transformers."""
+    import tempfile
+
+    on_mesh = mesh is not None and mesh.size > 1
+    weights = load_quietly(state, config, dtype, pack=False if on_mesh else None)
+    if on_mesh:
+        weights = place_weights(weights, config, mesh)
+    hf_model = transformers_model_for(model, dtype).to(torch_device)
+    with tempfile.TemporaryDirectory() as cache_dir:
+        cold_s, warm_s = first_token_s(config, weights, cache_dir)
+    tick()
+    run = dict(dtype=dtype, packed=weights.lm_head_DV is not None, transformers_dtype=str(hf_model.dtype))
+    run["transformers_device"] = str(hf_model.device)
+    run.update(execution_path(weights), matrix_dtype=matrix_dtype_name(weights))
+    run.update(jax_cold_first_token_s=cold_s, jax_warm_first_token_s=warm_s, decode=[], prefill=[])
+    cache_dtype = jnp.dtype(KV_DTYPES[kv_dtype])
+    for kind, batch, length in plan:
+        bandwidths.append(measure_bandwidth_gbs(repeats=3))  # sampled throughout: the host's bandwidth wanders
+        if kind == "prefill":
+            run["prefill"].append(bench_prefill(config, weights, hf_model, length, repeats, cache_dtype))
+        else:
+            run["decode"].append(bench_decode(config, weights, hf_model, batch, length, new_tokens, repeats, cache_dtype))
+        tick()
+    return run
+
+
+def bench_without_kernels(config, state, dtypes: list[str], new_tokens: int, repeats: int, kv_dtype: str) -> list[dict]:
+    """Batch-1 decode (20 prompt tokens) of each dtype loaded with pack=False, in this process, beside
+    fp32 loaded the same way: where the kernels cannot run, a narrow dtype must not be the slower one."""
+    prompt = np.random.default_rng(1).integers(0, config.vocab_size, (1, 20)).tolist()
+    cache_dtype = jnp.dtype(KV_DTYPES[kv_dtype])
+    rows = []
+    for dtype in ["fp32", *[name for name in dtypes if name != "fp32"]]:
+        weights = load_quietly(state, config, dtype, pack=False)
+        assert not weights.use_kernels
+
+        def run(count: int, weights=weights):
+            return generate(prompt, weights, config, max_new_tokens=count, kv_dtype=cache_dtype)
+
+        rates, _ = paired_rates(lambda: run(new_tokens), lambda: run(1), new_tokens - 1, repeats)
+        rows.append(dict(dtype=dtype, matrix_dtype=matrix_dtype_name(weights), jax_tok_s=median_of_finite(rates), jax_rates=rates))
+    for row in rows:
+        row["ratio_to_fp32"] = row["jax_tok_s"] / rows[0]["jax_tok_s"]
+    assert rows[0]["dtype"] == "fp32"
+    return rows
 
 
 def add_rooflines(results: dict) -> None:
@@ -323,83 +457,170 @@ def add_rooflines(results: dict) -> None:
     results.update(bandwidth_gbs=max(samples), bandwidth_median_gbs=statistics.median(samples))
     for run in results["runs"]:
         for row in run["decode"]:
+            row["bytes_per_step"] = decode_bytes_per_step(
+                GPT2Config(**results["config"]), row["batch"], row["prompt_len"] + row["new_tokens"] // 2,
+                run["matrix_dtype"], KV_DTYPES[results["kv_dtype"]],
+            )  # fmt: skip
             row["roofline_tok_s"] = row["batch"] * results["bandwidth_gbs"] * 1e9 / row["bytes_per_step"]
             row["jax_fraction_of_roofline"] = row["jax_tok_s"] / row["roofline_tok_s"]
             median_roofline = row["batch"] * results["bandwidth_median_gbs"] * 1e9 / row["bytes_per_step"]
             row["jax_fraction_of_median_roofline"] = row["jax_tok_s"] / median_roofline
 
 
-def decode_row(config, weights, hf_model, dtype: str, batch: int, length: int, new_tokens: int, repeats: int) -> dict:
-    """bench_decode plus the bytes one step reads on average (weights and the cache's filled part)."""
-    row = bench_decode(config, weights, hf_model, batch, length, new_tokens, repeats)
-    row["bytes_per_step"] = decode_bytes_per_step(config, batch, length + new_tokens // 2, WEIGHT_DTYPES[dtype])
-    assert row["bytes_per_step"] > 0
-    return row
+def short_decode(run: dict) -> dict | None:
+    """The batch-1 decode row with the shortest prompt (the ~20-token one), if the run has it."""
+    rows = [row for row in run["decode"] if row["batch"] == 1]
+    return min(rows, key=lambda row: row["prompt_len"]) if rows else None
+
+
+def llama_ratios(run: dict) -> dict:
+    """Our batch-1 decode over llama.cpp's tg, and our prefill over its pp at the same prompt length."""
+    if "llama" not in run:
+        return {}
+    llama, ratios = run["llama"], {}
+    short = short_decode(run)
+    if short is not None:
+        ratios["decode"] = short["jax_tok_s"] / llama["tg_tok_s"]
+    for row in run["prefill"]:
+        if row["prompt_len"] == llama["prompt_len"]:
+            ratios["prefill"] = row["jax_tok_s"] / llama["pp_tok_s"]
+    return ratios
 
 
 def format_table(results: dict) -> str:
-    """The results as a plain-text table: figures, ratio to transformers, roofline fraction."""
-    machine = results["machine"]
+    """The results as a plain-text table: figures, ratio to transformers (and llama.cpp), roofline fraction."""
+    machine, path = results["machine"], results["kernels"]
     lines = [
         f"machine: {machine['cpu']}, {machine['cores']} cores, jax {machine['jax']} on {machine['device_kind']}, "
         f"torch {machine['torch']} "
         f"({machine['torch_threads']} threads); read bandwidth best {results['bandwidth_gbs']:.1f} GB/s, median "
         f"{results['bandwidth_median_gbs']:.1f} GB/s of {len(results['bandwidth_samples_gbs'])} samples in this run",
+        f"kernels: {'available' if path['available'] else 'not available'} here (ISA {path['isa']}, "
+        f"{path['threads']} threads); KV cache {results['kv_dtype']}",
     ]
     for run in results["runs"]:
-        lines.append(
-            f"\n[{run['dtype']}] transformers as {run['transformers_dtype']} on {run['transformers_device']}; "
-            f"first token B=1, 20 tokens: "
-            f"{run['jax_cold_first_token_s']:.2f} s cold (compile), {run['jax_warm_first_token_s']:.2f} s warm cache"
-        )
-        lines.append(f"{'measurement':<34}{'jax-gpt2':>12}{'transformers':>14}{'ratio':>8}{'roofline':>10}{'(median)':>10}{'same tokens':>13}{'jax-gpt2 range':>17}")
-        for row in run["decode"]:
-            name = f"decode B={row['batch']} ctx={row['prompt_len']}+{row['new_tokens']} tok/s"
-            ratio = row["jax_tok_s"] / row["hf_tok_s"]
-            fraction = f"{100 * row['jax_fraction_of_roofline']:.0f}%"
-            same = f"{100 * row['token_agreement']:.0f}%"
-            spread = f"{min(row['jax_rates']):.1f}-{max(row['jax_rates']):.1f}"
-            median = f"{100 * row['jax_fraction_of_median_roofline']:.0f}%"
-            lines.append(f"{name:<34}{row['jax_tok_s']:>12.1f}{row['hf_tok_s']:>14.1f}{ratio:>7.2f}x{fraction:>10}{median:>10}{same:>13}{spread:>17}")
-        for row in run["prefill"]:
-            for label, ours, theirs in [
-                ("prefill", row["jax_tok_s"], row["hf_tok_s"]),
-                ("forward, all logits,", row["jax_forward_tok_s"], row["hf_forward_tok_s"]),
-            ]:  # fmt: skip
-                name = f"{label} T={row['prompt_len']} tok/s"
-                lines.append(f"{name:<34}{ours:>12.1f}{theirs:>14.1f}{ours / theirs:>7.2f}x")
+        lines += format_run(run)
+    lines.append("\nwithout the kernels (pack=False, this process): batch-1 decode, 20 prompt tokens")
+    for row in results["without_kernels"]:
+        lines.append(f"  {row['dtype']:<5} (matrices read as {row['matrix_dtype']}){row['jax_tok_s']:>10.1f} tok/s  {row['ratio_to_fp32']:.2f}x fp32")
     return "\n".join(lines)
 
 
+def format_run(run: dict) -> list[str]:
+    lines = [
+        f"\n[{run['dtype']}] {run['path']} ({run['isa']}, {run['threads']} threads, matrices {run['matrix_dtype']}); "
+        f"transformers as {run['transformers_dtype']} on {run['transformers_device']}; first token B=1, 20 tokens: "
+        f"{run['jax_cold_first_token_s']:.2f} s cold (compile), {run['jax_warm_first_token_s']:.2f} s warm cache",
+        f"{'measurement':<34}{'jax-gpt2':>12}{'transformers':>14}{'ratio':>8}{'roofline':>10}{'(median)':>10}{'same tokens':>13}{'jax-gpt2 range':>17}",
+    ]
+    for row in run["decode"]:
+        name = f"decode B={row['batch']} ctx={row['prompt_len']}+{row['new_tokens']} tok/s"
+        ratio = row["jax_tok_s"] / row["hf_tok_s"]
+        fraction = f"{100 * row['jax_fraction_of_roofline']:.0f}%"
+        same = f"{100 * row['token_agreement']:.0f}%"
+        spread = f"{min(row['jax_rates']):.1f}-{max(row['jax_rates']):.1f}"
+        median = f"{100 * row['jax_fraction_of_median_roofline']:.0f}%"
+        lines.append(f"{name:<34}{row['jax_tok_s']:>12.1f}{row['hf_tok_s']:>14.1f}{ratio:>7.2f}x{fraction:>10}{median:>10}{same:>13}{spread:>17}")
+    short = short_decode(run)
+    for row in run["decode"]:
+        if short is not None and row["batch"] == 1 and row is not short:
+            share = row["jax_tok_s"] / short["jax_tok_s"]
+            lines.append(f"  decode at ctx={row['prompt_len']} is {100 * share:.0f}% of decode at ctx={short['prompt_len']}")
+    for row in run["prefill"]:
+        for label, ours, theirs in [
+            ("prefill", row["jax_tok_s"], row["hf_tok_s"]),
+            ("forward, all logits,", row["jax_forward_tok_s"], row["hf_forward_tok_s"]),
+        ]:  # fmt: skip
+            name = f"{label} T={row['prompt_len']} tok/s"
+            lines.append(f"{name:<34}{ours:>12.1f}{theirs:>14.1f}{ours / theirs:>7.2f}x")
+    if "llama" in run:
+        llama, ratios = run["llama"], llama_ratios(run)
+        lines.append(
+            f"llama.cpp {GGUF_TYPES[run['dtype']]} ({llama['threads']} threads): tg{llama['new_tokens']} "
+            f"{llama['tg_tok_s']:.1f} tok/s, pp{llama['prompt_len']} {llama['pp_tok_s']:.1f} tok/s; ours/llama.cpp: "
+            + ", ".join(f"{name} {ratio:.2f}x" for name, ratio in ratios.items())
+        )
+    return lines
+
+
+def plot_rows(run: dict) -> list[tuple[str, float, float | None, str]]:
+    """(label, ratio to transformers, ratio to llama.cpp or None, note) per measurement of one run."""
+    llama = llama_ratios(run)
+    short = short_decode(run)
+    rows = []
+    for row in run["decode"]:
+        vs_llama = llama.get("decode") if row is short else None
+        note = f"{100 * row['jax_fraction_of_roofline']:.0f}% of roofline"
+        rows.append((f"decode B={row['batch']} ctx={row['prompt_len']}", row["jax_tok_s"] / row["hf_tok_s"], vs_llama, note))
+    for row in run["prefill"]:
+        vs_llama = llama.get("prefill") if "llama" in run and row["prompt_len"] == run["llama"]["prompt_len"] else None
+        rows.append((f"prefill T={row['prompt_len']}", row["jax_tok_s"] / row["hf_tok_s"], vs_llama, ""))
+    return rows
+
+
 def plot_results(results: dict, path) -> None:
-    """A PNG of the table: tokens/s of each measurement, jax-gpt2 beside transformers, per dtype."""
+    """A PNG: per weight dtype, each measurement as jax-gpt2's speed over transformers' (and over
+    llama.cpp's, where measured) on a linear axis with the 1x line drawn, the decode rows annotated
+    with their roofline fraction; a last panel compares each dtype to fp32 without the kernels."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    labels, ours, theirs = [], [], []
-    for run in results["runs"]:
-        for row in run["decode"]:
-            labels.append(f"{run['dtype']} decode B={row['batch']} ctx={row['prompt_len']}")
-            ours.append(row["jax_tok_s"])
-            theirs.append(row["hf_tok_s"])
-        for row in run["prefill"]:
-            labels.append(f"{run['dtype']} prefill T={row['prompt_len']}")
-            ours.append(row["jax_tok_s"])
-            theirs.append(row["hf_tok_s"])
-    assert labels
-    positions = np.arange(len(labels))
-    figure, axes = plt.subplots(figsize=(9, 0.45 * len(labels) + 1.5))
-    axes.barh(positions - 0.2, ours, height=0.4, label="jax-gpt2")
-    axes.barh(positions + 0.2, theirs, height=0.4, label="transformers (eager PyTorch)")
-    axes.set_yticks(positions, labels)
-    axes.invert_yaxis()
-    axes.set_xscale("log")
-    axes.set_xlabel("tokens/s (log scale)")
+    panels = [(run, plot_rows(run)) for run in results["runs"]]
+    assert panels
+    heights = [len(rows) for _, rows in panels] + [len(results["without_kernels"])]
+    figure, axes = plt.subplots(
+        len(heights), 1, figsize=(9, 0.55 * sum(heights) + 1.2 * len(heights) + 0.8),
+        gridspec_kw=dict(height_ratios=[h + 1 for h in heights]), squeeze=False,
+    )  # fmt: skip
+    for axis, (run, rows) in zip(axes[:, 0], panels):
+        plot_panel(axis, rows, f"{run['dtype']} weights: {run['path']} ({run['isa']}, {run['threads']} threads)")
+    plot_without_kernels(axes[-1, 0], results["without_kernels"])
     machine = results["machine"]
-    axes.set_title(f"GPT-2 {results.get('preset', '')} on {machine['cpu']}, {machine['cores']} cores", fontsize=10)
-    axes.legend(loc="upper right")  # the short decode bars leave that corner free
+    figure.suptitle(
+        f"GPT-2 {results.get('preset', '')}, KV cache {results['kv_dtype']}: {machine['cpu']}, {machine['cores']} cores",
+        fontsize=10,
+    )
     figure.tight_layout()
     figure.savefig(path, dpi=110)
     plt.close(figure)
+
+
+def plot_panel(axis, rows: list[tuple[str, float, float | None, str]], title: str) -> None:
+    """Horizontal bars of speed ratios (linear, from 0), 1x dashed, roofline notes to the right."""
+    positions = np.arange(len(rows))
+    vs_hf = [ratio for _, ratio, _, _ in rows]
+    vs_llama = [np.nan if ratio is None else ratio for _, _, ratio, _ in rows]
+    has_llama = any(ratio is not None for _, _, ratio, _ in rows)
+    height = 0.38 if has_llama else 0.6
+    axis.barh(positions - (height / 2 if has_llama else 0), vs_hf, height=height, label="vs transformers")
+    if has_llama:
+        axis.barh(positions + height / 2, vs_llama, height=height, label="vs llama.cpp")
+    right = 1.45 * max([1.0, *vs_hf, *[r for r in vs_llama if np.isfinite(r)]])
+    for y, (_, ratio, llama, note) in enumerate(rows):
+        text = f"{ratio:.2f}x" + ("" if llama is None else f" / {llama:.2f}x") + (f"   {note}" if note else "")
+        axis.text(max(ratio, 0 if llama is None else llama) + right * 0.01, y, text, va="center", fontsize=8)
+    axis.axvline(1.0, color="black", linestyle="--", linewidth=1)
+    axis.set_xlim(0, right)
+    axis.set_yticks(positions, [label for label, _, _, _ in rows], fontsize=8)
+    axis.invert_yaxis()
+    axis.set_title(title, fontsize=9, loc="left")
+    axis.tick_params(axis="x", labelsize=8)
+    axis.set_xlabel("jax-gpt2 speed / peer's speed (1x: as fast)", fontsize=8)
+    axis.legend(loc="lower right", fontsize=7)
+
+
+def plot_without_kernels(axis, rows: list[dict]) -> None:
+    labels = [f"{row['dtype']} (read as {row['matrix_dtype']})" for row in rows]
+    ratios = [row["ratio_to_fp32"] for row in rows]
+    positions = np.arange(len(rows))
+    axis.barh(positions, ratios, height=0.6, color="tab:gray")
+    for y, row in enumerate(rows):
+        axis.text(row["ratio_to_fp32"] * 1.01, y, f"{row['ratio_to_fp32']:.2f}x ({row['jax_tok_s']:.1f} tok/s)", va="center", fontsize=8)
+    axis.axvline(1.0, color="black", linestyle="--", linewidth=1)
+    axis.set_xlim(0, 1.45 * max([1.0, *ratios]))
+    axis.set_yticks(positions, labels, fontsize=8)
+    axis.invert_yaxis()
+    axis.set_title("without the kernels (pack=False): batch-1 decode over fp32's", fontsize=9, loc="left")
+    axis.tick_params(axis="x", labelsize=8)

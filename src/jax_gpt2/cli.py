@@ -5,6 +5,7 @@ non-zero exit code, never a traceback: `UserError` and `ValueError` are caught i
 """
 
 import argparse
+import dataclasses
 import itertools
 import sys
 from pathlib import Path
@@ -82,6 +83,24 @@ def add_dtype_option(parser) -> None:
         "--dtype", choices=sorted(WEIGHT_DTYPES), default="fp32",
         help="weight dtype: fp32 (default), bf16, or int8 (per-channel symmetric, weight-only)",
     )  # fmt: skip
+
+
+def add_kv_dtype_option(parser) -> None:
+    from jax_gpt2.config import KV_DTYPES
+
+    parser.add_argument(
+        "--kv-dtype", choices=sorted(KV_DTYPES), default="fp32",
+        help="KV-cache dtype: fp32 (default) or bf16 (half the cache bytes; attention math stays fp32)",
+    )  # fmt: skip
+
+
+def kv_dtype_of(name: str):
+    import jax.numpy as jnp
+
+    from jax_gpt2.config import KV_DTYPES
+
+    assert name in KV_DTYPES, name
+    return jnp.dtype(KV_DTYPES[name])
 
 
 def _load_model(name_or_path: str, dtype_name: str = "fp32", mesh=None):
@@ -280,64 +299,61 @@ def _read_prompts(args: argparse.Namespace) -> list[str]:
     return prompts
 
 
-def _sampling_settings(args: argparse.Namespace, config) -> dict:
-    return dict(
-        max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-        min_p=args.min_p, repetition_penalty=args.repetition_penalty, seed=args.seed,
-        eos_token_id=None if args.ignore_eos else config.eos_token_id,
-    )  # fmt: skip
+def _sampling_settings(args: argparse.Namespace):
+    """The flags as SamplingSettings (its validator turns a bad value into one line on stderr)."""
+    from jax_gpt2.generate import settings_from_arguments
+
+    settings = settings_from_arguments(
+        args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.min_p, args.repetition_penalty, args.seed
+    )
+    return dataclasses.replace(settings, stop=tuple(args.stop))
 
 
-def _stream_one(prompt: str, ids: list[int], tokenizer, weights, config, settings: dict, stops: list[str]) -> None:
+def _stream_one(
+    prompt: str, ids: list[int], tokenizer, weights, config, settings, eos_ids: list[int], kv_dtype
+) -> None:  # fmt: skip
     """Print one prompt's continuation as it is made: whole UTF-8 characters, nothing past a stop string."""
-    from jax_gpt2.generate import stream_generate
-    from jax_gpt2.stopping import StopStringStream
-    from jax_gpt2.tokenizer import IncrementalDecoder
+    from jax_gpt2.generate import stream_with_settings
+    from jax_gpt2.stopping import TextFinisher
 
-    decoder, stop_stream = IncrementalDecoder(tokenizer), StopStringStream(stops)
-    steps = stream_generate([ids], weights, config, **settings)
+    finisher = TextFinisher(tokenizer, settings.stop, eos_ids, settings.max_new_tokens)
+    steps = stream_with_settings([ids], weights, config, settings, eos_ids, kv_dtype)
     first = next(steps)  # arguments are checked before anything is printed
     sys.stdout.write(prompt)
     for step in itertools.chain([first], steps):
-        token = step[0]
-        if token is None or token == settings["eos_token_id"]:
+        if step[0] is None:
             break
-        text, stopped = stop_stream.push(decoder.push(token))
-        sys.stdout.write(text)
+        sys.stdout.write(finisher.push(step[0]))
         sys.stdout.flush()
-        if stopped:
+        if finisher.finish_reason is not None:
             break
-    else:
-        sys.stdout.write(stop_stream.push(decoder.flush())[0] + stop_stream.flush())
-    sys.stdout.write("\n")
+    sys.stdout.write(finisher.close() + "\n")
 
 
 def run_generate(args: argparse.Namespace) -> int:
     """Stream the continuation of one prompt, or generate several prompts as one batch."""
-    from jax_gpt2.generate import generate
-    from jax_gpt2.stopping import find_stop
+    from jax_gpt2.generate import generate_with_settings
+    from jax_gpt2.stopping import finish_text
     from jax_gpt2.tokenizer import encode, load_tokenizer
 
     prompts = _read_prompts(args)
     _start_processes(args)
+    settings, kv_dtype = _sampling_settings(args), kv_dtype_of(args.kv_dtype)
     folder, config, weights = _load_model(args.model, args.dtype, _mesh_from_args(args))
     tokenizer = load_tokenizer(folder)
     prompt_ids = [encode(tokenizer, prompt) for prompt in prompts]
-    settings = _sampling_settings(args, config)
+    eos_ids = [] if args.ignore_eos or config.eos_token_id is None else [config.eos_token_id]
     if len(prompts) == 1 and args.coordinator is None:
-        _stream_one(prompts[0], prompt_ids[0], tokenizer, weights, config, settings, args.stop)
+        _stream_one(prompts[0], prompt_ids[0], tokenizer, weights, config, settings, eos_ids, kv_dtype)
         return 0
     # Many processes: every one runs the whole batch's program (its rows are split over "data");
     # process 0 prints every output, in input order.
-    outputs = generate(prompt_ids, weights, config, **settings)
+    rows = generate_with_settings(prompt_ids, weights, config, settings, eos_ids, kv_dtype)
     if not _is_main_process():
         return 0
-    for prompt, new_ids in zip(prompts, outputs):
-        if new_ids and new_ids[-1] == settings["eos_token_id"]:
-            new_ids = new_ids[:-1]
-        text = tokenizer.decode(new_ids)
-        stop_at = find_stop(text, args.stop) if args.stop else None
-        print(f"--- {prompt!r}\n{prompt}{text[:stop_at]}")
+    for prompt, new_ids in zip(prompts, rows):
+        text, _ = finish_text(tokenizer, new_ids, settings.stop, eos_ids, settings.max_new_tokens)
+        print(f"--- {prompt!r}\n{prompt}{text}")
     return 0
 
 
@@ -356,20 +372,20 @@ def add_generate_command(subparsers) -> None:
     parser.add_argument("--stop", action="append", default=[], help="end the text where this string occurs")
     parser.add_argument("--ignore-eos", action="store_true", help="do not stop at the model's end-of-text token")
     add_dtype_option(parser)
+    add_kv_dtype_option(parser)
     add_mesh_option(parser)
     add_distributed_options(parser)
     parser.set_defaults(run=run_generate)
 
 
 def run_bench(args: argparse.Namespace) -> int:
-    """Benchmark jax-gpt2 against transformers on random weights of a preset shape."""
-    import dataclasses
+    """Benchmark jax-gpt2 against transformers (and llama.cpp, given) on random weights of a preset shape."""
     import json
 
     import jax
     import torch
 
-    from jax_gpt2.bench import format_table, plot_results, run_benchmarks
+    from jax_gpt2.bench import LlamaPeer, bench_model_stem, format_table, plot_results, run_benchmarks
     from jax_gpt2.config import PRESETS
 
     torch.set_num_threads(args.threads)  # XLA's CPU client uses every core; give torch the same
@@ -381,9 +397,14 @@ def run_bench(args: argparse.Namespace) -> int:
     _start_processes(args)
     enable_compilation_cache()
     mesh = _mesh_from_args(args)
+    llama = None
+    if args.llama_bench is not None:
+        if args.gguf_dir is None:
+            raise UserError("--llama-bench needs --gguf-dir (bash benchmarks/build_llama_cpp.sh convert PRESET [LAYERS])")
+        llama = LlamaPeer(args.llama_bench, args.gguf_dir, bench_model_stem(args.preset, config.n_layer), args.threads)
     results = run_benchmarks(
         config, args.dtypes, args.batch_sizes, args.prefill, args.new_tokens, args.repeats, args.contexts,
-        progress=_is_main_process(), torch_device=args.torch_device, mesh=mesh,
+        progress=_is_main_process(), kv_dtype=args.kv_dtype, llama=llama, torch_device=args.torch_device, mesh=mesh,
     )  # fmt: skip
     results["preset"], results["layers"] = args.preset, config.n_layer
     if not _is_main_process():
@@ -414,11 +435,14 @@ def add_bench_command(subparsers) -> None:
     parser.add_argument("--prefill", type=_positive_int, nargs="*", default=[128, 512])
     parser.add_argument("--new-tokens", type=_positive_int, default=32)
     parser.add_argument("--repeats", type=_positive_int, default=3)
-    parser.add_argument("--threads", type=_positive_int, default=os.cpu_count() or 1)
+    parser.add_argument("--threads", type=_positive_int, default=os.cpu_count() or 1, help="torch's and llama.cpp's threads")
     parser.add_argument(
         "--torch-device", choices=["cpu", "cuda"], default="cpu", help="where transformers runs (default: cpu)"
     )
     parser.add_argument("--dtypes", nargs="+", choices=list(WEIGHT_DTYPES), default=list(WEIGHT_DTYPES))
+    add_kv_dtype_option(parser)
+    parser.add_argument("--llama-bench", type=Path, default=None, help="llama.cpp's llama-bench binary: a third column")
+    parser.add_argument("--gguf-dir", type=Path, default=None, help="GGUF conversions of the bench's weights (see benchmarks/build_llama_cpp.sh)")
     parser.add_argument("--out", type=Path, default=None, help="write the results as JSON")
     parser.add_argument("--plot", type=Path, default=None, help="write a PNG chart of the results (needs matplotlib)")
     add_mesh_option(parser)
@@ -447,7 +471,7 @@ def run_perplexity(args: argparse.Namespace) -> int:
     num_windows = len(plan_windows(len(ids), max_length, stride))
     start = time.perf_counter()
     with tqdm(total=num_windows, unit="window", file=sys.stderr, desc="perplexity") as bar:
-        batches = batch_nlls(ids, weights, config, max_length, stride, args.batch_size)
+        batches = batch_nlls(ids, weights, config, max_length, stride, args.batch_size, kv_dtype_of(args.kv_dtype))
         ppl, num_scored = perplexity_of(_advancing(bar, batches))
     seconds = time.perf_counter() - start
     result = {
@@ -455,6 +479,7 @@ def run_perplexity(args: argparse.Namespace) -> int:
         "seconds": seconds, "tokens_per_second": len(ids) / seconds, "model": str(args.model),
         "max_length": max_length, "stride": stride, "batch_size": args.batch_size, "dtype": args.dtype,
         "mesh": _mesh_name(weights.mesh), "processes": jax.process_count(), "process_id": jax.process_index(),
+        "kv_dtype": args.kv_dtype,
     }  # fmt: skip
     if args.json:
         print(json.dumps(result))
@@ -482,6 +507,7 @@ def add_perplexity_command(subparsers) -> None:
     parser.add_argument("--stride", type=_positive_int, default=None, help="window step (default: max-length / 2)")
     parser.add_argument("--batch-size", type=_positive_int, default=8, help="windows per device call (default: 8)")
     add_dtype_option(parser)
+    add_kv_dtype_option(parser)
     add_mesh_option(parser)
     add_distributed_options(parser)
     parser.add_argument("--json", action="store_true", help="print one JSON line instead of text")
@@ -494,14 +520,35 @@ def _mesh_name(mesh) -> str:
 
 def run_serve(args: argparse.Namespace) -> int:
     """An OpenAI-compatible HTTP server with continuous batching (needs the `serve` extra)."""
+    import os
+
     try:
-        from jax_gpt2.server import run_server
+        from jax_gpt2.serve.engine import Engine
+        from jax_gpt2.serve.routes import ServerLimits, run_server
     except ImportError as error:
-        raise UserError(f"serve needs FastAPI and uvicorn ({error.name} is missing): pip install 'jax-gpt2[serve]'")
+        raise UserError(f"serve needs the serve extra ({error.name} is missing): pip install 'jax-gpt2[serve]'")
+    from jax_gpt2.tokenizer import load_tokenizer
+
+    api_key = args.api_key or os.environ.get("JAX_GPT2_API_KEY") or None
+    limits = ServerLimits(args.max_body_bytes, args.max_prompt_tokens, args.max_n, args.max_tokens, args.max_stops)
     folder, config, weights = _load_model(args.model, args.dtype, _mesh_from_args(args))
-    run_server(args.model, folder, config, weights, args.host, args.port, args.max_batch, args.max_seq_len,
-               args.max_queue, args.chunk_steps)  # fmt: skip
+    engine = Engine(
+        weights, config, load_tokenizer(folder), max_batch=args.max_batch, max_seq_len=args.max_seq_len,
+        max_queue=args.max_queue, chunk_steps=args.chunk_steps, prefill_chunk=args.prefill_chunk,
+        prefix_cache_mib=args.prefix_cache_mib, kv_dtype=kv_dtype_of(args.kv_dtype),
+    )  # fmt: skip
+    run_server(args.model, engine, args.host, args.port, limits, api_key, args.drain_timeout)
     return 0
+
+
+def _non_negative(kind):
+    def parse(text: str):
+        value = kind(text)
+        if value < 0:
+            raise argparse.ArgumentTypeError(f"must be >= 0; got {value}")
+        return value
+
+    return parse
 
 
 def add_serve_command(subparsers) -> None:
@@ -511,9 +558,25 @@ def add_serve_command(subparsers) -> None:
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--max-batch", type=_positive_int, default=8, help="decode slots (sequences decoded together)")
     parser.add_argument("--max-seq-len", type=_positive_int, default=1024, help="cache slots per sequence (prompt + output)")
-    parser.add_argument("--max-queue", type=int, default=64, help="sequences that may wait for a slot; beyond: 503")
+    parser.add_argument("--max-queue", type=_non_negative(int), default=64,
+                        help="sequences that may wait beyond the slots; past that, 503 (0: none wait)")  # fmt: skip
     parser.add_argument("--chunk-steps", type=_positive_int, default=4, help="decode steps between scheduling rounds")
+    parser.add_argument("--prefill-chunk", type=_positive_int, default=128,
+                        help="prompt tokens prefilled per round, between decode chunks")  # fmt: skip
+    parser.add_argument("--prefix-cache-mib", type=_non_negative(float), default=256,
+                        help="memory for reusable prompt-prefix keys/values (0: off)")  # fmt: skip
+    parser.add_argument("--api-key", default=None,
+                        help="require 'Authorization: Bearer KEY' on every route but /health (or set JAX_GPT2_API_KEY)")  # fmt: skip
+    parser.add_argument("--max-body-bytes", type=_positive_int, default=2 << 20, help="larger request bodies: 413")
+    parser.add_argument("--max-prompt-tokens", type=_positive_int, default=65536, help="prompt tokens per request")
+    parser.add_argument("--max-n", type=_positive_int, default=16, help="choices per prompt (n)")
+    parser.add_argument("--max-tokens", type=_positive_int, default=None, help="max_tokens a request may ask (default: the context)")
+    parser.add_argument("--max-stops", type=_positive_int, default=4, help="stop strings per request")
+    parser.add_argument("--drain-timeout", type=_non_negative(float), default=25.0,
+                        help="seconds open requests may run after SIGTERM before they end with an error "
+                             "(default 25: inside Kubernetes' 30 s grace period); a second signal exits at once")  # fmt: skip
     add_dtype_option(parser)
+    add_kv_dtype_option(parser)
     add_mesh_option(parser)
     parser.set_defaults(run=run_serve)
 

@@ -14,6 +14,8 @@ from typing import Any
 
 # The weight dtypes by their command-line names (bf16 and int8 are weight-only where the CPU kernels run).
 WEIGHT_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "int8": "int8"}
+# The KV-cache dtypes by their command-line names (bf16 halves the cache; attention math stays float32).
+KV_DTYPES = {"fp32": "float32", "bf16": "bfloat16"}
 
 # The activations transformers' ACT2FN offers that layers.activation implements.
 SUPPORTED_ACTIVATIONS = (

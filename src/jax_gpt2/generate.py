@@ -22,10 +22,12 @@ import numpy as np
 from jax.sharding import PartitionSpec as P
 
 from jax_gpt2.config import GPT2Config
-from jax_gpt2.kvcache import KVCache
+from jax_gpt2.kvcache import KVCache, check_kv_dtype
 from jax_gpt2.model import empty_cache, lm_logits, transformer
 from jax_gpt2.sharding import fetch, pad_rows, padded_rows, put, put_rows
-from jax_gpt2.sampling import SamplerFlags, SamplingParams, choose_tokens, flags_for, pick_logits, sampling_params
+from jax_gpt2.sampling import (
+    SamplerFlags, SamplingParams, SamplingSettings, choose_tokens, flags_for, pick_logits, sampling_params,
+)
 from jax_gpt2.weights import GPT2Weights
 
 if TYPE_CHECKING:
@@ -69,13 +71,14 @@ def left_pad(prompts: Sequence[Sequence[int]], length: int) -> tuple[np.ndarray,
 
 
 def prefill(
-    ids_BT: jax.Array, start_B: jax.Array, keys_B: jax.Array, weights: GPT2Weights, config: GPT2Config, max_len: int
-) -> DecodeState:
-    """Run left-padded prompts through the model into a fresh cache of max_len slots."""
+    ids_BT: jax.Array, start_B: jax.Array, keys_B: jax.Array, weights: GPT2Weights, config: GPT2Config, max_len: int,
+    kv_dtype=jnp.float32,
+) -> DecodeState:  # fmt: skip
+    """Run left-padded prompts through the model into a fresh cache of max_len slots, stored as kv_dtype."""
     B, T = ids_BT.shape
     assert start_B.shape == (B,)
     assert max_len >= T
-    cache = empty_cache(config, start_B, max_len, weights.wte_VD.dtype)
+    cache = empty_cache(config, start_B, max_len, kv_dtype)
     hidden_BTD, cache = transformer(ids_BT, cache, weights, config)
     logits_BV = lm_logits(hidden_BTD[:, -1:], weights)[:, 0]
     is_real_BT = jnp.arange(T)[None, :] >= start_B[:, None]
@@ -161,9 +164,9 @@ def decode(
     return state, tokens_BK, emitted_BK
 
 
-@functools.partial(jax.jit, static_argnames=("config", "flags", "num_slots"))
-def _generate_jit(ids_BT, start_B, keys_B, max_steps, eos_E, params, weights, config, flags, num_slots):
-    state = prefill(ids_BT, start_B, keys_B, weights, config, ids_BT.shape[1] + num_slots)
+@functools.partial(jax.jit, static_argnames=("config", "flags", "num_slots", "kv_dtype"))
+def _generate_jit(ids_BT, start_B, keys_B, max_steps, eos_E, params, weights, config, flags, num_slots, kv_dtype):
+    state = prefill(ids_BT, start_B, keys_B, weights, config, ids_BT.shape[1] + num_slots, kv_dtype)
     # The last token needs picking but no forward pass (its logits would never be used): decode
     # max_steps - 1 full steps, then pick once more. Saves one whole-model step per call.
     state, tokens_BK, emitted_BK = decode(state, max_steps - 1, eos_E, params, weights, config, flags, num_slots)
@@ -173,9 +176,9 @@ def _generate_jit(ids_BT, start_B, keys_B, max_steps, eos_E, params, weights, co
     return tokens_BK, emitted_BK
 
 
-@functools.partial(jax.jit, static_argnames=("config", "max_len"))
-def _prefill_jit(ids_BT, start_B, keys_B, weights, config, max_len):
-    return prefill(ids_BT, start_B, keys_B, weights, config, max_len)
+@functools.partial(jax.jit, static_argnames=("config", "max_len", "kv_dtype"))
+def _prefill_jit(ids_BT, start_B, keys_B, weights, config, max_len, kv_dtype):
+    return prefill(ids_BT, start_B, keys_B, weights, config, max_len, kv_dtype)
 
 
 @functools.partial(jax.jit, static_argnames=("config", "flags", "num_slots"), donate_argnames=("state",))
@@ -215,20 +218,6 @@ def _check_prompts(prompt_ids, config: GPT2Config, max_new_tokens: int) -> list[
     return [[int(t) for t in prompt] for prompt in prompts]
 
 
-def _check_sampling(max_new_tokens, temperature, top_k, top_p, min_p, repetition_penalty) -> None:
-    if not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be an integer >= 1; got {max_new_tokens!r}")
-    if not np.isfinite(temperature) or temperature < 0:
-        raise ValueError(f"temperature must be >= 0 (0 is greedy); got {temperature}")
-    if top_k is not None and (not isinstance(top_k, (int, np.integer)) or top_k < 0):
-        raise ValueError(f"top_k must be None or an integer >= 0 (0 is off); got {top_k!r}")
-    for name, value in (("top_p", top_p), ("min_p", min_p)):
-        if value is not None and not 0 < value <= 1:
-            raise ValueError(f"{name} must be None or in (0, 1]; got {value}")
-    if repetition_penalty is not None and not (np.isfinite(repetition_penalty) and repetition_penalty > 0):
-        raise ValueError(f"repetition_penalty must be None or > 0 (1 is off); got {repetition_penalty}")
-
-
 def _eos_array(eos_token_id, config: GPT2Config) -> np.ndarray:
     eos = [] if eos_token_id is None else [eos_token_id] if np.ndim(eos_token_id) == 0 else list(eos_token_id)
     for token in eos:
@@ -237,24 +226,33 @@ def _eos_array(eos_token_id, config: GPT2Config) -> np.ndarray:
     return np.asarray(eos, np.int32).reshape(-1)
 
 
-def prepare_request(
-    prompt_ids, config: GPT2Config, max_new_tokens, temperature, top_k, top_p, min_p, repetition_penalty,
-    eos_token_id, seed,
-) -> GenerationRequest:  # fmt: skip
-    """Check every argument on the host (clear ValueErrors) and lay the prompts out for the device."""
-    _check_sampling(max_new_tokens, temperature, top_k, top_p, min_p, repetition_penalty)
-    prompts = _check_prompts(prompt_ids, config, max_new_tokens)
+def settings_from_arguments(
+    max_new_tokens, temperature, top_k, top_p, min_p, repetition_penalty, seed
+) -> SamplingSettings:  # fmt: skip
+    """generate's keyword arguments (None meaning off) as SamplingSettings, which checks them."""
+    return SamplingSettings(
+        max_new_tokens=max_new_tokens, temperature=temperature, top_k=0 if top_k is None else top_k,
+        top_p=1.0 if top_p is None else top_p, min_p=0.0 if min_p is None else min_p,
+        repetition_penalty=1.0 if repetition_penalty is None else repetition_penalty, seed=seed,
+    )  # fmt: skip
+
+
+def prepare_request(prompt_ids, config: GPT2Config, settings: SamplingSettings, eos_token_id) -> GenerationRequest:
+    """Check the prompts on the host (clear ValueErrors) and lay them out for the device."""
+    assert isinstance(settings, SamplingSettings)
+    assert settings.max_new_tokens >= 1
+    prompts = _check_prompts(prompt_ids, config, settings.max_new_tokens)
     ids_BT, start_B = left_pad(prompts, bucket_length(max(len(prompt) for prompt in prompts)))
-    base_key = jax.random.PRNGKey(seed)
+    base_key = jax.random.PRNGKey(settings.seed)
     keys_B = np.asarray(jax.vmap(jax.random.fold_in, in_axes=(None, 0))(base_key, jnp.arange(len(prompts))))
     request = GenerationRequest(
         ids_BT=ids_BT,
         start_B=start_B,
         keys_B=keys_B,
         eos_E=_eos_array(eos_token_id, config),
-        params=sampling_params(len(prompts), temperature, top_k, top_p, min_p, repetition_penalty),
-        flags=flags_for(temperature, top_k, top_p, min_p, repetition_penalty),
-        max_new_tokens=int(max_new_tokens),
+        params=sampling_params([settings] * len(prompts)),
+        flags=flags_for([settings]),
+        max_new_tokens=settings.max_new_tokens,
     )
     assert request.ids_BT.shape[0] == len(prompts)
     return request
@@ -264,19 +262,34 @@ def generate(
     prompt_ids, weights: GPT2Weights, config: GPT2Config, max_new_tokens: int = 64, temperature: float = 0.0,
     top_k: int | None = None, top_p: float | None = None, min_p: float | None = None,
     repetition_penalty: float | None = None, eos_token_id: int | Sequence[int] | None = None, seed: int = 0,
+    kv_dtype=jnp.float32,
 ) -> list[list[int]]:  # fmt: skip
     """The new tokens of each prompt (a ragged list of id lists), up to and including its eos.
 
     Prefill and every decode step run inside one jitted call: no per-token Python dispatch.
+    max_new_tokens=0 makes nothing (an empty list per prompt, after the same checks).
+    kv_dtype jnp.bfloat16 stores the cache in half the bytes (attention math stays float32).
     """
-    request = prepare_request(
-        prompt_ids, config, max_new_tokens, temperature, top_k, top_p, min_p, repetition_penalty, eos_token_id, seed
-    )
+    settings = settings_from_arguments(max_new_tokens, temperature, top_k, top_p, min_p, repetition_penalty, seed)
+    return generate_with_settings(prompt_ids, weights, config, settings, eos_token_id, kv_dtype)
+
+
+def generate_with_settings(
+    prompt_ids, weights: GPT2Weights, config: GPT2Config, settings: SamplingSettings,
+    eos_token_id: int | Sequence[int] | None, kv_dtype=jnp.float32,
+) -> list[list[int]]:  # fmt: skip
+    """`generate` for callers that hold SamplingSettings already (the CLI): the same checks and tokens."""
+    assert isinstance(settings, SamplingSettings)
+    kv_dtype = check_kv_dtype(kv_dtype)
+    if settings.max_new_tokens == 0:
+        _eos_array(eos_token_id, config)
+        return [[] for _ in _check_prompts(prompt_ids, config, 0)]
+    request = prepare_request(prompt_ids, config, settings, eos_token_id)
     B = len(request.ids_BT)
     placed = place_request(request, weights.mesh)
     tokens_BK, emitted_BK = _generate_jit(
         placed.ids_BT, placed.start_B, placed.keys_B, np.int32(request.max_new_tokens), placed.eos_E,
-        placed.params, weights, config, request.flags, bucket_length(request.max_new_tokens),
+        placed.params, weights, config, request.flags, bucket_length(request.max_new_tokens), kv_dtype,
     )  # fmt: skip
     tokens_BK, emitted_BK = fetch(tokens_BK)[:B], fetch(emitted_BK)[:B]
     outputs = [tokens_BK[row][emitted_BK[row]].tolist() for row in range(B)]
@@ -306,19 +319,34 @@ def stream_generate(
     prompt_ids, weights: GPT2Weights, config: GPT2Config, max_new_tokens: int = 64, temperature: float = 0.0,
     top_k: int | None = None, top_p: float | None = None, min_p: float | None = None,
     repetition_penalty: float | None = None, eos_token_id: int | Sequence[int] | None = None, seed: int = 0,
-    chunk_steps: int = 4,
+    chunk_steps: int = 4, kv_dtype=jnp.float32,
 ) -> Iterator[list[int | None]]:  # fmt: skip
     """Like `generate`, but yields as tokens are made: one list per step, a token per row (None once the
-    row has finished). The device runs `chunk_steps` steps per dispatch; the tokens equal `generate`'s."""
+    row has finished). The device runs `chunk_steps` steps per dispatch; the tokens equal `generate`'s.
+    A generator: the arguments are checked when the first step is asked for."""
+    settings = settings_from_arguments(max_new_tokens, temperature, top_k, top_p, min_p, repetition_penalty, seed)
+    yield from stream_with_settings(prompt_ids, weights, config, settings, eos_token_id, kv_dtype, chunk_steps)
+
+
+def stream_with_settings(
+    prompt_ids, weights: GPT2Weights, config: GPT2Config, settings: SamplingSettings,
+    eos_token_id: int | Sequence[int] | None, kv_dtype=jnp.float32, chunk_steps: int = 4,
+) -> Iterator[list[int | None]]:  # fmt: skip
+    """`stream_generate` for callers that hold SamplingSettings already: nothing runs (and nothing is
+    checked) until the first step is asked for, as with any generator."""
+    assert isinstance(settings, SamplingSettings)
     if chunk_steps < 1:
         raise ValueError(f"chunk_steps must be >= 1; got {chunk_steps}")
-    request = prepare_request(
-        prompt_ids, config, max_new_tokens, temperature, top_k, top_p, min_p, repetition_penalty, eos_token_id, seed
-    )
+    kv_dtype = check_kv_dtype(kv_dtype)
+    if settings.max_new_tokens == 0:
+        _eos_array(eos_token_id, config)
+        _check_prompts(prompt_ids, config, 0)
+        return
+    request = prepare_request(prompt_ids, config, settings, eos_token_id)
     B = len(request.ids_BT)
     placed = place_request(request, weights.mesh)
     max_len = request.ids_BT.shape[1] + bucket_length(request.max_new_tokens)
-    state = _prefill_jit(placed.ids_BT, placed.start_B, placed.keys_B, weights, config, max_len)
+    state = _prefill_jit(placed.ids_BT, placed.start_B, placed.keys_B, weights, config, max_len, kv_dtype)
     remaining = request.max_new_tokens
     while remaining > 0:
         state, tokens_BK, emitted_BK = _decode_jit(

@@ -7,12 +7,35 @@ Row b holds real tokens in slots [start_B[b], end_B[b]) and writes its next toke
 A left-padded batch (generate) starts with start_B[b] = its padding and every end equal; a
 server slot gets its own start and end when a request moves in. A slot's position id is
 `slot - start_B[b]`, so the first real token of every row has position 0, whatever its padding.
+
+The buffers may hold more rows than are in use: with start_B and end_B of B entries, rows [0, B)
+of k_LBNSH / v_LBNSH are the batch and the rows after them are neither read nor written. The
+server keeps one cache of max_batch rows and runs each step over the prefix of rows that holds
+its running sequences (a prefix, not a gather: taking rows out of the cache would copy them).
+
+Keys and values are stored float32 or bfloat16 (half the bytes a long-context decode step reads);
+attention widens a bfloat16 cache to float32 as it reads it, so only the stored values are rounded.
 """
 
 import dataclasses
 
 import jax
 import jax.numpy as jnp
+
+
+KV_DTYPES = ("float32", "bfloat16")
+
+
+def check_kv_dtype(kv_dtype) -> jnp.dtype:
+    """A cache dtype the model supports, as a dtype; anything else is a ValueError that names the choices."""
+    try:
+        dtype = jnp.dtype(kv_dtype)
+    except TypeError:
+        raise ValueError(f"kv_dtype must be one of {', '.join(KV_DTYPES)}; got {kv_dtype!r}") from None
+    if dtype.name not in KV_DTYPES:
+        raise ValueError(f"kv_dtype must be one of {', '.join(KV_DTYPES)}; got {dtype.name}")
+    assert jnp.issubdtype(dtype, jnp.floating)
+    return dtype
 
 
 @jax.tree_util.register_dataclass
@@ -35,6 +58,7 @@ def init_cache(
     """An empty cache of max_len slots for len(start_B) rows; row b's prompt begins at slot start_B[b]."""
     assert start_B.ndim == 1
     assert max_len >= 1
+    assert jnp.dtype(dtype).name in KV_DTYPES
     assert jnp.issubdtype(start_B.dtype, jnp.integer)
     shape = (n_layer, start_B.shape[0], n_head, max_len, head_dim)
     cache = KVCache(
@@ -55,7 +79,7 @@ def write_layer(cache_LBNSH: jax.Array, layer: int, end_B: jax.Array, new_BTNH: 
     wrapped (JAX's default for out-of-bounds scatter).
     """
     B, T = new_BTNH.shape[:2]
-    assert cache_LBNSH.shape[1] == B
+    assert cache_LBNSH.shape[1] >= B  # rows [0, B) of the cache are the batch
     assert new_BTNH.shape[2:] == (cache_LBNSH.shape[2], cache_LBNSH.shape[4])
     if T == cache_LBNSH.shape[3]:
         # A block that fills every slot (a full forward, a perplexity window) starts at slot 0 (the host

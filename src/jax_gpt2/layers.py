@@ -1,16 +1,17 @@
-"""The building blocks of a GPT-2 block: pure functions on shape-suffixed arrays (jax, plus the packed-matmul kernels).
+"""The building blocks of a GPT-2 block: pure functions on shape-suffixed arrays (jax, plus the CPU kernels).
 
 Shape key: see model.py. Every function asserts shapes at trace time; none reads a traced value.
+Two functions reach the kernels, each told explicitly whether to (use_kernels, the weights'
+static field, decided at load): `matmul` (under `linear`) for the matmuls and `attention` for attention.
 """
 
 import math
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from jax_gpt2 import native
-from jax_gpt2.packed import PackedMatrix, packed_matmul_BT
+from jax_gpt2 import kernels
+from jax_gpt2.weights import PackedMatrix
 
 # Full float32 matmuls: GPUs would otherwise use TF32 and miss transformers' float32 logits by 1e-3.
 # On CPU this changes nothing; bf16 weights still run bf16 matmuls.
@@ -71,26 +72,30 @@ def activation(name: str, x_BTF: jax.Array) -> jax.Array:
     return y_BTF
 
 
-def linear(x_BTI: jax.Array, w_IO: "jax.Array | PackedMatrix", b_O: jax.Array) -> jax.Array:
-    """x @ w + b in HF's Conv1D layout (in, out), so checkpoints load without transposes.
-
-    A PackedMatrix goes to the native kernel (packed.py); a plain array to XLA's dot.
-    """
+def matmul(x_BTI: jax.Array, w_IO: "jax.Array | PackedMatrix", use_kernels: bool) -> jax.Array:
+    """x @ w: a PackedMatrix goes to the native kernel (use_kernels) or to XLA unpacked; a plain array to XLA's dot."""
     assert x_BTI.shape[-1] == w_IO.shape[0]
-    assert b_O.shape == (w_IO.shape[1],)
+    assert isinstance(w_IO, PackedMatrix) or not use_kernels, "the kernels multiply packed matrices only"
     if isinstance(w_IO, PackedMatrix):
-        y_BTO = packed_matmul_BT(x_BTI, w_IO)
-        return y_BTO + b_O.astype(y_BTO.dtype)
-    y_BTO = jnp.einsum("BTI,IO->BTO", x_BTI, w_IO.astype(x_BTI.dtype), precision=PRECISION) + b_O.astype(x_BTI.dtype)
+        return kernels.packed_matmul_BT(x_BTI, w_IO, use_kernels)
+    y_BTO = jnp.einsum("BTI,IO->BTO", x_BTI, w_IO.astype(x_BTI.dtype), precision=PRECISION)
+    assert y_BTO.shape == (*x_BTI.shape[:-1], w_IO.shape[1])
     return y_BTO
 
 
-def mlp(x_BTD, fc_w_DF, fc_b_F, proj_w_FD, proj_b_D, activation_name: str) -> jax.Array:
+def linear(x_BTI: jax.Array, w_IO: "jax.Array | PackedMatrix", b_O: jax.Array, use_kernels: bool) -> jax.Array:
+    """x @ w + b in HF's Conv1D layout (in, out), so checkpoints load without transposes."""
+    assert b_O.shape == (w_IO.shape[1],)
+    y_BTO = matmul(x_BTI, w_IO, use_kernels)
+    return y_BTO + b_O.astype(y_BTO.dtype)
+
+
+def mlp(x_BTD, fc_w_DF, fc_b_F, proj_w_FD, proj_b_D, activation_name: str, use_kernels: bool) -> jax.Array:
     """GPT-2's feed-forward: D -> F, nonlinearity, F -> D."""
     assert x_BTD.shape[-1] == fc_w_DF.shape[0]
     assert proj_w_FD.shape == fc_w_DF.shape[::-1]
-    hidden_BTF = activation(activation_name, linear(x_BTD, fc_w_DF, fc_b_F))
-    out_BTD = linear(hidden_BTF, proj_w_FD, proj_b_D)
+    hidden_BTF = activation(activation_name, linear(x_BTD, fc_w_DF, fc_b_F, use_kernels))
+    out_BTD = linear(hidden_BTF, proj_w_FD, proj_b_D, use_kernels)
     assert out_BTD.shape == x_BTD.shape
     return out_BTD
 
@@ -102,7 +107,8 @@ def cached_attention(
 
     mask_BTS is True where query t may see slot s. Masked scores get the float32 minimum rather
     than -inf, as transformers does, so a row with no visible slot (a left-pad query) gives a
-    uniform, finite distribution instead of NaN.
+    uniform, finite distribution instead of NaN. A bfloat16 cache is widened as it is read: the
+    scores, the softmax and the weighted sum are float32 (for float32 queries) either way.
     """
     B, T, N, H = q_BTNH.shape
     assert k_BNSH.shape[:2] == (B, N)
@@ -116,8 +122,8 @@ def cached_attention(
     scores_BNTS = jnp.einsum("BNTH,BNSH->BNTS", q_BNTH, k_BNSH.astype(q_BTNH.dtype), precision=PRECISION)
     scores_BNTS = scores_BNTS.astype(jnp.float32) * scale
     scores_BNTS = jnp.where(mask_BTS[:, None, :, :], scores_BNTS, jnp.finfo(jnp.float32).min)
-    probs_BNTS = jax.nn.softmax(scores_BNTS, axis=-1).astype(v_BNSH.dtype)
-    out_BNTH = jnp.einsum("BNTS,BNSH->BNTH", probs_BNTS, v_BNSH, precision=PRECISION)
+    probs_BNTS = jax.nn.softmax(scores_BNTS, axis=-1).astype(q_BTNH.dtype)
+    out_BNTH = jnp.einsum("BNTS,BNSH->BNTH", probs_BNTS, v_BNSH.astype(q_BTNH.dtype), precision=PRECISION)
     out_BTNH = out_BNTH.transpose(0, 2, 1, 3)
     assert out_BTNH.shape == q_BTNH.shape
     return out_BTNH.astype(q_BTNH.dtype)
@@ -146,35 +152,40 @@ def causal_attention_in_blocks(
     return out_BTNH
 
 
-def can_use_decode_kernel(q_BTNH: jax.Array, k_LBNSH: jax.Array) -> bool:
-    """The native decode attention takes one float32 query per row over a float32 cache, on CPU."""
+# Query block for prompts that fill the cache (full forward, perplexity windows): 256 measured best.
+ATTENTION_BLOCK = 256
+
+
+def can_use_decode_kernel(q_BTNH: jax.Array, k_LBNSH: jax.Array, use_kernels: bool) -> bool:
+    """The native decode attention takes one float32 query per row, over a cache whose dtype it has a kernel for."""
     assert q_BTNH.ndim == 4
     assert k_LBNSH.ndim == 5
     one_query = q_BTNH.shape[1] == 1
-    return one_query and q_BTNH.dtype == k_LBNSH.dtype == jnp.float32 and native.kernels_available()
+    return use_kernels and one_query and q_BTNH.dtype == jnp.float32 and kernels.has_decode_kernel(k_LBNSH.dtype)
 
 
-def decode_attention(
+def attention(
     q_BTNH: jax.Array, k_LBNSH: jax.Array, v_LBNSH: jax.Array, start_B: jax.Array, end_B: jax.Array,
-    layer: int, scale: float,
+    mask_BTS: jax.Array, layer: int, scale: float, use_kernels: bool,
 ) -> jax.Array:  # fmt: skip
-    """`cached_attention` for one new query per row (T = 1, at slot end_B), by the native kernel.
+    """Attention of T new queries over layer `layer` of the cache (already holding their own keys),
+    by one of three routes, each chosen from static facts (shapes, dtypes, use_kernels):
 
-    Reads layer `layer` of the whole caches in place: slicing k_LBNSH[layer] in XLA copies the
-    layer out on every step (measured 1.4 ms per gpt2 token, 12 layers x 2), and the kernel
-    touches only the filled slots [start_B, end_B], not the whole bucket.
+    - one query per row, kernels on: the native decode kernel, reading the cache in place;
+    - a prompt that fills the whole cache (T == S, a full forward or a perplexity window), longer
+      than one block: `causal_attention_in_blocks`, skipping the masked upper triangle;
+    - anything else (prefill into a longer cache, decode without kernels): `cached_attention`.
     """
     B, T, N, H = q_BTNH.shape
-    assert T == 1
-    assert k_LBNSH.shape[1:3] == (B, N) and k_LBNSH.shape[4] == H
-    assert v_LBNSH.shape == k_LBNSH.shape
-    result = jax.ShapeDtypeStruct((B, N, H), jnp.float32)
-    call = jax.ffi.ffi_call(native.target_name("attention"), result, vmap_method="sequential")
-    out_BNH = call(
-        q_BTNH.reshape(B, N, H), k_LBNSH, v_LBNSH, start_B.astype(jnp.int32), end_B.astype(jnp.int32),
-        layer=np.int64(layer), scale=np.float32(scale),
-    )  # fmt: skip
-    out_BTNH = out_BNH.reshape(B, 1, N, H)
+    assert k_LBNSH.shape[1] >= B  # rows [0, B) of the cache are the batch (see kvcache.py)
+    assert k_LBNSH.shape[2] == N
+    assert mask_BTS.shape == (B, T, k_LBNSH.shape[3])
+    if can_use_decode_kernel(q_BTNH, k_LBNSH, use_kernels):
+        return kernels.decode_attention(q_BTNH, k_LBNSH, v_LBNSH, start_B, end_B, layer, scale)
+    k_BNSH, v_BNSH = k_LBNSH[layer, :B], v_LBNSH[layer, :B]
+    if T == k_BNSH.shape[2] and T > ATTENTION_BLOCK:
+        out_BTNH = causal_attention_in_blocks(q_BTNH, k_BNSH, v_BNSH, mask_BTS, scale, ATTENTION_BLOCK)
+    else:
+        out_BTNH = cached_attention(q_BTNH, k_BNSH, v_BNSH, mask_BTS, scale)
     assert out_BTNH.shape == q_BTNH.shape
-    assert out_BTNH.dtype == q_BTNH.dtype == jnp.float32
     return out_BTNH

@@ -10,17 +10,18 @@ the shape the config implies, and no unknown key may be left over.
 import json
 import os
 import re
+import warnings
 from pathlib import Path
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
-from jax_gpt2 import native
-from jax_gpt2.packed import PACKED_DTYPES, pack_weights
+from jax_gpt2 import kernels
 from jax_gpt2.config import GPT2Config, config_from_file
 from jax_gpt2.sharding import check_mesh_fits, place_weights
-from jax_gpt2.weights import BlockWeights, GPT2Weights
+from jax_gpt2.weights import PACKED_DTYPES, BlockWeights, GPT2Weights, PackedMatrix, pack_weights, round_weights
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 SAFETENSORS_FILE = "model.safetensors"
@@ -93,9 +94,13 @@ def load_weights(
 ) -> GPT2Weights:  # fmt: skip
     """Every parameter of a hub model or local folder, checked against its config.
 
-    dtype is float32, bfloat16 or int8. With `pack` (the default where the CPU kernels build and
-    run, see native.py) the block matrices and lm_head become PackedMatrix tiles of `dtype` and
-    everything else stays float32; without it every array is `dtype` (int8 always packs).
+    dtype is float32, bfloat16 or int8 (weight-only: activations stay float32). `pack` says whether
+    the CPU kernels run this model, decided here once and kept in the weights (use_kernels):
+    None (the default) where they build and run (kernels/native.py), True to insist (a ValueError
+    where they cannot), False for XLA alone. With the kernels, the block matrices and lm_head
+    become PackedMatrix tiles of `dtype`. Without them, on a CPU, a narrow dtype is widened to
+    float32 once, here, with a warning: the values stay the rounded ones, but XLA's CPU dot would
+    widen narrow weights again before every product (see `weights_without_kernels`).
 
     With a mesh of more than one device (sharding.make_mesh) the arrays are placed on it,
     Megatron-style, and never packed (sharding.py says why); a one-device mesh changes nothing.
@@ -113,21 +118,64 @@ def load_weights(
     return weights_for_dtype(state, config, dtype, pack)
 
 
+def choose_kernels(pack: bool | None) -> bool:
+    """Whether a model loaded now runs on the CPU kernels: the one place the process is asked."""
+    if pack is None:
+        return kernels.kernels_available()
+    if pack and not kernels.kernels_available():
+        raise ValueError(
+            "pack=True asks for the CPU kernels, which do not run here (they need a C++ compiler, a CPU "
+            "backend and a supported CPU; JAX_GPT2_NATIVE=0 turns them off): pass pack=None or pack=False"
+        )
+    return bool(pack)
+
+
 def weights_for_dtype(state: dict[str, np.ndarray], config: GPT2Config, dtype, pack: bool | None) -> GPT2Weights:
-    """weights_from_state_dict, then packed for the CPU kernels when asked (or, pack None, when they run here)."""
+    """weights_from_state_dict in `dtype`: packed for the kernels, or in the form XLA runs best here."""
     dtype = jnp.dtype(dtype)
     if dtype.name not in PACKED_DTYPES:
         raise ValueError(f"dtype must be one of {sorted(PACKED_DTYPES)}; got {dtype.name}")
-    if pack is None:
-        pack = dtype == jnp.int8 or native.kernels_available()
-    if dtype == jnp.int8 and not pack:
-        raise ValueError("int8 weights exist only packed (weight-only int8); pass pack=True or None")
-    if not pack:
-        return weights_from_state_dict(state, config, dtype)
-    weights = pack_weights(weights_from_state_dict(state, config, jnp.float32), dtype)
-    assert weights.lm_head_DV is not None
+    use_kernels = choose_kernels(pack)
+    float32 = weights_from_state_dict(state, config, jnp.float32)
+    if not use_kernels:
+        return weights_without_kernels(float32, dtype, jax.default_backend())
+    weights = pack_weights(float32, dtype, use_kernels=True)
+    for packed in packed_matrices(weights):
+        kernels.advise_huge_pages(packed.tiles_GIC)  # streamed every token: fewer TLB misses
+    assert weights.use_kernels
     assert weights.wte_VD.dtype == jnp.float32
     return weights
+
+
+def packed_matrices(weights: GPT2Weights) -> list[PackedMatrix]:
+    leaves = jax.tree.leaves(weights, is_leaf=lambda leaf: isinstance(leaf, PackedMatrix))
+    return [leaf for leaf in leaves if isinstance(leaf, PackedMatrix)]
+
+
+def weights_without_kernels(float32: GPT2Weights, dtype, backend: str) -> GPT2Weights:
+    """The model for XLA alone, from its float32 weights.
+
+    On a CPU, XLA's dot reads a float32 matrix at ~40 GB/s but widens a bf16 or int8 one to a
+    float32 copy first, every product (~1.6 GB/s measured): a narrow model would decode several
+    times slower than the float32 one. So the weights are widened once, here, keeping the values
+    the narrow dtype rounds them to (round_weights), and a warning says the narrow dtype saves
+    nothing on this machine. On an accelerator XLA's own bf16 dot is fast and int8 tiles are
+    dequantized inside the fused dot: both stay narrow.
+    """
+    assert not float32.use_kernels
+    if dtype == jnp.float32:
+        return float32
+    if backend == "cpu":
+        warnings.warn(
+            f"jax-gpt2: {dtype.name} weights widened to float32 at load: without the CPU kernels XLA "
+            f"would widen them before every matmul, so here {dtype.name} saves neither time nor memory "
+            f"(the values are still the {dtype.name}-rounded ones)",
+            stacklevel=4,  # the caller of load_weights
+        )
+        return round_weights(float32, dtype)
+    if dtype == jnp.int8:
+        return pack_weights(float32, dtype, use_kernels=False)
+    return jax.tree.map(lambda array: array.astype(dtype), float32)
 
 
 def read_state_dict(folder: Path) -> dict[str, np.ndarray]:

@@ -22,15 +22,8 @@ import numpy as np
 from jax_gpt2 import kvcache
 from jax_gpt2.config import GPT2Config
 from jax_gpt2.kvcache import KVCache
-from jax_gpt2.packed import packed_matmul_BT
 from jax_gpt2.sharding import constrain_cache, model_shards
-from jax_gpt2.layers import (
-    PRECISION, cached_attention, can_use_decode_kernel, causal_attention_in_blocks, decode_attention, layer_norm,
-    linear, mlp,
-)
-
-# Query block for prompts that fill the cache (full forward, perplexity windows): 256 measured best.
-ATTENTION_BLOCK = 256
+from jax_gpt2.layers import PRECISION, attention, layer_norm, linear, matmul, mlp
 from jax_gpt2.weights import BlockWeights, GPT2Weights
 
 if TYPE_CHECKING:
@@ -74,41 +67,37 @@ def split_qkv(qkv_BTE: jax.Array, config: GPT2Config, groups: int) -> tuple[jax.
 
 def block(
     x_BTD: jax.Array, w: BlockWeights, layer: int, cache: KVCache, mask_BTS: jax.Array, config: GPT2Config,
-    mesh: "Mesh | None" = None,
+    use_kernels: bool, mesh: "Mesh | None" = None,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:  # fmt: skip
     """One transformer block: writes its keys/values into the cache at `layer`.
 
-    Returns the new residual stream and the cache's updated k_LBNSH, v_LBNSH. `mesh` is the
-    weights' (GPT2Weights.mesh): it sets the qkv column grouping and keeps the native decode
-    attention off, since XLA cannot split that kernel across devices (see sharding.py).
+    Returns the new residual stream and the cache's updated k_LBNSH, v_LBNSH. `use_kernels` and
+    `mesh` are the weights' static fields: `mesh` sets the qkv column grouping (weights on a mesh
+    never use the kernels, which XLA cannot split across devices: see sharding.py).
     """
     B, T, D = x_BTD.shape
     assert D == config.n_embd
     assert w.qkv_w_DE.shape == (D, 3 * D)
     h_BTD = layer_norm(x_BTD, w.ln1_scale_D, w.ln1_bias_D, config.layer_norm_epsilon)
-    qkv_BTE = linear(h_BTD, w.qkv_w_DE, w.qkv_b_E)
+    qkv_BTE = linear(h_BTD, w.qkv_w_DE, w.qkv_b_E, use_kernels)
     q_BTNH, k_BTNH, v_BTNH = split_qkv(qkv_BTE, config, model_shards(mesh))
     k_LBNSH = kvcache.write_layer(cache.k_LBNSH, layer, cache.end_B, k_BTNH)
     v_LBNSH = kvcache.write_layer(cache.v_LBNSH, layer, cache.end_B, v_BTNH)
     scale = attention_scale(config, layer)
-    if mesh is None and can_use_decode_kernel(q_BTNH, k_LBNSH):
-        attn_BTNH = decode_attention(q_BTNH, k_LBNSH, v_LBNSH, cache.start_B, cache.end_B, layer, scale)
-        return finish_block(x_BTD, attn_BTNH, w, config), k_LBNSH, v_LBNSH
-    k_BNSH, v_BNSH = k_LBNSH[layer], v_LBNSH[layer]
-    if T == k_BNSH.shape[2] and T > ATTENTION_BLOCK:  # a static shape test: the prompt fills the cache
-        attn_BTNH = causal_attention_in_blocks(q_BTNH, k_BNSH, v_BNSH, mask_BTS, scale, ATTENTION_BLOCK)
-    else:
-        attn_BTNH = cached_attention(q_BTNH, k_BNSH, v_BNSH, mask_BTS, scale)
-    return finish_block(x_BTD, attn_BTNH, w, config), k_LBNSH, v_LBNSH
+    attn_BTNH = attention(q_BTNH, k_LBNSH, v_LBNSH, cache.start_B, cache.end_B, mask_BTS, layer, scale, use_kernels)
+    return finish_block(x_BTD, attn_BTNH, w, config, use_kernels), k_LBNSH, v_LBNSH
 
 
-def finish_block(x_BTD: jax.Array, attn_BTNH: jax.Array, w: BlockWeights, config: GPT2Config) -> jax.Array:
+def finish_block(
+    x_BTD: jax.Array, attn_BTNH: jax.Array, w: BlockWeights, config: GPT2Config, use_kernels: bool
+) -> jax.Array:
     """The rest of a block after attention: output projection, residual, then the MLP half."""
     B, T, D = x_BTD.shape
     assert attn_BTNH.shape == (B, T, config.n_head, config.head_dim)
-    x_BTD = x_BTD + linear(attn_BTNH.reshape(B, T, D), w.attn_out_w_DD, w.attn_out_b_D)
+    x_BTD = x_BTD + linear(attn_BTNH.reshape(B, T, D), w.attn_out_w_DD, w.attn_out_b_D, use_kernels)
     h_BTD = layer_norm(x_BTD, w.ln2_scale_D, w.ln2_bias_D, config.layer_norm_epsilon)
-    x_BTD = x_BTD + mlp(h_BTD, w.fc_w_DF, w.fc_b_F, w.proj_w_FD, w.proj_b_D, config.activation_function)
+    mlp_BTD = mlp(h_BTD, w.fc_w_DF, w.fc_b_F, w.proj_w_FD, w.proj_b_D, config.activation_function, use_kernels)
+    x_BTD = x_BTD + mlp_BTD
     assert x_BTD.shape == (B, T, D)
     return x_BTD
 
@@ -122,7 +111,10 @@ def transformer(
     (see weights.py for why not a scan over stacked weights).
     """
     B, T = ids_BT.shape
-    assert cache.k_LBNSH.shape[:3] == (config.n_layer, B, config.n_head)
+    assert cache.start_B.shape == (B,)
+    assert cache.k_LBNSH.shape[0] == config.n_layer
+    assert cache.k_LBNSH.shape[1] >= B  # rows [0, B) of the cache are the batch (see kvcache.py)
+    assert cache.k_LBNSH.shape[2] == config.n_head
     assert len(weights.blocks) == config.n_layer
     cache = constrain_cache(cache, weights.mesh)
     x_BTD = embed(ids_BT, kvcache.positions(cache, T), weights)
@@ -130,7 +122,7 @@ def transformer(
     k_LBNSH, v_LBNSH = cache.k_LBNSH, cache.v_LBNSH
     for layer, w in enumerate(weights.blocks):
         layer_cache = KVCache(k_LBNSH, v_LBNSH, cache.start_B, cache.end_B)
-        x_BTD, k_LBNSH, v_LBNSH = block(x_BTD, w, layer, layer_cache, mask_BTS, config, weights.mesh)
+        x_BTD, k_LBNSH, v_LBNSH = block(x_BTD, w, layer, layer_cache, mask_BTS, config, weights.use_kernels, weights.mesh)
     hidden_BTD = layer_norm(x_BTD, weights.lnf_scale_D, weights.lnf_bias_D, config.layer_norm_epsilon)
     new_cache = KVCache(k_LBNSH, v_LBNSH, cache.start_B, cache.end_B + T)
     return hidden_BTD, new_cache
@@ -140,7 +132,7 @@ def lm_logits(hidden_BTD: jax.Array, weights: GPT2Weights) -> jax.Array:
     """Project hidden states onto the vocabulary (lm_head, tied to wte unless the checkpoint unties it)."""
     if weights.lm_head_DV is not None:
         assert hidden_BTD.shape[-1] == weights.lm_head_DV.shape[0]
-        logits_BTV = packed_matmul_BT(hidden_BTD, weights.lm_head_DV)
+        logits_BTV = matmul(hidden_BTD, weights.lm_head_DV, weights.use_kernels)
         assert logits_BTV.shape == (*hidden_BTD.shape[:2], weights.lm_head_DV.shape[1])
         assert logits_BTV.dtype == jnp.float32
         return logits_BTV
@@ -152,15 +144,20 @@ def lm_logits(hidden_BTD: jax.Array, weights: GPT2Weights) -> jax.Array:
     return logits_BTV.astype(jnp.float32)
 
 
-def empty_cache(config: GPT2Config, start_B: jax.Array, max_len: int, dtype=jnp.float32) -> KVCache:
-    """A cache of max_len slots; row b's first real token goes to slot start_B[b] (left padding before it)."""
-    return kvcache.init_cache(config.n_layer, config.n_head, config.head_dim, jnp.asarray(start_B), max_len, dtype)
+def empty_cache(config: GPT2Config, start_B: jax.Array, max_len: int, kv_dtype=jnp.float32) -> KVCache:
+    """A cache of max_len slots; row b's first real token goes to slot start_B[b] (left padding before it).
+
+    kv_dtype float32 (the default) or bfloat16: keys and values are stored in it and widened to
+    float32 when attention reads them.
+    """
+    kv_dtype = kvcache.check_kv_dtype(kv_dtype)
+    return kvcache.init_cache(config.n_layer, config.n_head, config.head_dim, jnp.asarray(start_B), max_len, kv_dtype)
 
 
 @functools.partial(jax.jit, static_argnames=("config",))
 def _forward_jit(ids_BT: jax.Array, weights: GPT2Weights, config: GPT2Config) -> jax.Array:
     B, T = ids_BT.shape
-    cache = empty_cache(config, jnp.zeros((B,), jnp.int32), T, weights.wte_VD.dtype)
+    cache = empty_cache(config, jnp.zeros((B,), jnp.int32), T)
     hidden_BTD, _ = transformer(ids_BT, cache, weights, config)
     return lm_logits(hidden_BTD, weights)
 
@@ -233,12 +230,12 @@ def block_hidden_states(input_ids_BT, weights: GPT2Weights, config: GPT2Config) 
     ids_BT = jnp.asarray(check_token_ids(input_ids_BT, config))
     check_length(ids_BT.shape[1], config)
     B, T = ids_BT.shape
-    cache = empty_cache(config, jnp.zeros((B,), jnp.int32), T, weights.wte_VD.dtype)
+    cache = empty_cache(config, jnp.zeros((B,), jnp.int32), T)
     x_BTD = embed(ids_BT, kvcache.positions(cache, T), weights)
     mask_BTS = kvcache.visible_mask(cache, T)
     outputs = []
     for layer, w in enumerate(weights.blocks):
-        x_BTD, _, _ = block(x_BTD, w, layer, cache, mask_BTS, config, weights.mesh)
+        x_BTD, _, _ = block(x_BTD, w, layer, cache, mask_BTS, config, weights.use_kernels, weights.mesh)
         outputs.append(x_BTD)
     assert len(outputs) == config.n_layer
     return outputs

@@ -32,6 +32,7 @@ import numpy as np
 from jax.sharding import Mesh, PartitionSpec as P
 
 from jax_gpt2.config import GPT2Config
+from jax_gpt2.kvcache import check_kv_dtype
 from jax_gpt2.sharding import data_shards, fetch, padded_rows, put, put_rows
 from jax_gpt2.model import check_token_ids, empty_cache, lm_logits, transformer
 from jax_gpt2.weights import GPT2Weights
@@ -147,10 +148,11 @@ def pack_batch(
     return ids_BT, positions_R, targets_R, n
 
 
-@functools.partial(jax.jit, static_argnames=("config",))
+@functools.partial(jax.jit, static_argnames=("config", "kv_dtype"))
 def scored_nll(
-    ids_BT: jax.Array, positions_R: jax.Array, targets_R: jax.Array, weights: GPT2Weights, config: GPT2Config
-) -> jax.Array:
+    ids_BT: jax.Array, positions_R: jax.Array, targets_R: jax.Array, weights: GPT2Weights, config: GPT2Config,
+    kv_dtype=jnp.float32,
+) -> jax.Array:  # fmt: skip
     """nll_R (float32): -log p(targets_R[i]) from the hidden state at flat position positions_R[i]."""
     B, T = ids_BT.shape
     R = positions_R.shape[0]
@@ -158,7 +160,7 @@ def scored_nll(
     assert targets_R.shape == (R,)
     assert R % C == 0
     assert T <= config.n_positions
-    cache = empty_cache(config, jnp.zeros((B,), jnp.int32), T, weights.wte_VD.dtype)
+    cache = empty_cache(config, jnp.zeros((B,), jnp.int32), T, kv_dtype)
     hidden_BTD, _ = transformer(ids_BT, cache, weights, config)
     hidden_RD = hidden_BTD.reshape(B * T, config.n_embd)[positions_R]
 
@@ -182,12 +184,14 @@ def batch_nlls(
     max_length: int = 1024,
     stride: int = 512,
     batch_size: int = 8,
+    kv_dtype=jnp.float32,
 ) -> Iterator[BatchNLL]:
     """The summed NLL of each batch of windows, in text order: for a progress bar or a running figure."""
     ids = np.asarray(token_ids)
     if ids.ndim != 1:
         raise ValueError(f"token ids must be one 1-D sequence; got shape {ids.shape}")
     check_arguments(ids.shape[0], config, max_length, stride, batch_size)
+    kv_dtype = check_kv_dtype(kv_dtype)
     ids = check_token_ids(ids[None, :], config)[0]
     windows = plan_windows(ids.shape[0], max_length, stride)
     # One shape for the whole file: no wider than the text, no more rows than windows (on a mesh,
@@ -199,7 +203,7 @@ def batch_nlls(
         ids_BT, positions_R, targets_R, n = pack_batch(ids, group, B, T, R)
         if weights.mesh is not None:
             ids_BT, positions_R, targets_R = place_batch(ids_BT, positions_R, targets_R, weights.mesh)
-        nll_R = fetch(scored_nll(ids_BT, positions_R, targets_R, weights, config))
+        nll_R = fetch(scored_nll(ids_BT, positions_R, targets_R, weights, config, kv_dtype))
         yield BatchNLL(len(group), float(np.sum(nll_R[:n], dtype=np.float64)), n)
 
 
@@ -228,9 +232,14 @@ def perplexity(
     max_length: int = 1024,
     stride: int = 512,
     batch_size: int = 8,
+    kv_dtype=jnp.float32,
 ) -> float:
-    """Sliding-window perplexity of one token sequence (see the module docstring for the exact definition)."""
-    ppl, num_scored = perplexity_of(batch_nlls(token_ids, weights, config, max_length, stride, batch_size))
+    """Sliding-window perplexity of one token sequence (see the module docstring for the exact definition).
+
+    kv_dtype jnp.bfloat16 rounds each window's keys and values to bfloat16 before attention reads them.
+    """
+    batches = batch_nlls(token_ids, weights, config, max_length, stride, batch_size, kv_dtype)
+    ppl, num_scored = perplexity_of(batches)
     assert num_scored >= 1
     assert ppl > 0
     return ppl

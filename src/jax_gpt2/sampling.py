@@ -1,4 +1,4 @@
-"""Logits processors and the sampler: pure, jit-friendly, one parameter value per row.
+"""Sampling settings, logits processors and the sampler: pure, jit-friendly, one parameter value per row.
 
 Applied in transformers' order: repetition penalty, then (sampling rows only) temperature, top-k,
 top-p, min-p, then a draw from the softmax. Each control has an "off" value so that rows with
@@ -7,16 +7,83 @@ different settings share one compiled step (the server batches different request
     temperature 0 -> greedy (argmax after the repetition penalty, as transformers' greedy search)
     top_k 0 -> off      top_p 1 -> off      min_p 0 -> off      repetition_penalty 1 -> off
 
-Which processors run at all is decided once, on the host, by `SamplerFlags` (a static argument):
-a greedy batch never sorts the vocabulary.
+`SamplingSettings` is what a caller asks for (one request, host values, checked once by its one
+validator); `SamplingParams` is the same per row as device arrays. Which processors run at all is
+decided by `SamplerFlags`: on the host from the settings (a static argument: a greedy batch never
+sorts the vocabulary), or at run time from the rows' values (`runtime_flags`: each stage under a
+`lax.cond`, for the server, whose rows change while the compiled step does not).
 """
 
 import dataclasses
+import numbers
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 FILTERED = -jnp.inf  # transformers' filter_value: a removed token gets probability exactly 0
+MAX_SEED = 2**32 - 1  # PRNGKey keeps 32 bits of the seed; larger seeds would silently collide
+MAX_TOP_LOGPROBS = 5  # alternatives per token the logprobs APIs return at most (OpenAI's bound)
+
+
+class InvalidSetting(ValueError):
+    """A sampling setting out of its range; `field` names it (the server reports it as the bad parameter)."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(message)
+        self.field = field
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingSettings:
+    """How one request picks its tokens and when it ends; every entry point builds one, and building
+    it is the check (`check_settings`): generate, stream_generate, the CLI, the engine, the server."""
+
+    max_new_tokens: int = 64  # 0: make nothing (the server's echo-only scoring requests)
+    temperature: float = 0.0  # 0 is greedy
+    top_k: int = 0  # 0 is off
+    top_p: float = 1.0  # 1 is off
+    min_p: float = 0.0  # 0 is off
+    repetition_penalty: float = 1.0  # 1 is off
+    seed: int = 0
+    stop: tuple[str, ...] = ()  # the text ends where one of these first occurs
+
+    def __post_init__(self) -> None:
+        check_settings(self)
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _is_real(value) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and bool(np.isfinite(value))
+
+
+def check_settings(settings: SamplingSettings) -> None:
+    """The one validator of sampling settings: an InvalidSetting naming the field, with its range."""
+    s = settings
+    if not _is_int(s.max_new_tokens) or s.max_new_tokens < 0:
+        raise InvalidSetting("max_new_tokens", f"max_new_tokens must be an integer >= 0; got {s.max_new_tokens!r}")
+    if not _is_real(s.temperature) or s.temperature < 0:
+        raise InvalidSetting("temperature", f"temperature must be >= 0 (0 is greedy); got {s.temperature!r}")
+    if not _is_int(s.top_k) or s.top_k < 0:
+        raise InvalidSetting("top_k", f"top_k must be an integer >= 0 (0 is off); got {s.top_k!r}")
+    if not _is_real(s.top_p) or not 0 < s.top_p <= 1:
+        raise InvalidSetting("top_p", f"top_p must be in (0, 1] (1 is off); got {s.top_p!r}")
+    if not _is_real(s.min_p) or not 0 <= s.min_p <= 1:
+        raise InvalidSetting("min_p", f"min_p must be in [0, 1] (0 is off); got {s.min_p!r}")
+    if not _is_real(s.repetition_penalty) or s.repetition_penalty <= 0:
+        raise InvalidSetting(
+            "repetition_penalty", f"repetition_penalty must be > 0 (1 is off); got {s.repetition_penalty!r}"
+        )
+    if not _is_int(s.seed) or not 0 <= s.seed <= MAX_SEED:
+        raise InvalidSetting("seed", f"seed must be an integer in [0, {MAX_SEED}]; got {s.seed!r}")
+    if not isinstance(s.stop, tuple) or not all(isinstance(stop, str) for stop in s.stop):
+        raise InvalidSetting("stop", f"stop must be a tuple of strings; got {s.stop!r}")
+    if any(not stop for stop in s.stop):
+        raise InvalidSetting("stop", "stop strings must be non-empty")
 
 
 @jax.tree_util.register_dataclass
@@ -31,37 +98,58 @@ class SamplingParams:
 
 @dataclasses.dataclass(frozen=True)
 class SamplerFlags:
-    """Which stages any row needs: static, so unused stages are not even traced."""
+    """Which stages any row needs. Python bools (static: unused stages are not even traced) or traced
+    bool scalars (`runtime_flags`: each stage runs under a lax.cond, only when some row needs it)."""
 
-    sample: bool  # some row has temperature > 0
-    filter: bool  # some sampling row uses top_k, top_p or min_p
-    penalize: bool  # some row has repetition_penalty != 1
+    sample: bool | jax.Array  # some row has temperature > 0
+    filter: bool | jax.Array  # some sampling row uses top_k, top_p or min_p
+    penalize: bool | jax.Array  # some row has repetition_penalty != 1
 
 
-def sampling_params(
-    batch: int, temperature=0.0, top_k=None, top_p=None, min_p=None, repetition_penalty=None
-) -> SamplingParams:
-    """The same settings for every row, with None meaning off (host values; validated by the caller)."""
-    assert batch >= 1
-    assert temperature >= 0
+def sampling_params(settings: Sequence[SamplingSettings]) -> SamplingParams:
+    """One row per settings (host arrays with fixed dtypes, so new values never recompile)."""
+    assert len(settings) >= 1
+    assert all(isinstance(s, SamplingSettings) for s in settings)
+    params = SamplingParams(
+        temperature_B=np.array([s.temperature for s in settings], np.float32),
+        top_k_B=np.array([s.top_k for s in settings], np.int32),
+        top_p_B=np.array([s.top_p for s in settings], np.float32),
+        min_p_B=np.array([s.min_p for s in settings], np.float32),
+        repetition_penalty_B=np.array([s.repetition_penalty for s in settings], np.float32),
+    )
+    assert params.top_k_B.shape == (len(settings),)
+    return params
 
-    def full(value, dtype):
-        return jnp.full((batch,), value, dtype)
 
-    return SamplingParams(
-        temperature_B=full(temperature, jnp.float32),
-        top_k_B=full(0 if top_k is None else top_k, jnp.int32),
-        top_p_B=full(1.0 if top_p is None else top_p, jnp.float32),
-        min_p_B=full(0.0 if min_p is None else min_p, jnp.float32),
-        repetition_penalty_B=full(1.0 if repetition_penalty is None else repetition_penalty, jnp.float32),
+def flags_for(settings: Sequence[SamplingSettings]) -> SamplerFlags:
+    """The stages these rows need, decided on the host (static flags)."""
+    assert len(settings) >= 1
+    sample = any(s.temperature > 0 for s in settings)
+    uses_filter = any(s.temperature > 0 and (s.top_k > 0 or s.top_p < 1.0 or s.min_p > 0) for s in settings)
+    penalize = any(s.repetition_penalty != 1.0 for s in settings)
+    return SamplerFlags(sample=sample, filter=uses_filter, penalize=penalize)
+
+
+def runtime_flags(params: SamplingParams, active_B: jax.Array) -> SamplerFlags:
+    """The stages the active rows need, decided on the device from their values (traced flags); an
+    inactive row's stale settings (a finished sequence's) switch nothing on."""
+    assert params.temperature_B.ndim == 1
+    assert active_B.shape == params.temperature_B.shape
+    sampling_B = active_B & (params.temperature_B > 0)
+    filtering_B = (params.top_k_B > 0) | (params.top_p_B < 1.0) | (params.min_p_B > 0)
+    return SamplerFlags(
+        sample=jnp.any(sampling_B),
+        filter=jnp.any(sampling_B & filtering_B),
+        penalize=jnp.any(active_B & (params.repetition_penalty_B != 1.0)),
     )
 
 
-def flags_for(temperature=0.0, top_k=None, top_p=None, min_p=None, repetition_penalty=None) -> SamplerFlags:
-    sample = temperature > 0
-    uses_filter = bool(top_k) or (top_p is not None and top_p < 1.0) or bool(min_p)
-    penalize = repetition_penalty is not None and repetition_penalty != 1.0
-    return SamplerFlags(sample=sample, filter=sample and uses_filter, penalize=penalize)
+def when(flag: bool | jax.Array, stage, x_BV: jax.Array) -> jax.Array:
+    """stage(x) if flag else x: decided at trace time for a Python bool, at run time for a traced one."""
+    if isinstance(flag, bool):
+        return stage(x_BV) if flag else x_BV
+    assert flag.shape == ()
+    return jax.lax.cond(flag, stage, lambda x: x, x_BV)
 
 
 def apply_repetition_penalty(logits_BV: jax.Array, seen_BV: jax.Array, penalty_B: jax.Array) -> jax.Array:
@@ -117,16 +205,17 @@ def apply_min_p(logits_BV: jax.Array, min_p_B: jax.Array) -> jax.Array:
 
 def warp_for_sampling(logits_BV: jax.Array, params: SamplingParams, flags: SamplerFlags) -> jax.Array:
     """Temperature, then top-k, top-p and min-p: the distribution a sampling row draws from."""
-    assert flags.sample
+    assert flags.sample is not False
     assert logits_BV.ndim == 2
     temperature_B1 = jnp.where(params.temperature_B > 0, params.temperature_B, 1.0)[:, None]
-    logits_BV = logits_BV / temperature_B1
-    if flags.filter:
+
+    def filtered(logits_BV: jax.Array) -> jax.Array:
         sorted_desc_BV = -jnp.sort(-logits_BV, axis=-1)
         logits_BV, sorted_desc_BV = apply_top_k(logits_BV, sorted_desc_BV, params.top_k_B)
         logits_BV = apply_top_p(logits_BV, sorted_desc_BV, params.top_p_B)
-        logits_BV = apply_min_p(logits_BV, params.min_p_B)  # min_p 0 removes nothing
-    return logits_BV
+        return apply_min_p(logits_BV, params.min_p_B)  # min_p 0 removes nothing
+
+    return when(flags.filter, filtered, logits_BV / temperature_B1)
 
 
 def pick_logits(logits_BV: jax.Array, seen_BV: jax.Array, params: SamplingParams, flags: SamplerFlags) -> jax.Array:
@@ -136,12 +225,12 @@ def pick_logits(logits_BV: jax.Array, seen_BV: jax.Array, params: SamplingParams
     assert logits_BV.ndim == 2
     assert seen_BV.shape == logits_BV.shape
     logits_BV = logits_BV.astype(jnp.float32)
-    if flags.penalize:
-        logits_BV = apply_repetition_penalty(logits_BV, seen_BV, params.repetition_penalty_B)
-    if not flags.sample:
-        return logits_BV
-    warped_BV = warp_for_sampling(logits_BV, params, flags)
-    return jnp.where(params.temperature_B[:, None] > 0, warped_BV, logits_BV)
+    logits_BV = when(flags.penalize, lambda x: apply_repetition_penalty(x, seen_BV, params.repetition_penalty_B), logits_BV)
+
+    def warped(x_BV: jax.Array) -> jax.Array:
+        return jnp.where(params.temperature_B[:, None] > 0, warp_for_sampling(x_BV, params, flags), x_BV)
+
+    return when(flags.sample, warped, logits_BV)
 
 
 def choose_tokens(picked_BV: jax.Array, params: SamplingParams, keys_B: jax.Array, flags: SamplerFlags) -> jax.Array:
@@ -149,12 +238,30 @@ def choose_tokens(picked_BV: jax.Array, params: SamplingParams, keys_B: jax.Arra
     assert picked_BV.ndim == 2
     assert keys_B.shape[0] == picked_BV.shape[0]
     greedy_B = jnp.argmax(picked_BV, axis=-1).astype(jnp.int32)
-    if not flags.sample:
-        return greedy_B
-    sampled_B = jax.vmap(jax.random.categorical)(keys_B, picked_BV).astype(jnp.int32)
-    tokens_B = jnp.where(params.temperature_B > 0, sampled_B, greedy_B)
+
+    def sampled(greedy_B: jax.Array) -> jax.Array:
+        drawn_B = jax.vmap(jax.random.categorical)(keys_B, picked_BV).astype(jnp.int32)
+        return jnp.where(params.temperature_B > 0, drawn_B, greedy_B)
+
+    tokens_B = when(flags.sample, sampled, greedy_B)
     assert tokens_B.shape == picked_BV.shape[:1]
     return tokens_B
+
+
+def token_logprobs(
+    logits_BV: jax.Array, token_B: jax.Array, num_top: int
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """log_softmax(logits) at each row's token, and its num_top best entries (ids, values; best first).
+
+    One log_softmax feeds both, so a token that is the best has exactly its top value (evaluation
+    harnesses compare them with == to call a continuation greedy).
+    """
+    assert logits_BV.ndim == 2
+    assert token_B.shape == logits_BV.shape[:1]
+    logprobs_BV = jax.nn.log_softmax(logits_BV.astype(jnp.float32), axis=-1)
+    logprob_B = jnp.take_along_axis(logprobs_BV, token_B[:, None].astype(jnp.int32), axis=-1)[:, 0]
+    top_logprobs_BA, top_ids_BA = jax.lax.top_k(logprobs_BV, num_top)
+    return logprob_B, top_ids_BA.astype(jnp.int32), top_logprobs_BA
 
 
 def next_tokens(

@@ -189,6 +189,7 @@ def place_weights(weights: GPT2Weights, config: GPT2Config, mesh: Mesh) -> GPT2W
     host = dataclasses.replace(weights, blocks=tuple(regrouped(w) for w in weights.blocks), lm_head_VD=head)
     placed = jax.tree.map(lambda x, spec: put(x, mesh, spec), host, specs)
     placed = dataclasses.replace(placed, mesh=mesh)
+    assert not placed.use_kernels, "the CPU kernels do not run on a mesh"
     assert placed.blocks[0].qkv_w_DE.sharding.spec == P(None, "model")
     assert placed.wte_VD.dtype == weights.wte_VD.dtype
     return placed
@@ -247,9 +248,10 @@ def fetch(array: jax.Array) -> np.ndarray:
 
 def cache_specs(cache: KVCache, mesh: Mesh) -> KVCache:
     """Rows on "data" (when the batch divides), heads on "model"."""
-    B = cache.start_B.shape[0]
+    B, cache_rows = cache.start_B.shape[0], cache.k_LBNSH.shape[1]  # a server's cache may hold more rows than B
     rows = "data" if B % data_shards(mesh) == 0 else None
-    kv = P(None, rows, "model", None, None)
+    kv_rows = "data" if cache_rows % data_shards(mesh) == 0 else None
+    kv = P(None, kv_rows, "model", None, None)
     return KVCache(k_LBNSH=kv, v_LBNSH=kv, start_B=P(rows), end_B=P(rows))
 
 

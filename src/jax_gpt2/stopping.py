@@ -1,7 +1,11 @@
-"""Stop strings: end generated text where a stop string first occurs, and while streaming, hold
-back only the tail that could still become one (so nothing printed ever has to be taken back)."""
+"""Where generated text ends: stop strings (held back while streaming only as far as they could
+still begin, so nothing printed ever has to be taken back), and `TextFinisher`, the one place
+that turns generated token ids into the text a user sees (whole UTF-8 characters, nothing from
+an end-of-text token or a stop string on, at most max_new_tokens tokens) for the CLI and the server."""
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
+
+from jax_gpt2.tokenizer import IncrementalDecoder
 
 
 def find_stop(text: str, stops: Sequence[str]) -> int | None:
@@ -48,3 +52,60 @@ class StopStringStream:
     def flush(self) -> str:
         text, self.pending = self.pending, ""
         return text
+
+
+class TextFinisher:
+    """Generated token ids in, one at a time; the text they make out, finished as the settings say.
+
+    `push(token)` returns the text that may be shown now; once the sequence ends, `finish_reason`
+    is "stop" (an eos token or a stop string) or "length" (max_new_tokens tokens kept) and nothing
+    more may be pushed. `close()` flushes a sequence that ended for another reason. `num_tokens`
+    counts the kept tokens (an eos is not kept). Plain data plus methods; the caller owns it.
+    """
+
+    def __init__(self, tokenizer, stops: Sequence[str], eos_ids: Collection[int], max_new_tokens: int) -> None:
+        assert max_new_tokens >= 0
+        assert all(isinstance(token, int) for token in eos_ids)
+        self.decoder = IncrementalDecoder(tokenizer)
+        self.stop_stream = StopStringStream(stops)
+        self.eos_ids, self.max_new_tokens = frozenset(eos_ids), max_new_tokens
+        self.num_tokens = 0
+        self.finish_reason: str | None = None if max_new_tokens > 0 else "length"
+
+    def push(self, token: int) -> str:
+        assert self.finish_reason is None, "the sequence has already ended"
+        assert token >= 0
+        if token in self.eos_ids:
+            self.finish_reason = "stop"
+            return self._flush()
+        self.num_tokens += 1
+        piece, hit = self.stop_stream.push(self.decoder.push(token))
+        if hit:
+            self.finish_reason = "stop"
+            return piece
+        if self.num_tokens >= self.max_new_tokens:
+            self.finish_reason = "length"
+            return piece + self._flush()
+        return piece
+
+    def close(self) -> str:
+        """What is still held back, at the end of a stream that stopped without a finish reason."""
+        return self._flush() if self.finish_reason is None else ""
+
+    def _flush(self) -> str:
+        tail, hit = self.stop_stream.push(self.decoder.flush())
+        return tail if hit else tail + self.stop_stream.flush()
+
+
+def finish_text(tokenizer, token_ids: Sequence[int], stops: Sequence[str], eos_ids: Collection[int],
+                max_new_tokens: int) -> tuple[str, str | None]:  # fmt: skip
+    """The whole text of a finished list of generated tokens, and why it ended (None: it did not)."""
+    finisher = TextFinisher(tokenizer, stops, eos_ids, max_new_tokens)
+    pieces = []
+    for token in token_ids:
+        if finisher.finish_reason is not None:
+            break
+        pieces.append(finisher.push(int(token)))
+    pieces.append(finisher.close())
+    assert finisher.num_tokens <= max_new_tokens
+    return "".join(pieces), finisher.finish_reason

@@ -39,6 +39,26 @@ def encode(tokenizer: Tokenizer, text: str) -> list[int]:
     return ids
 
 
+def encode_many(tokenizer: Tokenizer, texts: list[str]) -> list[list[int]]:
+    """Token ids of each text. `encode_batch` lets go of Python's GIL while it works (measured: a 4 MB
+    text held it for the whole encode with `encode`, ~2 s at most with `encode_batch`), so a server
+    thread tokenizing a long prompt does not stall the threads serving other requests."""
+    assert all(isinstance(text, str) for text in texts)
+    encodings = tokenizer.encode_batch(texts, add_special_tokens=False)
+    assert len(encodings) == len(texts)
+    return [encoding.ids for encoding in encodings]
+
+
+def longest_token_bytes(tokenizer: Tokenizer) -> int:
+    """The most UTF-8 bytes one token stands for: a text of n bytes has at least n / this many tokens,
+    so a server can refuse a prompt that could never fit the context without tokenizing it."""
+    vocab = tokenizer.get_vocab(with_added_tokens=True)
+    # Byte-level BPE spells each byte as one character, so a token's length is its byte count.
+    longest = max(len(token.encode("utf-8")) for token in vocab)
+    assert longest >= 1
+    return longest
+
+
 class IncrementalDecoder:
     """Turns a growing list of token ids into text pieces, holding back an incomplete UTF-8 character.
 

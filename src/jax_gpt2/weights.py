@@ -1,4 +1,5 @@
-"""GPT2Weights: every parameter of a GPT-2 model as plain arrays, a pytree.
+"""GPT2Weights: every parameter of a GPT-2 model as plain arrays, a pytree; and PackedMatrix,
+the tiled form its matrices take for the CPU kernels.
 
 Each layer's parameters are their own arrays (a tuple of BlockWeights), not slices of arrays
 stacked along L. Measured here (jax 0.10.2, 2-core CPU): XLA copies a layer's slice out of a
@@ -9,9 +10,18 @@ walks the tuple in a Python loop, unrolled at trace time.
 Matrices keep HF's Conv1D layout (in, out): checkpoints load with no transposes. E is the fused
 q|k|v width, 3 * D.
 
-On a CPU with the native kernels, `packed.pack_weights` replaces the four matrices of each block
-with PackedMatrix tiles (float32, bfloat16 or int8) and sets lm_head_DV; the suffixes still name
-the logical (in, out) shape.
+Whether the C++ kernels run is decided once, when the weights are loaded, and carried here as the
+static field `GPT2Weights.use_kernels` (part of the jit cache key, never a traced value): the model
+reads that field and nothing else, so one process can hold a kernel model and an XLA model side by
+side. With the kernels, `pack_weights` replaces the four matrices of each block with PackedMatrix
+tiles (float32, bfloat16 or int8) and sets lm_head_DV; the suffixes still name the logical
+(in, out) shape.
+
+A PackedMatrix is a Conv1D weight w_IO cut into tiles of 64 output columns,
+tiles_GIC[g, i, c] = w_IO[i, 64 g + c] (zero past O), so a kernel streams each tile as one
+contiguous run and reads every weight byte once per call. int8 tiles are symmetric per output
+column: w_IO[i, o] ~ tiles * scale[o], scale = max |w[:, o]| / 127. Only the weights are narrowed
+("weight-only" bf16 / int8); activations stay float32.
 
 On a mesh (sharding.place_weights) every array is a global array with its NamedSharding, `mesh`
 names the mesh, and each qkv matrix has its columns regrouped per "model" shard (see
@@ -22,11 +32,32 @@ import dataclasses
 from typing import TYPE_CHECKING
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 
 if TYPE_CHECKING:
     from jax.sharding import Mesh
 
-    from jax_gpt2.packed import PackedMatrix
+
+TILE = 64  # output columns per tile; the kernel's four 16-float registers
+PACKED_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "int8": jnp.int8}
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class PackedMatrix:
+    tiles_GIC: jax.Array  # (ceil(O / 64), I, 64), float32 | bfloat16 | int8
+    scale_GC: jax.Array | None  # float32 per output column, int8 only
+    out_features: int = dataclasses.field(metadata=dict(static=True))
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """The logical (in, out) shape of the matrix this packs."""
+        return (self.tiles_GIC.shape[1], self.out_features)
+
+    @property
+    def dtype(self):
+        return self.tiles_GIC.dtype
 
 
 @jax.tree_util.register_dataclass
@@ -34,15 +65,15 @@ if TYPE_CHECKING:
 class BlockWeights:
     ln1_scale_D: jax.Array
     ln1_bias_D: jax.Array
-    qkv_w_DE: "jax.Array | PackedMatrix"  # HF h.{i}.attn.c_attn
+    qkv_w_DE: jax.Array | PackedMatrix  # HF h.{i}.attn.c_attn
     qkv_b_E: jax.Array
-    attn_out_w_DD: "jax.Array | PackedMatrix"  # HF h.{i}.attn.c_proj
+    attn_out_w_DD: jax.Array | PackedMatrix  # HF h.{i}.attn.c_proj
     attn_out_b_D: jax.Array
     ln2_scale_D: jax.Array
     ln2_bias_D: jax.Array
-    fc_w_DF: "jax.Array | PackedMatrix"  # HF h.{i}.mlp.c_fc
+    fc_w_DF: jax.Array | PackedMatrix  # HF h.{i}.mlp.c_fc
     fc_b_F: jax.Array
-    proj_w_FD: "jax.Array | PackedMatrix"  # HF h.{i}.mlp.c_proj
+    proj_w_FD: jax.Array | PackedMatrix  # HF h.{i}.mlp.c_proj
     proj_b_D: jax.Array
 
 
@@ -56,7 +87,92 @@ class GPT2Weights:
     lnf_bias_D: jax.Array
     # None when the output projection is tied to wte (every released GPT-2): no second V x D copy.
     lm_head_VD: jax.Array | None = None
-    # The output projection packed for the CPU kernels (from wte or lm_head_VD); lm_logits uses it when set.
-    lm_head_DV: "PackedMatrix | None" = None
+    # The output projection packed (from wte or lm_head_VD); lm_logits uses it when set.
+    lm_head_DV: PackedMatrix | None = None
+    # The C++ kernels run the packed matmuls and the one-token decode attention (decided at load).
+    use_kernels: bool = dataclasses.field(default=False, metadata=dict(static=True))
+
+
+def pack_matrix(w_IO: np.ndarray, dtype) -> PackedMatrix:
+    """Cut a float32 (in, out) matrix into 64-column tiles of `dtype` (host-side, once at load time)."""
+    w_IO = np.asarray(w_IO, np.float32)
+    assert w_IO.ndim == 2
+    assert jnp.dtype(dtype).name in PACKED_DTYPES, f"cannot pack to {dtype}"
+    I, O = w_IO.shape
+    G = -(-O // TILE)
+    padded_IQ = np.zeros((I, G * TILE), np.float32)
+    padded_IQ[:, :O] = w_IO
+    scale_GC = None
+    if jnp.dtype(dtype) == jnp.int8:
+        scale_Q = np.abs(padded_IQ).max(axis=0) / 127.0
+        scale_Q[scale_Q == 0] = 1.0  # an all-zero column (or padding) stays zero whatever its scale
+        padded_IQ = np.clip(np.rint(padded_IQ / scale_Q), -127, 127)
+        scale_GC = jnp.asarray(scale_Q.reshape(G, TILE), jnp.float32)
+    tiles_GIC = np.ascontiguousarray(padded_IQ.reshape(I, G, TILE).transpose(1, 0, 2))
+    packed = PackedMatrix(jnp.asarray(tiles_GIC, dtype), scale_GC, O)
+    assert packed.shape == (I, O)
+    assert (scale_GC is None) == (jnp.dtype(dtype) != jnp.int8)
+    return packed
+
+
+def unpack_matrix(packed: PackedMatrix) -> jax.Array:
+    """The float32 (in, out) matrix a PackedMatrix stands for (the rounded values, not the original)."""
+    G, I, C = packed.tiles_GIC.shape
+    assert C == TILE
+    w_IQ = packed.tiles_GIC.astype(jnp.float32).transpose(1, 0, 2).reshape(I, G * C)
+    if packed.scale_GC is not None:
+        w_IQ = w_IQ * packed.scale_GC.reshape(G * C)
+    w_IO = w_IQ[:, : packed.out_features]
+    assert w_IO.shape == packed.shape
+    return w_IO
+
+
+def map_matrices(weights: GPT2Weights, matrix_fn) -> tuple[tuple[BlockWeights, ...], "jax.Array | PackedMatrix"]:
+    """matrix_fn applied to the four matrices of every block and to the output projection, given
+    as an (in, out) = (D, V) matrix (wte or lm_head_VD, transposed)."""
+
+    def block(w: BlockWeights) -> BlockWeights:
+        return dataclasses.replace(
+            w, qkv_w_DE=matrix_fn(w.qkv_w_DE), attn_out_w_DD=matrix_fn(w.attn_out_w_DD),
+            fc_w_DF=matrix_fn(w.fc_w_DF), proj_w_FD=matrix_fn(w.proj_w_FD),
+        )  # fmt: skip
+
+    head_VD = weights.wte_VD if weights.lm_head_VD is None else weights.lm_head_VD
+    blocks = tuple(block(w) for w in weights.blocks)
+    assert len(blocks) == len(weights.blocks)
+    return blocks, matrix_fn(np.asarray(head_VD).T)
+
+
+def pack_weights(weights: GPT2Weights, dtype, *, use_kernels: bool) -> GPT2Weights:
+    """Pack every block matrix and the output projection; embeddings, norms and biases stay float32.
+
+    The tied output projection gets its own packed copy of wte (transposed): the embedding
+    gather still reads wte, the per-token lm_head stream reads the tiles. use_kernels says who
+    multiplies the tiles: the C++ kernels, or XLA after unpacking them (for int8 on a GPU).
+    """
+    assert weights.wte_VD.dtype == jnp.float32, "pack from float32 weights"
+    assert not isinstance(weights.blocks[0].qkv_w_DE, PackedMatrix), "already packed"
+    blocks, lm_head_DV = map_matrices(weights, lambda w_IO: pack_matrix(np.asarray(w_IO), dtype))
+    packed = dataclasses.replace(weights, blocks=blocks, lm_head_VD=None, lm_head_DV=lm_head_DV, use_kernels=use_kernels)
+    assert packed.lm_head_DV.shape == (weights.wte_VD.shape[1], weights.wte_VD.shape[0])
+    assert len(packed.blocks) == len(weights.blocks)
+    return packed
+
+
+def round_weights(weights: GPT2Weights, dtype) -> GPT2Weights:
+    """The float32 model whose matrices hold exactly the values that `dtype` packing stands for
+    (bf16-rounded, or int8 dequantized), for XLA's float32 dot: the narrow model's numbers at
+    float32's speed, where no kernel reads the narrow bytes.
+
+    As with packing, only the block matrices and the output projection are rounded; a tied output
+    projection becomes its own rounded copy (lm_head_VD), since the embedding gather keeps wte.
+    """
+    assert weights.wte_VD.dtype == jnp.float32, "round from float32 weights"
+    assert not isinstance(weights.blocks[0].qkv_w_DE, PackedMatrix), "round plain arrays"
+    blocks, lm_head_DV = map_matrices(weights, lambda w_IO: unpack_matrix(pack_matrix(np.asarray(w_IO), dtype)))
+    rounded = dataclasses.replace(weights, blocks=blocks, lm_head_VD=lm_head_DV.T, use_kernels=False)
+    assert rounded.lm_head_VD.dtype == jnp.float32
+    assert rounded.lm_head_VD.shape == weights.wte_VD.shape
+    return rounded
     # The mesh the arrays are placed on (None: one device). Static: it decides the program's layout.
     mesh: "Mesh | None" = dataclasses.field(default=None, metadata=dict(static=True))

@@ -1,0 +1,23 @@
+"""Run `jax-gpt2 ...` with the kernels of one -march build standing in for the host's own build.
+
+Measurement harness only (not part of the library): the library registers the host build under the
+plain target names; this points kernels_available()/target_name() at the build for MARCH instead.
+Usage: uv run python benchmarks/bench_with_kernel_build.py x86-64-v3 bench --preset gpt2 ...
+(the AVX2 build on an AVX-512 host). Once the kernel choice is a static field of the weights
+(issue 15, Python half), pass the build there instead and delete this file.
+"""
+import sys
+
+from jax_gpt2.kernels import native
+
+march = sys.argv[1]
+available, name = native.kernels_available, native.target_name
+native.kernels_available = lambda march_=march: available(march_)
+native.target_name = lambda kernel, march_=march: name(kernel, march_)
+assert native.kernels_available(), f"the {march} build is unavailable"
+print(f"kernels: {march} build, ISA {native.kernel_isa(march)}", file=sys.stderr)
+
+from jax_gpt2.cli import main  # noqa: E402
+
+sys.argv = ["jax-gpt2", *sys.argv[2:]]
+sys.exit(main())

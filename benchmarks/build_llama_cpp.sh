@@ -1,0 +1,78 @@
+#!/usr/bin/env bash
+# llama.cpp as a benchmark peer, built from source here, never committed (everything under .peers/).
+#
+#   bash benchmarks/build_llama_cpp.sh build            # sdist -> .peers/llama.cpp, llama-bench built
+#   bash benchmarks/build_llama_cpp.sh convert [PRESET] [LAYERS]
+#                                                       # the bench's random weights -> .peers/gguf/*.gguf
+#   flock /tmp/jax-gpt2-bench.lock uv run jax-gpt2 bench \
+#       --llama-bench .peers/llama.cpp/build/bin/llama-bench --gguf-dir .peers/gguf
+#
+# build: the llama-cpp-python sdist on PyPI carries llama.cpp's full source in vendor/llama.cpp;
+# `pip download --no-binary :all:` fetches that source (no wheel, no compiled code), and cmake
+# builds only the llama-bench tool for this CPU (GGML_NATIVE: -march=native), ~10 min on 2 cores.
+#
+# convert: writes the very weights `jax-gpt2 bench` draws (jax_gpt2.bench.write_bench_model: same
+# preset, layers, std and seed) as a transformers folder, adds what llama.cpp's converter needs
+# (config.json "n_ctx", which transformers 5 omits; GPT-2's real vocab.json + merges.txt, whose
+# hash tells the converter which pre-tokenizer this is) and converts it three times: f32 (our fp32),
+# f16 (nearest to our bf16: llama.cpp's CPU path has no bf16 matmul as fast as f16) and q8_0 (our
+# int8). The converter runs in this project's environment with llama.cpp's own gguf-py installed
+# into .peers/gguf-py-site (on PYTHONPATH), so the locked environment is left as it is.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT="$PWD"
+PEERS="$ROOT/.peers"
+SOURCE="$PEERS/llama.cpp"
+
+build() {
+  mkdir -p "$PEERS/sdist"
+  if ! ls "$PEERS"/sdist/llama_cpp_python-*.tar.gz >/dev/null 2>&1; then
+    python3 -m pip download --no-deps --no-binary :all: llama-cpp-python -d "$PEERS/sdist"
+  fi
+  local sdist
+  sdist="$(ls "$PEERS"/sdist/llama_cpp_python-*.tar.gz | sort -V | tail -1)"
+  local unpacked="$PEERS/$(basename "$sdist" .tar.gz)"
+  [ -d "$unpacked" ] || tar xzf "$sdist" -C "$PEERS"
+  ln -sfn "$unpacked/vendor/llama.cpp" "$SOURCE"
+  cmake -S "$SOURCE" -B "$SOURCE/build" -DCMAKE_BUILD_TYPE=Release -DLLAMA_CURL=OFF -DGGML_NATIVE=ON \
+    -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_SERVER=OFF
+  nice cmake --build "$SOURCE/build" -j"$(nproc)" --target llama-bench
+  "$SOURCE/build/bin/llama-bench" --help >/dev/null
+  echo "built $SOURCE/build/bin/llama-bench"
+}
+
+gpt2_vocab() {
+  # GPT-2's vocab.json and merges.txt from the npm package the test suite uses (tests/gpt2_vocab.py).
+  uv run python -c "import sys; sys.path.insert(0, 'tests'); from gpt2_vocab import fetch_gpt2_vocab; \
+folder = fetch_gpt2_vocab(); assert folder, 'npm is needed for GPT-2 vocab'; print(folder)"
+}
+
+convert() {
+  local preset="${1:-gpt2}" layers="${2:-}"
+  [ -f "$SOURCE/convert_hf_to_gguf.py" ] || { echo "run '$0 build' first" >&2; exit 1; }
+  local site="$PEERS/gguf-py-site"
+  if [ ! -d "$site/gguf" ]; then
+    uv pip install --quiet --no-deps --target "$site" "$SOURCE/gguf-py"
+  fi
+  local vocab folder
+  vocab="$(gpt2_vocab)"
+  folder="$PEERS/hf-$preset${layers:+-L$layers}"
+  mkdir -p "$PEERS/gguf"
+  # Prints the GGUF stem the bench looks for, after writing the transformers folder.
+  local stem
+  stem="$(uv run python -c "import sys; from pathlib import Path; from jax_gpt2.bench import write_bench_model; \
+print(write_bench_model(Path(sys.argv[1]), sys.argv[2], int(sys.argv[3]) if sys.argv[3] else None, Path(sys.argv[4])))" \
+    "$folder" "$preset" "$layers" "$vocab")"
+  for outtype in f32 f16 q8_0; do
+    local out="$PEERS/gguf/$stem-$outtype.gguf"
+    [ -f "$out" ] && continue
+    PYTHONPATH="$site" uv run python "$SOURCE/convert_hf_to_gguf.py" "$folder" --outtype "$outtype" --outfile "$out"
+  done
+  ls -la "$PEERS/gguf"
+}
+
+case "${1:-}" in
+  build) build ;;
+  convert) shift; convert "$@" ;;
+  *) echo "usage: $0 build | convert [PRESET] [LAYERS]" >&2; exit 2 ;;
+esac

@@ -1,0 +1,545 @@
+// The compute core (see core.h): one source for every CPU, written with GCC/Clang vector
+// extensions (vector_size types, __builtin_convertvector), which the compiler lowers onto the
+// vector unit of the -march it is given: zmm registers on AVX-512, ymm on AVX2+FMA, q registers on
+// NEON, xmm on any other x86-64. Why not Google's Highway: it is not on PyPI (the "highway" there is
+// a workflow engine), so a `pip install jax-gpt2` user would need a system package first (Debian's
+// libhwy-dev, Homebrew's highway); vector extensions need nothing but the compiler the kernels are
+// already built with, and these loops need only loads, widening converts, fused multiply-adds and
+// a horizontal sum. One per-ISA intrinsic remains, where it measured faster: int8 widening on x86
+// (WidenInt8InOrder).
+//
+// Why the kernels exist: at batch 1 a matmul only streams its weight from memory, and XLA on CPU
+// (jax 0.10.2) reads a bf16 or int8 weight by first writing a converted f32 copy of it, ~20x slower
+// than reading f32. These kernels read each weight byte once, convert in registers, and split the
+// tiles over a small persistent thread pool (XLA runs one dot at small M on one core).
+//
+// Build with -ffp-contract=fast (native.py does): `acc += w * x` must become one fused multiply-add,
+// and GCC in ISO C++ mode does not contract by default.
+
+#include "core.h"
+
+#if defined(__AVX512F__) || defined(__AVX2__)
+// For WidenInt8InOrder only. GCC 12 warns inside its own AVX-512 header (an "undefined" pass-through
+// register it leaves uninitialized on purpose); nothing of ours is hidden by this.
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#endif
+#include <immintrin.h>
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic pop
+#endif
+#endif
+
+#include <algorithm>
+#include <cassert>
+#include <chrono>
+#include <cstring>
+#include <limits>
+#include <type_traits>
+
+namespace jax_gpt2 {
+namespace {
+
+// Per target: floats per vector register, and the register blocking of the matmul: kPassVectors
+// vectors of one tile row per pass (64 columns = kPassVectors * kLanes * passes), kRowBlock rows of
+// x at a time. Accumulators: kRowBlock * kPassVectors, kept under the register count.
+#if defined(__AVX512F__)
+#define JAX_GPT2_LANES 16
+constexpr const char* kIsa = "avx512";
+constexpr int kPassVectors = 4;  // the whole tile: 6 rows x 4 zmm = 24 accumulators of 32 registers
+constexpr int kRowBlock = 6;
+#elif defined(__AVX2__) && defined(__FMA__)
+#define JAX_GPT2_LANES 8
+constexpr const char* kIsa = "avx2";
+constexpr int kPassVectors = 4;  // half a tile: 3 rows x 4 ymm = 12 accumulators of 16 registers
+constexpr int kRowBlock = 3;
+#elif defined(__aarch64__) && defined(__ARM_NEON)
+#define JAX_GPT2_LANES 4
+constexpr const char* kIsa = "neon";
+constexpr int kPassVectors = 8;  // half a tile: 2 rows x 8 q registers = 16 accumulators of 32
+constexpr int kRowBlock = 2;     // (3 rows spill in GCC 12's inner loop)
+#else
+#define JAX_GPT2_LANES 4  // SSE2 on any x86-64, or whatever 16-byte vectors the target has
+constexpr const char* kIsa = "generic";
+constexpr int kPassVectors = 4;  // a quarter tile: 2 rows x 4 xmm = 8 accumulators of 16
+constexpr int kRowBlock = 2;
+#endif
+
+constexpr int kLanes = JAX_GPT2_LANES;
+static_assert(kTileColumns % (kPassVectors * kLanes) == 0, "passes must cover a tile exactly");
+
+typedef float VF __attribute__((vector_size(4 * JAX_GPT2_LANES)));
+typedef uint32_t VU32 __attribute__((vector_size(4 * JAX_GPT2_LANES)));
+typedef int32_t VI32 __attribute__((vector_size(4 * JAX_GPT2_LANES)));
+typedef uint16_t VU16 __attribute__((vector_size(2 * JAX_GPT2_LANES)));
+typedef int8_t VI8 __attribute__((vector_size(JAX_GPT2_LANES)));
+
+// Unaligned loads through a may_alias type of alignment 1 (GCC turns a memcpy into an integer-domain
+// move, vmovdqu8, even for float data).
+template <typename V, typename T>
+inline V Load(const T* p) {
+  typedef V Unaligned __attribute__((aligned(1), may_alias));
+  return *reinterpret_cast<const Unaligned*>(p);
+}
+
+inline void Store(float* p, VF v, int64_t count) {
+  if (count == kLanes)
+    std::memcpy(p, &v, sizeof v);
+  else
+    std::memcpy(p, &v, count * sizeof(float));
+}
+
+// x in every lane. Not `VF{} + x`: 0 + x is no identity in IEEE math (0 + -0 = +0), so GCC keeps that
+// add, one extra instruction per row in the matmul's inner loop; x - 0 is one, and folds away.
+inline VF Splat(float x) { return x - VF{}; }
+
+// How many weights one 32-bit word holds and WidenWords interleaves: 1 (float32), 2 (bfloat16),
+// 4 (int8), or 1 for int8 on AVX2 and AVX-512, which widen it in order (WidenInt8InOrder).
+#if defined(__AVX512F__) || defined(__AVX2__)
+constexpr bool kInt8InOrder = true;
+#else
+constexpr bool kInt8InOrder = false;
+#endif
+template <typename W>
+constexpr int kPerWord = std::is_same_v<W, int8_t> && kInt8InOrder ? 1 : static_cast<int>(4 / sizeof(W));
+
+static_assert(__BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__, "the widening below reads words little-endian");
+
+// Widening by shifts within each 32-bit lane, never across lanes: kLanes words hold P * kLanes
+// weights, and out[k] (k < P) gets weight k of every word, i.e. the columns P * lane + k. Callers
+// un-permute once when they store. (A narrow-to-wide __builtin_convertvector is one instruction on
+// x86 and under Clang, but GCC 12 for aarch64 turns it into one lane insert per element.)
+inline void WidenWords(const float* w, VF* out) { out[0] = Load<VF>(w); }
+
+inline void WidenWords(const uint16_t* w, VF* out) {
+  VU32 words = Load<VU32>(w);
+  out[0] = (VF)(words << 16);          // bf16 is the top half of a float32: the low (even) one moves up,
+  out[1] = (VF)(words & 0xFFFF0000u);  // the high (odd) one is already in place
+}
+
+// The one per-ISA intrinsic: int8 -> float32 on x86 is two instructions (vpmovsxbd, vcvtdq2ps) per
+// vector, and GCC 12 has no vector-extension spelling that compiles to them (int8 -> float by
+// __builtin_convertvector is scalarized, int8 -> int16 -> int32 -> float takes ~9 instructions).
+// Measured here (1 thread, x 128 x 768 times 768 x 768 int8, best of 60, three runs on a busy
+// 2-core host): AVX-512 76-94 GFLOP/s in order against 68-79 by the shifts; AVX2 37-38 against 29-33.
+#if defined(__AVX512F__) || defined(__AVX2__)
+inline VF WidenInt8InOrder(const int8_t* w) {
+#if defined(__AVX512F__)
+  return (VF)_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w))));
+#else
+  return (VF)_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(w))));
+#endif
+}
+#else
+inline VF WidenInt8InOrder(const int8_t*) { return VF{}; }  // never called: kInt8InOrder is false
+#endif
+
+inline void WidenWords(const int8_t* w, VF* out) {
+  if constexpr (kInt8InOrder) {
+    out[0] = WidenInt8InOrder(w);
+  } else {
+    VU32 words = Load<VU32>(w);
+    out[0] = __builtin_convertvector((VI32)(words << 24) >> 24, VF);  // an arithmetic shift sign-extends
+    out[1] = __builtin_convertvector((VI32)(words << 16) >> 24, VF);
+    out[2] = __builtin_convertvector((VI32)(words << 8) >> 24, VF);
+    out[3] = __builtin_convertvector((VI32)words >> 24, VF);
+  }
+}
+
+// Writes n vectors widened by WidenWords<P> back in column order, times factor_C (or factor).
+template <int P>
+inline void Unpermute(const VF* acc, int n, float* out, int64_t count, const float* factor_C, float factor) {
+  float ordered[kTileColumns];
+  for (int u = 0; u < n / P; ++u)
+    for (int k = 0; k < P; ++k)
+      for (int lane = 0; lane < kLanes; ++lane) ordered[(u * kLanes + lane) * P + k] = acc[u * P + k][lane];
+  for (int64_t c = 0; c < count; ++c) out[c] = ordered[c] * (factor_C ? factor_C[c] : factor);
+}
+
+inline float WidenOne(float w) { return w; }
+inline float WidenOne(uint16_t w) {
+  uint32_t bits = static_cast<uint32_t>(w) << 16;
+  float x;
+  std::memcpy(&x, &bits, sizeof x);
+  return x;
+}
+
+// Horizontal sum by halving: log2(kLanes) adds. The halves are taken with memcpy, which needs no
+// shuffle builtin (GCC has __builtin_shufflevector only since version 12).
+typedef float F4 __attribute__((vector_size(16)));
+typedef float F8 __attribute__((vector_size(32)));
+typedef float F16 __attribute__((vector_size(64)));
+
+inline float Sum(F4 v) { return (v[0] + v[2]) + (v[1] + v[3]); }
+
+template <typename Half, typename Whole>
+inline Half AddHalves(Whole v) {
+  Half low, high;
+  std::memcpy(&low, &v, sizeof low);
+  std::memcpy(&high, reinterpret_cast<const char*>(&v) + sizeof low, sizeof high);
+  return low + high;
+}
+
+#if JAX_GPT2_LANES >= 8  // wider types without the registers for them would change the calling convention
+inline float Sum(F8 v) { return Sum(AddHalves<F4>(v)); }
+#endif
+#if JAX_GPT2_LANES >= 16
+inline float Sum(F16 v) { return Sum(AddHalves<F8>(v)); }
+#endif
+
+// ---------------------------------------------------------------------------------------------
+// Packed matmul.
+
+// Rows [0, R) of x times columns [column, column + V * kLanes) of one tile (V vectors per tile row).
+template <int R, int V, typename W>
+inline void TilePass(const float* x_RI, int64_t I, const W* tile_IC, const float* scale_C, int64_t column,
+                     int64_t columns, float* y_RO, int64_t O) {
+  constexpr int P = kPerWord<W>;
+  static_assert(V % P == 0, "a pass widens whole words");
+  VF acc[R][V] = {};
+  const W* row = tile_IC + column;
+  for (int64_t i = 0; i < I; ++i, row += kTileColumns) {
+    VF w[V];
+#pragma GCC unroll 16
+    for (int u = 0; u < V / P; ++u) WidenWords(row + u * P * kLanes, w + u * P);
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) {
+      VF xi = Splat(x_RI[r * I + i]);
+#pragma GCC unroll 16
+      for (int j = 0; j < V; ++j) acc[r][j] += w[j] * xi;
+    }
+  }
+  int64_t valid = std::min<int64_t>(V * kLanes, columns - column);
+  for (int r = 0; r < R; ++r) {
+    if constexpr (P == 1) {  // columns in order, stored as vectors (scales are padded to the tile)
+      for (int j = 0; j * kLanes < valid; ++j) {
+        VF y = scale_C ? acc[r][j] * Load<VF>(scale_C + column + j * kLanes) : acc[r][j];
+        Store(y_RO + r * O + column + j * kLanes, y, std::min<int64_t>(kLanes, valid - j * kLanes));
+      }
+    } else {
+      Unpermute<P>(acc[r], V, y_RO + r * O + column, valid, scale_C ? scale_C + column : nullptr, 1.0f);
+    }
+  }
+}
+
+// `rows` (<= R) rows of x times one whole tile, in passes; passes wholly in the padding are skipped.
+template <int R, typename W>
+void RowBlock(int64_t rows, const float* x_RI, int64_t I, const W* tile_IC, const float* scale_C,
+              int64_t columns, float* y_RO, int64_t O) {
+  if constexpr (R > 1) {
+    if (rows < R) return RowBlock<R - 1, W>(rows, x_RI, I, tile_IC, scale_C, columns, y_RO, O);
+  }
+  for (int64_t column = 0; column < columns; column += kPassVectors * kLanes)
+    TilePass<R, kPassVectors, W>(x_RI, I, tile_IC, scale_C, column, columns, y_RO, O);
+}
+
+template <typename W>
+void OneTile(const float* x_MI, int64_t M, int64_t I, const W* tiles_GIC, const float* scale_Q, float* y_MO,
+             int64_t O, int64_t g) {
+  const W* tile_IC = tiles_GIC + g * I * kTileColumns;
+  const float* scale_C = scale_Q ? scale_Q + g * kTileColumns : nullptr;
+  int64_t columns = std::min(kTileColumns, O - g * kTileColumns);
+  float* y = y_MO + g * kTileColumns;
+  for (int64_t m = 0; m < M; m += kRowBlock)
+    RowBlock<kRowBlock, W>(std::min<int64_t>(kRowBlock, M - m), x_MI + m * I, I, tile_IC, scale_C, columns,
+                           y + m * O, O);
+}
+
+template <typename W>
+void Matmul(const float* x_MI, int64_t M, int64_t I, const W* tiles_GIC, const float* scale_Q, int64_t O,
+            float* y_MO, TilePool& pool) {
+  int64_t G = (O + kTileColumns - 1) / kTileColumns;
+  pool.Run(G, [&](int64_t g) { OneTile<W>(x_MI, M, I, tiles_GIC, scale_Q, y_MO, O, g); });
+}
+
+// ---------------------------------------------------------------------------------------------
+// Decode attention.
+
+// e^x to float32 accuracy, exactly 0 below -87 (where e^x nears the smallest normal float32; a
+// softmax term that small changes no sum that holds the maximum's 1): 2^n * 2^f with
+// n = round(x / ln 2), |f| <= 1/2, and 2^f by its degree-7 Taylor series in f ln 2 (relative error
+// < 1e-8, below float32 rounding). 2^n is built in the exponent bits, n >= -126 by the clamp.
+inline VF Exp(VF x) {
+  const VF low = Splat(-87.0f);
+  VI32 keep = x >= low;
+  x = (VF)((keep & (VI32)x) | (~keep & (VI32)low));
+  VF t = x * 1.4426950408889634f;
+  const VF round = Splat(12582912.0f);  // 1.5 * 2^23: adding it rounds |t| < 2^22 to an integer
+  VF n = (t + round) - round;
+  VF f = (t - n) * 0.6931471805599453f;
+  const float c[] = {1.0f / 5040, 1.0f / 720, 1.0f / 120, 1.0f / 24, 1.0f / 6, 0.5f, 1.0f, 1.0f};
+  VF p = Splat(c[0]);
+#pragma GCC unroll 8
+  for (int i = 1; i < 8; ++i) p = p * f + c[i];
+  VI32 two_n = (__builtin_convertvector(n, VI32) + 127) << 23;
+  return (VF)(keep & (VI32)(p * (VF)two_n));
+}
+
+// Attention reads a cache row of H values in blocks of kBlock = P * kLanes (one vector of words),
+// widened by WidenWords into the permuted column order; the query is permuted to match once per
+// (row, head), and the output un-permuted once. The H % kBlock values past the last block go one
+// by one, in order.
+
+// q_H in the order WidenWords gives a KV row: block by block, weight k of every word together.
+template <typename KV>
+inline void PermuteQuery(const float* q_H, int64_t H, float* permuted_H) {
+  constexpr int P = kPerWord<KV>;
+  int64_t h = 0;
+  for (; h + P * kLanes <= H; h += P * kLanes)
+    for (int k = 0; k < P; ++k)
+      for (int lane = 0; lane < kLanes; ++lane) permuted_H[h + k * kLanes + lane] = q_H[h + lane * P + k];
+  for (; h < H; ++h) permuted_H[h] = q_H[h];
+}
+
+// acc[j] += q * k over one block of kBlock = P * kLanes values.
+template <typename KV>
+inline void DotBlock(const float* permuted_q, const KV* k, VF* acc) {
+  constexpr int P = kPerWord<KV>;
+  VF widened[P];
+  WidenWords(k, widened);
+  for (int j = 0; j < P; ++j) acc[j] += Load<VF>(permuted_q + j * kLanes) * widened[j];
+}
+
+template <typename KV>
+inline float Dot(const float* permuted_q_H, const KV* k_H, int64_t H) {
+  constexpr int P = kPerWord<KV>;
+  constexpr int64_t kBlock = P * kLanes;
+  VF even[P] = {}, odd[P] = {};  // two chains, alternate blocks: the adds of one chain wait on each other
+  int64_t h = 0;
+  for (; h + 2 * kBlock <= H; h += 2 * kBlock) {
+    DotBlock(permuted_q_H + h, k_H + h, even);
+    DotBlock(permuted_q_H + h + kBlock, k_H + h + kBlock, odd);
+  }
+  if (h + kBlock <= H) DotBlock(permuted_q_H + h, k_H + h, even), h += kBlock;
+  VF total = {};
+  for (int j = 0; j < P; ++j) total += even[j] + odd[j];
+  float sum = Sum(total);
+  for (; h < H; ++h) sum += permuted_q_H[h] * WidenOne(k_H[h]);
+  return sum;
+}
+
+// out = inverse * sum_s p_s v_s over V vectors' worth of columns of the value rows v_SH (stride H).
+template <int V, typename KV>
+inline void WeightedSum(const float* p_S, const KV* v_SH, int64_t count, int64_t H, float inverse, float* out) {
+  constexpr int P = kPerWord<KV>;
+  static_assert(V % P == 0, "whole words");
+  VF acc[V] = {};
+  for (int64_t s = 0; s < count; ++s) {
+    VF p = Splat(p_S[s]), v[V];
+#pragma GCC unroll 16
+    for (int u = 0; u < V / P; ++u) WidenWords(v_SH + s * H + u * P * kLanes, v + u * P);
+#pragma GCC unroll 16
+    for (int j = 0; j < V; ++j) acc[j] += p * v[j];
+  }
+  Unpermute<P>(acc, V, out, V * kLanes, nullptr, inverse);
+}
+
+// out_H = softmax(scale * q . k_s over slots s in [first, last]) . v_s, for one (row, head).
+template <typename KV>
+void AttendOne(const float* q_H, const KV* k_SH, const KV* v_SH, int64_t first, int64_t last, int64_t H,
+               float scale, float* out_H) {
+  constexpr int P = kPerWord<KV>;
+  thread_local std::vector<float> scores, permuted_q;
+  int64_t count = last - first + 1;
+  int64_t padded = (count + kLanes - 1) / kLanes * kLanes;
+  if (static_cast<int64_t>(scores.size()) < padded) scores.resize(padded);
+  if (static_cast<int64_t>(permuted_q.size()) < H) permuted_q.resize(H);
+  PermuteQuery<KV>(q_H, H, permuted_q.data());
+  float* score = scores.data();
+  float high = -std::numeric_limits<float>::infinity();
+  for (int64_t s = 0; s < count; ++s) {
+    score[s] = Dot(permuted_q.data(), k_SH + (first + s) * H, H) * scale;
+    high = std::max(high, score[s]);
+  }
+  std::fill(score + count, score + padded, -std::numeric_limits<float>::infinity());  // e^-inf = 0
+  VF total = {};
+  for (int64_t s = 0; s < padded; s += kLanes) {
+    VF e = Exp(Load<VF>(score + s) - high);
+    Store(score + s, e, kLanes);
+    total += e;
+  }
+  float inverse = 1.0f / Sum(total);
+  const KV* v = v_SH + first * H;
+  // Vectors of columns of v per sweep over the slots: 64 columns, at most 8 vectors (16 accumulators
+  // and 16 values would spill NEON's 32 registers).
+  constexpr int kSweep = std::min<int>(kTileColumns / kLanes, 8);
+  int64_t h = 0;
+  for (; h + kSweep * kLanes <= H; h += kSweep * kLanes) WeightedSum<kSweep>(score, v + h, count, H, inverse, out_H + h);
+  for (; h + P * kLanes <= H; h += P * kLanes) WeightedSum<P>(score, v + h, count, H, inverse, out_H + h);
+  for (; h < H; ++h) {
+    float acc = 0.0f;
+    for (int64_t s = 0; s < count; ++s) acc += score[s] * WidenOne(v[s * H + h]);
+    out_H[h] = acc * inverse;
+  }
+}
+
+template <typename KV>
+void Attention(const float* q_BNH, const KV* k_LBNSH, const KV* v_LBNSH, const int32_t* start_B,
+               const int32_t* end_B, CacheShape shape, int64_t rows, int64_t layer, float scale, float* out_BNH,
+               TilePool& pool) {
+  const int64_t B = shape.B, N = shape.N, S = shape.S, H = shape.H;
+  assert(rows >= 1 && rows <= B);
+  pool.Run(rows * N, [&](int64_t bn) {
+    int64_t b = bn / N;
+    int64_t offset = ((layer * B + b) * N + bn % N) * S * H;
+    // Visible: slots s < S with start <= s <= end, as XLA's masked path sees them. A row with none
+    // (only a parked, finished row) gets XLA's answer too: all scores equal, a uniform average.
+    int64_t first = std::max<int64_t>(start_B[b], 0), last = std::min<int64_t>(end_B[b], S - 1);
+    float row_scale = scale;
+    if (first > last) first = 0, last = S - 1, row_scale = 0.0f;
+    AttendOne(q_BNH + bn * H, k_LBNSH + offset, v_LBNSH + offset, first, last, H, row_scale, out_BNH + bn * H);
+  });
+}
+
+// A hint to the core that this thread spins (frees the sibling hyperthread, saves power).
+inline void CpuRelax() {
+#if defined(__x86_64__) || defined(__i386__)
+  __builtin_ia32_pause();
+#elif defined(__aarch64__)
+  asm volatile("isb" ::: "memory");  // `yield` is a no-op on most cores; isb waits a little, as Rust's spin hint does
+#endif
+}
+
+}  // namespace
+
+// ---------------------------------------------------------------------------------------------
+// TilePool.
+
+TilePool::TilePool(int threads, int64_t chunks_per_thread) : chunks_per_thread_(chunks_per_thread) {
+  for (int i = 1; i < threads; ++i) workers_.emplace_back([this] { WorkerLoop(); });
+}
+
+TilePool::~TilePool() {
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    stop_ = true;
+    generation_.fetch_add(1);
+  }
+  start_cv_.notify_all();
+  for (auto& worker : workers_) worker.join();
+}
+
+void TilePool::Run(int64_t count, const std::function<void(int64_t)>& work) {
+  if (workers_.empty() || count == 1) {
+    for (int64_t tile = 0; tile < count; ++tile) work(tile);
+    return;
+  }
+  std::lock_guard<std::mutex> serial(run_mu_);  // one matmul at a time uses the pool
+  work_ = &work;
+  count_ = count;
+  // Hand out runs of consecutive tiles (a few per thread) rather than single tiles: fewer atomic
+  // operations. Measured here, 1 to 16 runs per thread made no difference to decode speed.
+  chunk_ = std::max<int64_t>(1, count / (chunks_per_thread_ * static_cast<int64_t>(workers_.size() + 1)));
+  next_.store(0);
+  active_.store(static_cast<int>(workers_.size()));
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    generation_.fetch_add(1);
+  }
+  start_cv_.notify_all();
+  TakeTiles();
+  WaitFor([this] { return active_.load() == 0; }, done_cv_);
+}
+
+void TilePool::TakeTiles() {
+  for (int64_t first = next_.fetch_add(chunk_); first < count_; first = next_.fetch_add(chunk_))
+    for (int64_t tile = first; tile < std::min(first + chunk_, count_); ++tile) (*work_)(tile);
+}
+
+template <typename Ready>
+void TilePool::WaitFor(Ready ready, std::condition_variable& cv) {
+  auto deadline = std::chrono::steady_clock::now() + std::chrono::microseconds(50);
+  for (int spins = 0; !ready(); ++spins) {
+    CpuRelax();
+    if ((spins & 255) == 0 && std::chrono::steady_clock::now() > deadline) {
+      std::unique_lock<std::mutex> lock(mu_);
+      cv.wait(lock, ready);
+      return;
+    }
+  }
+}
+
+void TilePool::WorkerLoop() {
+  uint64_t seen = 0;  // not generation_.load(): a Run may already have started before this thread did
+  while (true) {
+    WaitFor([&] { return generation_.load() != seen; }, start_cv_);
+    seen = generation_.load();
+    if (stop_) return;
+    TakeTiles();
+    if (active_.fetch_sub(1) == 1) {
+      std::lock_guard<std::mutex> lock(mu_);
+      done_cv_.notify_one();
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Entry points.
+
+const char* TargetIsa() { return kIsa; }
+
+bool CpuRunsThisBuild() {
+#if defined(__x86_64__) || defined(__i386__)
+  // Only the extensions that decide which instructions these loops compile to; a library built with
+  // -march=native is also keyed by the host's feature macros in its cache name (native.py).
+  __builtin_cpu_init();
+  bool runs = true;
+#if defined(__AVX__)
+  runs = runs && __builtin_cpu_supports("avx");
+#endif
+#if defined(__AVX2__)
+  runs = runs && __builtin_cpu_supports("avx2");
+#endif
+#if defined(__FMA__)
+  runs = runs && __builtin_cpu_supports("fma");
+#endif
+#if defined(__BMI2__)
+  runs = runs && __builtin_cpu_supports("bmi2");
+#endif
+#if defined(__AVX512F__)
+  runs = runs && __builtin_cpu_supports("avx512f");
+#endif
+#if defined(__AVX512BW__)
+  runs = runs && __builtin_cpu_supports("avx512bw");
+#endif
+#if defined(__AVX512VL__)
+  runs = runs && __builtin_cpu_supports("avx512vl");
+#endif
+#if defined(__AVX512DQ__)
+  runs = runs && __builtin_cpu_supports("avx512dq");
+#endif
+  return runs;
+#else
+  return true;  // aarch64: NEON (Advanced SIMD) is part of the base architecture
+#endif
+}
+
+void PackedMatmul(const float* x_MI, int64_t M, int64_t I, const float* tiles_GIC, int64_t O, float* y_MO,
+                  TilePool& pool) {
+  Matmul<float>(x_MI, M, I, tiles_GIC, nullptr, O, y_MO, pool);
+}
+
+void PackedMatmul(const float* x_MI, int64_t M, int64_t I, const uint16_t* tiles_GIC, int64_t O, float* y_MO,
+                  TilePool& pool) {
+  Matmul<uint16_t>(x_MI, M, I, tiles_GIC, nullptr, O, y_MO, pool);
+}
+
+void PackedMatmul(const float* x_MI, int64_t M, int64_t I, const int8_t* tiles_GIC, const float* scale_Q,
+                  int64_t O, float* y_MO, TilePool& pool) {
+  Matmul<int8_t>(x_MI, M, I, tiles_GIC, scale_Q, O, y_MO, pool);
+}
+
+void DecodeAttention(const float* q_BNH, const float* k_LBNSH, const float* v_LBNSH, const int32_t* start_B,
+                     const int32_t* end_B, CacheShape shape, int64_t rows, int64_t layer, float scale,
+                     float* out_BNH, TilePool& pool) {
+  Attention<float>(q_BNH, k_LBNSH, v_LBNSH, start_B, end_B, shape, rows, layer, scale, out_BNH, pool);
+}
+
+void DecodeAttention(const float* q_BNH, const uint16_t* k_LBNSH, const uint16_t* v_LBNSH,
+                     const int32_t* start_B, const int32_t* end_B, CacheShape shape, int64_t rows, int64_t layer,
+                     float scale, float* out_BNH, TilePool& pool) {
+  Attention<uint16_t>(q_BNH, k_LBNSH, v_LBNSH, start_B, end_B, shape, rows, layer, scale, out_BNH, pool);
+}
+
+}  // namespace jax_gpt2

@@ -1,0 +1,93 @@
+// The compute core of the CPU kernels: plain C++ on raw pointers, no XLA header, so it compiles
+// and is tested alone (core_test.cc) on every CPU it targets. ffi.cc binds it to XLA.
+//
+// Packed matmul, y_MO = x_MI @ W, reads W re-laid at load time as column tiles: tiles_GIC with
+// C = 64 output columns per tile, G = ceil(O / 64) tiles, I input rows; tile g holds columns
+// [64g, 64g + 64), zero past O, so the inner loop reads one contiguous stream. Weights are float32,
+// bfloat16 (the top 16 bits of a float32) or int8 with one float32 scale per padded column
+// (scale_Q, Q = 64 G). Activations, accumulators and results are float32.
+//
+// Decode attention: one new query per (row, head) over the visible slots of one layer of a
+// float32 or bfloat16 cache k_LBNSH / v_LBNSH, read in place. Math in float32.
+//
+// Work is split over a TilePool the caller owns (ffi.cc keeps one per process).
+
+#pragma once
+
+#include <atomic>
+#include <condition_variable>
+#include <cstdint>
+#include <functional>
+#include <mutex>
+#include <thread>
+#include <vector>
+
+namespace jax_gpt2 {
+
+constexpr int64_t kTileColumns = 64;
+
+// A persistent pool: tiles are handed out by an atomic counter, so a thread slowed by another
+// process on the machine simply takes fewer tiles. Workers spin briefly between calls (the next
+// matmul of a decode step follows within microseconds), then sleep. Each tile is computed by one
+// thread in one order, so results never depend on how the work was split.
+class TilePool {
+ public:
+  TilePool(int threads, int64_t chunks_per_thread);
+  ~TilePool();
+  TilePool(const TilePool&) = delete;
+  TilePool& operator=(const TilePool&) = delete;
+
+  // Runs work(tile) for every tile in [0, count) across the calling thread and the workers.
+  void Run(int64_t count, const std::function<void(int64_t)>& work);
+
+ private:
+  void TakeTiles();
+  template <typename Ready>
+  void WaitFor(Ready ready, std::condition_variable& cv);
+  void WorkerLoop();
+
+  std::vector<std::thread> workers_;
+  std::mutex mu_, run_mu_;
+  std::condition_variable start_cv_, done_cv_;
+  std::atomic<uint64_t> generation_{0};
+  std::atomic<int64_t> next_{0};
+  std::atomic<int> active_{0};
+  const std::function<void(int64_t)>* work_ = nullptr;
+  int64_t count_ = 0;
+  int64_t chunk_ = 1;
+  const int64_t chunks_per_thread_;
+  bool stop_ = false;
+};
+
+// The vector unit this build was compiled for: "avx512", "avx2", "neon" or "generic".
+const char* TargetIsa();
+
+// Whether the running CPU has every instruction-set extension the compiler was allowed to use.
+bool CpuRunsThisBuild();
+
+// y_MO = x_MI @ W for W packed as tiles_GIC (G = ceil(O / 64)); bfloat16 tiles are passed as their
+// raw uint16_t bits. scale_Q (int8 only) holds 64 G scales.
+void PackedMatmul(const float* x_MI, int64_t M, int64_t I, const float* tiles_GIC, int64_t O, float* y_MO,
+                  TilePool& pool);
+void PackedMatmul(const float* x_MI, int64_t M, int64_t I, const uint16_t* tiles_GIC, int64_t O, float* y_MO,
+                  TilePool& pool);
+void PackedMatmul(const float* x_MI, int64_t M, int64_t I, const int8_t* tiles_GIC, const float* scale_Q,
+                  int64_t O, float* y_MO, TilePool& pool);
+
+struct CacheShape {
+  int64_t L, B, N, S, H;
+};
+
+// out_BNH = softmax(scale * q . k_s) . v_s over the slots s with start_B[b] <= s <= end_B[b] (clamped
+// to [0, S)) of layer `layer`. A row with no visible slot gets what XLA's masked attention gives
+// it: every score masked alike, so the plain mean of all S values. bfloat16 caches as raw bits.
+// q, start, end and out have `rows` rows (1 <= rows <= shape.B): the first `rows` rows of the cache
+// are the batch, the rest are not read (a server runs each step over the prefix of rows in use).
+void DecodeAttention(const float* q_BNH, const float* k_LBNSH, const float* v_LBNSH, const int32_t* start_B,
+                     const int32_t* end_B, CacheShape shape, int64_t rows, int64_t layer, float scale,
+                     float* out_BNH, TilePool& pool);
+void DecodeAttention(const float* q_BNH, const uint16_t* k_LBNSH, const uint16_t* v_LBNSH,
+                     const int32_t* start_B, const int32_t* end_B, CacheShape shape, int64_t rows, int64_t layer,
+                     float scale, float* out_BNH, TilePool& pool);
+
+}  // namespace jax_gpt2

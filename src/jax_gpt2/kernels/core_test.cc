@@ -1,0 +1,360 @@
+// Standalone test of the compute core (core.h) against float64 math, with no XLA and no Python, so
+// every build of the core can be checked where it runs: the host's (-march=native), an AVX2 build on
+// an AVX-512 host, and an aarch64 (NEON) cross build under qemu. tests/test_kernel_core.py compiles
+// and runs it: `c++ -O3 -std=c++17 -ffp-contract=fast -march=... core.cc core_test.cc -pthread`.
+// Prints one line per failure and a summary naming the ISA; exits 1 on any failure.
+//
+// Tolerances (as tests/test_native.py argues them):
+// - matmul: |y - exact| <= 1e-5 * sum_i |x_i w_io|, exact in float64 over the rounded weights, so only
+//   float32 accumulation is measured (sequential sums of I products err by ~sqrt(I) 2^-24 typically);
+//   one dropped input row moves a result by ~1/I of that sum, far more.
+// - attention: |out - exact| <= 1e-5 * max |v|; both are convex mixtures of the visible v rows.
+
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "core.h"
+
+namespace {
+
+using jax_gpt2::CacheShape;
+using jax_gpt2::kTileColumns;
+using jax_gpt2::TilePool;
+
+int failures = 0;
+int checks = 0;
+
+void Expect(bool ok, const std::string& what) {
+  ++checks;
+  if (!ok) {
+    ++failures;
+    if (failures <= 30) std::printf("FAIL %s\n", what.c_str());
+  }
+}
+
+uint16_t ToBfloat16(float x) {  // round to nearest, ties to even (finite inputs)
+  uint32_t bits;
+  std::memcpy(&bits, &x, sizeof bits);
+  return static_cast<uint16_t>((bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16);
+}
+
+float FromBfloat16(uint16_t b) {
+  uint32_t bits = static_cast<uint32_t>(b) << 16;
+  float x;
+  std::memcpy(&x, &bits, sizeof x);
+  return x;
+}
+
+std::vector<float> Normal(size_t count, uint32_t seed, float spread = 0.0f) {
+  std::mt19937 rng(seed);
+  std::normal_distribution<float> normal;
+  std::vector<float> values(count);
+  for (auto& value : values) value = normal(rng) * std::exp(spread * normal(rng));
+  return values;
+}
+
+// A weight in the three packed forms, and the float32 values each stands for, w_IO row-major.
+struct Packed {
+  int64_t I, O, G;
+  std::vector<float> f32_GIC, scale_Q;
+  std::vector<uint16_t> bf16_GIC;
+  std::vector<int8_t> i8_GIC;
+  std::vector<float> rounded_f32, rounded_bf16, rounded_i8;  // (I, O) each
+};
+
+Packed Pack(int64_t I, int64_t O, uint32_t seed) {
+  Packed p;
+  p.I = I, p.O = O, p.G = (O + kTileColumns - 1) / kTileColumns;
+  std::vector<float> w_IO = Normal(I * O, seed, 1.0f);  // columns of very different sizes
+  if (O > 1)
+    for (int64_t i = 0; i < I; ++i) w_IO[i * O] = 0.0f;  // an all-zero column stays exactly zero
+  int64_t Q = p.G * kTileColumns;
+  p.f32_GIC.assign(p.G * I * kTileColumns, 0.0f);
+  p.bf16_GIC.assign(p.G * I * kTileColumns, 0);
+  p.i8_GIC.assign(p.G * I * kTileColumns, 0);
+  p.scale_Q.assign(Q, 1.0f);
+  for (int64_t o = 0; o < O; ++o) {
+    float high = 0.0f;
+    for (int64_t i = 0; i < I; ++i) high = std::max(high, std::fabs(w_IO[i * O + o]));
+    if (high > 0.0f) p.scale_Q[o] = high / 127.0f;
+  }
+  p.rounded_f32 = w_IO;
+  p.rounded_bf16.resize(I * O);
+  p.rounded_i8.resize(I * O);
+  for (int64_t i = 0; i < I; ++i)
+    for (int64_t o = 0; o < O; ++o) {
+      float w = w_IO[i * O + o];
+      int64_t at = (o / kTileColumns * I + i) * kTileColumns + o % kTileColumns;
+      p.f32_GIC[at] = w;
+      p.bf16_GIC[at] = ToBfloat16(w);
+      p.rounded_bf16[i * O + o] = FromBfloat16(p.bf16_GIC[at]);
+      float q = std::nearbyint(w / p.scale_Q[o]);
+      p.i8_GIC[at] = static_cast<int8_t>(std::max(-127.0f, std::min(127.0f, q)));
+      p.rounded_i8[i * O + o] = p.i8_GIC[at] * p.scale_Q[o];
+    }
+  return p;
+}
+
+void CheckProduct(const std::vector<float>& x_MI, const std::vector<float>& w_IO, const std::vector<float>& y_MO,
+                  int64_t M, int64_t I, int64_t O, const std::string& what) {
+  double worst = 0.0;
+  bool finite = true, zero_column = true;
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t o = 0; o < O; ++o) {
+      double exact = 0.0, magnitude = 0.0;
+      for (int64_t i = 0; i < I; ++i) {
+        exact += static_cast<double>(x_MI[m * I + i]) * w_IO[i * O + o];
+        magnitude += std::fabs(static_cast<double>(x_MI[m * I + i]) * w_IO[i * O + o]);
+      }
+      float y = y_MO[m * O + o];
+      finite = finite && std::isfinite(y);
+      if (O > 1 && o == 0) zero_column = zero_column && y == 0.0f;
+      double error = std::fabs(y - exact);
+      if (error > 1e-5 * magnitude) worst = std::max(worst, error / std::max(magnitude, 1e-300));
+    }
+  Expect(finite, what + ": not finite");
+  Expect(zero_column, what + ": the all-zero column is not exactly zero");
+  Expect(worst == 0.0, what + ": error " + std::to_string(worst) + " x sum|x w| > 1e-5");
+}
+
+// Runs the kernel for one dtype ("f32", "bf16", "i8") on packed p; `garbage` fills the padding
+// columns of the last tile (and their int8 scales) with large values first.
+std::vector<float> RunMatmul(Packed p, const std::string& dtype, const std::vector<float>& x_MI, int64_t M,
+                             bool garbage, TilePool& pool) {
+  int64_t I = p.I, O = p.O;
+  if (garbage)
+    for (int64_t i = 0; i < I; ++i)
+      for (int64_t c = O % kTileColumns ? O % kTileColumns : kTileColumns; c < kTileColumns; ++c) {
+        int64_t at = ((p.G - 1) * I + i) * kTileColumns + c;
+        p.f32_GIC[at] = 99.0f, p.bf16_GIC[at] = ToBfloat16(99.0f), p.i8_GIC[at] = 99;
+        p.scale_Q[(p.G - 1) * kTileColumns + c] = 1e6f;
+      }
+  std::vector<float> y_MO(M * O, -1.0f);
+  if (dtype == "f32") jax_gpt2::PackedMatmul(x_MI.data(), M, I, p.f32_GIC.data(), O, y_MO.data(), pool);
+  if (dtype == "bf16") jax_gpt2::PackedMatmul(x_MI.data(), M, I, p.bf16_GIC.data(), O, y_MO.data(), pool);
+  if (dtype == "i8")
+    jax_gpt2::PackedMatmul(x_MI.data(), M, I, p.i8_GIC.data(), p.scale_Q.data(), O, y_MO.data(), pool);
+  return y_MO;
+}
+
+void TestMatmul(TilePool& pool, std::vector<TilePool*> other_pools) {
+  const char* dtypes[] = {"f32", "bf16", "i8"};
+  for (int64_t I : {1, 37, 768})
+    for (int64_t O : {1, 63, 64, 65, 200}) {
+      Packed p = Pack(I, O, static_cast<uint32_t>(I * 1000 + O));
+      for (int64_t M : {1, 2, 3, 5, 6, 7, 13}) {
+        std::vector<float> x_MI = Normal(M * I, static_cast<uint32_t>(M));
+        for (const char* dtype : dtypes) {
+          std::string what = std::string(dtype) + " I=" + std::to_string(I) + " O=" + std::to_string(O) +
+                             " M=" + std::to_string(M);
+          const auto& rounded = dtype[0] == 'f' ? p.rounded_f32 : dtype[0] == 'b' ? p.rounded_bf16 : p.rounded_i8;
+          std::vector<float> y_MO = RunMatmul(p, dtype, x_MI, M, false, pool);
+          CheckProduct(x_MI, rounded, y_MO, M, I, O, what);
+          Expect(RunMatmul(p, dtype, x_MI, M, true, pool) == y_MO, what + ": padding columns reached the output");
+          for (TilePool* other : other_pools)
+            Expect(RunMatmul(p, dtype, x_MI, M, false, *other) == y_MO, what + ": result depends on the pool");
+        }
+      }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+
+struct Cache {
+  CacheShape shape;
+  std::vector<float> q_BNH, k_f32, v_f32;
+  std::vector<uint16_t> k_bf16, v_bf16;
+  std::vector<float> k_seen, v_seen;  // what each kernel reads: float32, or the bf16 values widened
+};
+
+Cache RandomCache(CacheShape shape, uint32_t seed) {
+  Cache c;
+  c.shape = shape;
+  int64_t size = shape.L * shape.B * shape.N * shape.S * shape.H;
+  c.q_BNH = Normal(shape.B * shape.N * shape.H, seed);
+  c.k_f32 = Normal(size, seed + 1);
+  c.v_f32 = Normal(size, seed + 2);
+  for (float k : c.k_f32) c.k_bf16.push_back(ToBfloat16(k));
+  for (float v : c.v_f32) c.v_bf16.push_back(ToBfloat16(v));
+  return c;
+}
+
+// The float64 attention of row b over slots [first, last] of layer `layer` (uniform when none).
+std::vector<double> ExactAttention(const Cache& c, const std::vector<float>& k, const std::vector<float>& v,
+                                   int64_t bn, int64_t layer, int64_t start, int64_t end, double scale) {
+  const CacheShape& s = c.shape;
+  int64_t first = std::max<int64_t>(start, 0), last = std::min<int64_t>(end, s.S - 1);
+  if (first > last) first = 0, last = s.S - 1, scale = 0.0;
+  int64_t offset = (layer * s.B * s.N + bn) * s.S * s.H;
+  std::vector<double> score(last - first + 1), out(s.H, 0.0);
+  double high = -1e300, total = 0.0;
+  for (int64_t t = first; t <= last; ++t) {
+    double dot = 0.0;
+    for (int64_t h = 0; h < s.H; ++h) dot += static_cast<double>(c.q_BNH[bn * s.H + h]) * k[offset + t * s.H + h];
+    score[t - first] = dot * scale;
+    high = std::max(high, score[t - first]);
+  }
+  for (auto& x : score) total += x = std::exp(x - high);
+  for (int64_t t = first; t <= last; ++t)
+    for (int64_t h = 0; h < s.H; ++h) out[h] += score[t - first] / total * v[offset + t * s.H + h];
+  return out;
+}
+
+std::vector<float> RunAttention(const Cache& c, bool bf16, const std::vector<int32_t>& start_B,
+                                const std::vector<int32_t>& end_B, int64_t layer, float scale, TilePool& pool) {
+  std::vector<float> out(c.shape.B * c.shape.N * c.shape.H, -1.0f);
+  if (bf16)
+    jax_gpt2::DecodeAttention(c.q_BNH.data(), c.k_bf16.data(), c.v_bf16.data(), start_B.data(), end_B.data(),
+                              c.shape, c.shape.B, layer, scale, out.data(), pool);
+  else
+    jax_gpt2::DecodeAttention(c.q_BNH.data(), c.k_f32.data(), c.v_f32.data(), start_B.data(), end_B.data(),
+                              c.shape, c.shape.B, layer, scale, out.data(), pool);
+  return out;
+}
+
+// The first `rows` rows of the cache as the batch, every other row's keys and values NaN: the output
+// must equal the whole-batch run's first rows bit for bit, and nothing past them may be written.
+void CheckRowPrefix(Cache c, bool bf16, const std::vector<int32_t>& start_B, const std::vector<int32_t>& end_B,
+                    int64_t layer, float scale, const std::vector<float>& whole, TilePool& pool,
+                    const std::string& what) {
+  const CacheShape& s = c.shape;
+  const int64_t rows = s.B / 2;
+  for (int64_t l = 0; l < s.L; ++l)
+    for (int64_t b = rows; b < s.B; ++b)
+      for (int64_t i = 0; i < s.N * s.S * s.H; ++i) {
+        int64_t at = (l * s.B + b) * s.N * s.S * s.H + i;
+        c.k_f32[at] = c.v_f32[at] = NAN;
+        c.k_bf16[at] = c.v_bf16[at] = 0x7FC0;
+      }
+  std::vector<float> out(s.B * s.N * s.H, -1.0f);
+  if (bf16)
+    jax_gpt2::DecodeAttention(c.q_BNH.data(), c.k_bf16.data(), c.v_bf16.data(), start_B.data(), end_B.data(), s,
+                              rows, layer, scale, out.data(), pool);
+  else
+    jax_gpt2::DecodeAttention(c.q_BNH.data(), c.k_f32.data(), c.v_f32.data(), start_B.data(), end_B.data(), s, rows,
+                              layer, scale, out.data(), pool);
+  const int64_t used = rows * s.N * s.H;
+  Expect(std::memcmp(out.data(), whole.data(), used * sizeof(float)) == 0, what + ": a row prefix differs");
+  bool untouched = true;
+  for (int64_t i = used; i < static_cast<int64_t>(out.size()); ++i) untouched = untouched && out[i] == -1.0f;
+  Expect(untouched, what + ": wrote past the rows in use");
+}
+
+// Every case the kernel treats apart, one row each: the whole cache, left padding, one slot, end past
+// the cache, start before slot 0, nothing visible (start > end), starting past the cache.
+void DecodeRows(int64_t S, std::vector<int32_t>* start_B, std::vector<int32_t>* end_B) {
+  int32_t s = static_cast<int32_t>(S);
+  *start_B = {0, std::min(3, s - 1), s / 2, std::min(2, s - 1), -3, s / 2 + 1, s};
+  *end_B = {s - 1, s - 1, s / 2, s + 4, s / 3, s / 2, s + 2};
+}
+
+void CheckAttention(const Cache& c, bool bf16, const std::vector<int32_t>& start_B,
+                    const std::vector<int32_t>& end_B, int64_t layer, float scale, const std::vector<float>& out,
+                    const std::string& what) {
+  const CacheShape& s = c.shape;
+  const auto& k = bf16 ? c.k_seen : c.k_f32;
+  const auto& v = bf16 ? c.v_seen : c.v_f32;
+  double v_max = 0.0, worst = 0.0;
+  for (float x : v) v_max = std::max(v_max, static_cast<double>(std::fabs(x)));
+  bool finite = true;
+  for (int64_t bn = 0; bn < s.B * s.N; ++bn) {
+    std::vector<double> exact = ExactAttention(c, k, v, bn, layer, start_B[bn / s.N], end_B[bn / s.N], scale);
+    for (int64_t h = 0; h < s.H; ++h) {
+      finite = finite && std::isfinite(out[bn * s.H + h]);
+      worst = std::max(worst, std::fabs(out[bn * s.H + h] - exact[h]));
+    }
+  }
+  Expect(finite, what + ": not finite");
+  Expect(worst <= 1e-5 * v_max, what + ": max abs diff " + std::to_string(worst) + " > 1e-5 max|v|");
+}
+
+// NaN in every layer but `layer` and in the slots each row may not see: the output must not change.
+void CheckReadsOnlyVisibleSlots(Cache c, bool bf16, const std::vector<int32_t>& start_B,
+                                const std::vector<int32_t>& end_B, int64_t layer, float scale,
+                                const std::vector<float>& clean, TilePool& pool, const std::string& what) {
+  const CacheShape& s = c.shape;
+  for (int64_t l = 0; l < s.L; ++l)
+    for (int64_t bn = 0; bn < s.B * s.N; ++bn) {
+      int32_t start = start_B[bn / s.N], end = end_B[bn / s.N];
+      if (l == layer && (start > end || start >= s.S || end < 0)) continue;  // uniform rows read every slot
+      for (int64_t t = 0; t < s.S; ++t) {
+        if (l == layer && t >= start && t <= end) continue;
+        for (int64_t h = 0; h < s.H; ++h) {
+          int64_t at = ((l * s.B * s.N + bn) * s.S + t) * s.H + h;
+          c.k_f32[at] = c.v_f32[at] = NAN;
+          c.k_bf16[at] = c.v_bf16[at] = 0x7FC0;  // a bfloat16 NaN
+        }
+      }
+    }
+  std::vector<float> poisoned = RunAttention(c, bf16, start_B, end_B, layer, scale, pool);
+  Expect(std::memcmp(poisoned.data(), clean.data(), clean.size() * sizeof(float)) == 0,
+         what + ": read a slot or layer it may not see");
+}
+
+void TestAttention(TilePool& pool, std::vector<TilePool*> other_pools) {
+  for (int64_t H : {7, 16, 24, 64})
+    for (int64_t S : {1, 37, 1030}) {
+      std::vector<int32_t> start_B, end_B;
+      DecodeRows(S, &start_B, &end_B);
+      Cache c = RandomCache({3, static_cast<int64_t>(start_B.size()), 2, S, H}, static_cast<uint32_t>(H * S));
+      for (uint16_t b : c.k_bf16) c.k_seen.push_back(FromBfloat16(b));
+      for (uint16_t b : c.v_bf16) c.v_seen.push_back(FromBfloat16(b));
+      for (bool bf16 : {false, true})
+        for (float scale : {1.0f / std::sqrt(static_cast<float>(H)), 2.0f})
+          for (int64_t layer = 0; layer < 3; ++layer) {
+            std::string what = std::string(bf16 ? "bf16" : "f32") + " attention H=" + std::to_string(H) +
+                               " S=" + std::to_string(S) + " layer=" + std::to_string(layer) +
+                               " scale=" + std::to_string(scale);
+            std::vector<float> out = RunAttention(c, bf16, start_B, end_B, layer, scale, pool);
+            CheckAttention(c, bf16, start_B, end_B, layer, scale, out, what);
+            for (TilePool* other : other_pools)
+              Expect(RunAttention(c, bf16, start_B, end_B, layer, scale, *other) == out,
+                     what + ": result depends on the pool");
+            if (S < 100) CheckReadsOnlyVisibleSlots(c, bf16, start_B, end_B, layer, scale, out, pool, what);
+            if (S < 100) CheckRowPrefix(c, bf16, start_B, end_B, layer, scale, out, pool, what);
+          }
+    }
+}
+
+// With v the identity (S = H), the output is the attention weights themselves: each must be the
+// float64 softmax within 1e-5 of its own size (scores up to ~45: a few float32 ulps), down to
+// weights of ~1e-19. A crude exp (a degree-4 series, 5e-5) fails here.
+void TestSoftmaxWeights(TilePool& pool) {
+  for (float scale : {0.1f, 0.3f, 1.0f}) {
+    const int64_t S = 64, H = 64;
+    Cache c = RandomCache({1, 2, 3, S, H}, 7);
+    for (int64_t bn = 0; bn < 6; ++bn)
+      for (int64_t t = 0; t < S; ++t)
+        for (int64_t h = 0; h < H; ++h) c.v_f32[(bn * S + t) * H + h] = t == h ? 1.0f : 0.0f;
+    std::vector<int32_t> start_B = {0, 0}, end_B = {S - 1, S - 1};
+    std::vector<float> out = RunAttention(c, false, start_B, end_B, 0, scale, pool);
+    double worst = 0.0;
+    for (int64_t bn = 0; bn < 6; ++bn) {
+      std::vector<double> exact = ExactAttention(c, c.k_f32, c.v_f32, bn, 0, 0, S - 1, scale);
+      for (int64_t h = 0; h < H; ++h) worst = std::max(worst, std::fabs(out[bn * H + h] - exact[h]) / exact[h]);
+    }
+    Expect(worst <= 1e-5, "softmax weights at scale " + std::to_string(scale) + ": relative error " +
+                              std::to_string(worst) + " > 1e-5");
+  }
+}
+
+}  // namespace
+
+int main() {
+  if (!jax_gpt2::CpuRunsThisBuild()) {
+    std::printf("core_test %s: this CPU lacks an extension the build uses\n", jax_gpt2::TargetIsa());
+    return 2;
+  }
+  TilePool two(2, 4), one(1, 4), three_long_runs(3, 1), three_single_tiles(3, 100000);
+  std::vector<TilePool*> others = {&one, &three_long_runs, &three_single_tiles};
+  TestMatmul(two, others);
+  TestAttention(two, others);
+  TestSoftmaxWeights(two);
+  std::printf("core_test %s: %d of %d checks passed\n", jax_gpt2::TargetIsa(), checks - failures, checks);
+  return failures == 0 ? 0 : 1;
+}

@@ -1,0 +1,177 @@
+// The XLA FFI glue of the CPU kernels (registered from native.py): checks each call's shapes and
+// dtypes, then runs the compute core (core.h) on the buffers' raw pointers over one process-wide
+// thread pool. Nothing here computes.
+
+#include <algorithm>
+#include <cstdint>
+#include <cstdlib>
+#include <thread>
+
+#include "core.h"
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+using jax_gpt2::kTileColumns;
+
+namespace {
+
+int PoolThreads() {
+  const char* text = std::getenv("JAX_GPT2_KERNEL_THREADS");
+  int threads = text ? std::atoi(text) : static_cast<int>(std::thread::hardware_concurrency());
+  return std::max(1, std::min(threads, 64));
+}
+
+int64_t PoolChunksPerThread() {
+  const char* text = std::getenv("JAX_GPT2_KERNEL_CHUNKS");
+  return text ? std::max(1, std::atoi(text)) : 4;
+}
+
+// One pool for every kernel call of the process, started on the first call; its size is read once.
+jax_gpt2::TilePool& Pool() {
+  static jax_gpt2::TilePool pool(PoolThreads(), PoolChunksPerThread());
+  return pool;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Packed matmul: x (M, I) float32, tiles (G, I, 64), [scale (G, 64) float32], y (M, O) float32.
+
+// Shape checks shared by the three handlers; O comes from the result, since padding hides it.
+ffi::Error CheckShapes(ffi::Buffer<ffi::F32>& x, ffi::AnyBuffer& tiles, ffi::ResultBuffer<ffi::F32>& y) {
+  auto x_dims = x.dimensions(), t_dims = tiles.dimensions(), y_dims = y->dimensions();
+  if (x_dims.size() != 2 || t_dims.size() != 3 || y_dims.size() != 2)
+    return ffi::Error::InvalidArgument("packed_matmul: expected x (M, I), tiles (G, I, 64), y (M, O)");
+  if (t_dims[2] != kTileColumns || t_dims[1] != x_dims[1] || y_dims[0] != x_dims[0])
+    return ffi::Error::InvalidArgument("packed_matmul: tile width, I or M disagree");
+  if (y_dims[1] > t_dims[0] * kTileColumns || y_dims[1] <= (t_dims[0] - 1) * kTileColumns)
+    return ffi::Error::InvalidArgument("packed_matmul: O does not match the number of tiles");
+  return ffi::Error::Success();
+}
+
+ffi::Error MatmulF32(ffi::Buffer<ffi::F32> x, ffi::AnyBuffer tiles, ffi::ResultBuffer<ffi::F32> y) {
+  if (tiles.element_type() != ffi::F32) return ffi::Error::InvalidArgument("packed_matmul_f32: tiles must be f32");
+  ffi::Error error = CheckShapes(x, tiles, y);
+  if (error.failure()) return error;
+  jax_gpt2::PackedMatmul(x.typed_data(), x.dimensions()[0], x.dimensions()[1],
+                         reinterpret_cast<const float*>(tiles.untyped_data()), y->dimensions()[1], y->typed_data(),
+                         Pool());
+  return ffi::Error::Success();
+}
+
+ffi::Error MatmulBF16(ffi::Buffer<ffi::F32> x, ffi::AnyBuffer tiles, ffi::ResultBuffer<ffi::F32> y) {
+  if (tiles.element_type() != ffi::BF16) return ffi::Error::InvalidArgument("packed_matmul_bf16: tiles must be bf16");
+  ffi::Error error = CheckShapes(x, tiles, y);
+  if (error.failure()) return error;
+  jax_gpt2::PackedMatmul(x.typed_data(), x.dimensions()[0], x.dimensions()[1],
+                         reinterpret_cast<const uint16_t*>(tiles.untyped_data()), y->dimensions()[1],
+                         y->typed_data(), Pool());
+  return ffi::Error::Success();
+}
+
+ffi::Error MatmulI8(ffi::Buffer<ffi::F32> x, ffi::AnyBuffer tiles, ffi::Buffer<ffi::F32> scale,
+                    ffi::ResultBuffer<ffi::F32> y) {
+  if (tiles.element_type() != ffi::S8) return ffi::Error::InvalidArgument("packed_matmul_i8: tiles must be int8");
+  ffi::Error error = CheckShapes(x, tiles, y);
+  if (error.failure()) return error;
+  if (scale.element_count() != tiles.dimensions()[0] * kTileColumns)
+    return ffi::Error::InvalidArgument("packed_matmul_i8: one scale per padded output column");
+  jax_gpt2::PackedMatmul(x.typed_data(), x.dimensions()[0], x.dimensions()[1],
+                         reinterpret_cast<const int8_t*>(tiles.untyped_data()), scale.typed_data(),
+                         y->dimensions()[1], y->typed_data(), Pool());
+  return ffi::Error::Success();
+}
+
+// ---------------------------------------------------------------------------------------------
+// Decode attention: q (R, N, H) float32, caches (L, B, N, S, H) float32 or bfloat16 with R <= B (the
+// first R rows are the batch), start and end (R,) int32, attributes layer and scale; out (R, N, H).
+
+template <ffi::DataType Cache>
+ffi::Error CheckAttentionShapes(ffi::Buffer<ffi::F32>& q, ffi::Buffer<Cache>& k, ffi::Buffer<Cache>& v,
+                                ffi::Buffer<ffi::S32>& start, ffi::Buffer<ffi::S32>& end, int64_t layer,
+                                jax_gpt2::CacheShape* shape) {
+  auto q_dims = q.dimensions(), k_dims = k.dimensions(), v_dims = v.dimensions();
+  bool same = v_dims.size() == k_dims.size();
+  for (size_t i = 0; same && i < k_dims.size(); ++i) same = v_dims[i] == k_dims[i];
+  if (q_dims.size() != 3 || k_dims.size() != 5 || !same)
+    return ffi::Error::InvalidArgument("decode_attention: expected q (B, N, H) and caches (L, B, N, S, H)");
+  *shape = {k_dims[0], k_dims[1], k_dims[2], k_dims[3], k_dims[4]};
+  if (q_dims[0] < 1 || q_dims[0] > shape->B || q_dims[1] != shape->N || q_dims[2] != shape->H || layer < 0 || layer >= shape->L)
+    return ffi::Error::InvalidArgument("decode_attention: q, cache or layer disagree");
+  if (start.element_count() != q_dims[0] || end.element_count() != q_dims[0])
+    return ffi::Error::InvalidArgument("decode_attention: one start and end slot per row");
+  return ffi::Error::Success();
+}
+
+ffi::Error DecodeAttentionF32(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi::F32> v,
+                              ffi::Buffer<ffi::S32> start, ffi::Buffer<ffi::S32> end, int64_t layer, float scale,
+                              ffi::ResultBuffer<ffi::F32> out) {
+  jax_gpt2::CacheShape shape;
+  ffi::Error error = CheckAttentionShapes(q, k, v, start, end, layer, &shape);
+  if (error.failure()) return error;
+  jax_gpt2::DecodeAttention(q.typed_data(), k.typed_data(), v.typed_data(), start.typed_data(), end.typed_data(),
+                            shape, q.dimensions()[0], layer, scale,
+                            out->typed_data(), Pool());
+  return ffi::Error::Success();
+}
+
+ffi::Error DecodeAttentionBF16(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::BF16> k, ffi::Buffer<ffi::BF16> v,
+                               ffi::Buffer<ffi::S32> start, ffi::Buffer<ffi::S32> end, int64_t layer, float scale,
+                               ffi::ResultBuffer<ffi::F32> out) {
+  jax_gpt2::CacheShape shape;
+  ffi::Error error = CheckAttentionShapes(q, k, v, start, end, layer, &shape);
+  if (error.failure()) return error;
+  jax_gpt2::DecodeAttention(q.typed_data(), reinterpret_cast<const uint16_t*>(k.untyped_data()),
+                            reinterpret_cast<const uint16_t*>(v.untyped_data()), start.typed_data(),
+                            end.typed_data(), shape, q.dimensions()[0], layer, scale,
+                            out->typed_data(), Pool());
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(
+    JaxGpt2PackedMatmulF32, MatmulF32,
+    ffi::Ffi::Bind().Arg<ffi::Buffer<ffi::F32>>().Arg<ffi::AnyBuffer>().Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(
+    JaxGpt2PackedMatmulBF16, MatmulBF16,
+    ffi::Ffi::Bind().Arg<ffi::Buffer<ffi::F32>>().Arg<ffi::AnyBuffer>().Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(
+    JaxGpt2PackedMatmulI8, MatmulI8,
+    ffi::Ffi::Bind()
+        .Arg<ffi::Buffer<ffi::F32>>()
+        .Arg<ffi::AnyBuffer>()
+        .Arg<ffi::Buffer<ffi::F32>>()
+        .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(
+    JaxGpt2DecodeAttention, DecodeAttentionF32,
+    ffi::Ffi::Bind()
+        .Arg<ffi::Buffer<ffi::F32>>()
+        .Arg<ffi::Buffer<ffi::F32>>()
+        .Arg<ffi::Buffer<ffi::F32>>()
+        .Arg<ffi::Buffer<ffi::S32>>()
+        .Arg<ffi::Buffer<ffi::S32>>()
+        .Attr<int64_t>("layer")
+        .Attr<float>("scale")
+        .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(
+    JaxGpt2DecodeAttentionBF16, DecodeAttentionBF16,
+    ffi::Ffi::Bind()
+        .Arg<ffi::Buffer<ffi::F32>>()
+        .Arg<ffi::Buffer<ffi::BF16>>()
+        .Arg<ffi::Buffer<ffi::BF16>>()
+        .Arg<ffi::Buffer<ffi::S32>>()
+        .Arg<ffi::Buffer<ffi::S32>>()
+        .Attr<int64_t>("layer")
+        .Attr<float>("scale")
+        .Ret<ffi::Buffer<ffi::F32>>());
+
+// Called from Python before registering: whether this CPU has every extension the library was
+// compiled for (a library loaded on the wrong CPU would die of SIGILL at its first call instead).
+extern "C" int jax_gpt2_kernels_supported() { return jax_gpt2::CpuRunsThisBuild() ? 1 : 0; }
+
+// The vector unit the library was compiled for, for bench and error messages: "avx512", "avx2",
+// "neon" or "generic".
+extern "C" const char* jax_gpt2_kernel_isa() { return jax_gpt2::TargetIsa(); }

@@ -1,0 +1,37 @@
+"""x @ W for a PackedMatrix (weights.py): the C++ kernel's XLA call, or XLA's own dot on the unpacked matrix.
+
+Which one runs is the caller's explicit choice (GPT2Weights.use_kernels, decided at load), never
+read from the process here. The XLA form exists for packed weights without the kernels (int8 on
+a GPU, where the dequantization fuses into the dot) and as the reference the kernel tests check
+against; on a CPU without the kernels the loader widens narrow weights to float32 once instead,
+since XLA's CPU dot would widen them again before every product.
+"""
+
+import jax
+import jax.numpy as jnp
+
+from jax_gpt2.kernels import native
+from jax_gpt2.weights import PackedMatrix, unpack_matrix
+
+
+def packed_matmul(x_MI: jax.Array, packed: PackedMatrix, use_kernel: bool) -> jax.Array:
+    """x_MI @ W in float32: by the native kernel (use_kernel) or by XLA on the unpacked matrix."""
+    M, I = x_MI.shape
+    assert I == packed.shape[0], f"x has {I} features, the matrix takes {packed.shape[0]}"
+    assert x_MI.dtype == jnp.float32, "packed weights take float32 activations"
+    if not use_kernel:
+        return jnp.dot(x_MI, unpack_matrix(packed), precision=jax.lax.Precision.HIGHEST)
+    result = jax.ShapeDtypeStruct((M, packed.out_features), jnp.float32)
+    call = jax.ffi.ffi_call(native.target_name(packed.dtype.name), result, vmap_method="sequential")
+    operands = (x_MI, packed.tiles_GIC) if packed.scale_GC is None else (x_MI, packed.tiles_GIC, packed.scale_GC)
+    y_MO = call(*operands)
+    assert y_MO.shape == (M, packed.out_features)
+    return y_MO
+
+
+def packed_matmul_BT(x_BTI: jax.Array, packed: PackedMatrix, use_kernel: bool) -> jax.Array:
+    """`packed_matmul` over every (batch, time) row: the kernel sees one (B*T, I) matrix."""
+    B, T, I = x_BTI.shape
+    y_BTO = packed_matmul(x_BTI.reshape(B * T, I), packed, use_kernel).reshape(B, T, packed.out_features)
+    assert y_BTO.dtype == jnp.float32
+    return y_BTO

@@ -1,0 +1,631 @@
+"""The serving engine: continuous batching over decode slots, prompts prefilled in chunks, shared
+prompt prefixes reused. The host side: it schedules; slots.py holds the device state and programs.
+
+One scheduling round (`step`):
+
+    waiting --start--> staging <--restore-- prefix cache (blocks of PREFIX_BLOCK prompt tokens, LRU)
+    staging --prefill chunks (at most prefill_chunk tokens a round)--> staging --save--> prefix cache
+    staging --admit: pick the first token, copy the prompt's slots into the lowest free row--> Slots
+    rows [0, W) of Slots --decode_chunk: up to chunk_steps steps--> tokens, logprobs --> host
+    host: a TextFinisher per sequence --> Event --> deliver(event)
+
+W, the width, is the smallest compiled width (1, 2, 4, ..., max_batch) that holds every busy row:
+one client decodes at batch 1, eight at batch 8. When the busy rows would fit a smaller width, the
+highest ones move down (a copy of their filled slots). A long prompt is prefilled a chunk per round,
+so running streams keep getting tokens while it is read; the first token comes straight from the
+prefill. Requests sharing a prompt prefix (a system prompt, few-shot examples) copy its keys and
+values from the prefix cache instead of computing them again.
+
+Rows are independent (see kvcache.py): a row's tokens do not depend on its slot, its neighbours or
+when it joined, so greedy output equals `generate` on the same prompt, and a sampled sequence with
+seed s and index i equals row i of `generate(..., seed=s)` (its key is fold_in(PRNGKey(s), i) and it
+folds in its own step count).
+
+The engine is a plain object: `submit`, `cancel` and `begin_drain` may be called from any thread;
+`step` runs one scheduling round and is what the background thread (`start`) calls in a loop.
+Each sequence's events go to the `deliver` callback given at submit, called on the engine thread.
+"""
+
+import collections
+import dataclasses
+import itertools
+import logging
+import math
+import queue
+import threading
+import time
+from collections.abc import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jax_gpt2.config import GPT2Config
+from jax_gpt2.generate import PAD_ID
+from jax_gpt2.kvcache import check_kv_dtype
+from jax_gpt2.sampling import SamplingSettings, sampling_params
+from jax_gpt2.serve import slots
+from jax_gpt2.serve.slots import PREFIX_BLOCK, TOP_LOGPROBS
+from jax_gpt2.sharding import data_shards
+from jax_gpt2.stopping import TextFinisher
+from jax_gpt2.weights import GPT2Weights
+
+log = logging.getLogger(__name__)
+
+
+class QueueFull(Exception):
+    """Too many sequences wait for a slot; the caller should retry later."""
+
+
+class EngineClosed(Exception):
+    """The engine is shutting down and takes no new requests."""
+
+
+@dataclasses.dataclass(frozen=True)
+class StepOutput:
+    """What picking made, on the host: step k, row b (K and B are 1 for a first token)."""
+
+    tokens_KB: np.ndarray
+    emitted_KB: np.ndarray
+    logprob_KB: np.ndarray  # float32: log-probability of the chosen token (of `pick_logits`' distribution)
+    top_ids_KBA: np.ndarray
+    top_logprobs_KBA: np.ndarray
+
+
+@dataclasses.dataclass(frozen=True)
+class SequenceRequest:
+    """One sequence to generate (one choice of one prompt)."""
+
+    prompt_ids: tuple[int, ...]
+    settings: SamplingSettings
+    index: int = 0  # its key is fold_in(PRNGKey(seed), index): row `index` of generate(..., seed=seed)
+    num_logprobs: int | None = None  # generated tokens: None, or 0..TOP_LOGPROBS alternatives each
+    prompt_logprobs: int | None = None  # prompt tokens: None, or 0..TOP_LOGPROBS alternatives each
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenLogprob:
+    token_id: int
+    token: str  # the token decoded alone
+    logprob: float | None  # None for a prompt's first token (nothing predicts it)
+    top: tuple[tuple[int, str, float], ...]  # (id, text, logprob) of the best alternatives, best first
+
+
+@dataclasses.dataclass(frozen=True)
+class Event:
+    """New output of one sequence: tokens (eos excluded), their text, the logprobs of every token picked
+    (an eos included), and finish_reason once it ends."""
+
+    seq_id: int
+    token_ids: tuple[int, ...]
+    text: str
+    logprobs: tuple[TokenLogprob, ...] | None
+    finish_reason: str | None  # None while running; "stop", "length" or "error" at the end
+    prompt_logprobs: tuple[TokenLogprob, ...] | None = None  # once, in the first event, when asked
+    error: str | None = None  # with finish_reason "error": what the client should be told
+
+
+def powers_of_two_to(limit: int, start: int = 1) -> list[int]:
+    """start, 2 start, 4 start, ... below limit, then limit itself: few compiled shapes, little waste."""
+    assert start >= 1
+    assert limit >= 1
+    sizes, size = [], start
+    while size < limit:
+        sizes.append(size)
+        size *= 2
+    sizes.append(limit)
+    assert sizes == sorted(set(sizes))
+    return sizes
+
+
+def check_request(request: SequenceRequest, vocab_size: int, context_length: int) -> None:
+    """Host validation of one sequence beyond its settings (which checked themselves): a ValueError
+    naming the problem, before anything reaches the device."""
+    prompt = request.prompt_ids
+    if not isinstance(request.settings, SamplingSettings):
+        raise ValueError(f"settings must be SamplingSettings; got {type(request.settings).__name__}")
+    if len(prompt) == 0:
+        raise ValueError("the prompt is empty: it needs at least one token")
+    if not all(isinstance(t, (int, np.integer)) and not isinstance(t, bool) for t in prompt):
+        raise ValueError("prompt token ids must be integers")
+    if min(prompt) < 0 or max(prompt) >= vocab_size:
+        raise ValueError(f"prompt token ids must be in [0, {vocab_size}); got [{min(prompt)}, {max(prompt)}]")
+    wanted = len(prompt) + request.settings.max_new_tokens
+    if wanted > context_length:
+        raise ValueError(
+            f"this model's context is {context_length} tokens; the prompt has {len(prompt)} and max_tokens is "
+            f"{request.settings.max_new_tokens} ({wanted} in all)"
+        )
+    for name in ("num_logprobs", "prompt_logprobs"):
+        value = getattr(request, name)
+        if value is not None and not 0 <= value <= TOP_LOGPROBS:
+            raise ValueError(f"logprobs must be in [0, {TOP_LOGPROBS}]; got {value}")
+
+
+class PrefixCache:
+    """Keys and values of prompt prefixes in whole blocks of PREFIX_BLOCK tokens, least recently used
+    out first, at most `capacity` blocks. Block i of a prompt is keyed by all of the prompt's first
+    (i + 1) * PREFIX_BLOCK tokens: keys and values depend on every earlier token and on position,
+    so a block is reused only after exactly the same tokens. A chain is touched deepest block
+    first, so an ancestor is always more recent than its descendants and is evicted after them."""
+
+    def __init__(self, capacity: int) -> None:
+        assert capacity >= 0
+        self.capacity = capacity
+        self.blocks: collections.OrderedDict[tuple[int, ...], tuple[jax.Array, jax.Array]] = collections.OrderedDict()
+
+    @staticmethod
+    def keys(prompt: Sequence[int], num_tokens: int) -> list[tuple[int, ...]]:
+        """The keys of the whole blocks in the first num_tokens tokens of the prompt."""
+        assert num_tokens <= len(prompt)
+        return [tuple(prompt[: (i + 1) * PREFIX_BLOCK]) for i in range(num_tokens // PREFIX_BLOCK)]
+
+    def match(self, prompt: Sequence[int], max_tokens: int) -> list[tuple[jax.Array, jax.Array]]:
+        """The longest run of cached blocks the prompt starts with, covering at most max_tokens tokens."""
+        found = []
+        for key in self.keys(prompt, max_tokens):
+            if key not in self.blocks:
+                break
+            found.append(key)
+        self.use(found)
+        return [self.blocks[key] for key in found]
+
+    def add(self, key: tuple[int, ...], block: tuple[jax.Array, jax.Array]) -> None:
+        assert len(key) % PREFIX_BLOCK == 0
+        assert key not in self.blocks
+        self.blocks[key] = block
+        while len(self.blocks) > self.capacity:
+            self.blocks.popitem(last=False)
+
+    def use(self, chain: list[tuple[int, ...]]) -> None:
+        for key in reversed(chain):
+            if key in self.blocks:
+                self.blocks.move_to_end(key)
+
+
+class _Sequence:
+    """Host bookkeeping of one sequence: its text finisher and counts. Engine-thread only."""
+
+    def __init__(self, seq_id: int, request: SequenceRequest, deliver: Callable[[Event], None], tokenizer,
+                 eos_ids: set[int]) -> None:  # fmt: skip
+        settings = request.settings
+        self.seq_id, self.request, self.deliver, self.tokenizer = seq_id, request, deliver, tokenizer
+        self.finisher = TextFinisher(tokenizer, settings.stop, eos_ids, settings.max_new_tokens)
+        self.num_picked = 0  # tokens picked on the device, an eos included
+        self.prompt_logprobs: tuple[TokenLogprob, ...] | None = None  # sent with the first event
+
+    @property
+    def filled_slots(self) -> int:
+        """An upper bound of the cache slots the sequence fills: its prompt and every token picked."""
+        return len(self.request.prompt_ids) + self.num_picked
+
+    def take(self, token_K: list[int], out: StepOutput, row: int) -> Event:
+        """This row's new tokens (of one chunk, or a first token) as one event; finishes the sequence when it ends."""
+        assert self.finisher.finish_reason is None
+        assert len(token_K) <= out.tokens_KB.shape[0]
+        ids, text, logprobs = [], [], []
+        for k, token in enumerate(token_K):
+            self.num_picked += 1
+            kept = self.finisher.num_tokens
+            text.append(self.finisher.push(token))
+            if self.finisher.num_tokens > kept:  # an eos is not kept in the text or the ids
+                ids.append(token)
+            # ... but it has a logprob: harnesses read the last entry as the token the model picked after the prompt
+            logprobs.append(self._logprob(token, out, k, row))
+            if self.finisher.finish_reason is not None:
+                break
+        return self.event(ids, "".join(text), logprobs)
+
+    def event(self, ids: list[int], text: str, logprobs: list[TokenLogprob]) -> Event:
+        wanted = self.request.num_logprobs is not None
+        prompt_logprobs, self.prompt_logprobs = self.prompt_logprobs, None
+        return Event(self.seq_id, tuple(ids), text, tuple(logprobs) if wanted else None,
+                     self.finisher.finish_reason, prompt_logprobs)  # fmt: skip
+
+    def _logprob(self, token: int, out: StepOutput, k: int, row: int) -> TokenLogprob | None:
+        assert out.tokens_KB[k, row] == token
+        assert out.top_ids_KBA.shape[2] >= (self.request.num_logprobs or 0)
+        if self.request.num_logprobs is None:
+            return None
+        top = []
+        for alt, value in zip(out.top_ids_KBA[k, row], out.top_logprobs_KBA[k, row]):
+            if len(top) < self.request.num_logprobs and np.isfinite(value):  # filtered tokens have -inf
+                top.append((int(alt), self.text(int(alt)), float(value)))
+        return TokenLogprob(token, self.text(token), float(out.logprob_KB[k, row]), tuple(top))
+
+    def text(self, token: int) -> str:
+        return self.tokenizer.decode([token], skip_special_tokens=False)
+
+    def set_prompt_logprobs(self, chunks: list[tuple[np.ndarray, np.ndarray, np.ndarray]]) -> None:
+        """From the prefill chunks' outputs: prompt token j's entry comes from position j - 1."""
+        prompt, num_top = self.request.prompt_ids, self.request.prompt_logprobs
+        logprob_P, top_ids_PA, top_logprobs_PA = (np.concatenate(parts) for parts in zip(*chunks))
+        assert logprob_P.shape[0] == len(prompt)
+        entries = [TokenLogprob(prompt[0], self.text(prompt[0]), None, ())]
+        for j in range(1, len(prompt)):
+            top = tuple((int(t), self.text(int(t)), float(v)) for t, v in zip(top_ids_PA[j - 1], top_logprobs_PA[j - 1]))
+            entries.append(TokenLogprob(prompt[j], self.text(prompt[j]), float(logprob_P[j - 1]), top[:num_top]))
+        self.prompt_logprobs = tuple(entries)
+
+
+@dataclasses.dataclass
+class _Prefill:
+    """The prompt in the staging cache: how many of its tokens are in, and its prompt logprobs so far."""
+
+    seq: _Sequence
+    done: int
+    chunks: list[tuple[np.ndarray, np.ndarray, np.ndarray]]
+
+
+class Engine:
+    """Continuous batching over max_batch rows; see the module docstring. No global state: two
+    engines (say, in one test process) share only the jitted functions' compile caches."""
+
+    def __init__(
+        self, weights: GPT2Weights, config: GPT2Config, tokenizer, max_batch: int = 8, max_seq_len: int = 1024,
+        max_queue: int = 64, chunk_steps: int = 4, prefill_chunk: int = 128, prefix_cache_mib: float = 256,
+        kv_dtype=jnp.float32,
+    ) -> None:  # fmt: skip
+        for name, value in (("max_batch", max_batch), ("max_seq_len", max_seq_len), ("chunk_steps", chunk_steps),
+                            ("prefill_chunk", prefill_chunk)):  # fmt: skip
+            if value < 1:
+                raise ValueError(f"{name} must be >= 1; got {value}")
+        for name, value in (("max_queue", max_queue), ("prefix_cache_mib", prefix_cache_mib)):
+            if value < 0:
+                raise ValueError(f"{name} must be >= 0; got {value}")
+        self.weights, self.config, self.tokenizer = weights, config, tokenizer
+        self.kv_dtype = check_kv_dtype(kv_dtype)
+        self.max_batch, self.max_queue, self.chunk_steps = max_batch, max_queue, chunk_steps
+        self.context_length = S = min(max_seq_len, config.n_positions)
+        data = data_shards(weights.mesh)
+        if max_batch % data != 0:
+            raise ValueError(f"max_batch={max_batch} must divide by the mesh's data axis ({data})")
+        # On a mesh every width splits evenly over "data", so a step never regathers its rows.
+        self.widths = [width for width in powers_of_two_to(max_batch) if width % data == 0]
+        self.copy_buckets = powers_of_two_to(S, start=8)
+        self.chunk_buckets = powers_of_two_to(min(prefill_chunk, S), start=8)
+        block_bytes = 2 * config.n_layer * config.n_embd * PREFIX_BLOCK * jnp.dtype(self.kv_dtype).itemsize
+        self.prefix_cache = PrefixCache(int(prefix_cache_mib * 2**20) // block_bytes if S > PREFIX_BLOCK else 0)
+        eos = [] if config.eos_token_id is None else [config.eos_token_id]
+        self.eos_ids, self._eos_E = set(eos), np.asarray(eos, np.int32).reshape(-1)
+        self._slots, self._staging = self._empty_state()
+        self._rows: list[_Sequence | None] = [None] * max_batch
+        self._prefill: _Prefill | None = None
+        self._waiting: collections.deque[_Sequence] = collections.deque()
+        self._inbox: queue.Queue = queue.Queue()
+        self._lock = threading.Lock()  # guards the two counters below, shared with submitting threads
+        self._num_waiting = 0  # submitted, not yet prefilling
+        self._num_running = 0  # prefilling or in a row
+        self._accepting, self._stopping = True, False
+        self._drain_deadline: float | None = None  # monotonic time; set once, by begin_drain
+        self._ids = itertools.count()
+        self._thread: threading.Thread | None = None
+        self.reused_tokens = 0  # prompt tokens whose keys and values came from the prefix cache
+        assert self.copy_buckets[-1] == S
+        assert self.chunk_buckets[-1] <= S
+
+    @property
+    def num_active(self) -> int:
+        """Sequences being prefilled or decoded."""
+        return self._num_running
+
+    @property
+    def num_queued(self) -> int:
+        """Sequences waiting for their prefill to start."""
+        return self._num_waiting
+
+    @property
+    def busy(self) -> bool:
+        return self._prefill is not None or len(self._waiting) > 0 or any(seq is not None for seq in self._rows)
+
+    def submit(self, requests: Sequence[SequenceRequest], deliver: Callable[[Event], None]) -> list[int]:
+        """Queue sequences (all or none); returns their ids. Raises ValueError, QueueFull or EngineClosed.
+
+        At most max_batch + max_queue sequences are in the engine at once: max_queue is the waiting
+        room beyond the slots (0: a request is taken only if a slot is free for each of its sequences).
+        """
+        assert len(requests) >= 1
+        for request in requests:
+            check_request(request, self.config.vocab_size, self.context_length)
+        capacity = self.max_batch + self.max_queue
+        if len(requests) > capacity:
+            raise ValueError(f"at most {capacity} sequences per request (prompts x n; max_batch + max_queue); "
+                             f"got {len(requests)}")  # fmt: skip
+        with self._lock:
+            if not self._accepting:
+                raise EngineClosed("the server is shutting down")
+            if self._num_waiting + self._num_running + len(requests) > capacity:
+                raise QueueFull(f"{self._num_running} sequences run and {self._num_waiting} wait "
+                                f"(max_batch={self.max_batch}, max_queue={self.max_queue})")  # fmt: skip
+            self._num_waiting += len(requests)
+            sequences = [_Sequence(next(self._ids), r, deliver, self.tokenizer, self.eos_ids) for r in requests]
+            for seq in sequences:
+                self._inbox.put(("submit", seq))
+        assert len(sequences) == len(requests)
+        return [seq.seq_id for seq in sequences]
+
+    def cancel(self, seq_ids: Sequence[int]) -> None:
+        """Drop sequences (the client went away): a waiting one leaves the queue, a running one its slot."""
+        for seq_id in seq_ids:
+            self._inbox.put(("cancel", seq_id))
+
+    def begin_drain(self, timeout_s: float) -> None:
+        """Take no new requests; sequences still running timeout_s from now end with an error event.
+
+        Only plain assignments: safe to call from a signal handler (the engine thread acts on it)."""
+        assert timeout_s >= 0
+        self._accepting = False
+        if self._drain_deadline is None:
+            self._drain_deadline = time.monotonic() + timeout_s
+
+    def step(self) -> bool:
+        """One scheduling round: read the inbox, prefill, move rows down, decode one chunk. True if busy."""
+        self._read_inbox(block=False)
+        self._prefill_round()
+        self._compact()
+        if any(seq is not None for seq in self._rows):
+            self._run_chunk()
+        assert len(self._rows) == self.max_batch
+        return self.busy
+
+    def warm_up(self) -> None:
+        """Compile everything load can reach (every prefill bucket, copy bucket and width). Call while idle."""
+        assert not self.busy
+        assert self._thread is None
+        zero, one, S = np.int32(0), np.int32(1), self.context_length
+        for T in self.chunk_buckets:
+            ids_1T = np.zeros((1, T), np.int32)
+            self._staging, last_logits_1V, _ = slots.prefill_chunk_jit(
+                self._staging, ids_1T, one, ids_1T, np.bool_(True), self.weights, self.config
+            )
+            self._staging = slots.begin_prompt_jit(self._staging)
+        for bucket in self.copy_buckets:
+            self._slots = slots.copy_prompt_jit(self._slots, self._staging, zero, bucket=bucket)
+            self._slots = slots.move_slots_jit(self._slots, zero, zero, bucket=bucket)
+        self._slots = slots.move_state_jit(self._slots, zero, zero)
+        params_1 = sampling_params([SamplingSettings()])
+        self._slots, _ = slots.admit_jit(self._slots, last_logits_1V, np.zeros((1, S), np.int32), one, zero,
+                                    np.zeros((1, 2), np.uint32), params_1, one, np.bool_(True), self._eos_E)  # fmt: skip
+        for width in self.widths:
+            self._slots, _ = slots.decode_chunk_jit(self._slots, self._eos_E, self.weights, self.config, width, self.chunk_steps)
+        self._slots = slots.release_jit(self._slots, np.ones((self.max_batch,), np.bool_))
+        if self.prefix_cache.capacity > 0:
+            k, v = slots.read_block_jit(self._staging, zero)
+            self._staging = slots.restore_block_jit(self._staging, k, v, zero)
+        jax.block_until_ready((self._slots, self._staging))
+        self._slots, self._staging = self._empty_state()
+
+    def start(self) -> None:
+        """Run scheduling rounds on a background thread until `shutdown`."""
+        assert self._thread is None
+        self._thread = threading.Thread(target=self._run, name="jax-gpt2-engine", daemon=True)
+        self._thread.start()
+
+    def shutdown(self, drain: bool = True, timeout: float | None = None) -> None:
+        """Take no new requests; with drain, finish every submitted sequence first; then stop the thread."""
+        with self._lock:
+            self._accepting = False
+            self._inbox.put(("stop", drain))
+        if self._thread is not None:
+            self._thread.join(timeout)
+            assert not self._thread.is_alive() or timeout is not None
+
+    def _run(self) -> None:
+        while True:
+            try:
+                if self._drain_deadline is not None and time.monotonic() >= self._drain_deadline and self.busy:
+                    log.warning("drain timeout: ending the sequences still running")
+                    self._fail_all("the server is shutting down (drain timeout)")
+                if not self.busy:
+                    if self._stopping:
+                        return
+                    self._read_inbox(block=True)
+                    continue
+                self.step()
+            except Exception:  # a failed round must not kill the server: fail its sequences, start clean
+                log.exception("engine round failed; failing the sequences in flight")
+                self._fail_all("generation failed")
+
+    def _read_inbox(self, block: bool) -> None:
+        try:
+            message = self._inbox.get(timeout=1.0) if block else self._inbox.get_nowait()
+        except queue.Empty:
+            return
+        while True:
+            self._handle(*message)
+            try:
+                message = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+
+    def _handle(self, kind: str, payload) -> None:
+        assert kind in ("submit", "cancel", "stop")
+        if kind == "submit":
+            self._waiting.append(payload)
+        elif kind == "stop":
+            self._stopping = True
+            if not payload:
+                self._fail_all("the server is shutting down")
+        else:
+            self._cancel(payload)
+
+    def _cancel(self, seq_id: int) -> None:
+        for seq in [seq for seq in self._waiting if seq.seq_id == seq_id]:
+            self._waiting.remove(seq)
+            self._count(waiting=-1)
+        if self._prefill is not None and self._prefill.seq.seq_id == seq_id:
+            self._prefill = None
+            self._count(running=-1)
+        rows = [row for row, seq in enumerate(self._rows) if seq is not None and seq.seq_id == seq_id]
+        for row in rows:
+            self._rows[row] = None
+            self._count(running=-1)
+        if rows:
+            self._release(rows)
+
+    def _count(self, waiting: int = 0, running: int = 0) -> None:
+        with self._lock:
+            self._num_waiting += waiting
+            self._num_running += running
+            assert self._num_waiting >= 0
+            assert self._num_running >= 0
+
+    def _prefill_round(self) -> None:
+        """Prefill chunks, of one prompt or several short ones, until prefill_chunk tokens are spent:
+        running streams wait at most that long for their next tokens. With nothing decoding nobody
+        waits, so every prompt that has a free row is prefilled at once (requests arriving together
+        then start decoding together, as one batch of `generate` would)."""
+        decoding = any(seq is not None for seq in self._rows)
+        budget = self.chunk_buckets[-1] if decoding else math.inf
+        while budget > 0 and (self._prefill is not None or self._start_prefill()):
+            budget -= self._prefill_one_chunk()
+
+    def _start_prefill(self) -> bool:
+        """Move the next waiting sequence into staging (if it will find a free row), restoring cached prefix blocks."""
+        if not self._waiting:
+            return False
+        seq = self._waiting[0]
+        if seq.request.settings.max_new_tokens > 0 and None not in self._rows:
+            return False
+        self._waiting.popleft()
+        self._count(waiting=-1, running=1)
+        prompt = seq.request.prompt_ids
+        self._staging = slots.begin_prompt_jit(self._staging)
+        reusable = len(prompt) - 1 if seq.request.prompt_logprobs is None else 0  # the last token needs its logits
+        blocks = self.prefix_cache.match(prompt, reusable)
+        for i, (k, v) in enumerate(blocks):
+            self._staging = slots.restore_block_jit(self._staging, k, v, np.int32(i * PREFIX_BLOCK))
+        self._prefill = _Prefill(seq, len(blocks) * PREFIX_BLOCK, [])
+        self.reused_tokens += len(blocks) * PREFIX_BLOCK
+        return True
+
+    def _prefill_one_chunk(self) -> int:
+        """The next chunk of the staging prompt; admits it when the prompt is all in. Returns the tokens computed."""
+        job = self._prefill
+        prompt = job.seq.request.prompt_ids
+        n = min(self.chunk_buckets[-1], len(prompt) - job.done)
+        T = next(bucket for bucket in self.chunk_buckets if bucket >= n)
+        ids_1T, next_ids_1T = np.full((1, T), PAD_ID, np.int32), np.full((1, T), PAD_ID, np.int32)
+        ids_1T[0, :n] = prompt[job.done : job.done + n]
+        following = prompt[job.done + 1 : job.done + n + 1]
+        next_ids_1T[0, : len(following)] = following
+        want = job.seq.request.prompt_logprobs is not None
+        self._staging, last_logits_1V, logprobs = slots.prefill_chunk_jit(
+            self._staging, ids_1T, np.int32(n), next_ids_1T, np.bool_(want), self.weights, self.config
+        )
+        if want:
+            job.chunks.append(tuple(part[:n] for part in jax.device_get(logprobs)))
+        job.done += n
+        assert job.done <= len(prompt)
+        if job.done == len(prompt):
+            self._prefill = None
+            self._finish_prefill(job, last_logits_1V)
+        return T
+
+    def _finish_prefill(self, job: _Prefill, last_logits_1V: jax.Array) -> None:
+        """Save the prompt's new prefix blocks; then end a scoring-only sequence, or start it in a free row."""
+        seq, prompt = job.seq, job.seq.request.prompt_ids
+        self._save_prefix(prompt)
+        if seq.request.prompt_logprobs is not None:
+            seq.set_prompt_logprobs(job.chunks)
+        if seq.request.settings.max_new_tokens == 0:
+            self._count(running=-1)
+            self._deliver(seq, seq.event([], "", []))
+            return
+        row = self._rows.index(None)
+        bucket = next(b for b in self.copy_buckets if b >= len(prompt))
+        self._slots = slots.copy_prompt_jit(self._slots, self._staging, np.int32(row), bucket=bucket)
+        prompt_1S = np.full((1, self.context_length), PAD_ID, np.int32)
+        prompt_1S[0, : len(prompt)] = prompt
+        request = seq.request
+        keys_1 = np.asarray(jax.random.fold_in(jax.random.PRNGKey(request.settings.seed), request.index))[None]
+        self._slots, outputs = slots.admit_jit(
+            self._slots, last_logits_1V, prompt_1S, np.int32(len(prompt)), np.int32(row), keys_1,
+            sampling_params([request.settings]), np.int32(request.settings.max_new_tokens),
+            np.bool_(request.num_logprobs is not None), self._eos_E,
+        )  # fmt: skip
+        out = StepOutput(*(part[None] for part in jax.device_get(outputs)))  # K = 1
+        self._rows[row] = seq
+        self._hand_out({row: [int(out.tokens_KB[0, 0])]}, out, {row: 0})
+
+    def _save_prefix(self, prompt: tuple[int, ...]) -> None:
+        if self.prefix_cache.capacity == 0:
+            return
+        chain = self.prefix_cache.keys(prompt, len(prompt))
+        for i, key in enumerate(chain):
+            if key not in self.prefix_cache.blocks:
+                self.prefix_cache.add(key, slots.read_block_jit(self._staging, np.int32(i * PREFIX_BLOCK)))
+        self.prefix_cache.use(chain)
+
+    def _width_for(self, num_rows: int) -> int:
+        return next(width for width in self.widths if width >= num_rows)
+
+    def _compact(self) -> None:
+        """Move the highest busy rows into free lower ones while that lets the chunk run narrower."""
+        busy = [row for row, seq in enumerate(self._rows) if seq is not None]
+        target = self._width_for(max(len(busy), 1))
+        for source in sorted((row for row in busy if row >= target), reverse=True):
+            destination = self._rows.index(None)
+            assert destination < target
+            seq = self._rows[source]
+            bucket = next(b for b in self.copy_buckets if b >= min(seq.filled_slots, self.context_length))
+            self._slots = slots.move_slots_jit(self._slots, np.int32(source), np.int32(destination), bucket=bucket)
+            self._slots = slots.move_state_jit(self._slots, np.int32(source), np.int32(destination))
+            self._rows[destination], self._rows[source] = seq, None
+        assert all(seq is None for seq in self._rows[target:])
+
+    def _run_chunk(self) -> None:
+        width = self._width_for(1 + max(row for row, seq in enumerate(self._rows) if seq is not None))
+        self._slots, outputs = slots.decode_chunk_jit(self._slots, self._eos_E, self.weights, self.config, width, self.chunk_steps)
+        out = StepOutput(*jax.device_get(outputs))
+        busy = [row for row in range(width) if self._rows[row] is not None]
+        picked = {row: out.tokens_KB[out.emitted_KB[:, row], row].tolist() for row in busy}
+        self._hand_out(picked, out, {row: row for row in busy})
+
+    def _hand_out(self, picked: dict[int, list[int]], out: StepOutput, column: dict[int, int]) -> None:
+        """Hand each row's picked tokens to its sequence; deliver the events; free the rows that finished."""
+        finished = []
+        for row, token_K in picked.items():
+            seq = self._rows[row]
+            assert token_K, f"row {row} is running on the host but was done on the device"
+            event = seq.take(token_K, out, column[row])
+            if event.finish_reason is not None:
+                self._rows[row] = None
+                self._count(running=-1)
+                finished.append(row)
+            if event.token_ids or event.text or event.finish_reason or event.prompt_logprobs:
+                self._deliver(seq, event)
+        if finished:  # eos and max_tokens are done on the device already; stop strings are not
+            self._release(finished)
+        assert all(self._rows[row] is None for row in finished)
+
+    def _release(self, rows: list[int]) -> None:
+        assert rows
+        assert all(0 <= row < self.max_batch for row in rows)
+        free_B = np.zeros((self.max_batch,), np.bool_)
+        free_B[rows] = True
+        self._slots = slots.release_jit(self._slots, free_B)
+
+    def _deliver(self, seq: _Sequence, event: Event) -> None:
+        try:
+            seq.deliver(event)
+        except Exception:  # the receiver is gone (say, its event loop closed): free its slot
+            log.warning("could not deliver to sequence %d; cancelling it", seq.seq_id, exc_info=True)
+            if event.finish_reason is None:
+                self.cancel([seq.seq_id])
+
+    def _empty_state(self) -> tuple[slots.Slots, "slots.KVCache"]:
+        dtype, S = self.kv_dtype, self.context_length
+        empty = slots.empty_slots_on(self.weights.mesh, self.config, self.max_batch, S, dtype)
+        return empty, slots.empty_staging_jit(self.config, S, dtype)
+
+    def _fail_all(self, message: str) -> None:
+        """End every sequence in the engine with an error event and start from empty slots."""
+        staged = [self._prefill.seq] if self._prefill is not None else []
+        sequences = [seq for seq in self._rows if seq is not None] + staged + list(self._waiting)
+        self._count(waiting=-len(self._waiting), running=-(len(sequences) - len(self._waiting)))
+        self._rows, self._waiting, self._prefill = [None] * self.max_batch, collections.deque(), None
+        self._slots, self._staging = self._empty_state()
+        for seq in sequences:
+            self._deliver(seq, Event(seq.seq_id, (), "", None, "error", error=message))
+        assert not self.busy

@@ -1,0 +1,161 @@
+"""The OpenAI API's shapes: request bodies (pydantic models that check types only; values are checked
+by SamplingSettings and the server's limits), errors, and the response bodies built from engine events.
+
+    completions   text_completion / text_completion chunks; logprobs as parallel lists
+                  (tokens, token_logprobs, top_logprobs as {text: logprob}, text_offset)
+    chat          chat.completion / chat.completion.chunk; logprobs as {"content": [{token, logprob,
+                  bytes, top_logprobs}]}
+"""
+
+import dataclasses
+import time
+import uuid
+
+from pydantic import BaseModel, ConfigDict, StrictInt, StrictStr
+
+from jax_gpt2.serve.engine import TokenLogprob
+
+
+class APIError(Exception):
+    """An error the client caused (or may retry): becomes an OpenAI-style error body."""
+
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
+                 kind: str = "invalid_request_error") -> None:  # fmt: skip
+        super().__init__(message)
+        self.status, self.message, self.param, self.code, self.kind = status, message, param, code, kind
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
+
+
+class StreamOptions(_Body):
+    include_usage: bool = False
+
+
+class SamplingBody(_Body):
+    """Fields the two generation endpoints share; None means the OpenAI default."""
+
+    model: str
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None  # extension; 0 or -1 is off
+    min_p: float | None = None  # extension; 0 is off
+    repetition_penalty: float | None = None  # extension; 1 is off
+    frequency_penalty: float | None = None
+    presence_penalty: float | None = None
+    logit_bias: dict[str, float] | None = None
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    n: int = 1
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    user: str | None = None
+
+
+# The legacy completions API's prompt: text, texts, token ids, or lists of token ids (strict: a
+# string of digits is not a token id, a token id is not a string).
+Prompt = StrictStr | list[StrictStr] | list[StrictInt] | list[list[StrictInt]]
+
+
+class CompletionBody(SamplingBody):
+    prompt: Prompt
+    max_tokens: int | None = None
+    logprobs: int | None = None
+    echo: bool = False
+    suffix: str | None = None
+    best_of: int | None = None
+
+
+class ChatMessage(_Body):
+    role: str
+    content: str | list[dict] | None = None
+
+
+class ChatBody(SamplingBody):
+    messages: list[ChatMessage]
+    max_tokens: int | None = None
+    max_completion_tokens: int | None = None
+    logprobs: bool = False
+    top_logprobs: int | None = None
+
+
+def _by_text(top: tuple[tuple[int, str, float], ...]) -> dict[str, float]:
+    """Alternatives as {text: logprob}. Two tokens can decode to the same text (say, halves of one UTF-8
+    character, both U+FFFD): the better one keeps the key, so the best alternative is always there."""
+    by_text: dict[str, float] = {}
+    for _, text, value in top:  # best first
+        by_text.setdefault(text, value)
+    return by_text
+
+
+def completion_logprobs(logprobs: list[TokenLogprob], offset: int) -> dict:
+    """The completions API's logprobs: parallel lists, alternatives as {text: logprob}; a prompt's
+    first token has null for both (nothing predicts it)."""
+    assert offset >= 0
+    offsets = []
+    for entry in logprobs:
+        offsets.append(offset)
+        offset += len(entry.token)
+    result = {
+        "tokens": [entry.token for entry in logprobs],
+        "token_logprobs": [entry.logprob for entry in logprobs],
+        "top_logprobs": [None if entry.logprob is None else _by_text(entry.top) for entry in logprobs],
+        "text_offset": offsets,
+    }
+    assert len(offsets) == len(logprobs)
+    return result
+
+
+def chat_logprobs(logprobs: list[TokenLogprob]) -> dict:
+    def entry(text: str, value: float) -> dict:
+        return {"token": text, "logprob": value, "bytes": list(text.encode())}
+
+    content = [{**entry(lp.token, lp.logprob), "top_logprobs": [entry(t, v) for _, t, v in lp.top]} for lp in logprobs]
+    assert len(content) == len(logprobs)
+    assert all(lp.logprob is not None and lp.logprob <= 0 for lp in logprobs)
+    return {"content": content}
+
+
+@dataclasses.dataclass(frozen=True)
+class Reply:
+    """How one request's response looks: completions or chat, its id, echo prefixes, usage."""
+
+    chat: bool
+    model: str
+    prefixes: list[str]  # per choice: the prompt's text when echo is on, else ""
+    prompt_tokens: int
+    with_logprobs: bool
+    include_usage: bool
+    token: str = dataclasses.field(default_factory=lambda: uuid.uuid4().hex)
+    created: int = dataclasses.field(default_factory=lambda: int(time.time()))
+
+    @property
+    def id(self) -> str:
+        return ("chatcmpl-" if self.chat else "cmpl-") + self.token
+
+    def choice(
+        self, index: int, text: str, logprobs: list[TokenLogprob], finish: str | None, chunk: bool, offset: int = 0
+    ) -> dict:
+        """One choice, or a chunk of one; `offset` is where the chunk's text begins in the choice's text."""
+        assert 0 <= index < len(self.prefixes)
+        assert finish in (None, "stop", "length")
+        if self.chat:
+            message_key, message = ("delta", {"content": text}) if chunk else ("message", {"role": "assistant", "content": text})
+            lp = chat_logprobs(logprobs) if self.with_logprobs else None
+            return {"index": index, message_key: message, "logprobs": lp, "finish_reason": finish}
+        lp = completion_logprobs(logprobs, offset) if self.with_logprobs else None
+        return {"index": index, "text": text, "logprobs": lp, "finish_reason": finish}
+
+    def envelope(self, choices: list[dict], chunk: bool, completion_tokens: int | None) -> dict:
+        assert completion_tokens is None or completion_tokens >= 0
+        assert chunk or completion_tokens is not None  # a whole reply always reports usage
+        kind = ("chat.completion" if self.chat else "text_completion") + (".chunk" if chunk and self.chat else "")
+        body = {"id": self.id, "object": kind, "created": self.created, "model": self.model, "choices": choices}
+        if completion_tokens is not None:
+            total = self.prompt_tokens + completion_tokens
+            body["usage"] = {"prompt_tokens": self.prompt_tokens, "completion_tokens": completion_tokens, "total_tokens": total}
+        return body

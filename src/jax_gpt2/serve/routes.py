@@ -1,0 +1,609 @@
+"""`jax-gpt2 serve`: the OpenAI-compatible HTTP routes (FastAPI on uvicorn) over the engine.
+
+    POST /v1/completions        prompt (text, texts, token ids or lists of them), max_tokens, temperature,
+                                top_p, stop, seed, n, logprobs, echo (with logprobs: the prompt's own
+                                logprobs), stream; extensions: top_k, min_p, repetition_penalty
+    POST /v1/chat/completions   the messages as "role: content" lines, then "assistant:" (GPT-2 has no
+                                chat template); logprobs / top_logprobs as in the chat API
+    GET  /v1/models, GET /metrics (Prometheus text), GET /health (never needs the API key)
+
+The event loop only moves bytes: parsing, validation and tokenization of a request run on a worker
+thread, the model on the engine's thread; each request's events hop onto the loop through a
+`Relay`. Before a route sees a request, `RequestGate` checks the API key (401) and the body size
+(413, answered as soon as the size is known). Bad input is a 400 with OpenAI's error body, a full
+engine a 503 with Retry-After, a stream whose client goes away cancels its sequences.
+"""
+
+import asyncio
+import contextlib
+import dataclasses
+import hashlib
+import json
+import math
+import secrets
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+import pydantic
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException
+
+from jax_gpt2.sampling import MAX_SEED, InvalidSetting, SamplingSettings
+from jax_gpt2.serve.engine import TOP_LOGPROBS, Engine, EngineClosed, Event, QueueFull, SequenceRequest, TokenLogprob
+from jax_gpt2.serve.metrics import ServerMetrics
+from jax_gpt2.serve.protocol import APIError, ChatBody, ChatMessage, CompletionBody, Reply, SamplingBody
+from jax_gpt2.tokenizer import encode_many, longest_token_bytes
+
+RETRY_AFTER_S = 1
+DISCONNECT_CHECK_S = 1.0  # how often a non-streamed request looks for a client that went away
+PARAMS = {"max_new_tokens": "max_tokens"}  # SamplingSettings' field names that the API spells otherwise
+
+
+@dataclasses.dataclass(frozen=True)
+class ServerLimits:
+    """What one request may ask for; past these, a 413 (body) or a 400 naming the parameter."""
+
+    max_body_bytes: int = 2 << 20
+    max_prompt_tokens: int = 65536  # over all of a request's prompts
+    max_n: int = 16
+    max_tokens: int | None = None  # None: the context length
+    max_stops: int = 4  # as the OpenAI API
+
+    def __post_init__(self) -> None:
+        for name in ("max_body_bytes", "max_prompt_tokens", "max_n", "max_stops"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1; got {getattr(self, name)}")
+        if self.max_tokens is not None and self.max_tokens < 1:
+            raise ValueError(f"max_tokens must be >= 1; got {self.max_tokens}")
+
+
+@dataclasses.dataclass(frozen=True)
+class ServeState:
+    """Everything a route needs, on app.state.serve."""
+
+    engine: Engine
+    model_id: str
+    limits: ServerLimits
+    metrics: ServerMetrics
+    longest_token: int  # bytes of the longest token: a prompt has at least len(utf8) / this many tokens
+
+
+@dataclasses.dataclass(frozen=True)
+class Prepared:
+    """A request turned into engine sequences and the shape of its reply (built on a worker thread)."""
+
+    requests: list[SequenceRequest]
+    reply: Reply
+    stream: bool
+
+
+def error_response(error: APIError, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse(error.body(), status_code=error.status, headers=headers)
+
+
+def _parse(raw: bytes, model: type[pydantic.BaseModel]):
+    try:
+        data = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise APIError(400, "we could not parse the JSON body of your request", None, "invalid_json")
+    if not isinstance(data, dict):
+        raise APIError(400, "the request body must be a JSON object", None, "invalid_json")
+    try:
+        return model.model_validate(data)
+    except pydantic.ValidationError as error:
+        first = error.errors()[0]
+        # A union's errors name the member tried ("str", "list[int]"): the client named only the field.
+        param = ".".join(str(part) for part in first.get("loc", ()) if not str(part).startswith(("list[", "str", "int")))
+        message = str(first.get("msg"))
+        if param.startswith("prompt") and first.get("type") != "missing":
+            message = "must be a string, a list of strings, a list of token ids, or a list of lists of token ids"
+        raise APIError(400, f"{param}: {message}" if param else message, param or None, first.get("type"))
+
+
+def check_text(text: str, param: str) -> str:
+    """JSON may carry a lone UTF-16 surrogate ("\\ud800"), which is no Unicode text: a 400, not a tokenizer crash."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as error:
+        bad = text[error.start]
+        raise APIError(400, f"{param}: not valid Unicode text (a lone surrogate U+{ord(bad):04X})", param)
+    return text
+
+
+def _check_engine_model(state: ServeState, model: str) -> None:
+    if model != state.model_id:
+        raise APIError(400, f"the model {model!r} does not exist; this server has {state.model_id!r}", "model",
+                       "model_not_found")  # fmt: skip
+
+
+def _check_supported(body: SamplingBody) -> None:
+    """Refuse, rather than silently ignore, OpenAI parameters this server does not implement."""
+    for name in ("frequency_penalty", "presence_penalty"):
+        if getattr(body, name) not in (None, 0, 0.0):
+            raise APIError(400, f"{name} is not supported; use repetition_penalty (an extension)", name)
+    if body.logit_bias:
+        raise APIError(400, "logit_bias is not supported", "logit_bias")
+    if isinstance(body, CompletionBody):
+        if body.best_of not in (None, 1):
+            raise APIError(400, "best_of is not supported (use n)", "best_of")
+        if body.suffix:
+            raise APIError(400, "suffix is not supported", "suffix")
+
+
+def _check_range(value: int | None, low: int, high: int, param: str) -> None:
+    if value is not None and not low <= value <= high:
+        raise APIError(400, f"{param} must be in [{low}, {high}]; got {value}", param)
+
+
+def _settings(body: SamplingBody, max_tokens: int, limits: ServerLimits) -> SamplingSettings:
+    """The body's sampling fields (OpenAI defaults for the unset ones) as SamplingSettings, which checks them."""
+    stops = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
+    if len(stops) > limits.max_stops:
+        raise APIError(400, f"at most {limits.max_stops} stop strings; got {len(stops)}", "stop")
+    try:
+        return SamplingSettings(
+            max_new_tokens=max_tokens, temperature=1.0 if body.temperature is None else body.temperature,
+            top_k=0 if body.top_k in (None, -1) else body.top_k, top_p=1.0 if body.top_p is None else body.top_p,
+            min_p=body.min_p or 0.0, repetition_penalty=1.0 if body.repetition_penalty is None else body.repetition_penalty,
+            seed=secrets.randbelow(MAX_SEED + 1) if body.seed is None else body.seed,
+            stop=tuple(check_text(stop, "stop") for stop in stops),
+        )  # fmt: skip
+    except InvalidSetting as error:
+        raise APIError(400, str(error), PARAMS.get(error.field, error.field))
+
+
+def _tokenize(state: ServeState, prompts: list[str] | list[list[int]], max_tokens: int, param: str) -> list[list[int]]:
+    """Token ids of each prompt (texts are encoded, id lists checked), each fitting the context with max_tokens."""
+    if not prompts:
+        raise APIError(400, "the prompt list is empty", param)
+    engine, vocab_size = state.engine, state.engine.config.vocab_size
+    room = engine.context_length - max_tokens
+    if all(isinstance(prompt, str) for prompt in prompts):
+        for prompt in prompts:  # a prompt that can never fit is refused before it is tokenized
+            fewest = math.ceil(len(check_text(prompt, param).encode("utf-8")) / state.longest_token)
+            _check_fits(engine.context_length, fewest, max_tokens, param, at_least=True)
+        prompt_ids = encode_many(engine.tokenizer, prompts)
+    else:
+        prompt_ids = [list(prompt) for prompt in prompts]
+        for ids in prompt_ids:
+            if ids and not all(0 <= token < vocab_size for token in ids):
+                raise APIError(400, f"{param}: token ids must be in [0, {vocab_size})", param)
+    total = sum(len(ids) for ids in prompt_ids)
+    if total > state.limits.max_prompt_tokens:
+        raise APIError(400, f"at most {state.limits.max_prompt_tokens} prompt tokens per request; got {total}", param)
+    for ids in prompt_ids:
+        if not ids:
+            raise APIError(400, "a prompt has no tokens", param)
+        if len(ids) > room:
+            _check_fits(engine.context_length, len(ids), max_tokens, param, at_least=False)
+    assert len(prompt_ids) == len(prompts)
+    return prompt_ids
+
+
+def _check_fits(context: int, num_prompt: int, max_tokens: int, param: str, at_least: bool) -> None:
+    if num_prompt + max_tokens > context:
+        count = f"at least {num_prompt}" if at_least else f"{num_prompt}"
+        raise APIError(
+            400,
+            f"this model's maximum context length is {context} tokens; you asked for {count} in the prompt and "
+            f"{max_tokens} for the completion",
+            param if num_prompt >= context or not max_tokens else "max_tokens", "context_length_exceeded",
+        )  # fmt: skip
+
+
+def _prompt_list(prompt) -> list[str] | list[list[int]]:
+    """The completions API's four prompt forms as a list of prompts."""
+    if isinstance(prompt, str):
+        return [prompt]
+    if prompt and all(isinstance(token, int) for token in prompt):
+        return [prompt]
+    return list(prompt)
+
+
+def prepare_completion(state: ServeState, raw: bytes) -> Prepared:
+    body: CompletionBody = _parse(raw, CompletionBody)
+    _check_engine_model(state, body.model)
+    _check_supported(body)
+    limits, context = state.limits, state.engine.context_length
+    max_tokens = 16 if body.max_tokens is None else body.max_tokens  # the OpenAI default
+    _check_range(max_tokens, 0, limits.max_tokens or context, "max_tokens")
+    _check_range(body.n, 1, limits.max_n, "n")
+    _check_range(body.logprobs, 0, TOP_LOGPROBS, "logprobs")
+    prompts = _prompt_list(body.prompt)
+    settings = _settings(body, max_tokens, limits)
+    prompt_ids = _tokenize(state, prompts, max_tokens, "prompt")
+    prompt_logprobs = body.logprobs if body.echo else None
+    requests = [
+        SequenceRequest(tuple(ids), settings, index=p * body.n + i, num_logprobs=body.logprobs, prompt_logprobs=prompt_logprobs)
+        for p, ids in enumerate(prompt_ids)
+        for i in range(body.n)
+    ]  # fmt: skip
+    texts = [prompt if isinstance(prompt, str) else state.engine.tokenizer.decode(prompt, skip_special_tokens=False)
+             for prompt in prompts]  # fmt: skip
+    reply = Reply(
+        chat=False, model=body.model, prefixes=[texts[j // body.n] if body.echo else "" for j in range(len(requests))],
+        prompt_tokens=sum(len(ids) for ids in prompt_ids), with_logprobs=body.logprobs is not None,
+        include_usage=bool(body.stream_options and body.stream_options.include_usage),
+    )  # fmt: skip
+    assert len(requests) == len(prompt_ids) * body.n
+    return Prepared(requests, reply, body.stream)
+
+
+def chat_prompt(messages: list[ChatMessage]) -> str:
+    """GPT-2 has no chat template: one "role: content" line per message, then "assistant:"."""
+    if not messages:
+        raise APIError(400, "messages: at least one message is needed", "messages")
+    lines = []
+    for index, message in enumerate(messages):
+        content, param = message.content or "", f"messages.{index}.content"
+        if isinstance(content, list):
+            if any(part.get("type") != "text" or not isinstance(part.get("text"), str) for part in content):
+                raise APIError(400, "only text content parts are supported", param)
+            content = "".join(part["text"] for part in content)
+        lines.append(f"{check_text(message.role, f'messages.{index}.role')}: {check_text(content, param)}\n")
+    prompt = "".join(lines) + "assistant:"
+    assert prompt.endswith("assistant:")
+    return prompt
+
+
+def prepare_chat(state: ServeState, raw: bytes) -> Prepared:
+    body: ChatBody = _parse(raw, ChatBody)
+    _check_engine_model(state, body.model)
+    _check_supported(body)
+    limits, context = state.limits, state.engine.context_length
+    prompt = chat_prompt(body.messages)
+    asked = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+    _check_range(asked, 1, limits.max_tokens or context, "max_tokens")
+    _check_range(body.n, 1, limits.max_n, "n")
+    _check_range(body.top_logprobs, 0, TOP_LOGPROBS, "top_logprobs")
+    [prompt_ids] = _tokenize(state, [prompt], asked or 1, "messages")
+    max_tokens = asked or min(context - len(prompt_ids), limits.max_tokens or context)  # the chat API's default: the rest
+    settings = _settings(body, max_tokens, limits)
+    num_logprobs = (body.top_logprobs or 0) if body.logprobs else None
+    requests = [SequenceRequest(tuple(prompt_ids), settings, index=i, num_logprobs=num_logprobs) for i in range(body.n)]
+    reply = Reply(
+        chat=True, model=body.model, prefixes=[""] * len(requests), prompt_tokens=len(prompt_ids),
+        with_logprobs=body.logprobs, include_usage=bool(body.stream_options and body.stream_options.include_usage),
+    )  # fmt: skip
+    assert max_tokens >= 1
+    return Prepared(requests, reply, body.stream)
+
+
+class Relay:
+    """Moves one HTTP request's events from the engine thread onto its event loop."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.queue: asyncio.Queue[Event] = asyncio.Queue()
+
+    def __call__(self, event: Event) -> None:
+        self.loop.call_soon_threadsafe(self.queue.put_nowait, event)
+
+
+def _submit(engine: Engine, requests: list[SequenceRequest]) -> tuple[Relay, list[int]]:
+    """Hand the sequences to the engine; its refusals become 503 (busy, closing) or 400 (bad values)."""
+    assert requests
+    relay = Relay(asyncio.get_running_loop())
+    try:
+        return relay, engine.submit(requests, relay)
+    except QueueFull as error:
+        raise APIError(503, f"the server is busy: {error}; retry later", None, "queue_full", "overloaded_error")
+    except EngineClosed as error:
+        raise APIError(503, str(error), None, "shutting_down", "overloaded_error")
+    except ValueError as error:
+        raise APIError(400, str(error))
+
+
+async def _events(
+    state: ServeState, relay: Relay, seq_ids: list[int], arrived: float,
+    gone: Callable[[], Awaitable[bool]] | None = None,
+) -> AsyncIterator[tuple[int, Event]]:  # fmt: skip
+    """(choice index, event) until every sequence has finished, timed into the metrics; the unfinished
+    ones are cancelled if the consumer stops early (a client that went away), so their slots free at once."""
+    assert len(seq_ids) >= 1
+    index = {seq_id: choice for choice, seq_id in enumerate(seq_ids)}
+    running = set(seq_ids)
+    clock = state.metrics.clock(arrived)
+    loop = asyncio.get_running_loop()
+    checked = loop.time()
+    try:
+        while running:
+            try:
+                event = await asyncio.wait_for(relay.queue.get(), timeout=DISCONNECT_CHECK_S)
+            except TimeoutError:
+                event = None
+            if gone is not None and loop.time() - checked >= DISCONNECT_CHECK_S:
+                checked = loop.time()
+                if await gone():
+                    return
+            if event is None:
+                continue
+            clock.tokens(event.seq_id, len(event.token_ids))
+            if event.finish_reason is not None:
+                running.discard(event.seq_id)
+            yield index[event.seq_id], event
+    finally:
+        if running:
+            state.engine.cancel(sorted(running))
+
+
+def _failure(event: Event) -> APIError:
+    if event.error and "shutting down" in event.error:
+        return APIError(503, event.error, None, "shutting_down", "overloaded_error")
+    return APIError(500, event.error or "generation failed", None, None, "server_error")
+
+
+def _sse(body: dict | str) -> str:
+    return f"data: {body if isinstance(body, str) else json.dumps(body)}\n\n"
+
+
+async def _stream(state: ServeState, relay: Relay, seq_ids: list[int], reply: Reply, arrived: float) -> AsyncIterator[str]:
+    """Server-sent events: a chunk per engine event, an optional usage chunk, then [DONE]; an error
+    (say, the drain timeout at shutdown) is one error event, and the stream ends there."""
+    assert len(seq_ids) == len(reply.prefixes)
+    assert not (reply.chat and any(reply.prefixes))
+    prefixes = list(reply.prefixes)  # echo: a choice's first chunk starts with its prompt
+    offsets = [0] * len(seq_ids)  # of each chunk's first token in its choice's text (logprobs)
+    completion_tokens = 0
+    if reply.chat:  # the chat API opens every choice with the assistant's role
+        opening = [{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
+                   for i in range(len(seq_ids))]  # fmt: skip
+        yield _sse(reply.envelope(opening, chunk=True, completion_tokens=None))
+    async with contextlib.aclosing(_events(state, relay, seq_ids, arrived)) as events:
+        async for index, event in events:
+            if event.finish_reason == "error":
+                yield _sse(_failure(event).body())
+                return
+            logprobs = list(event.prompt_logprobs or []) + list(event.logprobs or [])
+            text, prefixes[index] = prefixes[index] + event.text, ""
+            choice = reply.choice(index, text, logprobs, event.finish_reason, True, offsets[index])
+            offsets[index] += sum(len(lp.token) for lp in logprobs)
+            completion_tokens += len(event.token_ids)
+            yield _sse(reply.envelope([choice], chunk=True, completion_tokens=None))
+    if reply.include_usage:
+        yield _sse(reply.envelope([], chunk=True, completion_tokens=completion_tokens))
+    yield _sse("[DONE]")
+
+
+@dataclasses.dataclass
+class _Choice:
+    """One choice's output so far (host bookkeeping of a non-streamed reply)."""
+
+    text: str = ""
+    num_tokens: int = 0
+    logprobs: list[TokenLogprob] = dataclasses.field(default_factory=list)
+    finish_reason: str | None = None
+    error: Event | None = None
+
+    def add(self, event: Event) -> None:
+        assert self.finish_reason is None
+        if event.finish_reason == "error":
+            self.error = event
+        self.text += event.text
+        self.num_tokens += len(event.token_ids)
+        self.logprobs += list(event.prompt_logprobs or []) + list(event.logprobs or [])
+        self.finish_reason = event.finish_reason
+
+
+async def _respond(request: Request, prepared: Prepared, arrived: float) -> Response:
+    """Submit, then stream the events as SSE or gather them into one reply."""
+    state: ServeState = request.app.state.serve
+    reply = prepared.reply
+    relay, seq_ids = _submit(state.engine, prepared.requests)
+    state.metrics.prompt_tokens.inc(reply.prompt_tokens)
+    if prepared.stream:
+        return StreamingResponse(_stream(state, relay, seq_ids, reply, arrived), media_type="text/event-stream")
+    choices = [_Choice() for _ in seq_ids]
+    async with contextlib.aclosing(_events(state, relay, seq_ids, arrived, request.is_disconnected)) as events:
+        async for index, event in events:
+            choices[index].add(event)
+    failed = [choice.error for choice in choices if choice.error is not None]
+    if failed:
+        raise _failure(failed[0])
+    rendered = [reply.choice(i, reply.prefixes[i] + c.text, c.logprobs, c.finish_reason, False) for i, c in enumerate(choices)]
+    body = reply.envelope(rendered, chunk=False, completion_tokens=sum(c.num_tokens for c in choices))
+    content = await asyncio.to_thread(json.dumps, body)  # an echoed, logprobbed batch can be megabytes
+    return Response(content, media_type="application/json")
+
+
+async def create_completion(request: Request) -> Response:
+    arrived = time.perf_counter()
+    prepared = await asyncio.to_thread(prepare_completion, request.app.state.serve, await request.body())
+    return await _respond(request, prepared, arrived)
+
+
+async def create_chat_completion(request: Request) -> Response:
+    arrived = time.perf_counter()
+    prepared = await asyncio.to_thread(prepare_chat, request.app.state.serve, await request.body())
+    return await _respond(request, prepared, arrived)
+
+
+async def list_models(request: Request) -> dict:
+    model = {"id": request.app.state.serve.model_id, "object": "model", "created": 0, "owned_by": "jax-gpt2"}
+    return {"object": "list", "data": [model]}
+
+
+async def health(request: Request) -> dict:
+    engine: Engine = request.app.state.serve.engine
+    return {"status": "ok", "active": engine.num_active, "queued": engine.num_queued, "max_batch": engine.max_batch,
+            "context_length": engine.context_length}  # fmt: skip
+
+
+async def metrics(request: Request) -> Response:
+    content, content_type = request.app.state.serve.metrics.render()
+    return Response(content, media_type=content_type)
+
+
+def _http_error(request: Request, error: HTTPException) -> JSONResponse:
+    """404, 405 and the like, in the OpenAI error shape the rest of the API uses."""
+    message = f"{error.detail}: {request.method} {request.url.path}"
+    code = {404: "not_found", 405: "method_not_allowed"}.get(error.status_code)
+    return error_response(APIError(error.status_code, message, None, code), dict(error.headers or {}))
+
+
+def _validation_error(request: Request, error: RequestValidationError) -> JSONResponse:
+    return error_response(APIError(400, str(error.errors()[0].get("msg")), None, "invalid_request"))
+
+
+def _api_error(request: Request, error: APIError) -> JSONResponse:
+    headers = {"Retry-After": str(RETRY_AFTER_S)} if error.status == 503 else None
+    return error_response(error, headers)
+
+
+def _unexpected_error(request: Request, error: Exception) -> JSONResponse:
+    """A bug, not bad input: still an OpenAI-style body, and the server keeps running."""
+    return error_response(APIError(500, f"internal error: {type(error).__name__}", None, None, "server_error"))
+
+
+class RequestGate:
+    """ASGI middleware in front of every route: counts answers by status, checks the API key (401,
+    compared in constant time; /health is open), and reads a body of at most max_body_bytes. A
+    larger body gets its 413 as soon as its size is known (its Content-Length, or the first byte
+    past the limit) and is then read to its end and dropped, so the client can read the answer while
+    nothing past the limit is kept; the route receives the body whole, already read."""
+
+    ROUTES = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/metrics", "/health")
+
+    def __init__(self, app, state: ServeState, api_key: str | None) -> None:
+        self.app, self.state = app, state
+        self.key_digest = None if api_key is None else hashlib.sha256(api_key.encode()).digest()
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        route = scope["path"] if scope["path"] in self.ROUTES else "other"
+
+        async def counted_send(message) -> None:
+            if message["type"] == "http.response.start":
+                self.state.metrics.requests.labels(route=route, status=str(message["status"])).inc()
+            await send(message)
+
+        if scope["path"] != "/health" and not self._authorized(scope):
+            error = APIError(401, "a valid API key is needed: Authorization: Bearer <key>", None, "invalid_api_key")
+            return await _answer_then_drain(error, receive, counted_send, headers={"www-authenticate": "Bearer"})
+        body = await self._read_body(scope, receive, counted_send)
+        if body is None:
+            return None
+        return await self.app(scope, _replay(body, receive), counted_send)
+
+    def _authorized(self, scope) -> bool:
+        if self.key_digest is None:
+            return True
+        given = dict(scope["headers"]).get(b"authorization", b"")
+        scheme, _, token = given.partition(b" ")
+        # Digests of equal length, compared in constant time: the time says nothing about the key.
+        return scheme.lower() == b"bearer" and secrets.compare_digest(hashlib.sha256(token.strip()).digest(), self.key_digest)
+
+    async def _read_body(self, scope, receive, send) -> bytes | None:
+        """The whole body if it fits the limit; else None, once a 413 has been sent and the rest dropped."""
+        limit = self.state.limits.max_body_bytes
+        too_large = APIError(413, f"the request body is larger than {limit} bytes", None, "request_too_large")
+        declared = dict(scope["headers"]).get(b"content-length", b"")
+        if declared.isdigit() and int(declared) > limit:
+            await _answer_then_drain(too_large, receive, send)
+            return None
+        body, more = bytearray(), True
+        while more:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return None
+            body += message.get("body", b"")
+            more = message.get("more_body", False)
+            if len(body) > limit:
+                await _answer_then_drain(too_large, receive, send, more)
+                return None
+        return bytes(body)
+
+
+async def _answer_then_drain(error: APIError, receive, send, more: bool = True, headers: dict | None = None) -> None:
+    """Send the error's status and body at once, then read the request body to its end, dropping it,
+    before ending the response: the client reads the answer after it has sent its body (a server
+    that closed with the body unread would reset the connection under the client's feet)."""
+    body = json.dumps(error.body()).encode()
+    all_headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    all_headers += [(k.encode(), v.encode()) for k, v in (headers or {}).items()]
+    await send({"type": "http.response.start", "status": error.status, "headers": all_headers})
+    await send({"type": "http.response.body", "body": body, "more_body": True})
+    while more:
+        message = await receive()
+        more = message["type"] == "http.request" and message.get("more_body", False)
+    await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+
+def _replay(body: bytes, receive):
+    """An ASGI receive that hands over the body read already, then the connection's own messages
+    (so a route still hears the client disconnect)."""
+    sent = False
+
+    async def replayed():
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()
+
+    return replayed
+
+
+def create_app(engine: Engine, model_id: str, limits: ServerLimits | None = None, api_key: str | None = None) -> FastAPI:
+    """The ASGI app. Its lifespan runs the engine's thread; at shutdown (after uvicorn has let the open
+    responses finish, or the drain timeout has ended them) the engine stops."""
+    assert model_id
+    assert api_key is None or api_key
+    state = ServeState(engine, model_id, limits or ServerLimits(), ServerMetrics(engine),
+                       longest_token_bytes(engine.tokenizer))  # fmt: skip
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        engine.start()
+        yield
+        await asyncio.to_thread(engine.shutdown, False)  # every connection is closed: nobody waits for the rest
+
+    app = FastAPI(title="jax-gpt2", lifespan=lifespan)
+    app.state.serve = state
+    app.add_exception_handler(HTTPException, _http_error)
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(APIError, _api_error)
+    app.add_exception_handler(Exception, _unexpected_error)
+    app.add_api_route("/v1/completions", create_completion, methods=["POST"])
+    app.add_api_route("/v1/chat/completions", create_chat_completion, methods=["POST"])
+    app.add_api_route("/v1/models", list_models, methods=["GET"])
+    app.add_api_route("/health", health, methods=["GET"])
+    app.add_api_route("/metrics", metrics, methods=["GET"])
+    app.add_middleware(RequestGate, state=state, api_key=api_key)
+    return app
+
+
+def _uvicorn_server(app: FastAPI, engine: Engine, host: str, port: int, drain_timeout_s: float):
+    """uvicorn with a bounded shutdown. The first SIGTERM / Ctrl-C stops new connections and starts
+    the engine's drain: open responses run on for at most drain_timeout_s, then end with an error
+    event; a second signal exits at once (uvicorn's own would ignore a second SIGTERM)."""
+    import uvicorn
+
+    class DrainingServer(uvicorn.Server):
+        def handle_exit(self, sig, frame) -> None:
+            if self.should_exit:
+                self.force_exit = True
+            else:
+                engine.begin_drain(drain_timeout_s)  # plain assignments: safe in a signal handler
+            super().handle_exit(sig, frame)
+
+    # uvicorn's own timeout is the backstop: it cancels what is still open a little after the drain.
+    config = uvicorn.Config(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=drain_timeout_s + 5)
+    return DrainingServer(config)
+
+
+def run_server(
+    model_id: str, engine: Engine, host: str, port: int, limits: ServerLimits, api_key: str | None,
+    drain_timeout_s: float,
+) -> None:  # fmt: skip
+    """Compile every shape `engine` uses, then serve its model as `model_id` until SIGTERM / Ctrl-C
+    (a drain of at most drain_timeout_s), or a second one (at once)."""
+    assert model_id
+    assert drain_timeout_s >= 0
+    print(f"jax-gpt2 serve: compiling for {engine.max_batch} slots x {engine.context_length} positions "
+          f"(widths {engine.widths}, prefill chunks {engine.chunk_buckets}) ...", flush=True)  # fmt: skip
+    engine.warm_up()
+    _uvicorn_server(create_app(engine, model_id, limits, api_key), engine, host, port, drain_timeout_s).run()

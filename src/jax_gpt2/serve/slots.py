@@ -1,0 +1,344 @@
+"""The serving engine's device side: the slots' state, and the jitted programs the engine runs on it.
+
+    Slots     a KV cache of max_batch rows x S slots (start 0, end the next slot each row writes) and
+              each row's decode state and settings (RowState)
+    staging   a one-row KVCache of S slots where a prompt is prefilled, chunk by chunk
+
+    prefill_chunk   the next prompt tokens into staging; the last token's logits, prompt logprobs if asked
+    copy_prompt     staging's filled slots into a free row            admit   pick a new row's first token
+    decode_chunk    up to K steps of rows [0, W): feed each pending token, pick the next
+    move_slots, move_state   a row's filled slots and state to a lower row (so W can shrink)
+    release         mark rows done          read_block, restore_block   prefix-cache blocks out of / into staging
+
+Every program has fixed shapes (the static arguments are a bucket, a width or a step count from a
+short list fixed at start), so a warmed-up engine never compiles. Each row's state between chunks
+is "its last token is picked and not yet fed": a step feeds it and picks the next, so a row that
+has finished costs no forward pass. Shape letters beyond model.py's: K the steps of one chunk, A the
+top alternatives per token, W the width of a decode chunk (rows [0, W) of the cache, see kvcache.py).
+"""
+
+import dataclasses
+import functools
+from typing import TYPE_CHECKING
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import NamedSharding
+
+from jax_gpt2.config import GPT2Config
+from jax_gpt2.generate import PAD_ID
+from jax_gpt2.kvcache import KVCache
+from jax_gpt2.model import empty_cache, lm_logits, transformer
+from jax_gpt2.sharding import cache_specs, rows_spec
+from jax_gpt2.sampling import (
+    MAX_TOP_LOGPROBS, SamplingParams, SamplingSettings, choose_tokens, pick_logits, runtime_flags, sampling_params,
+    token_logprobs,
+)  # fmt: skip
+from jax_gpt2.weights import GPT2Weights
+
+if TYPE_CHECKING:
+    from jax.sharding import Mesh
+
+TOP_LOGPROBS = MAX_TOP_LOGPROBS  # A: alternatives computed per token
+PREFIX_BLOCK = 64  # prompt tokens per prefix-cache block: a prefix is reused in whole blocks
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class RowState:
+    """What each row decodes with, besides its cache; B is max_batch in Slots, W inside a chunk."""
+
+    seen_BV: jax.Array  # bool: the token occurs in the row so far (for the repetition penalty)
+    done_B: jax.Array  # bool: the row emits nothing more (its sequence ended, or the row is free)
+    keys_B: jax.Array  # uint32 (B, 2): each row's own random key
+    step_B: jax.Array  # int32: tokens the row has picked (its key is folded with it)
+    pending_B: jax.Array  # int32: the last picked token, fed through the model at the row's next step
+    limit_B: jax.Array  # int32: max_new_tokens; the row is done once it has picked that many
+    logprobs_B: jax.Array  # bool: the row reports logprobs
+    params: SamplingParams
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Slots:
+    """The engine's device state: one cache of max_batch rows (start 0, end the next slot to write) and each row's state."""
+
+    cache: KVCache
+    rows: RowState
+
+
+def empty_slots(config: GPT2Config, max_batch: int, max_seq_len: int, dtype) -> Slots:
+    """max_batch free (done) rows over a cache of max_seq_len slots."""
+    assert max_batch >= 1
+    assert max_seq_len >= 1
+    B = max_batch
+    rows = RowState(
+        seen_BV=jnp.zeros((B, config.vocab_size), jnp.bool_),
+        done_B=jnp.ones((B,), jnp.bool_),
+        keys_B=jnp.zeros((B, 2), jnp.uint32),
+        step_B=jnp.zeros((B,), jnp.int32),
+        pending_B=jnp.zeros((B,), jnp.int32),
+        limit_B=jnp.zeros((B,), jnp.int32),
+        logprobs_B=jnp.zeros((B,), jnp.bool_),
+        params=jax.tree.map(jnp.asarray, sampling_params([SamplingSettings()] * B)),
+    )
+    cache = empty_cache(config, jnp.zeros((B,), jnp.int32), max_seq_len, dtype)
+    return Slots(cache, rows)
+
+
+def empty_slots_on(mesh: "Mesh | None", config: GPT2Config, max_batch: int, max_seq_len: int, dtype) -> Slots:
+    """`empty_slots`, made where they live: on a mesh, rows (decode slots) split over "data" and the
+    cache's heads over "model" (sharding.cache_specs), so XLA never moves a slot between devices."""
+    if mesh is None:
+        return empty_slots_jit(config, max_batch, max_seq_len, dtype)
+    make = functools.partial(empty_slots, config, max_batch, max_seq_len, dtype)
+    shapes = jax.eval_shape(make)
+    rows = jax.tree.map(lambda x: NamedSharding(mesh, rows_spec(x.ndim, x.shape[0], mesh)), shapes.rows)
+    cache = jax.tree.map(lambda spec: NamedSharding(mesh, spec), cache_specs(shapes.cache, mesh))
+    made = jax.jit(make, out_shardings=Slots(cache, rows))()
+    assert made.cache.k_LBNSH.sharding == cache.k_LBNSH
+    assert made.rows.done_B.sharding == rows.done_B
+    return made
+
+
+def empty_staging(config: GPT2Config, max_seq_len: int, dtype) -> KVCache:
+    return empty_cache(config, jnp.zeros((1,), jnp.int32), max_seq_len, dtype)
+
+
+def begin_prompt(staging: KVCache) -> KVCache:
+    """Staging for a new prompt: nothing in it yet (its slots are overwritten as the prompt comes in)."""
+    assert staging.end_B.shape == (1,)
+    return dataclasses.replace(staging, end_B=jnp.zeros((1,), jnp.int32))
+
+
+def _no_logprobs(B: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+    zeros_BA = jnp.zeros((B, TOP_LOGPROBS))
+    return jnp.zeros((B,)), zeros_BA.astype(jnp.int32), zeros_BA
+
+
+def pick(rows: RowState, logits_BV: jax.Array, eos_E: jax.Array) -> tuple[RowState, tuple[jax.Array, ...]]:
+    """Each running row picks its next token from its logits; a row is done at eos or at its limit.
+
+    Every sampler stage is decided at run time (`runtime_flags`): rows with different settings share
+    one compiled step, and a greedy batch still never sorts the vocabulary. Returns the rows and
+    (token_B, emitted_B, logprob_B, top_ids_BA, top_logprobs_BA); logprobs only if some row asks.
+    """
+    B = rows.done_B.shape[0]
+    assert logits_BV.shape == rows.seen_BV.shape
+    assert eos_E.ndim == 1
+    emitted_B = ~rows.done_B
+    flags = runtime_flags(rows.params, emitted_B)
+    picked_BV = pick_logits(logits_BV, rows.seen_BV, rows.params, flags)
+    step_keys_B = jax.vmap(jax.random.fold_in)(rows.keys_B, rows.step_B)
+    token_B = jnp.where(emitted_B, choose_tokens(picked_BV, rows.params, step_keys_B, flags), PAD_ID)
+    step_B = rows.step_B + emitted_B.astype(jnp.int32)
+    logprobs = jax.lax.cond(
+        jnp.any(rows.logprobs_B & emitted_B), lambda: token_logprobs(picked_BV, token_B, TOP_LOGPROBS),
+        lambda: _no_logprobs(B),
+    )  # fmt: skip
+    new_rows = dataclasses.replace(
+        rows,
+        seen_BV=rows.seen_BV.at[jnp.arange(B), token_B].max(emitted_B),
+        done_B=rows.done_B | jnp.isin(token_B, eos_E) | (step_B >= rows.limit_B),
+        step_B=step_B,
+        pending_B=jnp.where(emitted_B, token_B, rows.pending_B),
+    )
+    assert new_rows.done_B.shape == (B,)
+    return new_rows, (token_B, emitted_B, *logprobs)
+
+
+def prefill_chunk(
+    staging: KVCache, ids_1T: jax.Array, num_real: jax.Array, next_ids_1T: jax.Array, want_logprobs: jax.Array,
+    weights: GPT2Weights, config: GPT2Config,
+) -> tuple[KVCache, jax.Array, tuple[jax.Array, ...]]:  # fmt: skip
+    """The next num_real prompt tokens (right-padded to the bucket T) into the one-row staging cache.
+
+    Returns the cache (end advanced by num_real), the logits after the last real token, and the
+    prompt logprobs of the chunk (position t: log_softmax at t of next_ids_1T[t], and the top A),
+    computed only when asked: the logits of every position cost T times one token's lm_head.
+    """
+    T = ids_1T.shape[1]
+    assert ids_1T.shape == (1, T)
+    assert next_ids_1T.shape == (1, T)
+    hidden_1TD, cache = transformer(ids_1T, staging, weights, config)
+    cache = dataclasses.replace(cache, end_B=staging.end_B + num_real)  # the padding is not the prompt's
+    last_1D = jax.lax.dynamic_index_in_dim(hidden_1TD[0], num_real - 1, axis=0, keepdims=True)
+    last_logits_1V = lm_logits(last_1D[None], weights)[:, 0]
+
+    def prompt_logprobs() -> tuple[jax.Array, ...]:
+        return token_logprobs(lm_logits(hidden_1TD, weights)[0], next_ids_1T[0], TOP_LOGPROBS)
+
+    logprobs = jax.lax.cond(want_logprobs, prompt_logprobs, lambda: _no_logprobs(T))
+    assert last_logits_1V.shape == (1, config.vocab_size)
+    return cache, last_logits_1V, logprobs
+
+
+def copy_prompt(slots: Slots, staging: KVCache, row: jax.Array, bucket: int) -> Slots:
+    """The first `bucket` slots of the staging cache into `row` of the slots' cache (in place)."""
+    assert staging.k_LBNSH.shape[1] == 1
+    assert bucket <= staging.max_len
+
+    def move(cache_LBNSH: jax.Array, staged_L1NSH: jax.Array) -> jax.Array:
+        return jax.lax.dynamic_update_slice(cache_LBNSH, staged_L1NSH[:, :, :, :bucket], (0, row, 0, 0, 0))
+
+    cache = dataclasses.replace(
+        slots.cache, k_LBNSH=move(slots.cache.k_LBNSH, staging.k_LBNSH), v_LBNSH=move(slots.cache.v_LBNSH, staging.v_LBNSH)
+    )
+    return Slots(cache, slots.rows)
+
+
+def admit(
+    slots: Slots, last_logits_1V: jax.Array, prompt_ids_1S: jax.Array, num_prompt: jax.Array, row: jax.Array,
+    keys_1: jax.Array, params_1: SamplingParams, limit: jax.Array, want_logprobs: jax.Array, eos_E: jax.Array,
+) -> tuple[Slots, tuple[jax.Array, ...]]:  # fmt: skip
+    """Start a prefilled prompt (its slots already copied) in `row`: pick its first token from the
+    prompt's last logits. prompt_ids_1S holds the prompt in its first num_prompt entries."""
+    V = slots.rows.seen_BV.shape[1]
+    assert last_logits_1V.shape == (1, V)
+    assert prompt_ids_1S.shape == (1, slots.cache.max_len)
+    in_prompt_1S = jnp.arange(prompt_ids_1S.shape[1])[None, :] < num_prompt
+    one = RowState(
+        seen_BV=jnp.zeros((1, V), jnp.bool_).at[0, prompt_ids_1S[0]].max(in_prompt_1S[0]),
+        done_B=jnp.zeros((1,), jnp.bool_),
+        keys_B=keys_1,
+        step_B=jnp.zeros((1,), jnp.int32),
+        pending_B=jnp.zeros((1,), jnp.int32),
+        limit_B=jnp.reshape(limit, (1,)),
+        logprobs_B=jnp.reshape(want_logprobs, (1,)),
+        params=params_1,
+    )
+    one, outputs = pick(one, last_logits_1V, eos_E)
+    rows = jax.tree.map(lambda all_B, one_1: all_B.at[row].set(one_1[0]), slots.rows, one)
+    cache = dataclasses.replace(
+        slots.cache, start_B=slots.cache.start_B.at[row].set(0), end_B=slots.cache.end_B.at[row].set(num_prompt)
+    )
+    return Slots(cache, rows), outputs
+
+
+def _take_rows(slots: Slots, width: int) -> Slots:
+    """Rows [0, width) of every per-row array; the cache buffers stay whole (see kvcache.py)."""
+    cache = slots.cache
+    head = KVCache(cache.k_LBNSH, cache.v_LBNSH, cache.start_B[:width], cache.end_B[:width])
+    return Slots(head, jax.tree.map(lambda all_B: all_B[:width], slots.rows))
+
+
+def _put_rows(slots: Slots, head: Slots) -> Slots:
+    width = head.rows.done_B.shape[0]
+    cache = KVCache(
+        head.cache.k_LBNSH, head.cache.v_LBNSH, slots.cache.start_B.at[:width].set(head.cache.start_B),
+        slots.cache.end_B.at[:width].set(head.cache.end_B),
+    )  # fmt: skip
+    return Slots(cache, jax.tree.map(lambda all_B, head_W: all_B.at[:width].set(head_W), slots.rows, head.rows))
+
+
+def decode_chunk(
+    slots: Slots, eos_E: jax.Array, weights: GPT2Weights, config: GPT2Config, width: int, num_steps: int
+) -> tuple[Slots, tuple[jax.Array, ...]]:
+    """Up to num_steps steps of rows [0, width), each feeding its pending token and picking the next;
+    it stops early once every one of those rows is done.
+
+    Returns the slots and (tokens_KW, emitted_KW, logprob_KW, top_ids_KWA, top_logprobs_KWA).
+    """
+    assert 1 <= width <= slots.rows.done_B.shape[0]
+    assert num_steps >= 1
+    K, W, A = num_steps, width, TOP_LOGPROBS
+    outputs = (
+        jnp.zeros((K, W), jnp.int32), jnp.zeros((K, W), jnp.bool_), jnp.zeros((K, W), jnp.float32),
+        jnp.zeros((K, W, A), jnp.int32), jnp.zeros((K, W, A), jnp.float32),
+    )  # fmt: skip
+
+    def keep_going(carry) -> jax.Array:
+        i, head, _ = carry
+        return (i < K) & ~jnp.all(head.rows.done_B)
+
+    def step(carry):
+        i, head, outputs = carry
+        hidden_WTD, cache = transformer(head.rows.pending_B[:, None], head.cache, weights, config)
+        # A done row's slots stay as they were: a free row is not a sequence, and must not creep to the end.
+        cache = dataclasses.replace(cache, end_B=jnp.where(head.rows.done_B, head.cache.end_B, cache.end_B))
+        rows, picked = pick(head.rows, lm_logits(hidden_WTD, weights)[:, 0], eos_E)
+        outputs = tuple(jax.lax.dynamic_update_index_in_dim(out, new, i, axis=0) for out, new in zip(outputs, picked))
+        return i + 1, Slots(cache, rows), outputs
+
+    _, head, outputs = jax.lax.while_loop(keep_going, step, (jnp.zeros((), jnp.int32), _take_rows(slots, W), outputs))
+    assert outputs[0].shape == (K, W)
+    return _put_rows(slots, head), outputs
+
+
+def move_slots(slots: Slots, source: jax.Array, target: jax.Array, bucket: int) -> Slots:
+    """Copy the first `bucket` cache slots of row `source` to row `target` (the filled part of a row)."""
+    L, _, N, S, H = slots.cache.k_LBNSH.shape
+    assert bucket <= S
+    assert slots.cache.v_LBNSH.shape == slots.cache.k_LBNSH.shape
+
+    def move(cache_LBNSH: jax.Array) -> jax.Array:
+        filled_L1NKH = jax.lax.dynamic_slice(cache_LBNSH, (0, source, 0, 0, 0), (L, 1, N, bucket, H))
+        return jax.lax.dynamic_update_slice(cache_LBNSH, filled_L1NKH, (0, target, 0, 0, 0))
+
+    return Slots(dataclasses.replace(slots.cache, k_LBNSH=move(slots.cache.k_LBNSH), v_LBNSH=move(slots.cache.v_LBNSH)),
+                 slots.rows)  # fmt: skip
+
+
+def move_state(slots: Slots, source: jax.Array, target: jax.Array) -> Slots:
+    """Move row `source`'s state (cache bounds, decode state, settings) to row `target`; `source` is done."""
+    assert source.shape == ()
+    assert target.shape == ()
+    old = slots.cache
+    cache = dataclasses.replace(
+        old, start_B=old.start_B.at[target].set(old.start_B[source]), end_B=old.end_B.at[target].set(old.end_B[source])
+    )
+    rows = jax.tree.map(lambda all_B: all_B.at[target].set(all_B[source]), slots.rows)
+    return Slots(cache, dataclasses.replace(rows, done_B=rows.done_B.at[source].set(True)))
+
+
+def release(slots: Slots, free_B: jax.Array) -> Slots:
+    """Mark rows done (a stop string hit, or the client went away): they emit nothing more."""
+    assert free_B.shape == slots.rows.done_B.shape
+    assert free_B.dtype == jnp.bool_
+    return Slots(slots.cache, dataclasses.replace(slots.rows, done_B=slots.rows.done_B | free_B))
+
+
+def read_block(staging: KVCache, offset: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Keys and values of staging slots [offset, offset + PREFIX_BLOCK): one prefix-cache block."""
+    L, _, N, _, H = staging.k_LBNSH.shape
+    assert staging.k_LBNSH.shape[1] == 1
+    shape = (L, 1, N, PREFIX_BLOCK, H)
+    return tuple(jax.lax.dynamic_slice(c, (0, 0, 0, offset, 0), shape) for c in (staging.k_LBNSH, staging.v_LBNSH))
+
+
+def restore_block(staging: KVCache, k_L1NKH: jax.Array, v_L1NKH: jax.Array, offset: jax.Array) -> KVCache:
+    """A cached block back into staging slots [offset, offset + PREFIX_BLOCK); the prompt now ends there."""
+    assert k_L1NKH.shape[3] == PREFIX_BLOCK
+    assert k_L1NKH.shape == v_L1NKH.shape
+    k_LBNSH = jax.lax.dynamic_update_slice(staging.k_LBNSH, k_L1NKH, (0, 0, 0, offset, 0))
+    v_LBNSH = jax.lax.dynamic_update_slice(staging.v_LBNSH, v_L1NKH, (0, 0, 0, offset, 0))
+    return KVCache(k_LBNSH, v_LBNSH, staging.start_B, jnp.reshape(offset + PREFIX_BLOCK, (1,)))
+
+
+# The state is only ever made and changed by these programs, so its arrays always arrive as a
+# program's outputs (committed to their device): jit's cache key would tell a fresh jnp.zeros apart.
+empty_slots_jit = jax.jit(empty_slots, static_argnames=("config", "max_batch", "max_seq_len", "dtype"))
+empty_staging_jit = jax.jit(empty_staging, static_argnames=("config", "max_seq_len", "dtype"))
+begin_prompt_jit = jax.jit(begin_prompt, donate_argnames=("staging",))
+prefill_chunk_jit = jax.jit(prefill_chunk, static_argnames=("config",), donate_argnames=("staging",))
+copy_prompt_jit = jax.jit(copy_prompt, static_argnames=("bucket",), donate_argnames=("slots",))
+admit_jit = jax.jit(admit, donate_argnames=("slots",))
+decode_chunk_jit = jax.jit(decode_chunk, static_argnames=("config", "width", "num_steps"), donate_argnames=("slots",))
+move_slots_jit = jax.jit(move_slots, static_argnames=("bucket",), donate_argnames=("slots",))
+move_state_jit = jax.jit(move_state, donate_argnames=("slots",))
+release_jit = jax.jit(release, donate_argnames=("slots",))
+read_block_jit = jax.jit(read_block)
+restore_block_jit = jax.jit(restore_block, donate_argnames=("staging",))
+JITTED = (
+    empty_slots_jit, empty_staging_jit, begin_prompt_jit,
+    prefill_chunk_jit, copy_prompt_jit, admit_jit, decode_chunk_jit, move_slots_jit, move_state_jit,
+    release_jit, read_block_jit, restore_block_jit,
+)  # fmt: skip
+
+
+def compiled_count() -> int:
+    """How many programs the engine's jitted functions hold: constant once warmed up."""
+    counts = [jitted._cache_size() for jitted in JITTED]
+    assert len(counts) == len(JITTED)
+    assert all(count >= 0 for count in counts)
+    return sum(counts)

@@ -1,0 +1,331 @@
+"""Every build of the CPU kernels this host can run computes what float64 math and XLA compute.
+
+One source (kernels/core.cc) compiles to a different vector unit per `-march`: the host's own build
+(`native`: AVX-512 here), and on x86-64 also the AVX2+FMA build (`x86-64-v3`, the Zen 3 / Haswell
+class) and the SSE2-only build (`x86-64`), which an AVX-512 CPU runs as well. Each build is loaded
+into this one process and registered under its own target names (`native.target_name(kernel,
+march)`; XLA refuses a second handler under a name already taken), and called directly through
+jax.ffi, so every build meets the same inputs and the same references. A build the CPU cannot run
+is skipped, with the reason.
+
+The packed layout is written out here in numpy (`pack_tiles`) rather than taken from packed.py:
+the kernels' contract is the layout, so the test states it independently. Tolerances are those of
+tests/test_native.py, argued in its docstring: MATMUL_RTOL of sum |x||w| (float32 accumulation
+only, over the rounded weights), ATTENTION_RTOL of max |v| (both sides are convex mixtures of the
+visible v rows).
+"""
+
+import platform
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import pytest
+
+from jax_gpt2.kernels import native
+from jax_gpt2.layers import cached_attention
+
+MATMUL_RTOL = 1e-5
+ATTENTION_RTOL = 1e-5
+TILE = 64
+X86 = platform.machine() in ("x86_64", "AMD64")
+# march -> the ISA its build reports. "native" depends on the host; see test_native_build_targets_this_cpu.
+BUILDS = {"native": None, "x86-64-v3": "avx2", "x86-64": "generic"} if X86 else {"native": None}
+
+
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags as Linux lists them ('avx512f', 'avx2', 'fma', 'asimd', ...)."""
+    cpuinfo = Path("/proc/cpuinfo")
+    if not cpuinfo.is_file():
+        return set()
+    for line in cpuinfo.read_text().splitlines():
+        if line.startswith(("flags", "Features")):
+            return set(line.split(":", 1)[1].split())
+    return set()
+
+
+def expected_native_isa() -> str:
+    flags = cpu_flags()
+    if not X86:
+        return "neon"
+    if {"avx512f", "avx512bw", "avx512vl", "avx512dq"} <= flags:
+        return "avx512"
+    return "avx2" if {"avx2", "fma"} <= flags else "generic"
+
+
+@pytest.fixture(params=list(BUILDS), scope="module")
+def march(request) -> str:
+    if not native.kernels_available(request.param):
+        pytest.skip(f"the {request.param} build of the kernels cannot run here (no compiler, CPU or backend)")
+    return request.param
+
+
+# --- inputs and references -----------------------------------------------------------------------
+
+
+def random_weight_IO(I: int, O: int, seed: int = 0) -> np.ndarray:
+    """Columns of very different magnitudes (so int8 scales differ), column 0 all zero when O > 1."""
+    rng = np.random.default_rng(seed)
+    w_IO = rng.normal(size=(I, O)) * np.exp(rng.normal(size=(1, O)))
+    if O > 1:
+        w_IO[:, 0] = 0.0
+    return w_IO.astype(np.float32)
+
+
+def pack_tiles(w_IO: np.ndarray, dtype: str) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
+    """(tiles_GIC, scale_GC or None, the float32 (I, O) values they stand for): columns padded with
+    zeros to G = ceil(O / 64) tiles of 64; int8 with one scale per column, max |w| / 127."""
+    I, O = w_IO.shape
+    G = -(-O // TILE)
+    padded_IQ = np.zeros((I, G * TILE), np.float32)
+    padded_IQ[:, :O] = w_IO
+    scale_Q = None
+    if dtype == "bfloat16":
+        padded_IQ = padded_IQ.astype(ml_dtypes.bfloat16)
+    if dtype == "int8":
+        scale_Q = np.abs(padded_IQ).max(axis=0) / 127.0
+        scale_Q[scale_Q == 0] = 1.0
+        padded_IQ = np.clip(np.rint(padded_IQ / scale_Q), -127, 127).astype(np.int8)
+    rounded_IQ = padded_IQ.astype(np.float32) * (1.0 if scale_Q is None else scale_Q)
+    tiles_GIC = np.ascontiguousarray(padded_IQ.reshape(I, G, TILE).transpose(1, 0, 2))
+    scale_GC = None if scale_Q is None else scale_Q.reshape(G, TILE).astype(np.float32)
+    return tiles_GIC, scale_GC, rounded_IQ[:, :O]
+
+
+def kernel_matmul(x_MI: np.ndarray, tiles_GIC: np.ndarray, scale_GC, O: int, dtype: str, march: str) -> np.ndarray:
+    result = jax.ShapeDtypeStruct((x_MI.shape[0], O), jnp.float32)
+    call = jax.ffi.ffi_call(native.target_name(dtype, march), result, vmap_method="sequential")
+    operands = (x_MI, tiles_GIC) if scale_GC is None else (x_MI, tiles_GIC, scale_GC)
+    return np.asarray(call(*map(jnp.asarray, operands)))
+
+
+def assert_within_accumulation_error(actual_MO, reference_MO, x_MI, rounded_IO, what: str) -> None:
+    magnitude_MO = np.abs(x_MI.astype(np.float64)) @ np.abs(rounded_IO.astype(np.float64))
+    actual_MO = np.asarray(actual_MO, np.float64)
+    assert actual_MO.shape == reference_MO.shape, f"{what}: shape {actual_MO.shape} != {reference_MO.shape}"
+    assert np.isfinite(actual_MO).all(), f"{what}: not finite"
+    error_MO = np.abs(actual_MO - reference_MO)
+    worst = float((error_MO / np.maximum(magnitude_MO, np.finfo(np.float64).tiny)).max())
+    assert (error_MO <= MATMUL_RTOL * magnitude_MO).all(), f"{what}: error {worst:.3g} x sum|x||w| > {MATMUL_RTOL}"
+
+
+# --- packed matmul -------------------------------------------------------------------------------
+
+MATMUL_SHAPES = [(I, O) for I in (1, 37, 768) for O in (1, 63, 64, 65, 200)]
+ROWS = [1, 2, 3, 5, 6, 7, 13]  # around every build's row block (2, 3 and 6 rows) and past two of them
+DTYPES = ["float32", "bfloat16", "int8"]
+
+
+@pytest.mark.parametrize(("I", "O"), MATMUL_SHAPES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_every_build_multiplies_like_float64_math_on_the_rounded_weights(march, dtype, I, O):
+    tiles_GIC, scale_GC, rounded_IO = pack_tiles(random_weight_IO(I, O), dtype)
+    for M in ROWS:
+        x_MI = np.random.default_rng(M).normal(size=(M, I)).astype(np.float32)
+        y_MO = kernel_matmul(x_MI, tiles_GIC, scale_GC, O, dtype, march)
+        exact_MO = x_MI.astype(np.float64) @ rounded_IO.astype(np.float64)
+        assert_within_accumulation_error(y_MO, exact_MO, x_MI, rounded_IO, f"{march} {dtype} M={M}")
+        if O > 1:
+            assert (y_MO[:, 0] == 0).all(), "an all-zero weight column must give exactly zero"
+
+
+@pytest.mark.parametrize(("I", "O"), [(37, 65), (768, 200)])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_every_build_multiplies_like_xla(march, dtype, I, O):
+    tiles_GIC, scale_GC, rounded_IO = pack_tiles(random_weight_IO(I, O), dtype)
+    x_MI = np.random.default_rng(3).normal(size=(13, I)).astype(np.float32)
+    xla_MO = np.asarray(jnp.dot(x_MI, rounded_IO, precision=jax.lax.Precision.HIGHEST), np.float64)
+    y_MO = kernel_matmul(x_MI, tiles_GIC, scale_GC, O, dtype, march)
+    assert_within_accumulation_error(y_MO, xla_MO, x_MI, rounded_IO, f"{march} {dtype} vs XLA")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_no_build_lets_the_padding_columns_reach_the_output(march, dtype):
+    """Garbage past column O (and huge int8 scales there) must not change the O columns by a bit."""
+    I, O = 37, 65
+    tiles_GIC, scale_GC, _ = pack_tiles(random_weight_IO(I, O), dtype)
+    x_MI = np.random.default_rng(4).normal(size=(7, I)).astype(np.float32)
+    clean_MO = kernel_matmul(x_MI, tiles_GIC, scale_GC, O, dtype, march)
+    dirty_GIC = tiles_GIC.copy()
+    dirty_GIC[-1, :, O % TILE :] = 99
+    dirty_scale_GC = None
+    if scale_GC is not None:
+        dirty_scale_GC = scale_GC.copy()
+        dirty_scale_GC[-1, O % TILE :] = 1e6
+    np.testing.assert_array_equal(kernel_matmul(x_MI, dirty_GIC, dirty_scale_GC, O, dtype, march), clean_MO)
+
+
+def test_builds_for_different_vector_units_agree_closely():
+    """The same product from every build: each within float32 accumulation error of the others."""
+    tiles_GIC, scale_GC, rounded_IO = pack_tiles(random_weight_IO(768, 200), "bfloat16")
+    x_MI = np.random.default_rng(5).normal(size=(7, 768)).astype(np.float32)
+    builds = [march for march in BUILDS if native.kernels_available(march)]
+    assert "native" in builds or not native.kernels_available(), "the host's own build must load"
+    results = {march: kernel_matmul(x_MI, tiles_GIC, scale_GC, 200, "bfloat16", march) for march in builds}
+    for march, y_MO in results.items():
+        for other in builds:
+            assert_within_accumulation_error(y_MO, results[other].astype(np.float64), x_MI, rounded_IO, f"{march} vs {other}")
+
+
+# --- decode attention, float32 and bfloat16 caches -------------------------------------------------
+
+
+def decode_rows(S: int) -> tuple[np.ndarray, np.ndarray]:
+    """start_B, end_B (inclusive): every case the kernel treats apart, one row each."""
+    rows = [
+        (0, S - 1),  # the whole cache
+        (min(3, S - 1), S - 1),  # left padding
+        (S // 2, S // 2),  # one visible slot
+        (min(2, S - 1), S + 4),  # end past the last slot: clamped, like XLA's dropped write
+        (-3, S // 3),  # start before slot 0 (nothing to skip)
+        (S // 2 + 1, S // 2),  # start > end: nothing visible
+        (S, S + 2),  # starts past the cache: nothing visible
+    ]
+    start_B, end_B = np.array(rows, np.int32).T
+    return start_B, end_B
+
+
+def attention_inputs(L: int, B: int, N: int, S: int, H: int, cache_dtype: str, seed: int = 0):
+    """q_BNH float32 and caches k_LBNSH, v_LBNSH of `cache_dtype` (bfloat16 rounded from normal draws)."""
+    rng = np.random.default_rng(seed)
+    q_BNH = rng.normal(size=(B, N, H)).astype(np.float32)
+    dtype = ml_dtypes.bfloat16 if cache_dtype == "bfloat16" else np.float32
+    k_LBNSH = rng.normal(size=(L, B, N, S, H)).astype(dtype)
+    v_LBNSH = rng.normal(size=(L, B, N, S, H)).astype(dtype)
+    return q_BNH, k_LBNSH, v_LBNSH
+
+
+def kernel_attention(q_BNH, k_LBNSH, v_LBNSH, start_B, end_B, layer: int, scale: float, march: str) -> np.ndarray:
+    kernel = "attention_bf16" if k_LBNSH.dtype == ml_dtypes.bfloat16 else "attention"
+    result = jax.ShapeDtypeStruct(q_BNH.shape, jnp.float32)
+    call = jax.ffi.ffi_call(native.target_name(kernel, march), result, vmap_method="sequential")
+    operands = map(jnp.asarray, (q_BNH, k_LBNSH, v_LBNSH, start_B, end_B))
+    return np.asarray(call(*operands, layer=np.int64(layer), scale=np.float32(scale)))
+
+
+def exact_attention(q_BNH, k_LBNSH, v_LBNSH, start_B, end_B, layer: int, scale: float) -> np.ndarray:
+    """float64 softmax over the visible slots; a row with none: all S slots, scores alike (XLA's answer)."""
+    q_BNH, k_BNSH, v_BNSH = (np.asarray(a, np.float64) for a in (q_BNH, k_LBNSH[layer], v_LBNSH[layer]))
+    S = k_BNSH.shape[2]
+    slots_S = np.arange(S)
+    visible_BS = (slots_S >= start_B[:, None]) & (slots_S <= end_B[:, None])
+    scores_BNS = np.einsum("BNH,BNSH->BNS", q_BNH, k_BNSH) * scale
+    none_B = ~visible_BS.any(axis=1)
+    scores_BNS[none_B] = 0.0
+    visible_BS[none_B] = True
+    scores_BNS = np.where(visible_BS[:, None, :], scores_BNS, -np.inf)
+    weights_BNS = np.exp(scores_BNS - scores_BNS.max(axis=-1, keepdims=True))
+    weights_BNS /= weights_BNS.sum(axis=-1, keepdims=True)
+    return np.einsum("BNS,BNSH->BNH", weights_BNS, v_BNSH)
+
+
+def xla_attention(q_BNH, k_LBNSH, v_LBNSH, start_B, end_B, layer: int, scale: float) -> np.ndarray:
+    """The model's own masked attention (layers.cached_attention) over the caches widened to float32."""
+    slots_S = np.arange(k_LBNSH.shape[3])
+    mask_BTS = jnp.asarray(((slots_S >= start_B[:, None]) & (slots_S <= end_B[:, None]))[:, None, :])
+    k_BNSH, v_BNSH = (jnp.asarray(np.asarray(cache[layer], np.float32)) for cache in (k_LBNSH, v_LBNSH))
+    out_BTNH = cached_attention(jnp.asarray(q_BNH)[:, None], k_BNSH, v_BNSH, mask_BTS, scale)
+    return np.asarray(out_BTNH)[:, 0]
+
+
+def assert_attention_close(actual_BNH, reference_BNH, v_LBNSH, what: str) -> None:
+    assert actual_BNH.shape == reference_BNH.shape
+    assert np.isfinite(actual_BNH).all(), f"{what}: not finite"
+    tolerance = ATTENTION_RTOL * float(np.abs(np.asarray(v_LBNSH, np.float32)).max())
+    diff = float(np.abs(actual_BNH - reference_BNH).max())
+    assert diff <= tolerance, f"{what}: max abs diff {diff:.3g} > {tolerance:.3g}"
+
+
+@pytest.mark.parametrize("S", [1, 37, 1030])
+@pytest.mark.parametrize("H", [7, 16, 24, 64])
+@pytest.mark.parametrize("cache_dtype", ["float32", "bfloat16"])
+def test_every_build_attends_like_float64_math_and_xla(march, cache_dtype, H, S):
+    """Every row case of decode_rows, every layer of a 3-layer cache, two scales."""
+    start_B, end_B = decode_rows(S)
+    q_BNH, k_LBNSH, v_LBNSH = attention_inputs(3, len(start_B), 2, S, H, cache_dtype)
+    for layer in range(3):
+        for scale in (H**-0.5, 2.0):
+            out_BNH = kernel_attention(q_BNH, k_LBNSH, v_LBNSH, start_B, end_B, layer, scale, march)
+            what = f"{march} {cache_dtype} layer {layer} scale {scale:.3g}"
+            exact_BNH = exact_attention(q_BNH, k_LBNSH, v_LBNSH, start_B, end_B, layer, scale)
+            assert_attention_close(out_BNH, exact_BNH, v_LBNSH, f"{what} vs float64")
+            xla_BNH = xla_attention(q_BNH, k_LBNSH, v_LBNSH, start_B, end_B, layer, scale)
+            assert_attention_close(out_BNH, xla_BNH, v_LBNSH, f"{what} vs XLA")
+
+
+@pytest.mark.parametrize("cache_dtype", ["float32", "bfloat16"])
+def test_every_build_reads_only_its_layer_and_the_visible_slots(march, cache_dtype):
+    """NaN in the other layers and in the slots each row may not see: the output does not change by a bit."""
+    L, B, N, S, H = 3, 2, 2, 40, 64
+    q_BNH, k_LBNSH, v_LBNSH = attention_inputs(L, B, N, S, H, cache_dtype)
+    start_B, end_B = np.array([3, 0], np.int32), np.array([20, 39], np.int32)
+    clean_BNH = kernel_attention(q_BNH, k_LBNSH, v_LBNSH, start_B, end_B, 1, 0.3, march)
+    slots_S = np.arange(S)
+    hidden_BNS = np.broadcast_to(((slots_S < start_B[:, None]) | (slots_S > end_B[:, None]))[:, None], (B, N, S))
+
+    def poisoned(cache_LBNSH: np.ndarray) -> np.ndarray:
+        cache_LBNSH = cache_LBNSH.copy()
+        cache_LBNSH[[0, 2]] = np.nan
+        cache_LBNSH[1][hidden_BNS] = np.nan
+        return cache_LBNSH
+
+    poisoned_BNH = kernel_attention(q_BNH, poisoned(k_LBNSH), poisoned(v_LBNSH), start_B, end_B, 1, 0.3, march)
+    np.testing.assert_array_equal(poisoned_BNH, clean_BNH)
+
+
+def test_bfloat16_cache_attention_is_float32_attention_over_the_rounded_cache(march):
+    """The bf16 kernel widens exactly: over a float32 cache holding the same (bf16-representable)
+    values, the float32 kernel gives the same numbers, to float32 summation order."""
+    start_B, end_B = decode_rows(37)
+    q_BNH, k_LBNSH, v_LBNSH = attention_inputs(2, len(start_B), 3, 37, 64, "bfloat16")
+    narrow_BNH = kernel_attention(q_BNH, k_LBNSH, v_LBNSH, start_B, end_B, 1, 0.125, march)
+    wide = (np.asarray(cache, np.float32) for cache in (k_LBNSH, v_LBNSH))
+    wide_BNH = kernel_attention(q_BNH, *wide, start_B, end_B, 1, 0.125, march)
+    assert_attention_close(narrow_BNH, wide_BNH, v_LBNSH, f"{march} bf16 vs f32 cache")
+
+
+def test_the_bfloat16_attention_target_rejects_a_float32_cache(march):
+    q_BNH, k_LBNSH, v_LBNSH = attention_inputs(1, 1, 2, 8, 16, "float32")
+    result = jax.ShapeDtypeStruct(q_BNH.shape, jnp.float32)
+    call = jax.ffi.ffi_call(native.target_name("attention_bf16", march), result, vmap_method="sequential")
+    start_B, end_B = jnp.zeros((1,), jnp.int32), jnp.full((1,), 7, jnp.int32)
+    with pytest.raises(Exception, match="(?i)type|dtype"):
+        np.asarray(call(q_BNH, k_LBNSH, v_LBNSH, start_B, end_B, layer=np.int64(0), scale=np.float32(0.25)))
+
+
+# --- which build is which ------------------------------------------------------------------------
+
+
+def test_each_build_reports_the_vector_unit_it_targets(march):
+    expected = BUILDS[march] or expected_native_isa()
+    assert native.kernel_isa(march) == expected
+
+
+def test_builds_for_different_cpus_never_share_a_cache_entry(monkeypatch):
+    """The cache name follows what the compiler targets: another CPU (other feature macros) gets
+    another library, so a home folder shared by two machines never hands one the other's build."""
+    compiler = native._compiler()
+    if compiler is None:
+        pytest.skip("no C++ compiler")
+    here = native.library_path(compiler, "native")
+    assert here == native.library_path(compiler, "native"), "the same CPU must find its build again"
+    other_marches = {native.library_path(compiler, march) for march in ("x86-64-v3", "x86-64")} if X86 else set()
+    assert here not in other_marches
+    real_features = native.target_features
+    monkeypatch.setattr(native, "target_features", lambda c, m: real_features(c, m) + "\n#define __AVX512FP16__ 1")
+    assert native.library_path(compiler, "native") != here
+
+
+def test_a_build_for_extensions_this_cpu_lacks_is_refused(recwarn):
+    """x86-64-v4 needs AVX-512 F/BW/VL/DQ: it loads exactly where the CPU has them, and elsewhere
+    falls back (kernels_available False, a warning) instead of dying of SIGILL at the first call."""
+    if not X86:
+        pytest.skip("x86-64 levels exist only on x86-64")
+    if native._compiler() is None:
+        pytest.skip("no C++ compiler")
+    has_avx512 = {"avx512f", "avx512bw", "avx512vl", "avx512dq"} <= cpu_flags()
+    assert native.kernels_available("x86-64-v4") == has_avx512
+    if not has_avx512:
+        assert any("cannot run the kernels built for x86-64-v4" in str(w.message) for w in recwarn)
