@@ -91,6 +91,8 @@ class GPT2Weights:
     lm_head_DV: PackedMatrix | None = None
     # The C++ kernels run the packed matmuls and the one-token decode attention (decided at load).
     use_kernels: bool = dataclasses.field(default=False, metadata=dict(static=True))
+    # The mesh the arrays are placed on (None: one device). Static: it decides the program's layout.
+    mesh: "Mesh | None" = dataclasses.field(default=None, metadata=dict(static=True))
 
 
 def pack_matrix(w_IO: np.ndarray, dtype) -> PackedMatrix:
@@ -174,5 +176,3 @@ def round_weights(weights: GPT2Weights, dtype) -> GPT2Weights:
     assert rounded.lm_head_VD.dtype == jnp.float32
     assert rounded.lm_head_VD.shape == weights.wte_VD.shape
     return rounded
-    # The mesh the arrays are placed on (None: one device). Static: it decides the program's layout.
-    mesh: "Mesh | None" = dataclasses.field(default=None, metadata=dict(static=True))
