@@ -154,11 +154,11 @@ def test_greedy_rows_beside_sampling_rows_are_exactly_greedy():
     logits_BV = jax.random.normal(jax.random.PRNGKey(0), (64, 300)) * 5
     logits_BV = logits_BV.at[:, 7].set(logits_BV.max(axis=1))  # ties: argmax picks the first, both ways
     seen_BV = jax.random.bernoulli(jax.random.PRNGKey(1), 0.2, (64, 300))
-    keys_B = jax.random.split(jax.random.PRNGKey(2), 64)
+    keys_B2 = jax.random.split(jax.random.PRNGKey(2), 64)
     rows = [SamplingSettings()] * 63 + [SamplingSettings(temperature=1.0, top_p=0.5, repetition_penalty=1.3)]
     params = sampling_params(rows)
     active_B = jnp.ones((64,), bool)
-    mixed_B = jax.jit(lambda p: next_tokens(logits_BV, seen_BV, p, keys_B, runtime_flags(p, active_B)))(params)
+    mixed_B = jax.jit(lambda p: next_tokens(logits_BV, seen_BV, p, keys_B2, runtime_flags(p, active_B)))(params)
     assert flags_for(rows).sample
     np.testing.assert_array_equal(np.asarray(mixed_B)[:63], np.argmax(logits_BV, axis=1)[:63])
 

@@ -84,9 +84,9 @@ def test_warping_keeps_exactly_the_tokens_transformers_keeps(logits_BV, settings
 def test_temperature_zero_rows_are_greedy_even_beside_sampling_rows(logits_BV):
     params = sampling_params([SamplingSettings(temperature=1.0)] * B)
     params = params.__class__(**{**params.__dict__, "temperature_B": jnp.array([0.0, 1.0, 0.0, 1.0])})
-    keys_B = jax.random.split(jax.random.PRNGKey(0), B)
+    keys_B2 = jax.random.split(jax.random.PRNGKey(0), B)
     flags = SamplerFlags(sample=True, filter=False, penalize=False)
-    tokens_B = np.asarray(next_tokens(jnp.asarray(logits_BV), jnp.zeros((B, V), bool), params, keys_B, flags))
+    tokens_B = np.asarray(next_tokens(jnp.asarray(logits_BV), jnp.zeros((B, V), bool), params, keys_B2, flags))
     assert tokens_B[0] == logits_BV[0].argmax()
     assert tokens_B[2] == logits_BV[2].argmax()
 
@@ -96,10 +96,10 @@ def test_sampled_frequencies_follow_softmax_of_logits_over_temperature():
     logits_V = np.array([2.0, 1.0, 0.5, 0.0, -1.0, -3.0], np.float32)
     temperature, draws = 0.7, 20_000
     logits_BV = jnp.broadcast_to(jnp.asarray(logits_V), (draws, logits_V.size))
-    keys_B = jax.random.split(jax.random.PRNGKey(1234), draws)
+    keys_B2 = jax.random.split(jax.random.PRNGKey(1234), draws)
     rows = [SamplingSettings(temperature=temperature)] * draws
     params, flags = sampling_params(rows), flags_for(rows)
-    tokens_B = np.asarray(next_tokens(logits_BV, jnp.zeros(logits_BV.shape, bool), params, keys_B, flags))
+    tokens_B = np.asarray(next_tokens(logits_BV, jnp.zeros(logits_BV.shape, bool), params, keys_B2, flags))
     observed = np.bincount(tokens_B, minlength=logits_V.size)
 
     def expected_counts(scaled_logits):
@@ -126,10 +126,10 @@ def test_flags_decided_at_run_time_pick_what_static_flags_pick(logits_BV, settin
     rows = [SamplingSettings(**settings)] * B
     params = sampling_params(rows)
     seen_BV = jax.random.bernoulli(jax.random.PRNGKey(1), 0.2, (B, V))
-    keys_B = jax.random.split(jax.random.PRNGKey(2), B)
-    static = next_tokens(jnp.asarray(logits_BV), seen_BV, params, keys_B, flags_for(rows))
+    keys_B2 = jax.random.split(jax.random.PRNGKey(2), B)
+    static = next_tokens(jnp.asarray(logits_BV), seen_BV, params, keys_B2, flags_for(rows))
     active_B = jnp.ones((B,), bool)
-    traced = jax.jit(lambda p: next_tokens(jnp.asarray(logits_BV), seen_BV, p, keys_B, runtime_flags(p, active_B)))(params)
+    traced = jax.jit(lambda p: next_tokens(jnp.asarray(logits_BV), seen_BV, p, keys_B2, runtime_flags(p, active_B)))(params)
     np.testing.assert_array_equal(np.asarray(traced), np.asarray(static))
 
 

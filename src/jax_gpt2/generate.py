@@ -43,7 +43,7 @@ class DecodeState:
     logits_BV: jax.Array  # float32 next-token logits of each row
     seen_BV: jax.Array  # bool: the token occurs in the row so far (for the repetition penalty)
     done_B: jax.Array  # bool: the row has emitted an eos
-    keys_B: jax.Array  # uint32 (B, 2): each row's own random key, so a row samples alike alone or batched
+    keys_B2: jax.Array  # uint32 (B, 2): each row's own random key, so a row samples alike alone or batched
     step_B: jax.Array  # int32: decode steps each row has taken (its random key is folded with it)
 
 
@@ -71,7 +71,7 @@ def left_pad(prompts: Sequence[Sequence[int]], length: int) -> tuple[np.ndarray,
 
 
 def prefill(
-    ids_BT: jax.Array, start_B: jax.Array, keys_B: jax.Array, weights: GPT2Weights, config: GPT2Config, max_len: int,
+    ids_BT: jax.Array, start_B: jax.Array, keys_B2: jax.Array, weights: GPT2Weights, config: GPT2Config, max_len: int,
     kv_dtype=jnp.float32,
 ) -> DecodeState:  # fmt: skip
     """Run left-padded prompts through the model into a fresh cache of max_len slots, stored as kv_dtype."""
@@ -84,7 +84,7 @@ def prefill(
     is_real_BT = jnp.arange(T)[None, :] >= start_B[:, None]
     rows_BT = jnp.broadcast_to(jnp.arange(B)[:, None], (B, T))
     seen_BV = jnp.zeros((B, config.vocab_size), jnp.bool_).at[rows_BT, ids_BT].max(is_real_BT)
-    state = DecodeState(cache, logits_BV, seen_BV, jnp.zeros((B,), jnp.bool_), keys_B, jnp.zeros((B,), jnp.int32))
+    state = DecodeState(cache, logits_BV, seen_BV, jnp.zeros((B,), jnp.bool_), keys_B2, jnp.zeros((B,), jnp.int32))
     assert state.logits_BV.shape == (B, config.vocab_size)
     return state
 
@@ -94,7 +94,7 @@ def pick_next(state: DecodeState, params: SamplingParams, flags: SamplerFlags) -
     processed logits it was picked from."""
     B = state.done_B.shape[0]
     assert state.logits_BV.shape[0] == B
-    step_keys_B = jax.vmap(jax.random.fold_in)(state.keys_B, state.step_B)
+    step_keys_B = jax.vmap(jax.random.fold_in)(state.keys_B2, state.step_B)
     picked_BV = pick_logits(state.logits_BV, state.seen_BV, params, flags)
     token_B = jnp.where(state.done_B, PAD_ID, choose_tokens(picked_BV, params, step_keys_B, flags))
     assert token_B.shape == (B,)
@@ -102,7 +102,7 @@ def pick_next(state: DecodeState, params: SamplingParams, flags: SamplerFlags) -
 
 
 def decode_step(
-    state: DecodeState, eos_E: jax.Array, params: SamplingParams, weights: GPT2Weights, config: GPT2Config,
+    state: DecodeState, eos_U: jax.Array, params: SamplingParams, weights: GPT2Weights, config: GPT2Config,
     flags: SamplerFlags,
 ) -> tuple[DecodeState, jax.Array, jax.Array, jax.Array]:  # fmt: skip
     """One token per row: pick it, write it into the cache, run it through the model.
@@ -112,7 +112,7 @@ def decode_step(
     under jit).
     """
     B = state.done_B.shape[0]
-    assert eos_E.ndim == 1
+    assert eos_U.ndim == 1
     assert state.step_B.shape == (B,)
     token_B, picked_BV = pick_next(state, params, flags)
     hidden_BTD, cache = transformer(token_B[:, None], state.cache, weights, config)
@@ -120,8 +120,8 @@ def decode_step(
         cache=cache,
         logits_BV=lm_logits(hidden_BTD, weights)[:, 0],
         seen_BV=state.seen_BV.at[jnp.arange(B), token_B].set(True),
-        done_B=state.done_B | jnp.isin(token_B, eos_E),
-        keys_B=state.keys_B,
+        done_B=state.done_B | jnp.isin(token_B, eos_U),
+        keys_B2=state.keys_B2,
         step_B=state.step_B + 1,
     )
     assert new_state.logits_BV.shape == state.logits_BV.shape
@@ -131,7 +131,7 @@ def decode_step(
 def decode(
     state: DecodeState,
     max_steps: jax.Array,
-    eos_E: jax.Array,
+    eos_U: jax.Array,
     params: SamplingParams,
     weights: GPT2Weights,
     config: GPT2Config,
@@ -143,7 +143,7 @@ def decode(
     Returns the new state, tokens_BK and emitted_BK (False where the row had already finished).
     """
     B = state.done_B.shape[0]
-    assert eos_E.ndim == 1
+    assert eos_U.ndim == 1
     assert num_slots >= 1
     tokens_BK = jnp.full((B, num_slots), PAD_ID, jnp.int32)
     emitted_BK = jnp.zeros((B, num_slots), jnp.bool_)
@@ -154,7 +154,7 @@ def decode(
 
     def step(carry):
         i, state, tokens_BK, emitted_BK = carry
-        state, token_B, emitted_B, _ = decode_step(state, eos_E, params, weights, config, flags)
+        state, token_B, emitted_B, _ = decode_step(state, eos_U, params, weights, config, flags)
         tokens_BK = jax.lax.dynamic_update_slice(tokens_BK, token_B[:, None], (0, i))
         emitted_BK = jax.lax.dynamic_update_slice(emitted_BK, emitted_B[:, None], (0, i))
         return i + 1, state, tokens_BK, emitted_BK
@@ -165,11 +165,11 @@ def decode(
 
 
 @functools.partial(jax.jit, static_argnames=("config", "flags", "num_slots", "kv_dtype"))
-def _generate_jit(ids_BT, start_B, keys_B, max_steps, eos_E, params, weights, config, flags, num_slots, kv_dtype):
-    state = prefill(ids_BT, start_B, keys_B, weights, config, ids_BT.shape[1] + num_slots, kv_dtype)
+def _generate_jit(ids_BT, start_B, keys_B2, max_steps, eos_U, params, weights, config, flags, num_slots, kv_dtype):
+    state = prefill(ids_BT, start_B, keys_B2, weights, config, ids_BT.shape[1] + num_slots, kv_dtype)
     # The last token needs picking but no forward pass (its logits would never be used): decode
     # max_steps - 1 full steps, then pick once more. Saves one whole-model step per call.
-    state, tokens_BK, emitted_BK = decode(state, max_steps - 1, eos_E, params, weights, config, flags, num_slots)
+    state, tokens_BK, emitted_BK = decode(state, max_steps - 1, eos_U, params, weights, config, flags, num_slots)
     token_B, _ = pick_next(state, params, flags)
     tokens_BK = jax.lax.dynamic_update_slice(tokens_BK, token_B[:, None], (0, max_steps - 1))
     emitted_BK = jax.lax.dynamic_update_slice(emitted_BK, ~state.done_B[:, None], (0, max_steps - 1))
@@ -177,13 +177,13 @@ def _generate_jit(ids_BT, start_B, keys_B, max_steps, eos_E, params, weights, co
 
 
 @functools.partial(jax.jit, static_argnames=("config", "max_len", "kv_dtype"))
-def _prefill_jit(ids_BT, start_B, keys_B, weights, config, max_len, kv_dtype):
-    return prefill(ids_BT, start_B, keys_B, weights, config, max_len, kv_dtype)
+def _prefill_jit(ids_BT, start_B, keys_B2, weights, config, max_len, kv_dtype):
+    return prefill(ids_BT, start_B, keys_B2, weights, config, max_len, kv_dtype)
 
 
 @functools.partial(jax.jit, static_argnames=("config", "flags", "num_slots"), donate_argnames=("state",))
-def _decode_jit(state, max_steps, eos_E, params, weights, config, flags, num_slots):
-    return decode(state, max_steps, eos_E, params, weights, config, flags, num_slots)
+def _decode_jit(state, max_steps, eos_U, params, weights, config, flags, num_slots):
+    return decode(state, max_steps, eos_U, params, weights, config, flags, num_slots)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -192,8 +192,8 @@ class GenerationRequest:
 
     ids_BT: np.ndarray
     start_B: np.ndarray
-    keys_B: np.ndarray
-    eos_E: np.ndarray
+    keys_B2: np.ndarray
+    eos_U: np.ndarray
     params: SamplingParams
     flags: SamplerFlags
     max_new_tokens: int
@@ -244,12 +244,12 @@ def prepare_request(prompt_ids, config: GPT2Config, settings: SamplingSettings, 
     prompts = _check_prompts(prompt_ids, config, settings.max_new_tokens)
     ids_BT, start_B = left_pad(prompts, bucket_length(max(len(prompt) for prompt in prompts)))
     base_key = jax.random.PRNGKey(settings.seed)
-    keys_B = np.asarray(jax.vmap(jax.random.fold_in, in_axes=(None, 0))(base_key, jnp.arange(len(prompts))))
+    keys_B2 = np.asarray(jax.vmap(jax.random.fold_in, in_axes=(None, 0))(base_key, jnp.arange(len(prompts))))
     request = GenerationRequest(
         ids_BT=ids_BT,
         start_B=start_B,
-        keys_B=keys_B,
-        eos_E=_eos_array(eos_token_id, config),
+        keys_B2=keys_B2,
+        eos_U=_eos_array(eos_token_id, config),
         params=sampling_params([settings] * len(prompts)),
         flags=flags_for([settings]),
         max_new_tokens=settings.max_new_tokens,
@@ -288,7 +288,7 @@ def generate_with_settings(
     B = len(request.ids_BT)
     placed = place_request(request, weights.mesh)
     tokens_BK, emitted_BK = _generate_jit(
-        placed.ids_BT, placed.start_B, placed.keys_B, np.int32(request.max_new_tokens), placed.eos_E,
+        placed.ids_BT, placed.start_B, placed.keys_B2, np.int32(request.max_new_tokens), placed.eos_U,
         placed.params, weights, config, request.flags, bucket_length(request.max_new_tokens), kv_dtype,
     )  # fmt: skip
     tokens_BK, emitted_BK = fetch(tokens_BK)[:B], fetch(emitted_BK)[:B]
@@ -308,8 +308,8 @@ def place_request(request: GenerationRequest, mesh: "Mesh | None") -> Generation
         return put_rows(pad_rows(x, rows), mesh)
 
     placed = dataclasses.replace(
-        request, ids_BT=split(request.ids_BT), start_B=split(request.start_B), keys_B=split(request.keys_B),
-        params=jax.tree.map(split, request.params), eos_E=put(request.eos_E, mesh, P()),
+        request, ids_BT=split(request.ids_BT), start_B=split(request.start_B), keys_B2=split(request.keys_B2),
+        params=jax.tree.map(split, request.params), eos_U=put(request.eos_U, mesh, P()),
     )  # fmt: skip
     assert placed.ids_BT.shape[0] == rows
     return placed
@@ -346,11 +346,11 @@ def stream_with_settings(
     B = len(request.ids_BT)
     placed = place_request(request, weights.mesh)
     max_len = request.ids_BT.shape[1] + bucket_length(request.max_new_tokens)
-    state = _prefill_jit(placed.ids_BT, placed.start_B, placed.keys_B, weights, config, max_len, kv_dtype)
+    state = _prefill_jit(placed.ids_BT, placed.start_B, placed.keys_B2, weights, config, max_len, kv_dtype)
     remaining = request.max_new_tokens
     while remaining > 0:
         state, tokens_BK, emitted_BK = _decode_jit(
-            state, np.int32(remaining), placed.eos_E, placed.params, weights, config, request.flags, chunk_steps
+            state, np.int32(remaining), placed.eos_U, placed.params, weights, config, request.flags, chunk_steps
         )
         tokens_BK, emitted_BK = fetch(tokens_BK)[:B], fetch(emitted_BK)[:B]
         for column in range(tokens_BK.shape[1]):

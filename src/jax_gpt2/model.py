@@ -1,10 +1,19 @@
 """The GPT-2 forward pass: full (`gpt2_forward`) and cached (`gpt2_forward_cached`), one code path.
 
-Shape key (every array name ends in its shape):
+Shape key: every array name ends in its shape, and each letter means one thing in every file of
+the package (tests included). The model:
     B batch            T query length      S key/cache length (slots in the cache)
     D model width      F MLP hidden (4D)   N heads            H head dim (D // N)
     V vocab            L layers            P max positions    E fused q|k|v width (3D)
-    G qkv column groups (the mesh's "model" axis, see split_qkv)   J heads per group (N / G)
+Around it:
+    K decode steps (tokens per row made by one call)     W rows a server step runs (a prefix of B)
+    A top-logprob alternatives per token                 U eos (stop) token ids
+    R scored positions (perplexity)                      Y positions per lm_head chunk (perplexity)
+    M rows of a matmul (B * T flattened)                 I, O a matrix's in and out features
+    G 64-column tiles of a packed matrix                 C columns per tile (64)    Q G * C
+    Z qkv column groups (the mesh's "model" shards)      J heads per group (N / Z)
+    X any leading axes (a function that takes the weight (X = D) and the bias alike)
+Digits are sizes: keys_B2 holds two uint32 words per row; k_L1NTH is one row's slots.
 
 `gpt2_forward` is the cached path run over an empty cache exactly T slots long, so the full
 forward and incremental decoding cannot drift apart. The public functions check concrete token
@@ -54,14 +63,14 @@ def split_qkv(qkv_BTE: jax.Array, config: GPT2Config, groups: int) -> tuple[jax.
     [q | k | v] heads: 1 is HF's order; on a mesh, one run per "model" shard (sharding.regroup_qkv),
     so each device already holds whole heads of all three and the split moves no data.
 
-    G groups of J = N / G heads each.
+    Z groups of J = N / Z heads each.
     """
     B, T, E = qkv_BTE.shape
     N, H = config.n_head, config.head_dim
     assert E == 3 * N * H
     assert N % groups == 0
-    qkv_BTG3JH = qkv_BTE.reshape(B, T, groups, 3, N // groups, H)
-    q_BTNH, k_BTNH, v_BTNH = (qkv_BTG3JH[:, :, :, i].reshape(B, T, N, H) for i in range(3))
+    qkv_BTZ3JH = qkv_BTE.reshape(B, T, groups, 3, N // groups, H)
+    q_BTNH, k_BTNH, v_BTNH = (qkv_BTZ3JH[:, :, :, i].reshape(B, T, N, H) for i in range(3))
     return q_BTNH, k_BTNH, v_BTNH
 
 

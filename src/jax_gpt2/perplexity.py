@@ -13,12 +13,12 @@ How it runs: windows are packed B at a time into one (B, T) block, the short las
 on the right (causal attention never lets a real token see a later pad) and a short last batch
 padded with empty rows, so every batch has the same shape and the file compiles once. Only the
 hidden states of scored positions go through lm_head: R of them per batch, a bound fixed by
-(B, T, stride), in chunks of C, so no (B, T, V) logits block exists. Log-softmax is float32 even
+(B, T, stride), in chunks of Y, so no (B, T, V) logits block exists. Log-softmax is float32 even
 for bf16 weights; the device returns one float32 NLL per scored slot and the host sums them in
 float64.
 
-Shape key: model.py's (B windows in a batch, T window length, D, V), plus R scored slots of one
-batch, C slots per lm_head chunk, M chunks (R = M * C).
+Shape key: model.py's (B windows in a batch, T window length, D, V, R scored slots of one batch,
+Y slots per lm_head chunk; R // Y chunks).
 """
 
 import dataclasses
@@ -115,7 +115,7 @@ def scored_slots(batch_size: int, window_length: int, stride: int) -> int:
 
 
 def chunk_size(num_slots: int) -> int:
-    """C for R slots: MAX_CHUNK, or all R when fewer (scored_slots makes R a multiple of it)."""
+    """Y for R slots: MAX_CHUNK, or all R when fewer (scored_slots makes R a multiple of it)."""
     assert num_slots >= 1
     chunk = min(MAX_CHUNK, num_slots)
     assert chunk >= 1
@@ -156,22 +156,22 @@ def scored_nll(
     """nll_R (float32): -log p(targets_R[i]) from the hidden state at flat position positions_R[i]."""
     B, T = ids_BT.shape
     R = positions_R.shape[0]
-    C = chunk_size(R)
+    Y = chunk_size(R)
     assert targets_R.shape == (R,)
-    assert R % C == 0
+    assert R % Y == 0
     assert T <= config.n_positions
     cache = empty_cache(config, jnp.zeros((B,), jnp.int32), T, kv_dtype)
     hidden_BTD, _ = transformer(ids_BT, cache, weights, config)
     hidden_RD = hidden_BTD.reshape(B * T, config.n_embd)[positions_R]
 
     def chunk_nll(chunk):
-        hidden_CD, targets_C = chunk
-        logits_CV = lm_logits(hidden_CD[None], weights)[0]
-        assert logits_CV.dtype == jnp.float32  # log-softmax in float32, whatever the weights' dtype
-        target_logit_C = jnp.take_along_axis(logits_CV, targets_C[:, None], axis=1)[:, 0]
-        return jax.nn.logsumexp(logits_CV, axis=-1) - target_logit_C
+        hidden_YD, targets_Y = chunk
+        logits_YV = lm_logits(hidden_YD[None], weights)[0]
+        assert logits_YV.dtype == jnp.float32  # log-softmax in float32, whatever the weights' dtype
+        target_logit_Y = jnp.take_along_axis(logits_YV, targets_Y[:, None], axis=1)[:, 0]
+        return jax.nn.logsumexp(logits_YV, axis=-1) - target_logit_Y
 
-    chunks = (hidden_RD.reshape(R // C, C, config.n_embd), targets_R.reshape(R // C, C))
+    chunks = (hidden_RD.reshape(R // Y, Y, config.n_embd), targets_R.reshape(R // Y, Y))
     nll_R = jax.lax.map(chunk_nll, chunks).reshape(R)
     assert nll_R.dtype == jnp.float32
     return nll_R

@@ -233,14 +233,14 @@ def pick_logits(logits_BV: jax.Array, seen_BV: jax.Array, params: SamplingParams
     return when(flags.sample, warped, logits_BV)
 
 
-def choose_tokens(picked_BV: jax.Array, params: SamplingParams, keys_B: jax.Array, flags: SamplerFlags) -> jax.Array:
+def choose_tokens(picked_BV: jax.Array, params: SamplingParams, keys_B2: jax.Array, flags: SamplerFlags) -> jax.Array:
     """One token per row from `pick_logits`' output: argmax for greedy rows, a draw for sampling rows."""
     assert picked_BV.ndim == 2
-    assert keys_B.shape[0] == picked_BV.shape[0]
+    assert keys_B2.shape[0] == picked_BV.shape[0]
     greedy_B = jnp.argmax(picked_BV, axis=-1).astype(jnp.int32)
 
     def sampled(greedy_B: jax.Array) -> jax.Array:
-        drawn_B = jax.vmap(jax.random.categorical)(keys_B, picked_BV).astype(jnp.int32)
+        drawn_B = jax.vmap(jax.random.categorical)(keys_B2, picked_BV).astype(jnp.int32)
         return jnp.where(params.temperature_B > 0, drawn_B, greedy_B)
 
     tokens_B = when(flags.sample, sampled, greedy_B)
@@ -265,9 +265,9 @@ def token_logprobs(
 
 
 def next_tokens(
-    logits_BV: jax.Array, seen_BV: jax.Array, params: SamplingParams, keys_B: jax.Array, flags: SamplerFlags
+    logits_BV: jax.Array, seen_BV: jax.Array, params: SamplingParams, keys_B2: jax.Array, flags: SamplerFlags
 ) -> jax.Array:
     """One token per row: argmax for greedy rows, a draw from the warped softmax for sampling rows."""
     assert logits_BV.ndim == 2
-    assert keys_B.shape[0] == logits_BV.shape[0]
-    return choose_tokens(pick_logits(logits_BV, seen_BV, params, flags), params, keys_B, flags)
+    assert keys_B2.shape[0] == logits_BV.shape[0]
+    return choose_tokens(pick_logits(logits_BV, seen_BV, params, flags), params, keys_B2, flags)

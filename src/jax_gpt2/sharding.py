@@ -154,17 +154,18 @@ def padded_lm_head(weights: GPT2Weights, shards: int) -> np.ndarray:
 
 
 def regroup_qkv(w_XE: np.ndarray, groups: int) -> np.ndarray:
-    """HF's fused columns [q | k | v] -> [q_1 k_1 v_1 | ... | q_G k_G v_G], each q_g (k_g, v_g)
+    """HF's fused columns [q | k | v] -> [q_1 k_1 v_1 | ... | q_Z k_Z v_Z], each q_g (k_g, v_g)
     the g-th run of whole heads; works on the weight (D, E) and the bias (E,) alike.
 
-    Then a contiguous column split into G shards gives shard g exactly its heads' q, k and v.
+    Then a contiguous column split into Z shards gives shard g exactly its heads' q, k and v
+    (X: any leading axes; Z: groups, the model shards; J: columns per group and part).
     """
     E = w_XE.shape[-1]
     assert E % (3 * groups) == 0
     assert groups >= 1
     lead = w_XE.shape[:-1]
-    w_X3GJ = w_XE.reshape(*lead, 3, groups, E // 3 // groups)
-    regrouped_XE = np.swapaxes(w_X3GJ, -3, -2).reshape(*lead, E)
+    w_X3ZJ = w_XE.reshape(*lead, 3, groups, E // 3 // groups)
+    regrouped_XE = np.swapaxes(w_X3ZJ, -3, -2).reshape(*lead, E)
     assert regrouped_XE.shape == w_XE.shape
     return regrouped_XE
 

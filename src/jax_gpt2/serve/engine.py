@@ -239,12 +239,12 @@ class _Sequence:
     def set_prompt_logprobs(self, chunks: list[tuple[np.ndarray, np.ndarray, np.ndarray]]) -> None:
         """From the prefill chunks' outputs: prompt token j's entry comes from position j - 1."""
         prompt, num_top = self.request.prompt_ids, self.request.prompt_logprobs
-        logprob_P, top_ids_PA, top_logprobs_PA = (np.concatenate(parts) for parts in zip(*chunks))
-        assert logprob_P.shape[0] == len(prompt)
+        logprob_T, top_ids_TA, top_logprobs_TA = (np.concatenate(parts) for parts in zip(*chunks))
+        assert logprob_T.shape[0] == len(prompt)
         entries = [TokenLogprob(prompt[0], self.text(prompt[0]), None, ())]
         for j in range(1, len(prompt)):
-            top = tuple((int(t), self.text(int(t)), float(v)) for t, v in zip(top_ids_PA[j - 1], top_logprobs_PA[j - 1]))
-            entries.append(TokenLogprob(prompt[j], self.text(prompt[j]), float(logprob_P[j - 1]), top[:num_top]))
+            top = tuple((int(t), self.text(int(t)), float(v)) for t, v in zip(top_ids_TA[j - 1], top_logprobs_TA[j - 1]))
+            entries.append(TokenLogprob(prompt[j], self.text(prompt[j]), float(logprob_T[j - 1]), top[:num_top]))
         self.prompt_logprobs = tuple(entries)
 
 
@@ -287,7 +287,7 @@ class Engine:
         block_bytes = 2 * config.n_layer * config.n_embd * PREFIX_BLOCK * jnp.dtype(self.kv_dtype).itemsize
         self.prefix_cache = PrefixCache(int(prefix_cache_mib * 2**20) // block_bytes if S > PREFIX_BLOCK else 0)
         eos = [] if config.eos_token_id is None else [config.eos_token_id]
-        self.eos_ids, self._eos_E = set(eos), np.asarray(eos, np.int32).reshape(-1)
+        self.eos_ids, self._eos_U = set(eos), np.asarray(eos, np.int32).reshape(-1)
         self._slots, self._staging = self._empty_state()
         self._rows: list[_Sequence | None] = [None] * max_batch
         self._prefill: _Prefill | None = None
@@ -385,9 +385,9 @@ class Engine:
         self._slots = slots.move_state_jit(self._slots, zero, zero)
         params_1 = sampling_params([SamplingSettings()])
         self._slots, _ = slots.admit_jit(self._slots, last_logits_1V, np.zeros((1, S), np.int32), one, zero,
-                                    np.zeros((1, 2), np.uint32), params_1, one, np.bool_(True), self._eos_E)  # fmt: skip
+                                    np.zeros((1, 2), np.uint32), params_1, one, np.bool_(True), self._eos_U)  # fmt: skip
         for width in self.widths:
-            self._slots, _ = slots.decode_chunk_jit(self._slots, self._eos_E, self.weights, self.config, width, self.chunk_steps)
+            self._slots, _ = slots.decode_chunk_jit(self._slots, self._eos_U, self.weights, self.config, width, self.chunk_steps)
         self._slots = slots.release_jit(self._slots, np.ones((self.max_batch,), np.bool_))
         if self.prefix_cache.capacity > 0:
             k, v = slots.read_block_jit(self._staging, zero)
@@ -542,7 +542,7 @@ class Engine:
         self._slots, outputs = slots.admit_jit(
             self._slots, last_logits_1V, prompt_1S, np.int32(len(prompt)), np.int32(row), keys_1,
             sampling_params([request.settings]), np.int32(request.settings.max_new_tokens),
-            np.bool_(request.num_logprobs is not None), self._eos_E,
+            np.bool_(request.num_logprobs is not None), self._eos_U,
         )  # fmt: skip
         out = StepOutput(*(part[None] for part in jax.device_get(outputs)))  # K = 1
         self._rows[row] = seq
@@ -576,7 +576,7 @@ class Engine:
 
     def _run_chunk(self) -> None:
         width = self._width_for(1 + max(row for row, seq in enumerate(self._rows) if seq is not None))
-        self._slots, outputs = slots.decode_chunk_jit(self._slots, self._eos_E, self.weights, self.config, width, self.chunk_steps)
+        self._slots, outputs = slots.decode_chunk_jit(self._slots, self._eos_U, self.weights, self.config, width, self.chunk_steps)
         out = StepOutput(*jax.device_get(outputs))
         busy = [row for row in range(width) if self._rows[row] is not None]
         picked = {row: out.tokens_KB[out.emitted_KB[:, row], row].tolist() for row in busy}

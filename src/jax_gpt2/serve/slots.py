@@ -13,8 +13,8 @@
 Every program has fixed shapes (the static arguments are a bucket, a width or a step count from a
 short list fixed at start), so a warmed-up engine never compiles. Each row's state between chunks
 is "its last token is picked and not yet fed": a step feeds it and picks the next, so a row that
-has finished costs no forward pass. Shape letters beyond model.py's: K the steps of one chunk, A the
-top alternatives per token, W the width of a decode chunk (rows [0, W) of the cache, see kvcache.py).
+has finished costs no forward pass. Shape letters are model.py's key (K the steps of one chunk, A the
+top alternatives per token, W the width of a decode chunk: rows [0, W) of the cache, see kvcache.py).
 """
 
 import dataclasses
@@ -50,7 +50,7 @@ class RowState:
 
     seen_BV: jax.Array  # bool: the token occurs in the row so far (for the repetition penalty)
     done_B: jax.Array  # bool: the row emits nothing more (its sequence ended, or the row is free)
-    keys_B: jax.Array  # uint32 (B, 2): each row's own random key
+    keys_B2: jax.Array  # uint32 (B, 2): each row's own random key
     step_B: jax.Array  # int32: tokens the row has picked (its key is folded with it)
     pending_B: jax.Array  # int32: the last picked token, fed through the model at the row's next step
     limit_B: jax.Array  # int32: max_new_tokens; the row is done once it has picked that many
@@ -75,7 +75,7 @@ def empty_slots(config: GPT2Config, max_batch: int, max_seq_len: int, dtype) -> 
     rows = RowState(
         seen_BV=jnp.zeros((B, config.vocab_size), jnp.bool_),
         done_B=jnp.ones((B,), jnp.bool_),
-        keys_B=jnp.zeros((B, 2), jnp.uint32),
+        keys_B2=jnp.zeros((B, 2), jnp.uint32),
         step_B=jnp.zeros((B,), jnp.int32),
         pending_B=jnp.zeros((B,), jnp.int32),
         limit_B=jnp.zeros((B,), jnp.int32),
@@ -116,7 +116,7 @@ def _no_logprobs(B: int) -> tuple[jax.Array, jax.Array, jax.Array]:
     return jnp.zeros((B,)), zeros_BA.astype(jnp.int32), zeros_BA
 
 
-def pick(rows: RowState, logits_BV: jax.Array, eos_E: jax.Array) -> tuple[RowState, tuple[jax.Array, ...]]:
+def pick(rows: RowState, logits_BV: jax.Array, eos_U: jax.Array) -> tuple[RowState, tuple[jax.Array, ...]]:
     """Each running row picks its next token from its logits; a row is done at eos or at its limit.
 
     Every sampler stage is decided at run time (`runtime_flags`): rows with different settings share
@@ -125,11 +125,11 @@ def pick(rows: RowState, logits_BV: jax.Array, eos_E: jax.Array) -> tuple[RowSta
     """
     B = rows.done_B.shape[0]
     assert logits_BV.shape == rows.seen_BV.shape
-    assert eos_E.ndim == 1
+    assert eos_U.ndim == 1
     emitted_B = ~rows.done_B
     flags = runtime_flags(rows.params, emitted_B)
     picked_BV = pick_logits(logits_BV, rows.seen_BV, rows.params, flags)
-    step_keys_B = jax.vmap(jax.random.fold_in)(rows.keys_B, rows.step_B)
+    step_keys_B = jax.vmap(jax.random.fold_in)(rows.keys_B2, rows.step_B)
     token_B = jnp.where(emitted_B, choose_tokens(picked_BV, rows.params, step_keys_B, flags), PAD_ID)
     step_B = rows.step_B + emitted_B.astype(jnp.int32)
     logprobs = jax.lax.cond(
@@ -139,7 +139,7 @@ def pick(rows: RowState, logits_BV: jax.Array, eos_E: jax.Array) -> tuple[RowSta
     new_rows = dataclasses.replace(
         rows,
         seen_BV=rows.seen_BV.at[jnp.arange(B), token_B].max(emitted_B),
-        done_B=rows.done_B | jnp.isin(token_B, eos_E) | (step_B >= rows.limit_B),
+        done_B=rows.done_B | jnp.isin(token_B, eos_U) | (step_B >= rows.limit_B),
         step_B=step_B,
         pending_B=jnp.where(emitted_B, token_B, rows.pending_B),
     )
@@ -189,7 +189,7 @@ def copy_prompt(slots: Slots, staging: KVCache, row: jax.Array, bucket: int) -> 
 
 def admit(
     slots: Slots, last_logits_1V: jax.Array, prompt_ids_1S: jax.Array, num_prompt: jax.Array, row: jax.Array,
-    keys_1: jax.Array, params_1: SamplingParams, limit: jax.Array, want_logprobs: jax.Array, eos_E: jax.Array,
+    keys_1: jax.Array, params_1: SamplingParams, limit: jax.Array, want_logprobs: jax.Array, eos_U: jax.Array,
 ) -> tuple[Slots, tuple[jax.Array, ...]]:  # fmt: skip
     """Start a prefilled prompt (its slots already copied) in `row`: pick its first token from the
     prompt's last logits. prompt_ids_1S holds the prompt in its first num_prompt entries."""
@@ -200,14 +200,14 @@ def admit(
     one = RowState(
         seen_BV=jnp.zeros((1, V), jnp.bool_).at[0, prompt_ids_1S[0]].max(in_prompt_1S[0]),
         done_B=jnp.zeros((1,), jnp.bool_),
-        keys_B=keys_1,
+        keys_B2=keys_1,
         step_B=jnp.zeros((1,), jnp.int32),
         pending_B=jnp.zeros((1,), jnp.int32),
         limit_B=jnp.reshape(limit, (1,)),
         logprobs_B=jnp.reshape(want_logprobs, (1,)),
         params=params_1,
     )
-    one, outputs = pick(one, last_logits_1V, eos_E)
+    one, outputs = pick(one, last_logits_1V, eos_U)
     rows = jax.tree.map(lambda all_B, one_1: all_B.at[row].set(one_1[0]), slots.rows, one)
     cache = dataclasses.replace(
         slots.cache, start_B=slots.cache.start_B.at[row].set(0), end_B=slots.cache.end_B.at[row].set(num_prompt)
@@ -232,7 +232,7 @@ def _put_rows(slots: Slots, head: Slots) -> Slots:
 
 
 def decode_chunk(
-    slots: Slots, eos_E: jax.Array, weights: GPT2Weights, config: GPT2Config, width: int, num_steps: int
+    slots: Slots, eos_U: jax.Array, weights: GPT2Weights, config: GPT2Config, width: int, num_steps: int
 ) -> tuple[Slots, tuple[jax.Array, ...]]:
     """Up to num_steps steps of rows [0, width), each feeding its pending token and picking the next;
     it stops early once every one of those rows is done.
@@ -256,7 +256,7 @@ def decode_chunk(
         hidden_WTD, cache = transformer(head.rows.pending_B[:, None], head.cache, weights, config)
         # A done row's slots stay as they were: a free row is not a sequence, and must not creep to the end.
         cache = dataclasses.replace(cache, end_B=jnp.where(head.rows.done_B, head.cache.end_B, cache.end_B))
-        rows, picked = pick(head.rows, lm_logits(hidden_WTD, weights)[:, 0], eos_E)
+        rows, picked = pick(head.rows, lm_logits(hidden_WTD, weights)[:, 0], eos_U)
         outputs = tuple(jax.lax.dynamic_update_index_in_dim(out, new, i, axis=0) for out, new in zip(outputs, picked))
         return i + 1, Slots(cache, rows), outputs
 
@@ -272,8 +272,8 @@ def move_slots(slots: Slots, source: jax.Array, target: jax.Array, bucket: int) 
     assert slots.cache.v_LBNSH.shape == slots.cache.k_LBNSH.shape
 
     def move(cache_LBNSH: jax.Array) -> jax.Array:
-        filled_L1NKH = jax.lax.dynamic_slice(cache_LBNSH, (0, source, 0, 0, 0), (L, 1, N, bucket, H))
-        return jax.lax.dynamic_update_slice(cache_LBNSH, filled_L1NKH, (0, target, 0, 0, 0))
+        filled_L1NTH = jax.lax.dynamic_slice(cache_LBNSH, (0, source, 0, 0, 0), (L, 1, N, bucket, H))
+        return jax.lax.dynamic_update_slice(cache_LBNSH, filled_L1NTH, (0, target, 0, 0, 0))
 
     return Slots(dataclasses.replace(slots.cache, k_LBNSH=move(slots.cache.k_LBNSH), v_LBNSH=move(slots.cache.v_LBNSH)),
                  slots.rows)  # fmt: skip
@@ -306,12 +306,12 @@ def read_block(staging: KVCache, offset: jax.Array) -> tuple[jax.Array, jax.Arra
     return tuple(jax.lax.dynamic_slice(c, (0, 0, 0, offset, 0), shape) for c in (staging.k_LBNSH, staging.v_LBNSH))
 
 
-def restore_block(staging: KVCache, k_L1NKH: jax.Array, v_L1NKH: jax.Array, offset: jax.Array) -> KVCache:
+def restore_block(staging: KVCache, k_L1NTH: jax.Array, v_L1NTH: jax.Array, offset: jax.Array) -> KVCache:
     """A cached block back into staging slots [offset, offset + PREFIX_BLOCK); the prompt now ends there."""
-    assert k_L1NKH.shape[3] == PREFIX_BLOCK
-    assert k_L1NKH.shape == v_L1NKH.shape
-    k_LBNSH = jax.lax.dynamic_update_slice(staging.k_LBNSH, k_L1NKH, (0, 0, 0, offset, 0))
-    v_LBNSH = jax.lax.dynamic_update_slice(staging.v_LBNSH, v_L1NKH, (0, 0, 0, offset, 0))
+    assert k_L1NTH.shape[3] == PREFIX_BLOCK
+    assert k_L1NTH.shape == v_L1NTH.shape
+    k_LBNSH = jax.lax.dynamic_update_slice(staging.k_LBNSH, k_L1NTH, (0, 0, 0, offset, 0))
+    v_LBNSH = jax.lax.dynamic_update_slice(staging.v_LBNSH, v_L1NTH, (0, 0, 0, offset, 0))
     return KVCache(k_LBNSH, v_LBNSH, staging.start_B, jnp.reshape(offset + PREFIX_BLOCK, (1,)))
 
 
