@@ -6,7 +6,6 @@ import shutil
 from pathlib import Path
 
 import jax.numpy as jnp
-import numpy as np
 import pytest
 
 from checkpoints import TINY, hf_config, random_hf_model, save_safetensors

@@ -2,7 +2,6 @@
 equal each prompt alone, eos per row, streaming equal to the one-shot call, seeds, argument
 checks, and no recompilation for a new prompt length inside a known bucket."""
 
-import numpy as np
 import pytest
 import torch
 

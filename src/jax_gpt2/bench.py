@@ -74,7 +74,8 @@ def measure_bandwidth_gbs(megabytes: int = 512, repeats: int = 10) -> float:
     return buffer.nbytes / timing.min_s / 1e9
 
 
-BYTES_PER_WEIGHT = {"float32": 4.0, "bfloat16": 2.0, "int8": 1.0}
+# By dtype name, from config's one table (int8's per-column scales are counted apart).
+BYTES_PER_WEIGHT = {name: float(jnp.dtype(name).itemsize) for name in WEIGHT_DTYPES.values()}
 
 
 def decode_bytes_per_step(

@@ -12,9 +12,13 @@ import typing
 from pathlib import Path
 from typing import Any
 
-# The weight dtypes by their command-line names (bf16 and int8 are weight-only where the CPU kernels run).
+# The one table of weight dtypes, by their command-line names (bf16 and int8 are weight-only): the
+# loader's dtypes, the packed tile types (weights.PACKED_DTYPES), the kernels' matmul targets
+# (kernels.native.TARGETS), bench's bytes per weight and llama.cpp's matching types
+# (llama_cpp.GGUF_TYPES) are made from it or asserted against it where they are defined.
 WEIGHT_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "int8": "int8"}
-# The KV-cache dtypes by their command-line names (bf16 halves the cache; attention math stays float32).
+# The KV-cache dtypes by their command-line names (bf16 halves the cache; attention math stays float32):
+# kvcache.KV_DTYPES and the decode kernels (kernels.attention.DECODE_TARGETS) follow it.
 KV_DTYPES = {"fp32": "float32", "bf16": "bfloat16"}
 
 # The activations transformers' ACT2FN offers that layers.activation implements.

@@ -23,7 +23,7 @@ from jax.sharding import PartitionSpec as P
 
 from jax_gpt2.config import GPT2Config
 from jax_gpt2.kvcache import KVCache, check_kv_dtype
-from jax_gpt2.model import empty_cache, lm_logits, transformer
+from jax_gpt2.model import lm_logits, transformer, transformer_from_empty
 from jax_gpt2.sharding import fetch, pad_rows, padded_rows, put, put_rows
 from jax_gpt2.sampling import (
     SamplerFlags, SamplingParams, SamplingSettings, choose_tokens, flags_for, pick_logits, sampling_params,
@@ -78,8 +78,7 @@ def prefill(
     B, T = ids_BT.shape
     assert start_B.shape == (B,)
     assert max_len >= T
-    cache = empty_cache(config, start_B, max_len, kv_dtype)
-    hidden_BTD, cache = transformer(ids_BT, cache, weights, config)
+    hidden_BTD, cache = transformer_from_empty(ids_BT, start_B, max_len, weights, config, kv_dtype)
     logits_BV = lm_logits(hidden_BTD[:, -1:], weights)[:, 0]
     is_real_BT = jnp.arange(T)[None, :] >= start_B[:, None]
     rows_BT = jnp.broadcast_to(jnp.arange(B)[:, None], (B, T))

@@ -22,8 +22,10 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
+from jax_gpt2 import config
 
-KV_DTYPES = ("float32", "bfloat16")
+
+KV_DTYPES = tuple(config.KV_DTYPES.values())  # by dtype name; config's table names them for the CLI
 
 
 def check_kv_dtype(kv_dtype) -> jnp.dtype:

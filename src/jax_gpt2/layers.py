@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 
 from jax_gpt2 import kernels
+from jax_gpt2.config import SUPPORTED_ACTIVATIONS
 from jax_gpt2.weights import PackedMatrix
 
 # Full float32 matmuls: GPUs would otherwise use TF32 and miss transformers' float32 logits by 1e-3.
@@ -61,6 +62,10 @@ _ACTIVATIONS = {
     "sigmoid": jax.nn.sigmoid,
     "linear": lambda x: x,
 }
+
+
+# config accepts exactly the activations implemented here: a name added to one table only is an import error.
+assert set(_ACTIVATIONS) == set(SUPPORTED_ACTIVATIONS), set(_ACTIVATIONS) ^ set(SUPPORTED_ACTIVATIONS)
 
 
 def activation(name: str, x_BTF: jax.Array) -> jax.Array:

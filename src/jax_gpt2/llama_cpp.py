@@ -13,8 +13,11 @@ import json
 import subprocess
 from pathlib import Path
 
+from jax_gpt2.config import WEIGHT_DTYPES
+
 # Our weight dtype name -> llama.cpp's --outtype / GGUF tensor type of the same width.
 GGUF_TYPES = {"fp32": "f32", "bf16": "f16", "int8": "q8_0"}
+assert set(GGUF_TYPES) == set(WEIGHT_DTYPES), "a llama.cpp type for every weight dtype"
 
 
 def gguf_path(gguf_dir: Path, stem: str, dtype: str) -> Path:

@@ -111,10 +111,12 @@ def finish_block(
     return x_BTD
 
 
-def transformer(
+def residual_streams(
     ids_BT: jax.Array, cache: KVCache, weights: GPT2Weights, config: GPT2Config
-) -> tuple[jax.Array, KVCache]:
-    """Run T new tokens through every block; returns the final hidden states after ln_f, and the cache.
+) -> tuple[list[jax.Array], KVCache]:
+    """Run T new tokens through every block: the residual stream before the first block (the
+    embeddings) and after each one (L + 1 arrays, before ln_f), and the cache holding their keys
+    and values. The one layer loop: `transformer` and `block_hidden_states` both read it.
 
     A Python loop over layers, unrolled at trace time: each layer's weights are their own buffers
     (see weights.py for why not a scan over stacked weights).
@@ -126,15 +128,39 @@ def transformer(
     assert cache.k_LBNSH.shape[2] == config.n_head
     assert len(weights.blocks) == config.n_layer
     cache = constrain_cache(cache, weights.mesh)
-    x_BTD = embed(ids_BT, kvcache.positions(cache, T), weights)
+    streams_BTD = [embed(ids_BT, kvcache.positions(cache, T), weights)]
     mask_BTS = kvcache.visible_mask(cache, T)
     k_LBNSH, v_LBNSH = cache.k_LBNSH, cache.v_LBNSH
     for layer, w in enumerate(weights.blocks):
         layer_cache = KVCache(k_LBNSH, v_LBNSH, cache.start_B, cache.end_B)
-        x_BTD, k_LBNSH, v_LBNSH = block(x_BTD, w, layer, layer_cache, mask_BTS, config, weights.use_kernels, weights.mesh)
-    hidden_BTD = layer_norm(x_BTD, weights.lnf_scale_D, weights.lnf_bias_D, config.layer_norm_epsilon)
-    new_cache = KVCache(k_LBNSH, v_LBNSH, cache.start_B, cache.end_B + T)
+        x_BTD, k_LBNSH, v_LBNSH = block(
+            streams_BTD[-1], w, layer, layer_cache, mask_BTS, config, weights.use_kernels, weights.mesh
+        )
+        streams_BTD.append(x_BTD)
+    assert len(streams_BTD) == config.n_layer + 1
+    return streams_BTD, KVCache(k_LBNSH, v_LBNSH, cache.start_B, cache.end_B + T)
+
+
+def transformer(
+    ids_BT: jax.Array, cache: KVCache, weights: GPT2Weights, config: GPT2Config
+) -> tuple[jax.Array, KVCache]:
+    """Run T new tokens through every block; returns the final hidden states after ln_f, and the cache."""
+    streams_BTD, new_cache = residual_streams(ids_BT, cache, weights, config)
+    hidden_BTD = layer_norm(streams_BTD[-1], weights.lnf_scale_D, weights.lnf_bias_D, config.layer_norm_epsilon)
+    assert hidden_BTD.shape == (*ids_BT.shape, config.n_embd)
     return hidden_BTD, new_cache
+
+
+def transformer_from_empty(
+    ids_BT: jax.Array, start_B: jax.Array, max_len: int, weights: GPT2Weights, config: GPT2Config,
+    kv_dtype=jnp.float32,
+) -> tuple[jax.Array, KVCache]:  # fmt: skip
+    """`transformer` over a fresh cache of max_len slots whose rows start at start_B (left padding
+    before): the full forward, a perplexity window and generate's prefill all begin this way."""
+    B, T = ids_BT.shape
+    assert start_B.shape == (B,)
+    assert max_len >= T
+    return transformer(ids_BT, empty_cache(config, start_B, max_len, kv_dtype), weights, config)
 
 
 def lm_logits(hidden_BTD: jax.Array, weights: GPT2Weights) -> jax.Array:
@@ -166,8 +192,7 @@ def empty_cache(config: GPT2Config, start_B: jax.Array, max_len: int, kv_dtype=j
 @functools.partial(jax.jit, static_argnames=("config",))
 def _forward_jit(ids_BT: jax.Array, weights: GPT2Weights, config: GPT2Config) -> jax.Array:
     B, T = ids_BT.shape
-    cache = empty_cache(config, jnp.zeros((B,), jnp.int32), T)
-    hidden_BTD, _ = transformer(ids_BT, cache, weights, config)
+    hidden_BTD, _ = transformer_from_empty(ids_BT, jnp.zeros((B,), jnp.int32), T, weights, config)
     return lm_logits(hidden_BTD, weights)
 
 
@@ -239,12 +264,6 @@ def block_hidden_states(input_ids_BT, weights: GPT2Weights, config: GPT2Config) 
     ids_BT = jnp.asarray(check_token_ids(input_ids_BT, config))
     check_length(ids_BT.shape[1], config)
     B, T = ids_BT.shape
-    cache = empty_cache(config, jnp.zeros((B,), jnp.int32), T)
-    x_BTD = embed(ids_BT, kvcache.positions(cache, T), weights)
-    mask_BTS = kvcache.visible_mask(cache, T)
-    outputs = []
-    for layer, w in enumerate(weights.blocks):
-        x_BTD, _, _ = block(x_BTD, w, layer, cache, mask_BTS, config, weights.use_kernels, weights.mesh)
-        outputs.append(x_BTD)
-    assert len(outputs) == config.n_layer
-    return outputs
+    streams_BTD, _ = residual_streams(ids_BT, empty_cache(config, jnp.zeros((B,), jnp.int32), T), weights, config)
+    assert len(streams_BTD) == config.n_layer + 1
+    return streams_BTD[1:]

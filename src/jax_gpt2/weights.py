@@ -35,12 +35,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jax_gpt2.config import WEIGHT_DTYPES
+
 if TYPE_CHECKING:
     from jax.sharding import Mesh
 
 
 TILE = 64  # output columns per tile; the kernel's four 16-float registers
-PACKED_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "int8": jnp.int8}
+# Every weight dtype packs: the tile types are config.WEIGHT_DTYPES'.
+PACKED_DTYPES = {name: jnp.dtype(name) for name in WEIGHT_DTYPES.values()}
 
 
 @jax.tree_util.register_dataclass

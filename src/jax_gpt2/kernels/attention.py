@@ -4,11 +4,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jax_gpt2.config import KV_DTYPES
 from jax_gpt2.kernels import native
 
 # The kernel for each cache dtype, by its name in native.TARGETS. A float32 query either way:
 # the bfloat16 cache is widened as it is read, so the attention math stays float32.
 DECODE_TARGETS = {"float32": "attention", "bfloat16": "attention_bf16"}
+assert set(DECODE_TARGETS) == set(KV_DTYPES.values()), "a decode kernel for every cache dtype"
+assert set(DECODE_TARGETS.values()) <= set(native.TARGETS)
 
 
 def has_decode_kernel(cache_dtype) -> bool:

@@ -29,6 +29,8 @@ from pathlib import Path
 
 import jax
 
+from jax_gpt2.config import WEIGHT_DTYPES
+
 KERNELS_DIR = Path(__file__).parent
 SOURCES = [KERNELS_DIR / "core.cc", KERNELS_DIR / "ffi.cc"]
 HEADERS = [KERNELS_DIR / "core.h"]
@@ -44,6 +46,7 @@ TARGETS = {
     "attention": ("JaxGpt2DecodeAttention", "jax_gpt2_decode_attention"),
     "attention_bf16": ("JaxGpt2DecodeAttentionBF16", "jax_gpt2_decode_attention_bf16"),
 }
+assert set(WEIGHT_DTYPES.values()) <= set(TARGETS), "a matmul kernel for every weight dtype"
 _ARM = ("aarch64", "arm64")
 _X86 = ("x86_64", "AMD64")
 
