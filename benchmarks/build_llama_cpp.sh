@@ -11,7 +11,7 @@
 # `pip download --no-binary :all:` fetches that source (no wheel, no compiled code), and cmake
 # builds only the llama-bench tool for this CPU (GGML_NATIVE: -march=native), ~10 min on 2 cores.
 #
-# convert: writes the very weights `jax-gpt2 bench` draws (jax_gpt2.bench.write_bench_model: same
+# convert: writes the very weights `jax-gpt2 bench` draws (jax_gpt2.tools.bench.write_bench_model: same
 # preset, layers, std and seed) as a transformers folder, adds what llama.cpp's converter needs
 # (config.json "n_ctx", which transformers 5 omits; GPT-2's real vocab.json + merges.txt, whose
 # hash tells the converter which pre-tokenizer this is) and converts it three times: f32 (our fp32),
@@ -60,7 +60,7 @@ convert() {
   mkdir -p "$PEERS/gguf"
   # Prints the GGUF stem the bench looks for, after writing the transformers folder.
   local stem
-  stem="$(uv run python -c "import sys; from pathlib import Path; from jax_gpt2.bench import write_bench_model; \
+  stem="$(uv run python -c "import sys; from pathlib import Path; from jax_gpt2.tools.bench import write_bench_model; \
 print(write_bench_model(Path(sys.argv[1]), sys.argv[2], int(sys.argv[3]) if sys.argv[3] else None, Path(sys.argv[4])))" \
     "$folder" "$preset" "$layers" "$vocab")"
   for outtype in f32 f16 q8_0; do

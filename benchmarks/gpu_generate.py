@@ -19,7 +19,7 @@ import jax
 import numpy as np
 import torch
 
-from jax_gpt2.bench import hf_greedy, make_models
+from jax_gpt2.tools.bench import hf_greedy, make_models
 from jax_gpt2.config import PRESETS
 from jax_gpt2.generate import generate
 from jax_gpt2.loader import weights_for_dtype

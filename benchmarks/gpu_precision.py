@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from jax_gpt2 import layers, model
-from jax_gpt2.bench import make_models, median_of_finite, paired_rates, time_repeats, wait_for_torch
+from jax_gpt2.tools.bench import make_models, median_of_finite, paired_rates, time_repeats, wait_for_torch
 from jax_gpt2.config import PRESETS
 from jax_gpt2.generate import generate
 from jax_gpt2.loader import weights_for_dtype

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from jax_gpt2 import PRESETS, load_config, load_weights, perplexity
-from jax_gpt2.random_model import write_random_model
+from jax_gpt2.tools.random_model import write_random_model
 from jax_gpt2.tokenizer import encode, load_tokenizer
 
 GPT2_VOCAB = Path.home() / ".cache" / "jax-gpt2-tests" / "gpt2-vocab"

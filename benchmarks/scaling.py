@@ -53,7 +53,7 @@ def worker(args: argparse.Namespace) -> None:
 
     from jax_gpt2.config import PRESETS
     from jax_gpt2.loader import normalize_keys, weights_for_dtype
-    from jax_gpt2.random_model import random_state_dict
+    from jax_gpt2.tools.random_model import random_state_dict
 
     config = dataclasses.replace(PRESETS[args.preset], n_layer=args.layers or PRESETS[args.preset].n_layer)
     state = normalize_keys(random_state_dict(config, std=0.1, seed=0))

@@ -10,7 +10,7 @@ for 1, and the 32 extra tokens per row are divided by the extra time (fastest of
 import numpy as np
 import torch
 
-from jax_gpt2.bench import bench_decode, make_models, rate, time_repeats
+from jax_gpt2.tools.bench import bench_decode, make_models, rate, time_repeats
 from jax_gpt2.config import PRESETS
 from jax_gpt2.loader import weights_for_dtype
 from jax_gpt2.generate import generate, stream_generate

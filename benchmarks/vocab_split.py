@@ -18,7 +18,7 @@ from jax.sharding import PartitionSpec as P
 from jax_gpt2 import generate, perplexity
 from jax_gpt2.config import GPT2Config
 from jax_gpt2.loader import normalize_keys, weights_for_dtype
-from jax_gpt2.random_model import random_state_dict
+from jax_gpt2.tools.random_model import random_state_dict
 from jax_gpt2.sharding import make_mesh, padded_lm_head, parse_mesh, place_weights, put
 
 CONFIG = GPT2Config()  # gpt2 shape: V = 50257 divides by no even count, so the split one is padded

@@ -21,7 +21,7 @@ from jax_gpt2 import empty_cache, generate, gpt2_forward, gpt2_forward_cached, l
 from jax_gpt2 import stream_generate
 from jax_gpt2.sampling import SamplingSettings
 from jax_gpt2.serve.engine import Engine, SequenceRequest
-from jax_gpt2.random_model import train_tokenizer
+from jax_gpt2.tools.random_model import train_tokenizer
 from jax_gpt2.sharding import block_specs, make_mesh
 from jax_gpt2.tokenizer import load_tokenizer
 

@@ -8,14 +8,14 @@ import numpy as np
 import pytest
 
 from jax_gpt2 import kernels, load_weights
-from jax_gpt2.bench import (
+from jax_gpt2.tools.bench import (
     LlamaPeer, bench_model_stem, bench_without_kernels, decode_bytes_per_step, format_table, make_models, plot_results,
     run_benchmarks, write_bench_model,
 )  # fmt: skip
 from jax_gpt2.cli import main
 from jax_gpt2.config import PRESETS, GPT2Config
 from jax_gpt2.kernels.native import cpu_vector_isa
-from jax_gpt2.llama_cpp import GGUF_TYPES, gguf_path, llama_bench_command, parse_llama_bench_json
+from jax_gpt2.tools.llama_cpp import GGUF_TYPES, gguf_path, llama_bench_command, parse_llama_bench_json
 
 
 def test_harness_measures_both_sides_and_the_roofline_on_a_tiny_model():
@@ -47,7 +47,7 @@ def test_narrowed_dtypes_run_against_transformers_nearest_form(tmp_path):
 
 
 def test_a_rate_swamped_by_noise_is_not_a_number_rather_than_negative():
-    from jax_gpt2.bench import rate
+    from jax_gpt2.tools.bench import rate
 
     assert rate(10, 0.5) == 20.0
     assert rate(10, -0.001) != rate(10, -0.001)  # NaN

@@ -10,7 +10,7 @@ import pytest
 
 from checkpoints import TINY, hf_config, random_hf_model, save_safetensors
 from jax_gpt2.cli import main
-from jax_gpt2.random_model import train_tokenizer
+from jax_gpt2.tools.random_model import train_tokenizer
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,7 @@ from checkpoints import TINY, hf_config, random_hf_model, save_safetensors
 from jax_gpt2 import load_config, load_weights
 from jax_gpt2.generate import generate, prefill
 from jax_gpt2.model import gpt2_forward
-from jax_gpt2.random_model import train_tokenizer
+from jax_gpt2.tools.random_model import train_tokenizer
 from jax_gpt2.sampling import SamplingSettings, flags_for, next_tokens, runtime_flags, sampling_params
 from jax_gpt2.serve import slots
 from jax_gpt2.serve.engine import Engine, EngineClosed, Event, QueueFull, SequenceRequest

@@ -19,7 +19,7 @@ from checkpoints import TINY, hf_config, random_hf_model, save_safetensors
 from jax_gpt2 import load_config, load_weights, perplexity
 from jax_gpt2.cli import main
 from jax_gpt2.perplexity import plan_windows, scored_nll
-from jax_gpt2.random_model import train_tokenizer
+from jax_gpt2.tools.random_model import train_tokenizer
 from jax_gpt2.tokenizer import encode, load_tokenizer
 
 # float32 forward passes on both sides; the NLL sums are float64. A relative 1e-5 on the perplexity

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pytest
 
-from jax_gpt2 import remote
+from jax_gpt2.tools import remote
 from jax_gpt2.cli import main
 
 SSHD = "/usr/sbin/sshd"

@@ -26,7 +26,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from checkpoints import TINY, hf_config, random_hf_model, save_safetensors
 from jax_gpt2 import load_config, load_weights
 from jax_gpt2.generate import generate
-from jax_gpt2.random_model import train_tokenizer
+from jax_gpt2.tools.random_model import train_tokenizer
 from jax_gpt2.serve.engine import Engine
 from jax_gpt2.serve.slots import compiled_count
 from jax_gpt2.serve.protocol import ChatMessage

@@ -23,7 +23,7 @@ import pytest
 from jax_gpt2.cli import main
 from jax_gpt2.config import GPT2Config
 from jax_gpt2.model import split_qkv
-from jax_gpt2.random_model import write_random_model
+from jax_gpt2.tools.random_model import write_random_model
 from jax_gpt2.sharding import pad_rows, padded_rows, parse_coordinator, parse_mesh, regroup_qkv
 
 TESTS = Path(__file__).parent

@@ -10,7 +10,7 @@ import itertools
 import sys
 from pathlib import Path
 
-from jax_gpt2.remote import add_remote_command
+from jax_gpt2.tools.remote import add_remote_command
 
 
 class UserError(Exception):
@@ -221,7 +221,7 @@ def add_next_command(subparsers) -> None:
 
 def run_compare(args: argparse.Namespace) -> int:
     """N different inputs through jax-gpt2 and transformers; PASS/FAIL per batch and a summary."""
-    from jax_gpt2.compare import compare_batch, load_reference_model, random_batches
+    from jax_gpt2.tools.compare import compare_batch, load_reference_model, random_batches
 
     folder, config, weights = _load_model(args.model)
     reference = load_reference_model(folder)
@@ -252,7 +252,7 @@ def add_compare_command(subparsers) -> None:
 def run_random_model(args: argparse.Namespace) -> int:
     """Write a random-weight checkpoint folder to try everything offline."""
     from jax_gpt2.config import PRESETS
-    from jax_gpt2.random_model import write_random_model
+    from jax_gpt2.tools.random_model import write_random_model
 
     config = write_random_model(args.folder, PRESETS[args.preset], args.std, args.seed, args.tokenizer_from)
     print(
@@ -385,7 +385,7 @@ def run_bench(args: argparse.Namespace) -> int:
     import jax
     import torch
 
-    from jax_gpt2.bench import LlamaPeer, bench_model_stem, format_table, plot_results, run_benchmarks
+    from jax_gpt2.tools.bench import LlamaPeer, bench_model_stem, format_table, plot_results, run_benchmarks
     from jax_gpt2.config import PRESETS
 
     torch.set_num_threads(args.threads)  # XLA's CPU client uses every core; give torch the same

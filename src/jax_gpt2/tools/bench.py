@@ -10,7 +10,7 @@ is batch * bandwidth / bytes per step. For bf16 and int8 the block matrices and 
 Each dtype runs against transformers in the nearest form it has: float32 for fp32, the model
 cast to bfloat16 for bf16; transformers has no int8 eager path for GPT-2's Conv1D layers, so
 int8 rows carry transformers' float32 figures. Given a llama-bench binary and GGUF conversions of
-the same weights (llama_cpp.py), llama.cpp is a third column: f32, f16 and q8_0 beside our fp32,
+the same weights (tools/llama_cpp.py), llama.cpp is a third column: f32, f16 and q8_0 beside our fp32,
 bf16 and int8.
 
 Every run records which path ran (the kernels or XLA, the ISA, the thread count), and one more
@@ -36,8 +36,8 @@ from jax_gpt2.config import KV_DTYPES, PRESETS, WEIGHT_DTYPES, GPT2Config, confi
 from jax_gpt2.generate import generate
 from jax_gpt2.loader import normalize_keys, weights_for_dtype
 from jax_gpt2.model import gpt2_forward
-from jax_gpt2.llama_cpp import GGUF_TYPES, gguf_path, run_llama_bench
-from jax_gpt2.random_model import random_state_dict
+from jax_gpt2.tools.llama_cpp import GGUF_TYPES, gguf_path, run_llama_bench
+from jax_gpt2.tools.random_model import random_state_dict
 from jax_gpt2.sharding import place_weights
 
 

@@ -1,0 +1,50 @@
+"""The package's layout is its architecture: the model and inference modules never reach into the
+developer tools (tools/), and the library outside serve/ never imports the web stack."""
+
+import ast
+from pathlib import Path
+
+import jax_gpt2
+
+PACKAGE = Path(jax_gpt2.__file__).parent
+
+
+def imported_modules(path: Path) -> set[str]:
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            names.add(node.module)
+            names.update(f"{node.module}.{alias.name}" for alias in node.names)
+    return names
+
+
+def library_files() -> list[Path]:
+    """Every module but the CLI (which offers the tools) and the tools themselves."""
+    files = [p for p in PACKAGE.rglob("*.py") if "tools" not in p.relative_to(PACKAGE).parts and p.name != "cli.py"]
+    assert len(files) > 15, files
+    return files
+
+
+def test_the_library_never_imports_the_tools():
+    offenders = {str(p.relative_to(PACKAGE)): sorted(n for n in imported_modules(p) if n.startswith("jax_gpt2.tools"))
+                 for p in library_files()}  # fmt: skip
+    assert {path: names for path, names in offenders.items() if names} == {}
+
+
+def test_only_serve_imports_the_web_stack():
+    web = ("fastapi", "uvicorn", "starlette", "prometheus_client")
+    outside = [p for p in library_files() if "serve" not in p.relative_to(PACKAGE).parts]
+    offenders = {str(p.relative_to(PACKAGE)): sorted(n for n in imported_modules(p) if n.split(".")[0] in web)
+                 for p in outside}  # fmt: skip
+    assert {path: names for path, names in offenders.items() if names} == {}
+
+
+def test_the_tools_folder_holds_the_tools_and_the_flat_folder_holds_the_model():
+    tools = sorted(p.name for p in (PACKAGE / "tools").glob("*.py"))
+    assert tools == ["__init__.py", "bench.py", "compare.py", "llama_cpp.py", "random_model.py", "remote.py"]
+    flat = sorted(p.name for p in PACKAGE.glob("*.py"))
+    for model_module in ("config.py", "weights.py", "loader.py", "layers.py", "kvcache.py", "model.py"):
+        assert model_module in flat
+    assert not {"bench.py", "remote.py", "native.py", "packed.py", "engine.py", "server.py"} & set(flat)
