@@ -475,6 +475,8 @@ class Engine:
         running streams wait at most that long for their next tokens. With nothing decoding nobody
         waits, so every prompt that has a free row is prefilled at once (requests arriving together
         then start decoding together, as one batch of `generate` would)."""
+        assert len(self._rows) == self.max_batch
+        assert self._prefill is None or self._prefill.seq not in self._rows, "a prefilling sequence holds no row yet"
         decoding = any(seq is not None for seq in self._rows)
         budget = self.chunk_buckets[-1] if decoding else math.inf
         while budget > 0 and (self._prefill is not None or self._start_prefill()):
@@ -482,6 +484,7 @@ class Engine:
 
     def _start_prefill(self) -> bool:
         """Move the next waiting sequence into staging (if it will find a free row), restoring cached prefix blocks."""
+        assert self._prefill is None, "one prompt in staging at a time"
         if not self._waiting:
             return False
         seq = self._waiting[0]
@@ -497,13 +500,17 @@ class Engine:
             self._staging = slots.restore_block_jit(self._staging, k, v, np.int32(i * PREFIX_BLOCK))
         self._prefill = _Prefill(seq, len(blocks) * PREFIX_BLOCK, [])
         self.reused_tokens += len(blocks) * PREFIX_BLOCK
+        assert self._prefill.done < len(prompt) or len(prompt) == 0, "at least the last token is computed"
+        assert self._num_waiting >= len(self._waiting)  # submit counts a request before it reaches the queue
         return True
 
     def _prefill_one_chunk(self) -> int:
         """The next chunk of the staging prompt; admits it when the prompt is all in. Returns the tokens computed."""
         job = self._prefill
+        assert job is not None
         prompt = job.seq.request.prompt_ids
         n = min(self.chunk_buckets[-1], len(prompt) - job.done)
+        assert n >= 1, "a prompt in staging has tokens left to compute"
         T = next(bucket for bucket in self.chunk_buckets if bucket >= n)
         ids_1T, next_ids_1T = np.full((1, T), PAD_ID, np.int32), np.full((1, T), PAD_ID, np.int32)
         ids_1T[0, :n] = prompt[job.done : job.done + n]
@@ -532,6 +539,8 @@ class Engine:
             self._count(running=-1)
             self._deliver(seq, seq.event([], "", []))
             return
+        assert None in self._rows, "_start_prefill admits a generating prompt only when a row is free"
+        assert seq not in self._rows
         row = self._rows.index(None)
         bucket = next(b for b in self.copy_buckets if b >= len(prompt))
         self._slots = slots.copy_prompt_jit(self._slots, self._staging, np.int32(row), bucket=bucket)
@@ -546,6 +555,7 @@ class Engine:
         )  # fmt: skip
         out = StepOutput(*(part[None] for part in jax.device_get(outputs)))  # K = 1
         self._rows[row] = seq
+        assert self._rows.count(seq) == 1
         self._hand_out({row: [int(out.tokens_KB[0, 0])]}, out, {row: 0})
 
     def _save_prefix(self, prompt: tuple[int, ...]) -> None:
