@@ -87,3 +87,17 @@ def logit_tolerance(reference: np.ndarray) -> float:
     hundreds, where 1e-4 absolute is below float32's resolution after a few layers of sums.
     """
     return 1e-4 * max(1.0, float(np.abs(reference).max()))
+
+
+def check_rounding_error(what: str, diff_BTV: np.ndarray, argmax_agreement: float, bounds: dict, capsys) -> None:
+    """A narrowed model (bf16/int8 weights, a bf16 cache) against float32: within `bounds` (max and
+    mean |logit diff|, argmax agreement), printed for the README, and not zero (it is narrowed)."""
+    with capsys.disabled():
+        print(
+            f"\n{what}: max abs diff {diff_BTV.max():.3g} (bound {bounds['max']}), mean {diff_BTV.mean():.3g} "
+            f"(bound {bounds['mean']}), argmax agrees at {argmax_agreement:.0%} (bound {bounds['argmax']:.0%})"
+        )
+    assert diff_BTV.max() <= bounds["max"]
+    assert diff_BTV.mean() <= bounds["mean"]
+    assert argmax_agreement >= bounds["argmax"]
+    assert diff_BTV.max() > 0, f"{what}: no difference at all, so nothing was narrowed"

@@ -25,22 +25,24 @@ from jax_gpt2.tokenizer import encode, load_tokenizer
 MAX_ROUNDS = 500  # every test run ends long before; a scheduling bug fails instead of hanging
 
 
+def tiny_model(tmp_path_factory, positions: int):
+    """(weights, config, tokenizer) of a tiny random checkpoint with a trained byte-level BPE."""
+    folder = tmp_path_factory.mktemp(f"tiny-engine-{positions}")
+    vocab_size = train_tokenizer(folder, 300)
+    config = hf_config(**{**TINY, "vocab_size": vocab_size, "n_positions": positions})
+    save_safetensors(random_hf_model(config, 0.3), folder)
+    return load_weights(folder), load_config(folder), load_tokenizer(folder)
+
+
 @pytest.fixture(scope="module")
 def model(tmp_path_factory):
-    """(weights, config, tokenizer) of a tiny random checkpoint with a trained byte-level BPE."""
-    folder = tmp_path_factory.mktemp("tiny-engine")
-    vocab_size = train_tokenizer(folder, 300)
-    save_safetensors(random_hf_model(hf_config(**{**TINY, "vocab_size": vocab_size, "n_positions": 64}), 0.3), folder)
-    return load_weights(folder), load_config(folder), load_tokenizer(folder)
+    return tiny_model(tmp_path_factory, 64)
 
 
 @pytest.fixture(scope="module")
 def long_model(tmp_path_factory):
     """The same kind of model with 256 positions: room for prompts of several prefix blocks."""
-    folder = tmp_path_factory.mktemp("tiny-engine-long")
-    vocab_size = train_tokenizer(folder, 300)
-    save_safetensors(random_hf_model(hf_config(**{**TINY, "vocab_size": vocab_size, "n_positions": 256}), 0.3), folder)
-    return load_weights(folder), load_config(folder), load_tokenizer(folder)
+    return tiny_model(tmp_path_factory, 256)
 
 
 def make_engine(model, config=None, **overrides) -> Engine:
