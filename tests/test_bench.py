@@ -168,6 +168,21 @@ def test_a_missing_gguf_file_says_how_to_make_it(tmp_path):
         run_benchmarks(TINY_BENCH, ["fp32"], [1], [], new_tokens=2, repeats=1, contexts=[], progress=False, llama=llama)
 
 
+def test_a_llama_bench_that_crashes_ends_the_run_before_our_measurements(tmp_path, monkeypatch):
+    """A llama-bench built for another CPU dies of SIGILL or SIGSEGV: say so, before minutes of our figures."""
+    binary = tmp_path / "llama-bench"
+    binary.write_text("#!/bin/sh\nkill -SEGV $$\n")
+    binary.chmod(binary.stat().st_mode | stat.S_IXUSR)
+    for dtype in GGUF_TYPES:
+        gguf_path(tmp_path, "tiny-L2", dtype).write_bytes(b"GGUF")
+    measured = []
+    monkeypatch.setattr("jax_gpt2.tools.bench.bench_dtype", lambda *args: measured.append(args))
+    llama = LlamaPeer(binary, tmp_path, "tiny-L2", threads=2)
+    with pytest.raises(ValueError, match="died of SIGSEGV on tiny-L2-f32.gguf: a build for another CPU"):
+        run_benchmarks(TINY_BENCH, ["fp32"], [1], [], new_tokens=2, repeats=1, contexts=[], progress=False, llama=llama)
+    assert measured == []
+
+
 def test_llama_bench_runs_with_our_thread_count_and_reads_pp_and_tg():
     command = llama_bench_command("llama-bench", "m.gguf", threads=2, prompt_len=128, new_tokens=128, repeats=3)
     assert command[command.index("-t") + 1] == "2"

@@ -382,10 +382,14 @@ def run_benchmarks(
     plan = [("decode", batch, 20) for batch in batches] + [("decode", 1, context) for context in contexts]
     plan += [("prefill", 1, length) for length in prefill_lens]
     bar = tqdm(total=len(dtypes) * (len(plan) + 1) + 1, desc="benchmarks", disable=not progress)
+    # llama.cpp first: a llama-bench that cannot run these files ends the run before minutes of ours.
+    llama_runs = {} if llama is None else {
+        dtype: run_llama_bench(llama.binary, gguf_path(llama.gguf_dir, llama.stem, dtype), llama.threads) for dtype in dtypes
+    }  # fmt: skip
     for dtype in dtypes:
         run = bench_dtype(config, state, model, dtype, plan, new_tokens, repeats, kv_dtype, torch_device, mesh, bandwidths, bar.update)
-        if llama is not None:
-            run["llama"] = run_llama_bench(llama.binary, gguf_path(llama.gguf_dir, llama.stem, dtype), llama.threads)
+        if dtype in llama_runs:
+            run["llama"] = llama_runs[dtype]
         results["runs"].append(run)
         bandwidths.append(measure_bandwidth_gbs())
     results["without_kernels"] = bench_without_kernels(config, state, dtypes, new_tokens, repeats, kv_dtype)

@@ -10,6 +10,7 @@ empty context).
 """
 
 import json
+import signal
 import subprocess
 from pathlib import Path
 
@@ -61,6 +62,11 @@ def run_llama_bench(
         raise FileNotFoundError(f"no GGUF file {gguf} (bash benchmarks/build_llama_cpp.sh convert PRESET [LAYERS])")
     command = llama_bench_command(Path(binary), Path(gguf), threads, prompt_len, new_tokens, repeats)
     result = subprocess.run(command, capture_output=True, text=True, timeout=3600)
+    if result.returncode < 0:
+        raise ValueError(
+            f"llama-bench died of {signal.Signals(-result.returncode).name} on {Path(gguf).name}: a build for another "
+            f"CPU? rebuild it here (rm -r .peers/llama.cpp/build; bash benchmarks/build_llama_cpp.sh build)"
+        )
     if result.returncode != 0:
         raise ValueError(f"llama-bench failed ({result.returncode}): {result.stderr.strip()[-1000:]}")
     figures = parse_llama_bench_json(result.stdout, prompt_len, new_tokens)
