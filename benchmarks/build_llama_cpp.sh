@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # llama.cpp as a benchmark peer, built from source here, never committed (everything under .peers/).
 #
-#   bash benchmarks/build_llama_cpp.sh build            # sdist -> .peers/llama.cpp, llama-bench built
+#   bash benchmarks/build_llama_cpp.sh build [--no-amx] # sdist -> .peers/llama.cpp, llama-bench built
 #   bash benchmarks/build_llama_cpp.sh convert [PRESET] [LAYERS]
 #                                                       # the bench's random weights -> .peers/gguf/*.gguf
 #   flock /tmp/jax-gpt2-bench.lock uv run jax-gpt2 bench \
@@ -34,8 +34,13 @@ build() {
   local unpacked="$PEERS/$(basename "$sdist" .tar.gz)"
   [ -d "$unpacked" ] || tar xzf "$sdist" -C "$PEERS"
   ln -sfn "$unpacked/vendor/llama.cpp" "$SOURCE"
+  # --no-amx: some VMs report AMX in /proc/cpuinfo but do not let a process use it; -march=native
+  # then builds ggml's AMX matmul, and q8_0 dies of SIGILL in it (measured on the 2-core Xeon here).
+  local amx=()
+  [ "${1:-}" = "--no-amx" ] && amx=("-DCMAKE_C_FLAGS=-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
+                                    "-DCMAKE_CXX_FLAGS=-mno-amx-tile -mno-amx-int8 -mno-amx-bf16")
   cmake -S "$SOURCE" -B "$SOURCE/build" -DCMAKE_BUILD_TYPE=Release -DLLAMA_CURL=OFF -DGGML_NATIVE=ON \
-    -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_SERVER=OFF
+    -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_SERVER=OFF "${amx[@]}"
   nice cmake --build "$SOURCE/build" -j"$(nproc)" --target llama-bench
   "$SOURCE/build/bin/llama-bench" --help >/dev/null
   echo "built $SOURCE/build/bin/llama-bench"
@@ -72,7 +77,7 @@ print(write_bench_model(Path(sys.argv[1]), sys.argv[2], int(sys.argv[3]) if sys.
 }
 
 case "${1:-}" in
-  build) build ;;
+  build) shift; build "$@" ;;
   convert) shift; convert "$@" ;;
-  *) echo "usage: $0 build | convert [PRESET] [LAYERS]" >&2; exit 2 ;;
+  *) echo "usage: $0 build [--no-amx] | convert [PRESET] [LAYERS]" >&2; exit 2 ;;
 esac
