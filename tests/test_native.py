@@ -38,6 +38,7 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 import pytest
+from decode_cases import decode_rows
 
 from jax_gpt2 import empty_cache, generate, gpt2_forward, gpt2_forward_cached, load_config, load_weights
 from jax_gpt2.generate import left_pad
@@ -258,21 +259,6 @@ def test_values_in_padding_columns_never_reach_the_output(dtype, use_kernel):
 
 
 # --- decode attention ----------------------------------------------------------------------------
-
-
-def decode_rows(S: int) -> tuple[np.ndarray, np.ndarray]:
-    """start_B, end_B (inclusive): every case the kernel treats apart, one row each."""
-    rows = [
-        (0, S - 1),  # the whole cache
-        (min(3, S - 1), S - 1),  # left padding
-        (S // 2, S // 2),  # one visible slot
-        (min(2, S - 1), S + 4),  # end past the last slot: clamped, like XLA's dropped write
-        (-3, S // 3),  # start before slot 0 (nothing to skip)
-        (S // 2 + 1, S // 2),  # start > end: nothing visible
-        (S, S + 2),  # starts past the cache: nothing visible
-    ]
-    start_B, end_B = np.array(rows, np.int32).T
-    return start_B, end_B
 
 
 def xla_decode_attention(q_BTNH, k_LBNSH, v_LBNSH, start_B, end_B, layer, scale) -> np.ndarray:
