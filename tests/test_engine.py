@@ -117,8 +117,8 @@ def test_greedy_sequences_equal_generate_while_slots_are_reused(model):
 def test_a_bf16_cache_engine_gives_generates_bf16_cache_tokens(model):
     weights, config, tokenizer = model
     engine = make_engine(model, kv_dtype=jnp.bfloat16)
-    assert engine._slots.cache.k_LBNSH.dtype == jnp.bfloat16
-    assert engine._staging.k_LBNSH.dtype == jnp.bfloat16  # prefill chunks are written in the cache's dtype
+    assert engine._slots.cache.kv_dtype == jnp.bfloat16
+    assert engine._staging.kv_dtype == jnp.bfloat16  # prefill chunks are written in the cache's dtype
     requests = [sequence(encode(tokenizer, p), max_tokens=6) for p in PROMPTS[:3]]
     collector = Collector()
     seq_ids = engine.submit(requests, collector)

@@ -184,7 +184,10 @@ def attention_inputs(L: int, B: int, N: int, S: int, H: int, cache_dtype: str, s
 
 
 def kernel_attention(q_BNH, k_LBNSH, v_LBNSH, start_B, end_B, layer: int, scale: float, march: str) -> np.ndarray:
-    kernel = "attention_bf16" if k_LBNSH.dtype == ml_dtypes.bfloat16 else "attention"
+    bf16 = k_LBNSH.dtype == ml_dtypes.bfloat16
+    kernel = "attention_bf16" if bf16 else "attention"
+    if bf16:  # the kernel takes a bfloat16 cache as its bits, as the model stores it (kvcache.py)
+        k_LBNSH, v_LBNSH = k_LBNSH.view(np.uint16), v_LBNSH.view(np.uint16)
     result = jax.ShapeDtypeStruct(q_BNH.shape, jnp.float32)
     call = jax.ffi.ffi_call(native.target_name(kernel, march), result, vmap_method="sequential")
     operands = map(jnp.asarray, (q_BNH, k_LBNSH, v_LBNSH, start_B, end_B))

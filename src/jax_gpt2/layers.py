@@ -10,7 +10,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-from jax_gpt2 import kernels
+from jax_gpt2 import kernels, kvcache
 from jax_gpt2.config import SUPPORTED_ACTIVATIONS
 from jax_gpt2.weights import PackedMatrix
 
@@ -166,7 +166,8 @@ def can_use_decode_kernel(q_BTNH: jax.Array, k_LBNSH: jax.Array, use_kernels: bo
     assert q_BTNH.ndim == 4
     assert k_LBNSH.ndim == 5
     one_query = q_BTNH.shape[1] == 1
-    return use_kernels and one_query and q_BTNH.dtype == jnp.float32 and kernels.has_decode_kernel(k_LBNSH.dtype)
+    kv_dtype = kvcache.kv_dtype_of(k_LBNSH)
+    return use_kernels and one_query and q_BTNH.dtype == jnp.float32 and kernels.has_decode_kernel(kv_dtype)
 
 
 def attention(
@@ -187,7 +188,7 @@ def attention(
     assert mask_BTS.shape == (B, T, k_LBNSH.shape[3])
     if can_use_decode_kernel(q_BTNH, k_LBNSH, use_kernels):
         return kernels.decode_attention(q_BTNH, k_LBNSH, v_LBNSH, start_B, end_B, layer, scale)
-    k_BNSH, v_BNSH = k_LBNSH[layer, :B], v_LBNSH[layer, :B]
+    k_BNSH, v_BNSH = kvcache.values(k_LBNSH[layer, :B]), kvcache.values(v_LBNSH[layer, :B])
     if T == k_BNSH.shape[2] and T > ATTENTION_BLOCK:
         out_BTNH = causal_attention_in_blocks(q_BTNH, k_BNSH, v_BNSH, mask_BTS, scale, ATTENTION_BLOCK)
     else:

@@ -6,6 +6,7 @@ import numpy as np
 
 from jax_gpt2.config import KV_DTYPES
 from jax_gpt2.kernels import native
+from jax_gpt2.kvcache import kv_dtype_of
 
 # The kernel for each cache dtype, by its name in native.TARGETS. A float32 query either way:
 # the bfloat16 cache is widened as it is read, so the attention math stays float32.
@@ -38,9 +39,10 @@ def decode_attention(
     assert k_LBNSH.shape[4] == H
     assert v_LBNSH.shape == k_LBNSH.shape
     assert v_LBNSH.dtype == k_LBNSH.dtype
-    assert has_decode_kernel(k_LBNSH.dtype), f"no decode-attention kernel over a {k_LBNSH.dtype} cache"
+    kv_dtype = kv_dtype_of(k_LBNSH)  # a bfloat16 cache comes as its uint16 bits (kvcache.py), read as such
+    assert has_decode_kernel(kv_dtype), f"no decode-attention kernel over a {kv_dtype} cache"
     result = jax.ShapeDtypeStruct((B, N, H), jnp.float32)
-    target = native.target_name(DECODE_TARGETS[k_LBNSH.dtype.name])
+    target = native.target_name(DECODE_TARGETS[kv_dtype.name])
     call = jax.ffi.ffi_call(target, result, vmap_method="sequential")
     out_BNH = call(
         q_BTNH.reshape(B, N, H), k_LBNSH, v_LBNSH, start_B.astype(jnp.int32), end_B.astype(jnp.int32),

@@ -113,14 +113,14 @@ ffi::Error DecodeAttentionF32(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, 
   return ffi::Error::Success();
 }
 
-ffi::Error DecodeAttentionBF16(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::BF16> k, ffi::Buffer<ffi::BF16> v,
+// A bfloat16 cache arrives as its bits, uint16 (kvcache.py says why).
+ffi::Error DecodeAttentionBF16(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::U16> k, ffi::Buffer<ffi::U16> v,
                                ffi::Buffer<ffi::S32> start, ffi::Buffer<ffi::S32> end, int64_t layer, float scale,
                                ffi::ResultBuffer<ffi::F32> out) {
   jax_gpt2::CacheShape shape;
   ffi::Error error = CheckAttentionShapes(q, k, v, start, end, layer, &shape);
   if (error.failure()) return error;
-  jax_gpt2::DecodeAttention(q.typed_data(), reinterpret_cast<const uint16_t*>(k.untyped_data()),
-                            reinterpret_cast<const uint16_t*>(v.untyped_data()), start.typed_data(),
+  jax_gpt2::DecodeAttention(q.typed_data(), k.typed_data(), v.typed_data(), start.typed_data(),
                             end.typed_data(), shape, q.dimensions()[0], layer, scale,
                             out->typed_data(), Pool());
   return ffi::Error::Success();
@@ -160,8 +160,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(
     JaxGpt2DecodeAttentionBF16, DecodeAttentionBF16,
     ffi::Ffi::Bind()
         .Arg<ffi::Buffer<ffi::F32>>()
-        .Arg<ffi::Buffer<ffi::BF16>>()
-        .Arg<ffi::Buffer<ffi::BF16>>()
+        .Arg<ffi::Buffer<ffi::U16>>()
+        .Arg<ffi::Buffer<ffi::U16>>()
         .Arg<ffi::Buffer<ffi::S32>>()
         .Arg<ffi::Buffer<ffi::S32>>()
         .Attr<int64_t>("layer")
