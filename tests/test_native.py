@@ -40,7 +40,7 @@ import numpy as np
 import pytest
 from decode_cases import decode_rows
 
-from jax_gpt2 import empty_cache, generate, gpt2_forward, gpt2_forward_cached, load_config, load_weights
+from jax_gpt2 import empty_cache, generate, gpt2_forward, gpt2_forward_cached, kvcache, load_config, load_weights
 from jax_gpt2.generate import left_pad
 from jax_gpt2.kernels import decode_attention, native, packed_matmul
 from jax_gpt2.layers import cached_attention, can_use_decode_kernel
@@ -266,7 +266,8 @@ def xla_decode_attention(q_BTNH, k_LBNSH, v_LBNSH, start_B, end_B, layer, scale)
     slots_S = np.arange(k_LBNSH.shape[3])
     visible_BS = (slots_S[None, :] >= start_B[:, None]) & (slots_S[None, :] <= end_B[:, None])
     mask_BTS = jnp.asarray(visible_BS[:, None, :])
-    return np.asarray(cached_attention(q_BTNH, k_LBNSH[layer], v_LBNSH[layer], mask_BTS, scale))
+    k_BNSH, v_BNSH = kvcache.values(k_LBNSH[layer]), kvcache.values(v_LBNSH[layer])
+    return np.asarray(cached_attention(q_BTNH, k_BNSH, v_BNSH, mask_BTS, scale))
 
 
 def random_attention_inputs(L: int, B: int, N: int, S: int, H: int, seed: int = 0):
@@ -305,7 +306,7 @@ def test_decode_attention_equals_xla_masked_attention(H, S, scale_name):
 
 def test_the_decode_kernel_takes_a_bf16_cache_only_where_its_kernel_is_registered():
     q_BTNH, k_LBNSH, _ = random_attention_inputs(1, 2, 2, 5, 8)
-    k_bf16_LBNSH = k_LBNSH.astype(jnp.bfloat16)
+    k_bf16_LBNSH = kvcache.stored(k_LBNSH, jnp.bfloat16)  # as the model stores it: the bits, uint16
     assert can_use_decode_kernel(q_BTNH, k_bf16_LBNSH, use_kernels=True) == native.is_registered("attention_bf16")
     assert can_use_decode_kernel(q_BTNH, k_LBNSH, use_kernels=True) == KERNELS
     assert not can_use_decode_kernel(q_BTNH, k_LBNSH, use_kernels=False)
@@ -323,12 +324,12 @@ def test_bf16_cache_decode_attention_equals_xla_masked_attention(H, S):
     start_B, end_B = decode_rows(S)
     L, B, N = 2, len(start_B), 3
     q_BTNH, k_LBNSH, v_LBNSH = random_attention_inputs(L, B, N, S, H)
-    k_LBNSH, v_LBNSH = k_LBNSH.astype(jnp.bfloat16), v_LBNSH.astype(jnp.bfloat16)
+    k_LBNSH, v_LBNSH = kvcache.stored(k_LBNSH, jnp.bfloat16), kvcache.stored(v_LBNSH, jnp.bfloat16)
     assert can_use_decode_kernel(q_BTNH, k_LBNSH, use_kernels=True)
     for layer in range(L):
         kernel_BTNH = decode_attention(q_BTNH, k_LBNSH, v_LBNSH, jnp.asarray(start_B), jnp.asarray(end_B), layer, H**-0.5)
         reference_BTNH = xla_decode_attention(q_BTNH, k_LBNSH, v_LBNSH, start_B, end_B, layer, H**-0.5)
-        assert_attention_close(kernel_BTNH, reference_BTNH, v_LBNSH.astype(jnp.float32), f"layer {layer}")
+        assert_attention_close(kernel_BTNH, reference_BTNH, kvcache.values(v_LBNSH).astype(jnp.float32), f"layer {layer}")
 
 
 @needs_kernels
