@@ -150,6 +150,32 @@ def test_sequences_joining_mid_flight_with_mixed_settings_equal_generate(model):
         assert collector.ids(seq_id) == reference(model, request), request
 
 
+def test_short_prompts_arriving_together_are_prefilled_in_one_pass_and_equal_generate(model, monkeypatch):
+    """Short prompts at the head of the queue share one batched prefill (as many as rows are free); a
+    prompt longer than a chunk goes through staging; every sequence still equals generate."""
+    engine = make_engine(model, max_batch=4, prefill_chunk=16)
+    assert engine.batch_limit == 16
+    batches, prefill_rows = [], slots.prefill_rows_jit
+    monkeypatch.setattr(slots, "prefill_rows_jit",
+                        lambda *args: batches.append(int((args[3] < 4).sum())) or prefill_rows(*args))  # fmt: skip
+    ids = [tuple(encode(model[2], p))[:12] for p in PROMPTS]
+    long = tuple(encode(model[2], " ".join(PROMPTS)))[:20]  # over one chunk of 16
+    requests = [
+        sequence(ids[0], 12), sequence(ids[2], 9, temperature=1.0, seed=5, index=1), sequence(ids[3], 2),
+        sequence(long, 10), sequence(ids[4], 6), sequence(ids[1], 8, top_k=5, temperature=0.7, seed=2),
+    ]  # fmt: skip
+    assert [len(r.prompt_ids) <= engine.batch_limit for r in requests] == [True, True, True, False, True, True]
+    collector = Collector()
+    seq_ids = engine.submit(requests, collector)
+    run_until_idle(engine)
+    assert batches[0] == 3  # the three short prompts before the long one, in one pass
+    assert sum(batches) == 5  # every short prompt went the batched way; the long one through staging
+    for seq_id, request in zip(seq_ids, requests):
+        assert collector.ids(seq_id) == reference(model, request), request
+    assert collector.finish(seq_ids[2]) in ("length", "stop")
+    assert engine.num_active == 0
+
+
 def test_greedy_rows_beside_sampling_rows_are_exactly_greedy():
     """A batch with a sampling, filtering, penalizing row runs every sampler stage; its temperature 0,
     penalty 1 rows must still take the argmax."""
@@ -268,6 +294,9 @@ def test_a_warm_engine_compiles_nothing_new_under_load(model):
     ]
     engine.submit(requests, Collector())
     engine.submit([SequenceRequest((3, 4, 5), SamplingSettings(max_new_tokens=0), prompt_logprobs=2)], Collector())
+    run_until_idle(engine)
+    short = [SequenceRequest(tuple(range(1, n + 1)), SamplingSettings(max_new_tokens=4, temperature=n % 2)) for n in (2, 7, 12)]
+    engine.submit(short, Collector())  # prefilled together (prefill_rows), as a batch of 3 in width 4
     run_until_idle(engine)
     assert compiled_count() == compiled
 

@@ -5,7 +5,8 @@
     staging   a one-row KVCache of S slots where a prompt is prefilled, chunk by chunk
 
     prefill_chunk   the next prompt tokens into staging; the last token's logits, prompt logprobs if asked
-    copy_prompt     staging's filled slots into a free row            admit   pick a new row's first token
+    copy_prompt     staging's filled slots into a free row            admit   pick new rows' first tokens
+    prefill_rows    short prompts, several at once, straight into free rows, and their first tokens
     decode_chunk    up to K steps of rows [0, W): feed each pending token, pick the next
     move_slots, move_state   a row's filled slots and state to a lower row (so W can shrink)
     release         mark rows done          read_block, restore_block   prefix-cache blocks out of / into staging
@@ -28,7 +29,7 @@ from jax.sharding import NamedSharding
 from jax_gpt2.config import GPT2Config
 from jax_gpt2.generate import PAD_ID
 from jax_gpt2.kvcache import KVCache
-from jax_gpt2.model import empty_cache, lm_logits, transformer
+from jax_gpt2.model import empty_cache, lm_logits, transformer, transformer_from_empty
 from jax_gpt2.sharding import cache_specs, rows_spec
 from jax_gpt2.sampling import (
     MAX_TOP_LOGPROBS, SamplingParams, SamplingSettings, choose_tokens, pick_logits, runtime_flags, sampling_params,
@@ -188,31 +189,64 @@ def copy_prompt(slots: Slots, staging: KVCache, row: jax.Array, bucket: int) -> 
 
 
 def admit(
-    slots: Slots, last_logits_1V: jax.Array, prompt_ids_1S: jax.Array, num_prompt: jax.Array, row: jax.Array,
-    keys_1: jax.Array, params_1: SamplingParams, limit: jax.Array, want_logprobs: jax.Array, eos_U: jax.Array,
+    slots: Slots, last_logits_PV: jax.Array, prompt_ids_PT: jax.Array, num_prompt_P: jax.Array, rows_P: jax.Array,
+    keys_P2: jax.Array, params_P: SamplingParams, limit_P: jax.Array, want_logprobs_P: jax.Array, eos_U: jax.Array,
 ) -> tuple[Slots, tuple[jax.Array, ...]]:  # fmt: skip
-    """Start a prefilled prompt (its slots already copied) in `row`: pick its first token from the
-    prompt's last logits. prompt_ids_1S holds the prompt in its first num_prompt entries."""
-    V = slots.rows.seen_BV.shape[1]
-    assert last_logits_1V.shape == (1, V)
-    assert prompt_ids_1S.shape == (1, slots.cache.max_len)
-    in_prompt_1S = jnp.arange(prompt_ids_1S.shape[1])[None, :] < num_prompt
-    one = RowState(
-        seen_BV=jnp.zeros((1, V), jnp.bool_).at[0, prompt_ids_1S[0]].max(in_prompt_1S[0]),
-        done_B=jnp.zeros((1,), jnp.bool_),
-        keys_B2=keys_1,
-        step_B=jnp.zeros((1,), jnp.int32),
-        pending_B=jnp.zeros((1,), jnp.int32),
-        limit_B=jnp.reshape(limit, (1,)),
-        logprobs_B=jnp.reshape(want_logprobs, (1,)),
-        params=params_1,
+    """Start P prefilled prompts (their slots already filled) in rows_P: pick each one's first token
+    from its prompt's last logits. prompt_ids_PT holds prompt p in its first num_prompt_P[p] entries.
+    A row of max_batch or more is a padding entry: its state is dropped, its outputs are junk."""
+    P, V = last_logits_PV.shape
+    assert V == slots.rows.seen_BV.shape[1]
+    assert prompt_ids_PT.shape[0] == P
+    assert rows_P.shape == (P,)
+    in_prompt_PT = jnp.arange(prompt_ids_PT.shape[1])[None, :] < num_prompt_P[:, None]
+    rows_PT = jnp.broadcast_to(jnp.arange(P)[:, None], prompt_ids_PT.shape)
+    new = RowState(
+        seen_BV=jnp.zeros((P, V), jnp.bool_).at[rows_PT, prompt_ids_PT].max(in_prompt_PT),
+        done_B=jnp.zeros((P,), jnp.bool_),
+        keys_B2=keys_P2,
+        step_B=jnp.zeros((P,), jnp.int32),
+        pending_B=jnp.zeros((P,), jnp.int32),
+        limit_B=limit_P,
+        logprobs_B=want_logprobs_P,
+        params=params_P,
     )
-    one, outputs = pick(one, last_logits_1V, eos_U)
-    rows = jax.tree.map(lambda all_B, one_1: all_B.at[row].set(one_1[0]), slots.rows, one)
+    new, outputs = pick(new, last_logits_PV, eos_U)
+    rows = jax.tree.map(lambda all_B, new_P: all_B.at[rows_P].set(new_P, mode="drop"), slots.rows, new)
+    old = slots.cache
     cache = dataclasses.replace(
-        slots.cache, start_B=slots.cache.start_B.at[row].set(0), end_B=slots.cache.end_B.at[row].set(num_prompt)
+        old, start_B=old.start_B.at[rows_P].set(0, mode="drop"), end_B=old.end_B.at[rows_P].set(num_prompt_P, mode="drop")
     )
     return Slots(cache, rows), outputs
+
+
+def prefill_rows(
+    slots: Slots, ids_PT: jax.Array, num_prompt_P: jax.Array, rows_P: jax.Array, keys_P2: jax.Array,
+    params_P: SamplingParams, limit_P: jax.Array, want_logprobs_P: jax.Array, eos_U: jax.Array,
+    weights: GPT2Weights, config: GPT2Config,
+) -> tuple[Slots, tuple[jax.Array, ...]]:  # fmt: skip
+    """P short prompts (right-padded to T) at once, straight into their rows: one batched pass over a
+    fresh cache of T slots (as generate prefills), its slots written to slots [0, T) of rows_P, and
+    each prompt's first token picked (`admit`). For prompts that need no staging: each fits one chunk,
+    has no prefix block to reuse or save, and wants no prompt logprobs. A row of max_batch or more is
+    a padding entry, dropped. Cheaper than P staging prefills of one row: the weights are read once
+    and attention spans T slots, not the staging cache's S."""
+    P, T = ids_PT.shape
+    assert T <= slots.cache.max_len
+    assert num_prompt_P.shape == (P,)
+    kv_dtype = slots.cache.k_LBNSH.dtype
+    hidden_PTD, fresh = transformer_from_empty(ids_PT, jnp.zeros((P,), jnp.int32), T, weights, config, kv_dtype)
+    last_PD = hidden_PTD[jnp.arange(P), num_prompt_P - 1]
+    last_logits_PV = lm_logits(last_PD[:, None], weights)[:, 0]
+    old = slots.cache
+    cache = dataclasses.replace(
+        old, k_LBNSH=old.k_LBNSH.at[:, rows_P, :, :T].set(fresh.k_LBNSH, mode="drop"),
+        v_LBNSH=old.v_LBNSH.at[:, rows_P, :, :T].set(fresh.v_LBNSH, mode="drop"),
+    )  # fmt: skip
+    new_slots, outputs = admit(Slots(cache, slots.rows), last_logits_PV, ids_PT, num_prompt_P, rows_P, keys_P2, params_P,
+                               limit_P, want_logprobs_P, eos_U)  # fmt: skip
+    assert outputs[0].shape == (P,)
+    return new_slots, outputs
 
 
 def _take_rows(slots: Slots, width: int) -> Slots:
@@ -323,6 +357,7 @@ begin_prompt_jit = jax.jit(begin_prompt, donate_argnames=("staging",))
 prefill_chunk_jit = jax.jit(prefill_chunk, static_argnames=("config",), donate_argnames=("staging",))
 copy_prompt_jit = jax.jit(copy_prompt, static_argnames=("bucket",), donate_argnames=("slots",))
 admit_jit = jax.jit(admit, donate_argnames=("slots",))
+prefill_rows_jit = jax.jit(prefill_rows, static_argnames=("config",), donate_argnames=("slots",))
 decode_chunk_jit = jax.jit(decode_chunk, static_argnames=("config", "width", "num_steps"), donate_argnames=("slots",))
 move_slots_jit = jax.jit(move_slots, static_argnames=("bucket",), donate_argnames=("slots",))
 move_state_jit = jax.jit(move_state, donate_argnames=("slots",))
@@ -331,7 +366,7 @@ read_block_jit = jax.jit(read_block)
 restore_block_jit = jax.jit(restore_block, donate_argnames=("staging",))
 JITTED = (
     empty_slots_jit, empty_staging_jit, begin_prompt_jit,
-    prefill_chunk_jit, copy_prompt_jit, admit_jit, decode_chunk_jit, move_slots_jit, move_state_jit,
+    prefill_chunk_jit, copy_prompt_jit, admit_jit, prefill_rows_jit, decode_chunk_jit, move_slots_jit, move_state_jit,
     release_jit, read_block_jit, restore_block_jit,
 )  # fmt: skip
 
