@@ -234,7 +234,7 @@ def prefill_rows(
     P, T = ids_PT.shape
     assert T <= slots.cache.max_len
     assert num_prompt_P.shape == (P,)
-    kv_dtype = slots.cache.k_LBNSH.dtype
+    kv_dtype = slots.cache.kv_dtype
     hidden_PTD, fresh = transformer_from_empty(ids_PT, jnp.zeros((P,), jnp.int32), T, weights, config, kv_dtype)
     last_PD = hidden_PTD[jnp.arange(P), num_prompt_P - 1]
     last_logits_PV = lm_logits(last_PD[:, None], weights)[:, 0]
