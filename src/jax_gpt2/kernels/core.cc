@@ -392,13 +392,17 @@ void Attention(const float* q_BNH, const KV* k_LBNSH, const KV* v_LBNSH, const i
   });
 }
 
-// A hint to the core that this thread spins (frees the sibling hyperthread, saves power).
-inline void CpuRelax() {
-#if defined(__x86_64__) || defined(__i386__)
-  __builtin_ia32_pause();
-#elif defined(__aarch64__)
-  asm volatile("isb" ::: "memory");  // `yield` is a no-op on most cores; isb waits a little, as Rust's spin hint does
-#endif
+// How long an idle thread keeps polling before it sleeps (see WaitFor).
+constexpr std::chrono::microseconds kSpinWindow{1000};
+
+// The job word's three fields (core.h).
+constexpr int kFieldBits = 24;
+constexpr uint64_t kFieldMask = (uint64_t{1} << kFieldBits) - 1;
+inline uint64_t JobGeneration(uint64_t job) { return job >> (2 * kFieldBits); }
+inline int64_t JobCount(uint64_t job) { return static_cast<int64_t>((job >> kFieldBits) & kFieldMask); }
+inline int64_t JobNext(uint64_t job) { return static_cast<int64_t>(job & kFieldMask); }
+inline uint64_t MakeJob(uint64_t generation, int64_t count, int64_t next) {
+  return generation << (2 * kFieldBits) | static_cast<uint64_t>(count) << kFieldBits | static_cast<uint64_t>(next);
 }
 
 }  // namespace
@@ -407,70 +411,93 @@ inline void CpuRelax() {
 // TilePool.
 
 TilePool::TilePool(int threads, int64_t chunks_per_thread) : chunks_per_thread_(chunks_per_thread) {
+  assert(threads >= 1);
+  assert(chunks_per_thread >= 1);
   for (int i = 1; i < threads; ++i) workers_.emplace_back([this] { WorkerLoop(); });
 }
 
 TilePool::~TilePool() {
   {
     std::lock_guard<std::mutex> lock(mu_);
-    stop_ = true;
-    generation_.fetch_add(1);
+    stop_.store(true);
+    job_.store(MakeJob(JobGeneration(job_.load()) + 1, 0, 0));
   }
   start_cv_.notify_all();
   for (auto& worker : workers_) worker.join();
 }
 
+// Hand out runs of consecutive tiles (a few per thread) rather than single tiles: fewer atomic
+// operations. Measured here, 1 to 16 runs per thread made no difference to decode speed.
+int64_t TilePool::Chunk(int64_t count) const {
+  return std::max<int64_t>(1, count / (chunks_per_thread_ * static_cast<int64_t>(workers_.size() + 1)));
+}
+
 void TilePool::Run(int64_t count, const std::function<void(int64_t)>& work) {
-  if (workers_.empty() || count == 1) {
+  assert(count >= 0);
+  assert(static_cast<uint64_t>(count) <= kFieldMask);
+  if (workers_.empty() || count <= 1) {
     for (int64_t tile = 0; tile < count; ++tile) work(tile);
     return;
   }
-  std::lock_guard<std::mutex> serial(run_mu_);  // one matmul at a time uses the pool
+  std::lock_guard<std::mutex> serial(run_mu_);  // one job at a time uses the pool
+  // No claim of the previous job is still running (all its tiles are done), so these are free to set;
+  // the release store of the job word publishes them to whoever claims from it.
   work_ = &work;
-  count_ = count;
-  // Hand out runs of consecutive tiles (a few per thread) rather than single tiles: fewer atomic
-  // operations. Measured here, 1 to 16 runs per thread made no difference to decode speed.
-  chunk_ = std::max<int64_t>(1, count / (chunks_per_thread_ * static_cast<int64_t>(workers_.size() + 1)));
-  next_.store(0);
-  active_.store(static_cast<int>(workers_.size()));
+  done_.store(0, std::memory_order_relaxed);
   {
-    std::lock_guard<std::mutex> lock(mu_);
-    generation_.fetch_add(1);
+    std::lock_guard<std::mutex> lock(mu_);  // a worker about to sleep re-checks the word under mu_
+    job_.store(MakeJob(JobGeneration(job_.load()) + 1, count, 0), std::memory_order_release);
   }
   start_cv_.notify_all();
   TakeTiles();
-  WaitFor([this] { return active_.load() == 0; }, done_cv_);
+  WaitFor([&] { return done_.load(std::memory_order_acquire) == count; }, done_cv_);
 }
 
 void TilePool::TakeTiles() {
-  for (int64_t first = next_.fetch_add(chunk_); first < count_; first = next_.fetch_add(chunk_))
-    for (int64_t tile = first; tile < std::min(first + chunk_, count_); ++tile) (*work_)(tile);
+  uint64_t job = job_.load(std::memory_order_acquire);
+  while (true) {
+    const int64_t count = JobCount(job), first = JobNext(job);
+    if (first >= count) return;
+    const int64_t end = std::min(first + Chunk(count), count);
+    // On failure `job` is reloaded (another thread claimed, or a new job began) and we try again.
+    if (!job_.compare_exchange_weak(job, MakeJob(JobGeneration(job), count, end), std::memory_order_acq_rel,
+                                    std::memory_order_acquire))
+      continue;
+    for (int64_t tile = first; tile < end; ++tile) (*work_)(tile);
+    if (done_.fetch_add(end - first, std::memory_order_acq_rel) + (end - first) == count) {
+      std::lock_guard<std::mutex> lock(mu_);  // the caller may be asleep on done_cv_
+      done_cv_.notify_one();
+    }
+  }
 }
 
+// Waits until ready(): polls it, yielding the core between polls, for up to kSpinWindow, then sleeps
+// on cv. Why yield rather than spin on `pause`: when other processes keep every core busy, a woken
+// worker is often placed on its caller's core, and a worker spinning there keeps the caller off it
+// for the whole spin (measured on this 2-core VM under load: ~57 us lost per call, as long as a
+// batch-1 int8 matmul; with yield, ~1 us). On an idle core a yield returns at once. Why so long a
+// window: the kernel calls of a decode step come every ~0.1 ms, a new step within a millisecond,
+// and a worker asleep costs a futex wake and a VM's wake-up latency every time.
 template <typename Ready>
 void TilePool::WaitFor(Ready ready, std::condition_variable& cv) {
-  auto deadline = std::chrono::steady_clock::now() + std::chrono::microseconds(50);
-  for (int spins = 0; !ready(); ++spins) {
-    CpuRelax();
-    if ((spins & 255) == 0 && std::chrono::steady_clock::now() > deadline) {
+  auto deadline = std::chrono::steady_clock::now() + kSpinWindow;
+  while (!ready()) {
+    if (std::chrono::steady_clock::now() > deadline) {
       std::unique_lock<std::mutex> lock(mu_);
       cv.wait(lock, ready);
       return;
     }
+    std::this_thread::yield();
   }
 }
 
 void TilePool::WorkerLoop() {
-  uint64_t seen = 0;  // not generation_.load(): a Run may already have started before this thread did
+  uint64_t seen = 0;  // not the current generation: a Run may already have started before this thread did
   while (true) {
-    WaitFor([&] { return generation_.load() != seen; }, start_cv_);
-    seen = generation_.load();
-    if (stop_) return;
+    WaitFor([&] { return JobGeneration(job_.load(std::memory_order_acquire)) != seen; }, start_cv_);
+    if (stop_.load()) return;
+    seen = JobGeneration(job_.load(std::memory_order_acquire));
     TakeTiles();
-    if (active_.fetch_sub(1) == 1) {
-      std::lock_guard<std::mutex> lock(mu_);
-      done_cv_.notify_one();
-    }
   }
 }
 

@@ -26,10 +26,15 @@ namespace jax_gpt2 {
 
 constexpr int64_t kTileColumns = 64;
 
-// A persistent pool: tiles are handed out by an atomic counter, so a thread slowed by another
-// process on the machine simply takes fewer tiles. Workers spin briefly between calls (the next
-// matmul of a decode step follows within microseconds), then sleep. Each tile is computed by one
-// thread in one order, so results never depend on how the work was split.
+// A persistent pool. Run publishes a job as one atomic word (generation, tile count, next tile), and
+// every thread, the caller included, claims runs of consecutive tiles from it by compare-and-swap;
+// the caller returns once every tile is done. The caller never waits for a worker that has claimed
+// nothing: on a machine shared with other processes a worker may be asleep or descheduled for
+// milliseconds, while a whole batch-1 int8 matmul takes ~0.1 ms, so waiting for every worker to
+// check in (as this pool once did) cost more than the matmul. A thread slowed by another process
+// simply takes fewer tiles. Workers spin briefly between calls (the next matmul of a decode step
+// follows within microseconds), then sleep. Each tile is computed by one thread in one order, so
+// results never depend on how the work was split.
 class TilePool {
  public:
   TilePool(int threads, int64_t chunks_per_thread);
@@ -37,11 +42,13 @@ class TilePool {
   TilePool(const TilePool&) = delete;
   TilePool& operator=(const TilePool&) = delete;
 
-  // Runs work(tile) for every tile in [0, count) across the calling thread and the workers.
+  // Runs work(tile) for every tile in [0, count) across the calling thread and the workers;
+  // count < 2^24 (the job word's field).
   void Run(int64_t count, const std::function<void(int64_t)>& work);
 
  private:
   void TakeTiles();
+  int64_t Chunk(int64_t count) const;
   template <typename Ready>
   void WaitFor(Ready ready, std::condition_variable& cv);
   void WorkerLoop();
@@ -49,14 +56,14 @@ class TilePool {
   std::vector<std::thread> workers_;
   std::mutex mu_, run_mu_;
   std::condition_variable start_cv_, done_cv_;
-  std::atomic<uint64_t> generation_{0};
-  std::atomic<int64_t> next_{0};
-  std::atomic<int> active_{0};
+  // The published job: generation (bits 48-63) | tile count (24-47) | next unclaimed tile (0-23).
+  // A claim is valid only against the word it read, so a worker that wakes late can never claim a
+  // tile of a job that has ended: that job's word is gone.
+  std::atomic<uint64_t> job_{0};
+  std::atomic<int64_t> done_{0};  // tiles finished in the current job
   const std::function<void(int64_t)>* work_ = nullptr;
-  int64_t count_ = 0;
-  int64_t chunk_ = 1;
   const int64_t chunks_per_thread_;
-  bool stop_ = false;
+  std::atomic<bool> stop_{false};
 };
 
 // The vector unit this build was compiled for: "avx512", "avx2", "neon" or "generic".
