@@ -88,8 +88,8 @@ def values(cache_x: jax.Array) -> jax.Array:
 
 def stored(new_x: jax.Array, kv_dtype) -> jax.Array:
     """New keys or values (float32) rounded to kv_dtype, in that dtype's storage form."""
-    rounded_x = new_x.astype(kv_dtype)
-    stored_x = jax.lax.bitcast_convert_type(rounded_x, STORED_AS[jnp.dtype(kv_dtype).name])
+    rounded_x, stored_dtype = new_x.astype(kv_dtype), STORED_AS[jnp.dtype(kv_dtype).name]
+    stored_x = rounded_x if rounded_x.dtype == stored_dtype else jax.lax.bitcast_convert_type(rounded_x, stored_dtype)
     assert stored_x.shape == new_x.shape
     assert kv_dtype_of(stored_x) == jnp.dtype(kv_dtype)
     return stored_x

@@ -17,8 +17,9 @@ so running streams keep getting tokens while it is read; the first token comes s
 prefill. Prompts shorter than a chunk and a prefix block (most chat turns, the benchmark's) skip
 staging: the ones at the head of the queue are prefilled together in one pass over a fresh cache of
 their length, written straight into free rows, as `generate` prefills a batch (measured on gpt2, 8
-prompts of 32 tokens: half the CPU time of eight one-row prefills through the S-slot staging). Requests sharing a prompt prefix (a system prompt, few-shot examples) copy its keys and
-values from the prefix cache instead of computing them again.
+prompts of 32 tokens: half the CPU time of eight one-row prefills through the S-slot staging).
+Requests sharing a prompt prefix (a system prompt, few-shot examples) copy its keys and values from
+the prefix cache instead of computing them again.
 
 Rows are independent (see kvcache.py): a row's tokens do not depend on its slot, its neighbours or
 when it joined, so greedy output equals `generate` on the same prompt, and a sampled sequence with
