@@ -9,12 +9,13 @@ import pytest
 
 from jax_gpt2 import kernels, load_weights
 from jax_gpt2.tools.bench import (
-    LlamaPeer, bench_model_stem, bench_without_kernels, decode_bytes_per_step, format_table, make_models, plot_results,
-    run_benchmarks, write_bench_model,
+    LlamaPeer, bench_model_stem, bench_without_kernels, decode_bytes_per_step, decode_only_rates, format_table,
+    make_models, plot_results, run_benchmarks, write_bench_model,
 )  # fmt: skip
 from jax_gpt2.cli import main
 from jax_gpt2.config import PRESETS, GPT2Config
 from jax_gpt2.kernels.native import cpu_vector_isa
+from jax_gpt2.loader import weights_for_dtype
 from jax_gpt2.tools.llama_cpp import GGUF_TYPES, gguf_path, llama_bench_command, parse_llama_bench_json
 
 
@@ -44,6 +45,18 @@ def test_narrowed_dtypes_run_against_transformers_nearest_form(tmp_path):
         assert 0 <= run["decode"][0]["token_agreement"] <= 1
     plot_results(results, tmp_path / "bench.png")
     assert (tmp_path / "bench.png").read_bytes().startswith(b"\x89PNG")
+
+
+def test_our_decode_steps_are_timed_alone_from_one_prefill_each_repeat():
+    # One prefill, then every repeat decodes from a fresh copy of it (the decode call takes over its
+    # state): a second repeat from a consumed state would fail, and each run checks it made every step.
+    config = GPT2Config(vocab_size=300, n_positions=64, n_embd=64, n_layer=2, n_head=2, bos_token_id=0, eos_token_id=0)
+    state, _ = make_models(config)
+    weights = weights_for_dtype(state, config, np.float32, pack=None)
+    prompts = [[1, 2, 3, 4, 5], [6, 7, 8, 9, 10]]
+    rates = decode_only_rates(prompts, weights, config, new_tokens=6, repeats=3, kv_dtype=np.float32)
+    assert len(rates) == 3
+    assert all(np.isfinite(rate) and rate > 0 for rate in rates)
 
 
 def test_a_rate_swamped_by_noise_is_not_a_number_rather_than_negative():

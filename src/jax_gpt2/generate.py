@@ -296,6 +296,26 @@ def generate_with_settings(
     return outputs
 
 
+def prefill_request(placed: GenerationRequest, weights: GPT2Weights, config: GPT2Config, kv_dtype) -> DecodeState:
+    """The decode state after a placed request's prompts, its cache sized for its new tokens."""
+    max_len = placed.ids_BT.shape[1] + bucket_length(placed.max_new_tokens)
+    state = _prefill_jit(placed.ids_BT, placed.start_B, placed.keys_B2, weights, config, max_len, kv_dtype)
+    assert state.done_B.shape == (placed.ids_BT.shape[0],)
+    assert state.cache.max_len == max_len
+    return state
+
+
+def decode_request(
+    state: DecodeState, placed: GenerationRequest, max_steps, chunk_steps: int, weights: GPT2Weights,
+    config: GPT2Config,
+) -> tuple[DecodeState, jax.Array, jax.Array]:  # fmt: skip
+    """Up to min(max_steps, chunk_steps) decode steps of a placed request from `state`, which is
+    donated (its buffers are reused for the result: do not read it afterwards)."""
+    assert chunk_steps >= 1
+    assert state.done_B.shape == (placed.ids_BT.shape[0],)
+    return _decode_jit(state, max_steps, placed.eos_U, placed.params, weights, config, placed.flags, chunk_steps)
+
+
 def place_request(request: GenerationRequest, mesh: "Mesh | None") -> GenerationRequest:
     """The request as the device takes it: unchanged on one device; on a mesh, its rows padded to a
     multiple of the "data" axis (copies of the last row, dropped from the results) and split over it."""
@@ -344,13 +364,10 @@ def stream_with_settings(
     request = prepare_request(prompt_ids, config, settings, eos_token_id)
     B = len(request.ids_BT)
     placed = place_request(request, weights.mesh)
-    max_len = request.ids_BT.shape[1] + bucket_length(request.max_new_tokens)
-    state = _prefill_jit(placed.ids_BT, placed.start_B, placed.keys_B2, weights, config, max_len, kv_dtype)
+    state = prefill_request(placed, weights, config, kv_dtype)
     remaining = request.max_new_tokens
     while remaining > 0:
-        state, tokens_BK, emitted_BK = _decode_jit(
-            state, np.int32(remaining), placed.eos_U, placed.params, weights, config, request.flags, chunk_steps
-        )
+        state, tokens_BK, emitted_BK = decode_request(state, placed, np.int32(remaining), chunk_steps, weights, config)
         tokens_BK, emitted_BK = fetch(tokens_BK)[:B], fetch(emitted_BK)[:B]
         for column in range(tokens_BK.shape[1]):
             if not emitted_BK[:, column].any():
