@@ -289,6 +289,17 @@ inline VF Exp(VF x) {
   return (VF)(keep & (VI32)(p * (VF)two_n));
 }
 
+// Asks for the `count` values kPrefetchBytes past `values` (a cache row further on): a layer's
+// visible slots are streamed once per step, in runs too short for the hardware prefetcher alone.
+// Measured (12 layers of one step at 990 visible slots, cache cold, both builds in one process,
+// best of 10, the loaded 2-core AVX-512 VM): bf16 cache 2.82 -> 2.72 and 2.67 -> 2.56 ms, float32
+// 5.05 -> 4.40 and 8.27 -> 5.82 ms, bf16 at batch 8 45.1 -> 41.0 ms.
+template <typename KV>
+inline void PrefetchAhead(const KV* values, int64_t count) {
+  const char* ahead = reinterpret_cast<const char*>(values) + kPrefetchBytes;
+  for (int64_t line = 0; line < count * static_cast<int64_t>(sizeof(KV)); line += 64) __builtin_prefetch(ahead + line);
+}
+
 // Attention reads a cache row of H values in blocks of kBlock = P * kLanes (one vector of words),
 // widened by WidenWords into the permuted column order; the query is permuted to match once per
 // (row, head), and the output un-permuted once. The H % kBlock values past the last block go one
@@ -339,6 +350,7 @@ inline void WeightedSum(const float* p_S, const KV* v_SH, int64_t count, int64_t
   static_assert(V % P == 0, "whole words");
   VF acc[V] = {};
   for (int64_t s = 0; s < count; ++s) {
+    PrefetchAhead(v_SH + s * H, V * kLanes);
     VF p = Splat(p_S[s]), v[V];
 #pragma GCC unroll 16
     for (int u = 0; u < V / P; ++u) WidenWords(v_SH + s * H + u * P * kLanes, v + u * P);
@@ -362,6 +374,7 @@ void AttendOne(const float* q_H, const KV* k_SH, const KV* v_SH, int64_t first, 
   float* score = scores.data();
   float high = -std::numeric_limits<float>::infinity();
   for (int64_t s = 0; s < count; ++s) {
+    PrefetchAhead(k_SH + (first + s) * H, H);
     score[s] = Dot(permuted_q.data(), k_SH + (first + s) * H, H) * scale;
     high = std::max(high, score[s]);
   }
