@@ -20,7 +20,7 @@ from jax_gpt2.tools.llama_cpp import GGUF_TYPES, gguf_path, llama_bench_command,
 
 
 def test_harness_measures_both_sides_and_the_roofline_on_a_tiny_model():
-    # Big enough that 47 decode steps take far longer than timing noise: the speed is a difference of two runs.
+    # Big enough that 47 decode steps take far longer than timing noise (transformers' rate is a difference of two runs).
     config = GPT2Config(vocab_size=1000, n_positions=128, n_embd=256, n_layer=4, n_head=4, bos_token_id=0, eos_token_id=0)
     results = run_benchmarks(config, ["fp32"], [1, 2], [8], new_tokens=48, repeats=2, contexts=[60], progress=False)
     [run] = results["runs"]
@@ -102,7 +102,7 @@ def test_each_run_records_which_path_ran():
 
 
 def test_the_no_kernel_figure_loads_every_dtype_without_kernels_beside_fp32():
-    # As large as the first test's model: the rate is a difference of two timed runs.
+    # Each dtype takes turns with the others, once per round: two rounds, two rates each.
     config = GPT2Config(vocab_size=1000, n_positions=128, n_embd=256, n_layer=4, n_head=4, bos_token_id=0, eos_token_id=0)
     state, _ = make_models(config)
     rows = bench_without_kernels(config, state, ["bf16", "int8"], new_tokens=48, repeats=2, kv_dtype="fp32")
@@ -110,6 +110,7 @@ def test_the_no_kernel_figure_loads_every_dtype_without_kernels_beside_fp32():
     assert [row["matrix_dtype"] for row in rows] == ["float32"] * 3  # widened once at load, on a CPU
     assert rows[0]["ratio_to_fp32"] == 1.0
     assert all(row["jax_tok_s"] > 0 for row in rows)
+    assert all(len(row["jax_rates"]) == 2 for row in rows)
     assert all(row["ratio_to_fp32"] == row["jax_tok_s"] / rows[0]["jax_tok_s"] for row in rows)
 
 

@@ -466,19 +466,24 @@ def bench_dtype(
 
 def bench_without_kernels(config, state, dtypes: list[str], new_tokens: int, repeats: int, kv_dtype: str) -> list[dict]:
     """Batch-1 decode (20 prompt tokens) of each dtype loaded with pack=False, in this process, beside
-    fp32 loaded the same way: where the kernels cannot run, a narrow dtype must not be the slower one."""
+    fp32 loaded the same way: where the kernels cannot run, a narrow dtype must not be the slower one.
+
+    The dtypes take turns, one timing each per round, so a host that slows down part-way through
+    slows every dtype alike instead of whichever ran last (measured here: three float32-read models,
+    timed one after another, once came out 1.00x, 0.90x and 0.49x)."""
     prompt = np.random.default_rng(1).integers(0, config.vocab_size, (1, 20)).tolist()
     cache_dtype = jnp.dtype(KV_DTYPES[kv_dtype])
-    rows = []
-    for dtype in ["fp32", *[name for name in dtypes if name != "fp32"]]:
-        weights = load_quietly(state, config, dtype, pack=False)
-        assert not weights.use_kernels
-
-        def run(count: int, weights=weights):
-            return generate(prompt, weights, config, max_new_tokens=count, kv_dtype=cache_dtype)
-
-        rates, _ = paired_rates(lambda: run(new_tokens), lambda: run(1), new_tokens - 1, repeats)
-        rows.append(dict(dtype=dtype, matrix_dtype=matrix_dtype_name(weights), jax_tok_s=median_of_finite(rates), jax_rates=rates))
+    names = ["fp32", *[name for name in dtypes if name != "fp32"]]
+    models = {name: load_quietly(state, config, name, pack=False) for name in names}
+    assert not any(weights.use_kernels for weights in models.values())
+    rates: dict[str, list[float]] = {name: [] for name in names}
+    for _ in range(repeats):
+        for name in names:
+            rates[name] += decode_only_rates(prompt, models[name], config, new_tokens, 1, cache_dtype)
+    rows = [
+        dict(dtype=name, matrix_dtype=matrix_dtype_name(models[name]), jax_tok_s=median_of_finite(rates[name]), jax_rates=rates[name])
+        for name in names
+    ]  # fmt: skip
     for row in rows:
         row["ratio_to_fp32"] = row["jax_tok_s"] / rows[0]["jax_tok_s"]
     assert rows[0]["dtype"] == "fp32"
