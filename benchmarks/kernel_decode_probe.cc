@@ -13,22 +13,15 @@
 #include <vector>
 #include <random>
 #include <algorithm>
+#include "probe_weights.h"
 #include "core.h"
 using namespace jax_gpt2;
-struct Mat { int64_t I, O, G; std::vector<int8_t> i8; std::vector<float> f32, scale; std::vector<uint16_t> bf; };
-Mat Make(int64_t I, int64_t O) {
-  Mat m; m.I=I; m.O=O; m.G=(O+63)/64;
-  m.i8.resize(m.G*I*64); m.f32.resize(m.G*I*64); m.bf.resize(m.G*I*64); m.scale.assign(m.G*64, 0.01f);
-  std::mt19937 r(1); for (size_t k=0;k<m.i8.size();++k){ m.i8[k]=(int8_t)(r()%255-127); m.f32[k]=m.i8[k]*0.01f; m.bf[k]=0x3c00;}
-  return m;
-}
-double Now(){ return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count(); }
 int main(int argc, char** argv) {
   int threads = argc > 1 ? atoi(argv[1]) : 2;
   const char* which = argc > 2 ? argv[2] : "i8";
   int M = argc > 3 ? atoi(argv[3]) : 1;
   TilePool pool(threads, 4);
-  int64_t shapes[5][2] = {{768,2304},{768,768},{768,3072},{3072,768},{768,50257}};
+  const auto& shapes = kGpt2Shapes;
   std::vector<Mat> mats; for (auto& s: shapes) mats.push_back(Make(s[0], s[1]));
   // a full token's worth: 12 copies of the 4 block matrices + lm_head, distinct memory
   std::vector<Mat> layer; for (int l=0;l<12;++l) for (int k=0;k<4;++k) layer.push_back(Make(shapes[k][0], shapes[k][1]));

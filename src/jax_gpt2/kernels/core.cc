@@ -72,10 +72,11 @@ constexpr int kLanes = JAX_GPT2_LANES;
 // every tile twice, the second time from L2, at batch 1 where nothing else is to gain from it.
 // Measured on the AVX2 build (a decode step's 49 matmuls, both builds in one process, best of 20,
 // on a loaded host): int8 13.8 -> 10.6 ms, bf16 24 -> 21-22 ms, float32 46 -> 42 ms.
-#if JAX_GPT2_LANES >= 8 || (defined(__aarch64__) && defined(__ARM_NEON))
 constexpr int kOneRowVectors = kTileColumns / JAX_GPT2_LANES;
+#if JAX_GPT2_LANES >= 8 || (defined(__aarch64__) && defined(__ARM_NEON))
+constexpr bool kOneRowPass = true;
 #else
-constexpr int kOneRowVectors = kPassVectors;  // SSE2's 16 xmm: 16 accumulators would spill; no one-pass form
+constexpr bool kOneRowPass = false;  // SSE2's 16 xmm: 16 accumulators would spill
 #endif
 static_assert(kTileColumns % (kPassVectors * kLanes) == 0, "passes must cover a tile exactly");
 
@@ -211,6 +212,13 @@ inline float Sum(F16 v) { return Sum(AddHalves<F8>(v)); }
 // (later ones find the tile in L2). A prefetch past the end of the weights never faults.
 constexpr int64_t kPrefetchBytes = 4096;
 
+// Asks for the `count` values kPrefetchBytes past `values`: a tile row or a cache row further on.
+template <typename T>
+inline void PrefetchAhead(const T* values, int64_t count) {
+  const char* ahead = reinterpret_cast<const char*>(values) + kPrefetchBytes;
+  for (int64_t line = 0; line < count * static_cast<int64_t>(sizeof(T)); line += 64) __builtin_prefetch(ahead + line);
+}
+
 // Rows [0, R) of x times columns [column, column + V * kLanes) of one tile (V vectors per tile row).
 template <int R, int V, typename W>
 inline void TilePass(const float* x_RI, int64_t I, const W* tile_IC, const float* scale_C, int64_t column,
@@ -220,9 +228,7 @@ inline void TilePass(const float* x_RI, int64_t I, const W* tile_IC, const float
   VF acc[R][V] = {};
   const W* row = tile_IC + column;
   for (int64_t i = 0; i < I; ++i, row += kTileColumns) {
-    if (prefetch)
-      for (int64_t line = 0; line < kTileColumns * static_cast<int64_t>(sizeof(W)); line += 64)
-        __builtin_prefetch(reinterpret_cast<const char*>(row) + kPrefetchBytes + line);
+    if (prefetch) PrefetchAhead(row, kTileColumns);
     VF w[V];
 #pragma GCC unroll 16
     for (int u = 0; u < V / P; ++u) WidenWords(row + u * P * kLanes, w + u * P);
@@ -253,7 +259,7 @@ void RowBlock(int64_t rows, const float* x_RI, int64_t I, const W* tile_IC, cons
   if constexpr (R > 1) {
     if (rows < R) return RowBlock<R - 1, W>(rows, x_RI, I, tile_IC, scale_C, columns, y_RO, O, first_rows);
   }
-  if constexpr (R == 1 && kOneRowVectors * kLanes == kTileColumns && kOneRowVectors % kPerWord<W> == 0) {
+  if constexpr (R == 1 && kOneRowPass && kOneRowVectors % kPerWord<W> == 0) {  // the whole tile at once
     TilePass<1, kOneRowVectors, W>(x_RI, I, tile_IC, scale_C, 0, columns, y_RO, O, first_rows);
     return;
   }
@@ -303,17 +309,12 @@ inline VF Exp(VF x) {
   return (VF)(keep & (VI32)(p * (VF)two_n));
 }
 
-// Asks for the `count` values kPrefetchBytes past `values` (a cache row further on): a layer's
-// visible slots are streamed once per step, in runs too short for the hardware prefetcher alone.
-// Measured (12 layers of one step at 990 visible slots, cache cold, both builds in one process,
-// best of 10, the loaded 2-core AVX-512 VM): bf16 cache 2.82 -> 2.72 and 2.67 -> 2.56 ms, float32
-// 5.05 -> 4.40 and 8.27 -> 5.82 ms, bf16 at batch 8 45.1 -> 41.0 ms.
-template <typename KV>
-inline void PrefetchAhead(const KV* values, int64_t count) {
-  const char* ahead = reinterpret_cast<const char*>(values) + kPrefetchBytes;
-  for (int64_t line = 0; line < count * static_cast<int64_t>(sizeof(KV)); line += 64) __builtin_prefetch(ahead + line);
-}
-
+// Decode attention prefetches its cache rows too: a layer's visible slots are streamed once per
+// step, in runs too short for the hardware prefetcher alone. Measured (12 layers of one step at 990
+// visible slots, cache cold, both builds in one process, best of 10, the loaded 2-core AVX-512 VM):
+// bf16 cache 2.82 -> 2.72 and 2.67 -> 2.56 ms, float32 5.05 -> 4.40 and 8.27 -> 5.82 ms, bf16 at
+// batch 8 45.1 -> 41.0 ms.
+//
 // Attention reads a cache row of H values in blocks of kBlock = P * kLanes (one vector of words),
 // widened by WidenWords into the permuted column order; the query is permuted to match once per
 // (row, head), and the output un-permuted once. The H % kBlock values past the last block go one

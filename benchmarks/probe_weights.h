@@ -1,0 +1,22 @@
+// Shared by the kernel probes in benchmarks/ (measurements, not part of the library): a clock, and
+// one packed gpt2 matrix in all three weight dtypes, in its own memory (so a step of them streams
+// from DRAM). Values are arbitrary: the probes time the kernels, they do not check them.
+#pragma once
+#include <chrono>
+#include <cstdint>
+#include <random>
+#include <vector>
+
+inline double Now() { return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count(); }
+
+// The four block matrices of a gpt2 layer (qkv, attn_out, fc, proj) and the lm_head, (I, O).
+constexpr int64_t kGpt2Shapes[5][2] = {{768, 2304}, {768, 768}, {768, 3072}, {3072, 768}, {768, 50257}};
+
+struct Mat { int64_t I, O, G; std::vector<int8_t> i8; std::vector<float> f32, scale; std::vector<uint16_t> bf; };
+
+inline Mat Make(int64_t I, int64_t O) {
+  Mat m; m.I=I; m.O=O; m.G=(O+63)/64;
+  m.i8.resize(m.G*I*64); m.f32.resize(m.G*I*64); m.bf.resize(m.G*I*64); m.scale.assign(m.G*64, 0.01f);
+  std::mt19937 r(1); for (size_t k=0;k<m.i8.size();++k){ m.i8[k]=(int8_t)(r()%255-127); m.f32[k]=m.i8[k]*0.01f; m.bf[k]=0x3c00;}
+  return m;
+}
