@@ -10,6 +10,7 @@
 //   one dropped input row moves a result by ~1/I of that sum, far more.
 // - attention: |out - exact| <= 1e-5 * max |v|; both are convex mixtures of the visible v rows.
 
+#include <algorithm>
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
@@ -142,12 +143,24 @@ std::vector<float> RunMatmul(Packed p, const std::string& dtype, const std::vect
   return y_MO;
 }
 
+// Each row of a batch's product equals that row's product alone, bit for bit: however the rows are
+// blocked (register blocks, tiles in pieces), every column sums over i in the same order.
+void ExpectRowsAlone(const Packed& p, const std::string& dtype, const std::vector<float>& x_MI, int64_t M,
+                     int64_t I, int64_t O, const std::vector<float>& y_MO, TilePool& pool, const std::string& what) {
+  for (int64_t m = 0; m < M; ++m) {
+    std::vector<float> x_1I(x_MI.begin() + m * I, x_MI.begin() + (m + 1) * I);
+    std::vector<float> y_1O = RunMatmul(p, dtype, x_1I, 1, false, pool);
+    Expect(std::equal(y_1O.begin(), y_1O.end(), y_MO.begin() + m * O),
+           what + ": row " + std::to_string(m) + " differs from the same row alone");
+  }
+}
+
 void TestMatmul(TilePool& pool, std::vector<TilePool*> other_pools) {
   const char* dtypes[] = {"f32", "bf16", "i8"};
   for (int64_t I : {1, 37, 768})
     for (int64_t O : {1, 63, 64, 65, 200}) {
       Packed p = Pack(I, O, static_cast<uint32_t>(I * 1000 + O));
-      for (int64_t M : {1, 2, 3, 5, 6, 7, 13}) {
+      for (int64_t M : {1, 2, 3, 5, 6, 7, 13, 32, 33}) {  // 32: the most rows taken in pieces; 33: whole tiles
         std::vector<float> x_MI = Normal(M * I, static_cast<uint32_t>(M));
         for (const char* dtype : dtypes) {
           std::string what = std::string(dtype) + " I=" + std::to_string(I) + " O=" + std::to_string(O) +
@@ -158,6 +171,7 @@ void TestMatmul(TilePool& pool, std::vector<TilePool*> other_pools) {
           Expect(RunMatmul(p, dtype, x_MI, M, true, pool) == y_MO, what + ": padding columns reached the output");
           for (TilePool* other : other_pools)
             Expect(RunMatmul(p, dtype, x_MI, M, false, *other) == y_MO, what + ": result depends on the pool");
+          if (M > 1) ExpectRowsAlone(p, dtype, x_MI, M, I, O, y_MO, pool, what);
         }
       }
     }
