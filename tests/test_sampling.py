@@ -19,6 +19,7 @@ from jax_gpt2.sampling import (
     SamplerFlags,
     SamplingSettings,
     apply_repetition_penalty,
+    first_argmax,
     flags_for,
     next_tokens,
     runtime_flags,
@@ -79,6 +80,20 @@ def test_warping_keeps_exactly_the_tokens_transformers_keeps(logits_BV, settings
     np.testing.assert_array_equal(kept(ours), kept(scores.numpy()))
     assert 1 < kept(ours).sum(axis=1).min()  # the case is not degenerate
     np.testing.assert_allclose(np.asarray(ours)[kept(ours)], scores.numpy()[kept(ours)], rtol=1e-6)
+
+
+def test_the_greedy_pick_is_numpys_argmax_with_ties_infinities_and_nans():
+    rows_BV = np.random.default_rng(1).normal(0.0, 3.0, (6, V)).astype(np.float32)
+    rows_BV[0, [7, 40, 299]] = 50.0  # a tie: the first index wins
+    rows_BV[1, :] = -np.inf  # nothing finite: index 0
+    rows_BV[2, [3, 250]] = np.inf
+    rows_BV[3, [90, 12]] = np.nan  # NaN counts as the maximum, first NaN wins
+    rows_BV[4, :] = 0.0
+    rows_BV[5, V - 1] = 1e30  # the last index
+    expected_B = np.argmax(rows_BV, axis=-1)
+    assert expected_B.tolist() == [7, 0, 3, 12, 0, V - 1]
+    assert np.asarray(jax.jit(first_argmax)(jnp.asarray(rows_BV))).tolist() == expected_B.tolist()
+    assert np.asarray(jnp.argmax(jnp.asarray(rows_BV), axis=-1)).tolist() == expected_B.tolist()
 
 
 def test_temperature_zero_rows_are_greedy_even_beside_sampling_rows(logits_BV):
