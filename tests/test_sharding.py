@@ -24,7 +24,15 @@ from jax_gpt2.cli import main
 from jax_gpt2.config import GPT2Config
 from jax_gpt2.model import split_qkv
 from jax_gpt2.tools.random_model import write_random_model
-from jax_gpt2.sharding import pad_rows, padded_rows, parse_coordinator, parse_mesh, regroup_qkv
+from jax_gpt2.sharding import (
+    _STDERR_FILTER,
+    JAX_FATAL_MARK,
+    pad_rows,
+    padded_rows,
+    parse_coordinator,
+    parse_mesh,
+    regroup_qkv,
+)
 
 TESTS = Path(__file__).parent
 # Bound given to the processes (--timeout): the wait for the coordinator and the other processes.
@@ -243,6 +251,45 @@ def test_a_killed_process_ends_the_other_with_one_line_within_the_bound(cli_mode
     assert len(errors) == 1, errors
     assert "Traceback" not in survivor.err.read_text()
     assert "Check failure" not in survivor.err.read_text()
+
+
+# What a survivor's stderr held in a run where the coordinator died (the first record's text is
+# abridged): a gRPC failure's record goes on over two more lines, then the preemption barrier's.
+FAILED_GRPC_RECORD = (
+    b"E1202 02:25:13.073000   24782 coordination_service_agent.cc:440] Failed to get a key: UNAVAILABLE\n"
+    b"Additional GRPC error information from remote target coordination_service while calling "
+    b"/xla.coordination.CoordinationService/GetKeyValue:\n"
+    b":UNKNOWN:Error received from peer  {grpc_status:14, grpc_message:\"Socket closed\"}. This is only expected "
+    b"if one of the tasks is unhealthy. Check the logs for the actual root cause.\n"
+    b"E1202 02:25:13.073586   24782 preemption_sync_manager.cc:159] Failed to cancel preemption barrier: "
+    b"FAILED_PRECONDITION: Tried to cancel non-existent barrier PREEMPTION_SYNC_BARRIER.\n"
+)
+
+
+def filtered_stderr(written: bytes) -> bytes:
+    """What the command's stderr filter passes on of `written` (given in one write)."""
+    result = subprocess.run(
+        [sys.executable, "-c", _STDERR_FILTER, JAX_FATAL_MARK, "jax-gpt2 perplexity: error: THE LINE"],
+        input=written, capture_output=True, timeout=60,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    return result.stderr
+
+
+def test_the_stderr_filter_drops_a_failed_grpc_record_with_its_lines_and_keeps_ours():
+    progress = b"perplexity:  40%|####      | 4/10 [00:01<00:01]\r"
+    gloo = b"[Gloo] Rank 1 is connected to 1 peer ranks. Expected number of connected peer ranks is : 1\n"
+    ours = b"jax-gpt2 perplexity: error: process 1 of 2: JAX's coordination service failed\n"
+    assert filtered_stderr(gloo + progress + FAILED_GRPC_RECORD + ours) == gloo + progress + ours
+    assert filtered_stderr(FAILED_GRPC_RECORD + progress + b"more text\n") == progress + b"more text\n"
+    fatal = b"F1202 02:25:14.000000   24782 client.cc:80] " + JAX_FATAL_MARK.encode() + b"\n*** stack trace\n"
+    assert filtered_stderr(progress + FAILED_GRPC_RECORD + fatal) == progress + b"\njax-gpt2 perplexity: error: THE LINE\n"
+
+
+def test_the_stderr_filter_passes_text_that_is_no_record_of_the_service():
+    other_record = b"W1202 02:25:13.000000   24782 cpu_client.cc:10] some other warning\n"
+    text = b"Traceback (most recent call last):\n  File x, line 1\nValueError: not ours to hide\n"
+    assert filtered_stderr(other_record + text) == other_record + text
 
 
 @pytest.mark.parametrize(

@@ -376,17 +376,24 @@ JAX_FATAL_MARK = "Terminating process because the JAX distributed service detect
 
 # A helper process that passes bytes from its stdin to stderr as they come, except jaxlib's
 # coordination-service log records: they are dropped, and the fatal one becomes `line` (then the
-# rest, the C++ stack trace, is dropped too). absl writes each record as one line, in one write.
+# rest, the C++ stack trace, is dropped too). absl writes each record in one write, most in one
+# line; a gRPC failure's record goes on over more lines ("Additional GRPC error information ...",
+# ":UNKNOWN:Error received from peer ..."), which arrive in the same read as the record and are
+# dropped with it, up to the next record, progress bar (a line ending in \r) or line of ours.
+# Records of the preemption barrier, which the service tears down as it fails, go too.
 _STDERR_FILTER = r"""
 import os, re, signal, sys
 signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C ends the command; this must outlive it to pass on its last words
 mark, line = sys.argv[1].encode(), sys.argv[2].encode() + b"\n"
 record = re.compile(rb"[IWEF]\d{4} ")  # absl's prefix: level, then the date
+ours = re.compile(rb"jax-gpt2 ")  # this tool's own lines
+dropped_record = re.compile(rb"coordination|preemption", re.IGNORECASE)
 line_end = re.compile(rb"[\r\n]")  # progress bars end their lines with \r
 held, last = b"", b"\n"  # last: the last byte passed on (the line starts on a fresh line)
 while chunk := os.read(0, 1 << 16):
     held += chunk
     out = []
+    dropping = False  # in the lines that go on a dropped record (within this read)
     while True:
         found = line_end.search(held)
         end = found.end() if found else 0
@@ -402,7 +409,11 @@ while chunk := os.read(0, 1 << 16):
             while os.read(0, 1 << 16):
                 pass
             sys.exit(0)
-        if not (record.match(piece) and b"coordination_service" in piece):
+        if record.match(piece):
+            dropping = dropped_record.search(piece) is not None
+        elif dropping and (piece.endswith(b"\r") or ours.match(piece)):
+            dropping = False
+        if not dropping:
             out.append(piece)
         if not held:
             break
