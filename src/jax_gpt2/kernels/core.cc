@@ -212,11 +212,18 @@ inline float Sum(F16 v) { return Sum(AddHalves<F8>(v)); }
 // (later ones find the tile in L2). A prefetch past the end of the weights never faults.
 constexpr int64_t kPrefetchBytes = 4096;
 
-// Asks for the `count` values kPrefetchBytes past `values`: a tile row or a cache row further on.
+// Asks for the `count` values at `values`: a tile row or a cache row to be read later.
+template <typename T>
+inline void Prefetch(const T* values, int64_t count) {
+  const char* bytes = reinterpret_cast<const char*>(values);
+  for (int64_t line = 0; line < count * static_cast<int64_t>(sizeof(T)); line += 64) __builtin_prefetch(bytes + line);
+}
+
+// The same, kPrefetchBytes past `values`: the row that far further on.
 template <typename T>
 inline void PrefetchAhead(const T* values, int64_t count) {
-  const char* ahead = reinterpret_cast<const char*>(values) + kPrefetchBytes;
-  for (int64_t line = 0; line < count * static_cast<int64_t>(sizeof(T)); line += 64) __builtin_prefetch(ahead + line);
+  static_assert(kPrefetchBytes % sizeof(T) == 0, "the distance is whole values");
+  Prefetch(values + kPrefetchBytes / static_cast<int64_t>(sizeof(T)), count);
 }
 
 // Batches of more rows than one register block (decode at batch 7 and up on AVX-512, 4 and up on
@@ -236,15 +243,14 @@ constexpr int64_t kPieceRowsMax = 32;  // the waiting accumulators: 32 rows x 64
 static_assert(kPieceBytes % (kTileColumns * sizeof(float)) == 0, "a piece holds whole float32 tile rows");
 static_assert(kPieceRowsMax >= 2 * kRowBlock, "pieces serve batches of two blocks or more");
 
-// The rows [i_begin, i_end) of a tile that one pass reads. Its accumulators start at zero (first) or
-// from held_RC, and end in y (last) or back in held_RC (kTileColumns floats per row of x). Block
-// `block` of `blocks` asks for every blocks-th row of the next piece; blocks == 0 asks for the
-// rows 4 KiB ahead instead (a whole tile in one piece, or the first block of the first piece).
+// The rows [i_begin, i_end) of a tile that one pass reads. Its accumulators start at zero (the first
+// piece, i_begin == 0) or from held_RC, and end in y (the last, i_end == I) or back in held_RC
+// (kTileColumns floats per row of x). Block `block` of `blocks` asks for every blocks-th row of the
+// next piece; blocks == 0 asks for the rows 4 KiB ahead instead (a whole tile in one piece, or the
+// first block of the first piece).
 struct Piece {
   int64_t i_begin;
   int64_t i_end;
-  bool first;
-  bool last;
   float* held_RC;
   int64_t blocks;
   int64_t block;
@@ -257,7 +263,7 @@ inline void TilePass(const float* x_RI, int64_t I, const W* tile_IC, const float
   constexpr int P = kPerWord<W>;
   static_assert(V % P == 0, "a pass widens whole words");
   VF acc[R][V] = {};
-  if (!piece.first) {
+  if (piece.i_begin > 0) {
     for (int r = 0; r < R; ++r)
       for (int j = 0; j < V; ++j) acc[r][j] = Load<VF>(piece.held_RC + r * kTileColumns + column + j * kLanes);
   }
@@ -270,8 +276,7 @@ inline void TilePass(const float* x_RI, int64_t I, const W* tile_IC, const float
         PrefetchAhead(row, kTileColumns);
       } else if (turn-- == 0) {
         turn = piece.blocks - 1;
-        const char* next = reinterpret_cast<const char*>(row + next_piece);
-        for (int64_t b = 0; b < kTileColumns * int64_t{sizeof(W)}; b += 64) __builtin_prefetch(next + b);
+        Prefetch(row + next_piece, kTileColumns);
       }
     }
     VF w[V];
@@ -284,7 +289,7 @@ inline void TilePass(const float* x_RI, int64_t I, const W* tile_IC, const float
       for (int j = 0; j < V; ++j) acc[r][j] += w[j] * xi;
     }
   }
-  if (!piece.last) {
+  if (piece.i_end < I) {
     for (int r = 0; r < R; ++r)
       for (int j = 0; j < V; ++j) Store(piece.held_RC + r * kTileColumns + column + j * kLanes, acc[r][j], kLanes);
     return;
@@ -329,12 +334,12 @@ void OneTile(const float* x_MI, int64_t M, int64_t I, const W* tiles_GIC, const 
   alignas(64) float held_MC[kPieceRowsMax * kTileColumns];
   bool in_pieces = std::is_same_v<W, float> && M > kRowBlock && M <= kPieceRowsMax;
   int64_t piece_rows = in_pieces ? kPieceBytes / (kTileColumns * int64_t{sizeof(W)}) : I;
+  int64_t blocks = (M + kRowBlock - 1) / kRowBlock;
   for (int64_t i = 0; i < I; i += piece_rows) {
     int64_t i_end = std::min(I, i + piece_rows);
-    int64_t blocks = (M + kRowBlock - 1) / kRowBlock;
     for (int64_t m = 0; m < M; m += kRowBlock) {
       bool spread = in_pieces && !(i == 0 && m == 0);  // the first piece's first block: 4 KiB ahead as ever
-      Piece piece{i, i_end, i == 0, i_end == I, held_MC + m * kTileColumns, spread ? blocks : 0, m / kRowBlock};
+      Piece piece{i, i_end, held_MC + m * kTileColumns, spread ? blocks : 0, m / kRowBlock};
       RowBlock<kRowBlock, W>(std::min<int64_t>(kRowBlock, M - m), x_MI + m * I, I, tile_IC, scale_C, columns,
                              y + m * O, O, m == 0 || spread, piece);
     }
