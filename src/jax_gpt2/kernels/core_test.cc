@@ -123,18 +123,10 @@ void CheckProduct(const std::vector<float>& x_MI, const std::vector<float>& w_IO
   Expect(worst == 0.0, what + ": error " + std::to_string(worst) + " x sum|x w| > 1e-5");
 }
 
-// Runs the kernel for one dtype ("f32", "bf16", "i8") on packed p; `garbage` fills the padding
-// columns of the last tile (and their int8 scales) with large values first.
-std::vector<float> RunMatmul(Packed p, const std::string& dtype, const std::vector<float>& x_MI, int64_t M,
-                             bool garbage, TilePool& pool) {
+// Runs the kernel for one dtype ("f32", "bf16", "i8") on packed p.
+std::vector<float> RunMatmul(const Packed& p, const std::string& dtype, const std::vector<float>& x_MI, int64_t M,
+                             TilePool& pool) {
   int64_t I = p.I, O = p.O;
-  if (garbage)
-    for (int64_t i = 0; i < I; ++i)
-      for (int64_t c = O % kTileColumns ? O % kTileColumns : kTileColumns; c < kTileColumns; ++c) {
-        int64_t at = ((p.G - 1) * I + i) * kTileColumns + c;
-        p.f32_GIC[at] = 99.0f, p.bf16_GIC[at] = ToBfloat16(99.0f), p.i8_GIC[at] = 99;
-        p.scale_Q[(p.G - 1) * kTileColumns + c] = 1e6f;
-      }
   std::vector<float> y_MO(M * O, -1.0f);
   if (dtype == "f32") jax_gpt2::PackedMatmul(x_MI.data(), M, I, p.f32_GIC.data(), O, y_MO.data(), pool);
   if (dtype == "bf16") jax_gpt2::PackedMatmul(x_MI.data(), M, I, p.bf16_GIC.data(), O, y_MO.data(), pool);
@@ -143,13 +135,27 @@ std::vector<float> RunMatmul(Packed p, const std::string& dtype, const std::vect
   return y_MO;
 }
 
+// The same on a copy of p whose padding columns of the last tile (and their int8 scales) hold large
+// values: none may reach the output.
+std::vector<float> RunMatmulOverGarbage(Packed p, const std::string& dtype, const std::vector<float>& x_MI,
+                                        int64_t M, TilePool& pool) {
+  int64_t I = p.I, O = p.O;
+  for (int64_t i = 0; i < I; ++i)
+    for (int64_t c = O % kTileColumns ? O % kTileColumns : kTileColumns; c < kTileColumns; ++c) {
+      int64_t at = ((p.G - 1) * I + i) * kTileColumns + c;
+      p.f32_GIC[at] = 99.0f, p.bf16_GIC[at] = ToBfloat16(99.0f), p.i8_GIC[at] = 99;
+      p.scale_Q[(p.G - 1) * kTileColumns + c] = 1e6f;
+    }
+  return RunMatmul(p, dtype, x_MI, M, pool);
+}
+
 // Each row of a batch's product equals that row's product alone, bit for bit: however the rows are
 // blocked (register blocks, tiles in pieces), every column sums over i in the same order.
 void ExpectRowsAlone(const Packed& p, const std::string& dtype, const std::vector<float>& x_MI, int64_t M,
                      int64_t I, int64_t O, const std::vector<float>& y_MO, TilePool& pool, const std::string& what) {
   for (int64_t m = 0; m < M; ++m) {
     std::vector<float> x_1I(x_MI.begin() + m * I, x_MI.begin() + (m + 1) * I);
-    std::vector<float> y_1O = RunMatmul(p, dtype, x_1I, 1, false, pool);
+    std::vector<float> y_1O = RunMatmul(p, dtype, x_1I, 1, pool);
     Expect(std::equal(y_1O.begin(), y_1O.end(), y_MO.begin() + m * O),
            what + ": row " + std::to_string(m) + " differs from the same row alone");
   }
@@ -166,11 +172,11 @@ void TestMatmul(TilePool& pool, std::vector<TilePool*> other_pools) {
           std::string what = std::string(dtype) + " I=" + std::to_string(I) + " O=" + std::to_string(O) +
                              " M=" + std::to_string(M);
           const auto& rounded = dtype[0] == 'f' ? p.rounded_f32 : dtype[0] == 'b' ? p.rounded_bf16 : p.rounded_i8;
-          std::vector<float> y_MO = RunMatmul(p, dtype, x_MI, M, false, pool);
+          std::vector<float> y_MO = RunMatmul(p, dtype, x_MI, M, pool);
           CheckProduct(x_MI, rounded, y_MO, M, I, O, what);
-          Expect(RunMatmul(p, dtype, x_MI, M, true, pool) == y_MO, what + ": padding columns reached the output");
+          Expect(RunMatmulOverGarbage(p, dtype, x_MI, M, pool) == y_MO, what + ": padding columns reached the output");
           for (TilePool* other : other_pools)
-            Expect(RunMatmul(p, dtype, x_MI, M, false, *other) == y_MO, what + ": result depends on the pool");
+            Expect(RunMatmul(p, dtype, x_MI, M, *other) == y_MO, what + ": result depends on the pool");
           if (M > 1) ExpectRowsAlone(p, dtype, x_MI, M, I, O, y_MO, pool, what);
         }
       }
