@@ -226,34 +226,40 @@ inline void PrefetchAhead(const T* values, int64_t count) {
   Prefetch(values + kPrefetchBytes / static_cast<int64_t>(sizeof(T)), count);
 }
 
-// Batches of more rows than one register block (decode at batch 7 and up on AVX-512, 4 and up on
-// AVX2) used to read each float32 tile once per block, the later blocks from L2 in passes of their
-// own, during which no read from memory was in flight. Now the tile goes in pieces small enough for
-// L1: every block takes a piece before the next piece starts, the accumulators wait in a small buffer
-// between pieces, and each block asks for its share of the next piece's rows as it goes, so memory
-// streams the whole time. Per column the sum still runs over i in order, so results are bit-identical
-// to one pass. Measured (benchmarks/kernel_ab_probe.cc, a decode step's 49 float32 matmuls, cold
-// weights, both builds in one process): AVX-512 8 rows 41.6 -> 38.8 ms, 12 rows 47.2 -> 43.8, 24 rows
-// 63.9 -> 60.4; AVX2 build 4 rows 49.6 -> 45.6, 8 rows 60.4 -> 49.8, 12 rows 80.9 -> 65.6. 8 KiB pieces
-// measured at least as well as 16 or 32. Only float32: bfloat16 and int8 at these batches are bound
-// by widening, which each block repeats, not by the second read, and pieces measured slower for them
-// (int8 at 8 rows 12.8 -> 15.2 ms on AVX-512). At 64 rows and more (prefill) pieces measured no gain.
+// A float32 tile read in more than one pass (decode at batch 7 and up on AVX-512, where a register
+// block holds 6 rows; at batch 2 and up on AVX2, whose blocks take half a tile row per pass) used to
+// be read once per pass, the later passes from L2, during which no read from memory was in flight.
+// Now the tile goes in pieces small enough for L1: every pass takes a piece before the next piece
+// starts, the accumulators wait in a small buffer between pieces, and each pass asks for its share of
+// the next piece's rows as it goes, so memory streams the whole time. Per column the sum still runs
+// over i in order, so results are bit-identical to one pass. Measured (benchmarks/kernel_ab_probe.cc,
+// a decode step's 49 float32 matmuls, cold weights, both builds in one process): AVX-512 8 rows
+// 41.6 -> 38.8 ms, 12 rows 47.2 -> 43.8, 24 rows 63.9 -> 60.4; AVX2 build 4 rows 49.6 -> 45.6, 8 rows
+// 60.4 -> 49.8, 12 rows 80.9 -> 65.6. 8 KiB pieces measured at least as well as 16 or 32. Only
+// float32: bfloat16 and int8 at these batches are bound by widening, which each block repeats, not by
+// the second read, and pieces measured slower for them (int8 at 8 rows 12.8 -> 15.2 ms on AVX-512).
+// At 64 rows and more (prefill) pieces measured no gain. Every pass asks, not each block's first
+// only: AVX2's second half-tile passes used to ask for nothing, so memory stood idle through half of
+// each piece (probe as above with 2 MiB pages, AVX2 build: 8 rows 45.1 -> 38.8 ms q25 on 2 threads,
+// 88.3 -> 74.3 on 1; 2 rows 37.4 -> 32.6, 3 rows 40.6 -> 36.0, 6 rows 38.8 -> 34.0, 12 rows
+// 45.6 -> 42.2; 24 and 32 rows unchanged, bound by the arithmetic).
 constexpr int64_t kPieceBytes = 8192;
 constexpr int64_t kPieceRowsMax = 32;  // the waiting accumulators: 32 rows x 64 columns, 8 KiB of stack
 static_assert(kPieceBytes % (kTileColumns * sizeof(float)) == 0, "a piece holds whole float32 tile rows");
-static_assert(kPieceRowsMax >= 2 * kRowBlock, "pieces serve batches of two blocks or more");
+static_assert(kPieceRowsMax >= 2 * kRowBlock, "the waiting accumulators hold two blocks and more");
+constexpr int64_t kColumnPasses = kTileColumns / (kPassVectors * kLanes);  // per block of more than one row
 
 // The rows [i_begin, i_end) of a tile that one pass reads. Its accumulators start at zero (the first
 // piece, i_begin == 0) or from held_RC, and end in y (the last, i_end == I) or back in held_RC
-// (kTileColumns floats per row of x). Block `block` of `blocks` asks for every blocks-th row of the
-// next piece; blocks == 0 asks for the rows 4 KiB ahead instead (a whole tile in one piece, or the
+// (kTileColumns floats per row of x). The pass asks for the rows share, share + shares, ... of the
+// next piece; shares == 0 asks for the rows 4 KiB ahead instead (a whole tile in one piece, or the
 // first block of the first piece).
 struct Piece {
   int64_t i_begin;
   int64_t i_end;
   float* held_RC;
-  int64_t blocks;
-  int64_t block;
+  int64_t shares;
+  int64_t share;
 };
 
 // Rows [0, R) of x times columns [column, column + V * kLanes) of one tile (V vectors per tile row).
@@ -269,13 +275,13 @@ inline void TilePass(const float* x_RI, int64_t I, const W* tile_IC, const float
   }
   const W* row = tile_IC + piece.i_begin * kTileColumns + column;
   const int64_t next_piece = (piece.i_end - piece.i_begin) * kTileColumns;
-  int64_t turn = piece.block;  // counts down to this block's next row to ask for (no division per row)
+  int64_t turn = piece.share;  // counts down to this pass's next row to ask for (no division per row)
   for (int64_t i = piece.i_begin; i < piece.i_end; ++i, row += kTileColumns) {
     if (prefetch) {
-      if (piece.blocks == 0) {
+      if (piece.shares == 0) {
         PrefetchAhead(row, kTileColumns);
       } else if (turn-- == 0) {
-        turn = piece.blocks - 1;
+        turn = piece.shares - 1;
         Prefetch(row + next_piece, kTileColumns);
       }
     }
@@ -308,7 +314,8 @@ inline void TilePass(const float* x_RI, int64_t I, const W* tile_IC, const float
 }
 
 // `rows` (<= R) rows of x times one piece of a tile, in passes; passes wholly in the padding are
-// skipped.
+// skipped. The block's share of the next piece (every shares-th row from share) is split between its
+// passes: pass p takes every (shares * passes)-th row from p * shares + share.
 template <int R, typename W>
 void RowBlock(int64_t rows, const float* x_RI, int64_t I, const W* tile_IC, const float* scale_C,
               int64_t columns, float* y_RO, int64_t O, bool prefetch, const Piece& piece) {
@@ -319,9 +326,15 @@ void RowBlock(int64_t rows, const float* x_RI, int64_t I, const W* tile_IC, cons
     TilePass<1, kOneRowVectors, W>(x_RI, I, tile_IC, scale_C, 0, columns, y_RO, O, prefetch, piece);
     return;
   }
-  for (int64_t column = 0; column < columns; column += kPassVectors * kLanes)
-    TilePass<R, kPassVectors, W>(x_RI, I, tile_IC, scale_C, column, columns, y_RO, O, prefetch && column == 0,
-                                 piece);
+  for (int64_t column = 0, pass = 0; column < columns; column += kPassVectors * kLanes, ++pass) {
+    Piece share = piece;
+    if (piece.shares > 0) {
+      share.shares = piece.shares * kColumnPasses;
+      share.share = pass * piece.shares + piece.share;
+    }
+    bool asks = piece.shares > 0 ? prefetch : prefetch && column == 0;  // 4 KiB ahead: the first pass is ahead
+    TilePass<R, kPassVectors, W>(x_RI, I, tile_IC, scale_C, column, columns, y_RO, O, asks, share);
+  }
 }
 
 template <typename W>
@@ -332,7 +345,8 @@ void OneTile(const float* x_MI, int64_t M, int64_t I, const W* tiles_GIC, const 
   int64_t columns = std::min(kTileColumns, O - g * kTileColumns);
   float* y = y_MO + g * kTileColumns;
   alignas(64) float held_MC[kPieceRowsMax * kTileColumns];
-  bool in_pieces = std::is_same_v<W, float> && M > kRowBlock && M <= kPieceRowsMax;
+  bool one_pass = M == 1 ? kOneRowPass || kColumnPasses == 1 : M <= kRowBlock && kColumnPasses == 1;
+  bool in_pieces = std::is_same_v<W, float> && !one_pass && M <= kPieceRowsMax;
   int64_t piece_rows = in_pieces ? kPieceBytes / (kTileColumns * int64_t{sizeof(W)}) : I;
   int64_t blocks = (M + kRowBlock - 1) / kRowBlock;
   for (int64_t i = 0; i < I; i += piece_rows) {
