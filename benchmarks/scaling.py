@@ -44,10 +44,10 @@ PPL_TOKENS, PPL_WINDOW, PPL_STRIDE, PPL_BATCH = 4096, 1024, 512, 4
 
 def worker(args: argparse.Namespace) -> None:
     """One process of one configuration: build, warm up, time; process 0 prints one JSON line."""
-    from jax_gpt2 import sharding
+    from jax_gpt2 import launch, sharding
 
     if args.coordinator:
-        sharding.initialize(args.coordinator, args.num_processes, args.process_id, timeout_s=300)
+        launch.initialize(args.coordinator, args.num_processes, args.process_id, timeout_s=300)
     import jax
     import numpy as np
 

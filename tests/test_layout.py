@@ -48,3 +48,12 @@ def test_the_tools_folder_holds_the_tools_and_the_flat_folder_holds_the_model():
     for model_module in ("config.py", "weights.py", "loader.py", "layers.py", "kvcache.py", "model.py"):
         assert model_module in flat
     assert not {"bench.py", "remote.py", "native.py", "packed.py", "engine.py", "server.py"} & set(flat)
+
+
+def test_only_the_command_line_takes_over_the_process():
+    """launch.py owns process-wide things (stderr, exit, a watchdog); the library never imports it."""
+    offenders = [str(p.relative_to(PACKAGE)) for p in library_files()
+                 if any(n.startswith("jax_gpt2.launch") for n in imported_modules(p))]  # fmt: skip
+    assert offenders == []
+    cli = imported_modules(PACKAGE / "cli.py")
+    assert "jax_gpt2.launch" in cli

@@ -24,15 +24,8 @@ from jax_gpt2.cli import main
 from jax_gpt2.config import GPT2Config
 from jax_gpt2.model import split_qkv
 from jax_gpt2.tools.random_model import write_random_model
-from jax_gpt2.sharding import (
-    _STDERR_FILTER,
-    JAX_FATAL_MARK,
-    pad_rows,
-    padded_rows,
-    parse_coordinator,
-    parse_mesh,
-    regroup_qkv,
-)
+from jax_gpt2.launch import JAX_FATAL_MARK, STDERR_FILTER, parse_coordinator
+from jax_gpt2.sharding import pad_rows, padded_rows, parse_mesh, regroup_qkv
 
 TESTS = Path(__file__).parent
 # Bound given to the processes (--timeout): the wait for the coordinator and the other processes.
@@ -269,7 +262,7 @@ FAILED_GRPC_RECORD = (
 def filtered_stderr(written: bytes) -> bytes:
     """What the command's stderr filter passes on of `written` (given in one write)."""
     result = subprocess.run(
-        [sys.executable, "-c", _STDERR_FILTER, JAX_FATAL_MARK, "jax-gpt2 perplexity: error: THE LINE"],
+        [sys.executable, str(STDERR_FILTER), JAX_FATAL_MARK, "jax-gpt2 perplexity: error: THE LINE"],
         input=written, capture_output=True, timeout=60,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr

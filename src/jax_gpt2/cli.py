@@ -44,11 +44,11 @@ def main(argv: list[str] | None = None) -> int:
 
 def _fail_distributed(args: argparse.Namespace, error: Exception) -> None:
     """In a multi-process run, any error ends this process at once with one line (see
-    sharding.exit_with_message): the others then fail fast on their next collective instead of waiting."""
+    launch.exit_with_message): the others then fail fast on their next collective instead of waiting."""
     jax = sys.modules.get("jax")
     if jax is None or not jax.distributed.is_initialized():
         return
-    from jax_gpt2.sharding import EXIT_LOST_PEER, exit_with_message
+    from jax_gpt2.launch import EXIT_LOST_PEER, exit_with_message
 
     where = f"process {jax.process_index()} of {jax.process_count()}"
     text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
@@ -154,7 +154,7 @@ def _start_processes(args: argparse.Namespace) -> None:
         return
     if not all(given):
         raise UserError("--coordinator needs --num-processes P and --process-id I as well")
-    from jax_gpt2.sharding import check_processes, initialize, one_line_fatal_reports, parse_coordinator
+    from jax_gpt2.launch import check_processes, initialize, one_line_fatal_reports, parse_coordinator
 
     parse_coordinator(args.coordinator)  # every mistake in the flags is reported before stderr is taken over
     check_processes(args.num_processes, args.process_id)
