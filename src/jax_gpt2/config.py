@@ -42,6 +42,9 @@ SUPPORTED_ACTIVATIONS = (
 
 @dataclasses.dataclass(frozen=True)
 class GPT2Config:
+    """A GPT-2 model's shape and numerics, read from config.json (`load_config`); frozen and hashable,
+    so jit takes it as a static argument. Settings this library does not implement are errors at load."""
+
     vocab_size: int = 50257
     n_positions: int = 1024
     n_embd: int = 768

@@ -53,6 +53,10 @@ def check_kv_dtype(kv_dtype) -> jnp.dtype:
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class KVCache:
+    """The keys and values of every layer, preallocated for S slots per row (layout L, B, N, S, H),
+    with each row's first real slot (`start_B`: rows are left-padded) and next free slot (`end_B`).
+    A cached forward pass returns a new cache; the old one is left as it was."""
+
     k_LBNSH: jax.Array
     v_LBNSH: jax.Array
     start_B: jax.Array  # int32: first slot of each row that holds a real (not padding) token

@@ -49,6 +49,9 @@ PACKED_DTYPES = {name: jnp.dtype(name) for name in WEIGHT_DTYPES.values()}
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class PackedMatrix:
+    """A weight matrix (I inputs, O outputs) cut into tiles of 64 output columns for the CPU kernels:
+    each tile is one contiguous stream. int8 tiles carry a float32 scale per output column."""
+
     tiles_GIC: jax.Array  # (ceil(O / 64), I, 64), float32 | bfloat16 | int8
     scale_GC: jax.Array | None  # float32 per output column, int8 only
     out_features: int = dataclasses.field(metadata=dict(static=True))
@@ -66,6 +69,9 @@ class PackedMatrix:
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class BlockWeights:
+    """One transformer block's weights: two LayerNorms, attention (fused qkv, output projection) and the
+    MLP. Matrices are plain arrays, or `PackedMatrix` tiles where the CPU kernels run."""
+
     ln1_scale_D: jax.Array
     ln1_bias_D: jax.Array
     qkv_w_DE: jax.Array | PackedMatrix  # HF h.{i}.attn.c_attn
@@ -83,6 +89,10 @@ class BlockWeights:
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class GPT2Weights:
+    """The whole model's weights: embeddings, one `BlockWeights` per layer, the final LayerNorm, and
+    lm_head where it is not tied to the embedding. `use_kernels` (static) records whether the CPU
+    kernels run this model, decided once by `load_weights`."""
+
     wte_VD: jax.Array
     wpe_PD: jax.Array
     blocks: tuple[BlockWeights, ...]  # one per layer, in order
