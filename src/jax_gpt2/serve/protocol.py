@@ -11,7 +11,9 @@ import dataclasses
 import time
 import uuid
 
-from pydantic import BaseModel, ConfigDict, StrictInt, StrictStr
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, StrictBool, StrictInt, StrictStr
 
 from jax_gpt2.serve.engine import TokenLogprob
 
@@ -28,12 +30,19 @@ class APIError(Exception):
         return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
 
 
+# Fields that ask for something GPT-2 cannot do at all: refused with a message saying why.
+TOOL_FIELDS = ("tools", "tool_choice", "functions", "function_call")
+
+
 class _Body(BaseModel):
-    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
+    # An unknown field is refused (400), never ignored: a field this server does not know may change
+    # the output, and a client that asked for it must not get something else with a 200.
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 class StreamOptions(_Body):
     include_usage: bool = False
+    include_obfuscation: bool | None = None  # accepted and unused: padding against side channels, no output change
 
 
 class SamplingBody(_Body):
@@ -53,7 +62,19 @@ class SamplingBody(_Body):
     n: int = 1
     stream: bool = False
     stream_options: StreamOptions | None = None
+    # vLLM's extensions
+    min_tokens: int | None = None
+    stop_token_ids: list[StrictInt] | None = None
+    ignore_eos: StrictBool = False
+    include_stop_str_in_output: StrictBool = False
+    # Accepted and unused: they change nothing in the output (bookkeeping, or a tool setting without tools).
     user: str | None = None
+    metadata: dict[str, Any] | None = None
+    store: bool | None = None
+    service_tier: str | None = None
+    safety_identifier: str | None = None
+    prompt_cache_key: str | None = None
+    parallel_tool_calls: bool | None = None
 
 
 # The legacy completions API's prompt: text, texts, token ids, or lists of token ids (strict: a

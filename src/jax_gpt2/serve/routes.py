@@ -30,10 +30,10 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException
 
-from jax_gpt2.sampling import MAX_SEED, InvalidSetting, SamplingSettings
+from jax_gpt2.sampling import MAX_SEED, InvalidSetting, SamplingSettings, check_token_settings
 from jax_gpt2.serve.engine import TOP_LOGPROBS, Engine, EngineClosed, Event, QueueFull, SequenceRequest, TokenLogprob
 from jax_gpt2.serve.metrics import ServerMetrics
-from jax_gpt2.serve.protocol import APIError, ChatBody, ChatMessage, CompletionBody, Reply, SamplingBody
+from jax_gpt2.serve.protocol import TOOL_FIELDS, APIError, ChatBody, ChatMessage, CompletionBody, Reply, SamplingBody
 from jax_gpt2.tokenizer import encode_many, longest_token_bytes
 
 RETRY_AFTER_S = 1
@@ -90,10 +90,18 @@ def _parse(raw: bytes, model: type[pydantic.BaseModel]):
         raise APIError(400, "we could not parse the JSON body of your request", None, "invalid_json")
     if not isinstance(data, dict):
         raise APIError(400, "the request body must be a JSON object", None, "invalid_json")
+    for name in TOOL_FIELDS:
+        if data.get(name) is not None:
+            raise APIError(400, f"{name} is not supported: GPT-2 has no tool-calling format (it was never trained "
+                                "to call functions)", name, "unsupported_parameter")  # fmt: skip
     try:
         return model.model_validate(data)
     except pydantic.ValidationError as error:
         first = error.errors()[0]
+        if first.get("type") == "extra_forbidden":
+            param = ".".join(str(part) for part in first.get("loc", ()))
+            raise APIError(400, f"unknown parameter {param!r}: this server refuses parameters it does not implement "
+                                "rather than ignore them", param, "unsupported_parameter")  # fmt: skip
         # A union's errors name the member tried ("str", "list[int]"): the client named only the field.
         param = ".".join(str(part) for part in first.get("loc", ()) if not str(part).startswith(("list[", "str", "int")))
         message = str(first.get("msg"))
@@ -119,12 +127,8 @@ def _check_engine_model(state: ServeState, model: str) -> None:
 
 
 def _check_supported(body: SamplingBody) -> None:
-    """Refuse, rather than silently ignore, OpenAI parameters this server does not implement."""
-    for name in ("frequency_penalty", "presence_penalty"):
-        if getattr(body, name) not in (None, 0, 0.0):
-            raise APIError(400, f"{name} is not supported; use repetition_penalty (an extension)", name)
-    if body.logit_bias:
-        raise APIError(400, "logit_bias is not supported", "logit_bias")
+    """Refuse, rather than silently ignore, OpenAI parameters this server does not implement (unknown
+    fields are refused by the request models already)."""
     if isinstance(body, CompletionBody):
         if body.best_of not in (None, 1):
             raise APIError(400, "best_of is not supported (use n)", "best_of")
@@ -137,19 +141,34 @@ def _check_range(value: int | None, low: int, high: int, param: str) -> None:
         raise APIError(400, f"{param} must be in [{low}, {high}]; got {value}", param)
 
 
-def _settings(body: SamplingBody, max_tokens: int, limits: ServerLimits) -> SamplingSettings:
+def _logit_bias(body: SamplingBody) -> tuple[tuple[int, float], ...]:
+    """OpenAI's logit_bias: token ids as strings of digits ("50256"), each mapped to a value."""
+    entries = []
+    for key, value in (body.logit_bias or {}).items():
+        if not key.isascii() or not key.isdigit():
+            raise APIError(400, f"logit_bias keys must be token ids written as strings of digits; got {key!r}", "logit_bias")
+        entries.append((int(key), value))
+    return tuple(entries)
+
+
+def _settings(body: SamplingBody, max_tokens: int, limits: ServerLimits, vocab_size: int) -> SamplingSettings:
     """The body's sampling fields (OpenAI defaults for the unset ones) as SamplingSettings, which checks them."""
     stops = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
     if len(stops) > limits.max_stops:
         raise APIError(400, f"at most {limits.max_stops} stop strings; got {len(stops)}", "stop")
     try:
-        return SamplingSettings(
+        settings = SamplingSettings(
             max_new_tokens=max_tokens, temperature=1.0 if body.temperature is None else body.temperature,
             top_k=0 if body.top_k in (None, -1) else body.top_k, top_p=1.0 if body.top_p is None else body.top_p,
             min_p=body.min_p or 0.0, repetition_penalty=1.0 if body.repetition_penalty is None else body.repetition_penalty,
             seed=secrets.randbelow(MAX_SEED + 1) if body.seed is None else body.seed,
-            stop=tuple(check_text(stop, "stop") for stop in stops),
+            stop=tuple(check_text(stop, "stop") for stop in stops), logit_bias=_logit_bias(body),
+            frequency_penalty=body.frequency_penalty or 0.0, presence_penalty=body.presence_penalty or 0.0,
+            min_tokens=body.min_tokens or 0, stop_token_ids=tuple(body.stop_token_ids or ()),
+            ignore_eos=body.ignore_eos, include_stop_str_in_output=body.include_stop_str_in_output,
         )  # fmt: skip
+        check_token_settings(settings, vocab_size)
+        return settings
     except InvalidSetting as error:
         raise APIError(400, str(error), PARAMS.get(error.field, error.field))
 
@@ -212,7 +231,7 @@ def prepare_completion(state: ServeState, raw: bytes) -> Prepared:
     _check_range(body.n, 1, limits.max_n, "n")
     _check_range(body.logprobs, 0, TOP_LOGPROBS, "logprobs")
     prompts = _prompt_list(body.prompt)
-    settings = _settings(body, max_tokens, limits)
+    settings = _settings(body, max_tokens, limits, state.engine.config.vocab_size)
     prompt_ids = _tokenize(state, prompts, max_tokens, "prompt")
     prompt_logprobs = body.logprobs if body.echo else None
     requests = [
@@ -260,7 +279,7 @@ def prepare_chat(state: ServeState, raw: bytes) -> Prepared:
     _check_range(body.top_logprobs, 0, TOP_LOGPROBS, "top_logprobs")
     [prompt_ids] = _tokenize(state, [prompt], asked or 1, "messages")
     max_tokens = asked or min(context - len(prompt_ids), limits.max_tokens or context)  # the chat API's default: the rest
-    settings = _settings(body, max_tokens, limits)
+    settings = _settings(body, max_tokens, limits, state.engine.config.vocab_size)
     num_logprobs = (body.top_logprobs or 0) if body.logprobs else None
     requests = [SequenceRequest(tuple(prompt_ids), settings, index=i, num_logprobs=num_logprobs) for i in range(body.n)]
     reply = Reply(
