@@ -434,6 +434,38 @@ def test_vllm_extensions_min_tokens_ignore_eos_stop_token_ids_and_including_the_
         assert reply.choices[0].text == expected_text
 
 
+def test_tokenize_and_detokenize_round_trip_against_the_tokenizer(server, model):
+    text = "Hello there, tokens and bytes: é"
+    tokens = httpx.post(f"{server.url}/tokenize", json={"model": MODEL_ID, "prompt": text}, timeout=60).json()
+    assert tokens["tokens"] == encode(model.tokenizer, text)
+    assert tokens["count"] == len(tokens["tokens"])
+    assert tokens["max_model_len"] == CONTEXT
+    back = httpx.post(f"{server.url}/detokenize", json={"model": MODEL_ID, "tokens": tokens["tokens"]}, timeout=60).json()
+    assert back == {"prompt": text}
+    messages = [{"role": "user", "content": "Hi"}]
+    chat = httpx.post(f"{server.url}/tokenize", json={"model": MODEL_ID, "messages": messages}, timeout=60).json()
+    assert chat["tokens"] == encode(model.tokenizer, chat_prompt([ChatMessage(**m) for m in messages]))
+    bad = httpx.post(f"{server.url}/detokenize", json={"model": MODEL_ID, "tokens": [99999]}, timeout=60)
+    assert bad.status_code == 400
+    assert bad.json()["error"]["param"] == "tokens"
+
+
+def test_usage_reports_the_prompt_tokens_the_prefix_cache_supplied(server):
+    """The server saves 64-token blocks of prompts prefilled through staging; the same prompt again
+    takes its first whole block from the cache, and usage says so (OpenAI's prompt_tokens_details)."""
+    client = server.client()
+    prompt = list(range(200, 290))  # 90 token ids no other test sends: one whole block
+    first = client.completions.create(model=MODEL_ID, prompt=prompt, max_tokens=2, temperature=0)
+    again = client.completions.create(model=MODEL_ID, prompt=prompt, max_tokens=2, temperature=0)
+    assert first.usage.prompt_tokens_details.cached_tokens == 0
+    assert again.usage.prompt_tokens_details.cached_tokens == 64
+    assert again.choices[0].text == first.choices[0].text
+    stream = client.completions.create(model=MODEL_ID, prompt=prompt, max_tokens=2, temperature=0, stream=True,
+                                       stream_options={"include_usage": True})  # fmt: skip
+    usage = [chunk.usage for chunk in stream if chunk.usage is not None]
+    assert usage[-1].prompt_tokens_details.cached_tokens == 64
+
+
 def test_the_openai_client_sees_a_400_as_bad_request_and_the_server_lives_on(server):
     with pytest.raises(openai.BadRequestError) as caught:
         server.client().completions.create(model=MODEL_ID, prompt="Hello", max_tokens=4, temperature=-1)

@@ -108,6 +108,7 @@ class Event:
     finish_reason: str | None  # None while running; "stop", "length" or "error" at the end
     prompt_logprobs: tuple[TokenLogprob, ...] | None = None  # once, in the first event, when asked
     error: str | None = None  # with finish_reason "error": what the client should be told
+    cached_tokens: int = 0  # prompt tokens whose keys and values came from the prefix cache
 
 
 def powers_of_two_to(limit: int, start: int = 1) -> list[int]:
@@ -200,6 +201,7 @@ class _Sequence:
                                      settings.max_new_tokens, settings.include_stop_str_in_output)  # fmt: skip
         self.num_picked = 0  # tokens picked on the device, an eos included
         self.prompt_logprobs: tuple[TokenLogprob, ...] | None = None  # sent with the first event
+        self.cached_tokens = 0  # prompt tokens the prefix cache supplied (sent with every event)
 
     @property
     def filled_slots(self) -> int:
@@ -227,7 +229,7 @@ class _Sequence:
         wanted = self.request.num_logprobs is not None
         prompt_logprobs, self.prompt_logprobs = self.prompt_logprobs, None
         return Event(self.seq_id, tuple(ids), text, tuple(logprobs) if wanted else None,
-                     self.finisher.finish_reason, prompt_logprobs)  # fmt: skip
+                     self.finisher.finish_reason, prompt_logprobs, cached_tokens=self.cached_tokens)  # fmt: skip
 
     def _logprob(self, token: int, out: StepOutput, k: int, row: int) -> TokenLogprob | None:
         assert out.tokens_KB[k, row] == token
@@ -583,6 +585,7 @@ class Engine:
             self._staging = slots.restore_block_jit(self._staging, k, v, np.int32(i * PREFIX_BLOCK))
         self._prefill = _Prefill(seq, len(blocks) * PREFIX_BLOCK, [])
         self.reused_tokens += len(blocks) * PREFIX_BLOCK
+        seq.cached_tokens = len(blocks) * PREFIX_BLOCK
         assert self._prefill.done < len(prompt) or len(prompt) == 0, "at least the last token is computed"
         assert self._num_waiting >= len(self._waiting)  # submit counts a request before it reaches the queue
         return True

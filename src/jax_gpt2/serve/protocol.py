@@ -104,6 +104,21 @@ class ChatBody(SamplingBody):
     top_logprobs: int | None = None
 
 
+class TokenizeBody(_Body):
+    """vLLM's /tokenize: a prompt, or chat messages (as the chat endpoint lays them out)."""
+
+    model: str
+    prompt: StrictStr | None = None
+    messages: list[ChatMessage] | None = None
+    add_special_tokens: bool = True  # GPT-2's tokenizer adds none either way
+    return_token_strs: bool = False
+
+
+class DetokenizeBody(_Body):
+    model: str
+    tokens: list[StrictInt]
+
+
 def _by_text(top: tuple[tuple[int, str, float], ...]) -> dict[str, float]:
     """Alternatives as {text: logprob}. Two tokens can decode to the same text (say, halves of one UTF-8
     character, both U+FFFD): the better one keeps the key, so the best alternative is always there."""
@@ -148,6 +163,7 @@ class Reply:
     chat: bool
     model: str
     prefixes: list[str]  # per choice: the prompt's text when echo is on, else ""
+    first_choices: tuple[int, ...]  # the first choice of each prompt: its cached tokens are the prompt's
     prompt_tokens: int
     with_logprobs: bool
     include_usage: bool
@@ -171,12 +187,16 @@ class Reply:
         lp = completion_logprobs(logprobs, offset) if self.with_logprobs else None
         return {"index": index, "text": text, "logprobs": lp, "finish_reason": finish}
 
-    def envelope(self, choices: list[dict], chunk: bool, completion_tokens: int | None) -> dict:
+    def envelope(self, choices: list[dict], chunk: bool, completion_tokens: int | None, cached_tokens: int = 0) -> dict:
+        """The response (or a chunk) around its choices; usage when completion_tokens is given, with
+        cached_tokens: prompt tokens the prefix cache supplied (OpenAI's prompt_tokens_details)."""
         assert completion_tokens is None or completion_tokens >= 0
         assert chunk or completion_tokens is not None  # a whole reply always reports usage
+        assert 0 <= cached_tokens <= self.prompt_tokens
         kind = ("chat.completion" if self.chat else "text_completion") + (".chunk" if chunk and self.chat else "")
         body = {"id": self.id, "object": kind, "created": self.created, "model": self.model, "choices": choices}
         if completion_tokens is not None:
             total = self.prompt_tokens + completion_tokens
-            body["usage"] = {"prompt_tokens": self.prompt_tokens, "completion_tokens": completion_tokens, "total_tokens": total}
+            body["usage"] = {"prompt_tokens": self.prompt_tokens, "completion_tokens": completion_tokens, "total_tokens": total,
+                             "prompt_tokens_details": {"cached_tokens": cached_tokens}}  # fmt: skip
         return body

@@ -5,7 +5,11 @@
                                 logprobs), stream; extensions: top_k, min_p, repetition_penalty
     POST /v1/chat/completions   the messages as "role: content" lines, then "assistant:" (GPT-2 has no
                                 chat template); logprobs / top_logprobs as in the chat API
+    POST /tokenize, /detokenize  vLLM's: text (or chat messages) -> token ids, and back
     GET  /v1/models, GET /metrics (Prometheus text), GET /health (never needs the API key)
+
+Every field a request may carry is in protocol.py, and docs/serving.md says what each does; a field
+that is not there is a 400, never ignored.
 
 The event loop only moves bytes: parsing, validation and tokenization of a request run on a worker
 thread, the model on the engine's thread; each request's events hop onto the loop through a
@@ -33,7 +37,9 @@ from starlette.exceptions import HTTPException
 from jax_gpt2.sampling import MAX_SEED, InvalidSetting, SamplingSettings, check_token_settings
 from jax_gpt2.serve.engine import TOP_LOGPROBS, Engine, EngineClosed, Event, QueueFull, SequenceRequest, TokenLogprob
 from jax_gpt2.serve.metrics import ServerMetrics
-from jax_gpt2.serve.protocol import TOOL_FIELDS, APIError, ChatBody, ChatMessage, CompletionBody, Reply, SamplingBody
+from jax_gpt2.serve.protocol import (
+    TOOL_FIELDS, APIError, ChatBody, ChatMessage, CompletionBody, DetokenizeBody, Reply, SamplingBody, TokenizeBody,
+)  # fmt: skip
 from jax_gpt2.tokenizer import encode_many, longest_token_bytes
 
 RETRY_AFTER_S = 1
@@ -243,6 +249,7 @@ def prepare_completion(state: ServeState, raw: bytes) -> Prepared:
              for prompt in prompts]  # fmt: skip
     reply = Reply(
         chat=False, model=body.model, prefixes=[texts[j // body.n] if body.echo else "" for j in range(len(requests))],
+        first_choices=tuple(range(0, len(requests), body.n)),
         prompt_tokens=sum(len(ids) for ids in prompt_ids), with_logprobs=body.logprobs is not None,
         include_usage=bool(body.stream_options and body.stream_options.include_usage),
     )  # fmt: skip
@@ -283,7 +290,7 @@ def prepare_chat(state: ServeState, raw: bytes) -> Prepared:
     num_logprobs = (body.top_logprobs or 0) if body.logprobs else None
     requests = [SequenceRequest(tuple(prompt_ids), settings, index=i, num_logprobs=num_logprobs) for i in range(body.n)]
     reply = Reply(
-        chat=True, model=body.model, prefixes=[""] * len(requests), prompt_tokens=len(prompt_ids),
+        chat=True, model=body.model, prefixes=[""] * len(requests), first_choices=(0,), prompt_tokens=len(prompt_ids),
         with_logprobs=body.logprobs, include_usage=bool(body.stream_options and body.stream_options.include_usage),
     )  # fmt: skip
     assert max_tokens >= 1
@@ -365,6 +372,7 @@ async def _stream(state: ServeState, relay: Relay, seq_ids: list[int], reply: Re
     assert not (reply.chat and any(reply.prefixes))
     prefixes = list(reply.prefixes)  # echo: a choice's first chunk starts with its prompt
     offsets = [0] * len(seq_ids)  # of each chunk's first token in its choice's text (logprobs)
+    cached = [0] * len(seq_ids)
     completion_tokens = 0
     if reply.chat:  # the chat API opens every choice with the assistant's role
         opening = [{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
@@ -380,9 +388,11 @@ async def _stream(state: ServeState, relay: Relay, seq_ids: list[int], reply: Re
             choice = reply.choice(index, text, logprobs, event.finish_reason, True, offsets[index])
             offsets[index] += sum(len(lp.token) for lp in logprobs)
             completion_tokens += len(event.token_ids)
+            cached[index] = event.cached_tokens
             yield _sse(reply.envelope([choice], chunk=True, completion_tokens=None))
     if reply.include_usage:
-        yield _sse(reply.envelope([], chunk=True, completion_tokens=completion_tokens))
+        cached_tokens = sum(cached[i] for i in reply.first_choices)
+        yield _sse(reply.envelope([], chunk=True, completion_tokens=completion_tokens, cached_tokens=cached_tokens))
     yield _sse("[DONE]")
 
 
@@ -395,6 +405,7 @@ class _Choice:
     logprobs: list[TokenLogprob] = dataclasses.field(default_factory=list)
     finish_reason: str | None = None
     error: Event | None = None
+    cached_tokens: int = 0
 
     def add(self, event: Event) -> None:
         assert self.finish_reason is None
@@ -404,6 +415,7 @@ class _Choice:
         self.num_tokens += len(event.token_ids)
         self.logprobs += list(event.prompt_logprobs or []) + list(event.logprobs or [])
         self.finish_reason = event.finish_reason
+        self.cached_tokens = event.cached_tokens
 
 
 async def _respond(request: Request, prepared: Prepared, arrived: float) -> Response:
@@ -422,7 +434,9 @@ async def _respond(request: Request, prepared: Prepared, arrived: float) -> Resp
     if failed:
         raise _failure(failed[0])
     rendered = [reply.choice(i, reply.prefixes[i] + c.text, c.logprobs, c.finish_reason, False) for i, c in enumerate(choices)]
-    body = reply.envelope(rendered, chunk=False, completion_tokens=sum(c.num_tokens for c in choices))
+    cached_tokens = sum(choices[i].cached_tokens for i in reply.first_choices)
+    body = reply.envelope(rendered, chunk=False, completion_tokens=sum(c.num_tokens for c in choices),
+                          cached_tokens=cached_tokens)  # fmt: skip
     content = await asyncio.to_thread(json.dumps, body)  # an echoed, logprobbed batch can be megabytes
     return Response(content, media_type="application/json")
 
@@ -437,6 +451,41 @@ async def create_chat_completion(request: Request) -> Response:
     arrived = time.perf_counter()
     prepared = await asyncio.to_thread(prepare_chat, request.app.state.serve, await request.body())
     return await _respond(request, prepared, arrived)
+
+
+def tokenize(state: ServeState, raw: bytes) -> dict:
+    """vLLM's /tokenize: {"tokens", "count", "max_model_len"} (and "token_strs" when asked)."""
+    body: TokenizeBody = _parse(raw, TokenizeBody)
+    _check_engine_model(state, body.model)
+    if (body.prompt is None) == (body.messages is None):
+        raise APIError(400, "give either prompt or messages", "prompt")
+    text = chat_prompt(body.messages) if body.messages is not None else check_text(body.prompt, "prompt")
+    if len(text.encode("utf-8")) > state.limits.max_body_bytes:
+        raise APIError(400, "the prompt is longer than the body limit", "prompt")
+    [ids] = encode_many(state.engine.tokenizer, [text])
+    result = {"tokens": ids, "count": len(ids), "max_model_len": state.engine.context_length}
+    if body.return_token_strs:
+        result["token_strs"] = [state.engine.tokenizer.decode([t], skip_special_tokens=False) for t in ids]
+    assert result["count"] == len(result["tokens"])
+    return result
+
+
+def detokenize(state: ServeState, raw: bytes) -> dict:
+    """vLLM's /detokenize: token ids -> {"prompt": text}."""
+    body: DetokenizeBody = _parse(raw, DetokenizeBody)
+    _check_engine_model(state, body.model)
+    vocab_size = state.engine.config.vocab_size
+    if not all(0 <= token < vocab_size for token in body.tokens):
+        raise APIError(400, f"tokens: token ids must be in [0, {vocab_size})", "tokens")
+    return {"prompt": state.engine.tokenizer.decode(body.tokens, skip_special_tokens=False)}
+
+
+async def tokenize_route(request: Request) -> dict:
+    return await asyncio.to_thread(tokenize, request.app.state.serve, await request.body())
+
+
+async def detokenize_route(request: Request) -> dict:
+    return await asyncio.to_thread(detokenize, request.app.state.serve, await request.body())
 
 
 async def list_models(request: Request) -> dict:
@@ -483,7 +532,7 @@ class RequestGate:
     past the limit) and is then read to its end and dropped, so the client can read the answer while
     nothing past the limit is kept; the route receives the body whole, already read."""
 
-    ROUTES = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/metrics", "/health")
+    ROUTES = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/tokenize", "/detokenize", "/metrics", "/health")
 
     def __init__(self, app, state: ServeState, api_key: str | None) -> None:
         self.app, self.state = app, state
@@ -589,6 +638,8 @@ def create_app(engine: Engine, model_id: str, limits: ServerLimits | None = None
     app.add_api_route("/v1/completions", create_completion, methods=["POST"])
     app.add_api_route("/v1/chat/completions", create_chat_completion, methods=["POST"])
     app.add_api_route("/v1/models", list_models, methods=["GET"])
+    app.add_api_route("/tokenize", tokenize_route, methods=["POST"])
+    app.add_api_route("/detokenize", detokenize_route, methods=["POST"])
     app.add_api_route("/health", health, methods=["GET"])
     app.add_api_route("/metrics", metrics, methods=["GET"])
     app.add_middleware(RequestGate, state=state, api_key=api_key)
