@@ -130,6 +130,24 @@ def test_generate_with_a_bf16_cache_equals_the_library_with_that_cache(tiny_mode
     assert capsys.readouterr().out == "Hello" + tokenizer.decode(new_ids, skip_special_tokens=False) + "\n"
 
 
+def test_generate_with_logit_bias_and_penalties_equals_the_library(tiny_model_dir, capsys):
+    from jax_gpt2 import load_config, load_weights
+    from jax_gpt2.generate import generate
+    from jax_gpt2.tokenizer import encode, load_tokenizer
+
+    tokenizer, config = load_tokenizer(tiny_model_dir), load_config(tiny_model_dir)
+    new_ids = generate([encode(tokenizer, "Hello")], load_weights(tiny_model_dir), config, max_new_tokens=8,
+                       logit_bias={40: 4.0, 41: -100.0}, frequency_penalty=0.7, presence_penalty=-0.3)[0]  # fmt: skip
+    args = ["generate", "Hello", "--model", str(tiny_model_dir), "--max-new-tokens", "8", "--ignore-eos",
+            "--logit-bias", "40=4", "--logit-bias", "41=-100", "--frequency-penalty", "0.7", "--presence-penalty", "-0.3"]
+    assert main(args) == 0
+    assert capsys.readouterr().out == "Hello" + tokenizer.decode(new_ids, skip_special_tokens=False) + "\n"
+    with pytest.raises(SystemExit) as exit_info:
+        main(["generate", "Hi", "--model", str(tiny_model_dir), "--logit-bias", "40"])
+    assert exit_info.value.code == 2
+    assert "TOKEN_ID=VALUE" in capsys.readouterr().err
+
+
 def test_generate_ends_the_text_at_a_stop_string(tiny_model_dir, capsys):
     args = ["generate", "Hello", "--model", str(tiny_model_dir), "--max-new-tokens", "12", "--ignore-eos"]
     assert main(args) == 0

@@ -186,7 +186,8 @@ def test_greedy_rows_beside_sampling_rows_are_exactly_greedy():
     rows = [SamplingSettings()] * 63 + [SamplingSettings(temperature=1.0, top_p=0.5, repetition_penalty=1.3)]
     params = sampling_params(rows)
     active_B = jnp.ones((64,), bool)
-    mixed_B = jax.jit(lambda p: next_tokens(logits_BV, seen_BV, p, keys_B2, runtime_flags(p, active_B)))(params)
+    counts_BV = jnp.zeros((64, 300), jnp.int32)
+    mixed_B = jax.jit(lambda p: next_tokens(logits_BV, seen_BV, counts_BV, p, keys_B2, runtime_flags(p, active_B)))(params)
     assert flags_for(rows).sample
     np.testing.assert_array_equal(np.asarray(mixed_B)[:63], np.argmax(logits_BV, axis=1)[:63])
 
@@ -336,7 +337,7 @@ def test_a_lone_sequence_decodes_at_width_one_and_a_survivor_moves_down(model, m
     config = dataclasses.replace(model[1], eos_token_id=None)  # sequences run to their max_tokens
     engine = make_engine(model, config, max_batch=4)
     widths, decode_chunk = [], slots.decode_chunk_jit
-    monkeypatch.setattr(slots, "decode_chunk_jit", lambda *args: widths.append(args[4]) or decode_chunk(*args))
+    monkeypatch.setattr(slots, "decode_chunk_jit", lambda *args: widths.append(args[3]) or decode_chunk(*args))
     prompt = encode(model[2], "Hello world")
     collector = Collector()
     [lone] = engine.submit([sequence(prompt, 9)], collector)

@@ -101,7 +101,7 @@ def test_temperature_zero_rows_are_greedy_even_beside_sampling_rows(logits_BV):
     params = params.__class__(**{**params.__dict__, "temperature_B": jnp.array([0.0, 1.0, 0.0, 1.0])})
     keys_B2 = jax.random.split(jax.random.PRNGKey(0), B)
     flags = SamplerFlags(sample=True, filter=False, penalize=False)
-    tokens_B = np.asarray(next_tokens(jnp.asarray(logits_BV), jnp.zeros((B, V), bool), params, keys_B2, flags))
+    tokens_B = np.asarray(next_tokens(jnp.asarray(logits_BV), jnp.zeros((B, V), bool), jnp.zeros((B, V), jnp.int32), params, keys_B2, flags))
     assert tokens_B[0] == logits_BV[0].argmax()
     assert tokens_B[2] == logits_BV[2].argmax()
 
@@ -114,7 +114,7 @@ def test_sampled_frequencies_follow_softmax_of_logits_over_temperature():
     keys_B2 = jax.random.split(jax.random.PRNGKey(1234), draws)
     rows = [SamplingSettings(temperature=temperature)] * draws
     params, flags = sampling_params(rows), flags_for(rows)
-    tokens_B = np.asarray(next_tokens(logits_BV, jnp.zeros(logits_BV.shape, bool), params, keys_B2, flags))
+    tokens_B = np.asarray(next_tokens(logits_BV, jnp.zeros(logits_BV.shape, bool), jnp.zeros(logits_BV.shape, jnp.int32), params, keys_B2, flags))
     observed = np.bincount(tokens_B, minlength=logits_V.size)
 
     def expected_counts(scaled_logits):
@@ -142,9 +142,11 @@ def test_flags_decided_at_run_time_pick_what_static_flags_pick(logits_BV, settin
     params = sampling_params(rows)
     seen_BV = jax.random.bernoulli(jax.random.PRNGKey(1), 0.2, (B, V))
     keys_B2 = jax.random.split(jax.random.PRNGKey(2), B)
-    static = next_tokens(jnp.asarray(logits_BV), seen_BV, params, keys_B2, flags_for(rows))
+    counts_BV = jax.random.randint(jax.random.PRNGKey(3), (B, V), 0, 3) * seen_BV
+    static = next_tokens(jnp.asarray(logits_BV), seen_BV, counts_BV, params, keys_B2, flags_for(rows))
     active_B = jnp.ones((B,), bool)
-    traced = jax.jit(lambda p: next_tokens(jnp.asarray(logits_BV), seen_BV, p, keys_B2, runtime_flags(p, active_B)))(params)
+    traced = jax.jit(lambda p: next_tokens(jnp.asarray(logits_BV), seen_BV, counts_BV, p, keys_B2,
+                                           runtime_flags(p, active_B)))(params)  # fmt: skip
     np.testing.assert_array_equal(np.asarray(traced), np.asarray(static))
 
 

@@ -347,7 +347,20 @@ CHAT = {"model": MODEL_ID, "messages": [{"role": "user", "content": "Hi"}], "max
         ("/v1/completions", {**GOOD, "prompt": [1] * CONTEXT}, "prompt"),  # the prompt alone fills the context
         ("/v1/completions", {**GOOD, "prompt": [1] * 100, "max_tokens": 40}, "max_tokens"),  # together they do not fit
         ("/v1/completions", {**GOOD, "prompt": "x" * 100_000}, "prompt"),  # can never fit: refused untokenized
-        ("/v1/completions", {**GOOD, "frequency_penalty": 0.5}, "frequency_penalty"),
+        ("/v1/completions", {**GOOD, "frequency_penalty": 2.5}, "frequency_penalty"),
+        ("/v1/completions", {**GOOD, "presence_penalty": -3}, "presence_penalty"),
+        ("/v1/completions", {**GOOD, "logit_bias": {"5": 101}}, "logit_bias"),
+        ("/v1/completions", {**GOOD, "logit_bias": {"abc": 1}}, "logit_bias"),
+        ("/v1/completions", {**GOOD, "logit_bias": {"99999": 1}}, "logit_bias"),  # outside the vocabulary
+        ("/v1/completions", {**GOOD, "logit_bias": {str(i): 1 for i in range(301)}}, "logit_bias"),
+        ("/v1/completions", {**GOOD, "min_tokens": 5, "max_tokens": 4}, "min_tokens"),
+        ("/v1/completions", {**GOOD, "stop_token_ids": [99999]}, "stop_token_ids"),
+        ("/v1/completions", {**GOOD, "response_formats": {"type": "json_object"}}, "response_formats"),  # a typo
+        ("/v1/completions", {**GOOD, "tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+        ("/v1/chat/completions", {**CHAT, "tool_choice": "auto"}, "tool_choice"),
+        ("/v1/chat/completions", {**CHAT, "functions": [{"name": "f"}]}, "functions"),
+        ("/v1/chat/completions", {**CHAT, "messages": [{"role": "user", "content": "hi", "tool_calls": []}]}, "messages"),
+        ("/v1/chat/completions", {**CHAT, "audio": {"voice": "alloy"}}, "audio"),
         ("/v1/completions", {"model": MODEL_ID}, "prompt"),
         ("/v1/chat/completions", {**CHAT, "messages": []}, "messages"),
         ("/v1/chat/completions", {**CHAT, "max_completion_tokens": CONTEXT}, "max_tokens"),
@@ -362,6 +375,95 @@ def test_bad_input_is_a_400_with_an_openai_error_body(server, path, body, param)
     assert error["type"] == "invalid_request_error"
     assert error["message"]
     assert error["param"] == param or (error["param"] or "").startswith(f"{param}.")
+
+
+def test_tools_are_refused_saying_why_and_the_next_request_is_served(server):
+    client = server.client()
+    tool = {"type": "function", "function": {"name": "weather", "parameters": {"type": "object", "properties": {}}}}
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.chat.completions.create(model=MODEL_ID, messages=[{"role": "user", "content": "hi"}], tools=[tool])
+    assert "tool-calling" in caught.value.body["message"]
+    assert caught.value.body["param"] == "tools"
+    reply = client.chat.completions.create(model=MODEL_ID, messages=[{"role": "user", "content": "hi"}], max_tokens=3)
+    assert reply.choices[0].finish_reason in ("stop", "length")
+
+
+def test_harmless_bookkeeping_fields_are_accepted(server):
+    reply = server.client().completions.create(
+        model=MODEL_ID, prompt="Hello", max_tokens=3, temperature=0, user="u1",
+        extra_body={"metadata": {"run": "7"}, "store": False, "service_tier": "auto"},
+    )  # fmt: skip
+    assert len(reply.choices) == 1
+
+
+def test_logit_bias_and_penalties_through_the_openai_client_equal_generate(server, model):
+    client = server.client()
+    forced = 65
+    reply = client.completions.create(model=MODEL_ID, prompt="Hello", max_tokens=6, temperature=1.0, seed=1,
+                                      logit_bias={str(forced): 100})  # fmt: skip
+    assert reply.choices[0].text == server_text(model, [forced] * 6)
+    eos = model.config.eos_token_id
+    ids = encode(model.tokenizer, "Hello there")
+    [row] = generate([ids], model.weights, model.config, max_new_tokens=12, eos_token_id=eos, frequency_penalty=0.9,
+                     presence_penalty=0.6, logit_bias={3: -100.0})  # fmt: skip
+    reply = client.completions.create(model=MODEL_ID, prompt="Hello there", max_tokens=12, temperature=0,
+                                      frequency_penalty=0.9, presence_penalty=0.6, logit_bias={"3": -100})  # fmt: skip
+    assert reply.choices[0].text == server_text(model, [t for t in row if t != eos])
+
+
+def test_vllm_extensions_min_tokens_ignore_eos_stop_token_ids_and_including_the_stop_string(server, model):
+    client = server.client()
+    ids = encode(model.tokenizer, "Hello there")
+    [free] = generate([ids], model.weights, model.config, max_new_tokens=12, eos_token_id=None)
+    stop_id = free[3]
+    first_stop = free.index(stop_id)
+    reply = client.completions.create(model=MODEL_ID, prompt="Hello there", max_tokens=12, temperature=0,
+                                      extra_body={"stop_token_ids": [stop_id], "ignore_eos": True})  # fmt: skip
+    assert reply.choices[0].text == server_text(model, free[:first_stop])
+    assert reply.choices[0].finish_reason == "stop"
+    reply = client.completions.create(model=MODEL_ID, prompt="Hello there", max_tokens=12, temperature=0,
+                                      extra_body={"stop_token_ids": [stop_id], "ignore_eos": True, "min_tokens": 12})  # fmt: skip
+    assert reply.usage.completion_tokens == 12
+    assert reply.choices[0].finish_reason == "length"
+    text = server_text(model, free)
+    stop = text[len(text) // 2 : len(text) // 2 + 2]
+    cut = text.index(stop)
+    for include, expected_text in ((False, text[:cut]), (True, text[: cut + len(stop)])):
+        reply = client.completions.create(model=MODEL_ID, prompt="Hello there", max_tokens=12, temperature=0, stop=[stop],
+                                          extra_body={"ignore_eos": True, "include_stop_str_in_output": include})  # fmt: skip
+        assert reply.choices[0].text == expected_text
+
+
+def test_tokenize_and_detokenize_round_trip_against_the_tokenizer(server, model):
+    text = "Hello there, tokens and bytes: é"
+    tokens = httpx.post(f"{server.url}/tokenize", json={"model": MODEL_ID, "prompt": text}, timeout=60).json()
+    assert tokens["tokens"] == encode(model.tokenizer, text)
+    assert tokens["count"] == len(tokens["tokens"])
+    assert tokens["max_model_len"] == CONTEXT
+    back = httpx.post(f"{server.url}/detokenize", json={"model": MODEL_ID, "tokens": tokens["tokens"]}, timeout=60).json()
+    assert back == {"prompt": text}
+    messages = [{"role": "user", "content": "Hi"}]
+    chat = httpx.post(f"{server.url}/tokenize", json={"model": MODEL_ID, "messages": messages}, timeout=60).json()
+    assert chat["tokens"] == encode(model.tokenizer, chat_prompt([ChatMessage(**m) for m in messages]))
+    bad = httpx.post(f"{server.url}/detokenize", json={"model": MODEL_ID, "tokens": [99999]}, timeout=60)
+    assert bad.status_code == 400
+    assert bad.json()["error"]["param"] == "tokens"
+
+
+def test_usage_reports_the_prompt_tokens_the_prefix_cache_supplied(server):
+    """The server saves 64-token blocks of prompts prefilled through staging; the same prompt again
+    takes its first whole block from the cache, and usage says so (OpenAI's prompt_tokens_details)."""
+    client = server.client()
+    prompt = list(range(200, 290))  # 90 token ids no other test sends: one whole block
+    first = client.completions.create(model=MODEL_ID, prompt=prompt, max_tokens=2, temperature=0)
+    again = client.completions.create(model=MODEL_ID, prompt=prompt, max_tokens=2, temperature=0)
+    assert first.usage.prompt_tokens_details.cached_tokens == 0
+    assert again.usage.prompt_tokens_details.cached_tokens == 64
+    assert again.choices[0].text == first.choices[0].text
+    stream = client.completions.create(model=MODEL_ID, prompt=prompt, max_tokens=2, temperature=0, stream=True,
+                                       stream_options={"include_usage": True})  # fmt: skip
+    usage = [chunk.usage for chunk in stream if chunk.usage is not None]
+    assert usage[-1].prompt_tokens_details.cached_tokens == 64
 
 
 def test_the_openai_client_sees_a_400_as_bad_request_and_the_server_lives_on(server):

@@ -57,6 +57,17 @@ def _fail_distributed(args: argparse.Namespace, error: Exception) -> None:
     exit_with_message(f"jax-gpt2 {args.command}: error: {where}: {text}", EXIT_LOST_PEER)
 
 
+def _logit_bias_entry(text: str) -> tuple[int, float]:
+    """--logit-bias ID=VALUE: a token id and the value added to its logit."""
+    token, sep, value = text.partition("=")
+    if not sep or not token.strip().isdigit():
+        raise argparse.ArgumentTypeError(f"must be TOKEN_ID=VALUE (say 50256=-100); got {text!r}")
+    try:
+        return int(token), float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"the value must be a number; got {value!r}") from None
+
+
 def _positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
@@ -304,8 +315,11 @@ def _sampling_settings(args: argparse.Namespace):
     from jax_gpt2.generate import settings_from_arguments
 
     settings = settings_from_arguments(
-        args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.min_p, args.repetition_penalty, args.seed
-    )
+        args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.min_p, args.repetition_penalty, args.seed,
+        dict(args.logit_bias), args.frequency_penalty, args.presence_penalty,
+    )  # fmt: skip
+    if len(dict(args.logit_bias)) != len(args.logit_bias):
+        raise UserError("--logit-bias names a token twice")
     return dataclasses.replace(settings, stop=tuple(args.stop))
 
 
@@ -368,6 +382,12 @@ def add_generate_command(subparsers) -> None:
     parser.add_argument("--top-p", type=float, default=None)
     parser.add_argument("--min-p", type=float, default=None)
     parser.add_argument("--repetition-penalty", type=float, default=None)
+    parser.add_argument("--frequency-penalty", type=float, default=0.0,
+                        help="OpenAI's: minus this times the token's count in the output so far ([-2, 2])")
+    parser.add_argument("--presence-penalty", type=float, default=0.0,
+                        help="OpenAI's: minus this once the token is in the output ([-2, 2])")
+    parser.add_argument("--logit-bias", type=_logit_bias_entry, action="append", default=[], metavar="ID=VALUE",
+                        help="add VALUE ([-100, 100]) to token ID's logit; repeatable")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--stop", action="append", default=[], help="end the text where this string occurs")
     parser.add_argument("--ignore-eos", action="store_true", help="do not stop at the model's end-of-text token")

@@ -26,7 +26,8 @@ from jax_gpt2.kvcache import KVCache, check_kv_dtype
 from jax_gpt2.model import lm_logits, transformer, transformer_from_empty
 from jax_gpt2.sharding import fetch, pad_rows, padded_rows, put, put_rows
 from jax_gpt2.sampling import (
-    SamplerFlags, SamplingParams, SamplingSettings, choose_tokens, flags_for, pick_logits, sampling_params,
+    SamplerFlags, SamplingParams, SamplingSettings, check_token_settings, choose_tokens, end_token_ids,
+    flags_for, pick_logits, sampling_params,
 )
 from jax_gpt2.weights import GPT2Weights
 
@@ -42,6 +43,7 @@ class DecodeState:
     cache: KVCache
     logits_BV: jax.Array  # float32 next-token logits of each row
     seen_BV: jax.Array  # bool: the token occurs in the row so far (for the repetition penalty)
+    counts_BV: jax.Array  # int32: how often the token occurs in the row's output (frequency/presence penalties)
     done_B: jax.Array  # bool: the row has emitted an eos
     keys_B2: jax.Array  # uint32 (B, 2): each row's own random key, so a row samples alike alone or batched
     step_B: jax.Array  # int32: decode steps each row has taken (its random key is folded with it)
@@ -83,7 +85,8 @@ def prefill(
     is_real_BT = jnp.arange(T)[None, :] >= start_B[:, None]
     rows_BT = jnp.broadcast_to(jnp.arange(B)[:, None], (B, T))
     seen_BV = jnp.zeros((B, config.vocab_size), jnp.bool_).at[rows_BT, ids_BT].max(is_real_BT)
-    state = DecodeState(cache, logits_BV, seen_BV, jnp.zeros((B,), jnp.bool_), keys_B2, jnp.zeros((B,), jnp.int32))
+    counts_BV = jnp.zeros((B, config.vocab_size), jnp.int32)
+    state = DecodeState(cache, logits_BV, seen_BV, counts_BV, jnp.zeros((B,), jnp.bool_), keys_B2, jnp.zeros((B,), jnp.int32))
     assert state.logits_BV.shape == (B, config.vocab_size)
     return state
 
@@ -94,7 +97,7 @@ def pick_next(state: DecodeState, params: SamplingParams, flags: SamplerFlags) -
     B = state.done_B.shape[0]
     assert state.logits_BV.shape[0] == B
     step_keys_B = jax.vmap(jax.random.fold_in)(state.keys_B2, state.step_B)
-    picked_BV = pick_logits(state.logits_BV, state.seen_BV, params, flags)
+    picked_BV = pick_logits(state.logits_BV, state.seen_BV, state.counts_BV, params, flags)
     token_B = jnp.where(state.done_B, PAD_ID, choose_tokens(picked_BV, params, step_keys_B, flags))
     assert token_B.shape == (B,)
     return token_B, picked_BV
@@ -119,6 +122,7 @@ def decode_step(
         cache=cache,
         logits_BV=lm_logits(hidden_BTD, weights)[:, 0],
         seen_BV=state.seen_BV.at[jnp.arange(B), token_B].set(True),
+        counts_BV=state.counts_BV.at[jnp.arange(B), token_B].add((~state.done_B).astype(jnp.int32)),
         done_B=state.done_B | jnp.isin(token_B, eos_U),
         keys_B2=state.keys_B2,
         step_B=state.step_B + 1,
@@ -217,22 +221,34 @@ def _check_prompts(prompt_ids, config: GPT2Config, max_new_tokens: int) -> list[
     return [[int(t) for t in prompt] for prompt in prompts]
 
 
-def _eos_array(eos_token_id, config: GPT2Config) -> np.ndarray:
+def _eos_list(eos_token_id, config: GPT2Config) -> list[int]:
     eos = [] if eos_token_id is None else [eos_token_id] if np.ndim(eos_token_id) == 0 else list(eos_token_id)
     for token in eos:
         if not 0 <= int(token) < config.vocab_size:
             raise ValueError(f"eos_token_id {token} is outside [0, {config.vocab_size})")
-    return np.asarray(eos, np.int32).reshape(-1)
+    return [int(token) for token in eos]
+
+
+def _end_ids(eos_token_id, config: GPT2Config, settings: SamplingSettings) -> list[int]:
+    """The tokens that end a row: eos_token_id (unless settings.ignore_eos) and settings.stop_token_ids."""
+    eos = _eos_list(eos_token_id, config)
+    check_token_settings(settings, config.vocab_size)
+    return list(end_token_ids(settings, eos))
 
 
 def settings_from_arguments(
-    max_new_tokens, temperature, top_k, top_p, min_p, repetition_penalty, seed
+    max_new_tokens, temperature, top_k, top_p, min_p, repetition_penalty, seed, logit_bias=None, frequency_penalty=0.0,
+    presence_penalty=0.0,
 ) -> SamplingSettings:  # fmt: skip
     """generate's keyword arguments (None meaning off) as SamplingSettings, which checks them."""
+    if logit_bias is not None and not isinstance(logit_bias, dict):
+        raise ValueError(f"logit_bias must be a dict of token id -> value; got {type(logit_bias).__name__}")
     return SamplingSettings(
         max_new_tokens=max_new_tokens, temperature=temperature, top_k=0 if top_k is None else top_k,
         top_p=1.0 if top_p is None else top_p, min_p=0.0 if min_p is None else min_p,
         repetition_penalty=1.0 if repetition_penalty is None else repetition_penalty, seed=seed,
+        logit_bias=tuple((logit_bias or {}).items()), frequency_penalty=frequency_penalty,
+        presence_penalty=presence_penalty,
     )  # fmt: skip
 
 
@@ -248,8 +264,8 @@ def prepare_request(prompt_ids, config: GPT2Config, settings: SamplingSettings, 
         ids_BT=ids_BT,
         start_B=start_B,
         keys_B2=keys_B2,
-        eos_U=_eos_array(eos_token_id, config),
-        params=sampling_params([settings] * len(prompts)),
+        eos_U=np.asarray(_end_ids(eos_token_id, config, settings), np.int32).reshape(-1),
+        params=sampling_params([settings] * len(prompts), _eos_list(eos_token_id, config)),
         flags=flags_for([settings]),
         max_new_tokens=settings.max_new_tokens,
     )
@@ -261,15 +277,19 @@ def generate(
     prompt_ids, weights: GPT2Weights, config: GPT2Config, max_new_tokens: int = 64, temperature: float = 0.0,
     top_k: int | None = None, top_p: float | None = None, min_p: float | None = None,
     repetition_penalty: float | None = None, eos_token_id: int | Sequence[int] | None = None, seed: int = 0,
-    kv_dtype=jnp.float32,
+    kv_dtype=jnp.float32, logit_bias: dict[int, float] | None = None, frequency_penalty: float = 0.0,
+    presence_penalty: float = 0.0,
 ) -> list[list[int]]:  # fmt: skip
     """The new tokens of each prompt (a ragged list of id lists), up to and including its eos.
 
     Prefill and every decode step run inside one jitted call: no per-token Python dispatch.
     max_new_tokens=0 makes nothing (an empty list per prompt, after the same checks).
     kv_dtype jnp.bfloat16 stores the cache in half the bytes (attention math stays float32).
+    logit_bias ({token id: value in [-100, 100]}) is added to the logits; frequency_penalty and
+    presence_penalty (in [-2, 2]) are OpenAI's, over the tokens generated so far (see sampling.py).
     """
-    settings = settings_from_arguments(max_new_tokens, temperature, top_k, top_p, min_p, repetition_penalty, seed)
+    settings = settings_from_arguments(max_new_tokens, temperature, top_k, top_p, min_p, repetition_penalty, seed,
+                                       logit_bias, frequency_penalty, presence_penalty)  # fmt: skip
     return generate_with_settings(prompt_ids, weights, config, settings, eos_token_id, kv_dtype)
 
 
@@ -281,7 +301,7 @@ def generate_with_settings(
     assert isinstance(settings, SamplingSettings)
     kv_dtype = check_kv_dtype(kv_dtype)
     if settings.max_new_tokens == 0:
-        _eos_array(eos_token_id, config)
+        _end_ids(eos_token_id, config, settings)
         return [[] for _ in _check_prompts(prompt_ids, config, 0)]
     request = prepare_request(prompt_ids, config, settings, eos_token_id)
     B = len(request.ids_BT)
@@ -338,12 +358,14 @@ def stream_generate(
     prompt_ids, weights: GPT2Weights, config: GPT2Config, max_new_tokens: int = 64, temperature: float = 0.0,
     top_k: int | None = None, top_p: float | None = None, min_p: float | None = None,
     repetition_penalty: float | None = None, eos_token_id: int | Sequence[int] | None = None, seed: int = 0,
-    chunk_steps: int = 4, kv_dtype=jnp.float32,
+    chunk_steps: int = 4, kv_dtype=jnp.float32, logit_bias: dict[int, float] | None = None,
+    frequency_penalty: float = 0.0, presence_penalty: float = 0.0,
 ) -> Iterator[list[int | None]]:  # fmt: skip
     """Like `generate`, but yields as tokens are made: one list per step, a token per row (None once the
     row has finished). The device runs `chunk_steps` steps per dispatch; the tokens equal `generate`'s.
     A generator: the arguments are checked when the first step is asked for."""
-    settings = settings_from_arguments(max_new_tokens, temperature, top_k, top_p, min_p, repetition_penalty, seed)
+    settings = settings_from_arguments(max_new_tokens, temperature, top_k, top_p, min_p, repetition_penalty, seed,
+                                       logit_bias, frequency_penalty, presence_penalty)  # fmt: skip
     yield from stream_with_settings(prompt_ids, weights, config, settings, eos_token_id, kv_dtype, chunk_steps)
 
 
@@ -358,7 +380,7 @@ def stream_with_settings(
         raise ValueError(f"chunk_steps must be >= 1; got {chunk_steps}")
     kv_dtype = check_kv_dtype(kv_dtype)
     if settings.max_new_tokens == 0:
-        _eos_array(eos_token_id, config)
+        _end_ids(eos_token_id, config, settings)
         _check_prompts(prompt_ids, config, 0)
         return
     request = prepare_request(prompt_ids, config, settings, eos_token_id)

@@ -1,11 +1,15 @@
 """Sampling settings, logits processors and the sampler: pure, jit-friendly, one parameter value per row.
 
-Applied in transformers' order: repetition penalty, then (sampling rows only) temperature, top-k,
-top-p, min-p, then a draw from the softmax. Each control has an "off" value so that rows with
-different settings share one compiled step (the server batches different requests together):
+Applied in vLLM's order: logit_bias and min_tokens (an end token is banned until the row has made
+min_tokens tokens), then the penalties (repetition over prompt and output as transformers applies it,
+then OpenAI's frequency and presence penalties over the output only), then (sampling rows only)
+temperature, top-k, top-p, min-p, then a draw from the softmax. Each control has an "off" value so
+that rows with different settings share one compiled step (the server batches different requests):
 
-    temperature 0 -> greedy (argmax after the repetition penalty, as transformers' greedy search)
+    temperature 0 -> greedy (argmax after the processors above, as transformers' greedy search)
     top_k 0 -> off      top_p 1 -> off      min_p 0 -> off      repetition_penalty 1 -> off
+    logit_bias {} -> off (padding entries add 0)       frequency_penalty, presence_penalty 0 -> off
+    min_tokens 0 -> off
 
 `SamplingSettings` is what a caller asks for (one request, host values, checked once by its one
 validator); `SamplingParams` is the same per row as device arrays. Which processors run at all is
@@ -25,6 +29,10 @@ import numpy as np
 FILTERED = -jnp.inf  # transformers' filter_value: a removed token gets probability exactly 0
 MAX_SEED = 2**32 - 1  # PRNGKey keeps 32 bits of the seed; larger seeds would silently collide
 MAX_TOP_LOGPROBS = 5  # alternatives per token the logprobs APIs return at most (OpenAI's bound)
+MAX_LOGIT_BIAS = 300  # E: logit_bias entries per request at most (OpenAI's bound)
+MAX_END_IDS = 16  # U: tokens that end a row at most (eos and stop_token_ids)
+MAX_BIAS = 100.0  # |logit_bias value| at most (OpenAI's bound: -100 bans a token, +100 forces it)
+MAX_COUNT_PENALTY = 2.0  # |frequency_penalty|, |presence_penalty| at most (OpenAI's bound)
 
 
 class InvalidSetting(ValueError):
@@ -48,9 +56,35 @@ class SamplingSettings:
     repetition_penalty: float = 1.0  # 1 is off
     seed: int = 0
     stop: tuple[str, ...] = ()  # the text ends where one of these first occurs
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, value in [-100, 100]) added to the logits
+    frequency_penalty: float = 0.0  # in [-2, 2]: minus this times the token's count in the output
+    presence_penalty: float = 0.0  # in [-2, 2]: minus this once the token is in the output
+    min_tokens: int = 0  # no end token (eos, stop_token_ids) before this many tokens
+    stop_token_ids: tuple[int, ...] = ()  # these tokens end the row too (not kept in the text)
+    ignore_eos: bool = False  # the model's eos does not end the row (it is kept as a token)
+    include_stop_str_in_output: bool = False  # the text ends after the stop string, not before it
 
     def __post_init__(self) -> None:
         check_settings(self)
+
+
+def end_token_ids(settings: SamplingSettings, eos_ids: Sequence[int]) -> tuple[int, ...]:
+    """The tokens that end a row with these settings: the model's eos (unless ignore_eos), then stop_token_ids."""
+    assert all(_is_int(token) for token in eos_ids)
+    ends = tuple(dict.fromkeys((() if settings.ignore_eos else tuple(int(t) for t in eos_ids)) + settings.stop_token_ids))
+    if len(ends) > MAX_END_IDS:
+        raise ValueError(f"at most {MAX_END_IDS} end tokens (eos and stop_token_ids); got {len(ends)}")
+    assert len(set(ends)) == len(ends)
+    return ends
+
+
+def check_token_settings(settings: SamplingSettings, vocab_size: int) -> None:
+    """The settings' token ids against a vocabulary (settings alone do not know its size)."""
+    assert vocab_size >= 1
+    for field, ids in (("logit_bias", [t for t, _ in settings.logit_bias]), ("stop_token_ids", settings.stop_token_ids)):
+        bad = [t for t in ids if not 0 <= t < vocab_size]
+        if bad:
+            raise InvalidSetting(field, f"{field} holds token ids outside [0, {vocab_size}): {bad[:5]}")
 
 
 def _is_int(value) -> bool:
@@ -84,6 +118,37 @@ def check_settings(settings: SamplingSettings) -> None:
         raise InvalidSetting("stop", f"stop must be a tuple of strings; got {s.stop!r}")
     if any(not stop for stop in s.stop):
         raise InvalidSetting("stop", "stop strings must be non-empty")
+    _check_logit_bias(s.logit_bias)
+    for name in ("frequency_penalty", "presence_penalty"):
+        value = getattr(s, name)
+        if not _is_real(value) or not -MAX_COUNT_PENALTY <= value <= MAX_COUNT_PENALTY:
+            raise InvalidSetting(name, f"{name} must be in [-{MAX_COUNT_PENALTY:g}, {MAX_COUNT_PENALTY:g}] (0 is off); got {value!r}")
+    if not _is_int(s.min_tokens) or s.min_tokens < 0:
+        raise InvalidSetting("min_tokens", f"min_tokens must be an integer >= 0; got {s.min_tokens!r}")
+    if s.min_tokens > s.max_new_tokens:
+        raise InvalidSetting("min_tokens", f"min_tokens ({s.min_tokens}) must not exceed max_tokens ({s.max_new_tokens})")
+    if not isinstance(s.stop_token_ids, tuple) or not all(_is_int(t) and t >= 0 for t in s.stop_token_ids):
+        raise InvalidSetting("stop_token_ids", f"stop_token_ids must be a tuple of token ids >= 0; got {s.stop_token_ids!r}")
+    if len(s.stop_token_ids) > MAX_END_IDS - 1:  # room for the model's eos
+        raise InvalidSetting("stop_token_ids", f"at most {MAX_END_IDS - 1} stop_token_ids; got {len(s.stop_token_ids)}")
+    for name in ("ignore_eos", "include_stop_str_in_output"):
+        if not isinstance(getattr(s, name), bool):
+            raise InvalidSetting(name, f"{name} must be a bool; got {getattr(s, name)!r}")
+
+
+def _check_logit_bias(logit_bias) -> None:
+    if not isinstance(logit_bias, tuple) or not all(isinstance(entry, tuple) and len(entry) == 2 for entry in logit_bias):
+        raise InvalidSetting("logit_bias", f"logit_bias must be a tuple of (token id, value) pairs; got {logit_bias!r}")
+    if len(logit_bias) > MAX_LOGIT_BIAS:
+        raise InvalidSetting("logit_bias", f"logit_bias takes at most {MAX_LOGIT_BIAS} entries; got {len(logit_bias)}")
+    ids = [token for token, _ in logit_bias]
+    if not all(_is_int(token) and token >= 0 for token in ids):
+        raise InvalidSetting("logit_bias", f"logit_bias keys must be token ids >= 0; got {ids[:5]}")
+    if len(set(ids)) != len(ids):
+        raise InvalidSetting("logit_bias", "logit_bias names a token twice")
+    for token, value in logit_bias:
+        if not _is_real(value) or not -MAX_BIAS <= value <= MAX_BIAS:
+            raise InvalidSetting("logit_bias", f"logit_bias values must be in [-{MAX_BIAS:g}, {MAX_BIAS:g}]; got {value!r} for {token}")
 
 
 @jax.tree_util.register_dataclass
@@ -94,6 +159,12 @@ class SamplingParams:
     top_p_B: jax.Array  # float32 in (0, 1]; 1 means off
     min_p_B: jax.Array  # float32 in [0, 1]; 0 means off
     repetition_penalty_B: jax.Array  # float32 > 0; 1 means off
+    bias_ids_BE: jax.Array  # int32: logit_bias' token ids, padded with 0 ...
+    bias_BE: jax.Array  # float32: ... and their values, padded with 0 (adding 0 is off)
+    frequency_penalty_B: jax.Array  # float32; 0 means off
+    presence_penalty_B: jax.Array  # float32; 0 means off
+    min_tokens_B: jax.Array  # int32; 0 means off
+    end_ids_BU: jax.Array  # int32: the tokens that end the row (min_tokens bans them), padded with -1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,20 +175,39 @@ class SamplerFlags:
     sample: bool | jax.Array  # some row has temperature > 0
     filter: bool | jax.Array  # some sampling row uses top_k, top_p or min_p
     penalize: bool | jax.Array  # some row has repetition_penalty != 1
+    bias: bool | jax.Array = False  # some row has a logit_bias
+    count_penalty: bool | jax.Array = False  # some row has frequency_penalty or presence_penalty != 0
+    hold_end: bool | jax.Array = False  # some row has min_tokens > 0
 
 
-def sampling_params(settings: Sequence[SamplingSettings]) -> SamplingParams:
-    """One row per settings (host arrays with fixed dtypes, so new values never recompile)."""
+def sampling_params(settings: Sequence[SamplingSettings], eos_ids: Sequence[int] = ()) -> SamplingParams:
+    """One row per settings (host arrays with fixed shapes and dtypes, so new values never recompile);
+    eos_ids are the model's end-of-text tokens (a row ends on them unless it ignores eos)."""
     assert len(settings) >= 1
     assert all(isinstance(s, SamplingSettings) for s in settings)
+    B = len(settings)
+    bias_ids_BE, bias_BE = np.zeros((B, MAX_LOGIT_BIAS), np.int32), np.zeros((B, MAX_LOGIT_BIAS), np.float32)
+    end_ids_BU = np.full((B, MAX_END_IDS), -1, np.int32)
+    for row, s in enumerate(settings):
+        for e, (token, value) in enumerate(s.logit_bias):
+            bias_ids_BE[row, e], bias_BE[row, e] = token, value
+        ends = end_token_ids(s, eos_ids)
+        end_ids_BU[row, : len(ends)] = ends
     params = SamplingParams(
         temperature_B=np.array([s.temperature for s in settings], np.float32),
         top_k_B=np.array([s.top_k for s in settings], np.int32),
         top_p_B=np.array([s.top_p for s in settings], np.float32),
         min_p_B=np.array([s.min_p for s in settings], np.float32),
         repetition_penalty_B=np.array([s.repetition_penalty for s in settings], np.float32),
+        bias_ids_BE=bias_ids_BE,
+        bias_BE=bias_BE,
+        frequency_penalty_B=np.array([s.frequency_penalty for s in settings], np.float32),
+        presence_penalty_B=np.array([s.presence_penalty for s in settings], np.float32),
+        min_tokens_B=np.array([s.min_tokens for s in settings], np.int32),
+        end_ids_BU=end_ids_BU,
     )
-    assert params.top_k_B.shape == (len(settings),)
+    assert params.top_k_B.shape == (B,)
+    assert params.end_ids_BU.shape == (B, MAX_END_IDS)
     return params
 
 
@@ -127,7 +217,11 @@ def flags_for(settings: Sequence[SamplingSettings]) -> SamplerFlags:
     sample = any(s.temperature > 0 for s in settings)
     uses_filter = any(s.temperature > 0 and (s.top_k > 0 or s.top_p < 1.0 or s.min_p > 0) for s in settings)
     penalize = any(s.repetition_penalty != 1.0 for s in settings)
-    return SamplerFlags(sample=sample, filter=uses_filter, penalize=penalize)
+    bias = any(s.logit_bias for s in settings)
+    count_penalty = any(s.frequency_penalty != 0 or s.presence_penalty != 0 for s in settings)
+    hold_end = any(s.min_tokens > 0 for s in settings)
+    return SamplerFlags(sample=sample, filter=uses_filter, penalize=penalize, bias=bias, count_penalty=count_penalty,
+                        hold_end=hold_end)  # fmt: skip
 
 
 def runtime_flags(params: SamplingParams, active_B: jax.Array) -> SamplerFlags:
@@ -141,6 +235,9 @@ def runtime_flags(params: SamplingParams, active_B: jax.Array) -> SamplerFlags:
         sample=jnp.any(sampling_B),
         filter=jnp.any(sampling_B & filtering_B),
         penalize=jnp.any(active_B & (params.repetition_penalty_B != 1.0)),
+        bias=jnp.any(active_B & jnp.any(params.bias_BE != 0, axis=-1)),
+        count_penalty=jnp.any(active_B & ((params.frequency_penalty_B != 0) | (params.presence_penalty_B != 0))),
+        hold_end=jnp.any(active_B & (params.min_tokens_B > 0)),
     )
 
 
@@ -160,6 +257,40 @@ def apply_repetition_penalty(logits_BV: jax.Array, seen_BV: jax.Array, penalty_B
     penalty_B1 = penalty_B[:, None]
     penalized_BV = jnp.where(logits_BV < 0, logits_BV * penalty_B1, logits_BV / penalty_B1)
     return jnp.where(seen_BV, penalized_BV, logits_BV)
+
+
+def apply_logit_bias(logits_BV: jax.Array, bias_ids_BE: jax.Array, bias_BE: jax.Array) -> jax.Array:
+    """Add each row's logit_bias values at their token ids (padding entries add 0 to token 0)."""
+    B = logits_BV.shape[0]
+    assert bias_ids_BE.shape == bias_BE.shape
+    assert bias_ids_BE.shape[0] == B
+    rows_BE = jnp.broadcast_to(jnp.arange(B)[:, None], bias_ids_BE.shape)
+    return logits_BV.at[rows_BE, bias_ids_BE].add(bias_BE)
+
+
+def apply_count_penalties(
+    logits_BV: jax.Array, counts_BV: jax.Array, frequency_B: jax.Array, presence_B: jax.Array
+) -> jax.Array:  # fmt: skip
+    """OpenAI's penalties: logits[j] -= count[j] * frequency + (count[j] > 0) * presence, where count[j]
+    is how often token j occurs among the row's generated tokens (the prompt does not count)."""
+    assert counts_BV.shape == logits_BV.shape
+    assert frequency_B.shape == presence_B.shape == logits_BV.shape[:1]
+    counts_BV = counts_BV.astype(jnp.float32)
+    penalty_BV = counts_BV * frequency_B[:, None] + (counts_BV > 0) * presence_B[:, None]
+    return logits_BV - penalty_BV
+
+
+def hold_end_tokens(logits_BV: jax.Array, counts_BV: jax.Array, min_tokens_B: jax.Array, end_ids_BU: jax.Array) -> jax.Array:
+    """Ban each row's end tokens (FILTERED) while it has made fewer than min_tokens tokens."""
+    B = logits_BV.shape[0]
+    assert counts_BV.shape == logits_BV.shape
+    assert end_ids_BU.shape[0] == B
+    made_B = jnp.sum(counts_BV, axis=-1)
+    holding_BU = (made_B < min_tokens_B)[:, None] & (end_ids_BU >= 0)
+    rows_BU = jnp.broadcast_to(jnp.arange(B)[:, None], end_ids_BU.shape)
+    # Padding (-1) and rows not holding point past the vocabulary: dropped.
+    ids_BU = jnp.where(holding_BU, end_ids_BU, logits_BV.shape[1])
+    return logits_BV.at[rows_BU, ids_BU].set(FILTERED, mode="drop")
 
 
 def apply_top_k(
@@ -218,14 +349,25 @@ def warp_for_sampling(logits_BV: jax.Array, params: SamplingParams, flags: Sampl
     return when(flags.filter, filtered, logits_BV / temperature_B1)
 
 
-def pick_logits(logits_BV: jax.Array, seen_BV: jax.Array, params: SamplingParams, flags: SamplerFlags) -> jax.Array:
-    """The logits each row's next token is picked from: repetition-penalized, then for sampling rows
-    warped (temperature, top-k, top-p, min-p). A greedy row takes their argmax, a sampling row draws
-    from their softmax; so their log-softmax is the distribution a token was chosen from."""
+def pick_logits(
+    logits_BV: jax.Array, seen_BV: jax.Array, counts_BV: jax.Array, params: SamplingParams, flags: SamplerFlags
+) -> jax.Array:  # fmt: skip
+    """The logits each row's next token is picked from: logit_bias, min_tokens, the penalties, then for
+    sampling rows warped (temperature, top-k, top-p, min-p). A greedy row takes their argmax, a
+    sampling row draws from their softmax; so their log-softmax is the distribution a token was chosen
+    from. seen_BV: the token is in the prompt or the output; counts_BV: its count in the output."""
     assert logits_BV.ndim == 2
     assert seen_BV.shape == logits_BV.shape
+    assert counts_BV.shape == logits_BV.shape
+    assert counts_BV.dtype == jnp.int32
     logits_BV = logits_BV.astype(jnp.float32)
+    logits_BV = when(flags.bias, lambda x: apply_logit_bias(x, params.bias_ids_BE, params.bias_BE), logits_BV)
+    logits_BV = when(flags.hold_end, lambda x: hold_end_tokens(x, counts_BV, params.min_tokens_B, params.end_ids_BU), logits_BV)
     logits_BV = when(flags.penalize, lambda x: apply_repetition_penalty(x, seen_BV, params.repetition_penalty_B), logits_BV)
+    logits_BV = when(
+        flags.count_penalty,
+        lambda x: apply_count_penalties(x, counts_BV, params.frequency_penalty_B, params.presence_penalty_B), logits_BV,
+    )  # fmt: skip
 
     def warped(x_BV: jax.Array) -> jax.Array:
         return jnp.where(params.temperature_B[:, None] > 0, warp_for_sampling(x_BV, params, flags), x_BV)
@@ -280,9 +422,10 @@ def token_logprobs(
 
 
 def next_tokens(
-    logits_BV: jax.Array, seen_BV: jax.Array, params: SamplingParams, keys_B2: jax.Array, flags: SamplerFlags
-) -> jax.Array:
+    logits_BV: jax.Array, seen_BV: jax.Array, counts_BV: jax.Array, params: SamplingParams, keys_B2: jax.Array,
+    flags: SamplerFlags,
+) -> jax.Array:  # fmt: skip
     """One token per row: argmax for greedy rows, a draw from the warped softmax for sampling rows."""
     assert logits_BV.ndim == 2
     assert keys_B2.shape[0] == logits_BV.shape[0]
-    return choose_tokens(pick_logits(logits_BV, seen_BV, params, flags), params, keys_B2, flags)
+    return choose_tokens(pick_logits(logits_BV, seen_BV, counts_BV, params, flags), params, keys_B2, flags)

@@ -10,10 +10,16 @@ from jax_gpt2.tokenizer import IncrementalDecoder
 
 def find_stop(text: str, stops: Sequence[str]) -> int | None:
     """Index where the earliest stop string begins in text, or None."""
+    found = find_stop_span(text, stops)
+    return None if found is None else found[0]
+
+
+def find_stop_span(text: str, stops: Sequence[str]) -> tuple[int, int] | None:
+    """(begin, end) of the earliest stop string in text (the longest one there if several begin alike), or None."""
     assert all(isinstance(stop, str) for stop in stops)
     assert all(stop for stop in stops), "stop strings must be non-empty"
-    found = [index for index in (text.find(stop) for stop in stops) if index >= 0]
-    return min(found) if found else None
+    found = [(index, index + len(stop)) for stop in stops if (index := text.find(stop)) >= 0]
+    return min(found, key=lambda span: (span[0], -span[1])) if found else None
 
 
 def printable_length(text: str, stops: Sequence[str]) -> int:
@@ -32,19 +38,20 @@ def printable_length(text: str, stops: Sequence[str]) -> int:
 class StopStringStream:
     """Feeds streamed text pieces through; `push` returns what may be printed now and whether a stop hit."""
 
-    def __init__(self, stops: Sequence[str]) -> None:
+    def __init__(self, stops: Sequence[str], include_stop: bool = False) -> None:
         if any(not stop for stop in stops):
             raise ValueError("stop strings must be non-empty")
         self.stops = list(stops)
+        self.include_stop = include_stop  # vLLM's include_stop_str_in_output: the text ends after the stop string
         self.pending = ""
 
     def push(self, piece: str) -> tuple[str, bool]:
         assert isinstance(piece, str)
         text = self.pending + piece
-        stop_at = find_stop(text, self.stops)
-        if stop_at is not None:
+        span = find_stop_span(text, self.stops)
+        if span is not None:
             self.pending = ""
-            return text[:stop_at], True
+            return text[: span[1] if self.include_stop else span[0]], True
         cut = printable_length(text, self.stops)
         self.pending = text[cut:]
         return text[:cut], False
@@ -63,11 +70,12 @@ class TextFinisher:
     counts the kept tokens (an eos is not kept). Plain data plus methods; the caller owns it.
     """
 
-    def __init__(self, tokenizer, stops: Sequence[str], eos_ids: Collection[int], max_new_tokens: int) -> None:
+    def __init__(self, tokenizer, stops: Sequence[str], eos_ids: Collection[int], max_new_tokens: int,
+                 include_stop: bool = False) -> None:  # fmt: skip
         assert max_new_tokens >= 0
         assert all(isinstance(token, int) for token in eos_ids)
         self.decoder = IncrementalDecoder(tokenizer)
-        self.stop_stream = StopStringStream(stops)
+        self.stop_stream = StopStringStream(stops, include_stop)
         self.eos_ids, self.max_new_tokens = frozenset(eos_ids), max_new_tokens
         self.num_tokens = 0
         self.finish_reason: str | None = None if max_new_tokens > 0 else "length"

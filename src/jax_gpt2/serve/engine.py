@@ -48,7 +48,7 @@ import numpy as np
 from jax_gpt2.config import GPT2Config
 from jax_gpt2.generate import PAD_ID
 from jax_gpt2.kvcache import check_kv_dtype
-from jax_gpt2.sampling import SamplingSettings, sampling_params
+from jax_gpt2.sampling import SamplingSettings, check_token_settings, end_token_ids, sampling_params
 from jax_gpt2.serve import slots
 from jax_gpt2.serve.slots import PREFIX_BLOCK, TOP_LOGPROBS
 from jax_gpt2.sharding import data_shards
@@ -108,6 +108,7 @@ class Event:
     finish_reason: str | None  # None while running; "stop", "length" or "error" at the end
     prompt_logprobs: tuple[TokenLogprob, ...] | None = None  # once, in the first event, when asked
     error: str | None = None  # with finish_reason "error": what the client should be told
+    cached_tokens: int = 0  # prompt tokens whose keys and values came from the prefix cache
 
 
 def powers_of_two_to(limit: int, start: int = 1) -> list[int]:
@@ -129,6 +130,7 @@ def check_request(request: SequenceRequest, vocab_size: int, context_length: int
     prompt = request.prompt_ids
     if not isinstance(request.settings, SamplingSettings):
         raise ValueError(f"settings must be SamplingSettings; got {type(request.settings).__name__}")
+    check_token_settings(request.settings, vocab_size)
     if len(prompt) == 0:
         raise ValueError("the prompt is empty: it needs at least one token")
     if not all(isinstance(t, (int, np.integer)) and not isinstance(t, bool) for t in prompt):
@@ -195,9 +197,11 @@ class _Sequence:
                  eos_ids: set[int]) -> None:  # fmt: skip
         settings = request.settings
         self.seq_id, self.request, self.deliver, self.tokenizer = seq_id, request, deliver, tokenizer
-        self.finisher = TextFinisher(tokenizer, settings.stop, eos_ids, settings.max_new_tokens)
+        self.finisher = TextFinisher(tokenizer, settings.stop, end_token_ids(settings, sorted(eos_ids)),
+                                     settings.max_new_tokens, settings.include_stop_str_in_output)  # fmt: skip
         self.num_picked = 0  # tokens picked on the device, an eos included
         self.prompt_logprobs: tuple[TokenLogprob, ...] | None = None  # sent with the first event
+        self.cached_tokens = 0  # prompt tokens the prefix cache supplied (sent with every event)
 
     @property
     def filled_slots(self) -> int:
@@ -225,7 +229,7 @@ class _Sequence:
         wanted = self.request.num_logprobs is not None
         prompt_logprobs, self.prompt_logprobs = self.prompt_logprobs, None
         return Event(self.seq_id, tuple(ids), text, tuple(logprobs) if wanted else None,
-                     self.finisher.finish_reason, prompt_logprobs)  # fmt: skip
+                     self.finisher.finish_reason, prompt_logprobs, cached_tokens=self.cached_tokens)  # fmt: skip
 
     def _logprob(self, token: int, out: StepOutput, k: int, row: int) -> TokenLogprob | None:
         assert out.tokens_KB[k, row] == token
@@ -295,7 +299,7 @@ class Engine:
         block_bytes = 2 * config.n_layer * config.n_embd * PREFIX_BLOCK * jnp.dtype(self.kv_dtype).itemsize
         self.prefix_cache = PrefixCache(int(prefix_cache_mib * 2**20) // block_bytes if S > PREFIX_BLOCK else 0)
         eos = [] if config.eos_token_id is None else [config.eos_token_id]
-        self.eos_ids, self._eos_U = set(eos), np.asarray(eos, np.int32).reshape(-1)
+        self.eos_ids = set(eos)
         self._slots, self._staging = self._empty_state()
         self._rows: list[_Sequence | None] = [None] * max_batch
         self._prefill: _Prefill | None = None
@@ -392,15 +396,14 @@ class Engine:
             self._slots = slots.move_slots_jit(self._slots, zero, zero, bucket=bucket)
         self._slots = slots.move_state_jit(self._slots, zero, zero)
         self._slots, _ = slots.admit_jit(self._slots, last_logits_1V, np.zeros((1, S), np.int32), np.ones((1,), np.int32),
-                                         np.zeros((1,), np.int32), *self._row_settings([], 1), self._eos_U)  # fmt: skip
+                                         np.zeros((1,), np.int32), *self._row_settings([], 1))  # fmt: skip
         for P in self.widths:
             for T in self.batch_buckets:
                 ids_PT, rows_P = np.zeros((P, T), np.int32), np.full((P,), self.max_batch, np.int32)  # every row dropped
                 self._slots, _ = slots.prefill_rows_jit(self._slots, ids_PT, np.ones((P,), np.int32), rows_P,
-                                                        *self._row_settings([], P), self._eos_U, self.weights,
-                                                        self.config)  # fmt: skip
+                                                        *self._row_settings([], P), self.weights, self.config)  # fmt: skip
         for width in self.widths:
-            self._slots, _ = slots.decode_chunk_jit(self._slots, self._eos_U, self.weights, self.config, width, self.chunk_steps)
+            self._slots, _ = slots.decode_chunk_jit(self._slots, self.weights, self.config, width, self.chunk_steps)
         self._slots = slots.release_jit(self._slots, np.ones((self.max_batch,), np.bool_))
         if self.prefix_cache.capacity > 0:
             k, v = slots.read_block_jit(self._staging, zero)
@@ -540,7 +543,7 @@ class Engine:
             prompt = seq.request.prompt_ids
             ids_PT[p, : len(prompt)], num_prompt_P[p], rows_P[p] = prompt, len(prompt), free[p]
         self._slots, outputs = slots.prefill_rows_jit(
-            self._slots, ids_PT, num_prompt_P, rows_P, *self._row_settings(batch, P), self._eos_U, self.weights, self.config
+            self._slots, ids_PT, num_prompt_P, rows_P, *self._row_settings(batch, P), self.weights, self.config
         )  # fmt: skip
         out = StepOutput(*(part[None] for part in jax.device_get(outputs)))  # K = 1
         for p, seq in enumerate(batch):
@@ -559,7 +562,7 @@ class Engine:
             limit_P[p], want_P[p] = request.settings.max_new_tokens, request.num_logprobs is not None
         settings = [request.settings for request in requests] + [SamplingSettings()] * (width - len(requests))
         assert len(settings) == width
-        return keys_P2, sampling_params(settings), limit_P, want_P
+        return keys_P2, sampling_params(settings, sorted(self.eos_ids)), limit_P, want_P
 
     def _chunk_bucket(self, num_tokens: int) -> int:
         return next(bucket for bucket in self.chunk_buckets if bucket >= num_tokens)
@@ -582,6 +585,7 @@ class Engine:
             self._staging = slots.restore_block_jit(self._staging, k, v, np.int32(i * PREFIX_BLOCK))
         self._prefill = _Prefill(seq, len(blocks) * PREFIX_BLOCK, [])
         self.reused_tokens += len(blocks) * PREFIX_BLOCK
+        seq.cached_tokens = len(blocks) * PREFIX_BLOCK
         assert self._prefill.done < len(prompt) or len(prompt) == 0, "at least the last token is computed"
         assert self._num_waiting >= len(self._waiting)  # submit counts a request before it reaches the queue
         return True
@@ -630,7 +634,7 @@ class Engine:
         prompt_1S[0, : len(prompt)] = prompt
         self._slots, outputs = slots.admit_jit(
             self._slots, last_logits_1V, prompt_1S, np.array([len(prompt)], np.int32), np.array([row], np.int32),
-            *self._row_settings([seq], 1), self._eos_U,
+            *self._row_settings([seq], 1),
         )  # fmt: skip
         out = StepOutput(*(part[None] for part in jax.device_get(outputs)))  # K = 1
         self._rows[row] = seq
@@ -665,7 +669,7 @@ class Engine:
 
     def _run_chunk(self) -> None:
         width = self._width_for(1 + max(row for row, seq in enumerate(self._rows) if seq is not None))
-        self._slots, outputs = slots.decode_chunk_jit(self._slots, self._eos_U, self.weights, self.config, width, self.chunk_steps)
+        self._slots, outputs = slots.decode_chunk_jit(self._slots, self.weights, self.config, width, self.chunk_steps)
         out = StepOutput(*jax.device_get(outputs))
         busy = [row for row in range(width) if self._rows[row] is not None]
         picked = {row: out.tokens_KB[out.emitted_KB[:, row], row].tolist() for row in busy}

@@ -11,7 +11,9 @@ import dataclasses
 import time
 import uuid
 
-from pydantic import BaseModel, ConfigDict, StrictInt, StrictStr
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, StrictBool, StrictInt, StrictStr
 
 from jax_gpt2.serve.engine import TokenLogprob
 
@@ -28,12 +30,19 @@ class APIError(Exception):
         return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
 
 
+# Fields that ask for something GPT-2 cannot do at all: refused with a message saying why.
+TOOL_FIELDS = ("tools", "tool_choice", "functions", "function_call")
+
+
 class _Body(BaseModel):
-    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
+    # An unknown field is refused (400), never ignored: a field this server does not know may change
+    # the output, and a client that asked for it must not get something else with a 200.
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 class StreamOptions(_Body):
     include_usage: bool = False
+    include_obfuscation: bool | None = None  # accepted and unused: padding against side channels, no output change
 
 
 class SamplingBody(_Body):
@@ -53,7 +62,19 @@ class SamplingBody(_Body):
     n: int = 1
     stream: bool = False
     stream_options: StreamOptions | None = None
+    # vLLM's extensions
+    min_tokens: int | None = None
+    stop_token_ids: list[StrictInt] | None = None
+    ignore_eos: StrictBool = False
+    include_stop_str_in_output: StrictBool = False
+    # Accepted and unused: they change nothing in the output (bookkeeping, or a tool setting without tools).
     user: str | None = None
+    metadata: dict[str, Any] | None = None
+    store: bool | None = None
+    service_tier: str | None = None
+    safety_identifier: str | None = None
+    prompt_cache_key: str | None = None
+    parallel_tool_calls: bool | None = None
 
 
 # The legacy completions API's prompt: text, texts, token ids, or lists of token ids (strict: a
@@ -81,6 +102,21 @@ class ChatBody(SamplingBody):
     max_completion_tokens: int | None = None
     logprobs: bool = False
     top_logprobs: int | None = None
+
+
+class TokenizeBody(_Body):
+    """vLLM's /tokenize: a prompt, or chat messages (as the chat endpoint lays them out)."""
+
+    model: str
+    prompt: StrictStr | None = None
+    messages: list[ChatMessage] | None = None
+    add_special_tokens: bool = True  # GPT-2's tokenizer adds none either way
+    return_token_strs: bool = False
+
+
+class DetokenizeBody(_Body):
+    model: str
+    tokens: list[StrictInt]
 
 
 def _by_text(top: tuple[tuple[int, str, float], ...]) -> dict[str, float]:
@@ -127,6 +163,7 @@ class Reply:
     chat: bool
     model: str
     prefixes: list[str]  # per choice: the prompt's text when echo is on, else ""
+    first_choices: tuple[int, ...]  # the first choice of each prompt: its cached tokens are the prompt's
     prompt_tokens: int
     with_logprobs: bool
     include_usage: bool
@@ -150,12 +187,16 @@ class Reply:
         lp = completion_logprobs(logprobs, offset) if self.with_logprobs else None
         return {"index": index, "text": text, "logprobs": lp, "finish_reason": finish}
 
-    def envelope(self, choices: list[dict], chunk: bool, completion_tokens: int | None) -> dict:
+    def envelope(self, choices: list[dict], chunk: bool, completion_tokens: int | None, cached_tokens: int = 0) -> dict:
+        """The response (or a chunk) around its choices; usage when completion_tokens is given, with
+        cached_tokens: prompt tokens the prefix cache supplied (OpenAI's prompt_tokens_details)."""
         assert completion_tokens is None or completion_tokens >= 0
         assert chunk or completion_tokens is not None  # a whole reply always reports usage
+        assert 0 <= cached_tokens <= self.prompt_tokens
         kind = ("chat.completion" if self.chat else "text_completion") + (".chunk" if chunk and self.chat else "")
         body = {"id": self.id, "object": kind, "created": self.created, "model": self.model, "choices": choices}
         if completion_tokens is not None:
             total = self.prompt_tokens + completion_tokens
-            body["usage"] = {"prompt_tokens": self.prompt_tokens, "completion_tokens": completion_tokens, "total_tokens": total}
+            body["usage"] = {"prompt_tokens": self.prompt_tokens, "completion_tokens": completion_tokens, "total_tokens": total,
+                             "prompt_tokens_details": {"cached_tokens": cached_tokens}}  # fmt: skip
         return body

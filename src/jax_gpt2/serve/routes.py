@@ -5,7 +5,11 @@
                                 logprobs), stream; extensions: top_k, min_p, repetition_penalty
     POST /v1/chat/completions   the messages as "role: content" lines, then "assistant:" (GPT-2 has no
                                 chat template); logprobs / top_logprobs as in the chat API
+    POST /tokenize, /detokenize  vLLM's: text (or chat messages) -> token ids, and back
     GET  /v1/models, GET /metrics (Prometheus text), GET /health (never needs the API key)
+
+Every field a request may carry is in protocol.py, and docs/serving.md says what each does; a field
+that is not there is a 400, never ignored.
 
 The event loop only moves bytes: parsing, validation and tokenization of a request run on a worker
 thread, the model on the engine's thread; each request's events hop onto the loop through a
@@ -30,10 +34,12 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException
 
-from jax_gpt2.sampling import MAX_SEED, InvalidSetting, SamplingSettings
+from jax_gpt2.sampling import MAX_SEED, InvalidSetting, SamplingSettings, check_token_settings
 from jax_gpt2.serve.engine import TOP_LOGPROBS, Engine, EngineClosed, Event, QueueFull, SequenceRequest, TokenLogprob
 from jax_gpt2.serve.metrics import ServerMetrics
-from jax_gpt2.serve.protocol import APIError, ChatBody, ChatMessage, CompletionBody, Reply, SamplingBody
+from jax_gpt2.serve.protocol import (
+    TOOL_FIELDS, APIError, ChatBody, ChatMessage, CompletionBody, DetokenizeBody, Reply, SamplingBody, TokenizeBody,
+)  # fmt: skip
 from jax_gpt2.tokenizer import encode_many, longest_token_bytes
 
 RETRY_AFTER_S = 1
@@ -90,10 +96,18 @@ def _parse(raw: bytes, model: type[pydantic.BaseModel]):
         raise APIError(400, "we could not parse the JSON body of your request", None, "invalid_json")
     if not isinstance(data, dict):
         raise APIError(400, "the request body must be a JSON object", None, "invalid_json")
+    for name in TOOL_FIELDS:
+        if data.get(name) is not None:
+            raise APIError(400, f"{name} is not supported: GPT-2 has no tool-calling format (it was never trained "
+                                "to call functions)", name, "unsupported_parameter")  # fmt: skip
     try:
         return model.model_validate(data)
     except pydantic.ValidationError as error:
         first = error.errors()[0]
+        if first.get("type") == "extra_forbidden":
+            param = ".".join(str(part) for part in first.get("loc", ()))
+            raise APIError(400, f"unknown parameter {param!r}: this server refuses parameters it does not implement "
+                                "rather than ignore them", param, "unsupported_parameter")  # fmt: skip
         # A union's errors name the member tried ("str", "list[int]"): the client named only the field.
         param = ".".join(str(part) for part in first.get("loc", ()) if not str(part).startswith(("list[", "str", "int")))
         message = str(first.get("msg"))
@@ -119,12 +133,8 @@ def _check_engine_model(state: ServeState, model: str) -> None:
 
 
 def _check_supported(body: SamplingBody) -> None:
-    """Refuse, rather than silently ignore, OpenAI parameters this server does not implement."""
-    for name in ("frequency_penalty", "presence_penalty"):
-        if getattr(body, name) not in (None, 0, 0.0):
-            raise APIError(400, f"{name} is not supported; use repetition_penalty (an extension)", name)
-    if body.logit_bias:
-        raise APIError(400, "logit_bias is not supported", "logit_bias")
+    """Refuse, rather than silently ignore, OpenAI parameters this server does not implement (unknown
+    fields are refused by the request models already)."""
     if isinstance(body, CompletionBody):
         if body.best_of not in (None, 1):
             raise APIError(400, "best_of is not supported (use n)", "best_of")
@@ -137,19 +147,34 @@ def _check_range(value: int | None, low: int, high: int, param: str) -> None:
         raise APIError(400, f"{param} must be in [{low}, {high}]; got {value}", param)
 
 
-def _settings(body: SamplingBody, max_tokens: int, limits: ServerLimits) -> SamplingSettings:
+def _logit_bias(body: SamplingBody) -> tuple[tuple[int, float], ...]:
+    """OpenAI's logit_bias: token ids as strings of digits ("50256"), each mapped to a value."""
+    entries = []
+    for key, value in (body.logit_bias or {}).items():
+        if not key.isascii() or not key.isdigit():
+            raise APIError(400, f"logit_bias keys must be token ids written as strings of digits; got {key!r}", "logit_bias")
+        entries.append((int(key), value))
+    return tuple(entries)
+
+
+def _settings(body: SamplingBody, max_tokens: int, limits: ServerLimits, vocab_size: int) -> SamplingSettings:
     """The body's sampling fields (OpenAI defaults for the unset ones) as SamplingSettings, which checks them."""
     stops = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
     if len(stops) > limits.max_stops:
         raise APIError(400, f"at most {limits.max_stops} stop strings; got {len(stops)}", "stop")
     try:
-        return SamplingSettings(
+        settings = SamplingSettings(
             max_new_tokens=max_tokens, temperature=1.0 if body.temperature is None else body.temperature,
             top_k=0 if body.top_k in (None, -1) else body.top_k, top_p=1.0 if body.top_p is None else body.top_p,
             min_p=body.min_p or 0.0, repetition_penalty=1.0 if body.repetition_penalty is None else body.repetition_penalty,
             seed=secrets.randbelow(MAX_SEED + 1) if body.seed is None else body.seed,
-            stop=tuple(check_text(stop, "stop") for stop in stops),
+            stop=tuple(check_text(stop, "stop") for stop in stops), logit_bias=_logit_bias(body),
+            frequency_penalty=body.frequency_penalty or 0.0, presence_penalty=body.presence_penalty or 0.0,
+            min_tokens=body.min_tokens or 0, stop_token_ids=tuple(body.stop_token_ids or ()),
+            ignore_eos=body.ignore_eos, include_stop_str_in_output=body.include_stop_str_in_output,
         )  # fmt: skip
+        check_token_settings(settings, vocab_size)
+        return settings
     except InvalidSetting as error:
         raise APIError(400, str(error), PARAMS.get(error.field, error.field))
 
@@ -212,7 +237,7 @@ def prepare_completion(state: ServeState, raw: bytes) -> Prepared:
     _check_range(body.n, 1, limits.max_n, "n")
     _check_range(body.logprobs, 0, TOP_LOGPROBS, "logprobs")
     prompts = _prompt_list(body.prompt)
-    settings = _settings(body, max_tokens, limits)
+    settings = _settings(body, max_tokens, limits, state.engine.config.vocab_size)
     prompt_ids = _tokenize(state, prompts, max_tokens, "prompt")
     prompt_logprobs = body.logprobs if body.echo else None
     requests = [
@@ -224,6 +249,7 @@ def prepare_completion(state: ServeState, raw: bytes) -> Prepared:
              for prompt in prompts]  # fmt: skip
     reply = Reply(
         chat=False, model=body.model, prefixes=[texts[j // body.n] if body.echo else "" for j in range(len(requests))],
+        first_choices=tuple(range(0, len(requests), body.n)),
         prompt_tokens=sum(len(ids) for ids in prompt_ids), with_logprobs=body.logprobs is not None,
         include_usage=bool(body.stream_options and body.stream_options.include_usage),
     )  # fmt: skip
@@ -260,11 +286,11 @@ def prepare_chat(state: ServeState, raw: bytes) -> Prepared:
     _check_range(body.top_logprobs, 0, TOP_LOGPROBS, "top_logprobs")
     [prompt_ids] = _tokenize(state, [prompt], asked or 1, "messages")
     max_tokens = asked or min(context - len(prompt_ids), limits.max_tokens or context)  # the chat API's default: the rest
-    settings = _settings(body, max_tokens, limits)
+    settings = _settings(body, max_tokens, limits, state.engine.config.vocab_size)
     num_logprobs = (body.top_logprobs or 0) if body.logprobs else None
     requests = [SequenceRequest(tuple(prompt_ids), settings, index=i, num_logprobs=num_logprobs) for i in range(body.n)]
     reply = Reply(
-        chat=True, model=body.model, prefixes=[""] * len(requests), prompt_tokens=len(prompt_ids),
+        chat=True, model=body.model, prefixes=[""] * len(requests), first_choices=(0,), prompt_tokens=len(prompt_ids),
         with_logprobs=body.logprobs, include_usage=bool(body.stream_options and body.stream_options.include_usage),
     )  # fmt: skip
     assert max_tokens >= 1
@@ -346,6 +372,7 @@ async def _stream(state: ServeState, relay: Relay, seq_ids: list[int], reply: Re
     assert not (reply.chat and any(reply.prefixes))
     prefixes = list(reply.prefixes)  # echo: a choice's first chunk starts with its prompt
     offsets = [0] * len(seq_ids)  # of each chunk's first token in its choice's text (logprobs)
+    cached = [0] * len(seq_ids)
     completion_tokens = 0
     if reply.chat:  # the chat API opens every choice with the assistant's role
         opening = [{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
@@ -361,9 +388,11 @@ async def _stream(state: ServeState, relay: Relay, seq_ids: list[int], reply: Re
             choice = reply.choice(index, text, logprobs, event.finish_reason, True, offsets[index])
             offsets[index] += sum(len(lp.token) for lp in logprobs)
             completion_tokens += len(event.token_ids)
+            cached[index] = event.cached_tokens
             yield _sse(reply.envelope([choice], chunk=True, completion_tokens=None))
     if reply.include_usage:
-        yield _sse(reply.envelope([], chunk=True, completion_tokens=completion_tokens))
+        cached_tokens = sum(cached[i] for i in reply.first_choices)
+        yield _sse(reply.envelope([], chunk=True, completion_tokens=completion_tokens, cached_tokens=cached_tokens))
     yield _sse("[DONE]")
 
 
@@ -376,6 +405,7 @@ class _Choice:
     logprobs: list[TokenLogprob] = dataclasses.field(default_factory=list)
     finish_reason: str | None = None
     error: Event | None = None
+    cached_tokens: int = 0
 
     def add(self, event: Event) -> None:
         assert self.finish_reason is None
@@ -385,6 +415,7 @@ class _Choice:
         self.num_tokens += len(event.token_ids)
         self.logprobs += list(event.prompt_logprobs or []) + list(event.logprobs or [])
         self.finish_reason = event.finish_reason
+        self.cached_tokens = event.cached_tokens
 
 
 async def _respond(request: Request, prepared: Prepared, arrived: float) -> Response:
@@ -403,7 +434,9 @@ async def _respond(request: Request, prepared: Prepared, arrived: float) -> Resp
     if failed:
         raise _failure(failed[0])
     rendered = [reply.choice(i, reply.prefixes[i] + c.text, c.logprobs, c.finish_reason, False) for i, c in enumerate(choices)]
-    body = reply.envelope(rendered, chunk=False, completion_tokens=sum(c.num_tokens for c in choices))
+    cached_tokens = sum(choices[i].cached_tokens for i in reply.first_choices)
+    body = reply.envelope(rendered, chunk=False, completion_tokens=sum(c.num_tokens for c in choices),
+                          cached_tokens=cached_tokens)  # fmt: skip
     content = await asyncio.to_thread(json.dumps, body)  # an echoed, logprobbed batch can be megabytes
     return Response(content, media_type="application/json")
 
@@ -418,6 +451,41 @@ async def create_chat_completion(request: Request) -> Response:
     arrived = time.perf_counter()
     prepared = await asyncio.to_thread(prepare_chat, request.app.state.serve, await request.body())
     return await _respond(request, prepared, arrived)
+
+
+def tokenize(state: ServeState, raw: bytes) -> dict:
+    """vLLM's /tokenize: {"tokens", "count", "max_model_len"} (and "token_strs" when asked)."""
+    body: TokenizeBody = _parse(raw, TokenizeBody)
+    _check_engine_model(state, body.model)
+    if (body.prompt is None) == (body.messages is None):
+        raise APIError(400, "give either prompt or messages", "prompt")
+    text = chat_prompt(body.messages) if body.messages is not None else check_text(body.prompt, "prompt")
+    if len(text.encode("utf-8")) > state.limits.max_body_bytes:
+        raise APIError(400, "the prompt is longer than the body limit", "prompt")
+    [ids] = encode_many(state.engine.tokenizer, [text])
+    result = {"tokens": ids, "count": len(ids), "max_model_len": state.engine.context_length}
+    if body.return_token_strs:
+        result["token_strs"] = [state.engine.tokenizer.decode([t], skip_special_tokens=False) for t in ids]
+    assert result["count"] == len(result["tokens"])
+    return result
+
+
+def detokenize(state: ServeState, raw: bytes) -> dict:
+    """vLLM's /detokenize: token ids -> {"prompt": text}."""
+    body: DetokenizeBody = _parse(raw, DetokenizeBody)
+    _check_engine_model(state, body.model)
+    vocab_size = state.engine.config.vocab_size
+    if not all(0 <= token < vocab_size for token in body.tokens):
+        raise APIError(400, f"tokens: token ids must be in [0, {vocab_size})", "tokens")
+    return {"prompt": state.engine.tokenizer.decode(body.tokens, skip_special_tokens=False)}
+
+
+async def tokenize_route(request: Request) -> dict:
+    return await asyncio.to_thread(tokenize, request.app.state.serve, await request.body())
+
+
+async def detokenize_route(request: Request) -> dict:
+    return await asyncio.to_thread(detokenize, request.app.state.serve, await request.body())
 
 
 async def list_models(request: Request) -> dict:
@@ -464,7 +532,7 @@ class RequestGate:
     past the limit) and is then read to its end and dropped, so the client can read the answer while
     nothing past the limit is kept; the route receives the body whole, already read."""
 
-    ROUTES = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/metrics", "/health")
+    ROUTES = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/tokenize", "/detokenize", "/metrics", "/health")
 
     def __init__(self, app, state: ServeState, api_key: str | None) -> None:
         self.app, self.state = app, state
@@ -570,6 +638,8 @@ def create_app(engine: Engine, model_id: str, limits: ServerLimits | None = None
     app.add_api_route("/v1/completions", create_completion, methods=["POST"])
     app.add_api_route("/v1/chat/completions", create_chat_completion, methods=["POST"])
     app.add_api_route("/v1/models", list_models, methods=["GET"])
+    app.add_api_route("/tokenize", tokenize_route, methods=["POST"])
+    app.add_api_route("/detokenize", detokenize_route, methods=["POST"])
     app.add_api_route("/health", health, methods=["GET"])
     app.add_api_route("/metrics", metrics, methods=["GET"])
     app.add_middleware(RequestGate, state=state, api_key=api_key)

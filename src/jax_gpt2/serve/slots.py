@@ -50,6 +50,7 @@ class RowState:
     """What each row decodes with, besides its cache; B is max_batch in Slots, W inside a chunk."""
 
     seen_BV: jax.Array  # bool: the token occurs in the row so far (for the repetition penalty)
+    counts_BV: jax.Array  # int32: how often the token occurs in the row's output (frequency/presence penalties)
     done_B: jax.Array  # bool: the row emits nothing more (its sequence ended, or the row is free)
     keys_B2: jax.Array  # uint32 (B, 2): each row's own random key
     step_B: jax.Array  # int32: tokens the row has picked (its key is folded with it)
@@ -75,6 +76,7 @@ def empty_slots(config: GPT2Config, max_batch: int, max_seq_len: int, dtype) -> 
     B = max_batch
     rows = RowState(
         seen_BV=jnp.zeros((B, config.vocab_size), jnp.bool_),
+        counts_BV=jnp.zeros((B, config.vocab_size), jnp.int32),
         done_B=jnp.ones((B,), jnp.bool_),
         keys_B2=jnp.zeros((B, 2), jnp.uint32),
         step_B=jnp.zeros((B,), jnp.int32),
@@ -117,8 +119,9 @@ def _no_logprobs(B: int) -> tuple[jax.Array, jax.Array, jax.Array]:
     return jnp.zeros((B,)), zeros_BA.astype(jnp.int32), zeros_BA
 
 
-def pick(rows: RowState, logits_BV: jax.Array, eos_U: jax.Array) -> tuple[RowState, tuple[jax.Array, ...]]:
-    """Each running row picks its next token from its logits; a row is done at eos or at its limit.
+def pick(rows: RowState, logits_BV: jax.Array) -> tuple[RowState, tuple[jax.Array, ...]]:
+    """Each running row picks its next token from its logits; a row is done at one of its end tokens
+    (params.end_ids_BU: eos unless ignore_eos, and stop_token_ids) or at its limit.
 
     Every sampler stage is decided at run time (`runtime_flags`): rows with different settings share
     one compiled step, and a greedy batch still never sorts the vocabulary. Returns the rows and
@@ -126,10 +129,10 @@ def pick(rows: RowState, logits_BV: jax.Array, eos_U: jax.Array) -> tuple[RowSta
     """
     B = rows.done_B.shape[0]
     assert logits_BV.shape == rows.seen_BV.shape
-    assert eos_U.ndim == 1
+    assert rows.params.end_ids_BU.shape[0] == B
     emitted_B = ~rows.done_B
     flags = runtime_flags(rows.params, emitted_B)
-    picked_BV = pick_logits(logits_BV, rows.seen_BV, rows.params, flags)
+    picked_BV = pick_logits(logits_BV, rows.seen_BV, rows.counts_BV, rows.params, flags)
     step_keys_B = jax.vmap(jax.random.fold_in)(rows.keys_B2, rows.step_B)
     token_B = jnp.where(emitted_B, choose_tokens(picked_BV, rows.params, step_keys_B, flags), PAD_ID)
     step_B = rows.step_B + emitted_B.astype(jnp.int32)
@@ -140,7 +143,8 @@ def pick(rows: RowState, logits_BV: jax.Array, eos_U: jax.Array) -> tuple[RowSta
     new_rows = dataclasses.replace(
         rows,
         seen_BV=rows.seen_BV.at[jnp.arange(B), token_B].max(emitted_B),
-        done_B=rows.done_B | jnp.isin(token_B, eos_U) | (step_B >= rows.limit_B),
+        counts_BV=rows.counts_BV.at[jnp.arange(B), token_B].add(emitted_B.astype(jnp.int32)),
+        done_B=rows.done_B | jnp.any(token_B[:, None] == rows.params.end_ids_BU, axis=-1) | (step_B >= rows.limit_B),
         step_B=step_B,
         pending_B=jnp.where(emitted_B, token_B, rows.pending_B),
     )
@@ -190,7 +194,7 @@ def copy_prompt(slots: Slots, staging: KVCache, row: jax.Array, bucket: int) -> 
 
 def admit(
     slots: Slots, last_logits_PV: jax.Array, prompt_ids_PT: jax.Array, num_prompt_P: jax.Array, rows_P: jax.Array,
-    keys_P2: jax.Array, params_P: SamplingParams, limit_P: jax.Array, want_logprobs_P: jax.Array, eos_U: jax.Array,
+    keys_P2: jax.Array, params_P: SamplingParams, limit_P: jax.Array, want_logprobs_P: jax.Array,
 ) -> tuple[Slots, tuple[jax.Array, ...]]:  # fmt: skip
     """Start P prefilled prompts (their slots already filled) in rows_P: pick each one's first token
     from its prompt's last logits. prompt_ids_PT holds prompt p in its first num_prompt_P[p] entries.
@@ -203,6 +207,7 @@ def admit(
     rows_PT = jnp.broadcast_to(jnp.arange(P)[:, None], prompt_ids_PT.shape)
     new = RowState(
         seen_BV=jnp.zeros((P, V), jnp.bool_).at[rows_PT, prompt_ids_PT].max(in_prompt_PT),
+        counts_BV=jnp.zeros((P, V), jnp.int32),
         done_B=jnp.zeros((P,), jnp.bool_),
         keys_B2=keys_P2,
         step_B=jnp.zeros((P,), jnp.int32),
@@ -211,7 +216,7 @@ def admit(
         logprobs_B=want_logprobs_P,
         params=params_P,
     )
-    new, outputs = pick(new, last_logits_PV, eos_U)
+    new, outputs = pick(new, last_logits_PV)
     rows = jax.tree.map(lambda all_B, new_P: all_B.at[rows_P].set(new_P, mode="drop"), slots.rows, new)
     old = slots.cache
     cache = dataclasses.replace(
@@ -222,8 +227,7 @@ def admit(
 
 def prefill_rows(
     slots: Slots, ids_PT: jax.Array, num_prompt_P: jax.Array, rows_P: jax.Array, keys_P2: jax.Array,
-    params_P: SamplingParams, limit_P: jax.Array, want_logprobs_P: jax.Array, eos_U: jax.Array,
-    weights: GPT2Weights, config: GPT2Config,
+    params_P: SamplingParams, limit_P: jax.Array, want_logprobs_P: jax.Array, weights: GPT2Weights, config: GPT2Config,
 ) -> tuple[Slots, tuple[jax.Array, ...]]:  # fmt: skip
     """P short prompts (right-padded to T) at once, straight into their rows: one batched pass over a
     fresh cache of T slots (as generate prefills), its slots written to slots [0, T) of rows_P, and
@@ -244,7 +248,7 @@ def prefill_rows(
         v_LBNSH=old.v_LBNSH.at[:, rows_P, :, :T].set(fresh.v_LBNSH, mode="drop"),
     )  # fmt: skip
     new_slots, outputs = admit(Slots(cache, slots.rows), last_logits_PV, ids_PT, num_prompt_P, rows_P, keys_P2, params_P,
-                               limit_P, want_logprobs_P, eos_U)  # fmt: skip
+                               limit_P, want_logprobs_P)  # fmt: skip
     assert outputs[0].shape == (P,)
     return new_slots, outputs
 
@@ -266,7 +270,7 @@ def _put_rows(slots: Slots, head: Slots) -> Slots:
 
 
 def decode_chunk(
-    slots: Slots, eos_U: jax.Array, weights: GPT2Weights, config: GPT2Config, width: int, num_steps: int
+    slots: Slots, weights: GPT2Weights, config: GPT2Config, width: int, num_steps: int
 ) -> tuple[Slots, tuple[jax.Array, ...]]:
     """Up to num_steps steps of rows [0, width), each feeding its pending token and picking the next;
     it stops early once every one of those rows is done.
@@ -290,7 +294,7 @@ def decode_chunk(
         hidden_WTD, cache = transformer(head.rows.pending_B[:, None], head.cache, weights, config)
         # A done row's slots stay as they were: a free row is not a sequence, and must not creep to the end.
         cache = dataclasses.replace(cache, end_B=jnp.where(head.rows.done_B, head.cache.end_B, cache.end_B))
-        rows, picked = pick(head.rows, lm_logits(hidden_WTD, weights)[:, 0], eos_U)
+        rows, picked = pick(head.rows, lm_logits(hidden_WTD, weights)[:, 0])
         outputs = tuple(jax.lax.dynamic_update_index_in_dim(out, new, i, axis=0) for out, new in zip(outputs, picked))
         return i + 1, Slots(cache, rows), outputs
 
