@@ -105,7 +105,7 @@ def add_kv_dtype_option(parser) -> None:
     )  # fmt: skip
 
 
-def kv_dtype_of(name: str):
+def kv_dtype_from_flag(name: str):
     import jax.numpy as jnp
 
     from jax_gpt2.config import KV_DTYPES
@@ -352,7 +352,7 @@ def run_generate(args: argparse.Namespace) -> int:
 
     prompts = _read_prompts(args)
     _start_processes(args)
-    settings, kv_dtype = _sampling_settings(args), kv_dtype_of(args.kv_dtype)
+    settings, kv_dtype = _sampling_settings(args), kv_dtype_from_flag(args.kv_dtype)
     folder, config, weights = _load_model(args.model, args.dtype, _mesh_from_args(args))
     tokenizer = load_tokenizer(folder)
     prompt_ids = [encode(tokenizer, prompt) for prompt in prompts]
@@ -491,7 +491,7 @@ def run_perplexity(args: argparse.Namespace) -> int:
     num_windows = len(plan_windows(len(ids), max_length, stride))
     start = time.perf_counter()
     with tqdm(total=num_windows, unit="window", file=sys.stderr, desc="perplexity") as bar:
-        batches = batch_nlls(ids, weights, config, max_length, stride, args.batch_size, kv_dtype_of(args.kv_dtype))
+        batches = batch_nlls(ids, weights, config, max_length, stride, args.batch_size, kv_dtype_from_flag(args.kv_dtype))
         ppl, num_scored = perplexity_of(_advancing(bar, batches))
     seconds = time.perf_counter() - start
     result = {
@@ -555,7 +555,7 @@ def run_serve(args: argparse.Namespace) -> int:
     engine = Engine(
         weights, config, load_tokenizer(folder), max_batch=args.max_batch, max_seq_len=args.max_seq_len,
         max_queue=args.max_queue, chunk_steps=args.chunk_steps, prefill_chunk=args.prefill_chunk,
-        prefix_cache_mib=args.prefix_cache_mib, kv_dtype=kv_dtype_of(args.kv_dtype),
+        prefix_cache_mib=args.prefix_cache_mib, kv_dtype=kv_dtype_from_flag(args.kv_dtype),
     )  # fmt: skip
     run_server(args.model, engine, args.host, args.port, limits, api_key, args.drain_timeout)
     return 0

@@ -18,7 +18,7 @@ from typing import Any
 # (llama_cpp.GGUF_TYPES) are made from it or asserted against it where they are defined.
 WEIGHT_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "int8": "int8"}
 # The KV-cache dtypes by their command-line names (bf16 halves the cache; attention math stays float32):
-# kvcache.KV_DTYPES and the decode kernels (kernels.attention.DECODE_TARGETS) follow it.
+# kvcache.CACHE_DTYPE_NAMES and the decode kernels (kernels.attention.DECODE_TARGETS) follow it.
 KV_DTYPES = {"fp32": "float32", "bf16": "bfloat16"}
 
 # The activations transformers' ACT2FN offers that layers.activation implements.

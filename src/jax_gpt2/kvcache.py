@@ -31,9 +31,9 @@ import jax.numpy as jnp
 from jax_gpt2 import config
 
 
-KV_DTYPES = tuple(config.KV_DTYPES.values())  # by dtype name; config's table names them for the CLI
+CACHE_DTYPE_NAMES = tuple(config.KV_DTYPES.values())  # numpy names of config.KV_DTYPES (keyed by CLI names)
 STORED_AS = {"float32": jnp.dtype(jnp.float32), "bfloat16": jnp.dtype(jnp.uint16)}  # the arrays' dtype
-assert set(STORED_AS) == set(KV_DTYPES)
+assert set(STORED_AS) == set(CACHE_DTYPE_NAMES)
 assert len(set(STORED_AS.values())) == len(STORED_AS), "the stored dtype names the cache dtype"
 KV_DTYPE_OF_STORED = {stored.name: jnp.dtype(name) for name, stored in STORED_AS.items()}
 
@@ -43,9 +43,9 @@ def check_kv_dtype(kv_dtype) -> jnp.dtype:
     try:
         dtype = jnp.dtype(kv_dtype)
     except TypeError:
-        raise ValueError(f"kv_dtype must be one of {', '.join(KV_DTYPES)}; got {kv_dtype!r}") from None
-    if dtype.name not in KV_DTYPES:
-        raise ValueError(f"kv_dtype must be one of {', '.join(KV_DTYPES)}; got {dtype.name}")
+        raise ValueError(f"kv_dtype must be one of {', '.join(CACHE_DTYPE_NAMES)}; got {kv_dtype!r}") from None
+    if dtype.name not in CACHE_DTYPE_NAMES:
+        raise ValueError(f"kv_dtype must be one of {', '.join(CACHE_DTYPE_NAMES)}; got {dtype.name}")
     assert jnp.issubdtype(dtype, jnp.floating)
     return dtype
 
@@ -77,7 +77,7 @@ def kv_dtype_of(cache_x: jax.Array) -> jnp.dtype:
     """The key/value dtype held by an array of cache storage (any slice of k_LBNSH or v_LBNSH)."""
     assert cache_x.dtype.name in KV_DTYPE_OF_STORED, f"{cache_x.dtype} is not a cache storage dtype"
     dtype = KV_DTYPE_OF_STORED[cache_x.dtype.name]
-    assert dtype.name in KV_DTYPES
+    assert dtype.name in CACHE_DTYPE_NAMES
     return dtype
 
 
@@ -105,7 +105,7 @@ def init_cache(
     """An empty cache of max_len slots for len(start_B) rows; row b's prompt begins at slot start_B[b]."""
     assert start_B.ndim == 1
     assert max_len >= 1
-    assert jnp.dtype(dtype).name in KV_DTYPES
+    assert jnp.dtype(dtype).name in CACHE_DTYPE_NAMES
     assert jnp.issubdtype(start_B.dtype, jnp.integer)
     shape = (n_layer, start_B.shape[0], n_head, max_len, head_dim)
     stored_dtype = STORED_AS[jnp.dtype(dtype).name]  # zero bits are a bfloat16 zero too
