@@ -65,7 +65,7 @@ DEFAULT_CONTAINER_DISK_GB = 40
 # Relative remote paths resolve against the remote user's home, for ssh and rsync alike.
 DEFAULT_REMOTE_DIR = "jax-gpt2"
 BOOTSTRAP_MARKER = ".jax-gpt2-bootstrapped"
-# Never sent; and, though rsync mirrors deletions, the remote's own .venv and marker stay.
+# Never sent, and never deleted by rsync's --delete: the remote keeps its own .venv and marker.
 SYNC_EXCLUDED = (".git", ".venv", BOOTSTRAP_MARKER)
 ERROR_EXIT_CODE = 2
 
@@ -132,6 +132,7 @@ class SessionCommands:
 
 
 def session_commands(plan: RemotePlan, target: SshTarget) -> SessionCommands:
+    """The lines run_session executes and describe_plan prints: one function, so they cannot differ."""
     assert target.host
     assert plan.workload.remote_dir
     workload, ssh = plan.workload, plan.ssh
