@@ -10,39 +10,64 @@ Each run syncs the working tree with rsync over ssh (respecting .gitignore), boo
 remote once (uv + `uv sync --extra cuda`, remembered by a marker file there), runs the commands
 with their output streamed, and exits with the remote exit code.
 
-A run is decided first, as one `RemotePlan` built from the options and the state file (nothing
-contacted, nothing changed); `--dry-run` prints that plan, a normal run executes it.
+A run is planned first: one `RemotePlan`, built from the options and the state file (nothing
+contacted, nothing changed). `--dry-run` prints it (describe_plan), a normal run executes it
+(execute_plan); both take their ssh and rsync lines from session_commands, so what a dry run
+shows is what a run does.
 
-This module imports no model code on purpose: it must run (and `--dry-run` must print) on a
-laptop where JAX or CUDA would not even import. Standard library only, and nothing from
-jax_gpt2 either, so moving the file changes only the line that imports it in cli.py.
+This file is the command: the plan, the scripts run on the remote, the remembered pods and the
+options. ssh.py builds and runs the ssh and rsync lines; runpod.py is the RunPod REST client.
+All three import only the standard library and each other, no model code: the runner itself
+needs neither JAX nor a GPU here.
 """
 
 import argparse
 import json
 import os
 import shlex
-import subprocess
 import sys
-import time
-import urllib.error
-import urllib.request
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
-RUNPOD_API_URL = "https://rest.runpod.io/v1"
+from jax_gpt2.tools.runpod import (
+    POD_SSH_USER,
+    RUNPOD_API_URL,
+    PodSpec,
+    RunPodSettings,
+    create_pod,
+    create_pod_body,
+    describe_request,
+    describe_wait_for_pod,
+    terminate_pod,
+    wait_for_pod,
+)
+from jax_gpt2.tools.ssh import (
+    SSH_FAILED_EXIT_CODE,
+    RemoteError,
+    SshSettings,
+    SshTarget,
+    forget_stale_host_key,
+    format_ssh_address,
+    last_line,
+    parse_ssh_address,
+    rsync_argv,
+    run_captured,
+    run_streaming,
+    say,
+    ssh_argv,
+    wait_for_ssh,
+)
+
 DEFAULT_GPU_TYPE = "NVIDIA GeForce RTX 4090"
 DEFAULT_IMAGE = "runpod/pytorch:2.4.0-py3.11-cuda12.4.1-devel-ubuntu22.04"
 DEFAULT_POD_NAME = "jax-gpt2"
 DEFAULT_CONTAINER_DISK_GB = 40
 # Relative remote paths resolve against the remote user's home, for ssh and rsync alike.
 DEFAULT_REMOTE_DIR = "jax-gpt2"
-POD_SSH_USER = "root"  # RunPod's images log in as root.
 BOOTSTRAP_MARKER = ".jax-gpt2-bootstrapped"
-HTTP_TIMEOUT_S = 30
+# Never sent, and never deleted by rsync's --delete: the remote keeps its own .venv and marker.
+SYNC_EXCLUDED = (".git", ".venv", BOOTSTRAP_MARKER)
 ERROR_EXIT_CODE = 2
-SSH_FAILED_EXIT_CODE = 255  # ssh's own code for "could not connect or log in".
-REDACTED = "<redacted>"
 
 # What a plain `jax-gpt2 remote` runs, in order, stopping at the first failure. `--extra cuda`
 # keeps uv's implicit sync from ever settling on the CPU-only environment.
@@ -53,148 +78,73 @@ DEFAULT_STEPS = (
 )
 
 
-class RemoteError(Exception):
-    """A failure whose message is the whole story: printed as one line, no traceback."""
-
-
-@dataclass(frozen=True)
-class SshTarget:
-    """Where to log in: `user@host:port`."""
-
-    user: str
-    host: str
-    port: int
-
-
-@dataclass(frozen=True)
-class SshSettings:
-    """How every ssh and rsync call of a run logs in, without ever stopping to ask."""
-
-    key_path: str | None
-    known_hosts_path: str
-    connect_timeout_s: int
-
-
-@dataclass(frozen=True)
-class RunPodSettings:
-    """How to reach RunPod's REST API and how long to wait for a pod."""
-
-    api_url: str
-    api_key: str = field(repr=False)  # A secret: never in a repr, a log line or an error.
-    poll_interval_s: float
-    wait_timeout_s: float
-
-
-@dataclass(frozen=True)
-class PodSpec:
-    """What to rent: the fields of RunPod's create-pod request that this tool sets."""
-
-    name: str
-    gpu_type: str
-    image: str
-    container_disk_gb: int
-    public_key: str
-
-
 # ---------------------------------------------------------------------------------------------
-# Addresses and progress
+# The plan: everything one run does, decided before any of it is done
 
 
-def parse_ssh_address(text: str) -> SshTarget:
-    """`user@host[:port]` -> SshTarget; port 22 when absent."""
-    assert isinstance(text, str)
-    user, at_sign, host_port = text.rpartition("@")
-    if not at_sign or not user or not host_port:
-        raise RemoteError(f"expected an address like user@host:port, got {text!r}")
-    host, colon, port_text = host_port.rpartition(":")
-    if not colon:
-        host, port_text = host_port, "22"
-    if not host or not port_text.isdigit() or not 1 <= int(port_text) <= 65535:
-        raise RemoteError(f"expected an address like user@host:port with port in 1..65535, got {text!r}")
-    target = SshTarget(user=user, host=host, port=int(port_text))
-    assert target.user
+@dataclass(frozen=True)
+class Workload:
+    """What to do once logged in."""
+
+    local_dir: str
+    remote_dir: str
+    remote_uv: str
+    commands: tuple[str, ...]
+    bootstrap: bool
+
+
+@dataclass(frozen=True)
+class RemotePlan:
+    """One run: maybe rent a pod, then sync, bootstrap and run on the target, maybe delete the pod.
+
+    A pod this run creates has no address until it runs, so `target` is None then: a dry run
+    shows its session on a placeholder address, a real run on the address the pod gets.
+    """
+
+    ssh: SshSettings
+    workload: Workload
+    remote_tty: bool  # At a terminal: `ssh -t`, so Ctrl-C stops the remote run too (and pytest has colour).
+    target: SshTarget | None  # None: the pod in `new_pod`.
+    new_pod: PodSpec | None  # Rent this pod first and remember it under `instance_name`.
+    pod_id: str | None  # An existing pod this tool rented earlier (known from the state file).
+    runpod: RunPodSettings | None  # Set when the run creates or deletes a pod.
+    terminate: bool  # Delete the pod afterwards, also on failure and Ctrl-C.
+    instance_name: str
+    state_path: Path
+
+    def __post_init__(self):
+        assert (self.target is None) != (self.new_pod is None), "either an existing target or a new pod"
+        assert self.new_pod is None or self.pod_id is None, "a new pod has no id until it is created"
+        assert self.runpod is not None or (self.new_pod is None and not self.terminate), "RunPod calls need settings"
+        assert not self.terminate or self.new_pod is not None or self.pod_id is not None, "terminate what?"
+        assert self.workload.commands
+        assert self.instance_name
+
+
+@dataclass(frozen=True)
+class SessionCommands:
+    """The ssh and rsync command lines of one session on one host, in the order they run."""
+
+    prepare: tuple[str, ...]  # ssh: proves the host answers, creates the tree, installs rsync.
+    sync: tuple[str, ...]  # rsync: the working tree minus what git ignores.
+    bootstrap: tuple[str, ...] | None  # ssh: uv and `uv sync --extra cuda`, once; None: --no-bootstrap.
+    run: tuple[str, ...]  # ssh: the commands, output streamed.
+
+
+def session_commands(plan: RemotePlan, target: SshTarget) -> SessionCommands:
+    """The lines run_session executes and describe_plan prints: one function, so they cannot differ."""
     assert target.host
-    return target
-
-
-def format_ssh_address(target: SshTarget) -> str:
-    assert target.user
-    assert 1 <= target.port <= 65535
-    return f"{target.user}@{target.host}:{target.port}"
-
-
-def redact(text: str, secret: str) -> str:
-    """Belt and braces: whatever a server echoes back, the secret never reaches the terminal."""
-    assert isinstance(text, str)
-    assert isinstance(secret, str)
-    return text.replace(secret, REDACTED) if secret else text
-
-
-def say(message: str) -> None:
-    """Progress for the person at the terminal; stderr, so stdout stays the remote's output."""
-    assert message
-    assert "\n" not in message
-    print(f"jax-gpt2 remote: {message}", file=sys.stderr, flush=True)
-
-
-def last_line(text: str) -> str:
-    """The last non-empty line of a tool's stderr: the one that usually says what went wrong."""
-    assert isinstance(text, str)
-    lines = [line.strip() for line in text.splitlines() if line.strip()]
-    summary = lines[-1] if lines else "no error output"
-    assert "\n" not in summary
-    return summary
-
-
-# ---------------------------------------------------------------------------------------------
-# ssh and rsync command lines
-
-
-def ssh_option_args(settings: SshSettings, port: int) -> list[str]:
-    """Options shared by ssh and by rsync's `-e ssh ...`, for unattended use."""
-    assert 1 <= port <= 65535
-    assert settings.connect_timeout_s >= 1
-    args = [
-        "-p", str(port),
-        "-o", "BatchMode=yes",  # Fail instead of prompting for a password or passphrase.
-        # A new pod is trusted on first sight; a host whose key later changes is refused.
-        "-o", "StrictHostKeyChecking=accept-new",
-        # Quoted: ssh reads this option as a list of files separated by spaces.
-        "-o", f'UserKnownHostsFile="{settings.known_hosts_path}"',
-        "-o", f"ConnectTimeout={settings.connect_timeout_s}",
-        # Notice a pod that died mid-run within a minute instead of hanging forever.
-        "-o", "ServerAliveInterval=15",
-        "-o", "ServerAliveCountMax=4",
-    ]  # fmt: skip
-    if settings.key_path is not None:
-        args += ["-i", settings.key_path, "-o", "IdentitiesOnly=yes"]
-    return args
-
-
-def ssh_argv(settings: SshSettings, target: SshTarget, remote_script: str) -> tuple[str, ...]:
-    assert remote_script
-    argv = ("ssh", *ssh_option_args(settings, target.port), f"{target.user}@{target.host}", remote_script)
-    assert argv[-1] == remote_script
-    return argv
-
-
-def rsync_argv(settings: SshSettings, target: SshTarget, local_dir: str, remote_dir: str) -> tuple[str, ...]:
-    """Mirror local_dir into remote_dir, minus what git ignores; itemized, so you see what went."""
-    assert local_dir
-    assert remote_dir
-    remote_shell = shlex.join(["ssh", *ssh_option_args(settings, target.port)])
-    argv = (
-        "rsync", "--archive", "--compress", "--itemize-changes",
-        # Mirror deletions too, but excluded paths (the remote's .venv, the marker) are protected.
-        "--delete",
-        "--exclude=/.git", "--exclude=/.venv", f"--exclude=/{BOOTSTRAP_MARKER}",
-        "--filter=:- .gitignore",  # Each directory's .gitignore, read as rsync exclude rules.
-        "-e", remote_shell,
-        local_dir.rstrip("/") + "/",  # Trailing slash: sync the contents, not the directory.
-        f"{target.user}@{target.host}:{remote_dir.rstrip('/')}/",
-    )  # fmt: skip
-    assert argv[0] == "rsync"
-    return argv
+    assert plan.workload.remote_dir
+    workload, ssh = plan.workload, plan.ssh
+    bootstrap = ssh_argv(ssh, target, bootstrap_script(workload.remote_dir, workload.remote_uv))
+    commands = SessionCommands(
+        prepare=ssh_argv(ssh, target, prepare_script(workload.remote_dir)),
+        sync=rsync_argv(ssh, target, workload.local_dir, workload.remote_dir, SYNC_EXCLUDED),
+        bootstrap=bootstrap if workload.bootstrap else None,
+        run=ssh_argv(ssh, target, run_script(workload.remote_dir, workload.commands), tty=plan.remote_tty),
+    )
+    assert commands.run[-1].endswith(")")
+    return commands
 
 
 # ---------------------------------------------------------------------------------------------
@@ -256,64 +206,112 @@ def default_commands(remote_uv: str) -> tuple[str, ...]:
 
 
 # ---------------------------------------------------------------------------------------------
-# Running ssh and rsync
+# --dry-run: the plan as lines
 
 
-def run_streaming(argv: tuple[str, ...]) -> int:
-    """Run a local command with its output going straight to ours; the exit code comes back."""
-    assert argv
-    assert argv[0] in ("ssh", "rsync")
-    sys.stdout.flush()
-    sys.stderr.flush()
+# Stand-ins for what only exists once the pod has been created.
+PLACEHOLDER_POD_ID = "<pod-id>"
+PLACEHOLDER_POD_TARGET = SshTarget(user=POD_SSH_USER, host="<pod-public-ip>", port=22)
+
+
+def describe_plan(plan: RemotePlan) -> list[str]:
+    """Every action of execute_plan in order, one entry each (a request body as an entry of its own).
+
+    The remote script of the run step holds a newline (see run_script), quoted, so an entry may
+    span two terminal lines; pasted into a shell it is still one command.
+    """
+    lines = []
+    if plan.new_pod is not None:  # rent_pod
+        assert plan.runpod is not None
+        probe = shlex.join(ssh_argv(plan.ssh, PLACEHOLDER_POD_TARGET, "true"))
+        record = json.dumps(instance_record(PLACEHOLDER_POD_ID, PLACEHOLDER_POD_TARGET), sort_keys=True)
+        lines += describe_request(plan.runpod, "POST", "/pods", create_pod_body(plan.new_pod))
+        lines.append(describe_wait_for_pod(plan.runpod, PLACEHOLDER_POD_ID))
+        lines.append(f"{probe}  (retried until it answers)")
+        lines.append(f"record {plan.instance_name} = {record} in {plan.state_path}")
+    commands = session_commands(plan, plan.target or PLACEHOLDER_POD_TARGET)  # run_session
+    bootstrap = [commands.bootstrap] if commands.bootstrap is not None else []
+    lines += [shlex.join(argv) for argv in (commands.prepare, commands.sync, *bootstrap, commands.run)]
+    if plan.terminate:
+        assert plan.runpod is not None
+        lines += describe_request(plan.runpod, "DELETE", f"/pods/{plan.pod_id or PLACEHOLDER_POD_ID}", None)
+        lines.append(f"remove {plan.instance_name} from {plan.state_path}")
+    assert lines
+    assert all(line.strip() for line in lines)
+    return lines
+
+
+# ---------------------------------------------------------------------------------------------
+# A run: the plan executed
+
+
+def execute_plan(plan: RemotePlan) -> int:
+    """Do what describe_plan shows; the remote commands' exit code comes back."""
+    Path(plan.ssh.known_hosts_path).parent.mkdir(parents=True, exist_ok=True)
+    if plan.new_pod is not None:
+        pod_id, target = rent_pod(plan)
+    else:
+        assert plan.target is not None
+        pod_id, target = plan.pod_id, plan.target
     try:
-        exit_code = subprocess.run(argv, check=False).returncode
-    except FileNotFoundError:
-        raise RemoteError(
-            f"`{argv[0]}` is not installed here; install it (e.g. apt-get install -y {argv[0]})"
-        ) from None
-    # Killed by a signal: report it the way a shell would (128 + signal number).
-    return exit_code if exit_code >= 0 else 128 - exit_code
+        exit_code = run_session(plan, target)
+    finally:
+        if plan.terminate:  # Also on failure and Ctrl-C: a forgotten pod bills by the hour.
+            assert plan.runpod is not None
+            assert pod_id is not None
+            terminate_pod(plan.runpod, pod_id)
+            forget_instance(plan.state_path, plan.instance_name)
+    if pod_id is not None and not plan.terminate:
+        name = plan.instance_name
+        say(f"pod {name} keeps running (and billing): --use-existing {name} to iterate, add --terminate to delete it")
+    assert 0 <= exit_code <= 255
+    return exit_code
 
 
-def run_captured(argv: tuple[str, ...]) -> subprocess.CompletedProcess:
-    """Run a short local command whose output we only read when it fails."""
-    assert argv
-    assert argv[0] == "ssh"
+def rent_pod(plan: RemotePlan) -> tuple[str, SshTarget]:
+    """Create the plan's new pod, wait until SSH answers, remember it; one that never answers is deleted."""
+    spec, runpod = plan.new_pod, plan.runpod
+    assert spec is not None
+    assert runpod is not None
+    pod_id = create_pod(runpod, spec)
+    say(f"created pod {pod_id} ({spec.gpu_type}); waiting for it to start")
     try:
-        return subprocess.run(argv, check=False, capture_output=True, text=True)
-    except FileNotFoundError:
-        raise RemoteError("`ssh` is not installed here; install an OpenSSH client") from None
+        target = wait_for_pod(runpod, pod_id)
+        forget_stale_host_key(plan.ssh, target)
+        wait_for_ssh(plan.ssh, target, runpod.wait_timeout_s, runpod.poll_interval_s)
+    except BaseException:  # Ctrl-C included: an unreachable pod is only a bill.
+        say(f"pod {pod_id} did not become reachable; terminating it")
+        try:
+            terminate_pod(runpod, pod_id)
+        except RemoteError as error:  # Report a failed delete, but never mask why we got here.
+            say(f"could not terminate pod {pod_id} ({error}); delete it in the RunPod console")
+        raise
+    remember_instance(plan.state_path, plan.instance_name, pod_id, target)
+    say(f"pod {plan.instance_name} ({pod_id}) is up at {format_ssh_address(target)}")
+    say(f"iterate with: jax-gpt2 remote --use-existing {plan.instance_name}")
+    return pod_id, target
 
 
-def prepare_remote(argv: tuple[str, ...], target: SshTarget, remote_dir: str) -> None:
-    """The first login of a session: proves the host answers, then creates the tree and rsync."""
-    assert argv[0] == "ssh"
-    assert remote_dir
-    result = run_captured(argv)
-    address = format_ssh_address(target)
-    if result.returncode == SSH_FAILED_EXIT_CODE:
-        raise RemoteError(f"cannot reach {address} over SSH: {last_line(result.stderr)}")
-    if result.returncode != 0:
-        raise RemoteError(f"preparing {remote_dir} on {address} failed: {last_line(result.stderr)}")
-
-
-def sync_tree(argv: tuple[str, ...], target: SshTarget, local_dir: str, remote_dir: str) -> None:
-    assert argv[0] == "rsync"
-    assert local_dir
-    say(f"syncing {local_dir} -> {format_ssh_address(target)}:{remote_dir}")
-    exit_code = run_streaming(argv)
-    if exit_code != 0:
-        raise RemoteError(f"rsync to {format_ssh_address(target)} failed with exit code {exit_code}")
-
-
-def bootstrap_remote(argv: tuple[str, ...], target: SshTarget) -> None:
-    assert argv[0] == "ssh"
+def run_session(plan: RemotePlan, target: SshTarget) -> int:
+    """Prepare, sync, bootstrap and run on target; the remote commands' exit code comes back."""
     assert target.host
-    exit_code = run_streaming(argv)
+    assert plan.workload.commands
+    commands = session_commands(plan, target)
+    address, remote_dir = format_ssh_address(target), plan.workload.remote_dir
+    prepared = run_captured(commands.prepare)  # The session's first login: does the host answer?
+    if prepared.returncode == SSH_FAILED_EXIT_CODE:
+        raise RemoteError(f"cannot reach {address} over SSH: {last_line(prepared.stderr)}")
+    if prepared.returncode != 0:
+        raise RemoteError(f"preparing {remote_dir} on {address} failed: {last_line(prepared.stderr)}")
+    say(f"syncing {plan.workload.local_dir} -> {address}:{remote_dir}")
+    exit_code = run_streaming(commands.sync)
     if exit_code != 0:
-        raise RemoteError(
-            f"bootstrap on {format_ssh_address(target)} failed with exit code {exit_code} (its output is above)"
-        )
+        raise RemoteError(f"rsync to {address} failed with exit code {exit_code}")
+    if commands.bootstrap is not None:
+        exit_code = run_streaming(commands.bootstrap)
+        if exit_code != 0:
+            raise RemoteError(f"bootstrap on {address} failed with exit code {exit_code} (its output is above)")
+    return run_remote_commands(commands.run)
 
 
 def run_remote_commands(argv: tuple[str, ...]) -> int:
@@ -324,208 +322,6 @@ def run_remote_commands(argv: tuple[str, ...]) -> int:
         say(f"exit code {exit_code}: the SSH connection failed, or the command itself exited {exit_code}")
     assert 0 <= exit_code <= 255
     return exit_code
-
-
-def wait_for_ssh(settings: SshSettings, target: SshTarget, timeout_s: float, poll_interval_s: float) -> None:
-    """A RUNNING pod still needs a few seconds before its sshd answers: retry, bounded."""
-    assert timeout_s > 0
-    assert poll_interval_s > 0
-    probe = ssh_argv(settings, target, "true")
-    address = format_ssh_address(target)
-    started = time.monotonic()
-    max_attempts = int(timeout_s / poll_interval_s) + 2
-    for attempt in range(1, max_attempts + 1):
-        result = run_captured(probe)
-        if result.returncode == 0:
-            return
-        elapsed = time.monotonic() - started
-        if elapsed >= timeout_s or attempt == max_attempts:
-            raise RemoteError(f"SSH on {address} did not answer within {timeout_s:g} s: {last_line(result.stderr)}")
-        say(f"waiting for SSH on {address} ({elapsed:.0f} s of {timeout_s:g} s)")
-        time.sleep(min(poll_interval_s, timeout_s - elapsed))
-    raise AssertionError("unreachable: the loop returns or raises")
-
-
-# ---------------------------------------------------------------------------------------------
-# RunPod REST API (v1)
-
-
-def describe_http_error(method: str, path: str, status: int, body: str, api_key: str) -> str:
-    assert method
-    assert 100 <= status <= 599
-    if status in (401, 403):
-        return f"RunPod refused the API key (HTTP {status} on {method} {path}): check RUNPOD_API_KEY"
-    detail = " ".join(redact(body, api_key).split())[:200] or "no details"
-    return f"RunPod API error: HTTP {status} on {method} {path}: {detail}"
-
-
-def runpod_request(settings: RunPodSettings, method: str, path: str, body: dict | None) -> dict:
-    """One authenticated JSON request; any failure becomes a RemoteError without the key in it."""
-    assert method in ("GET", "POST", "DELETE")
-    assert path.startswith("/")
-    url = settings.api_url.rstrip("/") + path
-    data = None if body is None else json.dumps(body).encode("utf-8")
-    headers = {"Authorization": f"Bearer {settings.api_key}", "Accept": "application/json"}
-    if data is not None:
-        headers["Content-Type"] = "application/json"
-    request = urllib.request.Request(url, data=data, method=method, headers=headers)
-    try:
-        with urllib.request.urlopen(request, timeout=HTTP_TIMEOUT_S) as response:
-            text = response.read().decode("utf-8", errors="replace")
-    except urllib.error.HTTPError as error:
-        error_body = error.read().decode("utf-8", errors="replace")
-        raise RemoteError(describe_http_error(method, path, error.code, error_body, settings.api_key)) from None
-    except (urllib.error.URLError, OSError) as error:
-        reason = getattr(error, "reason", error)
-        raise RemoteError(
-            f"cannot reach the RunPod API at {settings.api_url}: {redact(str(reason), settings.api_key)}"
-        ) from None
-    try:
-        answer = json.loads(text) if text.strip() else {}
-    except json.JSONDecodeError:
-        answer = None
-    if not isinstance(answer, dict):
-        raise RemoteError(f"RunPod API answered {method} {path} with something that is not a JSON object")
-    return answer
-
-
-def describe_request(settings: RunPodSettings, method: str, path: str, body: dict | None) -> list[str]:
-    """How a dry run shows one API request: the key is never shown, only that one is sent."""
-    assert method in ("GET", "POST", "DELETE")
-    assert path.startswith("/")
-    lines = [f"{method} {settings.api_url.rstrip('/')}{path}  (Authorization: Bearer {REDACTED})"]
-    if body is not None:
-        lines.append(f"  body: {json.dumps(body, sort_keys=True)}")
-    return lines
-
-
-def create_pod_body(spec: PodSpec) -> dict:
-    assert spec.name
-    assert spec.container_disk_gb >= 1
-    return {
-        "name": spec.name,
-        "imageName": spec.image,
-        "gpuTypeIds": [spec.gpu_type],
-        "gpuCount": 1,
-        "containerDiskInGb": spec.container_disk_gb,
-        "ports": ["22/tcp"],
-        "supportPublicIp": True,  # SSH needs a public IP, not RunPod's HTTP proxy.
-        "env": {"PUBLIC_KEY": spec.public_key},  # RunPod's images install this as authorized key.
-    }
-
-
-def create_pod(settings: RunPodSettings, spec: PodSpec) -> str:
-    """POST /pods; returns the new pod's id."""
-    assert spec.public_key
-    assert spec.gpu_type
-    pod = runpod_request(settings, "POST", "/pods", create_pod_body(spec))
-    pod_id = pod.get("id")
-    if not isinstance(pod_id, str) or not pod_id:
-        raise RemoteError("RunPod API created a pod but its answer has no pod id")
-    return pod_id
-
-
-def terminate_pod(settings: RunPodSettings, pod_id: str) -> None:
-    assert pod_id
-    assert settings.api_url
-    say(f"terminating pod {pod_id}")
-    runpod_request(settings, "DELETE", f"/pods/{pod_id}", None)
-
-
-def pod_ssh_target(pod: dict) -> SshTarget | None:
-    """The pod's public SSH address once it is running and mapped; None while it is starting."""
-    assert isinstance(pod, dict)
-    status = pod.get("desiredStatus")
-    if status in ("EXITED", "TERMINATED"):
-        raise RemoteError(f"pod {pod.get('id')} stopped while starting (desiredStatus {status})")
-    public_ip = pod.get("publicIp")
-    ssh_port = (pod.get("portMappings") or {}).get("22")
-    if status != "RUNNING" or not public_ip or not ssh_port:
-        return None
-    target = SshTarget(user=POD_SSH_USER, host=str(public_ip), port=int(ssh_port))
-    assert 1 <= target.port <= 65535
-    return target
-
-
-def wait_for_pod(settings: RunPodSettings, pod_id: str) -> SshTarget:
-    """Poll GET /pods/{id} until it has an SSH address, at most wait_timeout_s."""
-    assert pod_id
-    assert settings.poll_interval_s > 0
-    started = time.monotonic()
-    max_polls = int(settings.wait_timeout_s / settings.poll_interval_s) + 2
-    for _ in range(max_polls):
-        pod = runpod_request(settings, "GET", f"/pods/{pod_id}", None)
-        target = pod_ssh_target(pod)
-        if target is not None:
-            return target
-        elapsed = time.monotonic() - started
-        if elapsed >= settings.wait_timeout_s:
-            break
-        status = pod.get("desiredStatus", "unknown")
-        say(f"waiting for pod {pod_id}: {status} ({elapsed:.0f} s of {settings.wait_timeout_s:g} s)")
-        time.sleep(min(settings.poll_interval_s, settings.wait_timeout_s - elapsed))
-    raise RemoteError(f"pod {pod_id} had no public SSH address within {settings.wait_timeout_s:g} s")
-
-
-# ---------------------------------------------------------------------------------------------
-# Provisioning
-
-
-def forget_stale_host_key(settings: SshSettings, target: SshTarget) -> None:
-    """RunPod reuses public IP:port pairs, so a new pod would be refused as a changed host."""
-    assert target.host
-    assert settings.known_hosts_path
-    if not Path(settings.known_hosts_path).is_file():
-        return
-    host_pattern = target.host if target.port == 22 else f"[{target.host}]:{target.port}"
-    try:
-        subprocess.run(
-            ["ssh-keygen", "-R", host_pattern, "-f", settings.known_hosts_path], check=False, capture_output=True
-        )
-    except FileNotFoundError:
-        say("ssh-keygen is not installed here; a stale host key for this address would make ssh refuse it")
-
-
-def terminate_after_failure(settings: RunPodSettings, pod_id: str) -> None:
-    """Clean-up on a path that is already failing: report a failed delete, never mask the cause."""
-    assert pod_id
-    assert settings.api_url
-    try:
-        terminate_pod(settings, pod_id)
-    except RemoteError as error:
-        say(f"could not terminate pod {pod_id} ({error}); delete it in the RunPod console")
-
-
-def provision_pod(runpod: RunPodSettings, ssh: SshSettings, spec: PodSpec) -> tuple[str, SshTarget]:
-    """Create a pod and wait until SSH answers; a pod that never gets there is deleted again."""
-    assert spec.name
-    assert runpod.wait_timeout_s > 0
-    pod_id = create_pod(runpod, spec)
-    say(f"created pod {pod_id} ({spec.gpu_type}); waiting for it to start")
-    try:
-        target = wait_for_pod(runpod, pod_id)
-        forget_stale_host_key(ssh, target)
-        wait_for_ssh(ssh, target, runpod.wait_timeout_s, runpod.poll_interval_s)
-    except BaseException:  # Ctrl-C included: an unreachable pod is only a bill.
-        say(f"pod {pod_id} did not become reachable; terminating it")
-        terminate_after_failure(runpod, pod_id)
-        raise
-    assert target.port >= 1
-    return pod_id, target
-
-
-def read_public_key(key_path: str | None) -> str:
-    """The public half of the login key, which the pod installs as its authorized key."""
-    home_ssh = Path.home() / ".ssh"
-    candidates = [Path(key_path + ".pub")] if key_path else [home_ssh / "id_ed25519.pub", home_ssh / "id_rsa.pub"]
-    assert candidates
-    for candidate in candidates:
-        public_key = candidate.read_text().strip() if candidate.is_file() else ""
-        if public_key:
-            assert public_key == public_key.strip()
-            return public_key
-    tried = ", ".join(str(candidate) for candidate in candidates)
-    raise RemoteError(f"no SSH public key found (tried {tried}); pass --ssh-key PATH with PATH.pub beside it")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -617,171 +413,6 @@ def resolve_existing(path: Path, name_or_address: str) -> tuple[SshTarget, str |
 
 
 # ---------------------------------------------------------------------------------------------
-# The plan: everything one run does, decided before any of it is done.
-# `--dry-run` prints it (describe_plan); a normal run executes it (execute_plan). Both build their
-# ssh and rsync lines with the same function, so what a dry run shows is what a run does.
-
-
-@dataclass(frozen=True)
-class Workload:
-    """What to do once logged in."""
-
-    local_dir: str
-    remote_dir: str
-    remote_uv: str
-    commands: tuple[str, ...]
-    bootstrap: bool
-
-
-@dataclass(frozen=True)
-class RemotePlan:
-    """One run: maybe rent a pod, then sync, bootstrap and run on the target, maybe delete the pod.
-
-    A pod this run creates has no address until it runs, so `target` is None then: a dry run
-    shows its session on a placeholder address, a real run on the address the pod gets.
-    """
-
-    ssh: SshSettings
-    workload: Workload
-    remote_tty: bool  # At a terminal: `ssh -t`, so Ctrl-C stops the remote run too (and pytest has colour).
-    target: SshTarget | None  # None: the pod in `new_pod`.
-    new_pod: PodSpec | None  # Rent this pod first and remember it under `instance_name`.
-    pod_id: str | None  # An existing pod this tool rented earlier (known from the state file).
-    runpod: RunPodSettings | None  # Set when the run creates or deletes a pod.
-    terminate: bool  # Delete the pod afterwards, also on failure and Ctrl-C.
-    instance_name: str
-    state_path: Path
-
-    def __post_init__(self):
-        assert (self.target is None) != (self.new_pod is None), "either an existing target or a new pod"
-        assert self.new_pod is None or self.pod_id is None, "a new pod has no id until it is created"
-        assert self.runpod is not None or (self.new_pod is None and not self.terminate), "RunPod calls need settings"
-        assert not self.terminate or self.new_pod is not None or self.pod_id is not None, "terminate what?"
-        assert self.workload.commands
-        assert self.instance_name
-
-
-@dataclass(frozen=True)
-class SessionCommands:
-    """The ssh and rsync command lines of one session on one host, in the order they run."""
-
-    prepare: tuple[str, ...]  # ssh: proves the host answers, creates the tree, installs rsync.
-    sync: tuple[str, ...]  # rsync: the working tree minus what git ignores.
-    bootstrap: tuple[str, ...] | None  # ssh: uv and `uv sync --extra cuda`, once; None: --no-bootstrap.
-    run: tuple[str, ...]  # ssh: the commands, output streamed.
-
-
-# Stand-ins, in a dry run, for what only exists once the pod has been created.
-PLACEHOLDER_POD_ID = "<pod-id>"
-PLACEHOLDER_POD_TARGET = SshTarget(user=POD_SSH_USER, host="<pod-public-ip>", port=22)
-
-
-def session_commands(plan: RemotePlan, target: SshTarget) -> SessionCommands:
-    assert target.host
-    assert plan.workload.remote_dir
-    workload, ssh = plan.workload, plan.ssh
-    bootstrap = ssh_argv(ssh, target, bootstrap_script(workload.remote_dir, workload.remote_uv))
-    run = ssh_argv(ssh, target, run_script(workload.remote_dir, workload.commands))
-    commands = SessionCommands(
-        prepare=ssh_argv(ssh, target, prepare_script(workload.remote_dir)),
-        sync=rsync_argv(ssh, target, workload.local_dir, workload.remote_dir),
-        bootstrap=bootstrap if workload.bootstrap else None,
-        run=(run[0], "-t", *run[1:]) if plan.remote_tty else run,
-    )
-    assert commands.run[-1].endswith(")")
-    return commands
-
-
-def describe_new_pod(plan: RemotePlan) -> list[str]:
-    """The API requests, the SSH probe and the state-file record that renting a pod takes."""
-    assert plan.new_pod is not None
-    assert plan.runpod is not None
-    runpod = plan.runpod
-    probe = shlex.join(ssh_argv(plan.ssh, PLACEHOLDER_POD_TARGET, "true"))
-    record = json.dumps(instance_record(PLACEHOLDER_POD_ID, PLACEHOLDER_POD_TARGET), sort_keys=True)
-    return [
-        *describe_request(runpod, "POST", "/pods", create_pod_body(plan.new_pod)),
-        f"GET {runpod.api_url.rstrip('/')}/pods/{PLACEHOLDER_POD_ID} every {runpod.poll_interval_s:g} s until "
-        f"desiredStatus is RUNNING with a publicIp and portMappings['22'] (at most {runpod.wait_timeout_s:g} s)",
-        f"{probe}  (retried until it answers)",
-        f"record {plan.instance_name} = {record} in {plan.state_path}",
-    ]
-
-
-def describe_plan(plan: RemotePlan) -> list[str]:
-    """Every action of the plan in order, one entry each (a request body as an entry of its own).
-
-    The remote script of the run step holds a newline (see run_script), quoted, so an entry may
-    span two terminal lines; pasted into a shell it is still one command.
-    """
-    lines = describe_new_pod(plan) if plan.new_pod is not None else []
-    commands = session_commands(plan, plan.target or PLACEHOLDER_POD_TARGET)
-    bootstrap = [commands.bootstrap] if commands.bootstrap is not None else []
-    lines += [shlex.join(argv) for argv in (commands.prepare, commands.sync, *bootstrap, commands.run)]
-    if plan.terminate:
-        assert plan.runpod is not None
-        lines += describe_request(plan.runpod, "DELETE", f"/pods/{plan.pod_id or PLACEHOLDER_POD_ID}", None)
-        lines.append(f"remove {plan.instance_name} from {plan.state_path}")
-    assert lines
-    assert all(line.strip() for line in lines)
-    return lines
-
-
-def show_plan(plan: RemotePlan) -> None:
-    """--dry-run: print the plan on stdout and do nothing."""
-    lines = describe_plan(plan)
-    assert lines
-    for line in lines:
-        print(f"[dry-run] {line}", flush=True)
-
-
-def run_session(plan: RemotePlan, target: SshTarget) -> int:
-    """Prepare, sync, bootstrap and run on target; the remote commands' exit code comes back."""
-    assert target.host
-    assert plan.workload.commands
-    commands = session_commands(plan, target)
-    prepare_remote(commands.prepare, target, plan.workload.remote_dir)
-    sync_tree(commands.sync, target, plan.workload.local_dir, plan.workload.remote_dir)
-    if commands.bootstrap is not None:
-        bootstrap_remote(commands.bootstrap, target)
-    return run_remote_commands(commands.run)
-
-
-def rent_pod(plan: RemotePlan) -> tuple[str, SshTarget]:
-    """Create the plan's new pod, wait for SSH, remember it, and say how to come back to it."""
-    assert plan.new_pod is not None
-    assert plan.runpod is not None
-    pod_id, target = provision_pod(plan.runpod, plan.ssh, plan.new_pod)
-    remember_instance(plan.state_path, plan.instance_name, pod_id, target)
-    say(f"pod {plan.instance_name} ({pod_id}) is up at {format_ssh_address(target)}")
-    say(f"iterate with: jax-gpt2 remote --use-existing {plan.instance_name}")
-    return pod_id, target
-
-
-def execute_plan(plan: RemotePlan) -> int:
-    """Do what describe_plan shows; the remote commands' exit code comes back."""
-    Path(plan.ssh.known_hosts_path).parent.mkdir(parents=True, exist_ok=True)
-    if plan.new_pod is not None:
-        pod_id, target = rent_pod(plan)
-    else:
-        assert plan.target is not None
-        pod_id, target = plan.pod_id, plan.target
-    try:
-        exit_code = run_session(plan, target)
-    finally:
-        if plan.terminate:  # Also on failure and Ctrl-C: a forgotten pod bills by the hour.
-            assert plan.runpod is not None
-            assert pod_id is not None
-            terminate_pod(plan.runpod, pod_id)
-            forget_instance(plan.state_path, plan.instance_name)
-    if pod_id is not None and not plan.terminate:
-        name = plan.instance_name
-        say(f"pod {name} keeps running (and billing): --use-existing {name} to iterate, add --terminate to delete it")
-    assert 0 <= exit_code <= 255
-    return exit_code
-
-
-# ---------------------------------------------------------------------------------------------
 # From the command line to a plan
 
 
@@ -832,6 +463,20 @@ def workload_from_args(args: argparse.Namespace) -> Workload:
     assert workload.commands
     assert workload.remote_dir
     return workload
+
+
+def read_public_key(key_path: str | None) -> str:
+    """The public half of the login key, which the pod installs as its authorized key."""
+    home_ssh = Path.home() / ".ssh"
+    candidates = [Path(key_path + ".pub")] if key_path else [home_ssh / "id_ed25519.pub", home_ssh / "id_rsa.pub"]
+    assert candidates
+    for candidate in candidates:
+        public_key = candidate.read_text().strip() if candidate.is_file() else ""
+        if public_key:
+            assert public_key == public_key.strip()
+            return public_key
+    tried = ", ".join(str(candidate) for candidate in candidates)
+    raise RemoteError(f"no SSH public key found (tried {tried}); pass --ssh-key PATH with PATH.pub beside it")
 
 
 def pod_spec_from_args(args: argparse.Namespace, ssh: SshSettings, path: Path) -> PodSpec:
@@ -894,7 +539,8 @@ def run_remote(args: argparse.Namespace) -> int:
     try:
         plan = plan_from_args(args)
         if args.dry_run:
-            show_plan(plan)
+            for line in describe_plan(plan):
+                print(f"[dry-run] {line}", flush=True)
             return 0
         exit_code = execute_plan(plan)
     except RemoteError as error:
@@ -908,68 +554,6 @@ def run_remote(args: argparse.Namespace) -> int:
 # Command-line options
 
 
-def add_target_options(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("where and how to log in")
-    group.add_argument(
-        "--use-existing", metavar="NAME_OR_ADDRESS",
-        help="a NAME from an earlier provisioning, or user@host[:port]; without it a RunPod pod is created",
-    )  # fmt: skip
-    group.add_argument(
-        "--ssh-key", metavar="PATH", help="private key to log in with (default: $SSH_KEY_PATH, else ssh's own)"
-    )
-    group.add_argument(
-        "--known-hosts", metavar="PATH",
-        help="known_hosts file for these hosts (default: known_hosts in the jax-gpt2 config dir)",
-    )  # fmt: skip
-    group.add_argument("--connect-timeout-s", type=int, default=10, help="ssh ConnectTimeout (default: 10)")
-    assert parser.prog
-    assert group.title
-
-
-def add_work_options(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("what to run")
-    group.add_argument("--local-dir", default=".", help="working tree to sync (default: the current directory)")
-    group.add_argument(
-        "--remote-dir", default=DEFAULT_REMOTE_DIR,
-        help=f"where the tree lands on the remote; relative to its home (default: {DEFAULT_REMOTE_DIR})",
-    )  # fmt: skip
-    group.add_argument(
-        # dest: the CLI already uses args.command for the subcommand's name.
-        "--command", dest="remote_command", metavar="SHELL_COMMAND",
-        help="run this in the synced tree instead of pytest, compare and bench",
-    )  # fmt: skip
-    group.add_argument("--no-bootstrap", action="store_true", help="skip installing uv and `uv sync --extra cuda`")
-    group.add_argument(
-        "--remote-uv", default="uv", help="uv executable on the remote (default: uv, installed if missing)"
-    )
-    group.add_argument("--dry-run", action="store_true", help="print every ssh, rsync and HTTP action; do none")
-    assert parser.prog
-    assert group.title
-
-
-def add_runpod_options(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("RunPod provisioning (needs RUNPOD_API_KEY)")
-    group.add_argument(
-        "--name", default=DEFAULT_POD_NAME, help=f"pod name, remembered locally (default: {DEFAULT_POD_NAME})"
-    )
-    group.add_argument("--gpu-type", default=DEFAULT_GPU_TYPE, help=f"RunPod GPU type id (default: {DEFAULT_GPU_TYPE})")
-    group.add_argument("--image", default=DEFAULT_IMAGE, help=f"container image (default: {DEFAULT_IMAGE})")
-    group.add_argument("--container-disk-gb", type=int, default=DEFAULT_CONTAINER_DISK_GB, help="container disk size")
-    group.add_argument(
-        "--api-url", metavar="URL",
-        help=f"RunPod REST API base (default: $RUNPOD_API_URL, else {RUNPOD_API_URL})",
-    )  # fmt: skip
-    group.add_argument(
-        "--wait-timeout-s", type=float, default=600.0, help="bound on each wait for the pod (default: 600)"
-    )
-    group.add_argument("--poll-interval-s", type=float, default=5.0, help="seconds between polls (default: 5)")
-    group.add_argument(
-        "--terminate", action="store_true", help="delete the pod after the run, also on failure or Ctrl-C"
-    )
-    assert parser.prog
-    assert group.title
-
-
 def add_remote_command(subparsers: argparse._SubParsersAction) -> None:
     """Register `jax-gpt2 remote` on the CLI's subparsers."""
     assert subparsers is not None
@@ -978,8 +562,53 @@ def add_remote_command(subparsers: argparse._SubParsersAction) -> None:
         help="sync this tree to a GPU machine over SSH and run the tests and benchmarks there",
         description=__doc__.split("\n\n")[0],
     )
-    add_target_options(parser)
-    add_work_options(parser)
-    add_runpod_options(parser)
+    target = parser.add_argument_group("where and how to log in")
+    target.add_argument(
+        "--use-existing", metavar="NAME_OR_ADDRESS",
+        help="a NAME from an earlier provisioning, or user@host[:port]; without it a RunPod pod is created",
+    )  # fmt: skip
+    target.add_argument(
+        "--ssh-key", metavar="PATH", help="private key to log in with (default: $SSH_KEY_PATH, else ssh's own)"
+    )
+    target.add_argument(
+        "--known-hosts", metavar="PATH",
+        help="known_hosts file for these hosts (default: known_hosts in the jax-gpt2 config dir)",
+    )  # fmt: skip
+    target.add_argument("--connect-timeout-s", type=int, default=10, help="ssh ConnectTimeout (default: 10)")
+
+    work = parser.add_argument_group("what to run")
+    work.add_argument("--local-dir", default=".", help="working tree to sync (default: the current directory)")
+    work.add_argument(
+        "--remote-dir", default=DEFAULT_REMOTE_DIR,
+        help=f"where the tree lands on the remote; relative to its home (default: {DEFAULT_REMOTE_DIR})",
+    )  # fmt: skip
+    work.add_argument(
+        # dest: the CLI already uses args.command for the subcommand's name.
+        "--command", dest="remote_command", metavar="SHELL_COMMAND",
+        help="run this in the synced tree instead of pytest, compare and bench",
+    )  # fmt: skip
+    work.add_argument("--no-bootstrap", action="store_true", help="skip installing uv and `uv sync --extra cuda`")
+    work.add_argument(
+        "--remote-uv", default="uv", help="uv executable on the remote (default: uv, installed if missing)"
+    )
+    work.add_argument("--dry-run", action="store_true", help="print every ssh, rsync and HTTP action; do none")
+
+    pod = parser.add_argument_group("RunPod provisioning (needs RUNPOD_API_KEY)")
+    pod.add_argument(
+        "--name", default=DEFAULT_POD_NAME, help=f"pod name, remembered locally (default: {DEFAULT_POD_NAME})"
+    )
+    pod.add_argument("--gpu-type", default=DEFAULT_GPU_TYPE, help=f"RunPod GPU type id (default: {DEFAULT_GPU_TYPE})")
+    pod.add_argument("--image", default=DEFAULT_IMAGE, help=f"container image (default: {DEFAULT_IMAGE})")
+    pod.add_argument("--container-disk-gb", type=int, default=DEFAULT_CONTAINER_DISK_GB, help="container disk size")
+    pod.add_argument(
+        "--api-url", metavar="URL", help=f"RunPod REST API base (default: $RUNPOD_API_URL, else {RUNPOD_API_URL})"
+    )
+    pod.add_argument(
+        "--wait-timeout-s", type=float, default=600.0, help="bound on each wait for the pod (default: 600)"
+    )
+    pod.add_argument("--poll-interval-s", type=float, default=5.0, help="seconds between polls (default: 5)")
+    pod.add_argument("--terminate", action="store_true", help="delete the pod after the run, also on failure or Ctrl-C")
+
     parser.set_defaults(run=run_remote)
     assert parser.get_default("run") is run_remote
+    assert parser.get_default("remote_dir") == DEFAULT_REMOTE_DIR
