@@ -148,6 +148,26 @@ def test_generate_with_logit_bias_and_penalties_equals_the_library(tiny_model_di
     assert "TOKEN_ID=VALUE" in capsys.readouterr().err
 
 
+def test_generate_with_a_json_schema_or_a_regex_obeys_it(tiny_model_dir, tmp_path, capsys):
+    import json
+
+    schema = {"type": "object", "properties": {"n": {"type": "integer", "minimum": 0, "maximum": 9}}, "required": ["n"],
+              "additionalProperties": False}  # fmt: skip
+    (tmp_path / "schema.json").write_text(json.dumps(schema))
+    args = ["generate", "Data:", "--model", str(tiny_model_dir), "--max-new-tokens", "20", "--temperature", "1"]
+    assert main([*args, "--json-schema", str(tmp_path / "schema.json")]) == 0
+    answer = json.loads(capsys.readouterr().out[len("Data:") :])
+    assert set(answer) == {"n"}
+    assert 0 <= answer["n"] <= 9
+    assert main([*args, "--regex", "[a-c]{4}"]) == 0
+    out = capsys.readouterr().out
+    assert len(out) == len("Data:") + 5
+    assert set(out[len("Data:") : -1]) <= set("abc")
+    (tmp_path / "bad.json").write_text(json.dumps({"not": {}}))
+    assert main([*args, "--json-schema", str(tmp_path / "bad.json")]) == 2
+    assert "cannot be compiled" in capsys.readouterr().err
+
+
 def test_generate_ends_the_text_at_a_stop_string(tiny_model_dir, capsys):
     args = ["generate", "Hello", "--model", str(tiny_model_dir), "--max-new-tokens", "12", "--ignore-eos"]
     assert main(args) == 0

@@ -8,6 +8,7 @@ import asyncio
 import contextlib
 import dataclasses
 import json
+import re
 import signal
 import socket
 import subprocess
@@ -15,7 +16,10 @@ import sys
 import threading
 import time
 
+from concurrent.futures import ThreadPoolExecutor
+
 import httpx
+import jsonschema
 import numpy as np
 import openai
 import pytest
@@ -464,6 +468,87 @@ def test_usage_reports_the_prompt_tokens_the_prefix_cache_supplied(server):
                                        stream_options={"include_usage": True})  # fmt: skip
     usage = [chunk.usage for chunk in stream if chunk.usage is not None]
     assert usage[-1].prompt_tokens_details.cached_tokens == 64
+
+
+SMALL_SCHEMA = {
+    "type": "object",
+    "properties": {
+        "k": {"enum": ["ab", "cd"]}, "ok": {"type": "boolean"}, "n": {"type": "integer", "minimum": 0, "maximum": 99},
+        "o": {"type": "object", "properties": {"c": {"type": "string", "maxLength": 3}}, "required": ["c"],
+              "additionalProperties": False},
+        "t": {"type": "array", "items": {"type": "integer", "minimum": 0, "maximum": 9}, "maxItems": 2},
+    },
+    "required": ["k", "ok", "n", "o", "t"],
+    "additionalProperties": False,
+}  # fmt: skip
+
+
+def test_json_schema_answers_validate_at_temperature_1(server):
+    """n=4 choices x 3 seeds, sampled at temperature 1 from a random model: every choice that ends
+    with finish_reason "stop" is JSON valid against the schema, and most end within 100 tokens."""
+    client = server.client()
+    response_format = {"type": "json_schema", "json_schema": {"name": "pet", "schema": SMALL_SCHEMA, "strict": True}}
+    finished = []
+    for seed in range(3):
+        reply = client.chat.completions.create(model=MODEL_ID, messages=[{"role": "user", "content": "Describe"}],
+                                               max_tokens=100, temperature=1.0, seed=seed, n=4,
+                                               response_format=response_format)  # fmt: skip
+        finished += [c.message.content for c in reply.choices if c.finish_reason == "stop"]
+    assert len(finished) >= 6
+    for text in finished:
+        jsonschema.validate(json.loads(text), SMALL_SCHEMA)
+
+
+def test_json_object_regex_and_choice_hold_on_completions(server):
+    client = server.client()
+    reply = client.completions.create(model=MODEL_ID, prompt="Data:", max_tokens=80, temperature=1.0, seed=4, n=4,
+                                      extra_body={"response_format": {"type": "json_object"}})  # fmt: skip
+    finished = [c.text for c in reply.choices if c.finish_reason == "stop"]
+    assert finished
+    assert all(isinstance(json.loads(text), dict) for text in finished)
+    reply = client.completions.create(model=MODEL_ID, prompt="Code:", max_tokens=20, temperature=1.0, seed=1, n=4,
+                                      extra_body={"guided_regex": "[0-9]{3}-[ab]{2}"})  # fmt: skip
+    assert all(c.finish_reason == "stop" and re.fullmatch("[0-9]{3}-[ab]{2}", c.text) for c in reply.choices)
+    reply = client.chat.completions.create(model=MODEL_ID, messages=[{"role": "user", "content": "Yes or no?"}],
+                                           max_tokens=10, temperature=1.0, seed=2, n=4,
+                                           extra_body={"guided_choice": ["yes", "no"]})  # fmt: skip
+    assert all(c.finish_reason == "stop" and c.message.content in ("yes", "no") for c in reply.choices)
+
+
+def test_a_constrained_stream_gives_the_one_shot_text_beside_unconstrained_rows(server, model):
+    """Streamed and not, with an unconstrained request running in the same batch both times."""
+    client = server.client()
+    settings = dict(model=MODEL_ID, prompt="Data:", max_tokens=60, temperature=1.0, seed=9,
+                    extra_body={"guided_json": SMALL_SCHEMA})  # fmt: skip
+    results = {}
+    for stream in (False, True):
+        with ThreadPoolExecutor(2) as pool:
+            other = pool.submit(client.completions.create, model=MODEL_ID, prompt="Hello", max_tokens=40, temperature=0)
+            if stream:
+                results[stream] = "".join(chunk.choices[0].text for chunk in client.completions.create(**settings, stream=True)
+                                          if chunk.choices)  # fmt: skip
+            else:
+                results[stream] = client.completions.create(**settings).choices[0].text
+            results[(stream, "other")] = other.result().choices[0].text
+    assert results[True] == results[False]
+    assert results[(True, "other")] == results[(False, "other")]
+    [(expected_text, _, _)] = expected(model, ["Hello"], [40])
+    assert results[(False, "other")] == expected_text
+
+
+def test_a_schema_that_cannot_compile_is_a_400_and_the_next_request_is_served(server):
+    client = server.client()
+    bad = {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object", "not": {"type": "string"}}}}
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.completions.create(model=MODEL_ID, prompt="Hi", max_tokens=5, extra_body={"response_format": bad})
+    assert "not" in caught.value.body["message"]
+    assert caught.value.body["param"] == "response_format"
+    with pytest.raises(openai.BadRequestError):
+        client.completions.create(model=MODEL_ID, prompt="Hi", max_tokens=5, extra_body={"guided_regex": "a(b"})
+    with pytest.raises(openai.BadRequestError):
+        client.completions.create(model=MODEL_ID, prompt="Hi", max_tokens=5,
+                                  extra_body={"guided_regex": "a", "guided_choice": ["a"]})  # fmt: skip
+    assert len(client.completions.create(model=MODEL_ID, prompt="Hi", max_tokens=3).choices) == 1
 
 
 def test_the_openai_client_sees_a_400_as_bad_request_and_the_server_lives_on(server):

@@ -324,14 +324,14 @@ def _sampling_settings(args: argparse.Namespace):
 
 
 def _stream_one(
-    prompt: str, ids: list[int], tokenizer, weights, config, settings, eos_ids: list[int], kv_dtype
+    prompt: str, ids: list[int], tokenizer, weights, config, settings, eos_ids: list[int], kv_dtype, constraint
 ) -> None:  # fmt: skip
     """Print one prompt's continuation as it is made: whole UTF-8 characters, nothing past a stop string."""
     from jax_gpt2.generate import stream_with_settings
     from jax_gpt2.stopping import TextFinisher
 
     finisher = TextFinisher(tokenizer, settings.stop, eos_ids, settings.max_new_tokens)
-    steps = stream_with_settings([ids], weights, config, settings, eos_ids, kv_dtype)
+    steps = stream_with_settings([ids], weights, config, settings, eos_ids, kv_dtype, 4, constraint)
     first = next(steps)  # arguments are checked before anything is printed
     sys.stdout.write(prompt)
     for step in itertools.chain([first], steps):
@@ -342,6 +342,27 @@ def _stream_one(
         if finisher.finish_reason is not None:
             break
     sys.stdout.write(finisher.close() + "\n")
+
+
+def _constraint_from_args(args: argparse.Namespace, tokenizer, config):
+    """--json-schema FILE or --regex PATTERN, compiled against the model's tokenizer (None: neither)."""
+    import json
+
+    from jax_gpt2 import constraints
+
+    if args.json_schema is not None and args.regex is not None:
+        raise UserError("give --json-schema or --regex, not both")
+    if args.json_schema is not None:
+        try:
+            constraint = constraints.json_schema(json.loads(_read_text_file(args.json_schema, "--json-schema")))
+        except json.JSONDecodeError as error:
+            raise UserError(f"--json-schema {args.json_schema}: not JSON ({error})") from None
+    elif args.regex is not None:
+        constraint = constraints.regex(args.regex)
+    else:
+        return None
+    tokens = constraints.grammar_tokenizer(tokenizer, config.vocab_size, config.eos_token_id)
+    return constraints.compile_constraint(constraint, tokens)
 
 
 def run_generate(args: argparse.Namespace) -> int:
@@ -357,12 +378,13 @@ def run_generate(args: argparse.Namespace) -> int:
     tokenizer = load_tokenizer(folder)
     prompt_ids = [encode(tokenizer, prompt) for prompt in prompts]
     eos_ids = [] if args.ignore_eos or config.eos_token_id is None else [config.eos_token_id]
+    constraint = _constraint_from_args(args, tokenizer, config)
     if len(prompts) == 1 and args.coordinator is None:
-        _stream_one(prompts[0], prompt_ids[0], tokenizer, weights, config, settings, eos_ids, kv_dtype)
+        _stream_one(prompts[0], prompt_ids[0], tokenizer, weights, config, settings, eos_ids, kv_dtype, constraint)
         return 0
     # Many processes: every one runs the whole batch's program (its rows are split over "data");
     # process 0 prints every output, in input order.
-    rows = generate_with_settings(prompt_ids, weights, config, settings, eos_ids, kv_dtype)
+    rows = generate_with_settings(prompt_ids, weights, config, settings, eos_ids, kv_dtype, constraint)
     if not _is_main_process():
         return 0
     for prompt, new_ids in zip(prompts, rows):
@@ -391,6 +413,9 @@ def add_generate_command(subparsers) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--stop", action="append", default=[], help="end the text where this string occurs")
     parser.add_argument("--ignore-eos", action="store_true", help="do not stop at the model's end-of-text token")
+    parser.add_argument("--json-schema", type=Path, default=None, metavar="FILE",
+                        help="the text is JSON valid against this JSON Schema (structured output)")
+    parser.add_argument("--regex", default=None, metavar="PATTERN", help="the text matches this regular expression")
     add_dtype_option(parser)
     add_kv_dtype_option(parser)
     add_mesh_option(parser)

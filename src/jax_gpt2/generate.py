@@ -26,13 +26,15 @@ from jax_gpt2.kvcache import KVCache, check_kv_dtype
 from jax_gpt2.model import lm_logits, transformer, transformer_from_empty
 from jax_gpt2.sharding import fetch, pad_rows, padded_rows, put, put_rows
 from jax_gpt2.sampling import (
-    SamplerFlags, SamplingParams, SamplingSettings, check_token_settings, choose_tokens, end_token_ids,
-    flags_for, pick_logits, sampling_params,
+    SamplerFlags, SamplingParams, SamplingSettings, apply_allowed_tokens, check_token_settings, choose_tokens,
+    end_token_ids, flags_for, pick_logits, sampling_params,
 )
 from jax_gpt2.weights import GPT2Weights
 
 if TYPE_CHECKING:
     from jax.sharding import Mesh
+
+    from jax_gpt2.constraints import CompiledConstraint
 
 PAD_ID = 0  # what a finished row (or a left-pad slot) holds; never attended to, never returned
 
@@ -189,6 +191,15 @@ def _decode_jit(state, max_steps, eos_U, params, weights, config, flags, num_slo
     return decode(state, max_steps, eos_U, params, weights, config, flags, num_slots)
 
 
+@functools.partial(jax.jit, static_argnames=("config", "flags"), donate_argnames=("state",))
+def _constrained_step_jit(state, allowed_BV, ended_B, eos_U, params, weights, config, flags):
+    """One decode step whose pick obeys each row's allowed tokens; ended_B ends rows (their answer is complete)."""
+    state = dataclasses.replace(state, logits_BV=apply_allowed_tokens(state.logits_BV, allowed_BV),
+                                done_B=state.done_B | ended_B)  # fmt: skip
+    state, token_B, emitted_B, _ = decode_step(state, eos_U, params, weights, config, flags)
+    return state, token_B, emitted_B
+
+
 @dataclasses.dataclass(frozen=True)
 class GenerationRequest:
     """Validated host-side inputs of one generate call, ready for the device."""
@@ -278,7 +289,7 @@ def generate(
     top_k: int | None = None, top_p: float | None = None, min_p: float | None = None,
     repetition_penalty: float | None = None, eos_token_id: int | Sequence[int] | None = None, seed: int = 0,
     kv_dtype=jnp.float32, logit_bias: dict[int, float] | None = None, frequency_penalty: float = 0.0,
-    presence_penalty: float = 0.0,
+    presence_penalty: float = 0.0, constraint: "CompiledConstraint | None" = None,
 ) -> list[list[int]]:  # fmt: skip
     """The new tokens of each prompt (a ragged list of id lists), up to and including its eos.
 
@@ -287,18 +298,25 @@ def generate(
     kv_dtype jnp.bfloat16 stores the cache in half the bytes (attention math stays float32).
     logit_bias ({token id: value in [-100, 100]}) is added to the logits; frequency_penalty and
     presence_penalty (in [-2, 2]) are OpenAI's, over the tokens generated so far (see sampling.py).
+    constraint (constraints.compile_constraint's) keeps every row a prefix of a valid answer and ends
+    it once the answer is complete; such a call decodes one step per dispatch (the mask is the host's).
     """
     settings = settings_from_arguments(max_new_tokens, temperature, top_k, top_p, min_p, repetition_penalty, seed,
                                        logit_bias, frequency_penalty, presence_penalty)  # fmt: skip
-    return generate_with_settings(prompt_ids, weights, config, settings, eos_token_id, kv_dtype)
+    return generate_with_settings(prompt_ids, weights, config, settings, eos_token_id, kv_dtype, constraint)
 
 
 def generate_with_settings(
     prompt_ids, weights: GPT2Weights, config: GPT2Config, settings: SamplingSettings,
-    eos_token_id: int | Sequence[int] | None, kv_dtype=jnp.float32,
+    eos_token_id: int | Sequence[int] | None, kv_dtype=jnp.float32, constraint: "CompiledConstraint | None" = None,
 ) -> list[list[int]]:  # fmt: skip
     """`generate` for callers that hold SamplingSettings already (the CLI): the same checks and tokens."""
     assert isinstance(settings, SamplingSettings)
+    if constraint is not None:
+        steps = stream_with_settings(prompt_ids, weights, config, settings, eos_token_id, kv_dtype, 1, constraint)
+        columns = list(steps)
+        rows = len(prompt_ids)
+        return [[step[row] for step in columns if step[row] is not None] for row in range(rows)]
     kv_dtype = check_kv_dtype(kv_dtype)
     if settings.max_new_tokens == 0:
         _end_ids(eos_token_id, config, settings)
@@ -359,19 +377,20 @@ def stream_generate(
     top_k: int | None = None, top_p: float | None = None, min_p: float | None = None,
     repetition_penalty: float | None = None, eos_token_id: int | Sequence[int] | None = None, seed: int = 0,
     chunk_steps: int = 4, kv_dtype=jnp.float32, logit_bias: dict[int, float] | None = None,
-    frequency_penalty: float = 0.0, presence_penalty: float = 0.0,
+    frequency_penalty: float = 0.0, presence_penalty: float = 0.0, constraint: "CompiledConstraint | None" = None,
 ) -> Iterator[list[int | None]]:  # fmt: skip
     """Like `generate`, but yields as tokens are made: one list per step, a token per row (None once the
     row has finished). The device runs `chunk_steps` steps per dispatch; the tokens equal `generate`'s.
     A generator: the arguments are checked when the first step is asked for."""
     settings = settings_from_arguments(max_new_tokens, temperature, top_k, top_p, min_p, repetition_penalty, seed,
                                        logit_bias, frequency_penalty, presence_penalty)  # fmt: skip
-    yield from stream_with_settings(prompt_ids, weights, config, settings, eos_token_id, kv_dtype, chunk_steps)
+    yield from stream_with_settings(prompt_ids, weights, config, settings, eos_token_id, kv_dtype, chunk_steps, constraint)
 
 
 def stream_with_settings(
     prompt_ids, weights: GPT2Weights, config: GPT2Config, settings: SamplingSettings,
     eos_token_id: int | Sequence[int] | None, kv_dtype=jnp.float32, chunk_steps: int = 4,
+    constraint: "CompiledConstraint | None" = None,
 ) -> Iterator[list[int | None]]:  # fmt: skip
     """`stream_generate` for callers that hold SamplingSettings already: nothing runs (and nothing is
     checked) until the first step is asked for, as with any generator."""
@@ -387,6 +406,9 @@ def stream_with_settings(
     B = len(request.ids_BT)
     placed = place_request(request, weights.mesh)
     state = prefill_request(placed, weights, config, kv_dtype)
+    if constraint is not None:
+        yield from _stream_constrained(state, placed, B, constraint, weights, config)
+        return
     remaining = request.max_new_tokens
     while remaining > 0:
         state, tokens_BK, emitted_BK = decode_request(state, placed, np.int32(remaining), chunk_steps, weights, config)
@@ -396,3 +418,31 @@ def stream_with_settings(
                 return
             yield [int(t) if e else None for t, e in zip(tokens_BK[:, column], emitted_BK[:, column])]
         remaining -= chunk_steps
+
+
+def _stream_constrained(
+    state: DecodeState, placed: GenerationRequest, B: int, constraint: "CompiledConstraint", weights: GPT2Weights,
+    config: GPT2Config,
+) -> Iterator[list[int | None]]:  # fmt: skip
+    """One step per dispatch: each row's grammar masks its pick (computed here, on the host), and a row
+    whose answer is complete ends without another token."""
+    if weights.mesh is not None:
+        raise ValueError("a constraint runs on one device; load the weights without a mesh")
+    if constraint.grammar_tokenizer.vocab_size != config.vocab_size:
+        raise ValueError(f"the constraint was compiled for {constraint.grammar_tokenizer.vocab_size} tokens; "
+                         f"the model has {config.vocab_size}")  # fmt: skip
+    matchers = [constraint.new_matcher() for _ in range(B)]
+    allowed_BV = np.ones((B, config.vocab_size), np.bool_)
+    for _ in range(placed.max_new_tokens):
+        ended_B = np.array([matcher.done for matcher in matchers])
+        for row, matcher in enumerate(matchers):
+            allowed_BV[row] = True if matcher.done else matcher.allowed_V()
+        state, token_B, emitted_B = _constrained_step_jit(
+            state, allowed_BV, ended_B, placed.eos_U, placed.params, weights, config, placed.flags
+        )  # fmt: skip
+        token_B, emitted_B = fetch(token_B), fetch(emitted_B)
+        if not emitted_B.any():
+            return
+        for row in np.nonzero(emitted_B)[0]:
+            matchers[row].advance(int(token_B[row]))
+        yield [int(t) if e else None for t, e in zip(token_B, emitted_B)]

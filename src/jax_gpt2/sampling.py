@@ -259,6 +259,14 @@ def apply_repetition_penalty(logits_BV: jax.Array, seen_BV: jax.Array, penalty_B
     return jnp.where(seen_BV, penalized_BV, logits_BV)
 
 
+def apply_allowed_tokens(logits_BV: jax.Array, allowed_BV: jax.Array) -> jax.Array:
+    """Structured output's mask (constraints.py), ahead of every other processor: a token the row's
+    grammar does not allow gets FILTERED (an unconstrained row allows every token)."""
+    assert allowed_BV.shape == logits_BV.shape
+    assert allowed_BV.dtype == jnp.bool_
+    return jnp.where(allowed_BV, logits_BV, FILTERED)
+
+
 def apply_logit_bias(logits_BV: jax.Array, bias_ids_BE: jax.Array, bias_BE: jax.Array) -> jax.Array:
     """Add each row's logit_bias values at their token ids (padding entries add 0 to token 0)."""
     B = logits_BV.shape[0]

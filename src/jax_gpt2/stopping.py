@@ -96,6 +96,13 @@ class TextFinisher:
             return piece + self._flush()
         return piece
 
+    def stop(self) -> str:
+        """End the sequence now, with finish_reason "stop" (say, its structured answer is complete):
+        the text still held back."""
+        assert self.finish_reason is None, "the sequence has already ended"
+        self.finish_reason = "stop"
+        return self._flush()
+
     def close(self) -> str:
         """What is still held back, at the end of a stream that stopped without a finish reason."""
         return self._flush() if self.finish_reason is None else ""

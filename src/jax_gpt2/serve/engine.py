@@ -46,6 +46,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jax_gpt2.config import GPT2Config
+from jax_gpt2.constraints import CompiledConstraint
 from jax_gpt2.generate import PAD_ID
 from jax_gpt2.kvcache import check_kv_dtype
 from jax_gpt2.sampling import SamplingSettings, check_token_settings, end_token_ids, sampling_params
@@ -86,6 +87,7 @@ class SequenceRequest:
     index: int = 0  # its key is fold_in(PRNGKey(seed), index): row `index` of generate(..., seed=seed)
     num_logprobs: int | None = None  # generated tokens: None, or 0..TOP_LOGPROBS alternatives each
     prompt_logprobs: int | None = None  # prompt tokens: None, or 0..TOP_LOGPROBS alternatives each
+    constraint: CompiledConstraint | None = None  # structured output: the answer's grammar
 
 
 @dataclasses.dataclass(frozen=True)
@@ -143,6 +145,9 @@ def check_request(request: SequenceRequest, vocab_size: int, context_length: int
             f"this model's context is {context_length} tokens; the prompt has {len(prompt)} and max_tokens is "
             f"{request.settings.max_new_tokens} ({wanted} in all)"
         )
+    if request.constraint is not None and request.constraint.grammar_tokenizer.vocab_size != vocab_size:
+        raise ValueError(f"the constraint was compiled for {request.constraint.grammar_tokenizer.vocab_size} tokens, "
+                         f"not this model's {vocab_size}")  # fmt: skip
     for name in ("num_logprobs", "prompt_logprobs"):
         value = getattr(request, name)
         if value is not None and not 0 <= value <= TOP_LOGPROBS:
@@ -202,6 +207,7 @@ class _Sequence:
         self.num_picked = 0  # tokens picked on the device, an eos included
         self.prompt_logprobs: tuple[TokenLogprob, ...] | None = None  # sent with the first event
         self.cached_tokens = 0  # prompt tokens the prefix cache supplied (sent with every event)
+        self.matcher = None if request.constraint is None else request.constraint.new_matcher()
 
     @property
     def filled_slots(self) -> int:
@@ -221,6 +227,10 @@ class _Sequence:
                 ids.append(token)
             # ... but it has a logprob: harnesses read the last entry as the token the model picked after the prompt
             logprobs.append(self._logprob(token, out, k, row))
+            if self.matcher is not None:
+                self.matcher.advance(token)
+                if self.matcher.done and self.finisher.finish_reason is None:  # the answer is complete
+                    text.append(self.finisher.stop())
             if self.finisher.finish_reason is not None:
                 break
         return self.event(ids, "".join(text), logprobs)
@@ -403,7 +413,9 @@ class Engine:
                 self._slots, _ = slots.prefill_rows_jit(self._slots, ids_PT, np.ones((P,), np.int32), rows_P,
                                                         *self._row_settings([], P), self.weights, self.config)  # fmt: skip
         for width in self.widths:
-            self._slots, _ = slots.decode_chunk_jit(self._slots, self.weights, self.config, width, self.chunk_steps)
+            allowed_WV, single_W = np.ones((width, self.config.vocab_size), np.bool_), np.zeros((width,), np.bool_)
+            self._slots, _ = slots.decode_chunk_jit(self._slots, allowed_WV, single_W, self.weights, self.config, width,
+                                                    self.chunk_steps)  # fmt: skip
         self._slots = slots.release_jit(self._slots, np.ones((self.max_batch,), np.bool_))
         if self.prefix_cache.capacity > 0:
             k, v = slots.read_block_jit(self._staging, zero)
@@ -553,7 +565,8 @@ class Engine:
         return P * T
 
     def _row_settings(self, batch: list[_Sequence], width: int) -> tuple[np.ndarray, ...]:
-        """keys_P2, params_P, limit_P, want_logprobs_P of the batch's sequences, padded to width rows."""
+        """keys_P2, params_P, limit_P, want_logprobs_P, allowed_PV (the first token's grammar mask) of
+        the batch's sequences, padded to width rows."""
         assert len(batch) <= width
         requests = [seq.request for seq in batch]
         keys_P2, limit_P, want_P = np.zeros((width, 2), np.uint32), np.zeros((width,), np.int32), np.zeros((width,), np.bool_)
@@ -562,7 +575,16 @@ class Engine:
             limit_P[p], want_P[p] = request.settings.max_new_tokens, request.num_logprobs is not None
         settings = [request.settings for request in requests] + [SamplingSettings()] * (width - len(requests))
         assert len(settings) == width
-        return keys_P2, sampling_params(settings, sorted(self.eos_ids)), limit_P, want_P
+        return keys_P2, sampling_params(settings, sorted(self.eos_ids)), limit_P, want_P, self._allowed(batch, width)
+
+    def _allowed(self, rows: list["_Sequence | None"], width: int) -> np.ndarray:
+        """allowed_WV: each constrained sequence's grammar mask for its next token; every token elsewhere."""
+        assert len(rows) <= width
+        allowed_WV = np.ones((width, self.config.vocab_size), np.bool_)
+        for row, seq in enumerate(rows):
+            if seq is not None and seq.matcher is not None:
+                allowed_WV[row] = seq.matcher.allowed_V()
+        return allowed_WV
 
     def _chunk_bucket(self, num_tokens: int) -> int:
         return next(bucket for bucket in self.chunk_buckets if bucket >= num_tokens)
@@ -669,7 +691,10 @@ class Engine:
 
     def _run_chunk(self) -> None:
         width = self._width_for(1 + max(row for row, seq in enumerate(self._rows) if seq is not None))
-        self._slots, outputs = slots.decode_chunk_jit(self._slots, self.weights, self.config, width, self.chunk_steps)
+        single_W = np.array([seq is not None and seq.matcher is not None for seq in self._rows[:width]])
+        allowed_WV = self._allowed(self._rows[:width], width)
+        self._slots, outputs = slots.decode_chunk_jit(self._slots, allowed_WV, single_W, self.weights, self.config, width,
+                                                      self.chunk_steps)  # fmt: skip
         out = StepOutput(*jax.device_get(outputs))
         busy = [row for row in range(width) if self._rows[row] is not None]
         picked = {row: out.tokens_KB[out.emitted_KB[:, row], row].tolist() for row in busy}

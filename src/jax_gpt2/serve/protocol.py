@@ -11,9 +11,9 @@ import dataclasses
 import time
 import uuid
 
-from typing import Any
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, StrictBool, StrictInt, StrictStr
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr
 
 from jax_gpt2.serve.engine import TokenLogprob
 
@@ -45,6 +45,18 @@ class StreamOptions(_Body):
     include_obfuscation: bool | None = None  # accepted and unused: padding against side channels, no output change
 
 
+class JsonSchemaFormat(_Body):
+    name: str
+    schema_: dict[str, Any] | None = Field(default=None, alias="schema")
+    strict: bool | None = None  # always strict here: the grammar enforces the schema
+    description: str | None = None
+
+
+class ResponseFormat(_Body):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+
 class SamplingBody(_Body):
     """Fields the two generation endpoints share; None means the OpenAI default."""
 
@@ -62,6 +74,11 @@ class SamplingBody(_Body):
     n: int = 1
     stream: bool = False
     stream_options: StreamOptions | None = None
+    # structured output: OpenAI's response_format, or vLLM's guided_* extensions (at most one of them)
+    response_format: ResponseFormat | None = None
+    guided_json: dict[str, Any] | StrictStr | None = None
+    guided_regex: StrictStr | None = None
+    guided_choice: list[StrictStr] | None = None
     # vLLM's extensions
     min_tokens: int | None = None
     stop_token_ids: list[StrictInt] | None = None

@@ -34,6 +34,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException
 
+from jax_gpt2 import constraints
+from jax_gpt2.constraints import CompiledConstraint
 from jax_gpt2.sampling import MAX_SEED, InvalidSetting, SamplingSettings, check_token_settings
 from jax_gpt2.serve.engine import TOP_LOGPROBS, Engine, EngineClosed, Event, QueueFull, SequenceRequest, TokenLogprob
 from jax_gpt2.serve.metrics import ServerMetrics
@@ -74,6 +76,7 @@ class ServeState:
     limits: ServerLimits
     metrics: ServerMetrics
     longest_token: int  # bytes of the longest token: a prompt has at least len(utf8) / this many tokens
+    grammar_tokenizer: constraints.GrammarTokenizer  # the tokenizer as structured output reads it
 
 
 @dataclasses.dataclass(frozen=True)
@@ -140,6 +143,37 @@ def _check_supported(body: SamplingBody) -> None:
             raise APIError(400, "best_of is not supported (use n)", "best_of")
         if body.suffix:
             raise APIError(400, "suffix is not supported", "suffix")
+
+
+def _constraint(state: ServeState, body: SamplingBody) -> CompiledConstraint | None:
+    """The body's structured-output request (response_format or one of vLLM's guided_* fields),
+    compiled: what cannot compile is a 400 naming the problem, before anything is decoded."""
+    fmt = body.response_format if body.response_format is not None and body.response_format.type != "text" else None
+    given = [name for name, value in (("response_format", fmt), ("guided_json", body.guided_json),
+                                      ("guided_regex", body.guided_regex), ("guided_choice", body.guided_choice))
+             if value is not None]  # fmt: skip
+    if not given:
+        return None
+    if len(given) > 1:
+        raise APIError(400, f"give one structured-output field at most; got {', '.join(given)}", given[1])
+    param = given[0]
+    try:
+        if fmt is not None and fmt.type == "json_object":
+            constraint = constraints.json_object()
+        elif fmt is not None:
+            if fmt.json_schema is None or fmt.json_schema.schema_ is None:
+                raise APIError(400, "response_format json_schema needs json_schema.schema", "response_format")
+            constraint = constraints.json_schema(fmt.json_schema.schema_)
+        elif body.guided_json is not None:
+            schema = json.loads(body.guided_json) if isinstance(body.guided_json, str) else body.guided_json
+            constraint = constraints.json_schema(schema)
+        elif body.guided_regex is not None:
+            constraint = constraints.regex(body.guided_regex)
+        else:
+            constraint = constraints.choice(body.guided_choice)
+        return constraints.compile_constraint(constraint, state.grammar_tokenizer)
+    except (ValueError, TypeError) as error:  # json.JSONDecodeError is a ValueError
+        raise APIError(400, f"{param}: {error}", param, "invalid_grammar")
 
 
 def _check_range(value: int | None, low: int, high: int, param: str) -> None:
@@ -238,10 +272,12 @@ def prepare_completion(state: ServeState, raw: bytes) -> Prepared:
     _check_range(body.logprobs, 0, TOP_LOGPROBS, "logprobs")
     prompts = _prompt_list(body.prompt)
     settings = _settings(body, max_tokens, limits, state.engine.config.vocab_size)
+    constraint = _constraint(state, body)
     prompt_ids = _tokenize(state, prompts, max_tokens, "prompt")
     prompt_logprobs = body.logprobs if body.echo else None
     requests = [
-        SequenceRequest(tuple(ids), settings, index=p * body.n + i, num_logprobs=body.logprobs, prompt_logprobs=prompt_logprobs)
+        SequenceRequest(tuple(ids), settings, index=p * body.n + i, num_logprobs=body.logprobs,
+                        prompt_logprobs=prompt_logprobs, constraint=constraint)  # fmt: skip
         for p, ids in enumerate(prompt_ids)
         for i in range(body.n)
     ]  # fmt: skip
@@ -287,8 +323,10 @@ def prepare_chat(state: ServeState, raw: bytes) -> Prepared:
     [prompt_ids] = _tokenize(state, [prompt], asked or 1, "messages")
     max_tokens = asked or min(context - len(prompt_ids), limits.max_tokens or context)  # the chat API's default: the rest
     settings = _settings(body, max_tokens, limits, state.engine.config.vocab_size)
+    constraint = _constraint(state, body)
     num_logprobs = (body.top_logprobs or 0) if body.logprobs else None
-    requests = [SequenceRequest(tuple(prompt_ids), settings, index=i, num_logprobs=num_logprobs) for i in range(body.n)]
+    requests = [SequenceRequest(tuple(prompt_ids), settings, index=i, num_logprobs=num_logprobs, constraint=constraint)
+                for i in range(body.n)]  # fmt: skip
     reply = Reply(
         chat=True, model=body.model, prefixes=[""] * len(requests), first_choices=(0,), prompt_tokens=len(prompt_ids),
         with_logprobs=body.logprobs, include_usage=bool(body.stream_options and body.stream_options.include_usage),
@@ -620,8 +658,9 @@ def create_app(engine: Engine, model_id: str, limits: ServerLimits | None = None
     responses finish, or the drain timeout has ended them) the engine stops."""
     assert model_id
     assert api_key is None or api_key
-    state = ServeState(engine, model_id, limits or ServerLimits(), ServerMetrics(engine),
-                       longest_token_bytes(engine.tokenizer))  # fmt: skip
+    config = engine.config
+    state = ServeState(engine, model_id, limits or ServerLimits(), ServerMetrics(engine), longest_token_bytes(engine.tokenizer),
+                       constraints.grammar_tokenizer(engine.tokenizer, config.vocab_size, config.eos_token_id))  # fmt: skip
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):

@@ -32,8 +32,8 @@ from jax_gpt2.kvcache import KVCache
 from jax_gpt2.model import empty_cache, lm_logits, transformer, transformer_from_empty
 from jax_gpt2.sharding import cache_specs, rows_spec
 from jax_gpt2.sampling import (
-    MAX_TOP_LOGPROBS, SamplingParams, SamplingSettings, choose_tokens, pick_logits, runtime_flags, sampling_params,
-    token_logprobs,
+    MAX_TOP_LOGPROBS, SamplingParams, SamplingSettings, apply_allowed_tokens, choose_tokens, pick_logits, runtime_flags,
+    sampling_params, token_logprobs,
 )  # fmt: skip
 from jax_gpt2.weights import GPT2Weights
 
@@ -194,10 +194,11 @@ def copy_prompt(slots: Slots, staging: KVCache, row: jax.Array, bucket: int) -> 
 
 def admit(
     slots: Slots, last_logits_PV: jax.Array, prompt_ids_PT: jax.Array, num_prompt_P: jax.Array, rows_P: jax.Array,
-    keys_P2: jax.Array, params_P: SamplingParams, limit_P: jax.Array, want_logprobs_P: jax.Array,
+    keys_P2: jax.Array, params_P: SamplingParams, limit_P: jax.Array, want_logprobs_P: jax.Array, allowed_PV: jax.Array,
 ) -> tuple[Slots, tuple[jax.Array, ...]]:  # fmt: skip
     """Start P prefilled prompts (their slots already filled) in rows_P: pick each one's first token
-    from its prompt's last logits. prompt_ids_PT holds prompt p in its first num_prompt_P[p] entries.
+    from its prompt's last logits, among the tokens allowed_PV allows (structured output; all for the
+    others). prompt_ids_PT holds prompt p in its first num_prompt_P[p] entries.
     A row of max_batch or more is a padding entry: its state is dropped, its outputs are junk."""
     P, V = last_logits_PV.shape
     assert V == slots.rows.seen_BV.shape[1]
@@ -216,7 +217,7 @@ def admit(
         logprobs_B=want_logprobs_P,
         params=params_P,
     )
-    new, outputs = pick(new, last_logits_PV)
+    new, outputs = pick(new, apply_allowed_tokens(last_logits_PV, allowed_PV))
     rows = jax.tree.map(lambda all_B, new_P: all_B.at[rows_P].set(new_P, mode="drop"), slots.rows, new)
     old = slots.cache
     cache = dataclasses.replace(
@@ -227,7 +228,8 @@ def admit(
 
 def prefill_rows(
     slots: Slots, ids_PT: jax.Array, num_prompt_P: jax.Array, rows_P: jax.Array, keys_P2: jax.Array,
-    params_P: SamplingParams, limit_P: jax.Array, want_logprobs_P: jax.Array, weights: GPT2Weights, config: GPT2Config,
+    params_P: SamplingParams, limit_P: jax.Array, want_logprobs_P: jax.Array, allowed_PV: jax.Array, weights: GPT2Weights,
+    config: GPT2Config,
 ) -> tuple[Slots, tuple[jax.Array, ...]]:  # fmt: skip
     """P short prompts (right-padded to T) at once, straight into their rows: one batched pass over a
     fresh cache of T slots (as generate prefills), its slots written to slots [0, T) of rows_P, and
@@ -248,7 +250,7 @@ def prefill_rows(
         v_LBNSH=old.v_LBNSH.at[:, rows_P, :, :T].set(fresh.v_LBNSH, mode="drop"),
     )  # fmt: skip
     new_slots, outputs = admit(Slots(cache, slots.rows), last_logits_PV, ids_PT, num_prompt_P, rows_P, keys_P2, params_P,
-                               limit_P, want_logprobs_P)  # fmt: skip
+                               limit_P, want_logprobs_P, allowed_PV)  # fmt: skip
     assert outputs[0].shape == (P,)
     return new_slots, outputs
 
@@ -270,15 +272,20 @@ def _put_rows(slots: Slots, head: Slots) -> Slots:
 
 
 def decode_chunk(
-    slots: Slots, weights: GPT2Weights, config: GPT2Config, width: int, num_steps: int
-) -> tuple[Slots, tuple[jax.Array, ...]]:
+    slots: Slots, allowed_WV: jax.Array, single_W: jax.Array, weights: GPT2Weights, config: GPT2Config, width: int,
+    num_steps: int,
+) -> tuple[Slots, tuple[jax.Array, ...]]:  # fmt: skip
     """Up to num_steps steps of rows [0, width), each feeding its pending token and picking the next;
-    it stops early once every one of those rows is done.
+    it stops early once every one of those rows is done. A `single_W` row (structured output) takes
+    the chunk's first step only, picking among allowed_WV (its grammar's mask, computed on the host
+    for that one token), and then waits, neither done nor moving, while the others go on.
 
     Returns the slots and (tokens_KW, emitted_KW, logprob_KW, top_ids_KWA, top_logprobs_KWA).
     """
     assert 1 <= width <= slots.rows.done_B.shape[0]
     assert num_steps >= 1
+    assert allowed_WV.shape == (width, config.vocab_size)
+    assert single_W.shape == (width,)
     K, W, A = num_steps, width, TOP_LOGPROBS
     outputs = (
         jnp.zeros((K, W), jnp.int32), jnp.zeros((K, W), jnp.bool_), jnp.zeros((K, W), jnp.float32),
@@ -287,14 +294,20 @@ def decode_chunk(
 
     def keep_going(carry) -> jax.Array:
         i, head, _ = carry
-        return (i < K) & ~jnp.all(head.rows.done_B)
+        return (i < K) & ~jnp.all(head.rows.done_B | (single_W & (i > 0)))
 
     def step(carry):
         i, head, outputs = carry
+        waiting_W = single_W & (i > 0)
+        paused = dataclasses.replace(head.rows, done_B=head.rows.done_B | waiting_W)
         hidden_WTD, cache = transformer(head.rows.pending_B[:, None], head.cache, weights, config)
         # A done row's slots stay as they were: a free row is not a sequence, and must not creep to the end.
-        cache = dataclasses.replace(cache, end_B=jnp.where(head.rows.done_B, head.cache.end_B, cache.end_B))
-        rows, picked = pick(head.rows, lm_logits(hidden_WTD, weights)[:, 0])
+        cache = dataclasses.replace(cache, end_B=jnp.where(paused.done_B, head.cache.end_B, cache.end_B))
+        logits_WV = lm_logits(hidden_WTD, weights)[:, 0]
+        masked = (i == 0) & jnp.any(single_W)
+        logits_WV = jax.lax.cond(masked, lambda x: apply_allowed_tokens(x, allowed_WV), lambda x: x, logits_WV)
+        rows, picked = pick(paused, logits_WV)
+        rows = dataclasses.replace(rows, done_B=jnp.where(waiting_W, head.rows.done_B, rows.done_B))
         outputs = tuple(jax.lax.dynamic_update_index_in_dim(out, new, i, axis=0) for out, new in zip(outputs, picked))
         return i + 1, Slots(cache, rows), outputs
 
