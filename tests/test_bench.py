@@ -10,7 +10,7 @@ import pytest
 from jax_gpt2 import kernels, load_weights
 from jax_gpt2.tools.bench import (
     LlamaPeer, bench_model_stem, bench_without_kernels, decode_bytes_per_step, decode_only_rates, format_table,
-    make_models, plot_results, run_benchmarks, write_bench_model,
+    forward_flop_per_token, make_models, plot_results, run_benchmarks, write_bench_model,
 )  # fmt: skip
 from jax_gpt2.cli import main
 from jax_gpt2.config import PRESETS, GPT2Config
@@ -34,6 +34,33 @@ def test_harness_measures_both_sides_and_the_roofline_on_a_tiny_model():
     assert run["jax_cold_first_token_s"] > 0
     assert "decode B=2" in format_table(results)
     assert "decode at ctx=60 is" in format_table(results)  # the long-context share of short-context decode
+
+
+def test_compute_bound_rows_are_given_as_fractions_of_the_measured_fma_peak():
+    config = GPT2Config(vocab_size=500, n_positions=64, n_embd=128, n_layer=2, n_head=2, bos_token_id=0, eos_token_id=0)
+    results = run_benchmarks(config, ["fp32"], [1], [16], new_tokens=4, repeats=1, contexts=[], progress=False, scoring=((2, 32),))
+    [run] = results["runs"]
+    [scoring] = run["scoring"]
+    assert (scoring["batch"], scoring["prompt_len"]) == (2, 32)
+    assert scoring["jax_tok_s"] > 0
+    assert scoring["hf_tok_s"] > 0
+    table = format_table(results)
+    assert "scoring B=2 T=32" in table
+    if not kernels.kernels_available():
+        assert "fma_peak_gflops" not in results  # the probe lives in the kernels
+        return
+    assert len(results["fma_peak_samples_gflops"]) == 2  # before the first dtype and after the last
+    assert results["fma_peak_gflops"] > 0
+    for row in [*run["prefill"], scoring]:
+        assert 0 < row["jax_fraction_of_fma_peak"]
+        assert 0 < row["hf_fraction_of_fma_peak"]
+    assert "of FMA peak" in table
+
+
+def test_a_gpt2_forward_costs_about_180_mflop_a_token_and_257_with_every_logit():
+    gpt2 = PRESETS["gpt2"]
+    assert 170e6 < forward_flop_per_token(gpt2, 128, 1 / 128) < 180e6
+    assert 250e6 < forward_flop_per_token(gpt2, 1024, 1.0) < 270e6
 
 
 def test_narrowed_dtypes_run_against_transformers_nearest_form(tmp_path):
@@ -145,10 +172,10 @@ import json, sys
 args = sys.argv[1:]
 value = lambda flag: args[args.index(flag) + 1]
 assert value("-o") == "json"
-p, n, t = int(value("-p")), int(value("-n")), int(value("-t"))
+prompts, n, t = [int(p) for p in value("-p").split(",")], int(value("-n")), int(value("-t"))
 common = dict(n_threads=t, model_type="gpt2 fake", build_commit="fake")
 print(json.dumps([
-    dict(common, n_prompt=p, n_gen=0, avg_ts=500.0, stddev_ts=5.0),
+    *[dict(common, n_prompt=p, n_gen=0, avg_ts=500.0 - p / 8, stddev_ts=5.0) for p in prompts],
     dict(common, n_prompt=0, n_gen=n, avg_ts=50.0, stddev_ts=0.5),
 ]))
 """
@@ -166,11 +193,12 @@ def test_a_llama_bench_binary_adds_a_third_column(tmp_path):
     results = run_benchmarks(TINY_BENCH, ["fp32", "int8"], [1], [128], new_tokens=4, repeats=1, contexts=[], progress=False, llama=llama)
     for run in results["runs"]:
         assert run["llama"]["tg_tok_s"] == 50.0
-        assert run["llama"]["pp_tok_s"] == 500.0
+        assert run["llama"]["pp_tok_s"] == 484.0
+        assert run["llama"]["pp_by_prompt_len"] == {"128": 484.0, "512": 436.0}
         assert run["llama"]["threads"] == 2
         assert run["llama"]["gguf"] == f"tiny-L2-{GGUF_TYPES[run['dtype']]}.gguf"
     table = format_table(results)
-    assert "llama.cpp q8_0 (2 threads): tg128 50.0 tok/s, pp128 500.0 tok/s" in table
+    assert "llama.cpp q8_0 (2 threads): tg128 50.0 tok/s, pp128 484.0 tok/s, pp512 436.0 tok/s" in table
     plot_results(results, tmp_path / "bench.png")
     assert (tmp_path / "bench.png").read_bytes().startswith(b"\x89PNG")
 
@@ -200,6 +228,8 @@ def test_a_llama_bench_that_crashes_ends_the_run_before_our_measurements(tmp_pat
 def test_llama_bench_runs_with_our_thread_count_and_reads_pp_and_tg():
     command = llama_bench_command("llama-bench", "m.gguf", threads=2, prompt_len=128, new_tokens=128, repeats=3)
     assert command[command.index("-t") + 1] == "2"
+    both = llama_bench_command("llama-bench", "m.gguf", 2, 128, 128, 3, more_prompt_lens=(512,))
+    assert both[both.index("-p") + 1] == "128,512"
     report = json.dumps([
         dict(n_prompt=128, n_gen=0, avg_ts=658.0, stddev_ts=3.0, n_threads=2),
         dict(n_prompt=0, n_gen=128, avg_ts=135.1, stddev_ts=1.0, n_threads=2),

@@ -115,7 +115,7 @@ def assert_within_accumulation_error(actual_MO, reference_MO, x_MI, rounded_IO, 
 # --- packed matmul -------------------------------------------------------------------------------
 
 MATMUL_SHAPES = [(I, O) for I in (1, 37, 768) for O in (1, 63, 64, 65, 200)]
-ROWS = [1, 2, 3, 5, 6, 7, 13]  # around every build's row block (2, 3 and 6 rows) and past two of them
+ROWS = [1, 2, 3, 5, 6, 7, 13, 17, 49]  # around every row block (2, 3, 6 rows), the GEMM from 16 rows, its 48-row blocks
 DTYPES = ["float32", "bfloat16", "int8"]
 
 

@@ -739,3 +739,52 @@ def test_pack_true_where_the_kernels_cannot_run_is_a_value_error(tiny, monkeypat
 def test_unsupported_dtype_is_a_value_error(dtype, tiny):
     with pytest.raises(ValueError, match="dtype must be one of"):
         load_weights(tiny.folder, dtype=dtype)
+
+
+# --- the GEMM path (many rows) and batch invariance -----------------------------------------------
+
+
+@needs_kernels
+@pytest.mark.parametrize("name", MODEL_SHAPES)
+def test_a_long_prompt_through_the_gemm_path_matches_transformers(name, build_checkpoint, assert_matches_transformers):
+    """One 30-token row: every matmul has 30 rows, past the kernels' GEMM threshold (16)."""
+    import checkpoints
+
+    checkpoint = build_checkpoint(name)
+    weights = load_weights(str(checkpoint.folder), pack=True)
+    ids_1T = checkpoint.random_ids(1, 30, seed=3)
+    reference_1TV = checkpoints.hf_logits(checkpoint.hf_model, ids_1T)
+    assert_matches_transformers(np.asarray(gpt2_forward(ids_1T, weights, checkpoint.config)), reference_1TV)
+
+
+def logits_in_batches(weights, config, row_T: np.ndarray, batches: list[int], seed: int) -> dict[int, np.ndarray]:
+    """batch size -> the logits of row_T placed at a random row among random neighbours (B = 1: alone)."""
+    rng = np.random.default_rng(seed)
+    logits = {}
+    for B in batches:
+        ids_BT = rng.integers(0, config.vocab_size, (B, len(row_T)))
+        at = int(rng.integers(0, B))
+        ids_BT[at] = row_T
+        logits[B] = np.asarray(gpt2_forward(ids_BT, weights, config))[at]
+    return logits
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_a_rows_logits_do_not_depend_on_the_rows_beside_it(dtype, tiny):
+    """Batch invariance, bit for bit: a 9-token row alone (9-row matmuls, the matvec path) and among
+    1 to 4 random neighbours (18 to 45 rows, the GEMM path) gives the same logits."""
+    weights = load_weights(str(tiny.folder), dtype=dtype, pack=True)
+    row_T = tiny.random_ids(1, 9, seed=5)[0]
+    logits = logits_in_batches(weights, tiny.config, row_T, [1, 2, 3, 4, 5], seed=6)
+    for B in (2, 3, 4, 5):
+        np.testing.assert_array_equal(logits[B], logits[1], err_msg=f"{dtype}: the row among {B} rows")
+
+
+@needs_kernels
+def test_a_gpt2_shape_rows_logits_do_not_depend_on_the_rows_beside_it(gpt2_shape):
+    """The same at gpt2's shape (768 features, a panel boundary inside each 3072-row matrix), float32."""
+    weights = load_weights(str(gpt2_shape.folder), pack=True)
+    row_T = gpt2_shape.random_ids(1, 9, seed=5)[0]
+    logits = logits_in_batches(weights, gpt2_shape.config, row_T, [1, 3], seed=7)
+    np.testing.assert_array_equal(logits[3], logits[1], err_msg="the row among 3 rows")

@@ -450,6 +450,7 @@ def run_bench(args: argparse.Namespace) -> int:
     results = run_benchmarks(
         config, args.dtypes, args.batch_sizes, args.prefill, args.new_tokens, args.repeats, args.contexts,
         progress=_is_main_process(), kv_dtype=args.kv_dtype, llama=llama, torch_device=args.torch_device, mesh=mesh,
+        scoring=tuple(args.scoring),
     )  # fmt: skip
     results["preset"], results["layers"] = args.preset, config.n_layer
     if not _is_main_process():
@@ -465,6 +466,14 @@ def run_bench(args: argparse.Namespace) -> int:
         plot_results(results, args.plot)
         print(f"wrote {args.plot}")
     return 0
+
+
+def _batch_by_length(text: str) -> tuple[int, int]:
+    """'4x1024' -> (4, 1024): a batch of rows of a length, both positive."""
+    batch, _, length = text.partition("x")
+    if not (batch.isdigit() and length.isdigit() and int(batch) >= 1 and int(length) >= 1):
+        raise argparse.ArgumentTypeError(f"expected BATCHxLENGTH, e.g. 4x1024; got {text!r}")
+    return int(batch), int(length)
 
 
 def add_bench_command(subparsers) -> None:
@@ -490,6 +499,10 @@ def add_bench_command(subparsers) -> None:
     parser.add_argument("--gguf-dir", type=Path, default=None, help="GGUF conversions of the bench's weights (see benchmarks/build_llama_cpp.sh)")
     parser.add_argument("--out", type=Path, default=None, help="write the results as JSON")
     parser.add_argument("--plot", type=Path, default=None, help="write a PNG chart of the results (needs matplotlib)")
+    parser.add_argument(
+        "--scoring", type=_batch_by_length, nargs="*", default=[], metavar="BxT",
+        help="forwards with every position's logits to time, e.g. 4x1024 (perplexity windows, evaluation)",
+    )  # fmt: skip
     add_mesh_option(parser)
     add_distributed_options(parser)
     parser.set_defaults(run=run_bench)

@@ -360,9 +360,175 @@ void OneTile(const float* x_MI, int64_t M, int64_t I, const W* tiles_GIC, const 
   }
 }
 
+// ---------------------------------------------------------------------------------------------
+// The GEMM path: many rows of x (prefill, scoring windows, batched decode), after BLIS's loops. A
+// work unit is one tile and a block of up to kGemmBlockRows rows of x. It walks the tile in panels
+// of kPanelRows tile rows, and for each panel runs every register block of the unit's rows over
+// it: kGemmRows rows x kGemmVectors vectors of columns, the shape each ISA's registers allow (on
+// AVX2, BLIS haswell's 6 x 16; the matvec path's 3 x 32 reads twice the weights per FMA). The
+// accumulators wait in `held` between panels. A bfloat16 or int8 panel is widened once into
+// float32 scratch and then read by every row block, not widened again by each.
+//
+// Batch invariance: every output column is one chain of fused multiply-adds over i in order from
+// zero, the same chain the matvec path runs, the int8 scale applied once at the end as there; so a
+// row's result is bit-identical whatever M is, which rows share its block, and which path ran.
+//
+// Panel rows, measured (1 thread, M = 128, a gpt2 forward's block matrices, GFLOP per second of the
+// thread's CPU time on this busy 2-core Zen 4, whose FMA peak is ~118 a core): AVX-512 64 rows
+// 98-102, 256 rows 104-107 (the matvec path 97-107); AVX2 64 rows 83-92, 256 rows 74-84 (the
+// matvec path 68-76).
+#if defined(__AVX512F__)
+constexpr int kGemmRows = 6;     // 6 rows x 64 columns: 24 accumulators of 32 zmm; 4 weight loads
+constexpr int kGemmVectors = 4;  // and 6 broadcasts per 24 FMAs
+constexpr int64_t kPanelRows = 256;       // 64 KiB, from L2
+constexpr int64_t kNarrowPanelRows = 64;  // (unused: see TakesGemm)
+#elif defined(__AVX2__) && defined(__FMA__)
+constexpr int kGemmRows = 6;     // 6 x 16: 12 accumulators of 16 ymm; 2 weight loads and 6
+constexpr int kGemmVectors = 2;  // broadcasts per 12 FMAs
+constexpr int64_t kPanelRows = 64;  // 16 KiB, in L1
+constexpr int64_t kNarrowPanelRows = 64;
+#elif defined(__aarch64__) && defined(__ARM_NEON)
+constexpr int kGemmRows = 6;  // 6 x 16: 24 accumulators of 32 q registers
+constexpr int kGemmVectors = 4;
+constexpr int64_t kPanelRows = 64;
+constexpr int64_t kNarrowPanelRows = 64;
+#else
+constexpr int kGemmRows = 4;  // 4 x 8: 8 accumulators of 16 xmm
+constexpr int kGemmVectors = 2;
+constexpr int64_t kPanelRows = 64;
+constexpr int64_t kNarrowPanelRows = 64;
+#endif
+constexpr int64_t kGemmColumns = kGemmVectors * kLanes;
+constexpr int64_t kGemmBlockRows = 8 * kGemmRows;
+static_assert(kTileColumns % kGemmColumns == 0, "passes must cover a tile exactly");
+
+// From how many rows of x a matmul takes the GEMM path. Below it, decode is bound by memory, and the
+// matvec path's prefetched pieces keep it streaming: AVX2 build, a decode step's 49 matmuls, cold
+// weights, 2 threads, best of 15 (kernel_ab_probe), 8 rows by the GEMM: f32 62 -> 109 ms, bf16
+// 82 -> 91, int8 67 -> 68; at 16 rows even (f32 76 / 88, bf16 103 / 91, int8 150 / 78), at 32 the
+// GEMM ahead (f32 203 / 192, bf16 310 / 218, int8 324 / 207). A probe may build with another
+// (-DJAX_GPT2_GEMM_MIN_ROWS=N) to time both paths at one M; results are the same either way.
+#ifndef JAX_GPT2_GEMM_MIN_ROWS
+#define JAX_GPT2_GEMM_MIN_ROWS 16
+#endif
+constexpr int64_t kGemmMinRows = JAX_GPT2_GEMM_MIN_ROWS;
+
+// rows (<= R) rows of x_RI (row stride I, from the panel's first input row) times the columns
+// [column, column + kGemmColumns) of a kc-row panel; accumulators from held_RC (zero when first)
+// and back to it.
+template <int R>
+inline void GemmPass(int64_t rows, const float* x_RI, int64_t I, const float* panel_KC, int64_t kc, int64_t column,
+                     float* held_RC, bool first) {
+  if constexpr (R > 1) {
+    if (rows < R) return GemmPass<R - 1>(rows, x_RI, I, panel_KC, kc, column, held_RC, first);
+  }
+  VF acc[R][kGemmVectors] = {};
+  if (!first) {
+    for (int r = 0; r < R; ++r)
+      for (int j = 0; j < kGemmVectors; ++j) acc[r][j] = Load<VF>(held_RC + r * kTileColumns + column + j * kLanes);
+  }
+  const float* w_row = panel_KC + column;
+  for (int64_t i = 0; i < kc; ++i, w_row += kTileColumns) {
+    VF w[kGemmVectors];
+#pragma GCC unroll 8
+    for (int j = 0; j < kGemmVectors; ++j) w[j] = Load<VF>(w_row + j * kLanes);
+#pragma GCC unroll 16
+    for (int r = 0; r < R; ++r) {
+      VF xi = Splat(x_RI[r * I + i]);
+#pragma GCC unroll 8
+      for (int j = 0; j < kGemmVectors; ++j) acc[r][j] += w[j] * xi;
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int j = 0; j < kGemmVectors; ++j) Store(held_RC + r * kTileColumns + column + j * kLanes, acc[r][j], kLanes);
+}
+
+// kc rows of a tile widened to float32, in WidenWords' order (each block of P * kLanes columns
+// permuted; GemmFinish puts the columns back).
+template <typename W>
+void WidenPanel(const W* rows_KC, int64_t kc, float* panel_KC) {
+  constexpr int P = kPerWord<W>;
+  for (int64_t i = 0; i < kc; ++i) {
+#pragma GCC unroll 16
+    for (int64_t u = 0; u < kTileColumns / (P * kLanes); ++u) {
+      VF w[P];
+      WidenWords(rows_KC + i * kTileColumns + u * P * kLanes, w);
+      for (int k = 0; k < P; ++k) Store(panel_KC + i * kTileColumns + (u * P + k) * kLanes, w[k], kLanes);
+    }
+  }
+}
+
+// y = held (x the int8 scale), the first `columns` columns of `rows` rows, back in column order.
+template <int P>
+void GemmFinish(const float* held_RC, int64_t rows, const float* scale_C, int64_t columns, float* y_RO, int64_t O) {
+  constexpr int64_t kBlock = P * kLanes;
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t c = 0; c < columns; ++c) {
+      int64_t at = c / kBlock * kBlock + c % P * kLanes + c % kBlock / P;
+      float value = held_RC[r * kTileColumns + at];
+      y_RO[r * O + c] = scale_C ? value * scale_C[c] : value;
+    }
+}
+
+// Rows [m, m + rows) of x times tile g.
+template <typename W>
+void GemmUnit(const float* x_MI, int64_t m, int64_t rows, int64_t I, const W* tiles_GIC, const float* scale_Q,
+              float* y_MO, int64_t O, int64_t g) {
+  constexpr int P = kPerWord<W>;
+  constexpr int64_t kBlock = P * kLanes;
+  const W* tile_IC = tiles_GIC + g * I * kTileColumns;
+  const int64_t columns = std::min(kTileColumns, O - g * kTileColumns);
+  alignas(64) float held_RC[kGemmBlockRows * kTileColumns];
+  constexpr int64_t kRows = std::is_same_v<W, float> ? kPanelRows : kNarrowPanelRows;
+  alignas(64) float scratch_KC[std::is_same_v<W, float> ? 1 : kRows * kTileColumns];
+  for (int64_t i = 0; i < I; i += kRows) {
+    const int64_t kc = std::min(kRows, I - i);
+    const float* panel_KC;
+    if constexpr (std::is_same_v<W, float>) {
+      panel_KC = tile_IC + i * kTileColumns;
+    } else {
+      WidenPanel(tile_IC + i * kTileColumns, kc, scratch_KC);
+      panel_KC = scratch_KC;
+    }
+    for (int64_t r = 0; r < rows; r += kGemmRows)
+      for (int64_t column = 0; column / kBlock * kBlock < columns; column += kGemmColumns)
+        GemmPass<kGemmRows>(std::min<int64_t>(kGemmRows, rows - r), x_MI + (m + r) * I + i, I, panel_KC, kc, column,
+                            held_RC + r * kTileColumns, i == 0);
+  }
+  GemmFinish<P>(held_RC, rows, scale_Q ? scale_Q + g * kTileColumns : nullptr, columns, y_MO + m * O + g * kTileColumns,
+                O);
+}
+
+// Units tile-major, so a thread's run of consecutive units reads one tile for several row blocks.
+template <typename W>
+void Gemm(const float* x_MI, int64_t M, int64_t I, const W* tiles_GIC, const float* scale_Q, int64_t O, float* y_MO,
+          TilePool& pool) {
+  const int64_t G = (O + kTileColumns - 1) / kTileColumns;
+  const int64_t blocks = (M + kGemmBlockRows - 1) / kGemmBlockRows;
+  pool.Run(G * blocks, [&](int64_t unit) {
+    const int64_t g = unit / blocks, m = unit % blocks * kGemmBlockRows;
+    GemmUnit<W>(x_MI, m, std::min(kGemmBlockRows, M - m), I, tiles_GIC, scale_Q, y_MO, O, g);
+  });
+}
+
+// Whether W's matmuls of M rows take the GEMM path. Not bfloat16 or int8 on AVX-512: there the
+// matvec path's blocks are already 6 rows x the whole 64-column tile (the GEMM's own shape), and
+// widening in registers, on ports the FMAs leave idle, measured faster than widening once into a
+// panel and reading it back (2 threads, a forward's matmuls, best of 6: bf16 M = 32 138 against
+// 167 ms, M = 128 409 against 516; int8 147 / 181, 346 / 386). On AVX2 the same widening halves the
+// speed (1 thread, M = 128: bf16 47-48 GFLOP/s per CPU second by the matvec path, 84-94 by the GEMM).
+template <typename W>
+bool TakesGemm(int64_t M) {
+#if defined(__AVX512F__)
+  if constexpr (!std::is_same_v<W, float>) return false;
+#endif
+  return M >= kGemmMinRows;
+}
+
 template <typename W>
 void Matmul(const float* x_MI, int64_t M, int64_t I, const W* tiles_GIC, const float* scale_Q, int64_t O,
             float* y_MO, TilePool& pool) {
+  if (TakesGemm<W>(M)) return Gemm<W>(x_MI, M, I, tiles_GIC, scale_Q, O, y_MO, pool);
   int64_t G = (O + kTileColumns - 1) / kTileColumns;
   pool.Run(G, [&](int64_t g) { OneTile<W>(x_MI, M, I, tiles_GIC, scale_Q, y_MO, O, g); });
 }
@@ -514,6 +680,25 @@ void Attention(const float* q_BNH, const KV* k_LBNSH, const KV* v_LBNSH, const i
   });
 }
 
+// ---------------------------------------------------------------------------------------------
+// The FMA peak probe.
+
+constexpr int kPeakChains = 12;  // independent chains: enough to cover an FMA's latency on two ports
+
+// kPeakChains chains of `steps` dependent FMAs each; the result keeps the compiler from dropping them.
+float FmaChains(int64_t steps) {
+  VF acc[kPeakChains];
+  for (int c = 0; c < kPeakChains; ++c) acc[c] = Splat(0.001f * c);
+  const VF scale = Splat(0.999f), add = Splat(0.001f);
+  for (int64_t s = 0; s < steps; ++s) {
+#pragma GCC unroll 12
+    for (int c = 0; c < kPeakChains; ++c) acc[c] = acc[c] * scale + add;
+  }
+  VF total = {};
+  for (int c = 0; c < kPeakChains; ++c) total += acc[c];
+  return Sum(total);
+}
+
 // How long an idle thread keeps polling before it sleeps (see WaitFor).
 constexpr std::chrono::microseconds kSpinWindow{1000};
 
@@ -662,6 +847,26 @@ bool CpuRunsThisBuild() {
 #else
   return true;  // aarch64: NEON (Advanced SIMD) is part of the base architecture
 #endif
+}
+
+double MeasureFmaPeak(TilePool& pool, double seconds) {
+  assert(seconds > 0);
+  assert(seconds < 60);
+  constexpr int64_t kTasks = 64, kSteps = 4096;  // ~0.1 ms a task: a slow thread takes fewer
+  std::vector<float> sink(kTasks);
+  double best = 0.0;
+  auto start = std::chrono::steady_clock::now();
+  for (int run = 0; run < 3 || std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count() < seconds;
+       ++run) {
+    auto begin = std::chrono::steady_clock::now();
+    pool.Run(kTasks, [&](int64_t task) { sink[task] = FmaChains(kSteps); });
+    double elapsed = std::chrono::duration<double>(std::chrono::steady_clock::now() - begin).count();
+    best = std::max(best, 2.0 * kLanes * kPeakChains * kSteps * kTasks / elapsed);
+  }
+  volatile float keep = sink[0];
+  (void)keep;
+  assert(best > 0);
+  return best;
 }
 
 void PackedMatmul(const float* x_MI, int64_t M, int64_t I, const float* tiles_GIC, int64_t O, float* y_MO,

@@ -81,6 +81,11 @@ void PackedMatmul(const float* x_MI, int64_t M, int64_t I, const uint16_t* tiles
 void PackedMatmul(const float* x_MI, int64_t M, int64_t I, const int8_t* tiles_GIC, const float* scale_Q,
                   int64_t O, float* y_MO, TilePool& pool);
 
+// The host's arithmetic ceiling as this build sees it: floating-point operations per second (2 per
+// fused multiply-add lane) of 12 independent chains of vector FMAs per thread, over every thread of
+// `pool`, best of the runs that fit in about `seconds`. What the matmuls are judged against.
+double MeasureFmaPeak(TilePool& pool, double seconds);
+
 struct CacheShape {
   int64_t L, B, N, S, H;
 };

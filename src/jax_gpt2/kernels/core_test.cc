@@ -183,6 +183,55 @@ void TestMatmul(TilePool& pool, std::vector<TilePool*> other_pools) {
     }
 }
 
+// The GEMM path (many rows): shapes that end a panel (64 or 256 input rows) or a block of rows
+// (48 on the 6-row builds, 32 on the 4-row one) part-way, with the checks TestMatmul makes.
+void TestGemm(TilePool& pool, std::vector<TilePool*> other_pools) {
+  const char* dtypes[] = {"f32", "bf16", "i8"};
+  const int64_t cases[][3] = {{300, 130, 16}, {300, 200, 49}, {769, 65, 100}, {37, 64, 17}, {64, 257, 40}};
+  for (const auto& c : cases) {
+    const int64_t I = c[0], O = c[1], M = c[2];
+    Packed p = Pack(I, O, static_cast<uint32_t>(I * 7 + O));
+    std::vector<float> x_MI = Normal(M * I, static_cast<uint32_t>(M + 100));
+    for (const char* dtype : dtypes) {
+      std::string what = std::string("gemm ") + dtype + " I=" + std::to_string(I) + " O=" + std::to_string(O) +
+                         " M=" + std::to_string(M);
+      const auto& rounded = dtype[0] == 'f' ? p.rounded_f32 : dtype[0] == 'b' ? p.rounded_bf16 : p.rounded_i8;
+      std::vector<float> y_MO = RunMatmul(p, dtype, x_MI, M, pool);
+      CheckProduct(x_MI, rounded, y_MO, M, I, O, what);
+      Expect(RunMatmulOverGarbage(p, dtype, x_MI, M, pool) == y_MO, what + ": padding columns reached the output");
+      for (TilePool* other : other_pools)
+        Expect(RunMatmul(p, dtype, x_MI, M, *other) == y_MO, what + ": result depends on the pool");
+      ExpectRowsAlone(p, dtype, x_MI, M, I, O, y_MO, pool, what);
+    }
+  }
+}
+
+// Batch invariance: one row's product alone, and the same row at a random place among random
+// neighbours in batches of 2 to 33 rows and a few larger ones (crossing from the matvec path to the
+// GEMM and the GEMM's blocks of rows), must agree bit for bit, for every weight dtype.
+void TestBatchInvariance(TilePool& pool) {
+  const char* dtypes[] = {"f32", "bf16", "i8"};
+  const int64_t I = 300, O = 130;
+  Packed p = Pack(I, O, 11);
+  std::vector<float> row_I = Normal(I, 12);
+  std::mt19937 rng(13);
+  std::vector<int64_t> batches;
+  for (int64_t M = 2; M <= 33; ++M) batches.push_back(M);
+  for (int64_t M : {47, 48, 49, 64, 97}) batches.push_back(M);
+  for (const char* dtype : dtypes) {
+    std::vector<float> alone_O = RunMatmul(p, dtype, row_I, 1, pool);
+    for (int64_t M : batches) {
+      std::vector<float> x_MI = Normal(M * I, static_cast<uint32_t>(rng()), 1.0f);
+      int64_t at = static_cast<int64_t>(rng() % M);
+      std::copy(row_I.begin(), row_I.end(), x_MI.begin() + at * I);
+      std::vector<float> y_MO = RunMatmul(p, dtype, x_MI, M, pool);
+      Expect(std::equal(alone_O.begin(), alone_O.end(), y_MO.begin() + at * O),
+             std::string("batch invariance ") + dtype + ": the row at " + std::to_string(at) + " of " +
+                 std::to_string(M) + " differs from the row alone");
+    }
+  }
+}
+
 // ---------------------------------------------------------------------------------------------
 
 struct Cache {
@@ -373,6 +422,8 @@ int main() {
   TilePool two(2, 4), one(1, 4), three_long_runs(3, 1), three_single_tiles(3, 100000);
   std::vector<TilePool*> others = {&one, &three_long_runs, &three_single_tiles};
   TestMatmul(two, others);
+  TestGemm(two, others);
+  TestBatchInvariance(two);
   TestAttention(two, others);
   TestSoftmaxWeights(two);
   std::printf("core_test %s: %d of %d checks passed\n", jax_gpt2::TargetIsa(), checks - failures, checks);

@@ -175,3 +175,7 @@ extern "C" int jax_gpt2_kernels_supported() { return jax_gpt2::CpuRunsThisBuild(
 // The vector unit the library was compiled for, for bench and error messages: "avx512", "avx2",
 // "neon" or "generic".
 extern "C" const char* jax_gpt2_kernel_isa() { return jax_gpt2::TargetIsa(); }
+
+// The host's FMA peak as this build's kernels see it (core.h: MeasureFmaPeak), in GFLOP/s over the
+// kernels' own pool, for the bench to judge compute-bound rows by. About `seconds` long.
+extern "C" double jax_gpt2_fma_peak_gflops(double seconds) { return jax_gpt2::MeasureFmaPeak(Pool(), seconds) / 1e9; }

@@ -196,6 +196,21 @@ def kernel_isa(march: str = "native") -> str | None:
     return isa
 
 
+def fma_peak_gflops(seconds: float = 0.3) -> float | None:
+    """The arithmetic ceiling of this host as the kernels see it: GFLOP/s of 12 independent vector
+    FMA chains on every thread of the kernels' pool (best of the runs that fit in ~`seconds`), or
+    None where the kernels are unavailable. A busy host lowers it; the bench samples it through a run."""
+    assert 0 < seconds < 60
+    library = load_library("native")
+    if library is None:
+        return None
+    library.jax_gpt2_fma_peak_gflops.restype = ctypes.c_double
+    library.jax_gpt2_fma_peak_gflops.argtypes = [ctypes.c_double]
+    peak = float(library.jax_gpt2_fma_peak_gflops(seconds))
+    assert peak > 0
+    return peak
+
+
 def is_registered(kernel: str) -> bool:
     """Whether `kernel` (a key of TARGETS) is registered with XLA in this process for this CPU."""
     return kernel in TARGETS and kernels_available()

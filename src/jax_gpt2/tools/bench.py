@@ -96,6 +96,26 @@ def decode_bytes_per_step(
     return weights + cache
 
 
+def forward_flop_per_token(config: GPT2Config, length: int, logit_share: float) -> float:
+    """Floating-point operations per token of a causal forward over `length` tokens: the block
+    matmuls, attention (each query against (length + 1) / 2 keys on average, for q.k and p.v), and
+    the lm_head at `logit_share` of the positions (1 when scoring, 1 / length for a prefill that
+    needs the last position's logits only). ~180 MFLOP a token for gpt2, ~257 with all logits."""
+    assert length >= 1
+    assert 0 < logit_share <= 1
+    D, F, L, V = config.n_embd, config.d_mlp, config.n_layer, config.vocab_size
+    matmuls = 2 * L * (3 * D * D + D * D + 2 * D * F)
+    attention = 2 * 2 * L * D * (length + 1) / 2
+    return matmuls + attention + 2 * D * V * logit_share
+
+
+def sample_fma_peak(samples: list[float]) -> None:
+    """Appends the host's FMA peak as the kernels measure it, now (nothing where they are unavailable)."""
+    peak = kernels.native.fma_peak_gflops()
+    if peak is not None:
+        samples.append(peak)
+
+
 # The bench's random weights: write_bench_model writes the same ones for llama.cpp's converter.
 BENCH_STD, BENCH_SEED = 0.1, 0
 
@@ -326,6 +346,30 @@ def bench_prefill(config, weights, model, prompt_len: int, repeats: int, kv_dtyp
     )  # fmt: skip
 
 
+def bench_scoring(config, weights, model, batch: int, length: int, repeats: int) -> dict:
+    """Scoring tokens/s: one forward over (batch, length) tokens with the logits at every position
+    (perplexity windows, evaluation harnesses), `gpt2_forward` against `model(ids)`."""
+    import torch
+
+    assert 1 <= length <= config.n_positions
+    ids = np.random.default_rng(length).integers(0, config.vocab_size, (batch, length))
+    tensor = torch.as_tensor(ids, device=model.device)
+
+    def hf_forward():
+        with torch.no_grad():
+            logits = model(tensor).logits
+        wait_for_torch(logits.device)
+        return logits
+
+    ours = time_repeats(lambda: gpt2_forward(ids, weights, config).block_until_ready(), repeats)
+    theirs = time_repeats(hf_forward, repeats)
+    tokens = batch * length
+    return dict(
+        batch=batch, prompt_len=length, jax_tok_s=tokens / ours.median_s, hf_tok_s=tokens / theirs.median_s,
+        jax_spread_s=[ours.min_s, ours.max_s], hf_spread_s=[theirs.min_s, theirs.max_s],
+    )  # fmt: skip
+
+
 def machine_info() -> dict:
     import torch
 
@@ -394,9 +438,10 @@ def load_quietly(state, config: GPT2Config, dtype: str, pack: bool | None):
 def run_benchmarks(
     config: GPT2Config, dtypes: list[str], batches: list[int], prefill_lens: list[int], new_tokens: int,
     repeats: int, contexts: list[int], progress: bool = True, kv_dtype: str = "fp32", llama: LlamaPeer | None = None,
-    torch_device: str = "cpu", mesh=None,
+    torch_device: str = "cpu", mesh=None, scoring: tuple[tuple[int, int], ...] = (),
 ) -> dict:  # fmt: skip
     """Every measurement of one model shape, for each weight dtype, as a JSON-ready dict.
+    `scoring` lists (batch, length) forwards with all logits to time as well.
 
     transformers runs on `torch_device` ("cpu", or "cuda" to compare on the same card as JAX's GPU);
     our side on `mesh` when given (placed as load_weights places it, unpacked).
@@ -416,6 +461,9 @@ def run_benchmarks(
     bandwidths = [measure_bandwidth_gbs()]
     plan = [("decode", batch, 20) for batch in batches] + [("decode", 1, context) for context in contexts]
     plan += [("prefill", 1, length) for length in prefill_lens]
+    plan += [("scoring", batch, length) for batch, length in scoring]
+    fma_peaks: list[float] = []
+    sample_fma_peak(fma_peaks)
     bar = tqdm(total=len(dtypes) * (len(plan) + 1) + 1, desc="benchmarks", disable=not progress)
     # llama.cpp first: a llama-bench that cannot run these files ends the run before minutes of ours.
     llama_runs = {} if llama is None else {
@@ -427,11 +475,14 @@ def run_benchmarks(
             run["llama"] = llama_runs[dtype]
         results["runs"].append(run)
         bandwidths.append(measure_bandwidth_gbs())
+        sample_fma_peak(fma_peaks)
     results["without_kernels"] = bench_without_kernels(config, state, dtypes, new_tokens, repeats, kv_dtype)
     bar.update()
     bar.close()
     results["bandwidth_samples_gbs"] = bandwidths
     add_rooflines(results)
+    results["fma_peak_samples_gflops"] = fma_peaks
+    add_fma_peak_fractions(results)
     assert len(results["runs"]) == len(dtypes)
     return results
 
@@ -455,12 +506,14 @@ def bench_dtype(
     run = dict(dtype=dtype, packed=weights.lm_head_DV is not None, transformers_dtype=str(hf_model.dtype))
     run["transformers_device"] = str(hf_model.device)
     run.update(execution_path(weights), matrix_dtype=matrix_dtype_name(weights))
-    run.update(jax_cold_first_token_s=cold_s, jax_warm_first_token_s=warm_s, decode=[], prefill=[])
+    run.update(jax_cold_first_token_s=cold_s, jax_warm_first_token_s=warm_s, decode=[], prefill=[], scoring=[])
     cache_dtype = jnp.dtype(KV_DTYPES[kv_dtype])
     for kind, batch, length in plan:
         bandwidths.append(measure_bandwidth_gbs(repeats=3))  # sampled throughout: the host's bandwidth wanders
         if kind == "prefill":
             run["prefill"].append(bench_prefill(config, weights, hf_model, length, repeats, cache_dtype))
+        elif kind == "scoring":
+            run["scoring"].append(bench_scoring(config, weights, hf_model, batch, length, repeats))
         else:
             run["decode"].append(bench_decode(config, weights, hf_model, batch, length, new_tokens, repeats, cache_dtype))
         tick()
@@ -512,6 +565,30 @@ def add_rooflines(results: dict) -> None:
             row["jax_fraction_of_median_roofline"] = row["jax_tok_s"] / median_roofline
 
 
+def add_fma_peak_fractions(results: dict) -> None:
+    """Each compute-bound row (prefill, forward with all logits, scoring) as a fraction of the FMA
+    peak: tokens/s x FLOP per token / the best peak sampled in the run (a busy host only lowers a
+    sample). Both sides against the same peak; absent where the kernels (and their probe) are not."""
+    samples = results["fma_peak_samples_gflops"]
+    if not samples:
+        return
+    peak = max(samples) * 1e9
+    results.update(fma_peak_gflops=max(samples), fma_peak_median_gflops=statistics.median(samples))
+    config = GPT2Config(**results["config"])
+    for run in results["runs"]:
+        for row in run["prefill"]:
+            last_only = forward_flop_per_token(config, row["prompt_len"], 1 / row["prompt_len"])
+            every = forward_flop_per_token(config, row["prompt_len"], 1.0)
+            row["jax_fraction_of_fma_peak"] = row["jax_tok_s"] * last_only / peak
+            row["hf_fraction_of_fma_peak"] = row["hf_tok_s"] * last_only / peak
+            row["jax_forward_fraction_of_fma_peak"] = row["jax_forward_tok_s"] * every / peak
+            row["hf_forward_fraction_of_fma_peak"] = row["hf_forward_tok_s"] * every / peak
+        for row in run.get("scoring", []):
+            every = forward_flop_per_token(config, row["prompt_len"], 1.0)
+            row["jax_fraction_of_fma_peak"] = row["jax_tok_s"] * every / peak
+            row["hf_fraction_of_fma_peak"] = row["hf_tok_s"] * every / peak
+
+
 def short_decode(run: dict) -> dict | None:
     """The batch-1 decode row with the shortest prompt (the ~20-token one), if the run has it."""
     rows = [row for row in run["decode"] if row["batch"] == 1]
@@ -529,6 +606,9 @@ def llama_ratios(run: dict) -> dict:
     for row in run["prefill"]:
         if row["prompt_len"] == llama["prompt_len"]:
             ratios["prefill"] = row["jax_tok_s"] / llama["pp_tok_s"]
+        pp = llama.get("pp_by_prompt_len", {}).get(str(row["prompt_len"]))
+        if pp is not None and row["prompt_len"] != llama["prompt_len"]:
+            ratios[f"prefill T={row['prompt_len']}"] = row["jax_tok_s"] / pp
     return ratios
 
 
@@ -543,6 +623,12 @@ def format_table(results: dict) -> str:
         f"kernels: {'available' if path['available'] else 'not available'} here (ISA {path['isa']}, "
         f"{path['threads']} threads); KV cache {results['kv_dtype']}",
     ]
+    if "fma_peak_gflops" in results:
+        lines.append(
+            f"FMA peak (12 vector FMA chains a thread, {path['threads']} threads): best {results['fma_peak_gflops']:.0f} "
+            f"GFLOP/s, median {results['fma_peak_median_gflops']:.0f} of {len(results['fma_peak_samples_gflops'])} "
+            f"samples; '% peak' = tokens/s x FLOP a token / the best"
+        )
     for run in results["runs"]:
         lines += format_run(run)
     lines.append("\nwithout the kernels (pack=False, this process): batch-1 decode, 20 prompt tokens")
@@ -577,15 +663,29 @@ def format_run(run: dict) -> list[str]:
             ("forward, all logits,", row["jax_forward_tok_s"], row["hf_forward_tok_s"]),
         ]:  # fmt: skip
             name = f"{label} T={row['prompt_len']} tok/s"
-            lines.append(f"{name:<34}{ours:>12.1f}{theirs:>14.1f}{ours / theirs:>7.2f}x")
+            lines.append(f"{name:<34}{ours:>12.1f}{theirs:>14.1f}{ours / theirs:>7.2f}x" + peak_note(row, label))
+    for row in run.get("scoring", []):
+        name = f"scoring B={row['batch']} T={row['prompt_len']} tok/s"
+        ratio = row["jax_tok_s"] / row["hf_tok_s"]
+        lines.append(f"{name:<34}{row['jax_tok_s']:>12.1f}{row['hf_tok_s']:>14.1f}{ratio:>7.2f}x" + peak_note(row, "scoring"))
     if "llama" in run:
         llama, ratios = run["llama"], llama_ratios(run)
         lines.append(
             f"llama.cpp {GGUF_TYPES[run['dtype']]} ({llama['threads']} threads): tg{llama['new_tokens']} "
-            f"{llama['tg_tok_s']:.1f} tok/s, pp{llama['prompt_len']} {llama['pp_tok_s']:.1f} tok/s; ours/llama.cpp: "
+            f"{llama['tg_tok_s']:.1f} tok/s, pp{llama['prompt_len']} {llama['pp_tok_s']:.1f} tok/s"
+            + "".join(f", pp{n} {pp:.1f} tok/s" for n, pp in llama.get("pp_by_prompt_len", {}).items() if int(n) != llama["prompt_len"])
+            + "; ours/llama.cpp: "
             + ", ".join(f"{name} {ratio:.2f}x" for name, ratio in ratios.items())
         )
     return lines
+
+
+def peak_note(row: dict, label: str) -> str:
+    """'  ours NN% / theirs NN% of FMA peak' for a compute-bound row, where the run measured the peak."""
+    key = "forward_fraction_of_fma_peak" if label.startswith("forward") else "fraction_of_fma_peak"
+    if f"jax_{key}" not in row:
+        return ""
+    return f"   {100 * row[f'jax_{key}']:.0f}% / {100 * row[f'hf_{key}']:.0f}% of FMA peak"
 
 
 def plot_rows(run: dict) -> list[tuple[str, float, float | None, str]]:

@@ -28,11 +28,16 @@ def gguf_path(gguf_dir: Path, stem: str, dtype: str) -> Path:
     return Path(gguf_dir) / f"{stem}-{GGUF_TYPES[dtype]}.gguf"
 
 
-def llama_bench_command(binary: Path, gguf: Path, threads: int, prompt_len: int, new_tokens: int, repeats: int) -> list[str]:
+def llama_bench_command(
+    binary: Path, gguf: Path, threads: int, prompt_len: int, new_tokens: int, repeats: int,
+    more_prompt_lens: tuple[int, ...] = (),
+) -> list[str]:  # fmt: skip
+    """llama-bench's command line: pp at `prompt_len` (and at each of `more_prompt_lens`), tg at `new_tokens`."""
     assert threads >= 1
     assert repeats >= 1
+    prompts = ",".join(str(length) for length in (prompt_len, *more_prompt_lens))
     return [
-        str(binary), "-m", str(gguf), "-t", str(threads), "-p", str(prompt_len), "-n", str(new_tokens),
+        str(binary), "-m", str(gguf), "-t", str(threads), "-p", prompts, "-n", str(new_tokens),
         "-r", str(repeats), "-o", "json",
     ]  # fmt: skip
 
@@ -49,18 +54,21 @@ def parse_llama_bench_json(text: str, prompt_len: int, new_tokens: int) -> dict:
         pp_tok_s=float(pp["avg_ts"]), pp_stddev=float(pp["stddev_ts"]), tg_tok_s=float(tg["avg_ts"]),
         tg_stddev=float(tg["stddev_ts"]), prompt_len=prompt_len, new_tokens=new_tokens,
         threads=int(tg["n_threads"]), model_type=str(tg.get("model_type", "")), build=str(tg.get("build_commit", "")),
+        pp_by_prompt_len={str(n): float(r["avg_ts"]) for (n, gen), r in sorted(by_test.items()) if gen == 0 and n > 0},
     )  # fmt: skip
 
 
 def run_llama_bench(
-    binary: Path, gguf: Path, threads: int, prompt_len: int = 128, new_tokens: int = 128, repeats: int = 3
-) -> dict:
-    """llama-bench's pp`prompt_len` and tg`new_tokens` on one GGUF file, with `threads` threads."""
+    binary: Path, gguf: Path, threads: int, prompt_len: int = 128, new_tokens: int = 128, repeats: int = 3,
+    more_prompt_lens: tuple[int, ...] = (512,),
+) -> dict:  # fmt: skip
+    """llama-bench's pp`prompt_len` (and pp at `more_prompt_lens`: pp_by_prompt_len) and tg`new_tokens`
+    on one GGUF file, with `threads` threads."""
     if not Path(binary).is_file():
         raise FileNotFoundError(f"no llama-bench at {binary} (bash benchmarks/build_llama_cpp.sh build)")
     if not Path(gguf).is_file():
         raise FileNotFoundError(f"no GGUF file {gguf} (bash benchmarks/build_llama_cpp.sh convert PRESET [LAYERS])")
-    command = llama_bench_command(Path(binary), Path(gguf), threads, prompt_len, new_tokens, repeats)
+    command = llama_bench_command(Path(binary), Path(gguf), threads, prompt_len, new_tokens, repeats, more_prompt_lens)
     result = subprocess.run(command, capture_output=True, text=True, timeout=3600)
     if result.returncode < 0:
         raise ValueError(
