@@ -28,6 +28,7 @@ from jax_gpt2.sharding import fetch, pad_rows, padded_rows, put, put_rows
 from jax_gpt2.sampling import (
     SamplerFlags, SamplingParams, SamplingSettings, choose_tokens, flags_for, pick_logits, sampling_params,
 )
+from jax_gpt2.speculate import PromptLookup, SpeculationStats, decode_speculative, start_speculating
 from jax_gpt2.weights import GPT2Weights
 
 if TYPE_CHECKING:
@@ -175,6 +176,31 @@ def _generate_jit(ids_BT, start_B, keys_B2, max_steps, eos_U, params, weights, c
     return tokens_BK, emitted_BK
 
 
+@functools.partial(jax.jit, static_argnames=("config", "flags", "num_slots", "kv_dtype", "speculate"))
+def _generate_speculative_jit(
+    ids_BT, start_B, keys_B2, max_steps, eos_U, params, weights, config, flags, num_slots, kv_dtype, speculate
+):  # fmt: skip
+    state = start_speculating(prefill(ids_BT, start_B, keys_B2, weights, config, ids_BT.shape[1] + num_slots, kv_dtype), ids_BT)
+    state, tokens_BK, counts_B = decode_speculative(
+        state, max_steps, eos_U, params, flags, speculate, weights, config, PAD_ID, num_slots, num_slots
+    )
+    return tokens_BK, counts_B, SpeculationStats.of(state)
+
+
+@functools.partial(jax.jit, static_argnames=("config", "max_len", "kv_dtype"))
+def _start_speculating_jit(ids_BT, start_B, keys_B2, weights, config, max_len, kv_dtype):
+    return start_speculating(prefill(ids_BT, start_B, keys_B2, weights, config, max_len, kv_dtype), ids_BT)
+
+
+@functools.partial(
+    jax.jit, static_argnames=("config", "flags", "speculate", "num_slots", "max_iterations"), donate_argnames=("state",)
+)
+def _decode_speculative_jit(state, max_new, eos_U, params, weights, config, flags, speculate, num_slots, max_iterations):
+    return decode_speculative(
+        state, max_new, eos_U, params, flags, speculate, weights, config, PAD_ID, num_slots, max_iterations
+    )
+
+
 @functools.partial(jax.jit, static_argnames=("config", "max_len", "kv_dtype"))
 def _prefill_jit(ids_BT, start_B, keys_B2, weights, config, max_len, kv_dtype):
     return prefill(ids_BT, start_B, keys_B2, weights, config, max_len, kv_dtype)
@@ -261,21 +287,23 @@ def generate(
     prompt_ids, weights: GPT2Weights, config: GPT2Config, max_new_tokens: int = 64, temperature: float = 0.0,
     top_k: int | None = None, top_p: float | None = None, min_p: float | None = None,
     repetition_penalty: float | None = None, eos_token_id: int | Sequence[int] | None = None, seed: int = 0,
-    kv_dtype=jnp.float32,
+    kv_dtype=jnp.float32, speculate: PromptLookup | None = None,
 ) -> list[list[int]]:  # fmt: skip
     """The new tokens of each prompt (a ragged list of id lists), up to and including its eos.
 
     Prefill and every decode step run inside one jitted call: no per-token Python dispatch.
     max_new_tokens=0 makes nothing (an empty list per prompt, after the same checks).
     kv_dtype jnp.bfloat16 stores the cache in half the bytes (attention math stays float32).
+    speculate=PromptLookup() drafts tokens and verifies them several per pass (speculate.py): the
+    same greedy tokens, the same sampling distribution, fewer passes over the weights.
     """
     settings = settings_from_arguments(max_new_tokens, temperature, top_k, top_p, min_p, repetition_penalty, seed)
-    return generate_with_settings(prompt_ids, weights, config, settings, eos_token_id, kv_dtype)
+    return generate_with_settings(prompt_ids, weights, config, settings, eos_token_id, kv_dtype, speculate)
 
 
 def generate_with_settings(
     prompt_ids, weights: GPT2Weights, config: GPT2Config, settings: SamplingSettings,
-    eos_token_id: int | Sequence[int] | None, kv_dtype=jnp.float32,
+    eos_token_id: int | Sequence[int] | None, kv_dtype=jnp.float32, speculate: PromptLookup | None = None,
 ) -> list[list[int]]:  # fmt: skip
     """`generate` for callers that hold SamplingSettings already (the CLI): the same checks and tokens."""
     assert isinstance(settings, SamplingSettings)
@@ -283,6 +311,8 @@ def generate_with_settings(
     if settings.max_new_tokens == 0:
         _eos_array(eos_token_id, config)
         return [[] for _ in _check_prompts(prompt_ids, config, 0)]
+    if speculate is not None:
+        return generate_speculative(prompt_ids, weights, config, settings, eos_token_id, kv_dtype, speculate)[0]
     request = prepare_request(prompt_ids, config, settings, eos_token_id)
     B = len(request.ids_BT)
     placed = place_request(request, weights.mesh)
@@ -294,6 +324,31 @@ def generate_with_settings(
     outputs = [tokens_BK[row][emitted_BK[row]].tolist() for row in range(B)]
     assert len(outputs) == len(request.ids_BT)
     return outputs
+
+
+def check_speculate(speculate) -> None:
+    if not isinstance(speculate, PromptLookup):
+        raise ValueError(f"speculate must be None or a jax_gpt2.PromptLookup; got {type(speculate).__name__}")
+
+
+def generate_speculative(
+    prompt_ids, weights: GPT2Weights, config: GPT2Config, settings: SamplingSettings,
+    eos_token_id: int | Sequence[int] | None, kv_dtype, speculate: PromptLookup,
+) -> tuple[list[list[int]], SpeculationStats]:  # fmt: skip
+    """`generate_with_settings` by speculative decoding, and how the drafts fared (for the bench)."""
+    assert settings.max_new_tokens >= 1
+    check_speculate(speculate)
+    request = prepare_request(prompt_ids, config, settings, eos_token_id)
+    B = len(request.ids_BT)
+    placed = place_request(request, weights.mesh)
+    tokens_BK, counts_B, stats = _generate_speculative_jit(
+        placed.ids_BT, placed.start_B, placed.keys_B2, np.int32(request.max_new_tokens), placed.eos_U,
+        placed.params, weights, config, request.flags, bucket_length(request.max_new_tokens), kv_dtype, speculate,
+    )  # fmt: skip
+    tokens_BK, counts_B = fetch(tokens_BK)[:B], fetch(counts_B)[:B]
+    outputs = [tokens_BK[row, : counts_B[row]].tolist() for row in range(B)]
+    assert len(outputs) == B
+    return outputs, jax.tree.map(lambda x: fetch(x)[:B], stats)
 
 
 def prefill_request(placed: GenerationRequest, weights: GPT2Weights, config: GPT2Config, kv_dtype) -> DecodeState:
@@ -338,18 +393,20 @@ def stream_generate(
     prompt_ids, weights: GPT2Weights, config: GPT2Config, max_new_tokens: int = 64, temperature: float = 0.0,
     top_k: int | None = None, top_p: float | None = None, min_p: float | None = None,
     repetition_penalty: float | None = None, eos_token_id: int | Sequence[int] | None = None, seed: int = 0,
-    chunk_steps: int = 4, kv_dtype=jnp.float32,
+    chunk_steps: int = 4, kv_dtype=jnp.float32, speculate: PromptLookup | None = None,
 ) -> Iterator[list[int | None]]:  # fmt: skip
     """Like `generate`, but yields as tokens are made: one list per step, a token per row (None once the
-    row has finished). The device runs `chunk_steps` steps per dispatch; the tokens equal `generate`'s.
+    row has finished). The device runs `chunk_steps` steps per dispatch (with speculate: iterations,
+    each of one or more tokens per row); the tokens equal `generate`'s.
     A generator: the arguments are checked when the first step is asked for."""
     settings = settings_from_arguments(max_new_tokens, temperature, top_k, top_p, min_p, repetition_penalty, seed)
-    yield from stream_with_settings(prompt_ids, weights, config, settings, eos_token_id, kv_dtype, chunk_steps)
+    yield from stream_with_settings(prompt_ids, weights, config, settings, eos_token_id, kv_dtype, chunk_steps, speculate)
 
 
 def stream_with_settings(
     prompt_ids, weights: GPT2Weights, config: GPT2Config, settings: SamplingSettings,
     eos_token_id: int | Sequence[int] | None, kv_dtype=jnp.float32, chunk_steps: int = 4,
+    speculate: PromptLookup | None = None,
 ) -> Iterator[list[int | None]]:  # fmt: skip
     """`stream_generate` for callers that hold SamplingSettings already: nothing runs (and nothing is
     checked) until the first step is asked for, as with any generator."""
@@ -364,6 +421,10 @@ def stream_with_settings(
     request = prepare_request(prompt_ids, config, settings, eos_token_id)
     B = len(request.ids_BT)
     placed = place_request(request, weights.mesh)
+    if speculate is not None:
+        check_speculate(speculate)
+        yield from stream_speculative(placed, B, weights, config, kv_dtype, chunk_steps, speculate)
+        return
     state = prefill_request(placed, weights, config, kv_dtype)
     remaining = request.max_new_tokens
     while remaining > 0:
@@ -374,3 +435,28 @@ def stream_with_settings(
                 return
             yield [int(t) if e else None for t, e in zip(tokens_BK[:, column], emitted_BK[:, column])]
         remaining -= chunk_steps
+
+
+def stream_speculative(
+    placed: GenerationRequest, B: int, weights: GPT2Weights, config: GPT2Config, kv_dtype, chunk_steps: int,
+    speculate: PromptLookup,
+) -> Iterator[list[int | None]]:  # fmt: skip
+    """`stream_with_settings` by speculative decoding: rows advance by different counts per dispatch,
+    so each row's tokens queue on the host and a step is yielded once every unfinished row has one."""
+    max_len = placed.ids_BT.shape[1] + bucket_length(placed.max_new_tokens)
+    state = _start_speculating_jit(placed.ids_BT, placed.start_B, placed.keys_B2, weights, config, max_len, kv_dtype)
+    queues: list[list[int]] = [[] for _ in range(B)]
+    finished = [False] * B
+    while not all(finished) or any(queues):
+        if not all(queue or ended for queue, ended in zip(queues, finished)):
+            state, tokens_BK, counts_B = _decode_speculative_jit(
+                state, np.int32(placed.max_new_tokens), placed.eos_U, placed.params, weights, config, placed.flags,
+                speculate, chunk_steps * (speculate.max_draft + 1) + 1, chunk_steps,
+            )  # fmt: skip
+            tokens_BK, counts_B = fetch(tokens_BK)[:B], fetch(counts_B)[:B]
+            done_B, total_B = fetch(state.decode.done_B)[:B], fetch(state.count_B)[:B]
+            for row in range(B):
+                queues[row] += tokens_BK[row, : counts_B[row]].tolist()
+                finished[row] = bool(done_B[row]) or int(total_B[row]) >= placed.max_new_tokens
+            continue
+        yield [queue.pop(0) if queue else None for queue in queues]
