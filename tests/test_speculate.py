@@ -135,3 +135,45 @@ def test_sampled_tokens_follow_the_distribution_of_plain_sampling(tmp_path):
         marginal = [np.bincount(run[:, position], minlength=config.vocab_size) for run in (plain, spec)]
         marginal = np.array(marginal)[:, np.array(marginal).sum(axis=0) > 0]
         assert scipy.stats.chi2_contingency(marginal).pvalue > 1e-3
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory):
+    """A tiny random checkpoint with a byte-level BPE trained to its vocabulary size, for the CLI."""
+    from jax_gpt2.tools.random_model import train_tokenizer
+
+    folder = tmp_path_factory.mktemp("tiny-cli")
+    vocab_size = train_tokenizer(folder, 300)
+    save_safetensors(random_hf_model(hf_config(**{**TINY, "vocab_size": vocab_size}), std=0.3), folder)
+    return folder
+
+
+def test_the_cli_prints_the_same_text_with_speculate_lookup_stop_strings_included(tiny_model_dir, capsys):
+    from jax_gpt2.cli import main
+
+    args = ["generate", "the cache the cache the", "--model", str(tiny_model_dir), "--max-new-tokens", "16",
+            "--ignore-eos"]  # fmt: skip
+    assert main(args) == 0
+    full = capsys.readouterr().out
+    stop = full.rstrip("\n")[-6:-4]  # two characters from late in the continuation
+    runs = []
+    for extra in ([], ["--speculate", "lookup", "--max-draft", "4"], ["--speculate", "lookup", "--fixed-draft"]):
+        assert main([*args, "--stop", stop, *extra]) == 0
+        runs.append(capsys.readouterr().out)
+    assert len(runs[0]) < len(full), "the stop string cut nothing"
+    assert runs[1] == runs[0]
+    assert runs[2] == runs[0]
+    assert main([*args, "--speculate", "lookup", "--fixed-draft"]) == 0
+    assert capsys.readouterr().out == full
+
+
+def test_the_cli_batch_with_speculate_lookup_prints_the_same_texts(tiny_model_dir, tmp_path, capsys):
+    from jax_gpt2.cli import main
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("Hello Hello Hello\nThe cache\nA token a token a\n")
+    args = ["generate", "--file", str(prompts), "--model", str(tiny_model_dir), "--max-new-tokens", "12"]
+    assert main(args) == 0
+    plain = capsys.readouterr().out
+    assert main([*args, "--speculate", "lookup", "--fixed-draft"]) == 0
+    assert capsys.readouterr().out == plain

@@ -310,14 +310,14 @@ def _sampling_settings(args: argparse.Namespace):
 
 
 def _stream_one(
-    prompt: str, ids: list[int], tokenizer, weights, config, settings, eos_ids: list[int], kv_dtype
+    prompt: str, ids: list[int], tokenizer, weights, config, settings, eos_ids: list[int], kv_dtype, speculate=None
 ) -> None:  # fmt: skip
     """Print one prompt's continuation as it is made: whole UTF-8 characters, nothing past a stop string."""
     from jax_gpt2.generate import stream_with_settings
     from jax_gpt2.stopping import TextFinisher
 
     finisher = TextFinisher(tokenizer, settings.stop, eos_ids, settings.max_new_tokens)
-    steps = stream_with_settings([ids], weights, config, settings, eos_ids, kv_dtype)
+    steps = stream_with_settings([ids], weights, config, settings, eos_ids, kv_dtype, speculate=speculate)
     first = next(steps)  # arguments are checked before anything is printed
     sys.stdout.write(prompt)
     for step in itertools.chain([first], steps):
@@ -340,21 +340,43 @@ def run_generate(args: argparse.Namespace) -> int:
     _start_processes(args)
     settings, kv_dtype = _sampling_settings(args), kv_dtype_of(args.kv_dtype)
     folder, config, weights = _load_model(args.model, args.dtype, _mesh_from_args(args))
+    speculate = speculate_from_args(args)
     tokenizer = load_tokenizer(folder)
     prompt_ids = [encode(tokenizer, prompt) for prompt in prompts]
     eos_ids = [] if args.ignore_eos or config.eos_token_id is None else [config.eos_token_id]
     if len(prompts) == 1 and args.coordinator is None:
-        _stream_one(prompts[0], prompt_ids[0], tokenizer, weights, config, settings, eos_ids, kv_dtype)
+        _stream_one(prompts[0], prompt_ids[0], tokenizer, weights, config, settings, eos_ids, kv_dtype, speculate)
         return 0
     # Many processes: every one runs the whole batch's program (its rows are split over "data");
     # process 0 prints every output, in input order.
-    rows = generate_with_settings(prompt_ids, weights, config, settings, eos_ids, kv_dtype)
+    rows = generate_with_settings(prompt_ids, weights, config, settings, eos_ids, kv_dtype, speculate)
     if not _is_main_process():
         return 0
     for prompt, new_ids in zip(prompts, rows):
         text, _ = finish_text(tokenizer, new_ids, settings.stop, eos_ids, settings.max_new_tokens)
         print(f"--- {prompt!r}\n{prompt}{text}")
     return 0
+
+
+def add_speculate_options(parser) -> None:
+    group = parser.add_argument_group("speculative decoding (same tokens, fewer passes over the weights)")
+    group.add_argument("--speculate", choices=["lookup"], default=None,
+                       help="lookup: draft the continuation of an earlier occurrence of the last tokens")  # fmt: skip
+    group.add_argument("--max-draft", type=_positive_int, default=8, help="draft tokens per verify pass at most")
+    group.add_argument("--fixed-draft", action="store_true",
+                       help="always draft --max-draft tokens when a lookup hits (default: adapt to acceptance)")  # fmt: skip
+
+
+def speculate_from_args(args: argparse.Namespace):
+    """The --speculate options as a PromptLookup, or None (plain decoding)."""
+    from jax_gpt2.speculate import PromptLookup
+
+    if args.speculate is None:
+        return None
+    try:
+        return PromptLookup(max_draft=args.max_draft, adaptive=not args.fixed_draft)
+    except ValueError as error:
+        raise UserError(str(error)) from None
 
 
 def add_generate_command(subparsers) -> None:
@@ -375,6 +397,7 @@ def add_generate_command(subparsers) -> None:
     add_kv_dtype_option(parser)
     add_mesh_option(parser)
     add_distributed_options(parser)
+    add_speculate_options(parser)
     parser.set_defaults(run=run_generate)
 
 
