@@ -8,7 +8,7 @@ import pytest
 import scipy.stats
 
 from checkpoints import TINY, hf_config, random_hf_model, save_safetensors
-from jax_gpt2 import PromptLookup, load_config, load_weights
+from jax_gpt2 import DraftModel, PromptLookup, load_config, load_weights
 from jax_gpt2.generate import generate, generate_speculative, settings_from_arguments, stream_generate
 from jax_gpt2.speculate import lookup_draft
 
@@ -114,16 +114,25 @@ def test_no_occurrence_means_no_draft():
     assert draft_of([5, 0], PromptLookup(max_draft=3, min_ngram=1, adaptive=False))[1] is False
 
 
-def test_sampled_tokens_follow_the_distribution_of_plain_sampling(tmp_path):
+def six_token_model(folder, n_layer: int = 2, seed: int = 0):
+    save_safetensors(random_hf_model(hf_config(**dict(TINY, vocab_size=6, n_positions=32, n_layer=n_layer)), std=0.15,
+                                     seed=seed), folder)  # fmt: skip
+    return load_weights(folder), load_config(folder)
+
+
+@pytest.mark.parametrize("drafter", ["lookup", "draft-model"])
+def test_sampled_tokens_follow_the_distribution_of_plain_sampling(tmp_path, drafter):
     """Many rows (each its own random stream) sampled with and without speculation: the joint counts of
     tokens 3 and 4 must not tell the two apart (chi-square, p > 0.001), while speculation really ran."""
-    folder = tmp_path / "vocab-6"
-    save_safetensors(random_hf_model(hf_config(**dict(TINY, vocab_size=6, n_positions=32)), std=0.15), folder)
-    weights, config = load_weights(folder), load_config(folder)
+    weights, config = six_token_model(tmp_path / "target")
+    if drafter == "lookup":
+        speculate = PromptLookup(max_draft=3, adaptive=False)
+    else:
+        speculate = DraftModel(*six_token_model(tmp_path / "draft", n_layer=1, seed=1), max_draft=3)
     prompts = [[1, 2, 3, 1, 2, 3, 1, 2]] * 3000
     sampling = dict(max_new_tokens=5, temperature=1.3, top_k=5, repetition_penalty=1.1, seed=1)
     plain = np.array(generate(prompts, weights, config, **sampling))
-    spec, stats = speculative(prompts, weights, config, PromptLookup(max_draft=3, adaptive=False), **sampling)
+    spec, stats = speculative(prompts, weights, config, speculate, **sampling)
     spec = np.array(spec)
     assert stats.accepted_B.sum() > 1000, "too few drafts accepted to test the acceptance rule"
     assert (stats.drafted_B - stats.accepted_B).sum() > 1000, "too few drafts rejected to test the residual"
@@ -177,3 +186,58 @@ def test_the_cli_batch_with_speculate_lookup_prints_the_same_texts(tiny_model_di
     plain = capsys.readouterr().out
     assert main([*args, "--speculate", "lookup", "--fixed-draft"]) == 0
     assert capsys.readouterr().out == plain
+
+
+def test_the_bench_reports_speculative_beside_plain_decoding(tmp_path, capsys):
+    import json
+
+    from jax_gpt2.cli import main
+
+    out = tmp_path / "speculative.json"
+    args = ["bench", "--preset", "distilgpt2", "--layers", "1", "--dtypes", "fp32", "--batch-sizes", "1",
+            "--new-tokens", "3", "--repeats", "1", "--speculate", "lookup", "--out", str(out)]  # fmt: skip
+    assert main(args) == 0
+    results = json.loads(out.read_text())
+    assert [row["workload"] for row in results["rows"]] == ["loop", "repeat", "sampled"]
+    for row in results["rows"]:
+        assert row["plain_tok_s"]["median"] > 0
+        assert row["speculative_tok_s"]["median"] > 0
+        assert 0 <= row["acceptance_rate"] <= 1
+    assert sorted(int(k) for k in results["costs"][0]["widths"]) == [0, 1, 4, 8]
+    assert "acc/pass" in capsys.readouterr().out
+
+
+@pytest.fixture(scope="module")
+def draft(tmp_path_factory):
+    """A one-layer random model of the same vocabulary: a poor draft, so both outcomes occur."""
+    folder = tmp_path_factory.mktemp("draft")
+    save_safetensors(random_hf_model(hf_config(**dict(TINY, n_positions=64, n_layer=1)), std=0.3, seed=1), folder)
+    return load_weights(folder), load_config(folder)
+
+
+def test_a_draft_model_gives_the_same_greedy_tokens_and_streams(model, draft):
+    weights, config = model
+    speculate = DraftModel(*draft, max_draft=3)
+    tokens, stats = speculative(PROMPTS, weights, config, speculate)
+    assert tokens == generate(PROMPTS, weights, config, max_new_tokens=24)
+    assert stats.drafted_B.sum() > stats.accepted_B.sum()
+    streamed = stream_generate(PROMPTS, weights, config, max_new_tokens=10, speculate=speculate, chunk_steps=2)
+    assert list(streamed) == list(stream_generate(PROMPTS, weights, config, max_new_tokens=10))
+
+
+def test_the_model_drafting_for_itself_has_every_greedy_draft_accepted(model):
+    """The draft's own cache must hold exactly the accepted tokens: with the model as its own draft,
+    every greedy draft agrees (a stale or shifted draft cache would make it disagree)."""
+    weights, config = model
+    tokens, stats = speculative(PROMPTS, weights, config, DraftModel(weights, config, max_draft=4))
+    assert tokens == generate(PROMPTS, weights, config, max_new_tokens=24)
+    assert (stats.accepted_B == stats.drafted_B).all()
+    assert stats.accepted_B.sum() >= 4 * 16
+
+
+def test_a_draft_model_of_another_vocabulary_is_a_clear_error(model, tmp_path):
+    weights, config = model
+    other = tmp_path / "other-vocab"
+    save_safetensors(random_hf_model(hf_config(**dict(TINY, vocab_size=50, n_positions=64, n_layer=1)), std=0.3), other)
+    with pytest.raises(ValueError, match="vocabulary"):
+        generate(PROMPTS, weights, config, max_new_tokens=4, speculate=DraftModel(load_weights(other), load_config(other)))

@@ -362,7 +362,8 @@ def add_speculate_options(parser) -> None:
     group = parser.add_argument_group("speculative decoding (same tokens, fewer passes over the weights)")
     group.add_argument("--speculate", choices=["lookup"], default=None,
                        help="lookup: draft the continuation of an earlier occurrence of the last tokens")  # fmt: skip
-    group.add_argument("--max-draft", type=_positive_int, default=8, help="draft tokens per verify pass at most")
+    group.add_argument("--max-draft", type=_positive_int, default=None,
+                       help="draft tokens per verify pass at most (default: PromptLookup's, 5)")  # fmt: skip
     group.add_argument("--fixed-draft", action="store_true",
                        help="always draft --max-draft tokens when a lookup hits (default: adapt to acceptance)")  # fmt: skip
 
@@ -374,7 +375,8 @@ def speculate_from_args(args: argparse.Namespace):
     if args.speculate is None:
         return None
     try:
-        return PromptLookup(max_draft=args.max_draft, adaptive=not args.fixed_draft)
+        max_draft = PromptLookup.max_draft if args.max_draft is None else args.max_draft
+        return PromptLookup(max_draft=max_draft, adaptive=not args.fixed_draft)
     except ValueError as error:
         raise UserError(str(error)) from None
 
@@ -404,6 +406,9 @@ def add_generate_command(subparsers) -> None:
 def run_bench(args: argparse.Namespace) -> int:
     """Benchmark jax-gpt2 against transformers (and llama.cpp, given) on random weights of a preset shape."""
     import json
+
+    if args.speculate is not None:
+        return run_speculative_bench(args)
 
     import jax
     import torch
@@ -445,6 +450,27 @@ def run_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_speculative_bench(args: argparse.Namespace) -> int:
+    """`bench --speculate`: plain and speculative decoding side by side (tools/bench_speculate.py)."""
+    import json
+
+    from jax_gpt2.config import PRESETS
+    from jax_gpt2.tools import bench_speculate
+
+    config = PRESETS[args.preset]
+    if args.layers is not None:
+        config = dataclasses.replace(config, n_layer=args.layers)
+    enable_compilation_cache()
+    results = bench_speculate.run_speculative_bench(
+        config, args.dtypes, args.batch_sizes, args.new_tokens, args.repeats, speculate_from_args(args)
+    )
+    print(bench_speculate.format_results(results))
+    if args.out is not None:
+        args.out.write_text(json.dumps(results, indent=2))
+        print(f"wrote {args.out}")
+    return 0
+
+
 def add_bench_command(subparsers) -> None:
     import os
 
@@ -470,6 +496,7 @@ def add_bench_command(subparsers) -> None:
     parser.add_argument("--plot", type=Path, default=None, help="write a PNG chart of the results (needs matplotlib)")
     add_mesh_option(parser)
     add_distributed_options(parser)
+    add_speculate_options(parser)
     parser.set_defaults(run=run_bench)
 
 

@@ -28,7 +28,9 @@ from jax_gpt2.sharding import fetch, pad_rows, padded_rows, put, put_rows
 from jax_gpt2.sampling import (
     SamplerFlags, SamplingParams, SamplingSettings, choose_tokens, flags_for, pick_logits, sampling_params,
 )
-from jax_gpt2.speculate import PromptLookup, SpeculationStats, decode_speculative, start_speculating
+from jax_gpt2.speculate import (
+    DraftModel, PromptLookup, SpeculationStats, check_draft_vocabulary, decode_speculative, start_speculating,
+)
 from jax_gpt2.weights import GPT2Weights
 
 if TYPE_CHECKING:
@@ -176,11 +178,12 @@ def _generate_jit(ids_BT, start_B, keys_B2, max_steps, eos_U, params, weights, c
     return tokens_BK, emitted_BK
 
 
-@functools.partial(jax.jit, static_argnames=("config", "flags", "num_slots", "kv_dtype", "speculate"))
+@functools.partial(jax.jit, static_argnames=("config", "flags", "num_slots", "kv_dtype"))
 def _generate_speculative_jit(
     ids_BT, start_B, keys_B2, max_steps, eos_U, params, weights, config, flags, num_slots, kv_dtype, speculate
 ):  # fmt: skip
-    state = start_speculating(prefill(ids_BT, start_B, keys_B2, weights, config, ids_BT.shape[1] + num_slots, kv_dtype), ids_BT)
+    state = prefill(ids_BT, start_B, keys_B2, weights, config, ids_BT.shape[1] + num_slots, kv_dtype)
+    state = start_speculating(state, ids_BT, speculate)
     state, tokens_BK, counts_B = decode_speculative(
         state, max_steps, eos_U, params, flags, speculate, weights, config, PAD_ID, num_slots, num_slots
     )
@@ -188,13 +191,11 @@ def _generate_speculative_jit(
 
 
 @functools.partial(jax.jit, static_argnames=("config", "max_len", "kv_dtype"))
-def _start_speculating_jit(ids_BT, start_B, keys_B2, weights, config, max_len, kv_dtype):
-    return start_speculating(prefill(ids_BT, start_B, keys_B2, weights, config, max_len, kv_dtype), ids_BT)
+def _start_speculating_jit(ids_BT, start_B, keys_B2, weights, config, max_len, kv_dtype, speculate):
+    return start_speculating(prefill(ids_BT, start_B, keys_B2, weights, config, max_len, kv_dtype), ids_BT, speculate)
 
 
-@functools.partial(
-    jax.jit, static_argnames=("config", "flags", "speculate", "num_slots", "max_iterations"), donate_argnames=("state",)
-)
+@functools.partial(jax.jit, static_argnames=("config", "flags", "num_slots", "max_iterations"), donate_argnames=("state",))
 def _decode_speculative_jit(state, max_new, eos_U, params, weights, config, flags, speculate, num_slots, max_iterations):
     return decode_speculative(
         state, max_new, eos_U, params, flags, speculate, weights, config, PAD_ID, num_slots, max_iterations
@@ -287,7 +288,7 @@ def generate(
     prompt_ids, weights: GPT2Weights, config: GPT2Config, max_new_tokens: int = 64, temperature: float = 0.0,
     top_k: int | None = None, top_p: float | None = None, min_p: float | None = None,
     repetition_penalty: float | None = None, eos_token_id: int | Sequence[int] | None = None, seed: int = 0,
-    kv_dtype=jnp.float32, speculate: PromptLookup | None = None,
+    kv_dtype=jnp.float32, speculate: PromptLookup | DraftModel | None = None,
 ) -> list[list[int]]:  # fmt: skip
     """The new tokens of each prompt (a ragged list of id lists), up to and including its eos.
 
@@ -303,7 +304,7 @@ def generate(
 
 def generate_with_settings(
     prompt_ids, weights: GPT2Weights, config: GPT2Config, settings: SamplingSettings,
-    eos_token_id: int | Sequence[int] | None, kv_dtype=jnp.float32, speculate: PromptLookup | None = None,
+    eos_token_id: int | Sequence[int] | None, kv_dtype=jnp.float32, speculate: PromptLookup | DraftModel | None = None,
 ) -> list[list[int]]:  # fmt: skip
     """`generate` for callers that hold SamplingSettings already (the CLI): the same checks and tokens."""
     assert isinstance(settings, SamplingSettings)
@@ -326,18 +327,21 @@ def generate_with_settings(
     return outputs
 
 
-def check_speculate(speculate) -> None:
-    if not isinstance(speculate, PromptLookup):
-        raise ValueError(f"speculate must be None or a jax_gpt2.PromptLookup; got {type(speculate).__name__}")
+def check_speculate(speculate, config: GPT2Config) -> None:
+    if not isinstance(speculate, (PromptLookup, DraftModel)):
+        raise ValueError(
+            f"speculate must be None, a jax_gpt2.PromptLookup or a jax_gpt2.DraftModel; got {type(speculate).__name__}"
+        )
+    check_draft_vocabulary(speculate, config)
 
 
 def generate_speculative(
     prompt_ids, weights: GPT2Weights, config: GPT2Config, settings: SamplingSettings,
-    eos_token_id: int | Sequence[int] | None, kv_dtype, speculate: PromptLookup,
+    eos_token_id: int | Sequence[int] | None, kv_dtype, speculate: PromptLookup | DraftModel,
 ) -> tuple[list[list[int]], SpeculationStats]:  # fmt: skip
     """`generate_with_settings` by speculative decoding, and how the drafts fared (for the bench)."""
     assert settings.max_new_tokens >= 1
-    check_speculate(speculate)
+    check_speculate(speculate, config)
     request = prepare_request(prompt_ids, config, settings, eos_token_id)
     B = len(request.ids_BT)
     placed = place_request(request, weights.mesh)
@@ -393,7 +397,7 @@ def stream_generate(
     prompt_ids, weights: GPT2Weights, config: GPT2Config, max_new_tokens: int = 64, temperature: float = 0.0,
     top_k: int | None = None, top_p: float | None = None, min_p: float | None = None,
     repetition_penalty: float | None = None, eos_token_id: int | Sequence[int] | None = None, seed: int = 0,
-    chunk_steps: int = 4, kv_dtype=jnp.float32, speculate: PromptLookup | None = None,
+    chunk_steps: int = 4, kv_dtype=jnp.float32, speculate: PromptLookup | DraftModel | None = None,
 ) -> Iterator[list[int | None]]:  # fmt: skip
     """Like `generate`, but yields as tokens are made: one list per step, a token per row (None once the
     row has finished). The device runs `chunk_steps` steps per dispatch (with speculate: iterations,
@@ -406,7 +410,7 @@ def stream_generate(
 def stream_with_settings(
     prompt_ids, weights: GPT2Weights, config: GPT2Config, settings: SamplingSettings,
     eos_token_id: int | Sequence[int] | None, kv_dtype=jnp.float32, chunk_steps: int = 4,
-    speculate: PromptLookup | None = None,
+    speculate: PromptLookup | DraftModel | None = None,
 ) -> Iterator[list[int | None]]:  # fmt: skip
     """`stream_generate` for callers that hold SamplingSettings already: nothing runs (and nothing is
     checked) until the first step is asked for, as with any generator."""
@@ -422,7 +426,7 @@ def stream_with_settings(
     B = len(request.ids_BT)
     placed = place_request(request, weights.mesh)
     if speculate is not None:
-        check_speculate(speculate)
+        check_speculate(speculate, config)
         yield from stream_speculative(placed, B, weights, config, kv_dtype, chunk_steps, speculate)
         return
     state = prefill_request(placed, weights, config, kv_dtype)
@@ -439,12 +443,14 @@ def stream_with_settings(
 
 def stream_speculative(
     placed: GenerationRequest, B: int, weights: GPT2Weights, config: GPT2Config, kv_dtype, chunk_steps: int,
-    speculate: PromptLookup,
+    speculate: PromptLookup | DraftModel,
 ) -> Iterator[list[int | None]]:  # fmt: skip
     """`stream_with_settings` by speculative decoding: rows advance by different counts per dispatch,
     so each row's tokens queue on the host and a step is yielded once every unfinished row has one."""
     max_len = placed.ids_BT.shape[1] + bucket_length(placed.max_new_tokens)
-    state = _start_speculating_jit(placed.ids_BT, placed.start_B, placed.keys_B2, weights, config, max_len, kv_dtype)
+    state = _start_speculating_jit(
+        placed.ids_BT, placed.start_B, placed.keys_B2, weights, config, max_len, kv_dtype, speculate
+    )
     queues: list[list[int]] = [[] for _ in range(B)]
     finished = [False] * B
     while not all(finished) or any(queues):

@@ -37,7 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jax_gpt2.config import GPT2Config
-from jax_gpt2.model import lm_logits, transformer
+from jax_gpt2.model import lm_logits, transformer, transformer_from_empty
 from jax_gpt2.sampling import SamplerFlags, SamplingParams, first_argmax, pick_logits
 from jax_gpt2.weights import GPT2Weights
 
@@ -46,23 +46,37 @@ FORGET = 0.8  # each verified guess weighs the older evidence down by this much
 MAX_RATE = 0.99  # keeps the expected-length series finite
 
 
+# What a verify pass of width k costs against a plain decode step, by the weights' dtype: 1 +
+# overhead + rows * k * per_position (fitted to `jax-gpt2 bench --speculate` on the gpt2 shape, 2-core
+# AVX-512 EPYC, context 128: docs/speculative.md). Narrow weights stream fewer bytes, so the
+# arithmetic a wider pass adds weighs more; their multi-row kernels also start dearer than one row.
+VERIFY_COSTS = {"float32": (0.03, 0.035), "bfloat16": (0.45, 0.07), "int8": (0.35, 0.17)}
+
+
+def _static(default):
+    return dataclasses.field(default=default, metadata=dict(static=True))
+
+
+@jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class PromptLookup:
     """Draft tokens by prompt lookup (n-gram speculation): the continuation of the latest earlier
     occurrence of the last n tokens (n from max_ngram down to min_ngram) in prompt + output.
 
-    max_draft: draft tokens per verify pass at most (k). adaptive: choose each pass's width from
-    the rows' recent acceptance and the cost model below (False: draft max_draft whenever a lookup
-    hits, for tests and measurements). verify_overhead and position_cost: a verify pass of width k
-    costs 1 + verify_overhead + rows * k * position_cost decode steps (measured: docs/speculative.md).
+    max_draft: draft tokens per verify pass at most (k; on the 2-core AVX-512 host a float32 pass
+    of up to 6 positions costs ~1.15 decode steps, 7 and more ~2.2). adaptive: choose each pass's
+    width from the rows' recent acceptance and the cost of a pass (False: draft max_draft whenever
+    a lookup hits, for tests and measurements). verify_overhead and position_cost: a pass of width
+    k costs 1 + verify_overhead + rows * k * position_cost decode steps; None takes VERIFY_COSTS'
+    figures for the weights' dtype.
     """
 
-    max_draft: int = 8
-    max_ngram: int = 3
-    min_ngram: int = 1
-    adaptive: bool = True
-    verify_overhead: float = 0.10
-    position_cost: float = 0.03
+    max_draft: int = _static(5)
+    max_ngram: int = _static(3)
+    min_ngram: int = _static(1)
+    adaptive: bool = _static(True)
+    verify_overhead: float | None = _static(None)
+    position_cost: float | None = _static(None)
 
     def __post_init__(self) -> None:
         if not isinstance(self.max_draft, int) or not 1 <= self.max_draft <= 32:
@@ -71,8 +85,10 @@ class PromptLookup:
             raise ValueError(f"min_ngram must be an integer >= 1; got {self.min_ngram!r}")
         if not isinstance(self.max_ngram, int) or not self.min_ngram <= self.max_ngram <= 8:
             raise ValueError(f"max_ngram must be an integer in [min_ngram, 8]; got {self.max_ngram!r}")
-        if not self.verify_overhead >= 0 or not self.position_cost >= 0:
-            raise ValueError("verify_overhead and position_cost must be >= 0")
+        for name in ("verify_overhead", "position_cost"):
+            value = getattr(self, name)
+            if value is not None and not value >= 0:
+                raise ValueError(f"{name} must be None or >= 0; got {value!r}")
 
     @property
     def widths(self) -> tuple[int, ...]:
@@ -81,6 +97,54 @@ class PromptLookup:
             return (0, self.max_draft)
         powers = [2**i for i in range(int(math.log2(self.max_draft)) + 1)]
         return tuple(sorted({0, *powers, self.max_draft}))
+
+    def costs(self, weights: GPT2Weights) -> tuple[float, float]:
+        """(verify_overhead, position_cost) for these weights: as given, else VERIFY_COSTS' for their dtype."""
+        overhead, per_position = VERIFY_COSTS.get(jnp.dtype(weights.blocks[0].qkv_w_DE.dtype).name, VERIFY_COSTS["float32"])
+        overhead = overhead if self.verify_overhead is None else self.verify_overhead
+        per_position = per_position if self.position_cost is None else self.position_cost
+        assert overhead >= 0
+        assert per_position >= 0
+        return overhead, per_position
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class DraftModel:
+    """Draft tokens with a smaller model of the same vocabulary (distilgpt2 for gpt2, gpt2 for
+    gpt2-xl): it keeps its own KV cache and runs max_draft steps per verify pass, every pass (its
+    own cost is not in a cost model yet, so no adaptive width). Its tokens follow its own
+    distribution q after the same sampling processors; acceptance min(1, p/q) keeps the output exact."""
+
+    weights: GPT2Weights
+    config: GPT2Config = _static(None)
+    max_draft: int = _static(4)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.config, GPT2Config):
+            raise ValueError(f"DraftModel needs the draft's GPT2Config; got {type(self.config).__name__}")
+        if not isinstance(self.weights, GPT2Weights):
+            raise ValueError(f"DraftModel needs the draft's GPT2Weights; got {type(self.weights).__name__}")
+        if not isinstance(self.max_draft, int) or not 1 <= self.max_draft <= 32:
+            raise ValueError(f"max_draft must be an integer in [1, 32]; got {self.max_draft!r}")
+
+    adaptive = False
+
+    @property
+    def widths(self) -> tuple[int, ...]:
+        return (0, self.max_draft)
+
+    def costs(self, weights: GPT2Weights) -> tuple[float, float]:
+        return 0.0, 0.0
+
+
+def check_draft_vocabulary(speculate, config: GPT2Config) -> None:
+    """A draft model must share the target's vocabulary: its token ids are the target's."""
+    if isinstance(speculate, DraftModel) and speculate.config.vocab_size != config.vocab_size:
+        raise ValueError(
+            f"the draft model's vocabulary ({speculate.config.vocab_size} tokens) differs from the model's "
+            f"({config.vocab_size}): a draft must share the tokenizer"
+        )
 
 
 @jax.tree_util.register_dataclass
@@ -96,10 +160,12 @@ class SpeculativeState:
     drafted_B: jax.Array  # int32: draft tokens verified
     accepted_B: jax.Array  # int32: draft tokens accepted
     passes_B: jax.Array  # int32: verify passes with at least one draft token
+    draft_cache: Any = None  # a DraftModel's KVCache (slots as the model's), None for a lookup
 
 
-def start_speculating(state, ids_BT: jax.Array) -> SpeculativeState:
-    """The speculative state after a prefill of the left-padded prompts ids_BT (`generate.prefill`)."""
+def start_speculating(state, ids_BT: jax.Array, speculate=None) -> SpeculativeState:
+    """The speculative state after a prefill of the left-padded prompts ids_BT (`generate.prefill`);
+    a DraftModel gets its own cache of the same slots, holding the prompt."""
     B, T = ids_BT.shape
     S, V = state.cache.max_len, state.logits_BV.shape[1]
     assert state.done_B.shape == (B,)
@@ -109,10 +175,68 @@ def start_speculating(state, ids_BT: jax.Array) -> SpeculativeState:
     spec = SpeculativeState(
         decode=state, history_BS=history_BS, residual_q_BV=jnp.zeros((B, V), jnp.float32), count_B=zeros_B,
         hits_B=jnp.zeros((B,), jnp.float32), trials_B=jnp.zeros((B,), jnp.float32), guess_B=zeros_B - 1,
-        drafted_B=zeros_B, accepted_B=zeros_B, passes_B=zeros_B,
+        drafted_B=zeros_B, accepted_B=zeros_B, passes_B=zeros_B, draft_cache=draft_prefill(ids_BT, state, speculate),
     )  # fmt: skip
     assert spec.history_BS.shape == (B, S)
     return spec
+
+
+def draft_prefill(ids_BT: jax.Array, state, speculate) -> Any:
+    """A DraftModel's cache after the prompts (None for anything else)."""
+    if not isinstance(speculate, DraftModel):
+        return None
+    cache = state.cache
+    kv_dtype = cache.kv_dtype
+    _, draft_cache = transformer_from_empty(ids_BT, cache.start_B, cache.max_len, speculate.weights, speculate.config,
+                                            kv_dtype)  # fmt: skip
+    assert draft_cache.max_len == cache.max_len
+    return draft_cache
+
+
+def run_draft_model(
+    state: SpeculativeState, history_BS: jax.Array, token_B: jax.Array, speculate: DraftModel,
+    params: SamplingParams, flags: SamplerFlags, keys_B2: jax.Array,
+) -> tuple[jax.Array, jax.Array, Any]:  # fmt: skip
+    """max_draft tokens of the draft model after each row's t0, their distributions q_BTV (position t
+    holds q of draft token t + 1; the last position zeros) and the draft cache.
+
+    The first step runs the row's previous token and t0 together: the previous one is missing from
+    the draft cache when the last pass accepted every draft (the draft never ran its own last
+    token), and rewriting it otherwise stores the same keys again.
+    """
+    B = token_B.shape[0]
+    end_B = state.decode.cache.end_B
+    weights, config, k = speculate.weights, speculate.config, speculate.max_draft
+    previous_B = jnp.take_along_axis(history_BS, (end_B - 1)[:, None], axis=1)[:, 0]
+    cache = dataclasses.replace(state.draft_cache, end_B=end_B - 1)
+    hidden_BTD, cache = transformer(jnp.stack([previous_B, token_B], axis=1), cache, weights, config)
+    logits_BV = lm_logits(hidden_BTD[:, 1:], weights)[:, 0]
+    seen_BV = state.decode.seen_BV | jax.nn.one_hot(token_B, logits_BV.shape[1], dtype=jnp.bool_)
+
+    def draw(logits_BV, seen_BV, i):
+        picked_BV = pick_logits(logits_BV, seen_BV, params, flags)
+        draft_B = first_argmax(picked_BV)
+        q_BV = jax.nn.softmax(picked_BV, axis=-1)
+        if flags.sample is not False:
+            keys_i_B2 = jax.vmap(jax.random.fold_in, in_axes=(0, None))(keys_B2, 100 + i)
+            drawn_B = jax.vmap(jax.random.categorical)(keys_i_B2, picked_BV).astype(jnp.int32)
+            draft_B = jnp.where(params.temperature_B > 0, drawn_B, draft_B)
+        return draft_B, q_BV
+
+    def step(carry, i):
+        cache, logits_BV, seen_BV = carry
+        draft_B, q_BV = draw(logits_BV, seen_BV, i)
+        hidden_BTD, cache = transformer(draft_B[:, None], cache, weights, config)
+        seen_BV = seen_BV | jax.nn.one_hot(draft_B, seen_BV.shape[1], dtype=jnp.bool_)
+        return (cache, lm_logits(hidden_BTD, weights)[:, 0], seen_BV), (draft_B, q_BV)
+
+    (cache, logits_BV, seen_BV), (drafts_KB, q_KBV) = jax.lax.scan(step, (cache, logits_BV, seen_BV), jnp.arange(k - 1))
+    last_B, last_q_BV = draw(logits_BV, seen_BV, k - 1)
+    draft_BT = jnp.concatenate([drafts_KB.T, last_B[:, None]], axis=1)
+    q_BTV = jnp.concatenate([q_KBV.transpose(1, 0, 2), last_q_BV[:, None], jnp.zeros_like(last_q_BV)[:, None]], axis=1)
+    assert draft_BT.shape == (B, k)
+    assert q_BTV.shape == (B, k + 1, logits_BV.shape[1])
+    return draft_BT, q_BTV, cache
 
 
 def lookup_draft(
@@ -194,13 +318,14 @@ def picked_at_positions(
 
 def accept_drafts(
     logits_BTV: jax.Array, ids_BT: jax.Array, draft_len_B: jax.Array, seen_BV: jax.Array, params: SamplingParams,
-    flags: SamplerFlags, keys_B2: jax.Array,
+    flags: SamplerFlags, keys_B2: jax.Array, q_BTV: jax.Array | None,
 ) -> tuple[jax.Array, jax.Array]:  # fmt: skip
     """How many of each row's draft tokens ids_BT[:, 1 : 1 + draft_len_B] the model accepts, and the
-    q it leaves behind (one-hot on the first rejected token; zeros if none was rejected).
+    q it leaves behind (the draft's distribution at the first rejected token; zeros if none was).
 
-    Position t's logits score ids_BT[:, t + 1]. Greedy: accepted while the chain's first_argmax
-    equals the draft. Sampled (q one-hot): accepted with probability p(draft).
+    Position t's logits score ids_BT[:, t + 1], drawn from q_BTV[:, t] (None: a lookup, q one-hot).
+    Greedy: accepted while the chain's first_argmax equals the draft. Sampled: accepted with
+    probability min(1, p(draft) / q(draft)).
     """
     B, T, V = logits_BTV.shape
     assert draft_len_B.shape == (B,)
@@ -211,20 +336,28 @@ def accept_drafts(
     if flags.sample is not False:
         probs_BTV = jax.nn.softmax(picked_BTV, axis=-1)
         p_BT = jnp.take_along_axis(probs_BTV, target_BT[..., None], axis=-1)[..., 0]
+        if q_BTV is not None:
+            q_BT = jnp.take_along_axis(q_BTV, target_BT[..., None], axis=-1)[..., 0]
+            p_BT = p_BT / jnp.maximum(q_BT, jnp.finfo(jnp.float32).tiny)
         uniform_BT = jax.vmap(lambda key: jax.random.uniform(key, (T,)))(keys_B2)
         agrees_BT = jnp.where(params.temperature_B[:, None] > 0, uniform_BT < p_BT, agrees_BT)
     in_draft_BT = jnp.arange(T)[None, :] < draft_len_B[:, None]
     accepted_B = jnp.sum(jnp.cumprod(agrees_BT & in_draft_BT, axis=1), axis=1).astype(jnp.int32)
     rejected_B = accepted_B < draft_len_B
-    rejected_token_B = jnp.take_along_axis(target_BT, jnp.minimum(accepted_B, T - 1)[:, None], axis=1)[:, 0]
-    residual_q_BV = jax.nn.one_hot(rejected_token_B, V, dtype=jnp.float32) * rejected_B[:, None]
+    at_B = jnp.minimum(accepted_B, T - 1)
+    if q_BTV is None:
+        rejected_token_B = jnp.take_along_axis(target_BT, at_B[:, None], axis=1)[:, 0]
+        q_rejected_BV = jax.nn.one_hot(rejected_token_B, V, dtype=jnp.float32)
+    else:
+        q_rejected_BV = jnp.take_along_axis(q_BTV, at_B[:, None, None], axis=1)[:, 0]
+    residual_q_BV = q_rejected_BV * rejected_B[:, None]
     assert accepted_B.shape == (B,)
     return accepted_B, residual_q_BV
 
 
 def verify(
     ids_BT: jax.Array, draft_len_B: jax.Array, state: SpeculativeState, params: SamplingParams,
-    flags: SamplerFlags, keys_B2: jax.Array, weights: GPT2Weights, config: GPT2Config,
+    flags: SamplerFlags, keys_B2: jax.Array, weights: GPT2Weights, config: GPT2Config, q_BTV: jax.Array | None = None,
 ) -> tuple[Any, jax.Array, jax.Array, jax.Array]:  # fmt: skip
     """One forward pass of [t0, drafts] at each row's cache end. Returns the cache (its end_B not yet
     moved), accepted_B, the raw logits after the last kept token, and the residual q."""
@@ -235,7 +368,7 @@ def verify(
     if T == 1:  # a plain decode step: nothing to accept
         return cache, jnp.zeros((B,), jnp.int32), logits_BTV[:, 0], jnp.zeros_like(state.residual_q_BV)
     accepted_B, residual_q_BV = accept_drafts(
-        logits_BTV, ids_BT, draft_len_B, state.decode.seen_BV, params, flags, keys_B2
+        logits_BTV, ids_BT, draft_len_B, state.decode.seen_BV, params, flags, keys_B2, q_BTV
     )
     next_logits_BV = jnp.take_along_axis(logits_BTV, accepted_B[:, None, None], axis=1)[:, 0]
     assert next_logits_BV.shape == (B, logits_BTV.shape[2])
@@ -251,7 +384,8 @@ def expected_tokens(rate_B: jax.Array, draft_len_B: jax.Array) -> jax.Array:
 
 
 def choose_width(
-    state: SpeculativeState, can_draft_B: jax.Array, limit_B: jax.Array, active_B: jax.Array, lookup: PromptLookup
+    state: SpeculativeState, can_draft_B: jax.Array, limit_B: jax.Array, active_B: jax.Array, lookup: PromptLookup,
+    costs: tuple[float, float],
 ) -> jax.Array:
     """Index into lookup.widths of this iteration's draft width: the one whose expected tokens per
     unit of cost is highest (ties: the narrower), or for a fixed lookup the widest any row can use."""
@@ -265,7 +399,7 @@ def choose_width(
     scores = []
     for width in widths:
         tokens = jnp.sum(jnp.where(active_B, expected_tokens(rate_B, jnp.minimum(usable_B, width)), 0.0))
-        cost = 1.0 if width == 0 else 1.0 + lookup.verify_overhead + B * width * lookup.position_cost
+        cost = 1.0 if width == 0 else 1.0 + costs[0] + B * width * costs[1]
         scores.append(tokens / cost)
     index = jnp.argmax(jnp.stack(scores)).astype(jnp.int32)  # the first best: the narrowest
     assert index.shape == ()
@@ -329,15 +463,23 @@ def speculative_step(
     token_B = jnp.where(active_B, pick_first(state, params, flags, pick_keys_B2), pad_id)
     rows_B = jnp.arange(B)
     history_BS = state.history_BS.at[rows_B, cache.end_B].set(token_B, mode="drop")
-    draft_BT, found_B = lookup_draft(history_BS, cache.start_B, cache.end_B, lookup)
+    q_BTV, draft_cache = None, state.draft_cache
+    if isinstance(lookup, DraftModel):
+        draft_BT, q_BTV, draft_cache = run_draft_model(state, history_BS, token_B, lookup, params, flags, accept_keys_B2)
+        found_B = jnp.ones((B,), jnp.bool_)
+    else:
+        draft_BT, found_B = lookup_draft(history_BS, cache.start_B, cache.end_B, lookup)
     limit_B = jnp.clip(max_new - state.count_B - 1, 0, lookup.max_draft)  # never draft past max_new_tokens
-    width_index = choose_width(state, found_B, limit_B, active_B, lookup)
+    width_index = choose_width(state, found_B, limit_B, active_B, lookup, lookup.costs(weights))
     draft_len_B = jnp.where(found_B & active_B, jnp.minimum(limit_B, jnp.asarray(lookup.widths)[width_index]), 0)
     ids_BT = jnp.concatenate([token_B[:, None], jnp.where(found_B[:, None], draft_BT, token_B[:, None])], axis=1)
 
     def branch(width: int):
         def run(_):
-            return verify(ids_BT[:, : width + 1], draft_len_B, state, params, flags, accept_keys_B2, weights, config)
+            q_width_BTV = None if q_BTV is None else q_BTV[:, : width + 1]
+            return verify(
+                ids_BT[:, : width + 1], draft_len_B, state, params, flags, accept_keys_B2, weights, config, q_width_BTV
+            )
         return run
 
     new_cache, accepted_B, logits_BV, residual_q_BV = jax.lax.switch(
@@ -356,7 +498,7 @@ def speculative_step(
     next_guess_B = jnp.where(active_B & found_B & (draft_len_B == 0), draft_BT[:, 0], -1)
     new_state = dataclasses.replace(
         state, decode=new_decode, history_BS=full_history_BS, count_B=state.count_B + emitted_B,
-        residual_q_BV=jnp.where(active_B[:, None], residual_q_BV, state.residual_q_BV),
+        residual_q_BV=jnp.where(active_B[:, None], residual_q_BV, state.residual_q_BV), draft_cache=draft_cache,
         **record_outcome(state, token_B, draft_len_B, accepted_B, active_B, next_guess_B),
     )  # fmt: skip
     tokens_BK = write_tokens(tokens_BK, state.count_B - base_B, ids_BT, emitted_B)
