@@ -43,8 +43,10 @@ def test_only_serve_imports_the_web_stack():
 
 def test_the_tools_folder_holds_the_tools_and_the_flat_folder_holds_the_model():
     tools = sorted(p.name for p in (PACKAGE / "tools").glob("*.py"))
-    assert tools == ["__init__.py", "bench.py", "compare.py", "llama_cpp.py", "random_model.py", "remote.py",
-                     "runpod.py", "ssh.py"]
+    assert tools == [
+        "__init__.py", "bench.py", "bench_speculate.py", "compare.py", "llama_cpp.py", "random_model.py", "remote.py",
+        "runpod.py", "ssh.py",
+    ]  # fmt: skip
     flat = sorted(p.name for p in PACKAGE.glob("*.py"))
     for model_module in ("config.py", "weights.py", "loader.py", "layers.py", "kvcache.py", "model.py"):
         assert model_module in flat

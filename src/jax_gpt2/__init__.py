@@ -18,6 +18,7 @@ from jax_gpt2.loader import ModelNotFoundError, load_config, load_weights
 from jax_gpt2.kernels import kernels_available
 from jax_gpt2.model import block_hidden_states, empty_cache, gpt2_forward, gpt2_forward_cached
 from jax_gpt2.perplexity import perplexity
+from jax_gpt2.speculate import DraftModel, PromptLookup
 from jax_gpt2.weights import BlockWeights, GPT2Weights, PackedMatrix, pack_weights
 
 __all__ = [
@@ -39,4 +40,6 @@ __all__ = [
     "kernels_available",
     "pack_weights",
     "perplexity",
+    "PromptLookup",
+    "DraftModel",
 ]

@@ -324,14 +324,15 @@ def _sampling_settings(args: argparse.Namespace):
 
 
 def _stream_one(
-    prompt: str, ids: list[int], tokenizer, weights, config, settings, eos_ids: list[int], kv_dtype, constraint
+    prompt: str, ids: list[int], tokenizer, weights, config, settings, eos_ids: list[int], kv_dtype, constraint,
+    speculate,
 ) -> None:  # fmt: skip
     """Print one prompt's continuation as it is made: whole UTF-8 characters, nothing past a stop string."""
     from jax_gpt2.generate import stream_with_settings
     from jax_gpt2.stopping import TextFinisher
 
     finisher = TextFinisher(tokenizer, settings.stop, eos_ids, settings.max_new_tokens)
-    steps = stream_with_settings([ids], weights, config, settings, eos_ids, kv_dtype, 4, constraint)
+    steps = stream_with_settings([ids], weights, config, settings, eos_ids, kv_dtype, 4, constraint, speculate)
     first = next(steps)  # arguments are checked before anything is printed
     sys.stdout.write(prompt)
     for step in itertools.chain([first], steps):
@@ -375,22 +376,47 @@ def run_generate(args: argparse.Namespace) -> int:
     _start_processes(args)
     settings, kv_dtype = _sampling_settings(args), kv_dtype_from_flag(args.kv_dtype)
     folder, config, weights = _load_model(args.model, args.dtype, _mesh_from_args(args))
+    speculate = speculate_from_args(args)
     tokenizer = load_tokenizer(folder)
     prompt_ids = [encode(tokenizer, prompt) for prompt in prompts]
     eos_ids = [] if args.ignore_eos or config.eos_token_id is None else [config.eos_token_id]
     constraint = _constraint_from_args(args, tokenizer, config)
     if len(prompts) == 1 and args.coordinator is None:
-        _stream_one(prompts[0], prompt_ids[0], tokenizer, weights, config, settings, eos_ids, kv_dtype, constraint)
+        _stream_one(prompts[0], prompt_ids[0], tokenizer, weights, config, settings, eos_ids, kv_dtype, constraint,
+                    speculate)  # fmt: skip
         return 0
     # Many processes: every one runs the whole batch's program (its rows are split over "data");
     # process 0 prints every output, in input order.
-    rows = generate_with_settings(prompt_ids, weights, config, settings, eos_ids, kv_dtype, constraint)
+    rows = generate_with_settings(prompt_ids, weights, config, settings, eos_ids, kv_dtype, constraint, speculate)
     if not _is_main_process():
         return 0
     for prompt, new_ids in zip(prompts, rows):
         text, _ = finish_text(tokenizer, new_ids, settings.stop, eos_ids, settings.max_new_tokens)
         print(f"--- {prompt!r}\n{prompt}{text}")
     return 0
+
+
+def add_speculate_options(parser) -> None:
+    group = parser.add_argument_group("speculative decoding (same tokens, fewer passes over the weights)")
+    group.add_argument("--speculate", choices=["lookup"], default=None,
+                       help="lookup: draft the continuation of an earlier occurrence of the last tokens")  # fmt: skip
+    group.add_argument("--max-draft", type=_positive_int, default=None,
+                       help="draft tokens per verify pass at most (default: PromptLookup's, 5)")  # fmt: skip
+    group.add_argument("--fixed-draft", action="store_true",
+                       help="always draft --max-draft tokens when a lookup hits (default: adapt to acceptance)")  # fmt: skip
+
+
+def speculate_from_args(args: argparse.Namespace):
+    """The --speculate options as a PromptLookup, or None (plain decoding)."""
+    from jax_gpt2.speculate import PromptLookup
+
+    if args.speculate is None:
+        return None
+    try:
+        max_draft = PromptLookup.max_draft if args.max_draft is None else args.max_draft
+        return PromptLookup(max_draft=max_draft, adaptive=not args.fixed_draft)
+    except ValueError as error:
+        raise UserError(str(error)) from None
 
 
 def add_generate_command(subparsers) -> None:
@@ -420,12 +446,16 @@ def add_generate_command(subparsers) -> None:
     add_kv_dtype_option(parser)
     add_mesh_option(parser)
     add_distributed_options(parser)
+    add_speculate_options(parser)
     parser.set_defaults(run=run_generate)
 
 
 def run_bench(args: argparse.Namespace) -> int:
     """Benchmark jax-gpt2 against transformers (and llama.cpp, given) on random weights of a preset shape."""
     import json
+
+    if args.speculate is not None:
+        return run_speculative_bench(args)
 
     import jax
     import torch
@@ -476,6 +506,27 @@ def _batch_by_length(text: str) -> tuple[int, int]:
     return int(batch), int(length)
 
 
+def run_speculative_bench(args: argparse.Namespace) -> int:
+    """`bench --speculate`: plain and speculative decoding side by side (tools/bench_speculate.py)."""
+    import json
+
+    from jax_gpt2.config import PRESETS
+    from jax_gpt2.tools import bench_speculate
+
+    config = PRESETS[args.preset]
+    if args.layers is not None:
+        config = dataclasses.replace(config, n_layer=args.layers)
+    enable_compilation_cache()
+    results = bench_speculate.run_speculative_bench(
+        config, args.dtypes, args.batch_sizes, args.new_tokens, args.repeats, speculate_from_args(args)
+    )
+    print(bench_speculate.format_results(results))
+    if args.out is not None:
+        args.out.write_text(json.dumps(results, indent=2))
+        print(f"wrote {args.out}")
+    return 0
+
+
 def add_bench_command(subparsers) -> None:
     import os
 
@@ -505,6 +556,7 @@ def add_bench_command(subparsers) -> None:
     )  # fmt: skip
     add_mesh_option(parser)
     add_distributed_options(parser)
+    add_speculate_options(parser)
     parser.set_defaults(run=run_bench)
 
 

@@ -29,6 +29,9 @@ from jax_gpt2.sampling import (
     SamplerFlags, SamplingParams, SamplingSettings, apply_allowed_tokens, check_token_settings, choose_tokens,
     end_token_ids, flags_for, pick_logits, sampling_params,
 )
+from jax_gpt2.speculate import (
+    DraftModel, PromptLookup, SpeculationStats, check_draft_vocabulary, decode_speculative, start_speculating,
+)
 from jax_gpt2.weights import GPT2Weights
 
 if TYPE_CHECKING:
@@ -181,6 +184,30 @@ def _generate_jit(ids_BT, start_B, keys_B2, max_steps, eos_U, params, weights, c
     return tokens_BK, emitted_BK
 
 
+@functools.partial(jax.jit, static_argnames=("config", "flags", "num_slots", "kv_dtype"))
+def _generate_speculative_jit(
+    ids_BT, start_B, keys_B2, max_steps, eos_U, params, weights, config, flags, num_slots, kv_dtype, speculate
+):  # fmt: skip
+    state = prefill(ids_BT, start_B, keys_B2, weights, config, ids_BT.shape[1] + num_slots, kv_dtype)
+    state = start_speculating(state, ids_BT, speculate)
+    state, tokens_BK, counts_B = decode_speculative(
+        state, max_steps, eos_U, params, flags, speculate, weights, config, PAD_ID, num_slots, num_slots
+    )
+    return tokens_BK, counts_B, SpeculationStats.of(state)
+
+
+@functools.partial(jax.jit, static_argnames=("config", "max_len", "kv_dtype"))
+def _start_speculating_jit(ids_BT, start_B, keys_B2, weights, config, max_len, kv_dtype, speculate):
+    return start_speculating(prefill(ids_BT, start_B, keys_B2, weights, config, max_len, kv_dtype), ids_BT, speculate)
+
+
+@functools.partial(jax.jit, static_argnames=("config", "flags", "num_slots", "max_iterations"), donate_argnames=("state",))
+def _decode_speculative_jit(state, max_new, eos_U, params, weights, config, flags, speculate, num_slots, max_iterations):
+    return decode_speculative(
+        state, max_new, eos_U, params, flags, speculate, weights, config, PAD_ID, num_slots, max_iterations
+    )
+
+
 @functools.partial(jax.jit, static_argnames=("config", "max_len", "kv_dtype"))
 def _prefill_jit(ids_BT, start_B, keys_B2, weights, config, max_len, kv_dtype):
     return prefill(ids_BT, start_B, keys_B2, weights, config, max_len, kv_dtype)
@@ -290,6 +317,7 @@ def generate(
     repetition_penalty: float | None = None, eos_token_id: int | Sequence[int] | None = None, seed: int = 0,
     kv_dtype=jnp.float32, logit_bias: dict[int, float] | None = None, frequency_penalty: float = 0.0,
     presence_penalty: float = 0.0, constraint: "CompiledConstraint | None" = None,
+    speculate: PromptLookup | DraftModel | None = None,
 ) -> list[list[int]]:  # fmt: skip
     """The new tokens of each prompt (a ragged list of id lists), up to and including its eos.
 
@@ -300,18 +328,30 @@ def generate(
     presence_penalty (in [-2, 2]) are OpenAI's, over the tokens generated so far (see sampling.py).
     constraint (constraints.compile_constraint's) keeps every row a prefix of a valid answer and ends
     it once the answer is complete; such a call decodes one step per dispatch (the mask is the host's).
+    speculate=PromptLookup() or DraftModel(...) drafts tokens and verifies them several per pass
+    (speculate.py): the same greedy tokens, the same sampling distribution, fewer passes over the
+    weights. A call takes a constraint or speculate, not both.
     """
     settings = settings_from_arguments(max_new_tokens, temperature, top_k, top_p, min_p, repetition_penalty, seed,
                                        logit_bias, frequency_penalty, presence_penalty)  # fmt: skip
-    return generate_with_settings(prompt_ids, weights, config, settings, eos_token_id, kv_dtype, constraint)
+    return generate_with_settings(prompt_ids, weights, config, settings, eos_token_id, kv_dtype, constraint, speculate)
+
+
+def check_one_decoding_plan(constraint, speculate) -> None:
+    """A ValueError for a constraint together with speculation: a constrained row is masked on the host
+    one token at a time, while speculation verifies several tokens per pass on the device."""
+    if constraint is not None and speculate is not None:
+        raise ValueError("constraint and speculate cannot be combined: pass one or the other")
 
 
 def generate_with_settings(
     prompt_ids, weights: GPT2Weights, config: GPT2Config, settings: SamplingSettings,
     eos_token_id: int | Sequence[int] | None, kv_dtype=jnp.float32, constraint: "CompiledConstraint | None" = None,
+    speculate: PromptLookup | DraftModel | None = None,
 ) -> list[list[int]]:  # fmt: skip
     """`generate` for callers that hold SamplingSettings already (the CLI): the same checks and tokens."""
     assert isinstance(settings, SamplingSettings)
+    check_one_decoding_plan(constraint, speculate)
     if constraint is not None:
         steps = stream_with_settings(prompt_ids, weights, config, settings, eos_token_id, kv_dtype, 1, constraint)
         columns = list(steps)
@@ -321,6 +361,8 @@ def generate_with_settings(
     if settings.max_new_tokens == 0:
         _end_ids(eos_token_id, config, settings)
         return [[] for _ in _check_prompts(prompt_ids, config, 0)]
+    if speculate is not None:
+        return generate_speculative(prompt_ids, weights, config, settings, eos_token_id, kv_dtype, speculate)[0]
     request = prepare_request(prompt_ids, config, settings, eos_token_id)
     B = len(request.ids_BT)
     placed = place_request(request, weights.mesh)
@@ -332,6 +374,34 @@ def generate_with_settings(
     outputs = [tokens_BK[row][emitted_BK[row]].tolist() for row in range(B)]
     assert len(outputs) == len(request.ids_BT)
     return outputs
+
+
+def check_speculate(speculate, config: GPT2Config) -> None:
+    if not isinstance(speculate, (PromptLookup, DraftModel)):
+        raise ValueError(
+            f"speculate must be None, a jax_gpt2.PromptLookup or a jax_gpt2.DraftModel; got {type(speculate).__name__}"
+        )
+    check_draft_vocabulary(speculate, config)
+
+
+def generate_speculative(
+    prompt_ids, weights: GPT2Weights, config: GPT2Config, settings: SamplingSettings,
+    eos_token_id: int | Sequence[int] | None, kv_dtype, speculate: PromptLookup | DraftModel,
+) -> tuple[list[list[int]], SpeculationStats]:  # fmt: skip
+    """`generate_with_settings` by speculative decoding, and how the drafts fared (for the bench)."""
+    assert settings.max_new_tokens >= 1
+    check_speculate(speculate, config)
+    request = prepare_request(prompt_ids, config, settings, eos_token_id)
+    B = len(request.ids_BT)
+    placed = place_request(request, weights.mesh)
+    tokens_BK, counts_B, stats = _generate_speculative_jit(
+        placed.ids_BT, placed.start_B, placed.keys_B2, np.int32(request.max_new_tokens), placed.eos_U,
+        placed.params, weights, config, request.flags, bucket_length(request.max_new_tokens), kv_dtype, speculate,
+    )  # fmt: skip
+    tokens_BK, counts_B = fetch(tokens_BK)[:B], fetch(counts_B)[:B]
+    outputs = [tokens_BK[row, : counts_B[row]].tolist() for row in range(B)]
+    assert len(outputs) == B
+    return outputs, jax.tree.map(lambda x: fetch(x)[:B], stats)
 
 
 def prefill_request(placed: GenerationRequest, weights: GPT2Weights, config: GPT2Config, kv_dtype) -> DecodeState:
@@ -378,23 +448,27 @@ def stream_generate(
     repetition_penalty: float | None = None, eos_token_id: int | Sequence[int] | None = None, seed: int = 0,
     chunk_steps: int = 4, kv_dtype=jnp.float32, logit_bias: dict[int, float] | None = None,
     frequency_penalty: float = 0.0, presence_penalty: float = 0.0, constraint: "CompiledConstraint | None" = None,
+    speculate: PromptLookup | DraftModel | None = None,
 ) -> Iterator[list[int | None]]:  # fmt: skip
     """Like `generate`, but yields as tokens are made: one list per step, a token per row (None once the
-    row has finished). The device runs `chunk_steps` steps per dispatch; the tokens equal `generate`'s.
+    row has finished). The device runs `chunk_steps` steps per dispatch (with speculate: iterations,
+    each of one or more tokens per row); the tokens equal `generate`'s.
     A generator: the arguments are checked when the first step is asked for."""
     settings = settings_from_arguments(max_new_tokens, temperature, top_k, top_p, min_p, repetition_penalty, seed,
                                        logit_bias, frequency_penalty, presence_penalty)  # fmt: skip
-    yield from stream_with_settings(prompt_ids, weights, config, settings, eos_token_id, kv_dtype, chunk_steps, constraint)
+    yield from stream_with_settings(prompt_ids, weights, config, settings, eos_token_id, kv_dtype, chunk_steps, constraint,
+                                    speculate)  # fmt: skip
 
 
 def stream_with_settings(
     prompt_ids, weights: GPT2Weights, config: GPT2Config, settings: SamplingSettings,
     eos_token_id: int | Sequence[int] | None, kv_dtype=jnp.float32, chunk_steps: int = 4,
-    constraint: "CompiledConstraint | None" = None,
+    constraint: "CompiledConstraint | None" = None, speculate: PromptLookup | DraftModel | None = None,
 ) -> Iterator[list[int | None]]:  # fmt: skip
     """`stream_generate` for callers that hold SamplingSettings already: nothing runs (and nothing is
     checked) until the first step is asked for, as with any generator."""
     assert isinstance(settings, SamplingSettings)
+    check_one_decoding_plan(constraint, speculate)
     if chunk_steps < 1:
         raise ValueError(f"chunk_steps must be >= 1; got {chunk_steps}")
     kv_dtype = check_kv_dtype(kv_dtype)
@@ -405,6 +479,10 @@ def stream_with_settings(
     request = prepare_request(prompt_ids, config, settings, eos_token_id)
     B = len(request.ids_BT)
     placed = place_request(request, weights.mesh)
+    if speculate is not None:
+        check_speculate(speculate, config)
+        yield from stream_speculative(placed, B, weights, config, kv_dtype, chunk_steps, speculate)
+        return
     state = prefill_request(placed, weights, config, kv_dtype)
     if constraint is not None:
         yield from _stream_constrained(state, placed, B, constraint, weights, config)
@@ -446,3 +524,30 @@ def _stream_constrained(
         for row in np.nonzero(emitted_B)[0]:
             matchers[row].advance(int(token_B[row]))
         yield [int(t) if e else None for t, e in zip(token_B, emitted_B)]
+
+
+def stream_speculative(
+    placed: GenerationRequest, B: int, weights: GPT2Weights, config: GPT2Config, kv_dtype, chunk_steps: int,
+    speculate: PromptLookup | DraftModel,
+) -> Iterator[list[int | None]]:  # fmt: skip
+    """`stream_with_settings` by speculative decoding: rows advance by different counts per dispatch,
+    so each row's tokens queue on the host and a step is yielded once every unfinished row has one."""
+    max_len = placed.ids_BT.shape[1] + bucket_length(placed.max_new_tokens)
+    state = _start_speculating_jit(
+        placed.ids_BT, placed.start_B, placed.keys_B2, weights, config, max_len, kv_dtype, speculate
+    )
+    queues: list[list[int]] = [[] for _ in range(B)]
+    finished = [False] * B
+    while not all(finished) or any(queues):
+        if not all(queue or ended for queue, ended in zip(queues, finished)):
+            state, tokens_BK, counts_B = _decode_speculative_jit(
+                state, np.int32(placed.max_new_tokens), placed.eos_U, placed.params, weights, config, placed.flags,
+                speculate, chunk_steps * (speculate.max_draft + 1) + 1, chunk_steps,
+            )  # fmt: skip
+            tokens_BK, counts_B = fetch(tokens_BK)[:B], fetch(counts_B)[:B]
+            done_B, total_B = fetch(state.decode.done_B)[:B], fetch(state.count_B)[:B]
+            for row in range(B):
+                queues[row] += tokens_BK[row, : counts_B[row]].tolist()
+                finished[row] = bool(done_B[row]) or int(total_B[row]) >= placed.max_new_tokens
+            continue
+        yield [queue.pop(0) if queue else None for queue in queues]

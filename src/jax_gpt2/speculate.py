@@ -1,0 +1,590 @@
+"""Speculative decoding, exact: guess a few tokens cheaply, score them all in one forward pass over
+the cache, keep the longest prefix the model agrees with.
+
+A decode step streams every weight once to make one token per row; a verify pass streams them
+once for T = 1 + k query positions (the block-causal attention of the cached forward scores all of
+them), so each accepted guess is a token for the price of a little arithmetic. One iteration:
+
+    t0 <- pick from the row's logits (the model's own next token: always kept)
+    draft d1..dk <- prompt lookup: what followed the latest earlier occurrence of the last n tokens
+    verify: [t0, d1..dk] through the model at the row's cache end -> logits at T = k + 1 positions
+    accept d_i while the model agrees (greedy: its pick equals d_i; sampled: with probability
+           min(1, p(d_i) / q(d_i)), q one-hot for a lookup, so p(d_i)) -> m accepted
+    emit t0, d1..dm; the row's cache end moves by 1 + m (the rejected slots are overwritten later);
+           its next logits are the ones at position m
+
+A rejected sampled draft leaves q behind (`residual_q_BV`): the next token is drawn from the
+normalized max(0, p - q) (Leviathan et al. 2023), so every emitted token follows exactly the
+distribution plain sampling gives, after every processor of sampling.py's chain (`pick_logits`),
+which this module calls rather than copies. Greedy rows take `first_argmax` of the same chain, so
+their tokens equal plain decoding's.
+
+Rows of a batch accept different counts; each row keeps its own cache end (kvcache.py's end_B).
+How many tokens to draft is chosen each iteration (`choose_width`) from the rows' recent acceptance
+and a cost model of a verify pass, down to none (a plain decode step), so text that never repeats
+costs about what plain decoding costs. The whole loop is one `lax.while_loop`: no host round trip.
+
+Shape key as in model.py; here T counts a verify pass's positions (1 + draft tokens) and K the
+output slots of a call.
+"""
+
+import dataclasses
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jax_gpt2.config import GPT2Config
+from jax_gpt2.model import lm_logits, transformer, transformer_from_empty
+from jax_gpt2.sampling import SamplerFlags, SamplingParams, first_argmax, pick_logits
+from jax_gpt2.weights import GPT2Weights
+
+PRIOR_HITS, PRIOR_TRIALS = 1.0, 2.0  # a row starts believing half its guesses will be accepted
+FORGET = 0.8  # each verified guess weighs the older evidence down by this much
+MAX_RATE = 0.99  # keeps the expected-length series finite
+
+
+# What a verify pass of width k costs against a plain decode step, by the weights' dtype: 1 +
+# overhead + rows * k * per_position (fitted to `jax-gpt2 bench --speculate` on the gpt2 shape, 2-core
+# AVX-512 EPYC, context 128: docs/speculative.md). Narrow weights stream fewer bytes, so the
+# arithmetic a wider pass adds weighs more; their multi-row kernels also start dearer than one row.
+VERIFY_COSTS = {"float32": (0.03, 0.035), "bfloat16": (0.45, 0.07), "int8": (0.35, 0.17)}
+
+
+def _static(default):
+    return dataclasses.field(default=default, metadata=dict(static=True))
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class PromptLookup:
+    """Draft tokens by prompt lookup (n-gram speculation): the continuation of the latest earlier
+    occurrence of the last n tokens (n from max_ngram down to min_ngram) in prompt + output.
+
+    max_draft: draft tokens per verify pass at most (k; on the 2-core AVX-512 host a float32 pass
+    of up to 6 positions costs ~1.15 decode steps, 7 and more ~2.2). adaptive: choose each pass's
+    width from the rows' recent acceptance and the cost of a pass (False: draft max_draft whenever
+    a lookup hits, for tests and measurements). verify_overhead and position_cost: a pass of width
+    k costs 1 + verify_overhead + rows * k * position_cost decode steps; None takes VERIFY_COSTS'
+    figures for the weights' dtype.
+    """
+
+    max_draft: int = _static(5)
+    max_ngram: int = _static(3)
+    min_ngram: int = _static(1)
+    adaptive: bool = _static(True)
+    verify_overhead: float | None = _static(None)
+    position_cost: float | None = _static(None)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.max_draft, int) or not 1 <= self.max_draft <= 32:
+            raise ValueError(f"max_draft must be an integer in [1, 32]; got {self.max_draft!r}")
+        if not isinstance(self.min_ngram, int) or self.min_ngram < 1:
+            raise ValueError(f"min_ngram must be an integer >= 1; got {self.min_ngram!r}")
+        if not isinstance(self.max_ngram, int) or not self.min_ngram <= self.max_ngram <= 8:
+            raise ValueError(f"max_ngram must be an integer in [min_ngram, 8]; got {self.max_ngram!r}")
+        for name in ("verify_overhead", "position_cost"):
+            value = getattr(self, name)
+            if value is not None and not value >= 0:
+                raise ValueError(f"{name} must be None or >= 0; got {value!r}")
+
+    @property
+    def widths(self) -> tuple[int, ...]:
+        """The draft widths compiled (one verify pass each): 0 (a plain step), powers of two, max_draft."""
+        if not self.adaptive:
+            return (0, self.max_draft)
+        powers = [2**i for i in range(int(math.log2(self.max_draft)) + 1)]
+        return tuple(sorted({0, *powers, self.max_draft}))
+
+    def costs(self, weights: GPT2Weights) -> tuple[float, float]:
+        """(verify_overhead, position_cost) for these weights: as given, else VERIFY_COSTS' for their dtype."""
+        overhead, per_position = VERIFY_COSTS.get(jnp.dtype(weights.blocks[0].qkv_w_DE.dtype).name, VERIFY_COSTS["float32"])
+        overhead = overhead if self.verify_overhead is None else self.verify_overhead
+        per_position = per_position if self.position_cost is None else self.position_cost
+        assert overhead >= 0
+        assert per_position >= 0
+        return overhead, per_position
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class DraftModel:
+    """Draft tokens with a smaller model of the same vocabulary (distilgpt2 for gpt2, gpt2 for
+    gpt2-xl): it keeps its own KV cache and runs max_draft steps per verify pass, every pass (its
+    own cost is not in a cost model yet, so no adaptive width). Its tokens follow its own
+    distribution q after the same sampling processors; acceptance min(1, p/q) keeps the output exact."""
+
+    weights: GPT2Weights
+    config: GPT2Config = _static(None)
+    max_draft: int = _static(4)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.config, GPT2Config):
+            raise ValueError(f"DraftModel needs the draft's GPT2Config; got {type(self.config).__name__}")
+        if not isinstance(self.weights, GPT2Weights):
+            raise ValueError(f"DraftModel needs the draft's GPT2Weights; got {type(self.weights).__name__}")
+        if not isinstance(self.max_draft, int) or not 1 <= self.max_draft <= 32:
+            raise ValueError(f"max_draft must be an integer in [1, 32]; got {self.max_draft!r}")
+
+    adaptive = False
+
+    @property
+    def widths(self) -> tuple[int, ...]:
+        return (0, self.max_draft)
+
+    def costs(self, weights: GPT2Weights) -> tuple[float, float]:
+        return 0.0, 0.0
+
+
+def check_draft_vocabulary(speculate, config: GPT2Config) -> None:
+    """A draft model must share the target's vocabulary: its token ids are the target's."""
+    if isinstance(speculate, DraftModel) and speculate.config.vocab_size != config.vocab_size:
+        raise ValueError(
+            f"the draft model's vocabulary ({speculate.config.vocab_size} tokens) differs from the model's "
+            f"({config.vocab_size}): a draft must share the tokenizer"
+        )
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class SpeculativeState:
+    decode: Any  # generate.DecodeState: cache, raw next-token logits, seen, done, keys, step
+    history_BS: jax.Array  # int32: the token in each cache slot; slot end_B holds the row's newest token
+    residual_q_BV: jax.Array  # float32: q of the row's last rejected draft token (zeros: none)
+    count_B: jax.Array  # int32: tokens emitted so far
+    hits_B: jax.Array  # float32: recent accepted guesses (decayed by FORGET)
+    trials_B: jax.Array  # float32: recent verified guesses (decayed by FORGET)
+    guess_B: jax.Array  # int32: a lookup's first guess that was not verified (-1: none), checked for free
+    drafted_B: jax.Array  # int32: draft tokens verified
+    accepted_B: jax.Array  # int32: draft tokens accepted
+    passes_B: jax.Array  # int32: verify passes with at least one draft token
+    draft_cache: Any = None  # a DraftModel's KVCache (slots as the model's), None for a lookup
+
+
+def start_speculating(state, ids_BT: jax.Array, speculate=None) -> SpeculativeState:
+    """The speculative state after a prefill of the left-padded prompts ids_BT (`generate.prefill`);
+    a DraftModel gets its own cache of the same slots, holding the prompt."""
+    B, T = ids_BT.shape
+    S, V = state.cache.max_len, state.logits_BV.shape[1]
+    assert state.done_B.shape == (B,)
+    assert S >= T
+    history_BS = jnp.zeros((B, S), jnp.int32).at[:, :T].set(ids_BT.astype(jnp.int32))
+    zeros_B = jnp.zeros((B,), jnp.int32)
+    spec = SpeculativeState(
+        decode=state, history_BS=history_BS, residual_q_BV=jnp.zeros((B, V), jnp.float32), count_B=zeros_B,
+        hits_B=jnp.zeros((B,), jnp.float32), trials_B=jnp.zeros((B,), jnp.float32), guess_B=zeros_B - 1,
+        drafted_B=zeros_B, accepted_B=zeros_B, passes_B=zeros_B, draft_cache=draft_prefill(ids_BT, state, speculate),
+    )  # fmt: skip
+    assert spec.history_BS.shape == (B, S)
+    return spec
+
+
+def draft_prefill(ids_BT: jax.Array, state, speculate) -> Any:
+    """A DraftModel's cache after the prompts (None for anything else)."""
+    if not isinstance(speculate, DraftModel):
+        return None
+    cache = state.cache
+    kv_dtype = cache.kv_dtype
+    _, draft_cache = transformer_from_empty(ids_BT, cache.start_B, cache.max_len, speculate.weights, speculate.config,
+                                            kv_dtype)  # fmt: skip
+    assert draft_cache.max_len == cache.max_len
+    return draft_cache
+
+
+def run_draft_model(
+    state: SpeculativeState, history_BS: jax.Array, token_B: jax.Array, speculate: DraftModel,
+    params: SamplingParams, flags: SamplerFlags, keys_B2: jax.Array,
+) -> tuple[jax.Array, jax.Array, Any]:  # fmt: skip
+    """max_draft tokens of the draft model after each row's t0, their distributions q_BTV (position t
+    holds q of draft token t + 1; the last position zeros) and the draft cache.
+
+    The first step runs the row's previous token and t0 together: the previous one is missing from
+    the draft cache when the last pass accepted every draft (the draft never ran its own last
+    token), and rewriting it otherwise stores the same keys again.
+    """
+    B = token_B.shape[0]
+    end_B = state.decode.cache.end_B
+    weights, config, k = speculate.weights, speculate.config, speculate.max_draft
+    previous_B = jnp.take_along_axis(history_BS, (end_B - 1)[:, None], axis=1)[:, 0]
+    cache = dataclasses.replace(state.draft_cache, end_B=end_B - 1)
+    hidden_BTD, cache = transformer(jnp.stack([previous_B, token_B], axis=1), cache, weights, config)
+    logits_BV = lm_logits(hidden_BTD[:, 1:], weights)[:, 0]
+    seen_BV = state.decode.seen_BV | jax.nn.one_hot(token_B, logits_BV.shape[1], dtype=jnp.bool_)
+    counts_BV = state.decode.counts_BV + jax.nn.one_hot(token_B, logits_BV.shape[1], dtype=jnp.int32)
+
+    def draw(logits_BV, seen_BV, counts_BV, i):
+        picked_BV = pick_logits(logits_BV, seen_BV, counts_BV, params, flags)
+        draft_B = first_argmax(picked_BV)
+        q_BV = jax.nn.softmax(picked_BV, axis=-1)
+        if flags.sample is not False:
+            keys_i_B2 = jax.vmap(jax.random.fold_in, in_axes=(0, None))(keys_B2, 100 + i)
+            drawn_B = jax.vmap(jax.random.categorical)(keys_i_B2, picked_BV).astype(jnp.int32)
+            draft_B = jnp.where(params.temperature_B > 0, drawn_B, draft_B)
+        return draft_B, q_BV
+
+    def step(carry, i):
+        cache, logits_BV, seen_BV, counts_BV = carry
+        draft_B, q_BV = draw(logits_BV, seen_BV, counts_BV, i)
+        hidden_BTD, cache = transformer(draft_B[:, None], cache, weights, config)
+        seen_BV = seen_BV | jax.nn.one_hot(draft_B, seen_BV.shape[1], dtype=jnp.bool_)
+        counts_BV = counts_BV + jax.nn.one_hot(draft_B, counts_BV.shape[1], dtype=jnp.int32)
+        return (cache, lm_logits(hidden_BTD, weights)[:, 0], seen_BV, counts_BV), (draft_B, q_BV)
+
+    carry = (cache, logits_BV, seen_BV, counts_BV)
+    (cache, logits_BV, seen_BV, counts_BV), (drafts_KB, q_KBV) = jax.lax.scan(step, carry, jnp.arange(k - 1))
+    last_B, last_q_BV = draw(logits_BV, seen_BV, counts_BV, k - 1)
+    draft_BT = jnp.concatenate([drafts_KB.T, last_B[:, None]], axis=1)
+    q_BTV = jnp.concatenate([q_KBV.transpose(1, 0, 2), last_q_BV[:, None], jnp.zeros_like(last_q_BV)[:, None]], axis=1)
+    assert draft_BT.shape == (B, k)
+    assert q_BTV.shape == (B, k + 1, logits_BV.shape[1])
+    return draft_BT, q_BTV, cache
+
+
+def lookup_draft(
+    history_BS: jax.Array, start_B: jax.Array, end_B: jax.Array, lookup: PromptLookup
+) -> tuple[jax.Array, jax.Array]:
+    """Each row's draft of lookup.max_draft tokens and whether its lookup hit.
+
+    A row's text is history_BS[start_B : end_B + 1]. Its draft is what followed the latest earlier
+    occurrence of its last n tokens (the longest n that occurs). Where that continuation reaches the
+    end of the text it goes on with the draft itself (period end - j), so a loop drafts full length.
+    """
+    B, S = history_BS.shape
+    assert start_B.shape == (B,)
+    assert end_B.shape == (B,)
+    slots_S = jnp.arange(S, dtype=jnp.int32)
+    found_B = jnp.zeros((B,), jnp.bool_)
+    match_end_B = jnp.full((B,), -1, jnp.int32)
+    for n in range(lookup.max_ngram, lookup.min_ngram - 1, -1):
+        match_BS = (slots_S[None, :] - n + 1 >= start_B[:, None]) & (slots_S[None, :] < end_B[:, None])
+        match_BS &= (end_B - n + 1 >= start_B)[:, None]
+        for back in range(n):
+            last_B = jnp.take_along_axis(history_BS, jnp.maximum(end_B - back, 0)[:, None], axis=1)[:, 0]
+            shifted_BS = jnp.roll(history_BS, back, axis=1)  # shifted[s] = history[s - back]
+            match_BS &= shifted_BS == last_B[:, None]
+        latest_B = jnp.max(jnp.where(match_BS, slots_S[None, :], -1), axis=1)
+        match_end_B = jnp.where(found_B, match_end_B, latest_B)
+        found_B |= latest_B >= 0
+    period_B = jnp.maximum(end_B - match_end_B, 1)
+    steps_T = jnp.arange(lookup.max_draft, dtype=jnp.int32)
+    slots_BT = match_end_B[:, None] + 1 + steps_T[None, :] % period_B[:, None]
+    draft_BT = jnp.take_along_axis(history_BS, jnp.clip(slots_BT, 0, S - 1), axis=1)
+    assert draft_BT.shape == (B, lookup.max_draft)
+    return draft_BT, found_B
+
+
+def row_keys(state: SpeculativeState) -> tuple[jax.Array, jax.Array]:
+    """Two independent keys per row for this iteration: one to pick t0, one to accept drafts."""
+    step_keys_B2 = jax.vmap(jax.random.fold_in)(state.decode.keys_B2, state.decode.step_B)
+    pick_B2, accept_B2 = (jax.vmap(jax.random.fold_in, in_axes=(0, None))(step_keys_B2, i) for i in (0, 1))
+    assert pick_B2.shape == state.decode.keys_B2.shape
+    return pick_B2, accept_B2
+
+
+def pick_first(state: SpeculativeState, params: SamplingParams, flags: SamplerFlags, keys_B2) -> jax.Array:
+    """t0 of each row from its logits through sampling.py's chain: greedy rows take first_argmax; a
+    sampling row draws from the normalized max(0, p - q), q its last rejected draft (zeros: p)."""
+    B = state.count_B.shape[0]
+    picked_BV = pick_logits(state.decode.logits_BV, state.decode.seen_BV, state.decode.counts_BV, params, flags)
+    greedy_B = first_argmax(picked_BV)
+    if flags.sample is False:
+        return greedy_B
+
+    def drawn(greedy_B: jax.Array) -> jax.Array:
+        residual_BV = jnp.maximum(jax.nn.softmax(picked_BV, axis=-1) - state.residual_q_BV, 0.0)
+        empty_B1 = jnp.sum(residual_BV, axis=-1, keepdims=True) <= 0  # p == q: nothing was rejected
+        logp_BV = jnp.where(empty_B1, picked_BV, jnp.log(residual_BV))
+        drawn_B = jax.vmap(jax.random.categorical)(keys_B2, logp_BV).astype(jnp.int32)
+        return jnp.where(params.temperature_B > 0, drawn_B, greedy_B)
+
+    token_B = drawn(greedy_B) if flags.sample is True else jax.lax.cond(flags.sample, drawn, lambda g: g, greedy_B)
+    assert token_B.shape == (B,)
+    return token_B
+
+
+def picked_at_positions(
+    logits_BTV: jax.Array, ids_BT: jax.Array, seen_BV: jax.Array, counts_BV: jax.Array, params: SamplingParams,
+    flags: SamplerFlags,
+) -> jax.Array:  # fmt: skip
+    """pick_logits at every verify position: position t has seen the row's tokens and ids_BT[:, :t + 1],
+    and counts ids_BT[:, :t + 1] among the row's output (they are all generated tokens)."""
+    B, T, V = logits_BTV.shape
+    assert ids_BT.shape == (B, T)
+    assert seen_BV.shape == (B, V)
+    assert counts_BV.shape == (B, V)
+    new_BTV = jax.nn.one_hot(ids_BT, V, dtype=jnp.int32)
+    seen_BTV = seen_BV[:, None, :] | (jax.lax.cummax(new_BTV, axis=1) > 0)
+    counts_BTV = counts_BV[:, None, :] + jnp.cumsum(new_BTV, axis=1, dtype=jnp.int32)
+    rows_params = jax.tree.map(lambda x: jnp.repeat(x, T, axis=0), params)
+    picked_MV = pick_logits(
+        logits_BTV.reshape(B * T, V), seen_BTV.reshape(B * T, V), counts_BTV.reshape(B * T, V), rows_params, flags
+    )  # fmt: skip
+    assert picked_MV.shape == (B * T, V)
+    return picked_MV.reshape(B, T, V)
+
+
+def accept_drafts(
+    logits_BTV: jax.Array, ids_BT: jax.Array, draft_len_B: jax.Array, seen_BV: jax.Array, counts_BV: jax.Array,
+    params: SamplingParams, flags: SamplerFlags, keys_B2: jax.Array, q_BTV: jax.Array | None,
+) -> tuple[jax.Array, jax.Array]:  # fmt: skip
+    """How many of each row's draft tokens ids_BT[:, 1 : 1 + draft_len_B] the model accepts, and the
+    q it leaves behind (the draft's distribution at the first rejected token; zeros if none was).
+
+    Position t's logits score ids_BT[:, t + 1], drawn from q_BTV[:, t] (None: a lookup, q one-hot).
+    Greedy: accepted while the chain's first_argmax equals the draft. Sampled: accepted with
+    probability min(1, p(draft) / q(draft)).
+    """
+    B, T, V = logits_BTV.shape
+    assert draft_len_B.shape == (B,)
+    assert T >= 2
+    picked_BTV = picked_at_positions(logits_BTV, ids_BT, seen_BV, counts_BV, params, flags)
+    target_BT = jnp.concatenate([ids_BT[:, 1:], ids_BT[:, :1]], axis=1)  # the last column is never a draft
+    agrees_BT = first_argmax(picked_BTV.reshape(B * T, V)).reshape(B, T) == target_BT
+    if flags.sample is not False:
+        probs_BTV = jax.nn.softmax(picked_BTV, axis=-1)
+        p_BT = jnp.take_along_axis(probs_BTV, target_BT[..., None], axis=-1)[..., 0]
+        if q_BTV is not None:
+            q_BT = jnp.take_along_axis(q_BTV, target_BT[..., None], axis=-1)[..., 0]
+            p_BT = p_BT / jnp.maximum(q_BT, jnp.finfo(jnp.float32).tiny)
+        uniform_BT = jax.vmap(lambda key: jax.random.uniform(key, (T,)))(keys_B2)
+        agrees_BT = jnp.where(params.temperature_B[:, None] > 0, uniform_BT < p_BT, agrees_BT)
+    in_draft_BT = jnp.arange(T)[None, :] < draft_len_B[:, None]
+    accepted_B = jnp.sum(jnp.cumprod(agrees_BT & in_draft_BT, axis=1), axis=1).astype(jnp.int32)
+    rejected_B = accepted_B < draft_len_B
+    at_B = jnp.minimum(accepted_B, T - 1)
+    if q_BTV is None:
+        rejected_token_B = jnp.take_along_axis(target_BT, at_B[:, None], axis=1)[:, 0]
+        q_rejected_BV = jax.nn.one_hot(rejected_token_B, V, dtype=jnp.float32)
+    else:
+        q_rejected_BV = jnp.take_along_axis(q_BTV, at_B[:, None, None], axis=1)[:, 0]
+    residual_q_BV = q_rejected_BV * rejected_B[:, None]
+    assert accepted_B.shape == (B,)
+    return accepted_B, residual_q_BV
+
+
+def verify(
+    ids_BT: jax.Array, draft_len_B: jax.Array, state: SpeculativeState, params: SamplingParams,
+    flags: SamplerFlags, keys_B2: jax.Array, weights: GPT2Weights, config: GPT2Config, q_BTV: jax.Array | None = None,
+) -> tuple[Any, jax.Array, jax.Array, jax.Array]:  # fmt: skip
+    """One forward pass of [t0, drafts] at each row's cache end. Returns the cache (its end_B not yet
+    moved), accepted_B, the raw logits after the last kept token, and the residual q."""
+    B, T = ids_BT.shape
+    assert draft_len_B.shape == (B,)
+    hidden_BTD, cache = transformer(ids_BT, state.decode.cache, weights, config)
+    logits_BTV = lm_logits(hidden_BTD, weights)
+    if T == 1:  # a plain decode step: nothing to accept
+        return cache, jnp.zeros((B,), jnp.int32), logits_BTV[:, 0], jnp.zeros_like(state.residual_q_BV)
+    accepted_B, residual_q_BV = accept_drafts(
+        logits_BTV, ids_BT, draft_len_B, state.decode.seen_BV, state.decode.counts_BV, params, flags, keys_B2, q_BTV
+    )
+    next_logits_BV = jnp.take_along_axis(logits_BTV, accepted_B[:, None, None], axis=1)[:, 0]
+    assert next_logits_BV.shape == (B, logits_BTV.shape[2])
+    return cache, accepted_B, next_logits_BV, residual_q_BV
+
+
+def expected_tokens(rate_B: jax.Array, draft_len_B: jax.Array) -> jax.Array:
+    """Tokens a verify pass emits on average when each guess is accepted with probability rate:
+    1 + rate + ... + rate^draft_len (t0 always, then each draft token while all before it held)."""
+    assert rate_B.shape == draft_len_B.shape
+    rate_B = jnp.clip(rate_B, 0.0, MAX_RATE)
+    return (1.0 - rate_B ** (draft_len_B + 1).astype(jnp.float32)) / (1.0 - rate_B)
+
+
+def choose_width(
+    state: SpeculativeState, can_draft_B: jax.Array, limit_B: jax.Array, active_B: jax.Array, lookup: PromptLookup,
+    costs: tuple[float, float],
+) -> jax.Array:
+    """Index into lookup.widths of this iteration's draft width: the one whose expected tokens per
+    unit of cost is highest (ties: the narrower), or for a fixed lookup the widest any row can use."""
+    B = can_draft_B.shape[0]
+    assert limit_B.shape == (B,)
+    widths = lookup.widths
+    usable_B = jnp.where(can_draft_B & active_B, limit_B, 0)
+    if not lookup.adaptive:
+        return jnp.where(jnp.any(usable_B > 0), len(widths) - 1, 0).astype(jnp.int32)
+    rate_B = (state.hits_B + PRIOR_HITS) / (state.trials_B + PRIOR_TRIALS)
+    scores = []
+    for width in widths:
+        tokens = jnp.sum(jnp.where(active_B, expected_tokens(rate_B, jnp.minimum(usable_B, width)), 0.0))
+        cost = 1.0 if width == 0 else 1.0 + costs[0] + B * width * costs[1]
+        scores.append(tokens / cost)
+    index = jnp.argmax(jnp.stack(scores)).astype(jnp.int32)  # the first best: the narrowest
+    assert index.shape == ()
+    return index
+
+
+def emitted_lengths(ids_BT: jax.Array, kept_B: jax.Array, eos_U: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """How many of ids_BT[:, :kept_B] each row emits (through its first eos), and whether one hit."""
+    B, T = ids_BT.shape
+    assert kept_B.shape == (B,)
+    is_eos_BT = jnp.isin(ids_BT, eos_U) & (jnp.arange(T)[None, :] < kept_B[:, None])
+    first_eos_B = jnp.min(jnp.where(is_eos_BT, jnp.arange(T)[None, :], T), axis=1)
+    hit_B = first_eos_B < T
+    emitted_B = jnp.where(hit_B, first_eos_B + 1, kept_B).astype(jnp.int32)
+    assert emitted_B.shape == (B,)
+    return emitted_B, hit_B
+
+
+def write_tokens(buffer_BK: jax.Array, at_B: jax.Array, ids_BT: jax.Array, count_B: jax.Array) -> jax.Array:
+    """buffer_BK with ids_BT[b, :count_B[b]] written at slots at_B[b] onward (slots past the end dropped)."""
+    B, T = ids_BT.shape
+    assert at_B.shape == (B,)
+    assert count_B.shape == (B,)
+    steps_T = jnp.arange(T, dtype=jnp.int32)
+    slots_BT = jnp.where(steps_T[None, :] < count_B[:, None], at_B[:, None] + steps_T[None, :], buffer_BK.shape[1])
+    rows_BT = jnp.broadcast_to(jnp.arange(B)[:, None], (B, T))
+    return buffer_BK.at[rows_BT, slots_BT].set(ids_BT.astype(buffer_BK.dtype), mode="drop")
+
+
+def record_outcome(
+    state: SpeculativeState, token_B: jax.Array, draft_len_B: jax.Array, accepted_B: jax.Array,
+    active_B: jax.Array, next_guess_B: jax.Array,
+) -> dict:  # fmt: skip
+    """The acceptance evidence of this iteration: verified drafts (accepted ones, and the first
+    rejected one), and last iteration's unverified guess checked against this iteration's t0."""
+    assert token_B.shape == accepted_B.shape
+    assert draft_len_B.shape == accepted_B.shape
+    shadow_B = active_B & (state.guess_B >= 0)
+    trials_B = jnp.minimum(accepted_B + 1, draft_len_B) + shadow_B
+    hits_B = accepted_B + (shadow_B & (state.guess_B == token_B))
+    forget_B = jnp.where(trials_B > 0, FORGET, 1.0)
+    return dict(
+        hits_B=state.hits_B * forget_B + hits_B, trials_B=state.trials_B * forget_B + trials_B,
+        guess_B=next_guess_B, drafted_B=state.drafted_B + draft_len_B, accepted_B=state.accepted_B + accepted_B,
+        passes_B=state.passes_B + (draft_len_B > 0),
+    )  # fmt: skip
+
+
+def speculative_step(
+    state: SpeculativeState, tokens_BK: jax.Array, base_B: jax.Array, max_new: jax.Array, eos_U: jax.Array,
+    params: SamplingParams, flags: SamplerFlags, lookup: PromptLookup, weights: GPT2Weights, config: GPT2Config,
+    pad_id: int,
+) -> tuple[SpeculativeState, jax.Array]:  # fmt: skip
+    """One iteration for every row: t0, a lookup draft, one verify pass, acceptance, emission.
+    tokens_BK receives each row's emitted tokens at slot count_B - base_B onward."""
+    B = state.count_B.shape[0]
+    assert tokens_BK.shape[0] == B
+    decode, cache = state.decode, state.decode.cache
+    active_B = ~decode.done_B & (state.count_B < max_new)
+    pick_keys_B2, accept_keys_B2 = row_keys(state)
+    token_B = jnp.where(active_B, pick_first(state, params, flags, pick_keys_B2), pad_id)
+    rows_B = jnp.arange(B)
+    history_BS = state.history_BS.at[rows_B, cache.end_B].set(token_B, mode="drop")
+    q_BTV, draft_cache = None, state.draft_cache
+    if isinstance(lookup, DraftModel):
+        draft_BT, q_BTV, draft_cache = run_draft_model(state, history_BS, token_B, lookup, params, flags, accept_keys_B2)
+        found_B = jnp.ones((B,), jnp.bool_)
+    else:
+        draft_BT, found_B = lookup_draft(history_BS, cache.start_B, cache.end_B, lookup)
+    limit_B = jnp.clip(max_new - state.count_B - 1, 0, lookup.max_draft)  # never draft past max_new_tokens
+    width_index = choose_width(state, found_B, limit_B, active_B, lookup, lookup.costs(weights))
+    draft_len_B = jnp.where(found_B & active_B, jnp.minimum(limit_B, jnp.asarray(lookup.widths)[width_index]), 0)
+    ids_BT = jnp.concatenate([token_B[:, None], jnp.where(found_B[:, None], draft_BT, token_B[:, None])], axis=1)
+
+    def branch(width: int):
+        def run(_):
+            q_width_BTV = None if q_BTV is None else q_BTV[:, : width + 1]
+            return verify(
+                ids_BT[:, : width + 1], draft_len_B, state, params, flags, accept_keys_B2, weights, config, q_width_BTV
+            )
+        return run
+
+    new_cache, accepted_B, logits_BV, residual_q_BV = jax.lax.switch(
+        width_index, [branch(width) for width in lookup.widths], None
+    )
+    emitted_B, eos_hit_B = emitted_lengths(ids_BT, accepted_B + 1, eos_U)
+    emitted_B = jnp.where(active_B, emitted_B, 0)
+    new_ids_BT = jnp.where(jnp.arange(ids_BT.shape[1])[None, :] < emitted_B[:, None], ids_BT, pad_id)
+    seen_BV = decode.seen_BV | jnp.any(jax.nn.one_hot(new_ids_BT, decode.seen_BV.shape[1], dtype=jnp.bool_), axis=1)
+    emitted_BT = jnp.arange(ids_BT.shape[1])[None, :] < emitted_B[:, None]  # zero for inactive rows
+    counts_BV = decode.counts_BV + jnp.sum(jax.nn.one_hot(ids_BT, decode.counts_BV.shape[1], dtype=jnp.int32)
+                                           * emitted_BT[..., None], axis=1)  # fmt: skip
+    new_decode = dataclasses.replace(
+        decode, cache=dataclasses.replace(new_cache, end_B=cache.end_B + emitted_B), logits_BV=logits_BV,
+        seen_BV=jnp.where(active_B[:, None], seen_BV, decode.seen_BV), counts_BV=counts_BV,
+        done_B=decode.done_B | (active_B & eos_hit_B),
+        step_B=decode.step_B + 1,
+    )  # fmt: skip
+    full_history_BS = write_tokens(state.history_BS, cache.end_B, ids_BT, jnp.where(active_B, ids_BT.shape[1], 0))
+    next_guess_B = jnp.where(active_B & found_B & (draft_len_B == 0), draft_BT[:, 0], -1)
+    new_state = dataclasses.replace(
+        state, decode=new_decode, history_BS=full_history_BS, count_B=state.count_B + emitted_B,
+        residual_q_BV=jnp.where(active_B[:, None], residual_q_BV, state.residual_q_BV), draft_cache=draft_cache,
+        **record_outcome(state, token_B, draft_len_B, accepted_B, active_B, next_guess_B),
+    )  # fmt: skip
+    tokens_BK = write_tokens(tokens_BK, state.count_B - base_B, ids_BT, emitted_B)
+    return new_state, tokens_BK
+
+
+def pick_last(
+    state: SpeculativeState, tokens_BK: jax.Array, base_B: jax.Array, max_new: jax.Array, eos_U: jax.Array,
+    params: SamplingParams, flags: SamplerFlags, pad_id: int,
+) -> tuple[SpeculativeState, jax.Array]:  # fmt: skip
+    """Once no row has two or more tokens to go, the rows with one left pick it without a forward pass
+    (its logits would never be used), as plain generation does."""
+    B = state.count_B.shape[0]
+    assert base_B.shape == (B,)
+    running_B = ~state.decode.done_B
+    remaining_B = max_new - state.count_B
+    finishing_B = running_B & (remaining_B == 1) & ~jnp.any(running_B & (remaining_B >= 2))
+    pick_keys_B2, _ = row_keys(state)
+    token_B = jnp.where(finishing_B, pick_first(state, params, flags, pick_keys_B2), pad_id)
+    tokens_BK = write_tokens(tokens_BK, state.count_B - base_B, token_B[:, None], finishing_B.astype(jnp.int32))
+    done_B = state.decode.done_B | (finishing_B & jnp.isin(token_B, eos_U))
+    new_state = dataclasses.replace(
+        state, decode=dataclasses.replace(state.decode, done_B=done_B), count_B=state.count_B + finishing_B,
+        guess_B=jnp.full_like(state.guess_B, -1),
+    )  # fmt: skip
+    assert new_state.count_B.shape == (B,)
+    return new_state, tokens_BK
+
+
+def decode_speculative(
+    state: SpeculativeState, max_new: jax.Array, eos_U: jax.Array, params: SamplingParams, flags: SamplerFlags,
+    lookup: PromptLookup, weights: GPT2Weights, config: GPT2Config, pad_id: int, num_slots: int,
+    max_iterations: int,
+) -> tuple[SpeculativeState, jax.Array, jax.Array]:  # fmt: skip
+    """Iterate until every row is done or has max_new tokens (or max_iterations iterations ran).
+
+    Returns the new state, tokens_BK (this call's tokens of each row, from slot 0) and their count
+    per row. num_slots must hold what max_iterations can emit: max_iterations * (max_draft + 1) + 1
+    tokens, or max_new.
+    """
+    B = state.count_B.shape[0]
+    assert num_slots >= 1
+    assert max_iterations >= 1
+    base_B = state.count_B
+    tokens_BK = jnp.full((B, num_slots), pad_id, jnp.int32)
+
+    def keep_going(carry):
+        i, state, _ = carry
+        return (i < max_iterations) & jnp.any(~state.decode.done_B & (max_new - state.count_B >= 2))
+
+    def step(carry):
+        i, state, tokens_BK = carry
+        state, tokens_BK = speculative_step(
+            state, tokens_BK, base_B, max_new, eos_U, params, flags, lookup, weights, config, pad_id
+        )
+        return i + 1, state, tokens_BK
+
+    _, state, tokens_BK = jax.lax.while_loop(keep_going, step, (jnp.zeros((), jnp.int32), state, tokens_BK))
+    state, tokens_BK = pick_last(state, tokens_BK, base_B, max_new, eos_U, params, flags, pad_id)
+    counts_B = state.count_B - base_B
+    assert counts_B.shape == (B,)
+    return state, tokens_BK, counts_B
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class SpeculationStats:
+    """How the drafts fared, per row: draft tokens verified, accepted, and verify passes that had any."""
+
+    drafted_B: jax.Array
+    accepted_B: jax.Array
+    passes_B: jax.Array
+
+    @staticmethod
+    def of(state: SpeculativeState) -> "SpeculationStats":
+        return SpeculationStats(state.drafted_B, state.accepted_B, state.passes_B)

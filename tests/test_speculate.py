@@ -1,0 +1,243 @@
+"""Speculative decoding is exact: greedy tokens equal plain decoding's token for token (ragged
+batches, eos, max_new_tokens, streaming), sampled tokens follow the same distribution (a
+chi-square test against plain sampling), and the drafts really were verified and accepted (a test
+whose speculation never ran would prove nothing)."""
+
+import numpy as np
+import pytest
+import scipy.stats
+
+from checkpoints import TINY, hf_config, random_hf_model, save_safetensors
+from jax_gpt2 import DraftModel, PromptLookup, load_config, load_weights
+from jax_gpt2.generate import generate, generate_speculative, settings_from_arguments, stream_generate
+from jax_gpt2.speculate import lookup_draft
+
+# Repeating prompts: the lookups hit, and a random model's greedy output falls into loops.
+PROMPTS = [[5, 6, 7, 8, 5, 6, 7], [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 1, 2, 3], [42], [9, 9, 9, 9, 9]]
+FIXED = PromptLookup(max_draft=4, adaptive=False)  # drafts whenever a lookup hits: every path runs
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tiny")
+    save_safetensors(random_hf_model(hf_config(**dict(TINY, n_positions=64)), std=0.3), folder)
+    return load_weights(folder), load_config(folder)
+
+
+def speculative(prompts, weights, config, speculate, eos_token_id=None, **sampling):
+    """(tokens, stats) of a speculative generate call with generate's keyword arguments."""
+    arguments = dict(max_new_tokens=24, temperature=0.0, top_k=None, top_p=None, min_p=None,
+                     repetition_penalty=None, seed=0) | sampling  # fmt: skip
+    settings = settings_from_arguments(**arguments)
+    return generate_speculative(prompts, weights, config, settings, eos_token_id, np.float32, speculate)
+
+
+@pytest.mark.parametrize("speculate", [FIXED, PromptLookup(max_draft=1, adaptive=False), PromptLookup()])
+def test_greedy_tokens_equal_plain_decoding_for_a_ragged_batch(model, speculate):
+    weights, config = model
+    tokens, stats = speculative(PROMPTS, weights, config, speculate)
+    assert tokens == generate(PROMPTS, weights, config, max_new_tokens=24)
+    assert stats.accepted_B.sum() > 0, "no draft was accepted: the test proved nothing"
+    assert (stats.accepted_B <= stats.drafted_B).all()
+
+
+def test_the_public_generate_takes_speculate(model):
+    weights, config = model
+    plain = generate(PROMPTS, weights, config, max_new_tokens=20, repetition_penalty=1.3)
+    assert generate(PROMPTS, weights, config, max_new_tokens=20, repetition_penalty=1.3, speculate=FIXED) == plain
+
+
+@pytest.mark.parametrize("max_new_tokens", [1, 2, 3, 7])
+def test_max_new_tokens_ends_each_row_at_the_same_place(model, max_new_tokens):
+    weights, config = model
+    tokens, _ = speculative(PROMPTS, weights, config, FIXED, max_new_tokens=max_new_tokens)
+    assert tokens == generate(PROMPTS, weights, config, max_new_tokens=max_new_tokens)
+    assert all(len(row) == max_new_tokens for row in tokens)
+
+
+def test_each_row_stops_at_its_own_eos_inside_an_accepted_draft(model):
+    weights, config = model
+    free_run = generate(PROMPTS, weights, config, max_new_tokens=24)
+    eos = free_run[3][5]
+    tokens, stats = speculative(PROMPTS, weights, config, FIXED, eos_token_id=[eos])
+    assert tokens == generate(PROMPTS, weights, config, max_new_tokens=24, eos_token_id=eos)
+    assert any(row[-1] == eos and len(row) < 24 for row in tokens)
+    assert stats.accepted_B.sum() > 0
+
+
+def test_greedy_repetition_penalty_applies_at_every_verified_position(model):
+    weights, config = model
+    tokens, stats = speculative(PROMPTS, weights, config, FIXED, repetition_penalty=1.2)
+    assert tokens == generate(PROMPTS, weights, config, max_new_tokens=24, repetition_penalty=1.2)
+    assert stats.accepted_B.sum() > 0
+
+
+@pytest.mark.parametrize("chunk_steps", [1, 3])
+def test_streaming_yields_the_same_steps_as_plain_streaming(model, chunk_steps):
+    weights, config = model
+    eos = generate(PROMPTS, weights, config, max_new_tokens=16)[1][6]
+    plain = list(stream_generate(PROMPTS, weights, config, max_new_tokens=16, eos_token_id=eos))
+    spec = stream_generate(PROMPTS, weights, config, max_new_tokens=16, eos_token_id=eos, chunk_steps=chunk_steps,
+                           speculate=FIXED)  # fmt: skip
+    assert list(spec) == plain
+
+
+def test_a_bad_speculate_argument_is_a_value_error(model):
+    weights, config = model
+    with pytest.raises(ValueError, match="PromptLookup"):
+        generate(PROMPTS, weights, config, max_new_tokens=4, speculate="lookup")
+    with pytest.raises(ValueError, match="max_draft"):
+        PromptLookup(max_draft=0)
+
+
+def draft_of(text: list[int], lookup: PromptLookup) -> tuple[list[int], bool]:
+    history_BS = np.array([[0, 0, *text, 0, 0, 0]], np.int32)  # two slots of left padding, spare slots after
+    draft_BT, found_B = lookup_draft(history_BS, np.array([2]), np.array([2 + len(text) - 1]), lookup)
+    return np.asarray(draft_BT)[0].tolist(), bool(found_B[0])
+
+
+def test_the_draft_follows_the_latest_occurrence_of_the_longest_ngram():
+    lookup = PromptLookup(max_draft=3, adaptive=False)
+    # "2 3" occurs twice before the end: the latest one (followed by 9) wins over the first (followed by 4)
+    assert draft_of([1, 2, 3, 4, 5, 2, 3, 9, 8, 7, 2, 3], lookup) == ([9, 8, 7], True)
+    # the 3-gram "5 2 3" beats the later 1-gram match of "3"
+    assert draft_of([5, 2, 3, 6, 6, 6, 3, 1, 5, 2, 3], lookup) == ([6, 6, 6], True)
+
+
+def test_a_continuation_that_reaches_the_end_goes_on_with_the_draft_itself():
+    assert draft_of([7, 1, 2, 1, 2], PromptLookup(max_draft=5, adaptive=False)) == ([1, 2, 1, 2, 1], True)
+
+
+def test_no_occurrence_means_no_draft():
+    assert draft_of([1, 2, 3, 4], PromptLookup(max_draft=3, adaptive=False))[1] is False
+    # the padding before the text (zeros) is never matched
+    assert draft_of([5, 0], PromptLookup(max_draft=3, min_ngram=1, adaptive=False))[1] is False
+
+
+def six_token_model(folder, n_layer: int = 2, seed: int = 0):
+    save_safetensors(random_hf_model(hf_config(**dict(TINY, vocab_size=6, n_positions=32, n_layer=n_layer)), std=0.15,
+                                     seed=seed), folder)  # fmt: skip
+    return load_weights(folder), load_config(folder)
+
+
+@pytest.mark.parametrize("drafter", ["lookup", "draft-model"])
+def test_sampled_tokens_follow_the_distribution_of_plain_sampling(tmp_path, drafter):
+    """Many rows (each its own random stream) sampled with and without speculation: the joint counts of
+    tokens 3 and 4 must not tell the two apart (chi-square, p > 0.001), while speculation really ran."""
+    weights, config = six_token_model(tmp_path / "target")
+    if drafter == "lookup":
+        speculate = PromptLookup(max_draft=3, adaptive=False)
+    else:
+        speculate = DraftModel(*six_token_model(tmp_path / "draft", n_layer=1, seed=1), max_draft=3)
+    prompts = [[1, 2, 3, 1, 2, 3, 1, 2]] * 3000
+    sampling = dict(max_new_tokens=5, temperature=1.3, top_k=5, repetition_penalty=1.1, seed=1)
+    plain = np.array(generate(prompts, weights, config, **sampling))
+    spec, stats = speculative(prompts, weights, config, speculate, **sampling)
+    spec = np.array(spec)
+    assert stats.accepted_B.sum() > 1000, "too few drafts accepted to test the acceptance rule"
+    assert (stats.drafted_B - stats.accepted_B).sum() > 1000, "too few drafts rejected to test the residual"
+    cells = config.vocab_size**2
+    counts = [np.bincount(run[:, 3] * config.vocab_size + run[:, 4], minlength=cells) for run in (plain, spec)]
+    table = np.array(counts)[:, np.array(counts).sum(axis=0) > 0]
+    assert scipy.stats.chi2_contingency(table).pvalue > 1e-3
+    for position in range(5):  # and each position's marginal
+        marginal = [np.bincount(run[:, position], minlength=config.vocab_size) for run in (plain, spec)]
+        marginal = np.array(marginal)[:, np.array(marginal).sum(axis=0) > 0]
+        assert scipy.stats.chi2_contingency(marginal).pvalue > 1e-3
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory):
+    """A tiny random checkpoint with a byte-level BPE trained to its vocabulary size, for the CLI."""
+    from jax_gpt2.tools.random_model import train_tokenizer
+
+    folder = tmp_path_factory.mktemp("tiny-cli")
+    vocab_size = train_tokenizer(folder, 300)
+    save_safetensors(random_hf_model(hf_config(**{**TINY, "vocab_size": vocab_size}), std=0.3), folder)
+    return folder
+
+
+def test_the_cli_prints_the_same_text_with_speculate_lookup_stop_strings_included(tiny_model_dir, capsys):
+    from jax_gpt2.cli import main
+
+    args = ["generate", "the cache the cache the", "--model", str(tiny_model_dir), "--max-new-tokens", "16",
+            "--ignore-eos"]  # fmt: skip
+    assert main(args) == 0
+    full = capsys.readouterr().out
+    stop = full.rstrip("\n")[-6:-4]  # two characters from late in the continuation
+    runs = []
+    for extra in ([], ["--speculate", "lookup", "--max-draft", "4"], ["--speculate", "lookup", "--fixed-draft"]):
+        assert main([*args, "--stop", stop, *extra]) == 0
+        runs.append(capsys.readouterr().out)
+    assert len(runs[0]) < len(full), "the stop string cut nothing"
+    assert runs[1] == runs[0]
+    assert runs[2] == runs[0]
+    assert main([*args, "--speculate", "lookup", "--fixed-draft"]) == 0
+    assert capsys.readouterr().out == full
+
+
+def test_the_cli_batch_with_speculate_lookup_prints_the_same_texts(tiny_model_dir, tmp_path, capsys):
+    from jax_gpt2.cli import main
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("Hello Hello Hello\nThe cache\nA token a token a\n")
+    args = ["generate", "--file", str(prompts), "--model", str(tiny_model_dir), "--max-new-tokens", "12"]
+    assert main(args) == 0
+    plain = capsys.readouterr().out
+    assert main([*args, "--speculate", "lookup", "--fixed-draft"]) == 0
+    assert capsys.readouterr().out == plain
+
+
+def test_the_bench_reports_speculative_beside_plain_decoding(tmp_path, capsys):
+    import json
+
+    from jax_gpt2.cli import main
+
+    out = tmp_path / "speculative.json"
+    args = ["bench", "--preset", "distilgpt2", "--layers", "1", "--dtypes", "fp32", "--batch-sizes", "1",
+            "--new-tokens", "3", "--repeats", "1", "--speculate", "lookup", "--out", str(out)]  # fmt: skip
+    assert main(args) == 0
+    results = json.loads(out.read_text())
+    assert [row["workload"] for row in results["rows"]] == ["loop", "repeat", "sampled"]
+    for row in results["rows"]:
+        assert row["plain_tok_s"]["median"] > 0
+        assert row["speculative_tok_s"]["median"] > 0
+        assert 0 <= row["acceptance_rate"] <= 1
+    assert sorted(int(k) for k in results["costs"][0]["widths"]) == [0, 1, 4, 8]
+    assert "acc/pass" in capsys.readouterr().out
+
+
+@pytest.fixture(scope="module")
+def draft(tmp_path_factory):
+    """A one-layer random model of the same vocabulary: a poor draft, so both outcomes occur."""
+    folder = tmp_path_factory.mktemp("draft")
+    save_safetensors(random_hf_model(hf_config(**dict(TINY, n_positions=64, n_layer=1)), std=0.3, seed=1), folder)
+    return load_weights(folder), load_config(folder)
+
+
+def test_a_draft_model_gives_the_same_greedy_tokens_and_streams(model, draft):
+    weights, config = model
+    speculate = DraftModel(*draft, max_draft=3)
+    tokens, stats = speculative(PROMPTS, weights, config, speculate)
+    assert tokens == generate(PROMPTS, weights, config, max_new_tokens=24)
+    assert stats.drafted_B.sum() > stats.accepted_B.sum()
+    streamed = stream_generate(PROMPTS, weights, config, max_new_tokens=10, speculate=speculate, chunk_steps=2)
+    assert list(streamed) == list(stream_generate(PROMPTS, weights, config, max_new_tokens=10))
+
+
+def test_the_model_drafting_for_itself_has_every_greedy_draft_accepted(model):
+    """The draft's own cache must hold exactly the accepted tokens: with the model as its own draft,
+    every greedy draft agrees (a stale or shifted draft cache would make it disagree)."""
+    weights, config = model
+    tokens, stats = speculative(PROMPTS, weights, config, DraftModel(weights, config, max_draft=4))
+    assert tokens == generate(PROMPTS, weights, config, max_new_tokens=24)
+    assert (stats.accepted_B == stats.drafted_B).all()
+    assert stats.accepted_B.sum() >= 4 * 16
+
+
+def test_a_draft_model_of_another_vocabulary_is_a_clear_error(model, tmp_path):
+    weights, config = model
+    other = tmp_path / "other-vocab"
+    save_safetensors(random_hf_model(hf_config(**dict(TINY, vocab_size=50, n_positions=64, n_layer=1)), std=0.3), other)
+    with pytest.raises(ValueError, match="vocabulary"):
+        generate(PROMPTS, weights, config, max_new_tokens=4, speculate=DraftModel(load_weights(other), load_config(other)))
