@@ -3,6 +3,7 @@ batches, eos, max_new_tokens, streaming), sampled tokens follow the same distrib
 chi-square test against plain sampling), and the drafts really were verified and accepted (a test
 whose speculation never ran would prove nothing)."""
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import scipy.stats
@@ -70,6 +71,23 @@ def test_greedy_repetition_penalty_applies_at_every_verified_position(model):
     tokens, stats = speculative(PROMPTS, weights, config, FIXED, repetition_penalty=1.2)
     assert tokens == generate(PROMPTS, weights, config, max_new_tokens=24, repetition_penalty=1.2)
     assert stats.accepted_B.sum() > 0
+
+
+# Processors that read the row's output so far (issue 25's): each verify position must see the
+# drafts before it as output, or a penalized draft would be accepted where plain decoding differs.
+OUTPUT_PROCESSORS = [
+    dict(frequency_penalty=1.5), dict(presence_penalty=-1.0), dict(frequency_penalty=0.7, presence_penalty=0.9),
+    dict(logit_bias={7: 5.0, 8: -100.0}),
+]
+
+
+@pytest.mark.parametrize("processors", OUTPUT_PROCESSORS)
+def test_greedy_output_penalties_and_logit_bias_apply_at_every_verified_position(model, processors):
+    weights, config = model
+    plain = generate(PROMPTS, weights, config, max_new_tokens=24, **processors)
+    assert plain != generate(PROMPTS, weights, config, max_new_tokens=24), "the processor changed nothing"
+    tokens = generate(PROMPTS, weights, config, max_new_tokens=24, speculate=FIXED, **processors)
+    assert tokens == plain
 
 
 @pytest.mark.parametrize("chunk_steps", [1, 3])
@@ -241,3 +259,25 @@ def test_a_draft_model_of_another_vocabulary_is_a_clear_error(model, tmp_path):
     save_safetensors(random_hf_model(hf_config(**dict(TINY, vocab_size=50, n_positions=64, n_layer=1)), std=0.3), other)
     with pytest.raises(ValueError, match="vocabulary"):
         generate(PROMPTS, weights, config, max_new_tokens=4, speculate=DraftModel(load_weights(other), load_config(other)))
+
+
+def test_each_verify_position_counts_the_tokens_before_it_as_output():
+    """picked_at_positions equals pick_logits run position by position, where position t has the row's
+    output so far plus ids_BT[:, :t + 1] (repeated ids within one pass, so the counts matter)."""
+    from jax_gpt2.sampling import SamplingSettings, flags_for, pick_logits, sampling_params
+    from jax_gpt2.speculate import picked_at_positions
+
+    B, T, V = 2, 5, 11
+    rng = np.random.default_rng(0)
+    logits_BTV = jnp.asarray(rng.normal(size=(B, T, V)), jnp.float32)
+    ids_BT = jnp.array([[3, 3, 4, 3, 4], [1, 2, 1, 1, 0]], jnp.int32)
+    seen_BV = jnp.asarray(rng.random((B, V)) < 0.3)
+    counts_BV = jnp.asarray(rng.integers(0, 3, (B, V)), jnp.int32)
+    settings = [SamplingSettings(frequency_penalty=0.8, presence_penalty=0.3, repetition_penalty=1.3, min_tokens=9)] * B
+    params, flags = sampling_params(settings, eos_ids=[4]), flags_for(settings)
+    picked_BTV = np.asarray(picked_at_positions(logits_BTV, ids_BT, seen_BV, counts_BV, params, flags))
+    for t in range(T):
+        prefix_BTV = jnp.eye(V, dtype=jnp.int32)[ids_BT[:, : t + 1]]
+        expected_BV = pick_logits(logits_BTV[:, t], seen_BV | (prefix_BTV.sum(1) > 0), counts_BV + prefix_BTV.sum(1),
+                                  params, flags)  # fmt: skip
+        np.testing.assert_array_equal(picked_BTV[:, t], np.asarray(expected_BV))
