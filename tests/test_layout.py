@@ -48,3 +48,10 @@ def test_the_tools_folder_holds_the_tools_and_the_flat_folder_holds_the_model():
     for model_module in ("config.py", "weights.py", "loader.py", "layers.py", "kvcache.py", "model.py"):
         assert model_module in flat
     assert not {"bench.py", "remote.py", "native.py", "packed.py", "engine.py", "server.py"} & set(flat)
+
+
+def test_only_constraints_imports_the_grammar_engine():
+    """llguidance stays behind constraints.py: the decode step sees only a mask of allowed tokens."""
+    offenders = sorted(str(p.relative_to(PACKAGE)) for p in library_files()
+                       if any(n.split(".")[0] == "llguidance" for n in imported_modules(p)) and p.name != "constraints.py")  # fmt: skip
+    assert offenders == []
