@@ -337,7 +337,7 @@ def test_a_lone_sequence_decodes_at_width_one_and_a_survivor_moves_down(model, m
     config = dataclasses.replace(model[1], eos_token_id=None)  # sequences run to their max_tokens
     engine = make_engine(model, config, max_batch=4)
     widths, decode_chunk = [], slots.decode_chunk_jit
-    monkeypatch.setattr(slots, "decode_chunk_jit", lambda *args: widths.append(args[3]) or decode_chunk(*args))
+    monkeypatch.setattr(slots, "decode_chunk_jit", lambda *args: widths.append(args[5]) or decode_chunk(*args))
     prompt = encode(model[2], "Hello world")
     collector = Collector()
     [lone] = engine.submit([sequence(prompt, 9)], collector)

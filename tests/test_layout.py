@@ -60,3 +60,10 @@ def test_only_the_command_line_takes_over_the_process():
     assert offenders == []
     cli = imported_modules(PACKAGE / "cli.py")
     assert "jax_gpt2.launch" in cli
+
+
+def test_only_constraints_imports_the_grammar_engine():
+    """llguidance stays behind constraints.py: the decode step sees only a mask of allowed tokens."""
+    offenders = sorted(str(p.relative_to(PACKAGE)) for p in library_files()
+                       if any(n.split(".")[0] == "llguidance" for n in imported_modules(p)) and p.name != "constraints.py")  # fmt: skip
+    assert offenders == []

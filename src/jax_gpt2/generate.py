@@ -353,6 +353,7 @@ def generate_with_settings(
     assert isinstance(settings, SamplingSettings)
     check_one_decoding_plan(constraint, speculate)
     if constraint is not None:
+        _check_constrained(settings)
         steps = stream_with_settings(prompt_ids, weights, config, settings, eos_token_id, kv_dtype, 1, constraint)
         columns = list(steps)
         rows = len(prompt_ids)
@@ -483,6 +484,8 @@ def stream_with_settings(
         check_speculate(speculate, config)
         yield from stream_speculative(placed, B, weights, config, kv_dtype, chunk_steps, speculate)
         return
+    if constraint is not None:
+        _check_constrained(settings)
     state = prefill_request(placed, weights, config, kv_dtype)
     if constraint is not None:
         yield from _stream_constrained(state, placed, B, constraint, weights, config)
@@ -496,6 +499,11 @@ def stream_with_settings(
                 return
             yield [int(t) if e else None for t, e in zip(tokens_BK[:, column], emitted_BK[:, column])]
         remaining -= chunk_steps
+
+
+def _check_constrained(settings: SamplingSettings) -> None:
+    if settings.min_tokens > 0:  # its ban of the end tokens could leave a complete answer nothing to pick
+        raise ValueError("min_tokens cannot be combined with a constraint")
 
 
 def _stream_constrained(

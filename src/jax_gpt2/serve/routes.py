@@ -156,6 +156,8 @@ def _constraint(state: ServeState, body: SamplingBody) -> CompiledConstraint | N
         return None
     if len(given) > 1:
         raise APIError(400, f"give one structured-output field at most; got {', '.join(given)}", given[1])
+    if body.min_tokens:  # its ban of the end tokens could leave a complete answer nothing to pick
+        raise APIError(400, "min_tokens cannot be combined with structured output", "min_tokens")
     param = given[0]
     try:
         if fmt is not None and fmt.type == "json_object":
