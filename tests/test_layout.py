@@ -67,3 +67,12 @@ def test_only_constraints_imports_the_grammar_engine():
     offenders = sorted(str(p.relative_to(PACKAGE)) for p in library_files()
                        if any(n.split(".")[0] == "llguidance" for n in imported_modules(p)) and p.name != "constraints.py")  # fmt: skip
     assert offenders == []
+
+
+def test_the_wire_format_is_a_leaf_of_the_server():
+    """protocol.py (request and response shapes) and events.py (what the engine sends back) import
+    nothing of the engine, the slots or the HTTP layer: vLLM's split, so each reads alone."""
+    for leaf in ("protocol.py", "events.py"):
+        names = imported_modules(PACKAGE / "serve" / leaf)
+        inward = sorted(n for n in names if n.startswith(("jax_gpt2.serve.engine", "jax_gpt2.serve.slots", "jax_gpt2.serve.routes")))
+        assert inward == [], leaf

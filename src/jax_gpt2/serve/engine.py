@@ -51,6 +51,8 @@ from jax_gpt2.generate import PAD_ID
 from jax_gpt2.kvcache import check_kv_dtype
 from jax_gpt2.sampling import SamplingSettings, check_token_settings, end_token_ids, sampling_params
 from jax_gpt2.serve import slots
+from jax_gpt2.serve.events import Event, TokenLogprob
+from jax_gpt2.serve.prefix_cache import PrefixCache
 from jax_gpt2.serve.slots import PREFIX_BLOCK, TOP_LOGPROBS
 from jax_gpt2.sharding import data_shards
 from jax_gpt2.stopping import TextFinisher
@@ -88,29 +90,6 @@ class SequenceRequest:
     num_logprobs: int | None = None  # generated tokens: None, or 0..TOP_LOGPROBS alternatives each
     prompt_logprobs: int | None = None  # prompt tokens: None, or 0..TOP_LOGPROBS alternatives each
     constraint: CompiledConstraint | None = None  # structured output: the answer's grammar
-
-
-@dataclasses.dataclass(frozen=True)
-class TokenLogprob:
-    token_id: int
-    token: str  # the token decoded alone
-    logprob: float | None  # None for a prompt's first token (nothing predicts it)
-    top: tuple[tuple[int, str, float], ...]  # (id, text, logprob) of the best alternatives, best first
-
-
-@dataclasses.dataclass(frozen=True)
-class Event:
-    """New output of one sequence: tokens (eos excluded), their text, the logprobs of every token picked
-    (an eos included), and finish_reason once it ends."""
-
-    seq_id: int
-    token_ids: tuple[int, ...]
-    text: str
-    logprobs: tuple[TokenLogprob, ...] | None
-    finish_reason: str | None  # None while running; "stop", "length" or "error" at the end
-    prompt_logprobs: tuple[TokenLogprob, ...] | None = None  # once, in the first event, when asked
-    error: str | None = None  # with finish_reason "error": what the client should be told
-    cached_tokens: int = 0  # prompt tokens whose keys and values came from the prefix cache
 
 
 def powers_of_two_to(limit: int, start: int = 1) -> list[int]:
@@ -152,47 +131,6 @@ def check_request(request: SequenceRequest, vocab_size: int, context_length: int
         value = getattr(request, name)
         if value is not None and not 0 <= value <= TOP_LOGPROBS:
             raise ValueError(f"logprobs must be in [0, {TOP_LOGPROBS}]; got {value}")
-
-
-class PrefixCache:
-    """Keys and values of prompt prefixes in whole blocks of PREFIX_BLOCK tokens, least recently used
-    out first, at most `capacity` blocks. Block i of a prompt is keyed by all of the prompt's first
-    (i + 1) * PREFIX_BLOCK tokens: keys and values depend on every earlier token and on position,
-    so a block is reused only after exactly the same tokens. A chain is touched deepest block
-    first, so an ancestor is always more recent than its descendants and is evicted after them."""
-
-    def __init__(self, capacity: int) -> None:
-        assert capacity >= 0
-        self.capacity = capacity
-        self.blocks: collections.OrderedDict[tuple[int, ...], tuple[jax.Array, jax.Array]] = collections.OrderedDict()
-
-    @staticmethod
-    def keys(prompt: Sequence[int], num_tokens: int) -> list[tuple[int, ...]]:
-        """The keys of the whole blocks in the first num_tokens tokens of the prompt."""
-        assert num_tokens <= len(prompt)
-        return [tuple(prompt[: (i + 1) * PREFIX_BLOCK]) for i in range(num_tokens // PREFIX_BLOCK)]
-
-    def match(self, prompt: Sequence[int], max_tokens: int) -> list[tuple[jax.Array, jax.Array]]:
-        """The longest run of cached blocks the prompt starts with, covering at most max_tokens tokens."""
-        found = []
-        for key in self.keys(prompt, max_tokens):
-            if key not in self.blocks:
-                break
-            found.append(key)
-        self.use(found)
-        return [self.blocks[key] for key in found]
-
-    def add(self, key: tuple[int, ...], block: tuple[jax.Array, jax.Array]) -> None:
-        assert len(key) % PREFIX_BLOCK == 0
-        assert key not in self.blocks
-        self.blocks[key] = block
-        while len(self.blocks) > self.capacity:
-            self.blocks.popitem(last=False)
-
-    def use(self, chain: list[tuple[int, ...]]) -> None:
-        for key in reversed(chain):
-            if key in self.blocks:
-                self.blocks.move_to_end(key)
 
 
 class _Sequence:

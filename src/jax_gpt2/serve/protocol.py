@@ -15,7 +15,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr
 
-from jax_gpt2.serve.engine import TokenLogprob
+from jax_gpt2.serve.events import TokenLogprob
 
 
 class APIError(Exception):
