@@ -12,6 +12,8 @@ import typing
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 # The one table of weight dtypes, by their command-line names (bf16 and int8 are weight-only): the
 # loader's dtypes, the packed tile types (weights.PACKED_DTYPES), the kernels' matmul targets
 # (kernels.native.TARGETS), bench's bytes per weight and llama.cpp's matching types
@@ -188,3 +190,12 @@ def config_to_hf_dict(config: GPT2Config) -> dict[str, Any]:
     assert hf["n_embd"] == config.n_embd
     assert "d_mlp" not in hf
     return hf
+
+
+def tokens_in_vocabulary(ids, vocab_size: int) -> bool:
+    """Whether every id is in [0, vocab_size): the one range check every entry point makes on the host
+    before ids reach the device (a gather clamps an out-of-range index in silence). Each caller
+    raises its own error type (ValueError, or the server's 400) with this range."""
+    assert vocab_size >= 1
+    ids = np.asarray(ids)
+    return ids.size == 0 or (int(ids.min()) >= 0 and int(ids.max()) < vocab_size)

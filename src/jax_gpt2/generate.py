@@ -27,7 +27,7 @@ from jax_gpt2.model import lm_logits, transformer, transformer_from_empty
 from jax_gpt2.sharding import fetch, pad_rows, padded_rows, put, put_rows
 from jax_gpt2.sampling import (
     SamplerFlags, SamplingParams, SamplingSettings, apply_allowed_tokens, check_token_settings, choose_tokens,
-    end_token_ids, flags_for, pick_logits, sampling_params,
+    end_token_ids, flags_for, pick_logits, row_keys, sampling_params,
 )
 from jax_gpt2.speculate import (
     DraftModel, PromptLookup, SpeculationStats, check_draft_vocabulary, decode_speculative, start_speculating,
@@ -296,8 +296,7 @@ def prepare_request(prompt_ids, config: GPT2Config, settings: SamplingSettings, 
     assert settings.max_new_tokens >= 1
     prompts = _check_prompts(prompt_ids, config, settings.max_new_tokens)
     ids_BT, start_B = left_pad(prompts, bucket_length(max(len(prompt) for prompt in prompts)))
-    base_key = jax.random.PRNGKey(settings.seed)
-    keys_B2 = np.asarray(jax.vmap(jax.random.fold_in, in_axes=(None, 0))(base_key, jnp.arange(len(prompts))))
+    keys_B2 = row_keys(settings.seed, range(len(prompts)))
     request = GenerationRequest(
         ids_BT=ids_BT,
         start_B=start_B,

@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jax_gpt2 import kvcache
-from jax_gpt2.config import GPT2Config
+from jax_gpt2.config import GPT2Config, tokens_in_vocabulary
 from jax_gpt2.kvcache import KVCache
 from jax_gpt2.sharding import constrain_cache, model_shards
 from jax_gpt2.layers import PRECISION, attention, layer_norm, linear, matmul, mlp
@@ -215,7 +215,7 @@ def check_token_ids(ids_BT, config: GPT2Config) -> np.ndarray:
         raise ValueError(f"token ids must have at least one row and one token; got shape {ids.shape}")
     if not np.issubdtype(ids.dtype, np.integer):
         raise ValueError(f"token ids must be integers; got dtype {ids.dtype}")
-    if ids.min() < 0 or ids.max() >= config.vocab_size:
+    if not tokens_in_vocabulary(ids, config.vocab_size):
         raise ValueError(f"token ids must be in [0, {config.vocab_size}); got [{ids.min()}, {ids.max()}]")
     return ids.astype(np.int32)
 

@@ -95,6 +95,17 @@ def _is_real(value) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, bool) and bool(np.isfinite(value))
 
 
+def row_keys(seed: int, indices) -> np.ndarray:
+    """The random key of each row (uint32, (len(indices), 2)): fold_in(PRNGKey(seed), index). Row i of
+    `generate(..., seed=s)` and the server's choice i of a request with seed s share it, so each
+    samples alike alone or batched; each step then folds in the row's own step count."""
+    indices = np.asarray(indices, np.int32)
+    assert indices.ndim == 1
+    keys_B2 = np.asarray(jax.vmap(jax.random.fold_in, in_axes=(None, 0))(jax.random.PRNGKey(seed), indices))
+    assert keys_B2.shape == (len(indices), 2)
+    return keys_B2
+
+
 def check_settings(settings: SamplingSettings) -> None:
     """The one validator of sampling settings: an InvalidSetting naming the field, with its range."""
     s = settings

@@ -45,11 +45,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jax_gpt2.config import GPT2Config
+from jax_gpt2.config import GPT2Config, tokens_in_vocabulary
 from jax_gpt2.constraints import CompiledConstraint
 from jax_gpt2.generate import PAD_ID
 from jax_gpt2.kvcache import check_kv_dtype
-from jax_gpt2.sampling import SamplingSettings, check_token_settings, end_token_ids, sampling_params
+from jax_gpt2.sampling import (
+    SamplingSettings, check_token_settings, end_token_ids, row_keys, sampling_params,
+)
 from jax_gpt2.serve import slots
 from jax_gpt2.serve.events import Event, TokenLogprob
 from jax_gpt2.serve.prefix_cache import PrefixCache
@@ -116,7 +118,7 @@ def check_request(request: SequenceRequest, vocab_size: int, context_length: int
         raise ValueError("the prompt is empty: it needs at least one token")
     if not all(isinstance(t, (int, np.integer)) and not isinstance(t, bool) for t in prompt):
         raise ValueError("prompt token ids must be integers")
-    if min(prompt) < 0 or max(prompt) >= vocab_size:
+    if not tokens_in_vocabulary(prompt, vocab_size):
         raise ValueError(f"prompt token ids must be in [0, {vocab_size}); got [{min(prompt)}, {max(prompt)}]")
     wanted = len(prompt) + request.settings.max_new_tokens
     if wanted > context_length:
@@ -509,7 +511,7 @@ class Engine:
         requests = [seq.request for seq in batch]
         keys_P2, limit_P, want_P = np.zeros((width, 2), np.uint32), np.zeros((width,), np.int32), np.zeros((width,), np.bool_)
         for p, request in enumerate(requests):
-            keys_P2[p] = np.asarray(jax.random.fold_in(jax.random.PRNGKey(request.settings.seed), request.index))
+            keys_P2[p] = row_keys(request.settings.seed, [request.index])[0]
             limit_P[p], want_P[p] = request.settings.max_new_tokens, request.num_logprobs is not None
         settings = [request.settings for request in requests] + [SamplingSettings()] * (width - len(requests))
         assert len(settings) == width

@@ -35,6 +35,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException
 
 from jax_gpt2 import constraints
+from jax_gpt2.config import tokens_in_vocabulary
 from jax_gpt2.constraints import CompiledConstraint
 from jax_gpt2.sampling import MAX_SEED, InvalidSetting, SamplingSettings, check_token_settings
 from jax_gpt2.serve.engine import TOP_LOGPROBS, Engine, EngineClosed, Event, QueueFull, SequenceRequest, TokenLogprob
@@ -229,7 +230,7 @@ def _tokenize(state: ServeState, prompts: list[str] | list[list[int]], max_token
     else:
         prompt_ids = [list(prompt) for prompt in prompts]
         for ids in prompt_ids:
-            if ids and not all(0 <= token < vocab_size for token in ids):
+            if not tokens_in_vocabulary(ids, vocab_size):
                 raise APIError(400, f"{param}: token ids must be in [0, {vocab_size})", param)
     total = sum(len(ids) for ids in prompt_ids)
     if total > state.limits.max_prompt_tokens:
@@ -515,7 +516,7 @@ def detokenize(state: ServeState, raw: bytes) -> dict:
     body: DetokenizeBody = _parse(raw, DetokenizeBody)
     _check_engine_model(state, body.model)
     vocab_size = state.engine.config.vocab_size
-    if not all(0 <= token < vocab_size for token in body.tokens):
+    if not tokens_in_vocabulary(body.tokens, vocab_size):
         raise APIError(400, f"tokens: token ids must be in [0, {vocab_size})", "tokens")
     return {"prompt": state.engine.tokenizer.decode(body.tokens, skip_special_tokens=False)}
 
