@@ -69,9 +69,8 @@ constexpr int kRowBlock = 2;
 constexpr int kLanes = JAX_GPT2_LANES;
 // One row of x needs one accumulator per vector of a tile row, so where the registers allow (16 ymm
 // on AVX2, 32 q on NEON) a single row takes the whole tile in one pass: passes over half a tile read
-// every tile twice, the second time from L2, at batch 1 where nothing else is to gain from it.
-// Measured on the AVX2 build (a decode step's 49 matmuls, both builds in one process, best of 20,
-// on a loaded host): int8 13.8 -> 10.6 ms, bf16 24 -> 21-22 ms, float32 46 -> 42 ms.
+// every tile twice, the second time from L2, at batch 1 where nothing else is to gain from it
+// (one pass saves ~10-25% of an AVX2 decode step's matmul time; benchmarks/kernel_ab_probe.cc).
 constexpr int kOneRowVectors = kTileColumns / JAX_GPT2_LANES;
 #if JAX_GPT2_LANES >= 8 || (defined(__aarch64__) && defined(__ARM_NEON))
 constexpr bool kOneRowPass = true;
@@ -205,11 +204,9 @@ inline float Sum(F16 v) { return Sum(AddHalves<F8>(v)); }
 // How far ahead of its reads a matmul asks for its weights. A batch-1 matmul streams each weight
 // once, and the hardware prefetcher alone kept only ~13 GB/s of int8 in flight here (2 cores,
 // DRAM ~20 GB/s): each call streams just 0.1-0.6 MB per thread, too short for it to ramp up.
-// Measured on one decode step's 49 matmuls at batch 1, weights cold (both builds interleaved in one
-// process, best of 30, on this 2-core AVX-512 VM): int8 10.1 -> 7.5 ms, bf16 16.6 -> 14.4 ms,
-// float32 28.5 -> 28.1 ms; the AVX2 build int8 10.1 -> 8.3, bf16 18.2 -> 16.9, float32 32.0 -> 30.5.
-// 8 and 16 KiB ahead measured the same as 4 KiB. Only the first row block's first pass prefetches
-// (later ones find the tile in L2). A prefetch past the end of the weights never faults.
+// With 4 KiB of prefetch an int8 decode step's matmuls take ~25% less time (kernel_ab_probe.cc);
+// 8 and 16 KiB ahead measure the same. Only the first row block's first pass prefetches (later ones
+// find the tile in L2). A prefetch past the end of the weights never faults.
 constexpr int64_t kPrefetchBytes = 4096;
 
 // Asks for the `count` values at `values`: a tile row or a cache row to be read later.
@@ -226,23 +223,16 @@ inline void PrefetchAhead(const T* values, int64_t count) {
   Prefetch(values + kPrefetchBytes / static_cast<int64_t>(sizeof(T)), count);
 }
 
-// A float32 tile read in more than one pass (decode at batch 7 and up on AVX-512, where a register
-// block holds 6 rows; at batch 2 and up on AVX2, whose blocks take half a tile row per pass) used to
-// be read once per pass, the later passes from L2, during which no read from memory was in flight.
-// Now the tile goes in pieces small enough for L1: every pass takes a piece before the next piece
-// starts, the accumulators wait in a small buffer between pieces, and each pass asks for its share of
-// the next piece's rows as it goes, so memory streams the whole time. Per column the sum still runs
-// over i in order, so results are bit-identical to one pass. Measured (benchmarks/kernel_ab_probe.cc,
-// a decode step's 49 float32 matmuls, cold weights, both builds in one process): AVX-512 8 rows
-// 41.6 -> 38.8 ms, 12 rows 47.2 -> 43.8, 24 rows 63.9 -> 60.4; AVX2 build 4 rows 49.6 -> 45.6, 8 rows
-// 60.4 -> 49.8, 12 rows 80.9 -> 65.6. 8 KiB pieces measured at least as well as 16 or 32. Only
-// float32: bfloat16 and int8 at these batches are bound by widening, which each block repeats, not by
-// the second read, and pieces measured slower for them (int8 at 8 rows 12.8 -> 15.2 ms on AVX-512).
-// At 64 rows and more (prefill) pieces measured no gain. Every pass asks, not each block's first
-// only: AVX2's second half-tile passes used to ask for nothing, so memory stood idle through half of
-// each piece (probe as above with 2 MiB pages, AVX2 build: 8 rows 45.1 -> 38.8 ms q25 on 2 threads,
-// 88.3 -> 74.3 on 1; 2 rows 37.4 -> 32.6, 3 rows 40.6 -> 36.0, 6 rows 38.8 -> 34.0, 12 rows
-// 45.6 -> 42.2; 24 and 32 rows unchanged, bound by the arithmetic).
+// A float32 tile that takes more than one pass (decode at batch 7 and up on AVX-512, where a register
+// block holds 6 rows; at batch 2 and up on AVX2, whose blocks take half a tile row per pass) goes in
+// pieces small enough for L1, so the later passes read from L1 while memory streams: every pass takes
+// a piece before the next piece starts, the accumulators wait in a small buffer between pieces, and
+// every pass (not only a block's first) asks for its share of the next piece's rows as it goes.
+// Per column the sum still runs over i in order, so results are bit-identical to one pass. Reading
+// each pass's tile from L2 instead, with nothing in flight from memory, costs ~10-20% of a batch-8
+// step (kernel_ab_probe.cc); 8 KiB pieces measure at least as well as 16 or 32. Only float32:
+// bfloat16 and int8 at these batches are bound by widening, which each block repeats, and pieces
+// measure slower for them; at 64 rows and more the GEMM path below runs instead.
 constexpr int64_t kPieceBytes = 8192;
 constexpr int64_t kPieceRowsMax = 32;  // the waiting accumulators: 32 rows x 64 columns, 8 KiB of stack
 static_assert(kPieceBytes % (kTileColumns * sizeof(float)) == 0, "a piece holds whole float32 tile rows");
@@ -373,10 +363,8 @@ void OneTile(const float* x_MI, int64_t M, int64_t I, const W* tiles_GIC, const 
 // zero, the same chain the matvec path runs, the int8 scale applied once at the end as there; so a
 // row's result is bit-identical whatever M is, which rows share its block, and which path ran.
 //
-// Panel rows, measured (1 thread, M = 128, a gpt2 forward's block matrices, GFLOP per second of the
-// thread's CPU time on this busy 2-core Zen 4, whose FMA peak is ~118 a core): AVX-512 64 rows
-// 98-102, 256 rows 104-107 (the matvec path 97-107); AVX2 64 rows 83-92, 256 rows 74-84 (the
-// matvec path 68-76).
+// Panel rows: 256 on AVX-512 (from L2) and 64 elsewhere (in L1) measure best (benchmarks/gemm_probe.cc,
+// 1 thread, M = 128: AVX-512 ~90% of a core's FMA peak, AVX2 ~75%).
 #if defined(__AVX512F__)
 constexpr int kGemmRows = 6;     // 6 rows x 64 columns: 24 accumulators of 32 zmm; 4 weight loads
 constexpr int kGemmVectors = 4;  // and 6 broadcasts per 24 FMAs
@@ -403,10 +391,8 @@ constexpr int64_t kGemmBlockRows = 8 * kGemmRows;
 static_assert(kTileColumns % kGemmColumns == 0, "passes must cover a tile exactly");
 
 // From how many rows of x a matmul takes the GEMM path. Below it, decode is bound by memory, and the
-// matvec path's prefetched pieces keep it streaming: AVX2 build, a decode step's 49 matmuls, cold
-// weights, 2 threads, best of 15 (kernel_ab_probe), 8 rows by the GEMM: f32 62 -> 109 ms, bf16
-// 82 -> 91, int8 67 -> 68; at 16 rows even (f32 76 / 88, bf16 103 / 91, int8 150 / 78), at 32 the
-// GEMM ahead (f32 203 / 192, bf16 310 / 218, int8 324 / 207). A probe may build with another
+// matvec path's prefetched pieces keep it streaming: at 8 rows the GEMM is up to 1.8x slower, at 16
+// they are even, at 32 the GEMM leads (AVX2 build, kernel_ab_probe.cc). A probe may build with another
 // (-DJAX_GPT2_GEMM_MIN_ROWS=N) to time both paths at one M; results are the same either way.
 #ifndef JAX_GPT2_GEMM_MIN_ROWS
 #define JAX_GPT2_GEMM_MIN_ROWS 16
@@ -513,10 +499,9 @@ void Gemm(const float* x_MI, int64_t M, int64_t I, const W* tiles_GIC, const flo
 
 // Whether W's matmuls of M rows take the GEMM path. Not bfloat16 or int8 on AVX-512: there the
 // matvec path's blocks are already 6 rows x the whole 64-column tile (the GEMM's own shape), and
-// widening in registers, on ports the FMAs leave idle, measured faster than widening once into a
-// panel and reading it back (2 threads, a forward's matmuls, best of 6: bf16 M = 32 138 against
-// 167 ms, M = 128 409 against 516; int8 147 / 181, 346 / 386). On AVX2 the same widening halves the
-// speed (1 thread, M = 128: bf16 47-48 GFLOP/s per CPU second by the matvec path, 84-94 by the GEMM).
+// widening in registers, on ports the FMAs leave idle, measures ~20% faster than widening once into a
+// panel and reading it back. On AVX2 widening in registers halves the speed, so there the GEMM widens
+// each panel once (1 thread, M = 128, bf16: ~40% of the FMA peak by the matvec path, ~75% by the GEMM).
 template <typename W>
 bool TakesGemm(int64_t M) {
 #if defined(__AVX512F__)
@@ -557,10 +542,8 @@ inline VF Exp(VF x) {
 }
 
 // Decode attention prefetches its cache rows too: a layer's visible slots are streamed once per
-// step, in runs too short for the hardware prefetcher alone. Measured (12 layers of one step at 990
-// visible slots, cache cold, both builds in one process, best of 10, the loaded 2-core AVX-512 VM):
-// bf16 cache 2.82 -> 2.72 and 2.67 -> 2.56 ms, float32 5.05 -> 4.40 and 8.27 -> 5.82 ms, bf16 at
-// batch 8 45.1 -> 41.0 ms.
+// step, in runs too short for the hardware prefetcher alone (a float32 cache at 990 slots reads
+// ~13% faster with it; kernel_ab_probe.cc).
 //
 // Attention reads a cache row of H values in blocks of kBlock = P * kLanes (one vector of words),
 // widened by WidenWords into the permuted column order; the query is permuted to match once per
