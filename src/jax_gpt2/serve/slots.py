@@ -16,6 +16,17 @@ short list fixed at start), so a warmed-up engine never compiles. Each row's sta
 is "its last token is picked and not yet fed": a step feeds it and picks the next, so a row that
 has finished costs no forward pass. Shape letters are model.py's key (K the steps of one chunk, A the
 top alternatives per token, W the width of a decode chunk: rows [0, W) of the cache, see kvcache.py).
+
+Why a decode loop of its own beside generate.py's (`RowState` / `pick` / `decode_chunk` beside
+`DecodeState` / `pick_next` / `decode`): both pick through the same sampling chain
+(`sampling.pick_logits`, `choose_tokens`) and derive each row's key the same way
+(`sampling.row_keys`), so their tokens are equal, but the state they carry differs. A server row
+changes owner between chunks, so its settings, token limit, logprob request and grammar mask live in
+the row (RowState), and which sampler stages run is decided at run time from the busy rows
+(`runtime_flags`), not at trace time from one request; a row's state is "last token picked, not yet
+fed", so a finished row costs no forward pass; and a step runs over a prefix of the rows (the
+width W). `generate` holds one request whose settings are static, so its loop stays the plain one
+a reader learns first.
 """
 
 import dataclasses
