@@ -241,3 +241,27 @@ def test_a_draft_model_of_another_vocabulary_is_a_clear_error(model, tmp_path):
     save_safetensors(random_hf_model(hf_config(**dict(TINY, vocab_size=50, n_positions=64, n_layer=1)), std=0.3), other)
     with pytest.raises(ValueError, match="vocabulary"):
         generate(PROMPTS, weights, config, max_new_tokens=4, speculate=DraftModel(load_weights(other), load_config(other)))
+
+
+def test_the_cli_drafts_with_a_draft_model_and_refuses_another_vocabulary(tiny_model_dir, tmp_path, capsys):
+    import shutil
+
+    from jax_gpt2.cli import main
+
+    draft_dir, other_dir = tmp_path / "draft", tmp_path / "other"
+    vocab_size = load_config(tiny_model_dir).vocab_size
+    for folder, vocab in ((draft_dir, vocab_size), (other_dir, vocab_size - 1)):
+        save_safetensors(random_hf_model(hf_config(**{**TINY, "vocab_size": vocab, "n_layer": 1}), std=0.3, seed=2),
+                         folder)  # fmt: skip
+        for name in ("vocab.json", "merges.txt", "tokenizer.json"):
+            if (tiny_model_dir / name).is_file():
+                shutil.copy(tiny_model_dir / name, folder / name)
+    args = ["generate", "the cache the cache", "--model", str(tiny_model_dir), "--max-new-tokens", "12", "--ignore-eos"]
+    assert main(args) == 0
+    plain = capsys.readouterr().out
+    assert main([*args, "--speculate", "draft", "--draft-model", str(draft_dir)]) == 0
+    assert capsys.readouterr().out == plain
+    assert main([*args, "--speculate", "draft", "--draft-model", str(other_dir)]) == 2
+    assert "vocabulary" in capsys.readouterr().err
+    assert main([*args, "--speculate", "draft"]) == 2
+    assert "--draft-model" in capsys.readouterr().err
