@@ -265,3 +265,24 @@ def test_the_cli_drafts_with_a_draft_model_and_refuses_another_vocabulary(tiny_m
     assert "vocabulary" in capsys.readouterr().err
     assert main([*args, "--speculate", "draft"]) == 2
     assert "--draft-model" in capsys.readouterr().err
+
+
+def width_for(hits: float, trials: float, rows: int = 1, dtype=np.float32) -> int:
+    """The draft width choose_width picks when `rows` rows all hit a lookup, with this acceptance evidence."""
+    from jax_gpt2.speculate import choose_width
+
+    lookup = PromptLookup(max_draft=5)
+    hits_B, trials_B = np.full((rows,), hits, np.float32), np.full((rows,), trials, np.float32)
+    yes_B, limit_B = np.ones((rows,), bool), np.full((rows,), 5)
+    index = choose_width(hits_B, trials_B, yes_B, limit_B, yes_B, lookup, lookup.costs(dtype))
+    return lookup.widths[int(index)]
+
+
+def test_the_width_follows_the_acceptance_down_to_plain_decoding():
+    assert width_for(hits=0.0, trials=20.0) == 0  # nothing accepted lately: plain decode steps
+    assert width_for(hits=20.0, trials=20.0) == 5  # everything accepted: the widest pass
+    assert 0 < width_for(hits=12.0, trials=20.0) <= 5
+    # a pass costs more per token at batch 8 (each position is 8 rows), so the same evidence drafts less
+    assert width_for(hits=12.0, trials=20.0, rows=8) <= width_for(hits=12.0, trials=20.0)
+    # int8 steps are cheap, so the arithmetic of a wide pass weighs more: it drafts no wider than fp32
+    assert width_for(hits=14.0, trials=20.0, dtype=np.int8) <= width_for(hits=14.0, trials=20.0)

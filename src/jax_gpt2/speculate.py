@@ -98,9 +98,9 @@ class PromptLookup:
         powers = [2**i for i in range(int(math.log2(self.max_draft)) + 1)]
         return tuple(sorted({0, *powers, self.max_draft}))
 
-    def costs(self, weights: GPT2Weights) -> tuple[float, float]:
-        """(verify_overhead, position_cost) for these weights: as given, else VERIFY_COSTS' for their dtype."""
-        overhead, per_position = VERIFY_COSTS.get(jnp.dtype(weights.blocks[0].qkv_w_DE.dtype).name, VERIFY_COSTS["float32"])
+    def costs(self, weight_dtype) -> tuple[float, float]:
+        """(verify_overhead, position_cost) for weights of this dtype: as given, else VERIFY_COSTS'."""
+        overhead, per_position = VERIFY_COSTS.get(jnp.dtype(weight_dtype).name, VERIFY_COSTS["float32"])
         overhead = overhead if self.verify_overhead is None else self.verify_overhead
         per_position = per_position if self.position_cost is None else self.position_cost
         assert overhead >= 0
@@ -134,7 +134,7 @@ class DraftModel:
     def widths(self) -> tuple[int, ...]:
         return (0, self.max_draft)
 
-    def costs(self, weights: GPT2Weights) -> tuple[float, float]:
+    def costs(self, weight_dtype) -> tuple[float, float]:
         return 0.0, 0.0
 
 
@@ -384,8 +384,8 @@ def expected_tokens(rate_B: jax.Array, draft_len_B: jax.Array) -> jax.Array:
 
 
 def choose_width(
-    state: SpeculativeState, can_draft_B: jax.Array, limit_B: jax.Array, active_B: jax.Array, lookup: PromptLookup,
-    costs: tuple[float, float],
+    hits_B: jax.Array, trials_B: jax.Array, can_draft_B: jax.Array, limit_B: jax.Array, active_B: jax.Array,
+    lookup: PromptLookup, costs: tuple[float, float],
 ) -> jax.Array:
     """Index into lookup.widths of this iteration's draft width: the one whose expected tokens per
     unit of cost is highest (ties: the narrower), or for a fixed lookup the widest any row can use."""
@@ -395,7 +395,7 @@ def choose_width(
     usable_B = jnp.where(can_draft_B & active_B, limit_B, 0)
     if not lookup.adaptive:
         return jnp.where(jnp.any(usable_B > 0), len(widths) - 1, 0).astype(jnp.int32)
-    rate_B = (state.hits_B + PRIOR_HITS) / (state.trials_B + PRIOR_TRIALS)
+    rate_B = (hits_B + PRIOR_HITS) / (trials_B + PRIOR_TRIALS)
     scores = []
     for width in widths:
         tokens = jnp.sum(jnp.where(active_B, expected_tokens(rate_B, jnp.minimum(usable_B, width)), 0.0))
@@ -470,7 +470,8 @@ def speculative_step(
     else:
         draft_BT, found_B = lookup_draft(history_BS, cache.start_B, cache.end_B, lookup)
     limit_B = jnp.clip(max_new - state.count_B - 1, 0, lookup.max_draft)  # never draft past max_new_tokens
-    width_index = choose_width(state, found_B, limit_B, active_B, lookup, lookup.costs(weights))
+    costs = lookup.costs(weights.blocks[0].qkv_w_DE.dtype)
+    width_index = choose_width(state.hits_B, state.trials_B, found_B, limit_B, active_B, lookup, costs)
     draft_len_B = jnp.where(found_B & active_B, jnp.minimum(limit_B, jnp.asarray(lookup.widths)[width_index]), 0)
     ids_BT = jnp.concatenate([token_B[:, None], jnp.where(found_B[:, None], draft_BT, token_B[:, None])], axis=1)
 
