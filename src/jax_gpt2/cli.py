@@ -367,7 +367,7 @@ def add_speculate_options(parser) -> None:
     group.add_argument("--max-draft", type=_positive_int, default=None,
                        help="draft tokens per verify pass at most (default: PromptLookup's, 5)")  # fmt: skip
     group.add_argument("--fixed-draft", action="store_true",
-                       help="always draft --max-draft tokens when a lookup hits (default: adapt to acceptance)")  # fmt: skip
+                       help="draft --max-draft tokens whenever a lookup hits (default: adapt)")  # fmt: skip
 
 
 def speculate_from_args(args: argparse.Namespace, folder=None, config=None):

@@ -195,8 +195,12 @@ def _start_speculating_jit(ids_BT, start_B, keys_B2, weights, config, max_len, k
     return start_speculating(prefill(ids_BT, start_B, keys_B2, weights, config, max_len, kv_dtype), ids_BT, speculate)
 
 
-@functools.partial(jax.jit, static_argnames=("config", "flags", "num_slots", "max_iterations"), donate_argnames=("state",))
-def _decode_speculative_jit(state, max_new, eos_U, params, weights, config, flags, speculate, num_slots, max_iterations):
+@functools.partial(
+    jax.jit, static_argnames=("config", "flags", "num_slots", "max_iterations"), donate_argnames=("state",)
+)
+def _decode_speculative_jit(
+    state, max_new, eos_U, params, weights, config, flags, speculate, num_slots, max_iterations
+):  # fmt: skip
     return decode_speculative(
         state, max_new, eos_U, params, flags, speculate, weights, config, PAD_ID, num_slots, max_iterations
     )
@@ -404,7 +408,9 @@ def stream_generate(
     each of one or more tokens per row); the tokens equal `generate`'s.
     A generator: the arguments are checked when the first step is asked for."""
     settings = settings_from_arguments(max_new_tokens, temperature, top_k, top_p, min_p, repetition_penalty, seed)
-    yield from stream_with_settings(prompt_ids, weights, config, settings, eos_token_id, kv_dtype, chunk_steps, speculate)
+    yield from stream_with_settings(
+        prompt_ids, weights, config, settings, eos_token_id, kv_dtype, chunk_steps, speculate
+    )
 
 
 def stream_with_settings(

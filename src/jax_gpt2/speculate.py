@@ -34,7 +34,6 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from jax_gpt2.config import GPT2Config
 from jax_gpt2.model import lm_logits, transformer, transformer_from_empty
@@ -479,7 +478,9 @@ def plan_step(
     history_BS = state.history_BS.at[jnp.arange(B), cache.end_B].set(token_B, mode="drop")
     q_BTV, draft_cache = None, state.draft_cache
     if isinstance(lookup, DraftModel):
-        draft_BT, q_BTV, draft_cache = run_draft_model(state, history_BS, token_B, lookup, params, flags, accept_keys_B2)
+        draft_BT, q_BTV, draft_cache = run_draft_model(
+            state, history_BS, token_B, lookup, params, flags, accept_keys_B2
+        )
         found_B = jnp.ones((B,), jnp.bool_)
     else:
         draft_BT, found_B = lookup_draft(history_BS, cache.start_B, cache.end_B, lookup)
