@@ -281,3 +281,48 @@ def test_each_verify_position_counts_the_tokens_before_it_as_output():
         expected_BV = pick_logits(logits_BTV[:, t], seen_BV | (prefix_BTV.sum(1) > 0), counts_BV + prefix_BTV.sum(1),
                                   params, flags)  # fmt: skip
         np.testing.assert_array_equal(picked_BTV[:, t], np.asarray(expected_BV))
+
+
+def test_the_cli_drafts_with_a_draft_model_and_refuses_another_vocabulary(tiny_model_dir, tmp_path, capsys):
+    import shutil
+
+    from jax_gpt2.cli import main
+
+    draft_dir, other_dir = tmp_path / "draft", tmp_path / "other"
+    vocab_size = load_config(tiny_model_dir).vocab_size
+    for folder, vocab in ((draft_dir, vocab_size), (other_dir, vocab_size - 1)):
+        save_safetensors(random_hf_model(hf_config(**{**TINY, "vocab_size": vocab, "n_layer": 1}), std=0.3, seed=2),
+                         folder)  # fmt: skip
+        for name in ("vocab.json", "merges.txt", "tokenizer.json"):
+            if (tiny_model_dir / name).is_file():
+                shutil.copy(tiny_model_dir / name, folder / name)
+    args = ["generate", "the cache the cache", "--model", str(tiny_model_dir), "--max-new-tokens", "12", "--ignore-eos"]
+    assert main(args) == 0
+    plain = capsys.readouterr().out
+    assert main([*args, "--speculate", "draft", "--draft-model", str(draft_dir)]) == 0
+    assert capsys.readouterr().out == plain
+    assert main([*args, "--speculate", "draft", "--draft-model", str(other_dir)]) == 2
+    assert "vocabulary" in capsys.readouterr().err
+    assert main([*args, "--speculate", "draft"]) == 2
+    assert "--draft-model" in capsys.readouterr().err
+
+
+def width_for(hits: float, trials: float, rows: int = 1, dtype=np.float32) -> int:
+    """The draft width choose_width picks when `rows` rows all hit a lookup, with this acceptance evidence."""
+    from jax_gpt2.speculate import choose_width
+
+    lookup = PromptLookup(max_draft=5)
+    hits_B, trials_B = np.full((rows,), hits, np.float32), np.full((rows,), trials, np.float32)
+    yes_B, limit_B = np.ones((rows,), bool), np.full((rows,), 5)
+    index = choose_width(hits_B, trials_B, yes_B, limit_B, yes_B, lookup, lookup.costs(dtype))
+    return lookup.widths[int(index)]
+
+
+def test_the_width_follows_the_acceptance_down_to_plain_decoding():
+    assert width_for(hits=0.0, trials=20.0) == 0  # nothing accepted lately: plain decode steps
+    assert width_for(hits=20.0, trials=20.0) == 5  # everything accepted: the widest pass
+    assert 0 < width_for(hits=12.0, trials=20.0) <= 5
+    # a pass costs more per token at batch 8 (each position is 8 rows), so the same evidence drafts less
+    assert width_for(hits=12.0, trials=20.0, rows=8) <= width_for(hits=12.0, trials=20.0)
+    # int8 steps are cheap, so the arithmetic of a wide pass weighs more: it drafts no wider than fp32
+    assert width_for(hits=14.0, trials=20.0, dtype=np.int8) <= width_for(hits=14.0, trials=20.0)

@@ -376,7 +376,7 @@ def run_generate(args: argparse.Namespace) -> int:
     _start_processes(args)
     settings, kv_dtype = _sampling_settings(args), kv_dtype_from_flag(args.kv_dtype)
     folder, config, weights = _load_model(args.model, args.dtype, _mesh_from_args(args))
-    speculate = speculate_from_args(args)
+    speculate = speculate_from_args(args, folder, config)
     tokenizer = load_tokenizer(folder)
     prompt_ids = [encode(tokenizer, prompt) for prompt in prompts]
     eos_ids = [] if args.ignore_eos or config.eos_token_id is None else [config.eos_token_id]
@@ -398,25 +398,53 @@ def run_generate(args: argparse.Namespace) -> int:
 
 def add_speculate_options(parser) -> None:
     group = parser.add_argument_group("speculative decoding (same tokens, fewer passes over the weights)")
-    group.add_argument("--speculate", choices=["lookup"], default=None,
-                       help="lookup: draft the continuation of an earlier occurrence of the last tokens")  # fmt: skip
+    group.add_argument("--speculate", choices=["lookup", "draft"], default=None,
+                       help="lookup: draft the continuation of an earlier occurrence of the last tokens; "
+                            "draft: draft with a smaller model of the same vocabulary (--draft-model)")  # fmt: skip
+    group.add_argument("--draft-model", default=None, metavar="FOLDER", help="the draft model (hub name or folder)")
     group.add_argument("--max-draft", type=_positive_int, default=None,
                        help="draft tokens per verify pass at most (default: PromptLookup's, 5)")  # fmt: skip
     group.add_argument("--fixed-draft", action="store_true",
-                       help="always draft --max-draft tokens when a lookup hits (default: adapt to acceptance)")  # fmt: skip
+                       help="draft --max-draft tokens whenever a lookup hits (default: adapt)")  # fmt: skip
 
 
-def speculate_from_args(args: argparse.Namespace):
-    """The --speculate options as a PromptLookup, or None (plain decoding)."""
+def speculate_from_args(args: argparse.Namespace, folder=None, config=None):
+    """The --speculate options as a PromptLookup or DraftModel (loaded beside the model in `folder`,
+    whose config is `config`), or None (plain decoding)."""
     from jax_gpt2.speculate import PromptLookup
 
     if args.speculate is None:
+        if args.draft_model is not None:
+            raise UserError("--draft-model needs --speculate draft")
         return None
+    if args.speculate == "draft":
+        return _load_draft_model(args, folder, config)
+    if args.draft_model is not None:
+        raise UserError("--draft-model needs --speculate draft")
     try:
         max_draft = PromptLookup.max_draft if args.max_draft is None else args.max_draft
         return PromptLookup(max_draft=max_draft, adaptive=not args.fixed_draft)
     except ValueError as error:
         raise UserError(str(error)) from None
+
+
+def _load_draft_model(args: argparse.Namespace, folder, config):
+    """--draft-model as a DraftModel, refused at load unless it shares the model's vocabulary."""
+    from jax_gpt2.speculate import DraftModel
+    from jax_gpt2.tokenizer import load_tokenizer
+
+    if args.draft_model is None:
+        raise UserError("--speculate draft needs --draft-model FOLDER")
+    draft_folder, draft_config, draft_weights = _load_model(args.draft_model, args.dtype)
+    if draft_config.vocab_size != config.vocab_size:
+        raise UserError(
+            f"--draft-model {args.draft_model} has a vocabulary of {draft_config.vocab_size} tokens and the model "
+            f"{config.vocab_size}: a draft must share the model's tokenizer"
+        )
+    if load_tokenizer(draft_folder).get_vocab() != load_tokenizer(folder).get_vocab():
+        raise UserError(f"--draft-model {args.draft_model}'s tokenizer differs from the model's: it must be the same")
+    max_draft = DraftModel.max_draft if args.max_draft is None else args.max_draft
+    return DraftModel(draft_weights, draft_config, max_draft=max_draft)
 
 
 def add_generate_command(subparsers) -> None:
@@ -517,8 +545,15 @@ def run_speculative_bench(args: argparse.Namespace) -> int:
     if args.layers is not None:
         config = dataclasses.replace(config, n_layer=args.layers)
     enable_compilation_cache()
+    if args.speculate == "draft":  # a random draft of the --draft-model preset's shape
+        if args.draft_model not in PRESETS:
+            raise UserError(f"bench --speculate draft: --draft-model must name a preset ({', '.join(sorted(PRESETS))})")
+        speculate, draft_config = None, PRESETS[args.draft_model]
+    else:
+        speculate, draft_config = speculate_from_args(args), None
+    draft_max = 4 if args.max_draft is None else args.max_draft
     results = bench_speculate.run_speculative_bench(
-        config, args.dtypes, args.batch_sizes, args.new_tokens, args.repeats, speculate_from_args(args)
+        config, args.dtypes, args.batch_sizes, args.new_tokens, args.repeats, speculate, draft_config, draft_max
     )
     print(bench_speculate.format_results(results))
     if args.out is not None:

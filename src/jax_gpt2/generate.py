@@ -201,8 +201,12 @@ def _start_speculating_jit(ids_BT, start_B, keys_B2, weights, config, max_len, k
     return start_speculating(prefill(ids_BT, start_B, keys_B2, weights, config, max_len, kv_dtype), ids_BT, speculate)
 
 
-@functools.partial(jax.jit, static_argnames=("config", "flags", "num_slots", "max_iterations"), donate_argnames=("state",))
-def _decode_speculative_jit(state, max_new, eos_U, params, weights, config, flags, speculate, num_slots, max_iterations):
+@functools.partial(
+    jax.jit, static_argnames=("config", "flags", "num_slots", "max_iterations"), donate_argnames=("state",)
+)
+def _decode_speculative_jit(
+    state, max_new, eos_U, params, weights, config, flags, speculate, num_slots, max_iterations
+):  # fmt: skip
     return decode_speculative(
         state, max_new, eos_U, params, flags, speculate, weights, config, PAD_ID, num_slots, max_iterations
     )

@@ -34,7 +34,6 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from jax_gpt2.config import GPT2Config
 from jax_gpt2.model import lm_logits, transformer, transformer_from_empty
@@ -98,9 +97,9 @@ class PromptLookup:
         powers = [2**i for i in range(int(math.log2(self.max_draft)) + 1)]
         return tuple(sorted({0, *powers, self.max_draft}))
 
-    def costs(self, weights: GPT2Weights) -> tuple[float, float]:
-        """(verify_overhead, position_cost) for these weights: as given, else VERIFY_COSTS' for their dtype."""
-        overhead, per_position = VERIFY_COSTS.get(jnp.dtype(weights.blocks[0].qkv_w_DE.dtype).name, VERIFY_COSTS["float32"])
+    def costs(self, weight_dtype) -> tuple[float, float]:
+        """(verify_overhead, position_cost) for weights of this dtype: as given, else VERIFY_COSTS'."""
+        overhead, per_position = VERIFY_COSTS.get(jnp.dtype(weight_dtype).name, VERIFY_COSTS["float32"])
         overhead = overhead if self.verify_overhead is None else self.verify_overhead
         per_position = per_position if self.position_cost is None else self.position_cost
         assert overhead >= 0
@@ -134,7 +133,7 @@ class DraftModel:
     def widths(self) -> tuple[int, ...]:
         return (0, self.max_draft)
 
-    def costs(self, weights: GPT2Weights) -> tuple[float, float]:
+    def costs(self, weight_dtype) -> tuple[float, float]:
         return 0.0, 0.0
 
 
@@ -393,8 +392,8 @@ def expected_tokens(rate_B: jax.Array, draft_len_B: jax.Array) -> jax.Array:
 
 
 def choose_width(
-    state: SpeculativeState, can_draft_B: jax.Array, limit_B: jax.Array, active_B: jax.Array, lookup: PromptLookup,
-    costs: tuple[float, float],
+    hits_B: jax.Array, trials_B: jax.Array, can_draft_B: jax.Array, limit_B: jax.Array, active_B: jax.Array,
+    lookup: PromptLookup, costs: tuple[float, float],
 ) -> jax.Array:
     """Index into lookup.widths of this iteration's draft width: the one whose expected tokens per
     unit of cost is highest (ties: the narrower), or for a fixed lookup the widest any row can use."""
@@ -404,7 +403,7 @@ def choose_width(
     usable_B = jnp.where(can_draft_B & active_B, limit_B, 0)
     if not lookup.adaptive:
         return jnp.where(jnp.any(usable_B > 0), len(widths) - 1, 0).astype(jnp.int32)
-    rate_B = (state.hits_B + PRIOR_HITS) / (state.trials_B + PRIOR_TRIALS)
+    rate_B = (hits_B + PRIOR_HITS) / (trials_B + PRIOR_TRIALS)
     scores = []
     for width in widths:
         tokens = jnp.sum(jnp.where(active_B, expected_tokens(rate_B, jnp.minimum(usable_B, width)), 0.0))
@@ -457,42 +456,66 @@ def record_outcome(
     )  # fmt: skip
 
 
-def speculative_step(
-    state: SpeculativeState, tokens_BK: jax.Array, base_B: jax.Array, max_new: jax.Array, eos_U: jax.Array,
-    params: SamplingParams, flags: SamplerFlags, lookup: PromptLookup, weights: GPT2Weights, config: GPT2Config,
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """An iteration decided before its verify pass: t0, the draft, and the width to verify. Made at
+    the end of the previous iteration, so each width's loop can test it without a conditional."""
+
+    token_B: jax.Array  # int32: t0 (pad where the row is not active)
+    ids_BT: jax.Array  # int32: [t0, the draft] at the widest width
+    draft_BT: jax.Array  # int32: the drafted tokens
+    found_B: jax.Array  # bool: the row has a draft
+    draft_len_B: jax.Array  # int32: draft tokens this pass verifies
+    width_index: jax.Array  # int32 scalar: into the drafter's widths
+    active_B: jax.Array  # bool: the row still makes tokens
+    accept_keys_B2: jax.Array
+    q_BTV: Any  # a DraftModel's distributions (None for a lookup)
+    draft_cache: Any  # a DraftModel's cache after drafting (None for a lookup)
+
+
+def plan_step(
+    state: SpeculativeState, max_new: jax.Array, params: SamplingParams, flags: SamplerFlags, lookup, weights,
     pad_id: int,
-) -> tuple[SpeculativeState, jax.Array]:  # fmt: skip
-    """One iteration for every row: t0, a lookup draft, one verify pass, acceptance, emission.
-    tokens_BK receives each row's emitted tokens at slot count_B - base_B onward."""
+) -> Plan:  # fmt: skip
+    """t0 of every row, its draft (a lookup, or the draft model's steps) and the width to verify."""
     B = state.count_B.shape[0]
-    assert tokens_BK.shape[0] == B
-    decode, cache = state.decode, state.decode.cache
-    active_B = ~decode.done_B & (state.count_B < max_new)
+    cache = state.decode.cache
+    active_B = ~state.decode.done_B & (state.count_B < max_new)
     pick_keys_B2, accept_keys_B2 = row_keys(state)
     token_B = jnp.where(active_B, pick_first(state, params, flags, pick_keys_B2), pad_id)
-    rows_B = jnp.arange(B)
-    history_BS = state.history_BS.at[rows_B, cache.end_B].set(token_B, mode="drop")
+    history_BS = state.history_BS.at[jnp.arange(B), cache.end_B].set(token_B, mode="drop")
     q_BTV, draft_cache = None, state.draft_cache
     if isinstance(lookup, DraftModel):
-        draft_BT, q_BTV, draft_cache = run_draft_model(state, history_BS, token_B, lookup, params, flags, accept_keys_B2)
+        draft_BT, q_BTV, draft_cache = run_draft_model(
+            state, history_BS, token_B, lookup, params, flags, accept_keys_B2
+        )
         found_B = jnp.ones((B,), jnp.bool_)
     else:
         draft_BT, found_B = lookup_draft(history_BS, cache.start_B, cache.end_B, lookup)
     limit_B = jnp.clip(max_new - state.count_B - 1, 0, lookup.max_draft)  # never draft past max_new_tokens
-    width_index = choose_width(state, found_B, limit_B, active_B, lookup, lookup.costs(weights))
+    costs = lookup.costs(weights.blocks[0].qkv_w_DE.dtype)
+    width_index = choose_width(state.hits_B, state.trials_B, found_B, limit_B, active_B, lookup, costs)
     draft_len_B = jnp.where(found_B & active_B, jnp.minimum(limit_B, jnp.asarray(lookup.widths)[width_index]), 0)
     ids_BT = jnp.concatenate([token_B[:, None], jnp.where(found_B[:, None], draft_BT, token_B[:, None])], axis=1)
+    plan = Plan(token_B, ids_BT, draft_BT, found_B, draft_len_B, width_index, active_B, accept_keys_B2, q_BTV,
+                draft_cache)  # fmt: skip
+    assert plan.ids_BT.shape == (B, lookup.max_draft + 1)
+    return plan
 
-    def branch(width: int):
-        def run(_):
-            q_width_BTV = None if q_BTV is None else q_BTV[:, : width + 1]
-            return verify(
-                ids_BT[:, : width + 1], draft_len_B, state, params, flags, accept_keys_B2, weights, config, q_width_BTV
-            )
-        return run
 
-    new_cache, accepted_B, logits_BV, residual_q_BV = jax.lax.switch(
-        width_index, [branch(width) for width in lookup.widths], None
+def speculative_step(
+    state: SpeculativeState, plan: Plan, width: int, tokens_BK: jax.Array, base_B: jax.Array, eos_U: jax.Array,
+    params: SamplingParams, flags: SamplerFlags, weights: GPT2Weights, config: GPT2Config, pad_id: int,
+) -> tuple[SpeculativeState, jax.Array]:  # fmt: skip
+    """One iteration of a plan whose width is `width` (static): the verify pass of 1 + width
+    positions, acceptance, emission. tokens_BK receives each row's tokens at slot count_B - base_B on."""
+    B = state.count_B.shape[0]
+    assert tokens_BK.shape[0] == B
+    decode, cache, active_B, ids_BT = state.decode, state.decode.cache, plan.active_B, plan.ids_BT
+    q_BTV = None if plan.q_BTV is None else plan.q_BTV[:, : width + 1]
+    new_cache, accepted_B, logits_BV, residual_q_BV = verify(
+        ids_BT[:, : width + 1], plan.draft_len_B, state, params, flags, plan.accept_keys_B2, weights, config, q_BTV
     )
     emitted_B, eos_hit_B = emitted_lengths(ids_BT, accepted_B + 1, eos_U)
     emitted_B = jnp.where(active_B, emitted_B, 0)
@@ -508,11 +531,11 @@ def speculative_step(
         step_B=decode.step_B + 1,
     )  # fmt: skip
     full_history_BS = write_tokens(state.history_BS, cache.end_B, ids_BT, jnp.where(active_B, ids_BT.shape[1], 0))
-    next_guess_B = jnp.where(active_B & found_B & (draft_len_B == 0), draft_BT[:, 0], -1)
+    next_guess_B = jnp.where(active_B & plan.found_B & (plan.draft_len_B == 0), plan.draft_BT[:, 0], -1)
     new_state = dataclasses.replace(
         state, decode=new_decode, history_BS=full_history_BS, count_B=state.count_B + emitted_B,
-        residual_q_BV=jnp.where(active_B[:, None], residual_q_BV, state.residual_q_BV), draft_cache=draft_cache,
-        **record_outcome(state, token_B, draft_len_B, accepted_B, active_B, next_guess_B),
+        residual_q_BV=jnp.where(active_B[:, None], residual_q_BV, state.residual_q_BV), draft_cache=plan.draft_cache,
+        **record_outcome(state, plan.token_B, plan.draft_len_B, accepted_B, active_B, next_guess_B),
     )  # fmt: skip
     tokens_BK = write_tokens(tokens_BK, state.count_B - base_B, ids_BT, emitted_B)
     return new_state, tokens_BK
@@ -558,18 +581,34 @@ def decode_speculative(
     base_B = state.count_B
     tokens_BK = jnp.full((B, num_slots), pad_id, jnp.int32)
 
-    def keep_going(carry):
-        i, state, _ = carry
+    def keep_going(i, state):
         return (i < max_iterations) & jnp.any(~state.decode.done_B & (max_new - state.count_B >= 2))
 
-    def step(carry):
-        i, state, tokens_BK = carry
-        state, tokens_BK = speculative_step(
-            state, tokens_BK, base_B, max_new, eos_U, params, flags, lookup, weights, config, pad_id
-        )
-        return i + 1, state, tokens_BK
+    def plan(state):
+        return plan_step(state, max_new, params, flags, lookup, weights, pad_id)
 
-    _, state, tokens_BK = jax.lax.while_loop(keep_going, step, (jnp.zeros((), jnp.int32), state, tokens_BK))
+    # One while loop per width, each looping while the plan asks for its width, inside one outer
+    # loop. A lax.switch over the widths made XLA copy the KV cache in and out of the conditional:
+    # the optimized HLO held two cache copies per branch; a while loop keeps its carry in place.
+    def widths_in_turn(carry):
+        for index, width in enumerate(lookup.widths):
+
+            def this_width(carry, index=index):
+                i, state, plan_now, _ = carry
+                return keep_going(i, state) & (plan_now.width_index == index)
+
+            def step(carry, width=width):
+                i, state, plan_now, tokens_BK = carry
+                state, tokens_BK = speculative_step(
+                    state, plan_now, width, tokens_BK, base_B, eos_U, params, flags, weights, config, pad_id
+                )
+                return i + 1, state, plan(state), tokens_BK
+
+            carry = jax.lax.while_loop(this_width, step, carry)
+        return carry
+
+    carry = (jnp.zeros((), jnp.int32), state, plan(state), tokens_BK)
+    _, state, _, tokens_BK = jax.lax.while_loop(lambda c: keep_going(c[0], c[1]), widths_in_turn, carry)
     state, tokens_BK = pick_last(state, tokens_BK, base_B, max_new, eos_U, params, flags, pad_id)
     counts_B = state.count_B - base_B
     assert counts_B.shape == (B,)

@@ -22,7 +22,7 @@ import numpy as np
 
 from jax_gpt2.config import GPT2Config
 from jax_gpt2.generate import generate_speculative, generate_with_settings, prefill, settings_from_arguments
-from jax_gpt2.speculate import PromptLookup, start_speculating, verify
+from jax_gpt2.speculate import DraftModel, PromptLookup, start_speculating, verify
 from jax_gpt2.weights import GPT2Weights
 
 WORKLOADS = {
@@ -77,6 +77,7 @@ def compare_workload(
     drafted, accepted, passes = (int(np.sum(x)) for x in (stats.drafted_B, stats.accepted_B, stats.passes_B))
     return dict(
         workload=name, batch=batch, new_tokens=new_tokens, max_draft=speculate.max_draft, adaptive=speculate.adaptive,
+        drafter=type(speculate).__name__,
         plain_tok_s=_spread(rates["plain"]), speculative_tok_s=_spread(rates["speculative"]),
         speedup=statistics.median(rates["speculative"]) / statistics.median(rates["plain"]),
         acceptance_rate=accepted / drafted if drafted else 0.0,
@@ -165,11 +166,14 @@ VERIFY_WIDTHS = (0, 1, 4, 8)
 
 
 def run_speculative_bench(
-    config: GPT2Config, dtypes: list[str], batches: list[int], new_tokens: int, repeats: int, speculate: PromptLookup,
-    progress: bool = True,
+    config: GPT2Config, dtypes: list[str], batches: list[int], new_tokens: int, repeats: int,
+    speculate: PromptLookup | None, draft_config: GPT2Config | None = None, draft_max: int = 4, progress: bool = True,
 ) -> dict:  # fmt: skip
     """Every workload at every batch size and dtype, plain beside speculative, and the verify-pass
-    costs at VERIFY_WIDTHS; random weights of config's shape (std per WORKLOAD_STDS)."""
+    costs at VERIFY_WIDTHS; random weights of config's shape (std per WORKLOAD_STDS). With
+    draft_config (and speculate None) the drafts come from a random model of that shape instead,
+    drawn with the same std and another seed."""
+    assert (speculate is None) != (draft_config is None)
     from jax_gpt2.loader import normalize_keys
     from jax_gpt2.tools.bench import BENCH_SEED, load_quietly
     from jax_gpt2.tools.random_model import random_state_dict
@@ -181,6 +185,10 @@ def run_speculative_bench(
         state = normalize_keys(random_state_dict(config, std=std, seed=BENCH_SEED))
         for dtype in dtypes:
             weights = load_quietly(state, config, dtype, None)
+            drafter = speculate
+            if draft_config is not None:
+                draft_state = normalize_keys(random_state_dict(draft_config, std=std, seed=BENCH_SEED + 1))
+                drafter = DraftModel(load_quietly(draft_state, draft_config, dtype, None), draft_config, draft_max)
             if std == WORKLOAD_STDS["sampled"]:
                 for batch in batches:
                     costs = verify_costs(weights, config, batch, 128, VERIFY_WIDTHS, repeats * 3)
@@ -188,7 +196,7 @@ def run_speculative_bench(
                     _say(progress, format_costs(costs, dtype, batch, 128))
             for name in [name for name, s in WORKLOAD_STDS.items() if s == std]:
                 for batch in batches:
-                    row = compare_workload(name, weights, config, speculate, batch, 64, new_tokens, repeats)
+                    row = compare_workload(name, weights, config, drafter, batch, 64, new_tokens, repeats)
                     results["rows"].append(dict(row, dtype=dtype, std=std))
                     _say(progress, f"{dtype} " + format_rows([row]).splitlines()[1])
     return results
