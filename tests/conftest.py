@@ -115,6 +115,21 @@ def pytest_configure(config) -> None:
     config.stash[_MAX_DIFFS] = {}
 
 
+# Modules whose tests start processes or servers, build every kernel ISA, or sweep many shapes: the
+# bulk of the suite's time. `uv run pytest -m "not slow"` leaves them out for a quick run while
+# working; CI (.ci/run) runs everything.
+SLOW_MODULES = {
+    "test_bench", "test_engine", "test_kernel_core", "test_kernels", "test_native", "test_remote", "test_serve",
+    "test_sharding", "test_speculate",
+}  # fmt: skip
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    for item in items:
+        if item.module.__name__ in SLOW_MODULES:
+            item.add_marker(pytest.mark.slow)
+
+
 @pytest.fixture
 def assert_matches_transformers(request) -> Callable[..., None]:
     """The parity contract: max |actual - reference| <= logit_tolerance(reference), argmax identical.
