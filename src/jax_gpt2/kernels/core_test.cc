@@ -161,6 +161,19 @@ void ExpectRowsAlone(const Packed& p, const std::string& dtype, const std::vecto
   }
 }
 
+// One matmul case, every check: against float64 math on the rounded weights, garbage in the
+// padding columns kept out, the same result from every pool, and each row equal to itself alone.
+void CheckMatmulCase(const Packed& p, const char* dtype, const std::vector<float>& x_MI, int64_t M, int64_t I,
+                     int64_t O, TilePool& pool, const std::vector<TilePool*>& other_pools, const std::string& what) {
+  const auto& rounded = dtype[0] == 'f' ? p.rounded_f32 : dtype[0] == 'b' ? p.rounded_bf16 : p.rounded_i8;
+  std::vector<float> y_MO = RunMatmul(p, dtype, x_MI, M, pool);
+  CheckProduct(x_MI, rounded, y_MO, M, I, O, what);
+  Expect(RunMatmulOverGarbage(p, dtype, x_MI, M, pool) == y_MO, what + ": padding columns reached the output");
+  for (TilePool* other : other_pools)
+    Expect(RunMatmul(p, dtype, x_MI, M, *other) == y_MO, what + ": result depends on the pool");
+  if (M > 1) ExpectRowsAlone(p, dtype, x_MI, M, I, O, y_MO, pool, what);
+}
+
 void TestMatmul(TilePool& pool, std::vector<TilePool*> other_pools) {
   const char* dtypes[] = {"f32", "bf16", "i8"};
   for (int64_t I : {1, 37, 768})
@@ -171,13 +184,7 @@ void TestMatmul(TilePool& pool, std::vector<TilePool*> other_pools) {
         for (const char* dtype : dtypes) {
           std::string what = std::string(dtype) + " I=" + std::to_string(I) + " O=" + std::to_string(O) +
                              " M=" + std::to_string(M);
-          const auto& rounded = dtype[0] == 'f' ? p.rounded_f32 : dtype[0] == 'b' ? p.rounded_bf16 : p.rounded_i8;
-          std::vector<float> y_MO = RunMatmul(p, dtype, x_MI, M, pool);
-          CheckProduct(x_MI, rounded, y_MO, M, I, O, what);
-          Expect(RunMatmulOverGarbage(p, dtype, x_MI, M, pool) == y_MO, what + ": padding columns reached the output");
-          for (TilePool* other : other_pools)
-            Expect(RunMatmul(p, dtype, x_MI, M, *other) == y_MO, what + ": result depends on the pool");
-          if (M > 1) ExpectRowsAlone(p, dtype, x_MI, M, I, O, y_MO, pool, what);
+          CheckMatmulCase(p, dtype, x_MI, M, I, O, pool, other_pools, what);
         }
       }
     }
@@ -195,13 +202,7 @@ void TestGemm(TilePool& pool, std::vector<TilePool*> other_pools) {
     for (const char* dtype : dtypes) {
       std::string what = std::string("gemm ") + dtype + " I=" + std::to_string(I) + " O=" + std::to_string(O) +
                          " M=" + std::to_string(M);
-      const auto& rounded = dtype[0] == 'f' ? p.rounded_f32 : dtype[0] == 'b' ? p.rounded_bf16 : p.rounded_i8;
-      std::vector<float> y_MO = RunMatmul(p, dtype, x_MI, M, pool);
-      CheckProduct(x_MI, rounded, y_MO, M, I, O, what);
-      Expect(RunMatmulOverGarbage(p, dtype, x_MI, M, pool) == y_MO, what + ": padding columns reached the output");
-      for (TilePool* other : other_pools)
-        Expect(RunMatmul(p, dtype, x_MI, M, *other) == y_MO, what + ": result depends on the pool");
-      ExpectRowsAlone(p, dtype, x_MI, M, I, O, y_MO, pool, what);
+      CheckMatmulCase(p, dtype, x_MI, M, I, O, pool, other_pools, what);
     }
   }
 }

@@ -19,6 +19,7 @@ batch 1, against fp32 without the kernels (a narrow dtype must not be slower the
 """
 
 import dataclasses
+import functools
 import os
 import platform
 import statistics
@@ -329,11 +330,7 @@ def bench_prefill(config, weights, model, prompt_len: int, repeats: int, kv_dtyp
     ids = np.random.default_rng(prompt_len).integers(0, config.vocab_size, (1, prompt_len))
     tensor = torch.as_tensor(ids, device=model.device)
 
-    def hf_forward():
-        with torch.no_grad():
-            logits = model(tensor).logits
-        wait_for_torch(logits.device)
-        return logits
+    hf_forward = functools.partial(hf_forward_logits, model, tensor)
 
     ours = time_repeats(lambda: generate(ids.tolist(), weights, config, max_new_tokens=1, kv_dtype=kv_dtype), repeats)
     theirs = time_repeats(lambda: hf_greedy(model, tensor, 1), repeats)
@@ -346,6 +343,16 @@ def bench_prefill(config, weights, model, prompt_len: int, repeats: int, kv_dtyp
     )  # fmt: skip
 
 
+def hf_forward_logits(model, tensor):
+    """transformers' forward with every position's logits, finished on its device before it returns."""
+    import torch
+
+    with torch.no_grad():
+        logits = model(tensor).logits
+    wait_for_torch(logits.device)
+    return logits
+
+
 def bench_scoring(config, weights, model, batch: int, length: int, repeats: int) -> dict:
     """Scoring tokens/s: one forward over (batch, length) tokens with the logits at every position
     (perplexity windows, evaluation harnesses), `gpt2_forward` against `model(ids)`."""
@@ -355,11 +362,7 @@ def bench_scoring(config, weights, model, batch: int, length: int, repeats: int)
     ids = np.random.default_rng(length).integers(0, config.vocab_size, (batch, length))
     tensor = torch.as_tensor(ids, device=model.device)
 
-    def hf_forward():
-        with torch.no_grad():
-            logits = model(tensor).logits
-        wait_for_torch(logits.device)
-        return logits
+    hf_forward = functools.partial(hf_forward_logits, model, tensor)
 
     ours = time_repeats(lambda: gpt2_forward(ids, weights, config).block_until_ready(), repeats)
     theirs = time_repeats(hf_forward, repeats)
