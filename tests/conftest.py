@@ -10,6 +10,9 @@ records each comparison's max difference, printed in the terminal summary.
 """
 
 import dataclasses
+import os
+import tempfile
+
 from collections.abc import Callable
 from pathlib import Path
 
@@ -21,6 +24,14 @@ import transformers
 import checkpoints
 from jax_gpt2 import GPT2Config, GPT2Weights, load_config, load_weights
 from jax_gpt2.config import SUPPORTED_ACTIVATIONS
+
+# The CLI commands that tests run in this process turn on JAX's persistent compilation cache
+# ($XDG_CACHE_HOME/jax-gpt2/xla) for the rest of the process. Reading back an executable that
+# another process wrote there crashed the suite with a segfault (in jax's compilation_cache
+# get_executable_and_time, 2026-12-06), so each test session gets a cache folder of its own. The
+# kernels' build cache stays shared (JAX_GPT2_CACHE_DIR), so builds are not repeated per session.
+os.environ.setdefault("JAX_GPT2_CACHE_DIR", str(Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "jax-gpt2"))
+os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="jax-gpt2-test-cache-")
 
 # XLA on CPU already multiplies float32 at full precision; on GPU its default is TF32 (10-bit
 # mantissa), which alone would miss the parity bar.
