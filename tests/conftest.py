@@ -36,6 +36,9 @@ os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="jax-gpt2-test-cache-")
 # XLA on CPU already multiplies float32 at full precision; on GPU its default is TF32 (10-bit
 # mantissa), which alone would miss the parity bar.
 jax.config.update("jax_default_matmul_precision", "highest")
+# The persistent compilation cache stays off in the test process even when a CLI test run in-process
+# sets its folder: reading an entry back segfaulted the full suite in test_serve (see above).
+jax.config.update("jax_enable_compilation_cache", False)
 
 # name -> (transformers config overrides, std of the random weights). The std is large enough that
 # the logits are peaked (a wrong op moves the argmax) and small enough that they stay finite through
