@@ -10,8 +10,7 @@ records each comparison's max difference, printed in the terminal summary.
 """
 
 import dataclasses
-import os
-import tempfile
+import gc
 
 from collections.abc import Callable
 from pathlib import Path
@@ -25,20 +24,9 @@ import checkpoints
 from jax_gpt2 import GPT2Config, GPT2Weights, load_config, load_weights
 from jax_gpt2.config import SUPPORTED_ACTIVATIONS
 
-# The CLI commands that tests run in this process turn on JAX's persistent compilation cache
-# ($XDG_CACHE_HOME/jax-gpt2/xla) for the rest of the process. Reading back an executable that
-# another process wrote there crashed the suite with a segfault (in jax's compilation_cache
-# get_executable_and_time, 2026-12-06), so each test session gets a cache folder of its own. The
-# kernels' build cache stays shared (JAX_GPT2_CACHE_DIR), so builds are not repeated per session.
-os.environ.setdefault("JAX_GPT2_CACHE_DIR", str(Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "jax-gpt2"))
-os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="jax-gpt2-test-cache-")
-
 # XLA on CPU already multiplies float32 at full precision; on GPU its default is TF32 (10-bit
 # mantissa), which alone would miss the parity bar.
 jax.config.update("jax_default_matmul_precision", "highest")
-# The persistent compilation cache stays off in the test process even when a CLI test run in-process
-# sets its folder: reading an entry back segfaulted the full suite in test_serve (see above).
-jax.config.update("jax_enable_compilation_cache", False)
 
 # name -> (transformers config overrides, std of the random weights). The std is large enough that
 # the logits are peaked (a wrong op moves the argmax) and small enough that they stay finite through
@@ -120,6 +108,21 @@ def shape_params(names) -> list:
 @pytest.fixture(scope="session", params=shape_params(SHAPES))
 def any_shape(request, build_checkpoint) -> Checkpoint:
     return build_checkpoint(request.param)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def free_compiled_programs_after_each_module():
+    """Drop every compiled XLA program once a module is done.
+
+    XLA on CPU maps each program's machine code as a few memory areas of their own, and the suite
+    compiles thousands of programs: in one process they passed Linux's vm.max_map_count (65530) in
+    test_serve, where the next mmap failed and the process died with a segfault (2026-12-06: 60k
+    areas and 13.7 GB resident at 84% of the suite). A later module that needs a program compiles
+    it again.
+    """
+    yield
+    jax.clear_caches()
+    gc.collect()
 
 
 _MAX_DIFFS = pytest.StashKey[dict[str, tuple[float, float]]]()

@@ -407,13 +407,13 @@ NEW_TOKENS = 6
 
 
 def model_inputs(vocab_size: int) -> tuple[list[list[int]], np.ndarray]:
-    """Prompts and a teacher-forced continuation_BK, the same in every process."""
+    """Prompts and a teacher-forced continuation_BY, the same in every process."""
     rng = np.random.default_rng(0)
     prompts = [rng.integers(0, vocab_size, length).tolist() for length in PROMPT_LENGTHS]
     return prompts, rng.integers(0, vocab_size, (len(prompts), NEW_TOKENS))
 
 
-def teacher_forced_logits(prompts, continuation_BK: np.ndarray, weights, config, kv_dtype=jnp.float32) -> np.ndarray:
+def teacher_forced_logits(prompts, continuation_BY: np.ndarray, weights, config, kv_dtype=jnp.float32) -> np.ndarray:
     """Prefill the left-padded prompts (T > 1), then one token per row per step (the decode kernel's
     T = 1 path): the logits at every slot, (B, T + K, V)."""
     ids_BT, start_B = left_pad(prompts, max(PROMPT_LENGTHS))
@@ -421,7 +421,7 @@ def teacher_forced_logits(prompts, continuation_BK: np.ndarray, weights, config,
     logits_BTV, cache = gpt2_forward_cached(ids_BT, cache, weights, config)
     steps = [np.asarray(logits_BTV)]
     for step in range(NEW_TOKENS):
-        logits_B1V, cache = gpt2_forward_cached(continuation_BK[:, step : step + 1], cache, weights, config)
+        logits_B1V, cache = gpt2_forward_cached(continuation_BY[:, step : step + 1], cache, weights, config)
         steps.append(np.asarray(logits_B1V))
     return np.concatenate(steps, axis=1)
 
@@ -430,7 +430,7 @@ def model_outputs(folder: str, pack: bool) -> dict[str, np.ndarray]:
     """Everything the whole-model tests compare between a kernel model (pack=True) and an XLA one (pack=False),
     both loaded in this process."""
     config = load_config(folder)
-    prompts, continuation_BK = model_inputs(config.vocab_size)
+    prompts, continuation_BY = model_inputs(config.vocab_size)
     outputs = {}
     for dtype in DTYPES:
         with warnings.catch_warnings():
@@ -439,9 +439,9 @@ def model_outputs(folder: str, pack: bool) -> dict[str, np.ndarray]:
         outputs[f"{dtype}_use_kernels"] = np.asarray(weights.use_kernels)
         outputs[f"{dtype}_packed"] = np.asarray(isinstance(weights.blocks[0].qkv_w_DE, PackedMatrix))
         outputs[f"{dtype}_tokens"] = np.asarray(generate(prompts, weights, config, max_new_tokens=NEW_TOKENS))
-        outputs[f"{dtype}_logits"] = teacher_forced_logits(prompts, continuation_BK, weights, config)
+        outputs[f"{dtype}_logits"] = teacher_forced_logits(prompts, continuation_BY, weights, config)
         if dtype == "float32":
-            bf16_cache_BSV = teacher_forced_logits(prompts, continuation_BK, weights, config, jnp.bfloat16)
+            bf16_cache_BSV = teacher_forced_logits(prompts, continuation_BY, weights, config, jnp.bfloat16)
             outputs["float32_bf16_cache_logits"] = bf16_cache_BSV
     return outputs
 
@@ -583,10 +583,10 @@ def test_prefill_and_decode_logits_with_kernels_match_transformers(
     import checkpoints  # here, not at the top: the subprocesses import this module and need no torch
 
     checkpoint = build_checkpoint(name)
-    prompts, continuation_BK = model_inputs(checkpoint.config.vocab_size)
+    prompts, continuation_BY = model_inputs(checkpoint.config.vocab_size)
     logits_BSV = with_kernels(name)["float32_logits"]
     for row, prompt in enumerate(prompts):
-        alone_1T = np.concatenate([prompt, continuation_BK[row]])[None]
+        alone_1T = np.concatenate([prompt, continuation_BY[row]])[None]
         start = max(PROMPT_LENGTHS) - len(prompt)
         reference_1TV = checkpoints.hf_logits(checkpoint.hf_model, alone_1T)
         assert_matches_transformers(logits_BSV[row : row + 1, start:], reference_1TV, what=f"row {row}")

@@ -25,7 +25,7 @@ from jax_gpt2.config import GPT2Config
 from jax_gpt2.model import split_qkv
 from jax_gpt2.tools.random_model import write_random_model
 from jax_gpt2.launch import JAX_FATAL_MARK, STDERR_FILTER, parse_coordinator
-from jax_gpt2.sharding import pad_rows, padded_rows, parse_mesh, regroup_qkv
+from jax_gpt2.sharding import pad_rows, padded_rows, parse_mesh, qkv_column_order
 
 TESTS = Path(__file__).parent
 # Bound given to the processes (--timeout): the wait for the coordinator and the other processes.
@@ -51,10 +51,10 @@ def test_regrouped_qkv_columns_split_into_hf_q_k_and_v():
     qkv_BTE = np.random.default_rng(0).normal(size=(2, 3, 72)).astype(np.float32)
     expected = [part.reshape(2, 3, 6, 4) for part in np.split(qkv_BTE, 3, axis=-1)]
     for groups in (1, 2, 3, 6):
-        regrouped_BTE = regroup_qkv(qkv_BTE, groups)
+        regrouped_BTE = qkv_BTE[..., qkv_column_order(config, groups)]
         for ours, theirs in zip(split_qkv(jax.numpy.asarray(regrouped_BTE), config, groups), expected, strict=True):
             np.testing.assert_array_equal(np.asarray(ours), theirs)
-    np.testing.assert_array_equal(regroup_qkv(qkv_BTE, 1), qkv_BTE)
+    np.testing.assert_array_equal(qkv_column_order(config, 1), np.arange(72))
 
 
 def test_padded_rows_copy_the_last_row_up_to_a_multiple_of_the_data_axis():

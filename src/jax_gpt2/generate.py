@@ -148,28 +148,28 @@ def decode(
 ) -> tuple[DecodeState, jax.Array, jax.Array]:
     """Up to min(max_steps, num_slots) decode steps, stopping early once every row is done.
 
-    Returns the new state, tokens_BK and emitted_BK (False where the row had already finished).
+    Returns the new state, tokens_BY and emitted_BY (False where the row had already finished).
     """
     B = state.done_B.shape[0]
     assert eos_U.ndim == 1
     assert num_slots >= 1
-    tokens_BK = jnp.full((B, num_slots), PAD_ID, jnp.int32)
-    emitted_BK = jnp.zeros((B, num_slots), jnp.bool_)
+    tokens_BY = jnp.full((B, num_slots), PAD_ID, jnp.int32)
+    emitted_BY = jnp.zeros((B, num_slots), jnp.bool_)
 
     def keep_going(carry):
         i, state, _, _ = carry
         return (i < jnp.minimum(max_steps, num_slots)) & ~jnp.all(state.done_B)
 
     def step(carry):
-        i, state, tokens_BK, emitted_BK = carry
+        i, state, tokens_BY, emitted_BY = carry
         state, token_B, emitted_B, _ = decode_step(state, eos_U, params, weights, config, flags)
-        tokens_BK = jax.lax.dynamic_update_slice(tokens_BK, token_B[:, None], (0, i))
-        emitted_BK = jax.lax.dynamic_update_slice(emitted_BK, emitted_B[:, None], (0, i))
-        return i + 1, state, tokens_BK, emitted_BK
+        tokens_BY = jax.lax.dynamic_update_slice(tokens_BY, token_B[:, None], (0, i))
+        emitted_BY = jax.lax.dynamic_update_slice(emitted_BY, emitted_B[:, None], (0, i))
+        return i + 1, state, tokens_BY, emitted_BY
 
-    carry = (jnp.zeros((), jnp.int32), state, tokens_BK, emitted_BK)
-    _, state, tokens_BK, emitted_BK = jax.lax.while_loop(keep_going, step, carry)
-    return state, tokens_BK, emitted_BK
+    carry = (jnp.zeros((), jnp.int32), state, tokens_BY, emitted_BY)
+    _, state, tokens_BY, emitted_BY = jax.lax.while_loop(keep_going, step, carry)
+    return state, tokens_BY, emitted_BY
 
 
 @functools.partial(jax.jit, static_argnames=("config", "flags", "num_slots", "kv_dtype"))
@@ -177,11 +177,11 @@ def _generate_jit(ids_BT, start_B, keys_B2, max_steps, eos_U, params, weights, c
     state = prefill(ids_BT, start_B, keys_B2, weights, config, ids_BT.shape[1] + num_slots, kv_dtype)
     # The last token needs picking but no forward pass (its logits would never be used): decode
     # max_steps - 1 full steps, then pick once more. Saves one whole-model step per call.
-    state, tokens_BK, emitted_BK = decode(state, max_steps - 1, eos_U, params, weights, config, flags, num_slots)
+    state, tokens_BY, emitted_BY = decode(state, max_steps - 1, eos_U, params, weights, config, flags, num_slots)
     token_B, _ = pick_next(state, params, flags)
-    tokens_BK = jax.lax.dynamic_update_slice(tokens_BK, token_B[:, None], (0, max_steps - 1))
-    emitted_BK = jax.lax.dynamic_update_slice(emitted_BK, ~state.done_B[:, None], (0, max_steps - 1))
-    return tokens_BK, emitted_BK
+    tokens_BY = jax.lax.dynamic_update_slice(tokens_BY, token_B[:, None], (0, max_steps - 1))
+    emitted_BY = jax.lax.dynamic_update_slice(emitted_BY, ~state.done_B[:, None], (0, max_steps - 1))
+    return tokens_BY, emitted_BY
 
 
 @functools.partial(jax.jit, static_argnames=("config", "flags", "num_slots", "kv_dtype"))
@@ -190,10 +190,10 @@ def _generate_speculative_jit(
 ):  # fmt: skip
     state = prefill(ids_BT, start_B, keys_B2, weights, config, ids_BT.shape[1] + num_slots, kv_dtype)
     state = start_speculating(state, ids_BT, speculate)
-    state, tokens_BK, counts_B = decode_speculative(
+    state, tokens_BY, counts_B = decode_speculative(
         state, max_steps, eos_U, params, flags, speculate, weights, config, PAD_ID, num_slots, num_slots
     )
-    return tokens_BK, counts_B, SpeculationStats.of(state)
+    return tokens_BY, counts_B, SpeculationStats.of(state)
 
 
 @functools.partial(jax.jit, static_argnames=("config", "max_len", "kv_dtype"))
@@ -370,12 +370,12 @@ def generate_with_settings(
     request = prepare_request(prompt_ids, config, settings, eos_token_id)
     B = len(request.ids_BT)
     placed = place_request(request, weights.mesh)
-    tokens_BK, emitted_BK = _generate_jit(
+    tokens_BY, emitted_BY = _generate_jit(
         placed.ids_BT, placed.start_B, placed.keys_B2, np.int32(request.max_new_tokens), placed.eos_U,
         placed.params, weights, config, request.flags, bucket_length(request.max_new_tokens), kv_dtype,
     )  # fmt: skip
-    tokens_BK, emitted_BK = fetch(tokens_BK)[:B], fetch(emitted_BK)[:B]
-    outputs = [tokens_BK[row][emitted_BK[row]].tolist() for row in range(B)]
+    tokens_BY, emitted_BY = fetch(tokens_BY)[:B], fetch(emitted_BY)[:B]
+    outputs = [tokens_BY[row][emitted_BY[row]].tolist() for row in range(B)]
     assert len(outputs) == len(request.ids_BT)
     return outputs
 
@@ -398,12 +398,12 @@ def generate_speculative(
     request = prepare_request(prompt_ids, config, settings, eos_token_id)
     B = len(request.ids_BT)
     placed = place_request(request, weights.mesh)
-    tokens_BK, counts_B, stats = _generate_speculative_jit(
+    tokens_BY, counts_B, stats = _generate_speculative_jit(
         placed.ids_BT, placed.start_B, placed.keys_B2, np.int32(request.max_new_tokens), placed.eos_U,
         placed.params, weights, config, request.flags, bucket_length(request.max_new_tokens), kv_dtype, speculate,
     )  # fmt: skip
-    tokens_BK, counts_B = fetch(tokens_BK)[:B], fetch(counts_B)[:B]
-    outputs = [tokens_BK[row, : counts_B[row]].tolist() for row in range(B)]
+    tokens_BY, counts_B = fetch(tokens_BY)[:B], fetch(counts_B)[:B]
+    outputs = [tokens_BY[row, : counts_B[row]].tolist() for row in range(B)]
     assert len(outputs) == B
     return outputs, jax.tree.map(lambda x: fetch(x)[:B], stats)
 
@@ -495,12 +495,12 @@ def stream_with_settings(
         return
     remaining = request.max_new_tokens
     while remaining > 0:
-        state, tokens_BK, emitted_BK = decode_request(state, placed, np.int32(remaining), chunk_steps, weights, config)
-        tokens_BK, emitted_BK = fetch(tokens_BK)[:B], fetch(emitted_BK)[:B]
-        for column in range(tokens_BK.shape[1]):
-            if not emitted_BK[:, column].any():
+        state, tokens_BY, emitted_BY = decode_request(state, placed, np.int32(remaining), chunk_steps, weights, config)
+        tokens_BY, emitted_BY = fetch(tokens_BY)[:B], fetch(emitted_BY)[:B]
+        for column in range(tokens_BY.shape[1]):
+            if not emitted_BY[:, column].any():
                 return
-            yield [int(t) if e else None for t, e in zip(tokens_BK[:, column], emitted_BK[:, column])]
+            yield [int(t) if e else None for t, e in zip(tokens_BY[:, column], emitted_BY[:, column])]
         remaining -= chunk_steps
 
 
@@ -551,14 +551,14 @@ def stream_speculative(
     finished = [False] * B
     while not all(finished) or any(queues):
         if not all(queue or ended for queue, ended in zip(queues, finished)):
-            state, tokens_BK, counts_B = _decode_speculative_jit(
+            state, tokens_BY, counts_B = _decode_speculative_jit(
                 state, np.int32(placed.max_new_tokens), placed.eos_U, placed.params, weights, config, placed.flags,
                 speculate, chunk_steps * (speculate.max_draft + 1) + 1, chunk_steps,
             )  # fmt: skip
-            tokens_BK, counts_B = fetch(tokens_BK)[:B], fetch(counts_B)[:B]
+            tokens_BY, counts_B = fetch(tokens_BY)[:B], fetch(counts_B)[:B]
             done_B, total_B = fetch(state.decode.done_B)[:B], fetch(state.count_B)[:B]
             for row in range(B):
-                queues[row] += tokens_BK[row, : counts_B[row]].tolist()
+                queues[row] += tokens_BY[row, : counts_B[row]].tolist()
                 finished[row] = bool(done_B[row]) or int(total_B[row]) >= placed.max_new_tokens
             continue
         yield [queue.pop(0) if queue else None for queue in queues]

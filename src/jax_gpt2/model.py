@@ -5,14 +5,15 @@ the package (tests included). The model:
     B batch            T query length      S key/cache length (slots in the cache)
     D model width      F MLP hidden (4D)   N heads            H head dim (D // N)
     V vocab            L layers            P max positions    E fused q|k|v width (3D)
+    K kv heads: reserved (GPT-2 has none apart from its N heads), so no array uses it
 Around it:
-    K decode steps (tokens per row made by one call)     W rows a server step runs (a prefix of B)
+    Y tokens one call yields per row (decode steps)      W rows one server call runs (a subset of B)
     A top-logprob alternatives per token                 U eos (stop) token ids
-    R scored positions (perplexity)                      Y positions per lm_head chunk (perplexity)
+    R scored positions (perplexity)                      X positions per lm_head chunk (perplexity)
     M rows of a matmul (B * T flattened)                 I, O a matrix's in and out features
     G 64-column tiles of a packed matrix                 C columns per tile (64)    Q G * C
     Z qkv column groups (the mesh's "model" shards)      J heads per group (N / Z)
-    X any leading axes (a function that takes the weight (X = D) and the bias alike)
+A slice keeps its axis's letter: the kernels' x_MI also names a pointer to a block of rows.
 Digits are sizes: keys_B2 holds two uint32 words per row; k_L1NTH is one row's slots.
 
 `gpt2_forward` is the cached path run over an empty cache exactly T slots long, so the full
@@ -60,7 +61,7 @@ def attention_scale(config: GPT2Config, layer: int) -> float:
 
 def split_qkv(qkv_BTE: jax.Array, config: GPT2Config, groups: int) -> tuple[jax.Array, jax.Array, jax.Array]:
     """q, k, v as (B, T, N, H) from the fused projection, whose columns come in `groups` runs of
-    [q | k | v] heads: 1 is HF's order; on a mesh, one run per "model" shard (sharding.regroup_qkv),
+    [q | k | v] heads: 1 is HF's order; on a mesh, one run per "model" shard (sharding.qkv_column_order),
     so each device already holds whole heads of all three and the split moves no data.
 
     Z groups of J = N / Z heads each.

@@ -18,7 +18,7 @@ for bf16 weights; the device returns one float32 NLL per scored slot and the hos
 float64.
 
 Shape key: model.py's (B windows in a batch, T window length, D, V, R scored slots of one batch,
-Y slots per lm_head chunk; R // Y chunks).
+X slots per lm_head chunk; R // X chunks).
 """
 
 import dataclasses
@@ -115,7 +115,7 @@ def scored_slots(batch_size: int, window_length: int, stride: int) -> int:
 
 
 def chunk_size(num_slots: int) -> int:
-    """Y for R slots: MAX_CHUNK, or all R when fewer (scored_slots makes R a multiple of it)."""
+    """X for R slots: MAX_CHUNK, or all R when fewer (scored_slots makes R a multiple of it)."""
     assert num_slots >= 1
     chunk = min(MAX_CHUNK, num_slots)
     assert chunk >= 1
@@ -156,21 +156,21 @@ def scored_nll(
     """nll_R (float32): -log p(targets_R[i]) from the hidden state at flat position positions_R[i]."""
     B, T = ids_BT.shape
     R = positions_R.shape[0]
-    Y = chunk_size(R)
+    X = chunk_size(R)
     assert targets_R.shape == (R,)
-    assert R % Y == 0
+    assert R % X == 0
     assert T <= config.n_positions
     hidden_BTD, _ = transformer_from_empty(ids_BT, jnp.zeros((B,), jnp.int32), T, weights, config, kv_dtype)
     hidden_RD = hidden_BTD.reshape(B * T, config.n_embd)[positions_R]
 
     def chunk_nll(chunk):
-        hidden_YD, targets_Y = chunk
-        logits_YV = lm_logits(hidden_YD[None], weights)[0]
-        assert logits_YV.dtype == jnp.float32  # log-softmax in float32, whatever the weights' dtype
-        target_logit_Y = jnp.take_along_axis(logits_YV, targets_Y[:, None], axis=1)[:, 0]
-        return jax.nn.logsumexp(logits_YV, axis=-1) - target_logit_Y
+        hidden_XD, targets_X = chunk
+        logits_XV = lm_logits(hidden_XD[None], weights)[0]
+        assert logits_XV.dtype == jnp.float32  # log-softmax in float32, whatever the weights' dtype
+        target_logit_X = jnp.take_along_axis(logits_XV, targets_X[:, None], axis=1)[:, 0]
+        return jax.nn.logsumexp(logits_XV, axis=-1) - target_logit_X
 
-    chunks = (hidden_RD.reshape(R // Y, Y, config.n_embd), targets_R.reshape(R // Y, Y))
+    chunks = (hidden_RD.reshape(R // X, X, config.n_embd), targets_R.reshape(R // X, X))
     nll_R = jax.lax.map(chunk_nll, chunks).reshape(R)
     assert nll_R.dtype == jnp.float32
     return nll_R

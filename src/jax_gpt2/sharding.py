@@ -20,7 +20,7 @@ MLP) and nothing else; the logits come out split along V. Why lm_head is split a
 see `weight_specs`.
 
 The fused c_attn matrix cannot be split by heads as it is stored, [q | k | v]: a plain column split
-gives the first device all of q and part of k. `regroup_qkv` reorders its columns once at load
+gives the first device all of q and part of k. `qkv_column_order` reorders its columns once at load
 into one run [q_g | k_g | v_g] per "model" shard g (Megatron-LM's layout); `model.split_qkv`
 reads them back, and the weights record the mesh (a static field) so it knows the grouping.
 
@@ -145,21 +145,21 @@ def padded_lm_head(weights: GPT2Weights, shards: int) -> np.ndarray:
     return padded_VD
 
 
-def regroup_qkv(w_XE: np.ndarray, groups: int) -> np.ndarray:
-    """HF's fused columns [q | k | v] -> [q_1 k_1 v_1 | ... | q_Z k_Z v_Z], each q_g (k_g, v_g)
-    the g-th run of whole heads; works on the weight (D, E) and the bias (E,) alike.
+def qkv_column_order(config: GPT2Config, groups: int) -> np.ndarray:
+    """order_E: the fused qkv columns regrouped, HF's [q | k | v] -> [q_1 k_1 v_1 | ... | q_Z k_Z v_Z],
+    each q_g (k_g, v_g) the g-th run of whole heads; take it along the last axis (`w_DE[:, order_E]`,
+    `b_E[order_E]`).
 
-    Then a contiguous column split into Z shards gives shard g exactly its heads' q, k and v
-    (X: any leading axes; Z: groups, the model shards; J: columns per group and part).
+    Then a contiguous column split into Z shards gives shard g exactly its heads' q, k and v.
     """
-    E = w_XE.shape[-1]
-    assert E % (3 * groups) == 0
     assert groups >= 1
-    lead = w_XE.shape[:-1]
-    w_X3ZJ = w_XE.reshape(*lead, 3, groups, E // 3 // groups)
-    regrouped_XE = np.swapaxes(w_X3ZJ, -3, -2).reshape(*lead, E)
-    assert regrouped_XE.shape == w_XE.shape
-    return regrouped_XE
+    assert config.n_head % groups == 0
+    E, N, H = 3 * config.n_embd, config.n_head, config.n_embd // config.n_head
+    columns_3ZJH = np.arange(E).reshape(3, groups, N // groups, H)
+    order_E = np.swapaxes(columns_3ZJH, 0, 1).reshape(E)
+    assert order_E.shape == (E,)
+    assert np.array_equal(np.sort(order_E), np.arange(E))  # a permutation: no column lost or doubled
+    return order_E
 
 
 def place_weights(weights: GPT2Weights, config: GPT2Config, mesh: Mesh) -> GPT2Weights:
@@ -174,8 +174,9 @@ def place_weights(weights: GPT2Weights, config: GPT2Config, mesh: Mesh) -> GPT2W
     groups = model_shards(mesh)
 
     def regrouped(w: BlockWeights) -> BlockWeights:
-        qkv_w_DE = regroup_qkv(np.asarray(w.qkv_w_DE), groups)
-        return dataclasses.replace(w, qkv_w_DE=qkv_w_DE, qkv_b_E=regroup_qkv(np.asarray(w.qkv_b_E), groups))
+        order_E = qkv_column_order(config, groups)
+        qkv_w_DE, qkv_b_E = np.asarray(w.qkv_w_DE)[:, order_E], np.asarray(w.qkv_b_E)[order_E]
+        return dataclasses.replace(w, qkv_w_DE=qkv_w_DE, qkv_b_E=qkv_b_E)
 
     specs = weight_specs(weights, mesh)
     head = None if specs.lm_head_VD is None else padded_lm_head(weights, groups)

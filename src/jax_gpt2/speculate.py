@@ -232,10 +232,10 @@ def run_draft_model(
         return (cache, lm_logits(hidden_BTD, weights)[:, 0], seen_BV, counts_BV), (draft_B, q_BV)
 
     carry = (cache, logits_BV, seen_BV, counts_BV)
-    (cache, logits_BV, seen_BV, counts_BV), (drafts_KB, q_KBV) = jax.lax.scan(step, carry, jnp.arange(k - 1))
+    (cache, logits_BV, seen_BV, counts_BV), (drafts_YB, q_YBV) = jax.lax.scan(step, carry, jnp.arange(k - 1))
     last_B, last_q_BV = draw(logits_BV, seen_BV, counts_BV, k - 1)
-    draft_BT = jnp.concatenate([drafts_KB.T, last_B[:, None]], axis=1)
-    q_BTV = jnp.concatenate([q_KBV.transpose(1, 0, 2), last_q_BV[:, None], jnp.zeros_like(last_q_BV)[:, None]], axis=1)
+    draft_BT = jnp.concatenate([drafts_YB.T, last_B[:, None]], axis=1)
+    q_BTV = jnp.concatenate([q_YBV.transpose(1, 0, 2), last_q_BV[:, None], jnp.zeros_like(last_q_BV)[:, None]], axis=1)
     assert draft_BT.shape == (B, k)
     assert q_BTV.shape == (B, k + 1, logits_BV.shape[1])
     return draft_BT, q_BTV, cache
@@ -426,15 +426,15 @@ def emitted_lengths(ids_BT: jax.Array, kept_B: jax.Array, eos_U: jax.Array) -> t
     return emitted_B, hit_B
 
 
-def write_tokens(buffer_BK: jax.Array, at_B: jax.Array, ids_BT: jax.Array, count_B: jax.Array) -> jax.Array:
-    """buffer_BK with ids_BT[b, :count_B[b]] written at slots at_B[b] onward (slots past the end dropped)."""
+def write_tokens(buffer_BY: jax.Array, at_B: jax.Array, ids_BT: jax.Array, count_B: jax.Array) -> jax.Array:
+    """buffer_BY with ids_BT[b, :count_B[b]] written at slots at_B[b] onward (slots past the end dropped)."""
     B, T = ids_BT.shape
     assert at_B.shape == (B,)
     assert count_B.shape == (B,)
     steps_T = jnp.arange(T, dtype=jnp.int32)
-    slots_BT = jnp.where(steps_T[None, :] < count_B[:, None], at_B[:, None] + steps_T[None, :], buffer_BK.shape[1])
+    slots_BT = jnp.where(steps_T[None, :] < count_B[:, None], at_B[:, None] + steps_T[None, :], buffer_BY.shape[1])
     rows_BT = jnp.broadcast_to(jnp.arange(B)[:, None], (B, T))
-    return buffer_BK.at[rows_BT, slots_BT].set(ids_BT.astype(buffer_BK.dtype), mode="drop")
+    return buffer_BY.at[rows_BT, slots_BT].set(ids_BT.astype(buffer_BY.dtype), mode="drop")
 
 
 def record_outcome(
@@ -505,13 +505,13 @@ def plan_step(
 
 
 def speculative_step(
-    state: SpeculativeState, plan: Plan, width: int, tokens_BK: jax.Array, base_B: jax.Array, eos_U: jax.Array,
+    state: SpeculativeState, plan: Plan, width: int, tokens_BY: jax.Array, base_B: jax.Array, eos_U: jax.Array,
     params: SamplingParams, flags: SamplerFlags, weights: GPT2Weights, config: GPT2Config, pad_id: int,
 ) -> tuple[SpeculativeState, jax.Array]:  # fmt: skip
     """One iteration of a plan whose width is `width` (static): the verify pass of 1 + width
-    positions, acceptance, emission. tokens_BK receives each row's tokens at slot count_B - base_B on."""
+    positions, acceptance, emission. tokens_BY receives each row's tokens at slot count_B - base_B on."""
     B = state.count_B.shape[0]
-    assert tokens_BK.shape[0] == B
+    assert tokens_BY.shape[0] == B
     decode, cache, active_B, ids_BT = state.decode, state.decode.cache, plan.active_B, plan.ids_BT
     q_BTV = None if plan.q_BTV is None else plan.q_BTV[:, : width + 1]
     new_cache, accepted_B, logits_BV, residual_q_BV = verify(
@@ -537,12 +537,12 @@ def speculative_step(
         residual_q_BV=jnp.where(active_B[:, None], residual_q_BV, state.residual_q_BV), draft_cache=plan.draft_cache,
         **record_outcome(state, plan.token_B, plan.draft_len_B, accepted_B, active_B, next_guess_B),
     )  # fmt: skip
-    tokens_BK = write_tokens(tokens_BK, state.count_B - base_B, ids_BT, emitted_B)
-    return new_state, tokens_BK
+    tokens_BY = write_tokens(tokens_BY, state.count_B - base_B, ids_BT, emitted_B)
+    return new_state, tokens_BY
 
 
 def pick_last(
-    state: SpeculativeState, tokens_BK: jax.Array, base_B: jax.Array, max_new: jax.Array, eos_U: jax.Array,
+    state: SpeculativeState, tokens_BY: jax.Array, base_B: jax.Array, max_new: jax.Array, eos_U: jax.Array,
     params: SamplingParams, flags: SamplerFlags, pad_id: int,
 ) -> tuple[SpeculativeState, jax.Array]:  # fmt: skip
     """Once no row has two or more tokens to go, the rows with one left pick it without a forward pass
@@ -554,14 +554,14 @@ def pick_last(
     finishing_B = running_B & (remaining_B == 1) & ~jnp.any(running_B & (remaining_B >= 2))
     pick_keys_B2, _ = row_keys(state)
     token_B = jnp.where(finishing_B, pick_first(state, params, flags, pick_keys_B2), pad_id)
-    tokens_BK = write_tokens(tokens_BK, state.count_B - base_B, token_B[:, None], finishing_B.astype(jnp.int32))
+    tokens_BY = write_tokens(tokens_BY, state.count_B - base_B, token_B[:, None], finishing_B.astype(jnp.int32))
     done_B = state.decode.done_B | (finishing_B & jnp.isin(token_B, eos_U))
     new_state = dataclasses.replace(
         state, decode=dataclasses.replace(state.decode, done_B=done_B), count_B=state.count_B + finishing_B,
         guess_B=jnp.full_like(state.guess_B, -1),
     )  # fmt: skip
     assert new_state.count_B.shape == (B,)
-    return new_state, tokens_BK
+    return new_state, tokens_BY
 
 
 def decode_speculative(
@@ -571,7 +571,7 @@ def decode_speculative(
 ) -> tuple[SpeculativeState, jax.Array, jax.Array]:  # fmt: skip
     """Iterate until every row is done or has max_new tokens (or max_iterations iterations ran).
 
-    Returns the new state, tokens_BK (this call's tokens of each row, from slot 0) and their count
+    Returns the new state, tokens_BY (this call's tokens of each row, from slot 0) and their count
     per row. num_slots must hold what max_iterations can emit: max_iterations * (max_draft + 1) + 1
     tokens, or max_new.
     """
@@ -579,7 +579,7 @@ def decode_speculative(
     assert num_slots >= 1
     assert max_iterations >= 1
     base_B = state.count_B
-    tokens_BK = jnp.full((B, num_slots), pad_id, jnp.int32)
+    tokens_BY = jnp.full((B, num_slots), pad_id, jnp.int32)
 
     def keep_going(i, state):
         return (i < max_iterations) & jnp.any(~state.decode.done_B & (max_new - state.count_B >= 2))
@@ -598,21 +598,21 @@ def decode_speculative(
                 return keep_going(i, state) & (plan_now.width_index == index)
 
             def step(carry, width=width):
-                i, state, plan_now, tokens_BK = carry
-                state, tokens_BK = speculative_step(
-                    state, plan_now, width, tokens_BK, base_B, eos_U, params, flags, weights, config, pad_id
+                i, state, plan_now, tokens_BY = carry
+                state, tokens_BY = speculative_step(
+                    state, plan_now, width, tokens_BY, base_B, eos_U, params, flags, weights, config, pad_id
                 )
-                return i + 1, state, plan(state), tokens_BK
+                return i + 1, state, plan(state), tokens_BY
 
             carry = jax.lax.while_loop(this_width, step, carry)
         return carry
 
-    carry = (jnp.zeros((), jnp.int32), state, plan(state), tokens_BK)
-    _, state, _, tokens_BK = jax.lax.while_loop(lambda c: keep_going(c[0], c[1]), widths_in_turn, carry)
-    state, tokens_BK = pick_last(state, tokens_BK, base_B, max_new, eos_U, params, flags, pad_id)
+    carry = (jnp.zeros((), jnp.int32), state, plan(state), tokens_BY)
+    _, state, _, tokens_BY = jax.lax.while_loop(lambda c: keep_going(c[0], c[1]), widths_in_turn, carry)
+    state, tokens_BY = pick_last(state, tokens_BY, base_B, max_new, eos_U, params, flags, pad_id)
     counts_B = state.count_B - base_B
     assert counts_B.shape == (B,)
-    return state, tokens_BK, counts_B
+    return state, tokens_BY, counts_B
 
 
 @jax.tree_util.register_dataclass

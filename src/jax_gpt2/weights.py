@@ -25,7 +25,7 @@ column: w_IO[i, o] ~ tiles * scale[o], scale = max |w[:, o]| / 127. Only the wei
 
 On a mesh (sharding.place_weights) every array is a global array with its NamedSharding, `mesh`
 names the mesh, and each qkv matrix has its columns regrouped per "model" shard (see
-sharding.regroup_qkv); the model reads both from here, so nothing else needs to know.
+sharding.qkv_column_order); the model reads both from here, so nothing else needs to know.
 """
 
 import dataclasses

@@ -240,28 +240,28 @@ static_assert(kPieceRowsMax >= 2 * kRowBlock, "the waiting accumulators hold two
 constexpr int64_t kColumnPasses = kTileColumns / (kPassVectors * kLanes);  // per block of more than one row
 
 // The rows [i_begin, i_end) of a tile that one pass reads. Its accumulators start at zero (the first
-// piece, i_begin == 0) or from held_RC, and end in y (the last, i_end == I) or back in held_RC
+// piece, i_begin == 0) or from held_MC, and end in y (the last, i_end == I) or back in held_MC
 // (kTileColumns floats per row of x). The pass asks for the rows share, share + shares, ... of the
 // next piece; shares == 0 asks for the rows 4 KiB ahead instead (a whole tile in one piece, or the
 // first block of the first piece).
 struct Piece {
   int64_t i_begin;
   int64_t i_end;
-  float* held_RC;
+  float* held_MC;
   int64_t shares;
   int64_t share;
 };
 
 // Rows [0, R) of x times columns [column, column + V * kLanes) of one tile (V vectors per tile row).
 template <int R, int V, typename W>
-inline void TilePass(const float* x_RI, int64_t I, const W* tile_IC, const float* scale_C, int64_t column,
-                     int64_t columns, float* y_RO, int64_t O, bool prefetch, const Piece& piece) {
+inline void TilePass(const float* x_MI, int64_t I, const W* tile_IC, const float* scale_C, int64_t column,
+                     int64_t columns, float* y_MO, int64_t O, bool prefetch, const Piece& piece) {
   constexpr int P = kPerWord<W>;
   static_assert(V % P == 0, "a pass widens whole words");
   VF acc[R][V] = {};
   if (piece.i_begin > 0) {
     for (int r = 0; r < R; ++r)
-      for (int j = 0; j < V; ++j) acc[r][j] = Load<VF>(piece.held_RC + r * kTileColumns + column + j * kLanes);
+      for (int j = 0; j < V; ++j) acc[r][j] = Load<VF>(piece.held_MC + r * kTileColumns + column + j * kLanes);
   }
   const W* row = tile_IC + piece.i_begin * kTileColumns + column;
   const int64_t next_piece = (piece.i_end - piece.i_begin) * kTileColumns;
@@ -280,14 +280,14 @@ inline void TilePass(const float* x_RI, int64_t I, const W* tile_IC, const float
     for (int u = 0; u < V / P; ++u) WidenWords(row + u * P * kLanes, w + u * P);
 #pragma GCC unroll 8
     for (int r = 0; r < R; ++r) {
-      VF xi = Splat(x_RI[r * I + i]);
+      VF xi = Splat(x_MI[r * I + i]);
 #pragma GCC unroll 16
       for (int j = 0; j < V; ++j) acc[r][j] += w[j] * xi;
     }
   }
   if (piece.i_end < I) {
     for (int r = 0; r < R; ++r)
-      for (int j = 0; j < V; ++j) Store(piece.held_RC + r * kTileColumns + column + j * kLanes, acc[r][j], kLanes);
+      for (int j = 0; j < V; ++j) Store(piece.held_MC + r * kTileColumns + column + j * kLanes, acc[r][j], kLanes);
     return;
   }
   int64_t valid = std::min<int64_t>(V * kLanes, columns - column);
@@ -295,10 +295,10 @@ inline void TilePass(const float* x_RI, int64_t I, const W* tile_IC, const float
     if constexpr (P == 1) {  // columns in order, stored as vectors (scales are padded to the tile)
       for (int j = 0; j * kLanes < valid; ++j) {
         VF y = scale_C ? acc[r][j] * Load<VF>(scale_C + column + j * kLanes) : acc[r][j];
-        Store(y_RO + r * O + column + j * kLanes, y, std::min<int64_t>(kLanes, valid - j * kLanes));
+        Store(y_MO + r * O + column + j * kLanes, y, std::min<int64_t>(kLanes, valid - j * kLanes));
       }
     } else {
-      Unpermute<P>(acc[r], V, y_RO + r * O + column, valid, scale_C ? scale_C + column : nullptr, 1.0f);
+      Unpermute<P>(acc[r], V, y_MO + r * O + column, valid, scale_C ? scale_C + column : nullptr, 1.0f);
     }
   }
 }
@@ -307,13 +307,13 @@ inline void TilePass(const float* x_RI, int64_t I, const W* tile_IC, const float
 // skipped. The block's share of the next piece (every shares-th row from share) is split between its
 // passes: pass p takes every (shares * passes)-th row from p * shares + share.
 template <int R, typename W>
-void RowBlock(int64_t rows, const float* x_RI, int64_t I, const W* tile_IC, const float* scale_C,
-              int64_t columns, float* y_RO, int64_t O, bool prefetch, const Piece& piece) {
+void RowBlock(int64_t rows, const float* x_MI, int64_t I, const W* tile_IC, const float* scale_C,
+              int64_t columns, float* y_MO, int64_t O, bool prefetch, const Piece& piece) {
   if constexpr (R > 1) {
-    if (rows < R) return RowBlock<R - 1, W>(rows, x_RI, I, tile_IC, scale_C, columns, y_RO, O, prefetch, piece);
+    if (rows < R) return RowBlock<R - 1, W>(rows, x_MI, I, tile_IC, scale_C, columns, y_MO, O, prefetch, piece);
   }
   if constexpr (R == 1 && kOneRowPass && kOneRowVectors % kPerWord<W> == 0) {  // the whole tile at once
-    TilePass<1, kOneRowVectors, W>(x_RI, I, tile_IC, scale_C, 0, columns, y_RO, O, prefetch, piece);
+    TilePass<1, kOneRowVectors, W>(x_MI, I, tile_IC, scale_C, 0, columns, y_MO, O, prefetch, piece);
     return;
   }
   for (int64_t column = 0, pass = 0; column < columns; column += kPassVectors * kLanes, ++pass) {
@@ -323,7 +323,7 @@ void RowBlock(int64_t rows, const float* x_RI, int64_t I, const W* tile_IC, cons
       share.share = pass * piece.shares + piece.share;
     }
     bool asks = piece.shares > 0 ? prefetch : prefetch && column == 0;  // 4 KiB ahead: the first pass is ahead
-    TilePass<R, kPassVectors, W>(x_RI, I, tile_IC, scale_C, column, columns, y_RO, O, asks, share);
+    TilePass<R, kPassVectors, W>(x_MI, I, tile_IC, scale_C, column, columns, y_MO, O, asks, share);
   }
 }
 
@@ -399,60 +399,60 @@ static_assert(kTileColumns % kGemmColumns == 0, "passes must cover a tile exactl
 #endif
 constexpr int64_t kGemmMinRows = JAX_GPT2_GEMM_MIN_ROWS;
 
-// rows (<= R) rows of x_RI (row stride I, from the panel's first input row) times the columns
-// [column, column + kGemmColumns) of a kc-row panel; accumulators from held_RC (zero when first)
+// rows (<= R) rows of x_MI (row stride I, from the panel's first input row) times the columns
+// [column, column + kGemmColumns) of a kc-row panel; accumulators from held_MC (zero when first)
 // and back to it.
 template <int R>
-inline void GemmPass(int64_t rows, const float* x_RI, int64_t I, const float* panel_KC, int64_t kc, int64_t column,
-                     float* held_RC, bool first) {
+inline void GemmPass(int64_t rows, const float* x_MI, int64_t I, const float* panel_IC, int64_t kc, int64_t column,
+                     float* held_MC, bool first) {
   if constexpr (R > 1) {
-    if (rows < R) return GemmPass<R - 1>(rows, x_RI, I, panel_KC, kc, column, held_RC, first);
+    if (rows < R) return GemmPass<R - 1>(rows, x_MI, I, panel_IC, kc, column, held_MC, first);
   }
   VF acc[R][kGemmVectors] = {};
   if (!first) {
     for (int r = 0; r < R; ++r)
-      for (int j = 0; j < kGemmVectors; ++j) acc[r][j] = Load<VF>(held_RC + r * kTileColumns + column + j * kLanes);
+      for (int j = 0; j < kGemmVectors; ++j) acc[r][j] = Load<VF>(held_MC + r * kTileColumns + column + j * kLanes);
   }
-  const float* w_row = panel_KC + column;
+  const float* w_row = panel_IC + column;
   for (int64_t i = 0; i < kc; ++i, w_row += kTileColumns) {
     VF w[kGemmVectors];
 #pragma GCC unroll 8
     for (int j = 0; j < kGemmVectors; ++j) w[j] = Load<VF>(w_row + j * kLanes);
 #pragma GCC unroll 16
     for (int r = 0; r < R; ++r) {
-      VF xi = Splat(x_RI[r * I + i]);
+      VF xi = Splat(x_MI[r * I + i]);
 #pragma GCC unroll 8
       for (int j = 0; j < kGemmVectors; ++j) acc[r][j] += w[j] * xi;
     }
   }
   for (int r = 0; r < R; ++r)
-    for (int j = 0; j < kGemmVectors; ++j) Store(held_RC + r * kTileColumns + column + j * kLanes, acc[r][j], kLanes);
+    for (int j = 0; j < kGemmVectors; ++j) Store(held_MC + r * kTileColumns + column + j * kLanes, acc[r][j], kLanes);
 }
 
 // kc rows of a tile widened to float32, in WidenWords' order (each block of P * kLanes columns
 // permuted; GemmFinish puts the columns back).
 template <typename W>
-void WidenPanel(const W* rows_KC, int64_t kc, float* panel_KC) {
+void WidenPanel(const W* rows_IC, int64_t kc, float* panel_IC) {
   constexpr int P = kPerWord<W>;
   for (int64_t i = 0; i < kc; ++i) {
 #pragma GCC unroll 16
     for (int64_t u = 0; u < kTileColumns / (P * kLanes); ++u) {
       VF w[P];
-      WidenWords(rows_KC + i * kTileColumns + u * P * kLanes, w);
-      for (int k = 0; k < P; ++k) Store(panel_KC + i * kTileColumns + (u * P + k) * kLanes, w[k], kLanes);
+      WidenWords(rows_IC + i * kTileColumns + u * P * kLanes, w);
+      for (int k = 0; k < P; ++k) Store(panel_IC + i * kTileColumns + (u * P + k) * kLanes, w[k], kLanes);
     }
   }
 }
 
 // y = held (x the int8 scale), the first `columns` columns of `rows` rows, back in column order.
 template <int P>
-void GemmFinish(const float* held_RC, int64_t rows, const float* scale_C, int64_t columns, float* y_RO, int64_t O) {
+void GemmFinish(const float* held_MC, int64_t rows, const float* scale_C, int64_t columns, float* y_MO, int64_t O) {
   constexpr int64_t kBlock = P * kLanes;
   for (int64_t r = 0; r < rows; ++r)
     for (int64_t c = 0; c < columns; ++c) {
       int64_t at = c / kBlock * kBlock + c % P * kLanes + c % kBlock / P;
-      float value = held_RC[r * kTileColumns + at];
-      y_RO[r * O + c] = scale_C ? value * scale_C[c] : value;
+      float value = held_MC[r * kTileColumns + at];
+      y_MO[r * O + c] = scale_C ? value * scale_C[c] : value;
     }
 }
 
@@ -464,24 +464,24 @@ void GemmUnit(const float* x_MI, int64_t m, int64_t rows, int64_t I, const W* ti
   constexpr int64_t kBlock = P * kLanes;
   const W* tile_IC = tiles_GIC + g * I * kTileColumns;
   const int64_t columns = std::min(kTileColumns, O - g * kTileColumns);
-  alignas(64) float held_RC[kGemmBlockRows * kTileColumns];
+  alignas(64) float held_MC[kGemmBlockRows * kTileColumns];
   constexpr int64_t kRows = std::is_same_v<W, float> ? kPanelRows : kNarrowPanelRows;
-  alignas(64) float scratch_KC[std::is_same_v<W, float> ? 1 : kRows * kTileColumns];
+  alignas(64) float scratch_IC[std::is_same_v<W, float> ? 1 : kRows * kTileColumns];
   for (int64_t i = 0; i < I; i += kRows) {
     const int64_t kc = std::min(kRows, I - i);
-    const float* panel_KC;
+    const float* panel_IC;
     if constexpr (std::is_same_v<W, float>) {
-      panel_KC = tile_IC + i * kTileColumns;
+      panel_IC = tile_IC + i * kTileColumns;
     } else {
-      WidenPanel(tile_IC + i * kTileColumns, kc, scratch_KC);
-      panel_KC = scratch_KC;
+      WidenPanel(tile_IC + i * kTileColumns, kc, scratch_IC);
+      panel_IC = scratch_IC;
     }
     for (int64_t r = 0; r < rows; r += kGemmRows)
       for (int64_t column = 0; column / kBlock * kBlock < columns; column += kGemmColumns)
-        GemmPass<kGemmRows>(std::min<int64_t>(kGemmRows, rows - r), x_MI + (m + r) * I + i, I, panel_KC, kc, column,
-                            held_RC + r * kTileColumns, i == 0);
+        GemmPass<kGemmRows>(std::min<int64_t>(kGemmRows, rows - r), x_MI + (m + r) * I + i, I, panel_IC, kc, column,
+                            held_MC + r * kTileColumns, i == 0);
   }
-  GemmFinish<P>(held_RC, rows, scale_Q ? scale_Q + g * kTileColumns : nullptr, columns, y_MO + m * O + g * kTileColumns,
+  GemmFinish<P>(held_MC, rows, scale_Q ? scale_Q + g * kTileColumns : nullptr, columns, y_MO + m * O + g * kTileColumns,
                 O);
 }
 

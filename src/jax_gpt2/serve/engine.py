@@ -73,13 +73,13 @@ class EngineClosed(Exception):
 
 @dataclasses.dataclass(frozen=True)
 class StepOutput:
-    """What picking made, on the host: step k, row b (K and B are 1 for a first token)."""
+    """What picking made, on the host: step k, row b (Y and B are 1 for a first token)."""
 
-    tokens_KB: np.ndarray
-    emitted_KB: np.ndarray
-    logprob_KB: np.ndarray  # float32: log-probability of the chosen token (of `pick_logits`' distribution)
-    top_ids_KBA: np.ndarray
-    top_logprobs_KBA: np.ndarray
+    tokens_YB: np.ndarray
+    emitted_YB: np.ndarray
+    logprob_YB: np.ndarray  # float32: log-probability of the chosen token (of `pick_logits`' distribution)
+    top_ids_YBA: np.ndarray
+    top_logprobs_YBA: np.ndarray
 
 
 @dataclasses.dataclass(frozen=True)
@@ -154,12 +154,12 @@ class _Sequence:
         """An upper bound of the cache slots the sequence fills: its prompt and every token picked."""
         return len(self.request.prompt_ids) + self.num_picked
 
-    def take(self, token_K: list[int], out: StepOutput, row: int) -> Event:
+    def take(self, token_Y: list[int], out: StepOutput, row: int) -> Event:
         """This row's new tokens (of one chunk, or a first token) as one event; finishes the sequence when it ends."""
         assert self.finisher.finish_reason is None
-        assert len(token_K) <= out.tokens_KB.shape[0]
+        assert len(token_Y) <= out.tokens_YB.shape[0]
         ids, text, logprobs = [], [], []
-        for k, token in enumerate(token_K):
+        for k, token in enumerate(token_Y):
             self.num_picked += 1
             kept = self.finisher.num_tokens
             text.append(self.finisher.push(token))
@@ -182,15 +182,15 @@ class _Sequence:
                      self.finisher.finish_reason, prompt_logprobs, cached_tokens=self.cached_tokens)  # fmt: skip
 
     def _logprob(self, token: int, out: StepOutput, k: int, row: int) -> TokenLogprob | None:
-        assert out.tokens_KB[k, row] == token
-        assert out.top_ids_KBA.shape[2] >= (self.request.num_logprobs or 0)
+        assert out.tokens_YB[k, row] == token
+        assert out.top_ids_YBA.shape[2] >= (self.request.num_logprobs or 0)
         if self.request.num_logprobs is None:
             return None
         top = []
-        for alt, value in zip(out.top_ids_KBA[k, row], out.top_logprobs_KBA[k, row]):
+        for alt, value in zip(out.top_ids_YBA[k, row], out.top_logprobs_YBA[k, row]):
             if len(top) < self.request.num_logprobs and np.isfinite(value):  # filtered tokens have -inf
                 top.append((int(alt), self.text(int(alt)), float(value)))
-        return TokenLogprob(token, self.text(token), float(out.logprob_KB[k, row]), tuple(top))
+        return TokenLogprob(token, self.text(token), float(out.logprob_YB[k, row]), tuple(top))
 
     def text(self, token: int) -> str:
         return self.tokenizer.decode([token], skip_special_tokens=False)
@@ -347,11 +347,11 @@ class Engine:
         self._slots = slots.move_state_jit(self._slots, zero, zero)
         self._slots, _ = slots.admit_jit(self._slots, last_logits_1V, np.zeros((1, S), np.int32), np.ones((1,), np.int32),
                                          np.zeros((1,), np.int32), *self._row_settings([], 1))  # fmt: skip
-        for P in self.widths:
+        for W in self.widths:
             for T in self.batch_buckets:
-                ids_PT, rows_P = np.zeros((P, T), np.int32), np.full((P,), self.max_batch, np.int32)  # every row dropped
-                self._slots, _ = slots.prefill_rows_jit(self._slots, ids_PT, np.ones((P,), np.int32), rows_P,
-                                                        *self._row_settings([], P), self.weights, self.config)  # fmt: skip
+                ids_WT, rows_W = np.zeros((W, T), np.int32), np.full((W,), self.max_batch, np.int32)  # every row dropped
+                self._slots, _ = slots.prefill_rows_jit(self._slots, ids_WT, np.ones((W,), np.int32), rows_W,
+                                                        *self._row_settings([], W), self.weights, self.config)  # fmt: skip
         for width in self.widths:
             allowed_WV, single_W = np.ones((width, self.config.vocab_size), np.bool_), np.zeros((width,), np.bool_)
             self._slots, _ = slots.decode_chunk_jit(self._slots, allowed_WV, single_W, self.weights, self.config, width,
@@ -485,37 +485,37 @@ class Engine:
         """Prefill short prompts together into free rows and hand out their first tokens. Returns the
         tokens computed (padding included)."""
         assert 1 <= len(batch) <= self._rows.count(None)
-        P = self._width_for(len(batch))
+        W = self._width_for(len(batch))
         T = self._chunk_bucket(max(len(seq.request.prompt_ids) for seq in batch))
         assert T in self.batch_buckets
-        ids_PT, num_prompt_P = np.full((P, T), PAD_ID, np.int32), np.ones((P,), np.int32)
-        rows_P = np.full((P,), self.max_batch, np.int32)  # padding entries point past the last row: dropped
+        ids_WT, num_prompt_W = np.full((W, T), PAD_ID, np.int32), np.ones((W,), np.int32)
+        rows_W = np.full((W,), self.max_batch, np.int32)  # padding entries point past the last row: dropped
         free = [row for row, seq in enumerate(self._rows) if seq is None]
         for p, seq in enumerate(batch):
             prompt = seq.request.prompt_ids
-            ids_PT[p, : len(prompt)], num_prompt_P[p], rows_P[p] = prompt, len(prompt), free[p]
+            ids_WT[p, : len(prompt)], num_prompt_W[p], rows_W[p] = prompt, len(prompt), free[p]
         self._slots, outputs = slots.prefill_rows_jit(
-            self._slots, ids_PT, num_prompt_P, rows_P, *self._row_settings(batch, P), self.weights, self.config
+            self._slots, ids_WT, num_prompt_W, rows_W, *self._row_settings(batch, W), self.weights, self.config
         )  # fmt: skip
-        out = StepOutput(*(part[None] for part in jax.device_get(outputs)))  # K = 1
+        out = StepOutput(*(part[None] for part in jax.device_get(outputs)))  # Y = 1
         for p, seq in enumerate(batch):
             self._rows[free[p]] = seq
-        self._hand_out({free[p]: [int(out.tokens_KB[0, p])] for p in range(len(batch))}, out,
+        self._hand_out({free[p]: [int(out.tokens_YB[0, p])] for p in range(len(batch))}, out,
                        {free[p]: p for p in range(len(batch))})  # fmt: skip
-        return P * T
+        return W * T
 
     def _row_settings(self, batch: list[_Sequence], width: int) -> tuple[np.ndarray, ...]:
-        """keys_P2, params_P, limit_P, want_logprobs_P, allowed_PV (the first token's grammar mask) of
+        """keys_W2, params_W, limit_W, want_logprobs_W, allowed_WV (the first token's grammar mask) of
         the batch's sequences, padded to width rows."""
         assert len(batch) <= width
         requests = [seq.request for seq in batch]
-        keys_P2, limit_P, want_P = np.zeros((width, 2), np.uint32), np.zeros((width,), np.int32), np.zeros((width,), np.bool_)
+        keys_W2, limit_W, want_W = np.zeros((width, 2), np.uint32), np.zeros((width,), np.int32), np.zeros((width,), np.bool_)
         for p, request in enumerate(requests):
-            keys_P2[p] = row_keys(request.settings.seed, [request.index])[0]
-            limit_P[p], want_P[p] = request.settings.max_new_tokens, request.num_logprobs is not None
+            keys_W2[p] = row_keys(request.settings.seed, [request.index])[0]
+            limit_W[p], want_W[p] = request.settings.max_new_tokens, request.num_logprobs is not None
         settings = [request.settings for request in requests] + [SamplingSettings()] * (width - len(requests))
         assert len(settings) == width
-        return keys_P2, sampling_params(settings, sorted(self.eos_ids)), limit_P, want_P, self._allowed(batch, width)
+        return keys_W2, sampling_params(settings, sorted(self.eos_ids)), limit_W, want_W, self._allowed(batch, width)
 
     def _allowed(self, rows: list["_Sequence | None"], width: int) -> np.ndarray:
         """allowed_WV: each constrained sequence's grammar mask for its next token; every token elsewhere."""
@@ -598,10 +598,10 @@ class Engine:
             self._slots, last_logits_1V, prompt_1S, np.array([len(prompt)], np.int32), np.array([row], np.int32),
             *self._row_settings([seq], 1),
         )  # fmt: skip
-        out = StepOutput(*(part[None] for part in jax.device_get(outputs)))  # K = 1
+        out = StepOutput(*(part[None] for part in jax.device_get(outputs)))  # Y = 1
         self._rows[row] = seq
         assert self._rows.count(seq) == 1
-        self._hand_out({row: [int(out.tokens_KB[0, 0])]}, out, {row: 0})
+        self._hand_out({row: [int(out.tokens_YB[0, 0])]}, out, {row: 0})
 
     def _save_prefix(self, prompt: tuple[int, ...]) -> None:
         if self.prefix_cache.capacity == 0:
@@ -637,16 +637,16 @@ class Engine:
                                                       self.chunk_steps)  # fmt: skip
         out = StepOutput(*jax.device_get(outputs))
         busy = [row for row in range(width) if self._rows[row] is not None]
-        picked = {row: out.tokens_KB[out.emitted_KB[:, row], row].tolist() for row in busy}
+        picked = {row: out.tokens_YB[out.emitted_YB[:, row], row].tolist() for row in busy}
         self._hand_out(picked, out, {row: row for row in busy})
 
     def _hand_out(self, picked: dict[int, list[int]], out: StepOutput, column: dict[int, int]) -> None:
         """Hand each row's picked tokens to its sequence; deliver the events; free the rows that finished."""
         finished = []
-        for row, token_K in picked.items():
+        for row, token_Y in picked.items():
             seq = self._rows[row]
-            assert token_K, f"row {row} is running on the host but was done on the device"
-            event = seq.take(token_K, out, column[row])
+            assert token_Y, f"row {row} is running on the host but was done on the device"
+            event = seq.take(token_Y, out, column[row])
             if event.finish_reason is not None:
                 self._rows[row] = None
                 self._count(running=-1)

@@ -7,15 +7,16 @@
     prefill_chunk   the next prompt tokens into staging; the last token's logits, prompt logprobs if asked
     copy_prompt     staging's filled slots into a free row            admit   pick new rows' first tokens
     prefill_rows    short prompts, several at once, straight into free rows, and their first tokens
-    decode_chunk    up to K steps of rows [0, W): feed each pending token, pick the next
+    decode_chunk    up to Y steps of rows [0, W): feed each pending token, pick the next
     move_slots, move_state   a row's filled slots and state to a lower row (so W can shrink)
     release         mark rows done          read_block, restore_block   prefix-cache blocks out of / into staging
 
 Every program has fixed shapes (the static arguments are a bucket, a width or a step count from a
 short list fixed at start), so a warmed-up engine never compiles. Each row's state between chunks
 is "its last token is picked and not yet fed": a step feeds it and picks the next, so a row that
-has finished costs no forward pass. Shape letters are model.py's key (K the steps of one chunk, A the
-top alternatives per token, W the width of a decode chunk: rows [0, W) of the cache, see kvcache.py).
+has finished costs no forward pass. Shape letters are model.py's key (Y the steps of one chunk, A the
+top alternatives per token, W the rows one call runs: a decode chunk's rows [0, W) of the cache (see
+kvcache.py), or the prompts of one prefill_rows / admit).
 
 Why a decode loop of its own beside generate.py's (`RowState` / `pick` / `decode_chunk` beside
 `DecodeState` / `pick_next` / `decode`): both pick through the same sampling chain
@@ -204,65 +205,65 @@ def copy_prompt(slots: Slots, staging: KVCache, row: jax.Array, bucket: int) -> 
 
 
 def admit(
-    slots: Slots, last_logits_PV: jax.Array, prompt_ids_PT: jax.Array, num_prompt_P: jax.Array, rows_P: jax.Array,
-    keys_P2: jax.Array, params_P: SamplingParams, limit_P: jax.Array, want_logprobs_P: jax.Array, allowed_PV: jax.Array,
+    slots: Slots, last_logits_WV: jax.Array, prompt_ids_WT: jax.Array, num_prompt_W: jax.Array, rows_W: jax.Array,
+    keys_W2: jax.Array, params_W: SamplingParams, limit_W: jax.Array, want_logprobs_W: jax.Array, allowed_WV: jax.Array,
 ) -> tuple[Slots, tuple[jax.Array, ...]]:  # fmt: skip
-    """Start P prefilled prompts (their slots already filled) in rows_P: pick each one's first token
-    from its prompt's last logits, among the tokens allowed_PV allows (structured output; all for the
-    others). prompt_ids_PT holds prompt p in its first num_prompt_P[p] entries.
+    """Start W prefilled prompts (their slots already filled) in rows_W: pick each one's first token
+    from its prompt's last logits, among the tokens allowed_WV allows (structured output; all for the
+    others). prompt_ids_WT holds prompt p in its first num_prompt_W[p] entries.
     A row of max_batch or more is a padding entry: its state is dropped, its outputs are junk."""
-    P, V = last_logits_PV.shape
+    W, V = last_logits_WV.shape
     assert V == slots.rows.seen_BV.shape[1]
-    assert prompt_ids_PT.shape[0] == P
-    assert rows_P.shape == (P,)
-    in_prompt_PT = jnp.arange(prompt_ids_PT.shape[1])[None, :] < num_prompt_P[:, None]
-    rows_PT = jnp.broadcast_to(jnp.arange(P)[:, None], prompt_ids_PT.shape)
+    assert prompt_ids_WT.shape[0] == W
+    assert rows_W.shape == (W,)
+    in_prompt_WT = jnp.arange(prompt_ids_WT.shape[1])[None, :] < num_prompt_W[:, None]
+    rows_WT = jnp.broadcast_to(jnp.arange(W)[:, None], prompt_ids_WT.shape)
     new = RowState(
-        seen_BV=jnp.zeros((P, V), jnp.bool_).at[rows_PT, prompt_ids_PT].max(in_prompt_PT),
-        counts_BV=jnp.zeros((P, V), jnp.int32),
-        done_B=jnp.zeros((P,), jnp.bool_),
-        keys_B2=keys_P2,
-        step_B=jnp.zeros((P,), jnp.int32),
-        pending_B=jnp.zeros((P,), jnp.int32),
-        limit_B=limit_P,
-        logprobs_B=want_logprobs_P,
-        params=params_P,
+        seen_BV=jnp.zeros((W, V), jnp.bool_).at[rows_WT, prompt_ids_WT].max(in_prompt_WT),
+        counts_BV=jnp.zeros((W, V), jnp.int32),
+        done_B=jnp.zeros((W,), jnp.bool_),
+        keys_B2=keys_W2,
+        step_B=jnp.zeros((W,), jnp.int32),
+        pending_B=jnp.zeros((W,), jnp.int32),
+        limit_B=limit_W,
+        logprobs_B=want_logprobs_W,
+        params=params_W,
     )
-    new, outputs = pick(new, apply_allowed_tokens(last_logits_PV, allowed_PV))
-    rows = jax.tree.map(lambda all_B, new_P: all_B.at[rows_P].set(new_P, mode="drop"), slots.rows, new)
+    new, outputs = pick(new, apply_allowed_tokens(last_logits_WV, allowed_WV))
+    rows = jax.tree.map(lambda all_B, new_W: all_B.at[rows_W].set(new_W, mode="drop"), slots.rows, new)
     old = slots.cache
     cache = dataclasses.replace(
-        old, start_B=old.start_B.at[rows_P].set(0, mode="drop"), end_B=old.end_B.at[rows_P].set(num_prompt_P, mode="drop")
+        old, start_B=old.start_B.at[rows_W].set(0, mode="drop"), end_B=old.end_B.at[rows_W].set(num_prompt_W, mode="drop")
     )
     return Slots(cache, rows), outputs
 
 
 def prefill_rows(
-    slots: Slots, ids_PT: jax.Array, num_prompt_P: jax.Array, rows_P: jax.Array, keys_P2: jax.Array,
-    params_P: SamplingParams, limit_P: jax.Array, want_logprobs_P: jax.Array, allowed_PV: jax.Array, weights: GPT2Weights,
+    slots: Slots, ids_WT: jax.Array, num_prompt_W: jax.Array, rows_W: jax.Array, keys_W2: jax.Array,
+    params_W: SamplingParams, limit_W: jax.Array, want_logprobs_W: jax.Array, allowed_WV: jax.Array, weights: GPT2Weights,
     config: GPT2Config,
 ) -> tuple[Slots, tuple[jax.Array, ...]]:  # fmt: skip
-    """P short prompts (right-padded to T) at once, straight into their rows: one batched pass over a
-    fresh cache of T slots (as generate prefills), its slots written to slots [0, T) of rows_P, and
+    """W short prompts (right-padded to T) at once, straight into their rows: one batched pass over a
+    fresh cache of T slots (as generate prefills), its slots written to slots [0, T) of rows_W, and
     each prompt's first token picked (`admit`). For prompts that need no staging: each fits one chunk,
     has no prefix block to reuse or save, and wants no prompt logprobs. A row of max_batch or more is
-    a padding entry, dropped. Cheaper than P staging prefills of one row: the weights are read once
+    a padding entry, dropped. Cheaper than W staging prefills of one row: the weights are read once
     and attention spans T slots, not the staging cache's S."""
-    P, T = ids_PT.shape
+    W, T = ids_WT.shape
     assert T <= slots.cache.max_len
-    assert num_prompt_P.shape == (P,)
+    assert num_prompt_W.shape == (W,)
     kv_dtype = slots.cache.kv_dtype
-    hidden_PTD, fresh = transformer_from_empty(ids_PT, jnp.zeros((P,), jnp.int32), T, weights, config, kv_dtype)
-    last_PD = hidden_PTD[jnp.arange(P), num_prompt_P - 1]
-    last_logits_PV = lm_logits(last_PD[:, None], weights)[:, 0]
+    hidden_WTD, fresh = transformer_from_empty(ids_WT, jnp.zeros((W,), jnp.int32), T, weights, config, kv_dtype)
+    last_WD = hidden_WTD[jnp.arange(W), num_prompt_W - 1]
+    last_logits_WV = lm_logits(last_WD[:, None], weights)[:, 0]
     old = slots.cache
     cache = dataclasses.replace(
-        old, k_LBNSH=old.k_LBNSH.at[:, rows_P, :, :T].set(fresh.k_LBNSH, mode="drop"),
-        v_LBNSH=old.v_LBNSH.at[:, rows_P, :, :T].set(fresh.v_LBNSH, mode="drop"),
+        old, k_LBNSH=old.k_LBNSH.at[:, rows_W, :, :T].set(fresh.k_LBNSH, mode="drop"),
+        v_LBNSH=old.v_LBNSH.at[:, rows_W, :, :T].set(fresh.v_LBNSH, mode="drop"),
     )  # fmt: skip
-    new_slots, outputs = admit(Slots(cache, slots.rows), last_logits_PV, ids_PT, num_prompt_P, rows_P, keys_P2, params_P,
-                               limit_P, want_logprobs_P, allowed_PV)  # fmt: skip
-    assert outputs[0].shape == (P,)
+    new_slots, outputs = admit(Slots(cache, slots.rows), last_logits_WV, ids_WT, num_prompt_W, rows_W, keys_W2, params_W,
+                               limit_W, want_logprobs_W, allowed_WV)  # fmt: skip
+    assert outputs[0].shape == (W,)
     return new_slots, outputs
 
 
@@ -291,21 +292,21 @@ def decode_chunk(
     the chunk's first step only, picking among allowed_WV (its grammar's mask, computed on the host
     for that one token), and then waits, neither done nor moving, while the others go on.
 
-    Returns the slots and (tokens_KW, emitted_KW, logprob_KW, top_ids_KWA, top_logprobs_KWA).
+    Returns the slots and (tokens_YW, emitted_YW, logprob_YW, top_ids_YWA, top_logprobs_YWA).
     """
     assert 1 <= width <= slots.rows.done_B.shape[0]
     assert num_steps >= 1
     assert allowed_WV.shape == (width, config.vocab_size)
     assert single_W.shape == (width,)
-    K, W, A = num_steps, width, TOP_LOGPROBS
+    Y, W, A = num_steps, width, TOP_LOGPROBS
     outputs = (
-        jnp.zeros((K, W), jnp.int32), jnp.zeros((K, W), jnp.bool_), jnp.zeros((K, W), jnp.float32),
-        jnp.zeros((K, W, A), jnp.int32), jnp.zeros((K, W, A), jnp.float32),
+        jnp.zeros((Y, W), jnp.int32), jnp.zeros((Y, W), jnp.bool_), jnp.zeros((Y, W), jnp.float32),
+        jnp.zeros((Y, W, A), jnp.int32), jnp.zeros((Y, W, A), jnp.float32),
     )  # fmt: skip
 
     def keep_going(carry) -> jax.Array:
         i, head, _ = carry
-        return (i < K) & ~jnp.all(head.rows.done_B | (single_W & (i > 0)))
+        return (i < Y) & ~jnp.all(head.rows.done_B | (single_W & (i > 0)))
 
     def step(carry):
         i, head, outputs = carry
@@ -323,7 +324,7 @@ def decode_chunk(
         return i + 1, Slots(cache, rows), outputs
 
     _, head, outputs = jax.lax.while_loop(keep_going, step, (jnp.zeros((), jnp.int32), _take_rows(slots, W), outputs))
-    assert outputs[0].shape == (K, W)
+    assert outputs[0].shape == (Y, W)
     return _put_rows(slots, head), outputs
 
 

@@ -218,10 +218,10 @@ def decode_only_rates(prompts: list[list[int]], weights, config, new_tokens: int
     def seconds() -> float:
         fresh = jax.block_until_ready(jax.tree.map(jnp.copy, state))
         start = time.perf_counter()
-        _, tokens_BK, emitted_BK = decode_request(fresh, placed, np.int32(steps), bucket_length(new_tokens), weights, config)
-        jax.block_until_ready(tokens_BK)
+        _, tokens_BY, emitted_BY = decode_request(fresh, placed, np.int32(steps), bucket_length(new_tokens), weights, config)
+        jax.block_until_ready(tokens_BY)
         elapsed = time.perf_counter() - start
-        made = int(np.asarray(emitted_BK)[: len(prompts)].sum())  # a mesh pads the rows; those are not counted
+        made = int(np.asarray(emitted_BY)[: len(prompts)].sum())  # a mesh pads the rows; those are not counted
         assert made == len(prompts) * steps, "every row makes every step (no eos)"
         return elapsed
 
