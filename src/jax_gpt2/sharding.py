@@ -255,3 +255,17 @@ def constrain_cache(cache: KVCache, mesh: Mesh | None) -> KVCache:
         return cache
     shardings = jax.tree.map(lambda spec: NamedSharding(mesh, spec), cache_specs(cache, mesh))
     return jax.lax.with_sharding_constraint(cache, shardings)
+
+
+def __getattr__(name: str):
+    """`jax_gpt2.sharding.initialize` moved to `jax_gpt2.launch.initialize` (2026-12-06): the old name
+    still works, with a DeprecationWarning, so scripts written against it keep running. launch is
+    imported only when the old name is used: the library itself never takes over the process."""
+    if name != "initialize":
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    import warnings
+
+    from jax_gpt2.launch import initialize
+
+    warnings.warn("jax_gpt2.sharding.initialize is now jax_gpt2.launch.initialize", DeprecationWarning, stacklevel=2)
+    return initialize
