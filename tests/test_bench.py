@@ -9,8 +9,9 @@ import pytest
 
 from jax_gpt2 import kernels, load_weights
 from jax_gpt2.tools.bench import (
-    LlamaPeer, bench_model_stem, bench_without_kernels, decode_bytes_per_step, decode_only_rates, format_table,
-    forward_flop_per_token, make_models, plot_results, run_benchmarks, write_bench_model,
+    LlamaPeer, bench_model_stem, bench_without_kernels, cpu_has_bf16_instructions, decode_bytes_per_step,
+    decode_only_rates, format_table, forward_flop_per_token, make_models, plot_results, run_benchmarks,
+    transformers_dtype_for, write_bench_model,
 )  # fmt: skip
 from jax_gpt2.cli import main
 from jax_gpt2.config import PRESETS, GPT2Config
@@ -67,11 +68,33 @@ def test_narrowed_dtypes_run_against_transformers_nearest_form(tmp_path):
     config = GPT2Config(vocab_size=500, n_positions=64, n_embd=128, n_layer=2, n_head=2, bos_token_id=0, eos_token_id=0)
     results = run_benchmarks(config, ["bf16", "int8"], [1], [8], new_tokens=4, repeats=1, contexts=[], progress=False)
     assert [run["dtype"] for run in results["runs"]] == ["bf16", "int8"]
-    assert [run["transformers_dtype"] for run in results["runs"]] == ["torch.bfloat16", "torch.float32"]
+    bf16_peer = "torch.bfloat16" if cpu_has_bf16_instructions() is not False else "torch.float32"
+    assert [run["transformers_dtype"] for run in results["runs"]] == [bf16_peer, "torch.float32"]
     for run in results["runs"]:
         assert 0 <= run["decode"][0]["token_agreement"] <= 1
     plot_results(results, tmp_path / "bench.png")
     assert (tmp_path / "bench.png").read_bytes().startswith(b"\x89PNG")
+
+
+ZEN3_FLAGS = "flags\t\t: fpu sse2 avx avx2 fma bmi2 sha_ni\n"  # an AVX2 host without bf16 (excerpt)
+ZEN4_FLAGS = "flags\t\t: fpu sse2 avx avx2 fma avx512f avx512_bf16 avx512_vnni\n"
+NEOVERSE_V1 = "Features\t: fp asimd sve bf16 i8mm\n"
+
+
+def test_bf16_instructions_are_read_from_the_cpu_flags():
+    assert cpu_has_bf16_instructions(ZEN3_FLAGS) is False
+    assert cpu_has_bf16_instructions(ZEN4_FLAGS) is True
+    assert cpu_has_bf16_instructions(NEOVERSE_V1) is True
+    assert cpu_has_bf16_instructions("model name\t: avx512_bf16 in a name is not a flag\n") is False
+
+
+def test_transformers_bf16_peer_is_its_fp32_path_where_the_cpu_lacks_bf16_instructions():
+    assert transformers_dtype_for("bf16", "cpu", bf16_instructions=True) == "bf16"
+    assert transformers_dtype_for("bf16", "cpu", bf16_instructions=False) == "fp32"
+    assert transformers_dtype_for("bf16", "cpu", bf16_instructions=None) == "bf16"  # unknown: as asked
+    assert transformers_dtype_for("bf16", "cuda", bf16_instructions=False) == "bf16"  # the GPU has its own
+    assert transformers_dtype_for("int8", "cpu", bf16_instructions=True) == "fp32"
+    assert transformers_dtype_for("fp32", "cpu", bf16_instructions=True) == "fp32"
 
 
 def test_our_decode_steps_are_timed_alone_from_one_prefill_each_repeat():

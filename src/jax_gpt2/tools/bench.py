@@ -386,13 +386,41 @@ def machine_info() -> dict:
     )  # fmt: skip
 
 
+# CPU feature flags (Linux /proc/cpuinfo) of the instructions that multiply bfloat16 natively.
+BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16", "bf16")
+
+
+def cpu_has_bf16_instructions(cpuinfo: str | None = None) -> bool | None:
+    """Whether the CPU multiplies bfloat16 natively (x86 AVX512_BF16 / AMX-BF16, Arm's BF16);
+    None where /proc/cpuinfo does not say (not Linux)."""
+    if cpuinfo is None:
+        if not os.path.exists("/proc/cpuinfo"):
+            return None
+        cpuinfo = Path("/proc/cpuinfo").read_text()
+    flags = {flag for line in cpuinfo.splitlines() if line.split(":")[0].strip() in ("flags", "Features")
+             for flag in line.split(":", 1)[1].split()}  # fmt: skip
+    return any(flag in flags for flag in BF16_CPU_FLAGS)
+
+
+def transformers_dtype_for(dtype: str, torch_device: str, bf16_instructions: bool | None) -> str:
+    """transformers' nearest form of a jax-gpt2 dtype: "bf16" for bf16, except on a CPU without
+    bfloat16 instructions, where PyTorch emulates them so slowly (one bench row took 7 minutes on a
+    Zen 3) that its float32 path is the fair peer; "fp32" for fp32 and int8 (transformers has no
+    int8 eager path for GPT-2's Conv1D layers)."""
+    assert dtype in WEIGHT_DTYPES
+    assert torch_device in ("cpu", "cuda")
+    if dtype != "bf16" or (torch_device == "cpu" and bf16_instructions is False):
+        return "fp32"
+    return "bf16"
+
+
 def transformers_model_for(model, dtype: str):
-    """transformers' nearest form of a jax-gpt2 dtype: the float32 model itself, or a bfloat16 copy."""
+    """The float32 reference model itself, or a bfloat16 copy of it (dtype "fp32" or "bf16")."""
     import copy
 
     import torch
 
-    assert dtype in WEIGHT_DTYPES
+    assert dtype in ("fp32", "bf16")
     return copy.deepcopy(model).to(torch.bfloat16) if dtype == "bf16" else model
 
 
@@ -502,11 +530,13 @@ def bench_dtype(
     weights = load_quietly(state, config, dtype, pack=False if on_mesh else None)
     if on_mesh:
         weights = place_weights(weights, config, mesh)
-    hf_model = transformers_model_for(model, dtype).to(torch_device)
+    hf_dtype = transformers_dtype_for(dtype, torch_device, cpu_has_bf16_instructions())
+    hf_model = transformers_model_for(model, hf_dtype).to(torch_device)
     with tempfile.TemporaryDirectory() as cache_dir:
         cold_s, warm_s = first_token_s(config, weights, cache_dir)
     tick()
     run = dict(dtype=dtype, packed=weights.lm_head_DV is not None, transformers_dtype=str(hf_model.dtype))
+    run["transformers_note"] = "fp32: this CPU has no bf16 instructions" if hf_dtype != dtype and dtype == "bf16" else ""
     run["transformers_device"] = str(hf_model.device)
     run.update(execution_path(weights), matrix_dtype=matrix_dtype_name(weights))
     run.update(jax_cold_first_token_s=cold_s, jax_warm_first_token_s=warm_s, decode=[], prefill=[], scoring=[])
@@ -643,7 +673,8 @@ def format_table(results: dict) -> str:
 def format_run(run: dict) -> list[str]:
     lines = [
         f"\n[{run['dtype']}] {run['path']} ({run['isa']}, {run['threads']} threads, matrices {run['matrix_dtype']}); "
-        f"transformers as {run['transformers_dtype']} on {run['transformers_device']}; first token B=1, 20 tokens: "
+        f"transformers as {run['transformers_dtype']} on {run['transformers_device']}"
+        f"{' (' + run['transformers_note'] + ')' if run.get('transformers_note') else ''}; first token B=1, 20 tokens: "
         f"{run['jax_cold_first_token_s']:.2f} s cold (compile), {run['jax_warm_first_token_s']:.2f} s warm cache",
         f"{'measurement':<34}{'jax-gpt2':>12}{'transformers':>14}{'ratio':>8}{'roofline':>10}{'(median)':>10}{'same tokens':>13}{'jax-gpt2 range':>17}",
     ]
