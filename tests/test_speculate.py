@@ -326,3 +326,15 @@ def test_the_width_follows_the_acceptance_down_to_plain_decoding():
     assert width_for(hits=12.0, trials=20.0, rows=8) <= width_for(hits=12.0, trials=20.0)
     # int8 steps are cheap, so the arithmetic of a wide pass weighs more: it drafts no wider than fp32
     assert width_for(hits=14.0, trials=20.0, dtype=np.int8) <= width_for(hits=14.0, trials=20.0)
+
+
+def test_repetition_penalty_sees_only_emitted_tokens_never_the_padding_after_them(model):
+    # A penalty below 1 favours seen tokens, and a bias puts the padding id (0) near the top: had a
+    # verify pass that emits fewer tokens than its width marked the padding as seen, token 0 would
+    # flood the speculative output (it did: 0 zeros plain, 36 speculative, before the fix).
+    weights, config = model
+    settings = dict(max_new_tokens=24, repetition_penalty=0.3, logit_bias={0: 3.0})
+    plain = generate(PROMPTS, weights, config, **settings)
+    tokens, stats = speculative(PROMPTS, weights, config, FIXED, **settings)
+    assert tokens == plain
+    assert stats.drafted_B.sum() > stats.accepted_B.sum(), "no draft was rejected: no padding was written"

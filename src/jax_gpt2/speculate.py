@@ -504,9 +504,26 @@ def plan_step(
     return plan
 
 
+def count_emitted(
+    seen_BV: jax.Array, counts_BV: jax.Array, ids_BT: jax.Array, emitted_B: jax.Array
+) -> tuple[jax.Array, jax.Array]:
+    """seen_BV and counts_BV with each row's first emitted_B[b] tokens of ids_BT added (inactive rows
+    emit 0). Scatters over the B * T tokens: a one-hot over the vocabulary would write B * T * V
+    entries a step, and only the emitted tokens may count (never the padding after them)."""
+    B, T = ids_BT.shape
+    assert emitted_B.shape == (B,)
+    assert seen_BV.shape == counts_BV.shape
+    emitted_BT = jnp.arange(T)[None, :] < emitted_B[:, None]
+    rows_BT = jnp.broadcast_to(jnp.arange(B)[:, None], (B, T))
+    new_seen_BV = seen_BV.at[rows_BT, ids_BT].max(emitted_BT)
+    new_counts_BV = counts_BV.at[rows_BT, ids_BT].add(emitted_BT.astype(counts_BV.dtype))
+    assert new_seen_BV.dtype == jnp.bool_
+    return new_seen_BV, new_counts_BV
+
+
 def speculative_step(
     state: SpeculativeState, plan: Plan, width: int, tokens_BY: jax.Array, base_B: jax.Array, eos_U: jax.Array,
-    params: SamplingParams, flags: SamplerFlags, weights: GPT2Weights, config: GPT2Config, pad_id: int,
+    params: SamplingParams, flags: SamplerFlags, weights: GPT2Weights, config: GPT2Config,
 ) -> tuple[SpeculativeState, jax.Array]:  # fmt: skip
     """One iteration of a plan whose width is `width` (static): the verify pass of 1 + width
     positions, acceptance, emission. tokens_BY receives each row's tokens at slot count_B - base_B on."""
@@ -519,14 +536,10 @@ def speculative_step(
     )
     emitted_B, eos_hit_B = emitted_lengths(ids_BT, accepted_B + 1, eos_U)
     emitted_B = jnp.where(active_B, emitted_B, 0)
-    new_ids_BT = jnp.where(jnp.arange(ids_BT.shape[1])[None, :] < emitted_B[:, None], ids_BT, pad_id)
-    seen_BV = decode.seen_BV | jnp.any(jax.nn.one_hot(new_ids_BT, decode.seen_BV.shape[1], dtype=jnp.bool_), axis=1)
-    emitted_BT = jnp.arange(ids_BT.shape[1])[None, :] < emitted_B[:, None]  # zero for inactive rows
-    counts_BV = decode.counts_BV + jnp.sum(jax.nn.one_hot(ids_BT, decode.counts_BV.shape[1], dtype=jnp.int32)
-                                           * emitted_BT[..., None], axis=1)  # fmt: skip
+    seen_BV, counts_BV = count_emitted(decode.seen_BV, decode.counts_BV, ids_BT, emitted_B)
     new_decode = dataclasses.replace(
         decode, cache=dataclasses.replace(new_cache, end_B=cache.end_B + emitted_B), logits_BV=logits_BV,
-        seen_BV=jnp.where(active_B[:, None], seen_BV, decode.seen_BV), counts_BV=counts_BV,
+        seen_BV=seen_BV, counts_BV=counts_BV,
         done_B=decode.done_B | (active_B & eos_hit_B),
         step_B=decode.step_B + 1,
     )  # fmt: skip
@@ -600,7 +613,7 @@ def decode_speculative(
             def step(carry, width=width):
                 i, state, plan_now, tokens_BY = carry
                 state, tokens_BY = speculative_step(
-                    state, plan_now, width, tokens_BY, base_B, eos_U, params, flags, weights, config, pad_id
+                    state, plan_now, width, tokens_BY, base_B, eos_U, params, flags, weights, config
                 )
                 return i + 1, state, plan(state), tokens_BY
 
