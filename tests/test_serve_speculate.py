@@ -66,7 +66,8 @@ def test_stop_strings_stop_tokens_and_min_tokens_end_where_the_plain_server_ends
     [(_, _, _, (tokens, _))] = replies(plain, [dict(prompt=PASSAGE * 2, max_tokens=40, temperature=0, logprobs=0)])
     requests = [
         dict(prompt=PASSAGE * 2, max_tokens=40, temperature=0, stop=[stop]),
-        dict(prompt=PASSAGE * 2, max_tokens=40, temperature=0, stop=[stop], extra_body={"include_stop_str_in_output": True}),
+        dict(prompt=PASSAGE * 2, max_tokens=40, temperature=0, stop=[stop],
+             extra_body={"include_stop_str_in_output": True}),
         dict(prompt=PASSAGE * 2, max_tokens=40, temperature=0, extra_body={"stop_token_ids": [0], "ignore_eos": True}),
         dict(prompt=PASSAGE * 2, max_tokens=40, temperature=0, extra_body={"min_tokens": 30}),
     ]  # fmt: skip
@@ -104,6 +105,16 @@ def test_a_seeded_sampled_request_completes_within_max_tokens_and_reproduces(ser
     assert first == again
     assert [r[2] for r in first] == [9, 31]
     assert [r[1] for r in first] == ["length", "length"]
+
+
+def test_sampling_with_top_k_1_follows_the_sampled_acceptance_path_to_the_greedy_reply(servers):
+    """At temperature 1 with top_k 1, p is one-hot on the greedy token: a draft is accepted exactly
+    when it is that token, and a rejected one leaves it to the pick; the reply is the greedy one."""
+    plain, speculating = servers
+    sampled = [dict(prompt=PASSAGE * 3, max_tokens=30, temperature=1.0, seed=seed, extra_body={"top_k": 1})
+               for seed in (1, 2)]  # fmt: skip
+    greedy = [dict(prompt=PASSAGE * 3, max_tokens=30, temperature=0)] * 2
+    assert replies(speculating, sampled) == replies(plain, greedy)
 
 
 def test_a_constrained_row_takes_plain_steps_beside_speculating_rows(servers):

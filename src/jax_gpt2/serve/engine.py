@@ -654,10 +654,10 @@ class Engine:
             self._slots, outputs = slots.decode_chunk_jit(self._slots, allowed_WV, single_W, self.weights, self.config,
                                                           width, self.chunk_steps)  # fmt: skip
         else:
-            self._slots, outputs, stats_3 = slots.speculate_chunk_jit(
+            self._slots, outputs, counts = slots.speculate_chunk_jit(
                 self._slots, allowed_WV, single_W, self.speculate, self.weights, self.config, width, self.chunk_steps
             )
-            drafted, accepted, passes = (int(x) for x in jax.device_get(stats_3))
+            drafted, accepted, passes = (int(x) for x in jax.device_get(counts))
             self.drafted_tokens, self.accepted_tokens = self.drafted_tokens + drafted, self.accepted_tokens + accepted
             self.verify_passes += passes
         out = StepOutput(*jax.device_get(outputs))

@@ -388,34 +388,48 @@ def _accepted(logits_WTV: jax.Array, ids_WT: jax.Array, draft_len_W: jax.Array, 
     return jnp.where(running_W, accepted_W, 0)
 
 
-def _kept_drafts(drafts_WK: jax.Array, accepted_W: jax.Array, rows: RowState, running_W: jax.Array) -> tuple[jax.Array, ...]:
+def _kept_drafts(
+    drafts_WT: jax.Array, accepted_W: jax.Array, rows: RowState, running_W: jax.Array
+) -> tuple[jax.Array, jax.Array, RowState]:
     """How many accepted drafts each row emits (through its first end token), whether one ended it,
     and the row state with them counted as picked."""
-    W, K = drafts_WK.shape
+    W, T = drafts_WT.shape
     V = rows.seen_BV.shape[1]
-    if K == 0:
+    if T == 0:
         return jnp.zeros((W,), jnp.int32), jnp.zeros((W,), jnp.bool_), rows
-    kept_W, end_hit_W = emitted_lengths(drafts_WK, accepted_W, rows.params.end_ids_BU)
+    kept_W, end_hit_W = emitted_lengths(drafts_WT, accepted_W, rows.params.end_ids_BU)
     kept_W, end_hit_W = jnp.where(running_W, kept_W, 0), end_hit_W & running_W
-    new_WKV = jax.nn.one_hot(drafts_WK, V, dtype=jnp.int32) * (jnp.arange(K)[None, :] < kept_W[:, None])[..., None]
+    new_WTV = jax.nn.one_hot(drafts_WT, V, dtype=jnp.int32) * (jnp.arange(T)[None, :] < kept_W[:, None])[..., None]
     rows = dataclasses.replace(
-        rows, seen_BV=rows.seen_BV | jnp.any(new_WKV > 0, axis=1), counts_BV=rows.counts_BV + jnp.sum(new_WKV, axis=1),
+        rows, seen_BV=rows.seen_BV | jnp.any(new_WTV > 0, axis=1), counts_BV=rows.counts_BV + jnp.sum(new_WTV, axis=1),
         step_B=rows.step_B + kept_W, done_B=rows.done_B | end_hit_W,
     )  # fmt: skip
     assert kept_W.shape == (W,)
     return kept_W, end_hit_W, rows
 
 
+@dataclasses.dataclass(frozen=True)
+class _Iteration:
+    """What one speculative iteration made, per row (inside one trace: never a loop's carry)."""
+
+    tokens_WT: jax.Array  # int32: the kept drafts, then the picked token
+    count_W: jax.Array  # int32: tokens of tokens_WT emitted
+    kept_W: jax.Array  # int32: drafts emitted (the picked token sits at this index)
+    accepted_W: jax.Array  # int32: drafts the model accepted
+    draft_len_W: jax.Array  # int32: drafts verified
+    picked: tuple  # pick's outputs: token_W, emitted_W, logprob_W, top_ids_WA, top_logprobs_WA
+
+
 def _speculative_step(
     head: Slots, plan: tuple[jax.Array, ...], single_W: jax.Array, allowed_WV: jax.Array, i: jax.Array, width: int,
     weights: GPT2Weights, config: GPT2Config,
-) -> tuple[Slots, tuple[jax.Array, ...]]:  # fmt: skip
+) -> tuple[Slots, _Iteration]:  # fmt: skip
     """One verify pass of [pending, `width` draft tokens] per row, then each running row emits its
     accepted drafts and picks its next token from the logits after the last one it kept.
 
     A sampling row whose draft d was rejected picks from max(0, p - one_hot(d)), normalized (q of a
     lookup is one-hot): p without d. So every token follows plain sampling's distribution (Leviathan
-    et al. 2023). Returns the slots and (tokens_WT, count_W, kept_W, the pick's outputs).
+    et al. 2023). Returns the slots and what the iteration made.
     """
     rows, cache = head.rows, head.cache
     W, V = rows.seen_BV.shape
@@ -440,16 +454,17 @@ def _speculative_step(
                                hits_B=hits_W, trials_B=trials_W)  # fmt: skip
     tokens_WT = jnp.concatenate([ids_WT[:, 1:], jnp.zeros((W, 1), jnp.int32)], axis=1)
     tokens_WT = tokens_WT.at[jnp.arange(W), kept_W].set(picked[0])
-    counts = (tokens_WT, kept_W + picked[1], kept_W, accepted_W, draft_len_W)
+    made = _Iteration(tokens_WT, kept_W + picked[1], kept_W, accepted_W, draft_len_W, picked)
     assert tokens_WT.shape == (W, width + 1)
-    return Slots(dataclasses.replace(new_cache, end_B=end_W), rows), (*counts, *picked)
+    return Slots(dataclasses.replace(new_cache, end_B=end_W), rows), made
 
 
-def _write_outputs(outputs_W: tuple[jax.Array, ...], made_W: jax.Array, step: tuple[jax.Array, ...]) -> tuple:
+def _write_outputs(outputs_W: tuple[jax.Array, ...], made_W: jax.Array, made: _Iteration) -> tuple:
     """One iteration's tokens into the chunk's outputs (row w's from slot made_W[w] on); the pick's
     logprobs at its token's slot (a draft token's stay zero: rows wanting logprobs never draft)."""
     tokens_WY, emitted_WY, logprob_WY, top_ids_WYA, top_logprobs_WYA = outputs_W
-    tokens_WT, count_W, kept_W, _, _, _, picked_W, logprob_W, top_ids_WA, top_logprobs_WA = step
+    tokens_WT, count_W, kept_W = made.tokens_WT, made.count_W, made.kept_W
+    _, picked_W, logprob_W, top_ids_WA, top_logprobs_WA = made.picked
     W, Y = tokens_WY.shape
     assert made_W.shape == (W,)
     rows_W, at_W = jnp.arange(W), jnp.where(picked_W, made_W + kept_W, Y)
@@ -466,15 +481,15 @@ def _write_outputs(outputs_W: tuple[jax.Array, ...], made_W: jax.Array, step: tu
 def speculate_chunk(
     slots: Slots, allowed_WV: jax.Array, single_W: jax.Array, lookup: PromptLookup, weights: GPT2Weights,
     config: GPT2Config, width: int, num_steps: int,
-) -> tuple[Slots, tuple[jax.Array, ...], jax.Array]:  # fmt: skip
+) -> tuple[Slots, tuple[jax.Array, ...], tuple[jax.Array, ...]]:  # fmt: skip
     """decode_chunk with prompt lookup: up to num_steps iterations of rows [0, width), each a verify
     pass of every row's pending token and its draft (`_speculative_step`), the draft width chosen
     per iteration from the rows' recent acceptance (speculate.choose_width; 0: a plain step). Rows
     without a draft, reporting logprobs or under a grammar take plain steps in the same pass.
 
     Returns the slots, the outputs of decode_chunk with Y = num_steps * (max_draft + 1) (each row's
-    tokens from slot 0, emitted_YW marking them) and stats_3: draft tokens verified, draft tokens
-    accepted, verify passes with a draft.
+    tokens from slot 0, emitted_YW marking them) and the chunk's counts (scalars): draft tokens
+    verified, draft tokens accepted, verify passes with a draft.
     """
     assert 1 <= width <= slots.rows.done_B.shape[0]
     assert num_steps >= 1
@@ -500,22 +515,23 @@ def speculate_chunk(
                 return keep_going(carry) & (carry[2][2] == index)
 
             def step(carry, draft_width=draft_width):
-                i, head, plan, outputs_W, made_W, stats_3 = carry
+                i, head, plan, outputs_W, made_W, (drafted, accepted, passes) = carry
                 head, made = _speculative_step(head, plan, single_W, allowed_WV, i, draft_width, weights, config)
                 outputs_W, made_W = _write_outputs(outputs_W, made_W, made)
-                stats_3 = stats_3 + jnp.stack([jnp.sum(made[4]), jnp.sum(made[3]), jnp.int32(draft_width > 0)])
-                return i + 1, head, _draft_plan(head, single_W, i + 1, lookup, costs), outputs_W, made_W, stats_3
+                counts = (drafted + jnp.sum(made.draft_len_W), accepted + jnp.sum(made.accepted_W),
+                          passes + int(draft_width > 0))  # fmt: skip
+                return i + 1, head, _draft_plan(head, single_W, i + 1, lookup, costs), outputs_W, made_W, counts
 
             carry = jax.lax.while_loop(this_width, step, carry)
         return carry
 
     head, zero = _take_rows(slots, W), jnp.zeros((), jnp.int32)
     carry = (zero, head, _draft_plan(head, single_W, zero, lookup, costs), outputs_W, jnp.zeros((W,), jnp.int32),
-             jnp.zeros((3,), jnp.int32))  # fmt: skip
-    _, head, _, outputs_W, _, stats_3 = jax.lax.while_loop(keep_going, widths_in_turn, carry)
+             (zero, zero, zero))  # fmt: skip
+    _, head, _, outputs_W, _, counts = jax.lax.while_loop(keep_going, widths_in_turn, carry)
     outputs = tuple(jnp.swapaxes(out, 0, 1) for out in outputs_W)
     assert outputs[0].shape == (Y, W)
-    return _put_rows(slots, head), outputs, stats_3
+    return _put_rows(slots, head), outputs, counts
 
 
 def move_slots(slots: Slots, source: jax.Array, target: jax.Array, bucket: int) -> Slots:
