@@ -473,8 +473,8 @@ def record_outcome(
     hits_B = accepted_B + (shadow_B & (state.guess_B == token_B))
     hits_B, trials_B = decayed_evidence(state.hits_B, state.trials_B, hits_B, trials_B)
     return dict(
-        hits_B=hits_B, trials_B=trials_B, guess_B=next_guess_B, drafted_B=state.drafted_B + draft_len_B, accepted_B=state.accepted_B + accepted_B,
-        passes_B=state.passes_B + (draft_len_B > 0),
+        hits_B=hits_B, trials_B=trials_B, guess_B=next_guess_B, drafted_B=state.drafted_B + draft_len_B,
+        accepted_B=state.accepted_B + accepted_B, passes_B=state.passes_B + (draft_len_B > 0),
     )  # fmt: skip
 
 

@@ -142,7 +142,9 @@ def _no_logprobs(B: int) -> tuple[jax.Array, jax.Array, jax.Array]:
     return jnp.zeros((B,)), zeros_BA.astype(jnp.int32), zeros_BA
 
 
-def pick(rows: RowState, logits_BV: jax.Array, banned_B: jax.Array | None = None) -> tuple[RowState, tuple[jax.Array, ...]]:
+def pick(
+    rows: RowState, logits_BV: jax.Array, banned_B: jax.Array | None = None
+) -> tuple[RowState, tuple[jax.Array, ...]]:
     """Each running row picks its next token from its logits; a row is done at one of its end tokens
     (params.end_ids_BU: eos unless ignore_eos, and stop_token_ids) or at its limit. banned_B: a token
     each row may not pick (V or more: none), its rejected lookup draft (see speculate_chunk).
@@ -249,7 +251,8 @@ def admit(
         trials_B=jnp.zeros((W,), jnp.float32),
     )
     new, outputs = pick(new, apply_allowed_tokens(last_logits_WV, allowed_WV))
-    new = dataclasses.replace(new, history_BS=new.history_BS.at[jnp.arange(W), num_prompt_W].set(new.pending_B, mode="drop"))
+    history_WS = new.history_BS.at[jnp.arange(W), num_prompt_W].set(new.pending_B, mode="drop")  # the pending token
+    new = dataclasses.replace(new, history_BS=history_WS)
     rows = jax.tree.map(lambda all_B, new_W: all_B.at[rows_W].set(new_W, mode="drop"), slots.rows, new)
     old = slots.cache
     cache = dataclasses.replace(
@@ -448,8 +451,10 @@ def _speculative_step(
     rows, picked = pick(dataclasses.replace(rows, done_B=rows.done_B | waiting_W), logits_WV, banned_W)
     end_W = jnp.where(running_W & ~end_hit_W, cache.end_B + 1 + kept_W, cache.end_B)
     history_WS = write_tokens(rows.history_BS, cache.end_B, ids_WT, jnp.where(running_W, width + 1, 0))
-    history_WS = history_WS.at[jnp.arange(W), jnp.where(picked[1], end_W, history_WS.shape[1])].set(picked[0], mode="drop")
-    hits_W, trials_W = decayed_evidence(rows.hits_B, rows.trials_B, accepted_W, verified_guesses(draft_len_W, accepted_W))
+    new_end_W = jnp.where(picked[1], end_W, history_WS.shape[1])  # the new pending token sits at the new end
+    history_WS = history_WS.at[jnp.arange(W), new_end_W].set(picked[0], mode="drop")
+    trials_W = verified_guesses(draft_len_W, accepted_W)
+    hits_W, trials_W = decayed_evidence(rows.hits_B, rows.trials_B, accepted_W, trials_W)
     rows = dataclasses.replace(rows, done_B=jnp.where(waiting_W, head.rows.done_B, rows.done_B), history_BS=history_WS,
                                hits_B=hits_W, trials_B=trials_W)  # fmt: skip
     tokens_WT = jnp.concatenate([ids_WT[:, 1:], jnp.zeros((W, 1), jnp.int32)], axis=1)
@@ -603,8 +608,8 @@ read_block_jit = jax.jit(read_block)
 restore_block_jit = jax.jit(restore_block, donate_argnames=("staging",))
 JITTED = (
     empty_slots_jit, empty_staging_jit, begin_prompt_jit,
-    prefill_chunk_jit, copy_prompt_jit, admit_jit, prefill_rows_jit, decode_chunk_jit, speculate_chunk_jit, move_slots_jit,
-    move_state_jit, release_jit, read_block_jit, restore_block_jit,
+    prefill_chunk_jit, copy_prompt_jit, admit_jit, prefill_rows_jit, decode_chunk_jit, speculate_chunk_jit,
+    move_slots_jit, move_state_jit, release_jit, read_block_jit, restore_block_jit,
 )  # fmt: skip
 
 
