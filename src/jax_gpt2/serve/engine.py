@@ -8,6 +8,7 @@ One scheduling round (`step`):
     staging --prefill chunks (at most prefill_chunk tokens a round)--> staging --save--> prefix cache
     staging --admit: pick the first token, copy the prompt's slots into the lowest free row--> Slots
     rows [0, W) of Slots --decode_chunk: up to chunk_steps steps--> tokens, logprobs --> host
+                         (speculate_chunk with Engine(speculate=PromptLookup()): several tokens a step)
     host: a TextFinisher per sequence --> Event --> deliver(event)
 
 W, the width, is the smallest compiled width (1, 2, 4, ..., max_batch) that holds every busy row:

@@ -8,6 +8,8 @@
     copy_prompt     staging's filled slots into a free row            admit   pick new rows' first tokens
     prefill_rows    short prompts, several at once, straight into free rows, and their first tokens
     decode_chunk    up to Y steps of rows [0, W): feed each pending token, pick the next
+    speculate_chunk the same with prompt lookup: each step verifies every row's draft after its
+                    pending token (speculate.py's pieces), so a step may yield several tokens a row
     move_slots, move_state   a row's filled slots and state to a lower row (so W can shrink)
     release         mark rows done          read_block, restore_block   prefix-cache blocks out of / into staging
 
