@@ -1,7 +1,7 @@
 """`jax-gpt2 serve --speculate lookup` through the real HTTP server: greedy replies are token for token
 the plain server's (concurrent rows, different max_tokens, stop strings, stop tokens, penalties,
 logprobs, a constrained row beside them), seeded sampling completes within max_tokens and
-reproduces, and /metrics counts the drafts. The plain server is the reference: test_serve.py holds
+reproduces, and /metrics counts the drafts; a warmed-up speculating server compiles nothing new. The plain server is the reference: test_serve.py holds
 it equal to `generate`."""
 
 import json
@@ -13,6 +13,7 @@ import pytest
 
 from jax_gpt2.cli import main
 from jax_gpt2.serve.engine import Engine
+from jax_gpt2.serve.slots import compiled_count
 from jax_gpt2.speculate import DraftModel, PromptLookup
 from test_serve import CONTEXT, MODEL_ID, SMALL_SCHEMA, metric_values, model, running_server  # noqa: F401 (a fixture)
 
@@ -48,8 +49,9 @@ def replies(running, requests: list[dict]) -> list[tuple]:
 def test_concurrent_greedy_replies_equal_the_plain_servers_and_the_drafts_are_counted(servers):
     plain, speculating = servers
     requests = [dict(prompt=p, max_tokens=m, temperature=0) for p, m in zip(PROMPTS, MAX_TOKENS)]
-    before = metric_values(speculating.url)
+    before, programs = metric_values(speculating.url), compiled_count()
     assert replies(speculating, requests) == replies(plain, requests)
+    assert compiled_count() == programs, "warm_up compiles every speculating chunk"
     after = metric_values(speculating.url)
     count = lambda name: after[(name, ())] - before[(name, ())]  # noqa: E731
     assert count("jax_gpt2_draft_tokens_total") > 0
