@@ -1,8 +1,8 @@
-"""`jax-gpt2 serve --speculate lookup` through the real HTTP server: greedy replies are token for token
-the plain server's (concurrent rows, different max_tokens, stop strings, stop tokens, penalties,
-logprobs, a constrained row beside them), seeded sampling completes within max_tokens and
-reproduces, and /metrics counts the drafts; a warmed-up speculating server compiles nothing new. The plain server is the reference: test_serve.py holds
-it equal to `generate`."""
+"""`jax-gpt2 serve --speculate lookup` through the real HTTP server: greedy replies are token for token the
+plain server's (concurrent rows, different max_tokens, stop strings, stop tokens, penalties, logprobs, a
+constrained row beside them), seeded sampling completes within max_tokens and reproduces, and /metrics
+counts the drafts; a warmed-up speculating server compiles nothing new. The plain server is the
+reference: test_serve.py holds it equal to `generate`."""
 
 import json
 from concurrent.futures import ThreadPoolExecutor
