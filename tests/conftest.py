@@ -137,7 +137,7 @@ def pytest_configure(config) -> None:
 # working; CI (.ci/run) runs everything.
 SLOW_MODULES = {
     "test_bench", "test_engine", "test_kernel_core", "test_kernels", "test_native", "test_remote", "test_serve",
-    "test_sharding", "test_speculate",
+    "test_serve_speculate", "test_sharding", "test_speculate",
 }  # fmt: skip
 
 

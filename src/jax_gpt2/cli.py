@@ -396,12 +396,20 @@ def run_generate(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_speculate_options(parser) -> None:
+def add_speculate_options(parser, serving: bool = False) -> None:
     group = parser.add_argument_group("speculative decoding (same tokens, fewer passes over the weights)")
-    group.add_argument("--speculate", choices=["lookup", "draft"], default=None,
-                       help="lookup: draft the continuation of an earlier occurrence of the last tokens; "
-                            "draft: draft with a smaller model of the same vocabulary (--draft-model)")  # fmt: skip
-    group.add_argument("--draft-model", default=None, metavar="FOLDER", help="the draft model (hub name or folder)")
+    if serving:  # a draft model is refused in run_serve, naming what works
+        help_text = ("lookup: each decode slot drafts the continuation of an earlier occurrence of its last "
+                     "tokens (prompt + output) and verifies it in the slots' shared pass; acceptance counts in "
+                     "/metrics. draft: not served (generate only)")  # fmt: skip
+    else:
+        help_text = ("lookup: draft the continuation of an earlier occurrence of the last tokens; "
+                     "draft: draft with a smaller model of the same vocabulary (--draft-model)")  # fmt: skip
+    group.add_argument("--speculate", choices=["lookup", "draft"], default=None, help=help_text)
+    if serving:
+        parser.set_defaults(draft_model=None)
+    else:
+        group.add_argument("--draft-model", default=None, metavar="FOLDER", help="the draft model (hub name or folder)")
     group.add_argument("--max-draft", type=_positive_int, default=None,
                        help="draft tokens per verify pass at most (default: PromptLookup's, 5)")  # fmt: skip
     group.add_argument("--fixed-draft", action="store_true",
@@ -676,11 +684,15 @@ def run_serve(args: argparse.Namespace) -> int:
 
     api_key = args.api_key or os.environ.get("JAX_GPT2_API_KEY") or None
     limits = ServerLimits(args.max_body_bytes, args.max_prompt_tokens, args.max_n, args.max_tokens, args.max_stops)
+    if args.speculate == "draft":
+        raise UserError("serve speculates with --speculate lookup only (prompt lookup, with --max-draft and "
+                        "--fixed-draft); a draft model works with generate --speculate draft")  # fmt: skip
+    speculate = speculate_from_args(args)  # before the model loads: a bad option fails fast
     folder, config, weights = _load_model(args.model, args.dtype, _mesh_from_args(args))
     engine = Engine(
         weights, config, load_tokenizer(folder), max_batch=args.max_batch, max_seq_len=args.max_seq_len,
         max_queue=args.max_queue, chunk_steps=args.chunk_steps, prefill_chunk=args.prefill_chunk,
-        prefix_cache_mib=args.prefix_cache_mib, kv_dtype=kv_dtype_from_flag(args.kv_dtype),
+        prefix_cache_mib=args.prefix_cache_mib, kv_dtype=kv_dtype_from_flag(args.kv_dtype), speculate=speculate,
     )  # fmt: skip
     run_server(args.model, engine, args.host, args.port, limits, api_key, args.drain_timeout)
     return 0
@@ -723,6 +735,7 @@ def add_serve_command(subparsers) -> None:
     add_dtype_option(parser)
     add_kv_dtype_option(parser)
     add_mesh_option(parser)
+    add_speculate_options(parser, serving=True)
     parser.set_defaults(run=run_serve)
 
 

@@ -414,11 +414,14 @@ def choose_width(
     return index
 
 
-def emitted_lengths(ids_BT: jax.Array, kept_B: jax.Array, eos_U: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """How many of ids_BT[:, :kept_B] each row emits (through its first eos), and whether one hit."""
+def emitted_lengths(ids_BT: jax.Array, kept_B: jax.Array, end_BU: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """How many of ids_BT[:, :kept_B] each row emits (through its first end token), and whether one hit.
+    end_BU: each row's end tokens (padded with -1), or one row (1, U) that every row shares."""
     B, T = ids_BT.shape
     assert kept_B.shape == (B,)
-    is_eos_BT = jnp.isin(ids_BT, eos_U) & (jnp.arange(T)[None, :] < kept_B[:, None])
+    assert end_BU.ndim == 2
+    is_end_BT = jnp.any(ids_BT[:, :, None] == end_BU[:, None, :], axis=-1)
+    is_eos_BT = is_end_BT & (jnp.arange(T)[None, :] < kept_B[:, None])
     first_eos_B = jnp.min(jnp.where(is_eos_BT, jnp.arange(T)[None, :], T), axis=1)
     hit_B = first_eos_B < T
     emitted_B = jnp.where(hit_B, first_eos_B + 1, kept_B).astype(jnp.int32)
@@ -437,6 +440,26 @@ def write_tokens(buffer_BY: jax.Array, at_B: jax.Array, ids_BT: jax.Array, count
     return buffer_BY.at[rows_BT, slots_BT].set(ids_BT.astype(buffer_BY.dtype), mode="drop")
 
 
+def verified_guesses(draft_len_B: jax.Array, accepted_B: jax.Array) -> jax.Array:
+    """The draft tokens a verify pass judged: the accepted ones and the first rejected one (the rest
+    were never compared with anything)."""
+    assert draft_len_B.shape == accepted_B.shape
+    verified_B = jnp.minimum(accepted_B + 1, draft_len_B)
+    assert verified_B.shape == draft_len_B.shape
+    return verified_B
+
+
+def decayed_evidence(
+    hits_B: jax.Array, trials_B: jax.Array, new_hits_B: jax.Array, new_trials_B: jax.Array
+) -> tuple[jax.Array, jax.Array]:
+    """The acceptance evidence after new trials: older evidence weighs FORGET less each time a row
+    verifies anything (a row that drafted nothing keeps what it had)."""
+    assert hits_B.shape == new_hits_B.shape
+    assert trials_B.shape == new_trials_B.shape
+    forget_B = jnp.where(new_trials_B > 0, FORGET, 1.0)
+    return hits_B * forget_B + new_hits_B, trials_B * forget_B + new_trials_B
+
+
 def record_outcome(
     state: SpeculativeState, token_B: jax.Array, draft_len_B: jax.Array, accepted_B: jax.Array,
     active_B: jax.Array, next_guess_B: jax.Array,
@@ -446,13 +469,12 @@ def record_outcome(
     assert token_B.shape == accepted_B.shape
     assert draft_len_B.shape == accepted_B.shape
     shadow_B = active_B & (state.guess_B >= 0)
-    trials_B = jnp.minimum(accepted_B + 1, draft_len_B) + shadow_B
+    trials_B = verified_guesses(draft_len_B, accepted_B) + shadow_B
     hits_B = accepted_B + (shadow_B & (state.guess_B == token_B))
-    forget_B = jnp.where(trials_B > 0, FORGET, 1.0)
+    hits_B, trials_B = decayed_evidence(state.hits_B, state.trials_B, hits_B, trials_B)
     return dict(
-        hits_B=state.hits_B * forget_B + hits_B, trials_B=state.trials_B * forget_B + trials_B,
-        guess_B=next_guess_B, drafted_B=state.drafted_B + draft_len_B, accepted_B=state.accepted_B + accepted_B,
-        passes_B=state.passes_B + (draft_len_B > 0),
+        hits_B=hits_B, trials_B=trials_B, guess_B=next_guess_B, drafted_B=state.drafted_B + draft_len_B,
+        accepted_B=state.accepted_B + accepted_B, passes_B=state.passes_B + (draft_len_B > 0),
     )  # fmt: skip
 
 
@@ -534,7 +556,7 @@ def speculative_step(
     new_cache, accepted_B, logits_BV, residual_q_BV = verify(
         ids_BT[:, : width + 1], plan.draft_len_B, state, params, flags, plan.accept_keys_B2, weights, config, q_BTV
     )
-    emitted_B, eos_hit_B = emitted_lengths(ids_BT, accepted_B + 1, eos_U)
+    emitted_B, eos_hit_B = emitted_lengths(ids_BT, accepted_B + 1, eos_U[None, :])
     emitted_B = jnp.where(active_B, emitted_B, 0)
     seen_BV, counts_BV = count_emitted(decode.seen_BV, decode.counts_BV, ids_BT, emitted_B)
     new_decode = dataclasses.replace(

@@ -8,6 +8,7 @@ One scheduling round (`step`):
     staging --prefill chunks (at most prefill_chunk tokens a round)--> staging --save--> prefix cache
     staging --admit: pick the first token, copy the prompt's slots into the lowest free row--> Slots
     rows [0, W) of Slots --decode_chunk: up to chunk_steps steps--> tokens, logprobs --> host
+                         (speculate_chunk with Engine(speculate=PromptLookup()): several tokens a step)
     host: a TextFinisher per sequence --> Event --> deliver(event)
 
 W, the width, is the smallest compiled width (1, 2, 4, ..., max_batch) that holds every busy row:
@@ -57,6 +58,7 @@ from jax_gpt2.serve.events import Event, TokenLogprob
 from jax_gpt2.serve.prefix_cache import PrefixCache
 from jax_gpt2.serve.slots import PREFIX_BLOCK, TOP_LOGPROBS
 from jax_gpt2.sharding import data_shards
+from jax_gpt2.speculate import PromptLookup
 from jax_gpt2.stopping import TextFinisher
 from jax_gpt2.weights import GPT2Weights
 
@@ -105,6 +107,14 @@ def powers_of_two_to(limit: int, start: int = 1) -> list[int]:
     sizes.append(limit)
     assert sizes == sorted(set(sizes))
     return sizes
+
+
+def check_speculate(speculate):
+    """The engine speculates by prompt lookup only: a draft model would need a second cache per row."""
+    if speculate is None or isinstance(speculate, PromptLookup):
+        return speculate
+    raise ValueError(f"serve speculates with prompt lookup (PromptLookup, --speculate lookup) only; "
+                     f"got {type(speculate).__name__}")  # fmt: skip
 
 
 def check_request(request: SequenceRequest, vocab_size: int, context_length: int) -> None:
@@ -223,7 +233,7 @@ class Engine:
     def __init__(
         self, weights: GPT2Weights, config: GPT2Config, tokenizer, max_batch: int = 8, max_seq_len: int = 1024,
         max_queue: int = 64, chunk_steps: int = 4, prefill_chunk: int = 128, prefix_cache_mib: float = 256,
-        kv_dtype=jnp.float32,
+        kv_dtype=jnp.float32, speculate: PromptLookup | None = None,
     ) -> None:  # fmt: skip
         for name, value in (("max_batch", max_batch), ("max_seq_len", max_seq_len), ("chunk_steps", chunk_steps),
                             ("prefill_chunk", prefill_chunk)):  # fmt: skip
@@ -233,6 +243,10 @@ class Engine:
             if value < 0:
                 raise ValueError(f"{name} must be >= 0; got {value}")
         self.weights, self.config, self.tokenizer = weights, config, tokenizer
+        self.speculate = check_speculate(speculate)
+        self.drafted_tokens = 0  # draft tokens verified (speculate only)
+        self.accepted_tokens = 0  # draft tokens the model accepted
+        self.verify_passes = 0  # decode passes that verified a draft
         self.kv_dtype = check_kv_dtype(kv_dtype)
         self.max_batch, self.max_queue, self.chunk_steps = max_batch, max_queue, chunk_steps
         self.context_length = S = min(max_seq_len, config.n_positions)
@@ -354,8 +368,12 @@ class Engine:
                                                         *self._row_settings([], W), self.weights, self.config)  # fmt: skip
         for width in self.widths:
             allowed_WV, single_W = np.ones((width, self.config.vocab_size), np.bool_), np.zeros((width,), np.bool_)
-            self._slots, _ = slots.decode_chunk_jit(self._slots, allowed_WV, single_W, self.weights, self.config, width,
-                                                    self.chunk_steps)  # fmt: skip
+            if self.speculate is None:
+                self._slots, _ = slots.decode_chunk_jit(self._slots, allowed_WV, single_W, self.weights, self.config,
+                                                        width, self.chunk_steps)  # fmt: skip
+            else:
+                self._slots, _, _ = slots.speculate_chunk_jit(self._slots, allowed_WV, single_W, self.speculate,
+                                                              self.weights, self.config, width, self.chunk_steps)  # fmt: skip
         self._slots = slots.release_jit(self._slots, np.ones((self.max_batch,), np.bool_))
         if self.prefix_cache.capacity > 0:
             k, v = slots.read_block_jit(self._staging, zero)
@@ -633,8 +651,16 @@ class Engine:
         width = self._width_for(1 + max(row for row, seq in enumerate(self._rows) if seq is not None))
         single_W = np.array([seq is not None and seq.matcher is not None for seq in self._rows[:width]])
         allowed_WV = self._allowed(self._rows[:width], width)
-        self._slots, outputs = slots.decode_chunk_jit(self._slots, allowed_WV, single_W, self.weights, self.config, width,
-                                                      self.chunk_steps)  # fmt: skip
+        if self.speculate is None:
+            self._slots, outputs = slots.decode_chunk_jit(self._slots, allowed_WV, single_W, self.weights, self.config,
+                                                          width, self.chunk_steps)  # fmt: skip
+        else:
+            self._slots, outputs, counts = slots.speculate_chunk_jit(
+                self._slots, allowed_WV, single_W, self.speculate, self.weights, self.config, width, self.chunk_steps
+            )
+            drafted, accepted, passes = (int(x) for x in jax.device_get(counts))
+            self.drafted_tokens, self.accepted_tokens = self.drafted_tokens + drafted, self.accepted_tokens + accepted
+            self.verify_passes += passes
         out = StepOutput(*jax.device_get(outputs))
         busy = [row for row in range(width) if self._rows[row] is not None]
         picked = {row: out.tokens_YB[out.emitted_YB[:, row], row].tolist() for row in busy}

@@ -9,11 +9,15 @@ in a registry of its own per app (no process-wide registry: two servers in one p
     jax_gpt2_time_to_first_token_seconds            request arrival -> its first generated token
     jax_gpt2_inter_token_latency_seconds            gap between a sequence's tokens (an event of k
                                                     tokens after a gap g counts g / k, k times)
+    jax_gpt2_draft_tokens_total                     serve --speculate lookup: draft tokens verified
+    jax_gpt2_accepted_draft_tokens_total            ... of them the model accepted
+    jax_gpt2_verify_passes_total                    decode passes that verified a draft (0 without --speculate)
 """
 
 import time
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily
 
 # Seconds: TTFT runs from a few ms (a cached prefix) to seconds (a long prompt behind others).
 TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
@@ -35,6 +39,7 @@ class ServerMetrics:
                               buckets=TTFT_BUCKETS, registry=self.registry)  # fmt: skip
         self.itl = Histogram("jax_gpt2_inter_token_latency_seconds", "Time between a sequence's tokens",
                              buckets=ITL_BUCKETS, registry=self.registry)  # fmt: skip
+        self.registry.register(SpeculationCounters(engine))
 
     def clock(self, arrived: float) -> "SequenceClock":
         return SequenceClock(self, arrived)
@@ -62,3 +67,20 @@ class SequenceClock:
         for _ in range(count):
             self.metrics.itl.observe((now - self.last.get(seq_id, now)) / max(count, 1))
         self.last[seq_id] = now
+
+
+class SpeculationCounters:
+    """The engine's speculation counts, read when /metrics is scraped (the engine thread adds to them)."""
+
+    def __init__(self, engine) -> None:
+        self.engine = engine
+
+    def collect(self):
+        engine = self.engine
+        for name, documentation, value in (
+            ("jax_gpt2_draft_tokens", "Draft tokens verified (serve --speculate)", engine.drafted_tokens),
+            ("jax_gpt2_accepted_draft_tokens", "Draft tokens the model accepted", engine.accepted_tokens),
+            ("jax_gpt2_verify_passes", "Decode passes that verified a draft", engine.verify_passes),
+        ):  # fmt: skip
+            assert value >= 0
+            yield CounterMetricFamily(name, documentation, value=value)

@@ -8,6 +8,8 @@
     copy_prompt     staging's filled slots into a free row            admit   pick new rows' first tokens
     prefill_rows    short prompts, several at once, straight into free rows, and their first tokens
     decode_chunk    up to Y steps of rows [0, W): feed each pending token, pick the next
+    speculate_chunk the same with prompt lookup: each step verifies every row's draft after its
+                    pending token (speculate.py's pieces), so a step may yield several tokens a row
     move_slots, move_state   a row's filled slots and state to a lower row (so W can shrink)
     release         mark rows done          read_block, restore_block   prefix-cache blocks out of / into staging
 
@@ -44,8 +46,12 @@ from jax_gpt2.kvcache import KVCache
 from jax_gpt2.model import empty_cache, lm_logits, transformer, transformer_from_empty
 from jax_gpt2.sharding import cache_specs, rows_spec
 from jax_gpt2.sampling import (
-    MAX_TOP_LOGPROBS, SamplingParams, SamplingSettings, apply_allowed_tokens, choose_tokens, pick_logits, runtime_flags,
-    sampling_params, token_logprobs,
+    FILTERED, MAX_TOP_LOGPROBS, SamplingParams, SamplingSettings, apply_allowed_tokens, choose_tokens, pick_logits,
+    runtime_flags, sampling_params, token_logprobs,
+)  # fmt: skip
+from jax_gpt2.speculate import (
+    PromptLookup, accept_drafts, choose_width, decayed_evidence, emitted_lengths, lookup_draft, verified_guesses,
+    write_tokens,
 )  # fmt: skip
 from jax_gpt2.weights import GPT2Weights
 
@@ -70,6 +76,10 @@ class RowState:
     limit_B: jax.Array  # int32: max_new_tokens; the row is done once it has picked that many
     logprobs_B: jax.Array  # bool: the row reports logprobs
     params: SamplingParams
+    # Kept by speculate_chunk only (decode_chunk leaves them stale: an engine runs one or the other).
+    history_BS: jax.Array  # int32: the token of each cache slot, the pending one at slot end_B (prompt lookup)
+    hits_B: jax.Array  # float32: recent accepted draft tokens (decayed: speculate.decayed_evidence)
+    trials_B: jax.Array  # float32: recent verified draft tokens
 
 
 @jax.tree_util.register_dataclass
@@ -96,6 +106,9 @@ def empty_slots(config: GPT2Config, max_batch: int, max_seq_len: int, dtype) -> 
         limit_B=jnp.zeros((B,), jnp.int32),
         logprobs_B=jnp.zeros((B,), jnp.bool_),
         params=jax.tree.map(jnp.asarray, sampling_params([SamplingSettings()] * B)),
+        history_BS=jnp.zeros((B, max_seq_len), jnp.int32),
+        hits_B=jnp.zeros((B,), jnp.float32),
+        trials_B=jnp.zeros((B,), jnp.float32),
     )
     cache = empty_cache(config, jnp.zeros((B,), jnp.int32), max_seq_len, dtype)
     return Slots(cache, rows)
@@ -131,9 +144,12 @@ def _no_logprobs(B: int) -> tuple[jax.Array, jax.Array, jax.Array]:
     return jnp.zeros((B,)), zeros_BA.astype(jnp.int32), zeros_BA
 
 
-def pick(rows: RowState, logits_BV: jax.Array) -> tuple[RowState, tuple[jax.Array, ...]]:
+def pick(
+    rows: RowState, logits_BV: jax.Array, banned_B: jax.Array | None = None
+) -> tuple[RowState, tuple[jax.Array, ...]]:
     """Each running row picks its next token from its logits; a row is done at one of its end tokens
-    (params.end_ids_BU: eos unless ignore_eos, and stop_token_ids) or at its limit.
+    (params.end_ids_BU: eos unless ignore_eos, and stop_token_ids) or at its limit. banned_B: a token
+    each row may not pick (V or more: none), its rejected lookup draft (see speculate_chunk).
 
     Every sampler stage is decided at run time (`runtime_flags`): rows with different settings share
     one compiled step, and a greedy batch still never sorts the vocabulary. Returns the rows and
@@ -145,6 +161,8 @@ def pick(rows: RowState, logits_BV: jax.Array) -> tuple[RowState, tuple[jax.Arra
     emitted_B = ~rows.done_B
     flags = runtime_flags(rows.params, emitted_B)
     picked_BV = pick_logits(logits_BV, rows.seen_BV, rows.counts_BV, rows.params, flags)
+    if banned_B is not None:
+        picked_BV = picked_BV.at[jnp.arange(B), banned_B].set(FILTERED, mode="drop")
     step_keys_B = jax.vmap(jax.random.fold_in)(rows.keys_B2, rows.step_B)
     token_B = jnp.where(emitted_B, choose_tokens(picked_BV, rows.params, step_keys_B, flags), PAD_ID)
     step_B = rows.step_B + emitted_B.astype(jnp.int32)
@@ -218,6 +236,8 @@ def admit(
     assert rows_W.shape == (W,)
     in_prompt_WT = jnp.arange(prompt_ids_WT.shape[1])[None, :] < num_prompt_W[:, None]
     rows_WT = jnp.broadcast_to(jnp.arange(W)[:, None], prompt_ids_WT.shape)
+    S = slots.rows.history_BS.shape[1]
+    history_WS = write_tokens(jnp.zeros((W, S), jnp.int32), jnp.zeros((W,), jnp.int32), prompt_ids_WT, num_prompt_W)
     new = RowState(
         seen_BV=jnp.zeros((W, V), jnp.bool_).at[rows_WT, prompt_ids_WT].max(in_prompt_WT),
         counts_BV=jnp.zeros((W, V), jnp.int32),
@@ -228,8 +248,13 @@ def admit(
         limit_B=limit_W,
         logprobs_B=want_logprobs_W,
         params=params_W,
+        history_BS=history_WS,
+        hits_B=jnp.zeros((W,), jnp.float32),
+        trials_B=jnp.zeros((W,), jnp.float32),
     )
     new, outputs = pick(new, apply_allowed_tokens(last_logits_WV, allowed_WV))
+    history_WS = new.history_BS.at[jnp.arange(W), num_prompt_W].set(new.pending_B, mode="drop")  # the pending token
+    new = dataclasses.replace(new, history_BS=history_WS)
     rows = jax.tree.map(lambda all_B, new_W: all_B.at[rows_W].set(new_W, mode="drop"), slots.rows, new)
     old = slots.cache
     cache = dataclasses.replace(
@@ -328,6 +353,194 @@ def decode_chunk(
     return _put_rows(slots, head), outputs
 
 
+ACCEPT_KEY = 1  # a row's acceptance key is fold_in(its step key, ACCEPT_KEY): apart from every pick's key
+
+
+def _draft_plan(head: Slots, single_W: jax.Array, i: jax.Array, lookup: PromptLookup, costs) -> tuple[jax.Array, ...]:
+    """Iteration i's verify input: ids_WT = [pending, lookup draft] at the widest draft width, each
+    row's draft length and the index (into lookup.widths) of the width to verify. Rows reporting
+    logprobs or under a grammar draft nothing: their tokens come from plain picks, which carry both."""
+    rows, cache = head.rows, head.cache
+    W = rows.done_B.shape[0]
+    assert single_W.shape == (W,)
+    running_W = ~rows.done_B & ~(single_W & (i > 0))
+    draft_WT, found_W = lookup_draft(rows.history_BS, cache.start_B, cache.end_B, lookup)
+    found_W &= running_W & ~single_W & ~rows.logprobs_B
+    limit_W = jnp.clip(rows.limit_B - rows.step_B - 1, 0, lookup.max_draft)  # a pick follows the drafts
+    width_index = choose_width(rows.hits_B, rows.trials_B, found_W, limit_W, running_W, lookup, costs)
+    draft_len_W = jnp.where(found_W, jnp.minimum(limit_W, jnp.asarray(lookup.widths)[width_index]), 0)
+    pending_W1 = rows.pending_B[:, None]
+    ids_WT = jnp.concatenate([pending_W1, jnp.where(found_W[:, None], draft_WT, pending_W1)], axis=1)
+    assert ids_WT.shape == (W, lookup.max_draft + 1)
+    return ids_WT, draft_len_W, width_index
+
+
+def _accepted(logits_WTV: jax.Array, ids_WT: jax.Array, draft_len_W: jax.Array, rows: RowState,
+              running_W: jax.Array) -> jax.Array:  # fmt: skip
+    """The draft tokens ids_WT[:, 1:] each row accepts (speculate.accept_drafts, q one-hot: a lookup)."""
+    W, T, V = logits_WTV.shape
+    assert ids_WT.shape == (W, T)
+    if T == 1:
+        return jnp.zeros((W,), jnp.int32)
+    # The pending token is among the row's counts already; accept_drafts counts ids_WT[:, 0] itself.
+    counts_WV = rows.counts_BV - jax.nn.one_hot(rows.pending_B, V, dtype=jnp.int32) * running_W[:, None]
+    step_keys_W2 = jax.vmap(jax.random.fold_in)(rows.keys_B2, rows.step_B)
+    accept_keys_W2 = jax.vmap(jax.random.fold_in, in_axes=(0, None))(step_keys_W2, ACCEPT_KEY)
+    flags = runtime_flags(rows.params, running_W)
+    accepted_W, _ = accept_drafts(logits_WTV, ids_WT, draft_len_W, rows.seen_BV, counts_WV, rows.params, flags,
+                                  accept_keys_W2, None)  # fmt: skip
+    assert accepted_W.shape == (W,)
+    return jnp.where(running_W, accepted_W, 0)
+
+
+def _kept_drafts(
+    drafts_WT: jax.Array, accepted_W: jax.Array, rows: RowState, running_W: jax.Array
+) -> tuple[jax.Array, jax.Array, RowState]:
+    """How many accepted drafts each row emits (through its first end token), whether one ended it,
+    and the row state with them counted as picked."""
+    W, T = drafts_WT.shape
+    V = rows.seen_BV.shape[1]
+    if T == 0:
+        return jnp.zeros((W,), jnp.int32), jnp.zeros((W,), jnp.bool_), rows
+    kept_W, end_hit_W = emitted_lengths(drafts_WT, accepted_W, rows.params.end_ids_BU)
+    kept_W, end_hit_W = jnp.where(running_W, kept_W, 0), end_hit_W & running_W
+    new_WTV = jax.nn.one_hot(drafts_WT, V, dtype=jnp.int32) * (jnp.arange(T)[None, :] < kept_W[:, None])[..., None]
+    rows = dataclasses.replace(
+        rows, seen_BV=rows.seen_BV | jnp.any(new_WTV > 0, axis=1), counts_BV=rows.counts_BV + jnp.sum(new_WTV, axis=1),
+        step_B=rows.step_B + kept_W, done_B=rows.done_B | end_hit_W,
+    )  # fmt: skip
+    assert kept_W.shape == (W,)
+    return kept_W, end_hit_W, rows
+
+
+@dataclasses.dataclass(frozen=True)
+class _Iteration:
+    """What one speculative iteration made, per row (inside one trace: never a loop's carry)."""
+
+    tokens_WT: jax.Array  # int32: the kept drafts, then the picked token
+    count_W: jax.Array  # int32: tokens of tokens_WT emitted
+    kept_W: jax.Array  # int32: drafts emitted (the picked token sits at this index)
+    accepted_W: jax.Array  # int32: drafts the model accepted
+    draft_len_W: jax.Array  # int32: drafts verified
+    picked: tuple  # pick's outputs: token_W, emitted_W, logprob_W, top_ids_WA, top_logprobs_WA
+
+
+def _speculative_step(
+    head: Slots, plan: tuple[jax.Array, ...], single_W: jax.Array, allowed_WV: jax.Array, i: jax.Array, width: int,
+    weights: GPT2Weights, config: GPT2Config,
+) -> tuple[Slots, _Iteration]:  # fmt: skip
+    """One verify pass of [pending, `width` draft tokens] per row, then each running row emits its
+    accepted drafts and picks its next token from the logits after the last one it kept.
+
+    A sampling row whose draft d was rejected picks from max(0, p - one_hot(d)), normalized (q of a
+    lookup is one-hot): p without d. So every token follows plain sampling's distribution (Leviathan
+    et al. 2023). Returns the slots and what the iteration made.
+    """
+    rows, cache = head.rows, head.cache
+    W, V = rows.seen_BV.shape
+    ids_WT, draft_len_W = plan[0][:, : width + 1], plan[1]
+    waiting_W = single_W & (i > 0)
+    running_W = ~rows.done_B & ~waiting_W
+    hidden_WTD, new_cache = transformer(ids_WT, cache, weights, config)
+    logits_WTV = lm_logits(hidden_WTD, weights)
+    accepted_W = _accepted(logits_WTV, ids_WT, draft_len_W, rows, running_W)
+    kept_W, end_hit_W, rows = _kept_drafts(ids_WT[:, 1:], accepted_W, rows, running_W)
+    logits_WV = jnp.take_along_axis(logits_WTV, accepted_W[:, None, None], axis=1)[:, 0]
+    masked = (i == 0) & jnp.any(single_W)
+    logits_WV = jax.lax.cond(masked, lambda x: apply_allowed_tokens(x, allowed_WV), lambda x: x, logits_WV)
+    rejected_W = jnp.take_along_axis(ids_WT, jnp.minimum(accepted_W + 1, width)[:, None], axis=1)[:, 0]
+    banned_W = jnp.where(accepted_W < draft_len_W, rejected_W, V)
+    rows, picked = pick(dataclasses.replace(rows, done_B=rows.done_B | waiting_W), logits_WV, banned_W)
+    end_W = jnp.where(running_W & ~end_hit_W, cache.end_B + 1 + kept_W, cache.end_B)
+    history_WS = write_tokens(rows.history_BS, cache.end_B, ids_WT, jnp.where(running_W, width + 1, 0))
+    new_end_W = jnp.where(picked[1], end_W, history_WS.shape[1])  # the new pending token sits at the new end
+    history_WS = history_WS.at[jnp.arange(W), new_end_W].set(picked[0], mode="drop")
+    trials_W = verified_guesses(draft_len_W, accepted_W)
+    hits_W, trials_W = decayed_evidence(rows.hits_B, rows.trials_B, accepted_W, trials_W)
+    rows = dataclasses.replace(rows, done_B=jnp.where(waiting_W, head.rows.done_B, rows.done_B), history_BS=history_WS,
+                               hits_B=hits_W, trials_B=trials_W)  # fmt: skip
+    tokens_WT = jnp.concatenate([ids_WT[:, 1:], jnp.zeros((W, 1), jnp.int32)], axis=1)
+    tokens_WT = tokens_WT.at[jnp.arange(W), kept_W].set(picked[0])
+    made = _Iteration(tokens_WT, kept_W + picked[1], kept_W, accepted_W, draft_len_W, picked)
+    assert tokens_WT.shape == (W, width + 1)
+    return Slots(dataclasses.replace(new_cache, end_B=end_W), rows), made
+
+
+def _write_outputs(outputs_W: tuple[jax.Array, ...], made_W: jax.Array, made: _Iteration) -> tuple:
+    """One iteration's tokens into the chunk's outputs (row w's from slot made_W[w] on); the pick's
+    logprobs at its token's slot (a draft token's stay zero: rows wanting logprobs never draft)."""
+    tokens_WY, emitted_WY, logprob_WY, top_ids_WYA, top_logprobs_WYA = outputs_W
+    tokens_WT, count_W, kept_W = made.tokens_WT, made.count_W, made.kept_W
+    _, picked_W, logprob_W, top_ids_WA, top_logprobs_WA = made.picked
+    W, Y = tokens_WY.shape
+    assert made_W.shape == (W,)
+    rows_W, at_W = jnp.arange(W), jnp.where(picked_W, made_W + kept_W, Y)
+    outputs_W = (
+        write_tokens(tokens_WY, made_W, tokens_WT, count_W), write_tokens(emitted_WY, made_W, tokens_WT >= 0, count_W),
+        logprob_WY.at[rows_W, at_W].set(logprob_W, mode="drop"),
+        top_ids_WYA.at[rows_W, at_W].set(top_ids_WA, mode="drop"),
+        top_logprobs_WYA.at[rows_W, at_W].set(top_logprobs_WA, mode="drop"),
+    )  # fmt: skip
+    assert outputs_W[0].shape == (W, Y)
+    return outputs_W, made_W + count_W
+
+
+def speculate_chunk(
+    slots: Slots, allowed_WV: jax.Array, single_W: jax.Array, lookup: PromptLookup, weights: GPT2Weights,
+    config: GPT2Config, width: int, num_steps: int,
+) -> tuple[Slots, tuple[jax.Array, ...], tuple[jax.Array, ...]]:  # fmt: skip
+    """decode_chunk with prompt lookup: up to num_steps iterations of rows [0, width), each a verify
+    pass of every row's pending token and its draft (`_speculative_step`), the draft width chosen
+    per iteration from the rows' recent acceptance (speculate.choose_width; 0: a plain step). Rows
+    without a draft, reporting logprobs or under a grammar take plain steps in the same pass.
+
+    Returns the slots, the outputs of decode_chunk with Y = num_steps * (max_draft + 1) (each row's
+    tokens from slot 0, emitted_YW marking them) and the chunk's counts (scalars): draft tokens
+    verified, draft tokens accepted, verify passes with a draft.
+    """
+    assert 1 <= width <= slots.rows.done_B.shape[0]
+    assert num_steps >= 1
+    assert allowed_WV.shape == (width, config.vocab_size)
+    assert single_W.shape == (width,)
+    W, Y, A = width, num_steps * (lookup.max_draft + 1), TOP_LOGPROBS
+    costs = lookup.costs(weights.blocks[0].qkv_w_DE.dtype)
+    outputs_W = (
+        jnp.zeros((W, Y), jnp.int32), jnp.zeros((W, Y), jnp.bool_), jnp.zeros((W, Y), jnp.float32),
+        jnp.zeros((W, Y, A), jnp.int32), jnp.zeros((W, Y, A), jnp.float32),
+    )  # fmt: skip
+
+    def keep_going(carry) -> jax.Array:
+        i, head = carry[0], carry[1]
+        return (i < num_steps) & ~jnp.all(head.rows.done_B | (single_W & (i > 0)))
+
+    # One while loop per draft width inside one outer loop, as speculate.decode_speculative does (a
+    # lax.switch over the widths made XLA copy the KV cache in and out of the conditional).
+    def widths_in_turn(carry):
+        for index, draft_width in enumerate(lookup.widths):
+
+            def this_width(carry, index=index) -> jax.Array:
+                return keep_going(carry) & (carry[2][2] == index)
+
+            def step(carry, draft_width=draft_width):
+                i, head, plan, outputs_W, made_W, (drafted, accepted, passes) = carry
+                head, made = _speculative_step(head, plan, single_W, allowed_WV, i, draft_width, weights, config)
+                outputs_W, made_W = _write_outputs(outputs_W, made_W, made)
+                counts = (drafted + jnp.sum(made.draft_len_W), accepted + jnp.sum(made.accepted_W),
+                          passes + int(draft_width > 0))  # fmt: skip
+                return i + 1, head, _draft_plan(head, single_W, i + 1, lookup, costs), outputs_W, made_W, counts
+
+            carry = jax.lax.while_loop(this_width, step, carry)
+        return carry
+
+    head, zero = _take_rows(slots, W), jnp.zeros((), jnp.int32)
+    carry = (zero, head, _draft_plan(head, single_W, zero, lookup, costs), outputs_W, jnp.zeros((W,), jnp.int32),
+             (zero, zero, zero))  # fmt: skip
+    _, head, _, outputs_W, _, counts = jax.lax.while_loop(keep_going, widths_in_turn, carry)
+    outputs = tuple(jnp.swapaxes(out, 0, 1) for out in outputs_W)
+    assert outputs[0].shape == (Y, W)
+    return _put_rows(slots, head), outputs, counts
+
+
 def move_slots(slots: Slots, source: jax.Array, target: jax.Array, bucket: int) -> Slots:
     """Copy the first `bucket` cache slots of row `source` to row `target` (the filled part of a row)."""
     L, _, N, S, H = slots.cache.k_LBNSH.shape
@@ -388,6 +601,8 @@ copy_prompt_jit = jax.jit(copy_prompt, static_argnames=("bucket",), donate_argna
 admit_jit = jax.jit(admit, donate_argnames=("slots",))
 prefill_rows_jit = jax.jit(prefill_rows, static_argnames=("config",), donate_argnames=("slots",))
 decode_chunk_jit = jax.jit(decode_chunk, static_argnames=("config", "width", "num_steps"), donate_argnames=("slots",))
+speculate_chunk_jit = jax.jit(speculate_chunk, static_argnames=("lookup", "config", "width", "num_steps"),
+                              donate_argnames=("slots",))  # fmt: skip
 move_slots_jit = jax.jit(move_slots, static_argnames=("bucket",), donate_argnames=("slots",))
 move_state_jit = jax.jit(move_state, donate_argnames=("slots",))
 release_jit = jax.jit(release, donate_argnames=("slots",))
@@ -395,8 +610,8 @@ read_block_jit = jax.jit(read_block)
 restore_block_jit = jax.jit(restore_block, donate_argnames=("staging",))
 JITTED = (
     empty_slots_jit, empty_staging_jit, begin_prompt_jit,
-    prefill_chunk_jit, copy_prompt_jit, admit_jit, prefill_rows_jit, decode_chunk_jit, move_slots_jit, move_state_jit,
-    release_jit, read_block_jit, restore_block_jit,
+    prefill_chunk_jit, copy_prompt_jit, admit_jit, prefill_rows_jit, decode_chunk_jit, speculate_chunk_jit,
+    move_slots_jit, move_state_jit, release_jit, read_block_jit, restore_block_jit,
 )  # fmt: skip
 
 
