@@ -50,8 +50,8 @@ from jax_gpt2.sampling import (
     runtime_flags, sampling_params, token_logprobs,
 )  # fmt: skip
 from jax_gpt2.speculate import (
-    PromptLookup, accept_drafts, choose_width, decayed_evidence, emitted_lengths, lookup_draft, verified_guesses,
-    write_tokens,
+    PromptLookup, accept_drafts, choose_width, count_emitted, decayed_evidence, emitted_lengths, lookup_draft,
+    verified_guesses, write_tokens,
 )  # fmt: skip
 from jax_gpt2.weights import GPT2Weights
 
@@ -383,7 +383,7 @@ def _accepted(logits_WTV: jax.Array, ids_WT: jax.Array, draft_len_W: jax.Array, 
     if T == 1:
         return jnp.zeros((W,), jnp.int32)
     # The pending token is among the row's counts already; accept_drafts counts ids_WT[:, 0] itself.
-    counts_WV = rows.counts_BV - jax.nn.one_hot(rows.pending_B, V, dtype=jnp.int32) * running_W[:, None]
+    counts_WV = rows.counts_BV.at[jnp.arange(W), rows.pending_B].add(-running_W.astype(jnp.int32))
     step_keys_W2 = jax.vmap(jax.random.fold_in)(rows.keys_B2, rows.step_B)
     accept_keys_W2 = jax.vmap(jax.random.fold_in, in_axes=(0, None))(step_keys_W2, ACCEPT_KEY)
     flags = runtime_flags(rows.params, running_W)
@@ -399,16 +399,15 @@ def _kept_drafts(
     """How many accepted drafts each row emits (through its first end token), whether one ended it,
     and the row state with them counted as picked."""
     W, T = drafts_WT.shape
-    V = rows.seen_BV.shape[1]
+    assert accepted_W.shape == (W,)
     if T == 0:
         return jnp.zeros((W,), jnp.int32), jnp.zeros((W,), jnp.bool_), rows
     kept_W, end_hit_W = emitted_lengths(drafts_WT, accepted_W, rows.params.end_ids_BU)
     kept_W, end_hit_W = jnp.where(running_W, kept_W, 0), end_hit_W & running_W
-    new_WTV = jax.nn.one_hot(drafts_WT, V, dtype=jnp.int32) * (jnp.arange(T)[None, :] < kept_W[:, None])[..., None]
+    seen_BV, counts_BV = count_emitted(rows.seen_BV, rows.counts_BV, drafts_WT, kept_W)
     rows = dataclasses.replace(
-        rows, seen_BV=rows.seen_BV | jnp.any(new_WTV > 0, axis=1), counts_BV=rows.counts_BV + jnp.sum(new_WTV, axis=1),
-        step_B=rows.step_B + kept_W, done_B=rows.done_B | end_hit_W,
-    )  # fmt: skip
+        rows, seen_BV=seen_BV, counts_BV=counts_BV, step_B=rows.step_B + kept_W, done_B=rows.done_B | end_hit_W
+    )
     assert kept_W.shape == (W,)
     return kept_W, end_hit_W, rows
 
