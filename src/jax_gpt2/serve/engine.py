@@ -144,13 +144,12 @@ def _spec(shape: tuple[int, ...], dtype) -> jax.ShapeDtypeStruct:
     return jax.ShapeDtypeStruct(shape, dtype)
 
 
-def _abstract(tree, mesh):
-    """The pytree's arrays (host or device) as ShapeDtypeStructs: on a mesh with their own sharding,
-    as a call sees them there; on one device without (a committed single-device array lowers as unspecified)."""
+def _abstract(tree):
+    """The pytree's arrays (host, or device arrays on one device) as ShapeDtypeStructs with no sharding."""
 
     def one(x) -> jax.ShapeDtypeStruct:
-        sharding = x.sharding if mesh is not None and isinstance(x, jax.Array) else None
-        return jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=sharding)
+        assert not isinstance(x, jax.Array) or len(x.sharding.device_set) == 1, "one device only: see Engine.__init__"
+        return jax.ShapeDtypeStruct(np.shape(x), x.dtype)
 
     abstract = jax.tree.map(one, tree)
     assert jax.tree.structure(abstract) == jax.tree.structure(tree)
@@ -285,7 +284,11 @@ class Engine:
         self._ids = itertools.count()
         self._thread: threading.Thread | None = None
         self.reused_tokens = 0  # prompt tokens whose keys and values came from the prefix cache
-        self.programs = Programs(self._compile_jobs(), first=self._first_programs())
+        # On a mesh, a state array's sharding changes as programs run (staging moves onto the mesh at its
+        # first prefill), so shapes taken now would not name the programs the engine runs: no jobs there;
+        # the server warms a mesh engine up eagerly (`warm_up`), and an unwarmed one compiles at first use.
+        on_mesh = weights.mesh is not None
+        self.programs = Programs([], []) if on_mesh else Programs(self._compile_jobs(), first=self._first_programs())
         assert self.copy_buckets[-1] == S
         assert self.chunk_buckets[-1] <= S
 
@@ -390,8 +393,9 @@ class Engine:
     def _first_programs(self) -> list[tuple]:
         """What a short single request runs: its random key, a one-row prefill of the first bucket,
         width-1 decode chunks, and the release of its row. Everything else waits for the background (or its first use)."""
-        first = [("row_keys",), ("prefill_rows", 1, self.batch_buckets[0]), ("decode_chunk", self.widths[0]), ("release",)]
-        assert self.widths[0] == 1 or self.weights.mesh is not None
+        # The longest compile first: two threads compile these (compile_for_first_request).
+        first = [("decode_chunk", self.widths[0]), ("prefill_rows", 1, self.batch_buckets[0]), ("row_keys",), ("release",)]
+        assert self.widths[0] == 1
         assert len(first) == 4
         return first
 
@@ -400,8 +404,9 @@ class Engine:
         safe beside the engine thread), in the order the background compiles them: the likeliest next
         needs first (longer short prompts, more clients), long prompts and wide prefills last. Each
         call mirrors the engine's own call (positional or keyword alike), so it lowers to the same key."""
-        mesh, config, S, V = self.weights.mesh, self.config, self.context_length, self.config.vocab_size
-        state, staging, weights = _abstract(self._slots, mesh), _abstract(self._staging, mesh), _abstract(self.weights, mesh)
+        config, V = self.config, self.config.vocab_size
+        assert self.weights.mesh is None, "see __init__: no jobs on a mesh"
+        state, staging, weights = _abstract(self._slots), _abstract(self._staging), _abstract(self.weights)
         i32, flag = _spec((), jnp.int32), _spec((), jnp.bool_)
         # A request's random keys are a few tiny eager ops on the host's device, beside the slots, not on them.
         jobs = [Job(("row_keys",), functools.partial(row_keys, 0, [0]))]
@@ -411,7 +416,7 @@ class Engine:
 
         def prefill_rows(W: int, T: int) -> None:
             add(("prefill_rows", W, T), slots.prefill_rows_jit, state, _spec((W, T), jnp.int32), _spec((W,), jnp.int32),
-                _spec((W,), jnp.int32), *_abstract(self._row_settings([], W), None), weights, config)  # fmt: skip
+                _spec((W,), jnp.int32), *_abstract(self._row_settings([], W)), weights, config)  # fmt: skip
 
         for T in self.batch_buckets:
             prefill_rows(1, T)
@@ -447,10 +452,10 @@ class Engine:
         _, logits_1V, _ = jax.eval_shape(prefill, staging, _spec((1, T), jnp.int32), i32, _spec((1, T), jnp.int32),
                                          _spec((), jnp.bool_), weights)  # fmt: skip
         assert logits_1V.shape == (1, self.config.vocab_size)
-        assert logits_1V.sharding is None or self.weights.mesh is not None
+        assert self.weights.mesh is None
         ones = _spec((1,), jnp.int32)
         slots.admit_jit.lower(state, _spec(logits_1V.shape, logits_1V.dtype), _spec((1, self.context_length), jnp.int32),
-                              ones, ones, *_abstract(self._row_settings([], 1), None)).compile()  # fmt: skip
+                              ones, ones, *_abstract(self._row_settings([], 1))).compile()  # fmt: skip
 
     @property
     def ready(self) -> bool:
@@ -464,13 +469,16 @@ class Engine:
 
     def compile_for_first_request(self) -> None:
         """Compile (on abstract shapes, running nothing) what a short single request needs; sets `ready`.
-        Any thread, before or after `start`."""
-        self.programs.compile(self.programs.first)
+        Any thread, before or after `start`. Two at a time: nothing else runs yet, so take both cores
+        (on two cores this roughly halves a cold start's wait, the prefill and the decode chunk compiling side by side)."""
+        assert self.weights.mesh is None, "a mesh engine is warmed up eagerly (warm_up)"
+        self.programs.compile(self.programs.first, threads=2)
         assert self.ready
         assert self.programs.num_compiled >= len(self.programs.first)
 
     def compile_the_rest(self) -> None:
         """Compile every other program (any thread, beside a running engine: see programs.py); sets `warm`."""
+        assert self.weights.mesh is None, "a mesh engine is warmed up eagerly (warm_up)"
         self.programs.compile_all()
         assert self.warm
         assert self.ready

@@ -10,9 +10,10 @@ reads no array and writes none, so it cannot race the engine's state; what it le
 executable in JAX's own compile caches, which are safe to share between threads. On one device an
 argument that carries no sharding is lowered exactly as a call with the engine's committed arrays
 is (both lower with an unspecified sharding), so the engine's later call finds that executable and
-neither traces nor compiles again (tests/test_engine.py checks this by counting XLA compiles). On a
-mesh the abstract arguments carry the state's and weights' NamedShardings, as the call's arrays do.
-Executing is left to the engine thread alone, so it stays the only one that touches the slots.
+neither traces nor compiles again (tests/test_engine.py checks this by counting XLA compiles).
+Executing is left to the engine thread alone, so it stays the only one that touches the slots. (On
+a mesh the state's shardings change as programs run, so abstract shapes taken at start would miss:
+there the engine has no jobs and the server warms it up eagerly before its thread starts.)
 
 A request that needs a program the background has not reached yet does not wait behind the queue:
 the engine thread calls `ensure(key)` before each call, which compiles it at once, or, if the
@@ -20,6 +21,7 @@ background thread is compiling that very program, waits for it (one lock per pro
 compiles of one program).
 """
 
+import concurrent.futures
 import dataclasses
 import logging
 import threading
@@ -78,11 +80,18 @@ class Programs:
             self._compiled.add(key)
         assert key in self._compiled
 
-    def compile(self, keys: Sequence[Hashable]) -> None:
-        """Compile these programs in order (skipping compiled ones); set `ready` / `warm` when earned."""
+    def compile(self, keys: Sequence[Hashable], threads: int = 1) -> None:
+        """Compile these programs (skipping compiled ones), in order on `threads` threads; set `ready` /
+        `warm` when earned. XLA compiles one program on one core and lets go of the GIL meanwhile, so
+        two threads compile two programs in about the time of the longer one."""
         assert all(key in self._jobs for key in keys)
-        for key in keys:
-            self.ensure(key)
+        assert threads >= 1
+        if threads == 1:
+            for key in keys:
+                self.ensure(key)
+        else:
+            with concurrent.futures.ThreadPoolExecutor(threads, thread_name_prefix="jax-gpt2-compile") as pool:
+                list(pool.map(self.ensure, keys))
         if all(key in self._compiled for key in self.first):
             self.ready.set()
         if len(self._compiled) == len(self._jobs):

@@ -689,8 +689,12 @@ def create_app(engine: Engine, model_id: str, limits: ServerLimits | None = None
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
-        engine.start()
-        if not engine.warm:
+        if engine.warm:
+            engine.start()
+        elif engine.weights.mesh is not None:
+            threading.Thread(target=_warm_up_then_start, args=(engine,), name="jax-gpt2-compile", daemon=True).start()
+        else:
+            engine.start()
             threading.Thread(target=_compile_programs, args=(engine,), name="jax-gpt2-compile", daemon=True).start()
         yield
         await asyncio.to_thread(engine.shutdown, False)  # every connection is closed: nobody waits for the rest
@@ -723,6 +727,18 @@ def _compile_programs(engine: Engine) -> None:
              time.perf_counter() - started)  # fmt: skip
     engine.compile_the_rest()
     log.info("warm: all %d programs compiled in %.1f s", len(engine.programs.keys), time.perf_counter() - started)
+
+
+def _warm_up_then_start(engine: Engine) -> None:
+    """A mesh engine's start-up (see Engine.__init__): run every program once, then start the engine
+    thread. Nothing else touches the engine meanwhile: every route but /health and /metrics answers
+    503 until `ready`, and warm_up sets it last."""
+    assert engine.weights.mesh is not None
+    assert not engine.ready
+    started = time.perf_counter()
+    engine.warm_up()
+    engine.start()
+    log.info("ready: every program compiled (eagerly, on a mesh) in %.1f s", time.perf_counter() - started)
 
 
 def _uvicorn_server(app: FastAPI, engine: Engine, host: str, port: int, drain_timeout_s: float):
