@@ -310,7 +310,8 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=3, help="serve / generate pairs per level")
     parser.add_argument("--max-tokens", type=int, default=96)
     parser.add_argument("--prompt-chars", type=int, default=96)
-    parser.add_argument("--skip", nargs="*", default=[], choices=["startup", "prefill", "prefix"], help="parts to leave out")
+    parser.add_argument("--skip", nargs="*", default=[], choices=["startup", "prefill", "prefix"],
+                        help="parts to leave out")  # fmt: skip
     parser.add_argument("--startup-only", action="store_true", help="only part 0: a cold and a warm launch")
     parser.add_argument("--until-warm", action="store_true", help="part 0 also waits until every program is compiled")
     parser.add_argument("--startup-limit", type=float, default=900.0)

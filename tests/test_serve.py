@@ -157,7 +157,8 @@ def test_health_is_503_loading_and_requests_503_with_retry_after_until_the_first
         assert health.headers["retry-after"] == "1"
         assert health.json()["status"] == "loading"
         assert health.json()["compiled"] == 0
-        refused = httpx.post(f"{running.url}/v1/completions", json={"model": MODEL_ID, "prompt": "Hello", "max_tokens": 3})
+        body = {"model": MODEL_ID, "prompt": "Hello", "max_tokens": 3}
+        refused = httpx.post(f"{running.url}/v1/completions", json=body)
         assert refused.status_code == 503
         assert refused.headers["retry-after"] == "1"
         assert refused.json()["error"]["code"] == "model_loading"

@@ -392,9 +392,10 @@ class Engine:
 
     def _first_programs(self) -> list[tuple]:
         """What a short single request runs: its random key, a one-row prefill of the first bucket,
-        width-1 decode chunks, and the release of its row. Everything else waits for the background (or its first use)."""
+        width-1 decode chunks, and the release of its row. The rest waits for the background (or its first use)."""
         # The longest compile first: two threads compile these (compile_for_first_request).
-        first = [("decode_chunk", self.widths[0]), ("prefill_rows", 1, self.batch_buckets[0]), ("row_keys",), ("release",)]
+        first = [("decode_chunk", self.widths[0]), ("prefill_rows", 1, self.batch_buckets[0]), ("row_keys",),
+                 ("release",)]  # fmt: skip
         assert self.widths[0] == 1
         assert len(first) == 4
         return first
@@ -469,8 +470,8 @@ class Engine:
 
     def compile_for_first_request(self) -> None:
         """Compile (on abstract shapes, running nothing) what a short single request needs; sets `ready`.
-        Any thread, before or after `start`. Two at a time: nothing else runs yet, so take both cores
-        (on two cores this roughly halves a cold start's wait, the prefill and the decode chunk compiling side by side)."""
+        Any thread, before or after `start`. Two at a time: nothing else runs yet, so take two cores
+        (the prefill and the decode chunk compile side by side: about half a cold start's wait on two)."""
         assert self.weights.mesh is None, "a mesh engine is warmed up eagerly (warm_up)"
         self.programs.compile(self.programs.first, threads=2)
         assert self.ready

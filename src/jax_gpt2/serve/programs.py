@@ -25,7 +25,6 @@ import concurrent.futures
 import dataclasses
 import logging
 import threading
-import time
 from collections.abc import Callable, Hashable, Sequence
 
 log = logging.getLogger(__name__)
@@ -52,7 +51,6 @@ class Programs:
         self._compiled: set[Hashable] = set()  # grows only; a set's add and `in` are atomic under the GIL
         self.first = tuple(first)
         self.ready, self.warm = threading.Event(), threading.Event()
-        self.seconds = 0.0  # spent compiling, all threads together
 
     @property
     def keys(self) -> tuple[Hashable, ...]:
@@ -71,12 +69,10 @@ class Programs:
         with self._locks[key]:
             if key in self._compiled:
                 return
-            started = time.perf_counter()
             try:
                 self._jobs[key].compile()
             except Exception:
                 log.warning("compiling %s ahead of use failed; it compiles at its first call", key, exc_info=True)
-            self.seconds += time.perf_counter() - started
             self._compiled.add(key)
         assert key in self._compiled
 
