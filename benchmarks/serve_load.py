@@ -2,9 +2,18 @@
 
     uv run jax-gpt2 random-model /tmp/serve-gpt2 --preset gpt2
     uv run python benchmarks/serve_load.py --model /tmp/serve-gpt2 --out benchmarks/serve_load_cpu.json
+    uv run python benchmarks/serve_load.py --model /tmp/serve-gpt2 --startup-only   # part 0 alone, ~a minute
 
 One run, in order:
 
+0. Start-up. `jax-gpt2 serve` launched twice with XDG_CACHE_HOME pointing at a new folder, so the
+   first launch is cold (JAX's persistent compilation cache, XDG_CACHE_HOME/jax-gpt2/xla, is empty)
+   and the second warm (it reads what the first wrote). The C++ kernels built already (in this
+   user's cache) are copied in: they are built once per machine, not per start (with none built,
+   the cold launch builds them too, and says so). Each launch reports seconds from the process's
+   start to: the port answering (/health 503 `loading`), /health 200 (`ready`), and the first
+   request done (sent at once after ready: a short greedy completion); with `--until-warm` also
+   /health `warm` (every program compiled in the background: minutes, cold, on two cores).
 1. Load levels, beside generate. `jax-gpt2 serve` (default flags) runs in a subprocess. For each
    concurrency level c, c clients (openai.AsyncOpenAI, streaming, greedy, `--max-tokens` each) take
    `--requests` prompts from one list; then, the server idle, `generate` runs the same prompts c at a
@@ -26,10 +35,13 @@ import argparse
 import asyncio
 import contextlib
 import json
+import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -131,6 +143,63 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def launch_times(args: argparse.Namespace, cache_home: Path) -> dict:
+    """One launch of `jax-gpt2 serve` with XDG_CACHE_HOME=cache_home: seconds from Popen to the port
+    answering, to /health 200, to a first short request done (sent right after), to every program compiled."""
+    port, started = free_port(), time.perf_counter()
+    command = [sys.executable, "-m", "jax_gpt2.cli", "serve", "--model", str(args.model), "--port", str(port)]
+    env = {**os.environ, "XDG_CACHE_HOME": str(cache_home)}
+    url, times = f"http://127.0.0.1:{port}", {}
+    with open(args.server_log, "a") as log:
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
+        try:
+            while not done(times, args.until_warm) and time.perf_counter() - started < args.startup_limit:
+                with contextlib.suppress(httpx.HTTPError):
+                    health = httpx.get(f"{url}/health", timeout=1)
+                    times.setdefault("port_s", time.perf_counter() - started)
+                    if health.status_code == 200 and "ready_s" not in times:
+                        times["ready_s"] = time.perf_counter() - started
+                        body = {"model": str(args.model), "prompt": "Hello world", "max_tokens": 16, "temperature": 0}
+                        httpx.post(f"{url}/v1/completions", json=body, timeout=args.startup_limit).raise_for_status()
+                        times["first_request_s"] = time.perf_counter() - started
+                    if args.until_warm and health.status_code == 200 and health.json().get("warm"):
+                        times["warm_s"] = time.perf_counter() - started
+                if process.poll() is not None:
+                    raise SystemExit(f"the server exited; see {args.server_log}")
+                time.sleep(0.1)
+        finally:
+            process.send_signal(signal.SIGTERM)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                process.wait(60)
+            if process.poll() is None:
+                process.kill()
+    if not done(times, args.until_warm):
+        raise SystemExit(f"the server did not get that far in {args.startup_limit} s; see {args.server_log}")
+    return times
+
+
+def done(times: dict, until_warm: bool) -> bool:
+    return "warm_s" in times if until_warm else "first_request_s" in times
+
+
+def startup(args: argparse.Namespace) -> dict:
+    """A cold launch (an empty compilation cache) and a warm one (the cache the cold one wrote)."""
+    built = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "jax-gpt2" / "kernels"
+    with tempfile.TemporaryDirectory(prefix="jax-gpt2-startup-") as cache_home:
+        if built.is_dir():
+            shutil.copytree(built, Path(cache_home) / "jax-gpt2" / "kernels")
+        else:
+            print(f"no C++ kernels built in {built}: the cold launch builds them too", flush=True)
+        results = {"cold": launch_times(args, Path(cache_home)), "warm": launch_times(args, Path(cache_home))}
+    results["kernels_prebuilt"] = built.is_dir()
+    print("| launch | port answers s | /health 200 s | first request done s | all compiled s |\n|---|---|---|---|---|")
+    for name in ("cold", "warm"):
+        t = results[name]
+        print(f"| {name} | {t['port_s']:.1f} | {t['ready_s']:.1f} | {t['first_request_s']:.1f} | "
+              f"{t.get('warm_s', float('nan')):.1f} |", flush=True)  # fmt: skip
+    return results
 
 
 @contextlib.contextmanager
@@ -241,14 +310,25 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=3, help="serve / generate pairs per level")
     parser.add_argument("--max-tokens", type=int, default=96)
     parser.add_argument("--prompt-chars", type=int, default=96)
-    parser.add_argument("--skip", nargs="*", default=[], choices=["prefill", "prefix"], help="parts to leave out")
+    parser.add_argument("--skip", nargs="*", default=[], choices=["startup", "prefill", "prefix"],
+                        help="parts to leave out")  # fmt: skip
+    parser.add_argument("--startup-only", action="store_true", help="only part 0: a cold and a warm launch")
+    parser.add_argument("--until-warm", action="store_true", help="part 0 also waits until every program is compiled")
     parser.add_argument("--startup-limit", type=float, default=900.0)
     parser.add_argument("--server-log", type=Path, default=Path("serve_load.server.log"))
     parser.add_argument("--out", type=Path, default=None, help="write the results as JSON")
     args = parser.parse_args()
+    if args.startup_only or "startup" not in args.skip:
+        startup_results = startup(args)
+        if args.startup_only:
+            if args.out is not None:
+                args.out.write_text(json.dumps({"startup": startup_results}, indent=2))
+            return 0
     prompts, model_id = prompts_for(args.requests, args.prompt_chars), str(args.model)
     results: dict = {"max_tokens": args.max_tokens, "prompt_chars": args.prompt_chars, "repeats": args.repeats,
                      "levels": []}  # fmt: skip
+    if "startup" not in args.skip:
+        results["startup"] = startup_results
     baseline = GenerateBaseline(args.model, prompts, args.max_tokens, args.concurrency)
     print("| | requests | tok/s | TTFT p50 ms | TTFT p99 ms | ITL p50 ms | ITL p99 ms |\n|---|---|---|---|---|---|---|")
     with server_process(args) as url:

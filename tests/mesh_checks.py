@@ -221,3 +221,21 @@ def test_the_engine_refuses_slots_that_do_not_divide_by_the_data_axis(model):
     placed = load_weights(model.folder, mesh=make_mesh(2, 1))
     with pytest.raises(ValueError, match=r"max_batch=3 must divide by the mesh's data axis \(2\)"):
         Engine(placed, model.config, load_tokenizer(model.folder), max_batch=3, max_seq_len=64)
+
+
+def test_a_server_on_a_mesh_warms_up_eagerly_behind_the_loading_gate_then_serves(model):
+    """On a mesh the engine has no ahead-of-use jobs: the server's start-up thread runs every program
+    once (warm_up), only then starts the engine thread and says it is ready."""
+    from jax_gpt2.serve.routes import _warm_up_then_start
+
+    placed = load_weights(model.folder, mesh=make_mesh(2, 1))
+    engine = Engine(placed, model.config, load_tokenizer(model.folder), max_batch=2, max_seq_len=32, prefill_chunk=8)
+    assert engine.programs.keys == ()
+    assert not engine.ready
+    _warm_up_then_start(engine)
+    assert engine.ready
+    assert engine.warm
+    events = []
+    engine.submit([SequenceRequest((3, 4, 5), SamplingSettings(max_new_tokens=4))], events.append)
+    engine.shutdown(drain=True, timeout=120)
+    assert events[-1].finish_reason is not None

@@ -4,6 +4,7 @@ they join; stop strings, max_tokens, eos and cancellation free their slots; a fu
 logprobs are the model's; once warmed up, load compiles nothing new."""
 
 import dataclasses
+import threading
 
 import jax
 import jax.numpy as jnp
@@ -300,6 +301,62 @@ def test_a_warm_engine_compiles_nothing_new_under_load(model):
     engine.submit(short, Collector())  # prefilled together (prefill_rows), as a batch of 3 in width 4
     run_until_idle(engine)
     assert compiled_count() == compiled
+
+
+class BackendCompiles:
+    """Counts XLA compiles (JAX's backend-compile events) while active: the one sure sign of a compile."""
+
+    def __init__(self) -> None:
+        self.count = 0
+
+    def __call__(self, event: str, duration_secs: float, **kwargs) -> None:
+        if event == "/jax/core/compile/backend_compile_duration":
+            self.count += 1
+
+    def __enter__(self) -> "BackendCompiles":
+        jax.monitoring.register_event_duration_secs_listener(self)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        jax.monitoring.unregister_event_duration_listener(self)
+
+
+def test_programs_compiled_ahead_on_a_background_thread_are_the_ones_the_engine_then_runs(long_model):
+    """The serving start-up path: compile on abstract shapes in another thread, then serve with no
+    XLA compile at all (the engine's calls find those executables)."""
+    jax.clear_caches()  # nothing compiled by earlier tests may stand in for the background's work
+    engine = make_engine(long_model, max_batch=4, prefill_chunk=16)
+    assert not engine.ready
+    assert not engine.warm
+    engine.compile_for_first_request()
+    assert engine.ready
+    assert not engine.warm
+    background = threading.Thread(target=engine.compile_the_rest)
+    background.start()
+    background.join(300)
+    assert engine.warm
+    assert engine.programs.num_compiled == len(engine.programs.keys)
+    lengths = [1, 5, 9, 17, 30, 33, 50, 70]  # short (batched), staged in chunks, and past a prefix block
+    requests = [SequenceRequest(tuple(range(1, n + 1)), SamplingSettings(max_new_tokens=3 + n % 5, temperature=n % 2),
+                                prompt_logprobs=n % 3 or None) for n in lengths]  # fmt: skip
+    with BackendCompiles() as compiles:
+        engine.submit(requests, Collector())
+        run_until_idle(engine)
+        engine.submit([sequence(tuple(range(1, n + 1)), 4) for n in (2, 7, 12, 75)], Collector())  # 75: a reused block
+        run_until_idle(engine)
+    assert compiles.count == 0
+    assert engine.reused_tokens > 0
+
+
+def test_a_program_the_background_has_not_compiled_yet_is_compiled_when_first_needed(model):
+    engine = make_engine(model, max_batch=2)
+    engine.compile_for_first_request()
+    assert ("decode_chunk", 2) not in engine.programs._compiled
+    collector = Collector()
+    engine.submit([sequence(tuple(encode(model[2], "Hello")), 5)] * 2, collector)  # two rows: width 2
+    run_until_idle(engine)
+    assert ("decode_chunk", 2) in engine.programs._compiled
+    assert collector.finish(0) is not None
 
 
 def test_the_background_thread_drains_every_submitted_sequence_on_shutdown(model):

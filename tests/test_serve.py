@@ -71,10 +71,21 @@ class Running:
 
 
 @contextlib.contextmanager
-def running_server(model: Model, config=None, limits=None, api_key=None, **engine_settings):
-    """uvicorn on a free loopback port in a thread, the engine warmed up first."""
+def running_server(model: Model, config=None, limits=None, api_key=None, gate: threading.Event | None = None,
+                   **engine_settings):  # fmt: skip
+    """uvicorn on a free loopback port in a thread, the engine warmed up first; or, with a gate, as
+    `jax-gpt2 serve` starts: nothing compiled, the first programs compiled once the test opens the gate."""
     engine = Engine(model.weights, config or model.config, model.tokenizer, **engine_settings)
-    engine.warm_up()
+    if gate is None:
+        engine.warm_up()
+    else:
+        compile_first = engine.compile_for_first_request
+
+        def gated() -> None:
+            assert gate.wait(120), "the test never opened the gate"
+            compile_first()
+
+        engine.compile_for_first_request = gated
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     server = uvicorn.Server(uvicorn.Config(create_app(engine, MODEL_ID, limits, api_key), log_level="warning"))
@@ -134,6 +145,35 @@ def test_models_and_health(server):
     health = httpx.get(f"{server.url}/health").json()
     assert health["status"] == "ok"
     assert health["max_batch"] == 4
+
+
+def test_health_is_503_loading_and_requests_503_with_retry_after_until_the_first_programs_compile(model):
+    """The start-up state machine: loading (port open, nothing compiled) -> ready (a first request's
+    programs compiled; /health 200, a request served while the rest compile) -> warm (all compiled)."""
+    gate = threading.Event()
+    with running_server(model, gate=gate, max_batch=2, max_seq_len=64, prefill_chunk=16) as running:
+        health = httpx.get(f"{running.url}/health")
+        assert health.status_code == 503
+        assert health.headers["retry-after"] == "1"
+        assert health.json()["status"] == "loading"
+        assert health.json()["compiled"] == 0
+        body = {"model": MODEL_ID, "prompt": "Hello", "max_tokens": 3}
+        refused = httpx.post(f"{running.url}/v1/completions", json=body)
+        assert refused.status_code == 503
+        assert refused.headers["retry-after"] == "1"
+        assert refused.json()["error"]["code"] == "model_loading"
+        assert httpx.get(f"{running.url}/metrics").status_code == 200
+        gate.set()
+        assert running.engine.programs.ready.wait(120)
+        health = httpx.get(f"{running.url}/health")
+        assert health.status_code == 200
+        assert health.json()["status"] == "ok"
+        reply = running.client().completions.create(model=MODEL_ID, prompt="Hello world", max_tokens=6, temperature=0)
+        assert reply.choices[0].text == expected(model, ["Hello world"], [6])[0][0]
+        assert running.engine.programs.warm.wait(300)
+        health = httpx.get(f"{running.url}/health").json()
+        assert health["warm"] is True
+        assert health["compiled"] == health["programs"]
 
 
 def test_greedy_completion_equals_generate(server, model):

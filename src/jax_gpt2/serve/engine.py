@@ -34,6 +34,7 @@ Each sequence's events go to the `deliver` callback given at submit, called on t
 
 import collections
 import dataclasses
+import functools
 import itertools
 import logging
 import math
@@ -56,6 +57,7 @@ from jax_gpt2.sampling import (
 from jax_gpt2.serve import slots
 from jax_gpt2.serve.events import Event, TokenLogprob
 from jax_gpt2.serve.prefix_cache import PrefixCache
+from jax_gpt2.serve.programs import Job, Programs
 from jax_gpt2.serve.slots import PREFIX_BLOCK, TOP_LOGPROBS
 from jax_gpt2.sharding import data_shards
 from jax_gpt2.speculate import PromptLookup
@@ -143,6 +145,25 @@ def check_request(request: SequenceRequest, vocab_size: int, context_length: int
         value = getattr(request, name)
         if value is not None and not 0 <= value <= TOP_LOGPROBS:
             raise ValueError(f"logprobs must be in [0, {TOP_LOGPROBS}]; got {value}")
+
+
+def _spec(shape: tuple[int, ...], dtype) -> jax.ShapeDtypeStruct:
+    """An abstract argument with no sharding: on one device, how a call with committed arrays lowers too."""
+    assert isinstance(shape, tuple)
+    assert all(size >= 1 for size in shape)
+    return jax.ShapeDtypeStruct(shape, dtype)
+
+
+def _abstract(tree):
+    """The pytree's arrays (host, or device arrays on one device) as ShapeDtypeStructs with no sharding."""
+
+    def one(x) -> jax.ShapeDtypeStruct:
+        assert not isinstance(x, jax.Array) or len(x.sharding.device_set) == 1, "one device only: see Engine.__init__"
+        return jax.ShapeDtypeStruct(np.shape(x), x.dtype)
+
+    abstract = jax.tree.map(one, tree)
+    assert jax.tree.structure(abstract) == jax.tree.structure(tree)
+    return abstract
 
 
 class _Sequence:
@@ -277,6 +298,11 @@ class Engine:
         self._ids = itertools.count()
         self._thread: threading.Thread | None = None
         self.reused_tokens = 0  # prompt tokens whose keys and values came from the prefix cache
+        # On a mesh, a state array's sharding changes as programs run (staging moves onto the mesh at its
+        # first prefill), so shapes taken now would not name the programs the engine runs: no jobs there;
+        # the server warms a mesh engine up eagerly (`warm_up`), and an unwarmed one compiles at first use.
+        on_mesh = weights.mesh is not None
+        self.programs = Programs([], []) if on_mesh else Programs(self._compile_jobs(), first=self._first_programs())
         assert self.copy_buckets[-1] == S
         assert self.chunk_buckets[-1] <= S
 
@@ -380,6 +406,106 @@ class Engine:
             self._staging = slots.restore_block_jit(self._staging, k, v, zero)
         jax.block_until_ready((self._slots, self._staging))
         self._slots, self._staging = self._empty_state()
+        self.programs.mark_all_compiled()
+
+    def _first_programs(self) -> list[tuple]:
+        """What a short single request runs: its random key, a one-row prefill of the first bucket,
+        width-1 decode chunks, and the release of its row. The rest waits for the background (or its first use)."""
+        # The longest compile first: two threads compile these (compile_for_first_request).
+        first = [("decode_chunk", self.widths[0]), ("prefill_rows", 1, self.batch_buckets[0]), ("row_keys",),
+                 ("release",)]  # fmt: skip
+        assert self.widths[0] == 1
+        assert len(first) == 4
+        return first
+
+    def _compile_jobs(self) -> list[Job]:
+        """One job per program the engine can run, on abstract shapes (see programs.py for why that is
+        safe beside the engine thread), in the order the background compiles them: the likeliest next
+        needs first (longer short prompts, more clients), long prompts and wide prefills last. Each
+        call mirrors the engine's own call (positional or keyword alike), so it lowers to the same key."""
+        config, V = self.config, self.config.vocab_size
+        assert self.weights.mesh is None, "see __init__: no jobs on a mesh"
+        state, staging, weights = _abstract(self._slots), _abstract(self._staging), _abstract(self.weights)
+        i32, flag = _spec((), jnp.int32), _spec((), jnp.bool_)
+        # A request's random keys are a few tiny eager ops on the host's device, beside the slots, not on them.
+        jobs = [Job(("row_keys",), functools.partial(row_keys, 0, [0]))]
+
+        def add(key: tuple, jitted, *args, **kwargs) -> None:
+            jobs.append(Job(key, lambda: jitted.lower(*args, **kwargs).compile()))
+
+        def prefill_rows(W: int, T: int) -> None:
+            add(("prefill_rows", W, T), slots.prefill_rows_jit, state, _spec((W, T), jnp.int32), _spec((W,), jnp.int32),
+                _spec((W,), jnp.int32), *_abstract(self._row_settings([], W)), weights, config)  # fmt: skip
+
+        for T in self.batch_buckets:
+            prefill_rows(1, T)
+        for W in self.widths:  # the chunk program: decode_chunk, or speculate_chunk when speculating
+            mask_WV, single_W = _spec((W, V), jnp.bool_), _spec((W,), jnp.bool_)
+            if self.speculate is None:
+                add(("decode_chunk", W), slots.decode_chunk_jit, state, mask_WV, single_W, weights, config, W,
+                    self.chunk_steps)  # fmt: skip
+            else:
+                add(("decode_chunk", W), slots.speculate_chunk_jit, state, mask_WV, single_W, self.speculate, weights,
+                    config, W, self.chunk_steps)  # fmt: skip
+        add(("release",), slots.release_jit, state, _spec((self.max_batch,), jnp.bool_))
+        add(("move_state",), slots.move_state_jit, state, i32, i32)
+        for bucket in self.copy_buckets:
+            add(("move_slots", bucket), slots.move_slots_jit, state, i32, i32, bucket=bucket)
+        add(("begin_prompt",), slots.begin_prompt_jit, staging)
+        for T in self.chunk_buckets:
+            add(("prefill_chunk", T), slots.prefill_chunk_jit, staging, _spec((1, T), jnp.int32), i32,
+                _spec((1, T), jnp.int32), flag, weights, config)  # fmt: skip
+        for bucket in self.copy_buckets:
+            add(("copy_prompt", bucket), slots.copy_prompt_jit, state, staging, i32, bucket=bucket)
+        jobs.append(Job(("admit",), functools.partial(self._compile_admit, state, staging, weights)))
+        if self.prefix_cache.capacity > 0:
+            block = jax.eval_shape(slots.read_block, staging, i32)
+            add(("read_block",), slots.read_block_jit, staging, i32)
+            add(("restore_block",), slots.restore_block_jit, staging, *block, i32)
+        for W in self.widths[1:]:
+            for T in self.batch_buckets:
+                prefill_rows(W, T)
+        assert len(jobs) == len({job.key for job in jobs})
+        assert all(key in {job.key for job in jobs} for key in self._first_programs())
+        return jobs
+
+    def _compile_admit(self, state: slots.Slots, staging, weights: GPT2Weights) -> None:
+        """admit's job: its logits argument has prefill_chunk's output type (traced here, in the job, not at start)."""
+        T, i32 = self.chunk_buckets[0], _spec((), jnp.int32)
+        prefill = functools.partial(slots.prefill_chunk, config=self.config)
+        _, logits_1V, _ = jax.eval_shape(prefill, staging, _spec((1, T), jnp.int32), i32, _spec((1, T), jnp.int32),
+                                         _spec((), jnp.bool_), weights)  # fmt: skip
+        assert logits_1V.shape == (1, self.config.vocab_size)
+        assert self.weights.mesh is None
+        ones = _spec((1,), jnp.int32)
+        slots.admit_jit.lower(state, _spec(logits_1V.shape, logits_1V.dtype), _spec((1, self.context_length), jnp.int32),
+                              ones, ones, *_abstract(self._row_settings([], 1))).compile()  # fmt: skip
+
+    @property
+    def ready(self) -> bool:
+        """The programs a short single request runs are compiled: a request is served without waiting for a compile."""
+        return self.programs.ready.is_set()
+
+    @property
+    def warm(self) -> bool:
+        """Every program is compiled: no request ever waits for a compile."""
+        return self.programs.warm.is_set()
+
+    def compile_for_first_request(self) -> None:
+        """Compile (on abstract shapes, running nothing) what a short single request needs; sets `ready`.
+        Any thread, before or after `start`. Two at a time: nothing else runs yet, so take two cores
+        (the prefill and the decode chunk compile side by side: about half a cold start's wait on two)."""
+        assert self.weights.mesh is None, "a mesh engine is warmed up eagerly (warm_up)"
+        self.programs.compile(self.programs.first, threads=2)
+        assert self.ready
+        assert self.programs.num_compiled >= len(self.programs.first)
+
+    def compile_the_rest(self) -> None:
+        """Compile every other program (any thread, beside a running engine: see programs.py); sets `warm`."""
+        assert self.weights.mesh is None, "a mesh engine is warmed up eagerly (warm_up)"
+        self.programs.compile_all()
+        assert self.warm
+        assert self.ready
 
     def start(self) -> None:
         """Run scheduling rounds on a background thread until `shutdown`."""
@@ -506,6 +632,7 @@ class Engine:
         W = self._width_for(len(batch))
         T = self._chunk_bucket(max(len(seq.request.prompt_ids) for seq in batch))
         assert T in self.batch_buckets
+        self.programs.ensure(("prefill_rows", W, T))
         ids_WT, num_prompt_W = np.full((W, T), PAD_ID, np.int32), np.ones((W,), np.int32)
         rows_W = np.full((W,), self.max_batch, np.int32)  # padding entries point past the last row: dropped
         free = [row for row, seq in enumerate(self._rows) if seq is None]
@@ -558,10 +685,12 @@ class Engine:
         self._waiting.popleft()
         self._count(waiting=-1, running=1)
         prompt = seq.request.prompt_ids
+        self.programs.ensure(("begin_prompt",))
         self._staging = slots.begin_prompt_jit(self._staging)
         reusable = len(prompt) - 1 if seq.request.prompt_logprobs is None else 0  # the last token needs its logits
         blocks = self.prefix_cache.match(prompt, reusable)
         for i, (k, v) in enumerate(blocks):
+            self.programs.ensure(("restore_block",))
             self._staging = slots.restore_block_jit(self._staging, k, v, np.int32(i * PREFIX_BLOCK))
         self._prefill = _Prefill(seq, len(blocks) * PREFIX_BLOCK, [])
         self.reused_tokens += len(blocks) * PREFIX_BLOCK
@@ -583,6 +712,7 @@ class Engine:
         following = prompt[job.done + 1 : job.done + n + 1]
         next_ids_1T[0, : len(following)] = following
         want = job.seq.request.prompt_logprobs is not None
+        self.programs.ensure(("prefill_chunk", T))
         self._staging, last_logits_1V, logprobs = slots.prefill_chunk_jit(
             self._staging, ids_1T, np.int32(n), next_ids_1T, np.bool_(want), self.weights, self.config
         )
@@ -609,6 +739,8 @@ class Engine:
         assert seq not in self._rows
         row = self._rows.index(None)
         bucket = next(b for b in self.copy_buckets if b >= len(prompt))
+        self.programs.ensure(("copy_prompt", bucket))
+        self.programs.ensure(("admit",))
         self._slots = slots.copy_prompt_jit(self._slots, self._staging, np.int32(row), bucket=bucket)
         prompt_1S = np.full((1, self.context_length), PAD_ID, np.int32)
         prompt_1S[0, : len(prompt)] = prompt
@@ -627,6 +759,7 @@ class Engine:
         chain = self.prefix_cache.keys(prompt, len(prompt))
         for i, key in enumerate(chain):
             if key not in self.prefix_cache.blocks:
+                self.programs.ensure(("read_block",))
                 self.prefix_cache.add(key, slots.read_block_jit(self._staging, np.int32(i * PREFIX_BLOCK)))
         self.prefix_cache.use(chain)
 
@@ -642,6 +775,8 @@ class Engine:
             assert destination < target
             seq = self._rows[source]
             bucket = next(b for b in self.copy_buckets if b >= min(seq.filled_slots, self.context_length))
+            self.programs.ensure(("move_slots", bucket))
+            self.programs.ensure(("move_state",))
             self._slots = slots.move_slots_jit(self._slots, np.int32(source), np.int32(destination), bucket=bucket)
             self._slots = slots.move_state_jit(self._slots, np.int32(source), np.int32(destination))
             self._rows[destination], self._rows[source] = seq, None
@@ -651,6 +786,7 @@ class Engine:
         width = self._width_for(1 + max(row for row, seq in enumerate(self._rows) if seq is not None))
         single_W = np.array([seq is not None and seq.matcher is not None for seq in self._rows[:width]])
         allowed_WV = self._allowed(self._rows[:width], width)
+        self.programs.ensure(("decode_chunk", width))
         if self.speculate is None:
             self._slots, outputs = slots.decode_chunk_jit(self._slots, allowed_WV, single_W, self.weights, self.config,
                                                           width, self.chunk_steps)  # fmt: skip
@@ -688,6 +824,7 @@ class Engine:
         assert all(0 <= row < self.max_batch for row in rows)
         free_B = np.zeros((self.max_batch,), np.bool_)
         free_B[rows] = True
+        self.programs.ensure(("release",))
         self._slots = slots.release_jit(self._slots, free_B)
 
     def _deliver(self, seq: _Sequence, event: Event) -> None:

@@ -13,9 +13,14 @@ that is not there is a 400, never ignored.
 
 The event loop only moves bytes: parsing, validation and tokenization of a request run on a worker
 thread, the model on the engine's thread; each request's events hop onto the loop through a
-`Relay`. Before a route sees a request, `RequestGate` checks the API key (401) and the body size
-(413, answered as soon as the size is known). Bad input is a 400 with OpenAI's error body, a full
-engine a 503 with Retry-After, a stream whose client goes away cancels its sequences.
+`Relay`. Before a route sees a request, `RequestGate` checks the API key (401), that the server has
+finished loading (503 `model_loading` with Retry-After; /health and /metrics answer while it loads)
+and the body size (413, answered as soon as the size is known). Bad input is a 400 with OpenAI's
+error body, a full engine a 503 with Retry-After, a stream whose client goes away cancels its sequences.
+
+Start-up: the port opens at once; the programs a short single request runs compile first (/health:
+503 `{"status": "loading", ...}`), then /health turns 200 and the other programs compile on a
+background thread while the server serves (see programs.py).
 """
 
 import asyncio
@@ -23,8 +28,10 @@ import contextlib
 import dataclasses
 import hashlib
 import json
+import logging
 import math
 import secrets
+import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 
@@ -46,6 +53,8 @@ from jax_gpt2.serve.protocol import (
 from jax_gpt2.tokenizer import encode_many, longest_token_bytes
 
 RETRY_AFTER_S = 1
+LOADING_ROUTES_OPEN = ("/health", "/metrics")  # the routes that answer while the first programs compile
+log = logging.getLogger("uvicorn.error")  # uvicorn's own start-up lines go there, at its --log-level
 DISCONNECT_CHECK_S = 1.0  # how often a non-streamed request looks for a client that went away
 PARAMS = {"max_new_tokens": "max_tokens"}  # SamplingSettings' field names that the API spells otherwise
 
@@ -534,10 +543,19 @@ async def list_models(request: Request) -> dict:
     return {"object": "list", "data": [model]}
 
 
-async def health(request: Request) -> dict:
+async def health(request: Request) -> JSONResponse:
+    """200 {"status": "ok", ...} once a first request is served without a compile; until then 503
+    {"status": "loading", ...} with Retry-After (load balancers and `kubectl` probes read the status code).
+    `compiled` of `programs` says how far the compiles are; `warm` that all are done (none is left for a request)."""
     engine: Engine = request.app.state.serve.engine
-    return {"status": "ok", "active": engine.num_active, "queued": engine.num_queued, "max_batch": engine.max_batch,
-            "context_length": engine.context_length}  # fmt: skip
+    body = {"status": "ok" if engine.ready else "loading", "active": engine.num_active, "queued": engine.num_queued,
+            "max_batch": engine.max_batch, "context_length": engine.context_length, "warm": engine.warm,
+            "compiled": engine.programs.num_compiled, "programs": len(engine.programs.keys)}  # fmt: skip
+    assert body["compiled"] <= body["programs"]
+    assert engine.ready or not engine.warm
+    if engine.ready:
+        return JSONResponse(body)
+    return JSONResponse(body, status_code=503, headers={"Retry-After": str(RETRY_AFTER_S)})
 
 
 async def metrics(request: Request) -> Response:
@@ -592,6 +610,10 @@ class RequestGate:
         if scope["path"] != "/health" and not self._authorized(scope):
             error = APIError(401, "a valid API key is needed: Authorization: Bearer <key>", None, "invalid_api_key")
             return await _answer_then_drain(error, receive, counted_send, headers={"www-authenticate": "Bearer"})
+        if scope["path"] not in LOADING_ROUTES_OPEN and not self.state.engine.ready:
+            error = APIError(503, "the model is loading (compiling its first programs); retry shortly", None,
+                             "model_loading", "unavailable_error")  # fmt: skip
+            return await _answer_then_drain(error, receive, counted_send, headers={"Retry-After": str(RETRY_AFTER_S)})
         body = await self._read_body(scope, receive, counted_send)
         if body is None:
             return None
@@ -667,7 +689,13 @@ def create_app(engine: Engine, model_id: str, limits: ServerLimits | None = None
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
-        engine.start()
+        if engine.warm:
+            engine.start()
+        elif engine.weights.mesh is not None:
+            threading.Thread(target=_warm_up_then_start, args=(engine,), name="jax-gpt2-compile", daemon=True).start()
+        else:
+            engine.start()
+            threading.Thread(target=_compile_programs, args=(engine,), name="jax-gpt2-compile", daemon=True).start()
         yield
         await asyncio.to_thread(engine.shutdown, False)  # every connection is closed: nobody waits for the rest
 
@@ -686,6 +714,31 @@ def create_app(engine: Engine, model_id: str, limits: ServerLimits | None = None
     app.add_api_route("/metrics", metrics, methods=["GET"])
     app.add_middleware(RequestGate, state=state, api_key=api_key)
     return app
+
+
+def _compile_programs(engine: Engine) -> None:
+    """The start-up compiles, off the event loop: the first request's programs (then /health says
+    ok), then the rest. Daemon thread: a shutdown does not wait for compiles nobody will use."""
+    assert not engine.warm
+    assert engine.programs.num_compiled <= len(engine.programs.keys)
+    started = time.perf_counter()
+    engine.compile_for_first_request()
+    log.info("ready: the first request's %d programs compiled in %.1f s", len(engine.programs.first),
+             time.perf_counter() - started)  # fmt: skip
+    engine.compile_the_rest()
+    log.info("warm: all %d programs compiled in %.1f s", len(engine.programs.keys), time.perf_counter() - started)
+
+
+def _warm_up_then_start(engine: Engine) -> None:
+    """A mesh engine's start-up (see Engine.__init__): run every program once, then start the engine
+    thread. Nothing else touches the engine meanwhile: every route but /health and /metrics answers
+    503 until `ready`, and warm_up sets it last."""
+    assert engine.weights.mesh is not None
+    assert not engine.ready
+    started = time.perf_counter()
+    engine.warm_up()
+    engine.start()
+    log.info("ready: every program compiled (eagerly, on a mesh) in %.1f s", time.perf_counter() - started)
 
 
 def _uvicorn_server(app: FastAPI, engine: Engine, host: str, port: int, drain_timeout_s: float):
@@ -711,11 +764,12 @@ def run_server(
     model_id: str, engine: Engine, host: str, port: int, limits: ServerLimits, api_key: str | None,
     drain_timeout_s: float,
 ) -> None:  # fmt: skip
-    """Compile every shape `engine` uses, then serve its model as `model_id` until SIGTERM / Ctrl-C
-    (a drain of at most drain_timeout_s), or a second one (at once)."""
+    """Serve `engine`'s model as `model_id` until SIGTERM / Ctrl-C (a drain of at most drain_timeout_s),
+    or a second one (at once). The port opens before anything is compiled: /health answers 503
+    `loading` until a first request's programs are compiled, the rest compile in the background."""
     assert model_id
     assert drain_timeout_s >= 0
-    print(f"jax-gpt2 serve: compiling for {engine.max_batch} slots x {engine.context_length} positions "
-          f"(widths {engine.widths}, prefill chunks {engine.chunk_buckets}) ...", flush=True)  # fmt: skip
-    engine.warm_up()
+    print(f"jax-gpt2 serve: {engine.max_batch} slots x {engine.context_length} positions (widths {engine.widths}, "
+          f"prefill chunks {engine.chunk_buckets}); compiling {len(engine.programs.keys)} programs, "
+          f"/health answers 200 once the first {len(engine.programs.first)} are", flush=True)  # fmt: skip
     _uvicorn_server(create_app(engine, model_id, limits, api_key), engine, host, port, drain_timeout_s).run()
