@@ -21,6 +21,7 @@ from jax_gpt2.sampling import SamplingSettings, flags_for, next_tokens, runtime_
 from jax_gpt2.serve import slots
 from jax_gpt2.serve.engine import Engine, EngineClosed, Event, QueueFull, SequenceRequest
 from jax_gpt2.serve.slots import PREFIX_BLOCK, compiled_count, empty_staging
+from jax_gpt2.speculate import PromptLookup
 from jax_gpt2.tokenizer import encode, load_tokenizer
 
 MAX_ROUNDS = 500  # every test run ends long before; a scheduling bug fails instead of hanging
@@ -321,11 +322,13 @@ class BackendCompiles:
         jax.monitoring.unregister_event_duration_listener(self)
 
 
-def test_programs_compiled_ahead_on_a_background_thread_are_the_ones_the_engine_then_runs(long_model):
+@pytest.mark.parametrize("speculate", [None, PromptLookup()], ids=["plain", "speculating"])
+def test_programs_compiled_ahead_on_a_background_thread_are_the_ones_the_engine_then_runs(long_model, speculate):
     """The serving start-up path: compile on abstract shapes in another thread, then serve with no
-    XLA compile at all (the engine's calls find those executables)."""
+    XLA compile at all (the engine's calls find those executables; a speculating engine's chunk
+    program is speculate_chunk)."""
     jax.clear_caches()  # nothing compiled by earlier tests may stand in for the background's work
-    engine = make_engine(long_model, max_batch=4, prefill_chunk=16)
+    engine = make_engine(long_model, max_batch=4, prefill_chunk=16, speculate=speculate)
     assert not engine.ready
     assert not engine.warm
     engine.compile_for_first_request()
