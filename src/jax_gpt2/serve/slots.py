@@ -50,8 +50,8 @@ from jax_gpt2.sampling import (
     runtime_flags, sampling_params, token_logprobs,
 )  # fmt: skip
 from jax_gpt2.speculate import (
-    PromptLookup, accept_drafts, choose_width, count_emitted, decayed_evidence, emitted_lengths, lookup_draft,
-    verified_guesses, write_tokens,
+    PRIOR_HITS, PRIOR_TRIALS, PromptLookup, accept_drafts, choose_width, count_emitted, decayed_evidence,
+    emitted_lengths, lookup_draft, verified_guesses, write_tokens,
 )  # fmt: skip
 from jax_gpt2.weights import GPT2Weights
 
@@ -107,8 +107,8 @@ def empty_slots(config: GPT2Config, max_batch: int, max_seq_len: int, dtype) -> 
         logprobs_B=jnp.zeros((B,), jnp.bool_),
         params=jax.tree.map(jnp.asarray, sampling_params([SamplingSettings()] * B)),
         history_BS=jnp.zeros((B, max_seq_len), jnp.int32),
-        hits_B=jnp.zeros((B,), jnp.float32),
-        trials_B=jnp.zeros((B,), jnp.float32),
+        hits_B=jnp.full((B,), PRIOR_HITS, jnp.float32),
+        trials_B=jnp.full((B,), PRIOR_TRIALS, jnp.float32),
     )
     cache = empty_cache(config, jnp.zeros((B,), jnp.int32), max_seq_len, dtype)
     return Slots(cache, rows)
@@ -249,8 +249,8 @@ def admit(
         logprobs_B=want_logprobs_W,
         params=params_W,
         history_BS=history_WS,
-        hits_B=jnp.zeros((W,), jnp.float32),
-        trials_B=jnp.zeros((W,), jnp.float32),
+        hits_B=jnp.full((W,), PRIOR_HITS, jnp.float32),
+        trials_B=jnp.full((W,), PRIOR_TRIALS, jnp.float32),
     )
     new, outputs = pick(new, apply_allowed_tokens(last_logits_WV, allowed_WV))
     history_WS = new.history_BS.at[jnp.arange(W), num_prompt_W].set(new.pending_B, mode="drop")  # the pending token
