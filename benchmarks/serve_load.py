@@ -170,14 +170,21 @@ def launch_times(args: argparse.Namespace, cache_home: Path) -> dict:
                     raise SystemExit(f"the server exited; see {args.server_log}")
                 time.sleep(0.1)
         finally:
-            process.send_signal(signal.SIGTERM)
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                process.wait(60)
-            if process.poll() is None:
-                process.kill()
+            stop(process)
     if not done(times, args.until_warm):
         raise SystemExit(f"the server did not get that far in {args.startup_limit} s; see {args.server_log}")
     return times
+
+
+def stop(process: subprocess.Popen) -> None:
+    """SIGTERM (the server drains and exits), then SIGKILL if it is still there after 60 s."""
+    process.send_signal(signal.SIGTERM)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        process.wait(60)
+    if process.poll() is None:
+        process.kill()
+        process.wait(10)
+    assert process.returncode is not None
 
 
 def done(times: dict, until_warm: bool) -> bool:
@@ -223,11 +230,7 @@ def server_process(args: argparse.Namespace, *flags: str):
             raise SystemExit(f"the server did not start in {args.startup_limit} s; see {args.server_log}")
         yield url
     finally:
-        process.send_signal(signal.SIGTERM)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            process.wait(60)
-        if process.poll() is None:
-            process.kill()
+        stop(process)
         log.close()
 
 
