@@ -57,6 +57,15 @@ MAX_RATE = 0.99  # keeps the expected-length series finite
 VERIFY_COSTS = {"float32": (0.03, 0.035), "bfloat16": (0.45, 0.07), "int8": (0.35, 0.17)}
 
 
+def prior_evidence(rows: int) -> tuple[jax.Array, jax.Array]:
+    """hits_B, trials_B of rows that have verified nothing yet: the prior, which then decays like any
+    evidence (`decayed_evidence`)."""
+    assert rows >= 1
+    hits_B, trials_B = jnp.full((rows,), PRIOR_HITS, jnp.float32), jnp.full((rows,), PRIOR_TRIALS, jnp.float32)
+    assert hits_B.shape == trials_B.shape
+    return hits_B, trials_B
+
+
 def _static(default):
     return dataclasses.field(default=default, metadata=dict(static=True))
 
@@ -176,10 +185,10 @@ def start_speculating(state, ids_BT: jax.Array, speculate=None) -> SpeculativeSt
     assert S >= T
     history_BS = jnp.zeros((B, S), jnp.int32).at[:, :T].set(ids_BT.astype(jnp.int32))
     zeros_B = jnp.zeros((B,), jnp.int32)
+    hits_B, trials_B = prior_evidence(B)
     spec = SpeculativeState(
         decode=state, history_BS=history_BS, residual_q_BV=jnp.zeros((B, V), jnp.float32), count_B=zeros_B,
-        hits_B=jnp.full((B,), PRIOR_HITS, jnp.float32), trials_B=jnp.full((B,), PRIOR_TRIALS, jnp.float32),
-        guess_B=zeros_B - 1,
+        hits_B=hits_B, trials_B=trials_B, guess_B=zeros_B - 1,
         drafted_B=zeros_B, accepted_B=zeros_B, passes_B=zeros_B, draft_cache=draft_prefill(ids_BT, state, speculate),
     )  # fmt: skip
     assert spec.history_BS.shape == (B, S)

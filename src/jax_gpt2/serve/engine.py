@@ -394,12 +394,8 @@ class Engine:
                                                         *self._row_settings([], W), self.weights, self.config)  # fmt: skip
         for width in self.widths:
             allowed_WV, single_W = np.ones((width, self.config.vocab_size), np.bool_), np.zeros((width,), np.bool_)
-            if self.speculate is None:
-                self._slots, _ = slots.decode_chunk_jit(self._slots, allowed_WV, single_W, self.weights, self.config,
-                                                        width, self.chunk_steps)  # fmt: skip
-            else:
-                self._slots, _, _ = slots.speculate_chunk_jit(self._slots, allowed_WV, single_W, self.speculate,
-                                                              self.weights, self.config, width, self.chunk_steps)  # fmt: skip
+            chunk, arguments = self._chunk_program(width, self.weights)
+            self._slots = chunk(self._slots, allowed_WV, single_W, *arguments)[0]
         self._slots = slots.release_jit(self._slots, np.ones((self.max_batch,), np.bool_))
         if self.prefix_cache.capacity > 0:
             k, v = slots.read_block_jit(self._staging, zero)
@@ -407,6 +403,16 @@ class Engine:
         jax.block_until_ready((self._slots, self._staging))
         self._slots, self._staging = self._empty_state()
         self.programs.mark_all_compiled()
+
+    def _chunk_program(self, width: int, weights) -> tuple[Callable, tuple]:
+        """The chunk program of `width` and its arguments after (slots, allowed_WV, single_W):
+        decode_chunk, or speculate_chunk when the engine speculates (it also returns its counts).
+        weights: the engine's, or their abstract shapes (a compile job)."""
+        assert width in self.widths
+        assert self.chunk_steps >= 1
+        if self.speculate is None:
+            return slots.decode_chunk_jit, (weights, self.config, width, self.chunk_steps)
+        return slots.speculate_chunk_jit, (self.speculate, weights, self.config, width, self.chunk_steps)
 
     def _first_programs(self) -> list[tuple]:
         """What a short single request runs: its random key, a one-row prefill of the first bucket,
@@ -439,14 +445,9 @@ class Engine:
 
         for T in self.batch_buckets:
             prefill_rows(1, T)
-        for W in self.widths:  # the chunk program: decode_chunk, or speculate_chunk when speculating
-            mask_WV, single_W = _spec((W, V), jnp.bool_), _spec((W,), jnp.bool_)
-            if self.speculate is None:
-                add(("decode_chunk", W), slots.decode_chunk_jit, state, mask_WV, single_W, weights, config, W,
-                    self.chunk_steps)  # fmt: skip
-            else:
-                add(("decode_chunk", W), slots.speculate_chunk_jit, state, mask_WV, single_W, self.speculate, weights,
-                    config, W, self.chunk_steps)  # fmt: skip
+        for W in self.widths:
+            chunk, arguments = self._chunk_program(W, weights)
+            add(("decode_chunk", W), chunk, state, _spec((W, V), jnp.bool_), _spec((W,), jnp.bool_), *arguments)
         add(("release",), slots.release_jit, state, _spec((self.max_batch,), jnp.bool_))
         add(("move_state",), slots.move_state_jit, state, i32, i32)
         for bucket in self.copy_buckets:
@@ -787,14 +788,10 @@ class Engine:
         single_W = np.array([seq is not None and seq.matcher is not None for seq in self._rows[:width]])
         allowed_WV = self._allowed(self._rows[:width], width)
         self.programs.ensure(("decode_chunk", width))
-        if self.speculate is None:
-            self._slots, outputs = slots.decode_chunk_jit(self._slots, allowed_WV, single_W, self.weights, self.config,
-                                                          width, self.chunk_steps)  # fmt: skip
-        else:
-            self._slots, outputs, counts = slots.speculate_chunk_jit(
-                self._slots, allowed_WV, single_W, self.speculate, self.weights, self.config, width, self.chunk_steps
-            )
-            drafted, accepted, passes = (int(x) for x in jax.device_get(counts))
+        chunk, arguments = self._chunk_program(width, self.weights)
+        self._slots, outputs, *counts = chunk(self._slots, allowed_WV, single_W, *arguments)
+        if counts:  # speculate_chunk's
+            drafted, accepted, passes = (int(x) for x in jax.device_get(counts[0]))
             self.drafted_tokens, self.accepted_tokens = self.drafted_tokens + drafted, self.accepted_tokens + accepted
             self.verify_passes += passes
         out = StepOutput(*jax.device_get(outputs))

@@ -50,8 +50,8 @@ from jax_gpt2.sampling import (
     runtime_flags, sampling_params, token_logprobs,
 )  # fmt: skip
 from jax_gpt2.speculate import (
-    PRIOR_HITS, PRIOR_TRIALS, PromptLookup, accept_drafts, choose_width, count_emitted, decayed_evidence,
-    emitted_lengths, lookup_draft, verified_guesses, write_tokens,
+    PromptLookup, accept_drafts, choose_width, count_emitted, decayed_evidence, emitted_lengths, lookup_draft,
+    prior_evidence, verified_guesses, write_tokens,
 )  # fmt: skip
 from jax_gpt2.weights import GPT2Weights
 
@@ -96,6 +96,7 @@ def empty_slots(config: GPT2Config, max_batch: int, max_seq_len: int, dtype) -> 
     assert max_batch >= 1
     assert max_seq_len >= 1
     B = max_batch
+    hits_B, trials_B = prior_evidence(B)
     rows = RowState(
         seen_BV=jnp.zeros((B, config.vocab_size), jnp.bool_),
         counts_BV=jnp.zeros((B, config.vocab_size), jnp.int32),
@@ -107,8 +108,8 @@ def empty_slots(config: GPT2Config, max_batch: int, max_seq_len: int, dtype) -> 
         logprobs_B=jnp.zeros((B,), jnp.bool_),
         params=jax.tree.map(jnp.asarray, sampling_params([SamplingSettings()] * B)),
         history_BS=jnp.zeros((B, max_seq_len), jnp.int32),
-        hits_B=jnp.full((B,), PRIOR_HITS, jnp.float32),
-        trials_B=jnp.full((B,), PRIOR_TRIALS, jnp.float32),
+        hits_B=hits_B,
+        trials_B=trials_B,
     )
     cache = empty_cache(config, jnp.zeros((B,), jnp.int32), max_seq_len, dtype)
     return Slots(cache, rows)
@@ -238,6 +239,7 @@ def admit(
     rows_WT = jnp.broadcast_to(jnp.arange(W)[:, None], prompt_ids_WT.shape)
     S = slots.rows.history_BS.shape[1]
     history_WS = write_tokens(jnp.zeros((W, S), jnp.int32), jnp.zeros((W,), jnp.int32), prompt_ids_WT, num_prompt_W)
+    hits_W, trials_W = prior_evidence(W)
     new = RowState(
         seen_BV=jnp.zeros((W, V), jnp.bool_).at[rows_WT, prompt_ids_WT].max(in_prompt_WT),
         counts_BV=jnp.zeros((W, V), jnp.int32),
@@ -249,8 +251,8 @@ def admit(
         logprobs_B=want_logprobs_W,
         params=params_W,
         history_BS=history_WS,
-        hits_B=jnp.full((W,), PRIOR_HITS, jnp.float32),
-        trials_B=jnp.full((W,), PRIOR_TRIALS, jnp.float32),
+        hits_B=hits_W,
+        trials_B=trials_W,
     )
     new, outputs = pick(new, apply_allowed_tokens(last_logits_WV, allowed_WV))
     history_WS = new.history_BS.at[jnp.arange(W), num_prompt_W].set(new.pending_B, mode="drop")  # the pending token
@@ -475,7 +477,7 @@ def _write_outputs(outputs_W: tuple[jax.Array, ...], made_W: jax.Array, made: _I
     assert made_W.shape == (W,)
     rows_W, at_W = jnp.arange(W), jnp.where(picked_W, made_W + kept_W, Y)
     outputs_W = (
-        write_tokens(tokens_WY, made_W, tokens_WT, count_W), write_tokens(emitted_WY, made_W, tokens_WT >= 0, count_W),
+        write_tokens(tokens_WY, made_W, tokens_WT, count_W), write_tokens(emitted_WY, made_W, jnp.ones_like(tokens_WT, jnp.bool_), count_W),
         logprob_WY.at[rows_W, at_W].set(logprob_W, mode="drop"),
         top_ids_WYA.at[rows_W, at_W].set(top_ids_WA, mode="drop"),
         top_logprobs_WYA.at[rows_W, at_W].set(top_logprobs_WA, mode="drop"),
