@@ -82,6 +82,41 @@ def test_warping_keeps_exactly_the_tokens_transformers_keeps(logits_BV, settings
     np.testing.assert_allclose(np.asarray(ours)[kept(ours)], scores.numpy()[kept(ours)], rtol=1e-6)
 
 
+def sorted_top_k_top_p(row_V: np.ndarray, top_k: int, top_p: float) -> np.ndarray:
+    """Top-k then top-p by their definitions over the sorted row, the probability in float64."""
+    best_V = -np.sort(-row_V)
+    k = min(top_k, len(row_V)) if top_k > 0 else len(row_V)
+    row_V = np.where(row_V < best_V[k - 1], -np.inf, row_V).astype(np.float32)
+    if top_p >= 1.0:
+        return row_V
+    probs_V = np.exp(row_V.astype(np.float64) - row_V.max())
+    probs_V /= probs_V.sum()
+    kept = [v for v in np.unique(row_V[np.isfinite(row_V)]) if probs_V[row_V > v].sum() < top_p]
+    return np.where(row_V < min(kept), -np.inf, row_V).astype(np.float32)
+
+
+def test_top_k_and_top_p_found_by_bisection_keep_what_the_sorted_definition_keeps():
+    # The thresholds come from bisections over the logits' bit patterns, not a sort (a sort of the
+    # vocabulary cost more than a decode step): ties, banned tokens (-inf), a k past the vocabulary
+    # and every top_p regime must keep exactly the tokens the sorted definition keeps.
+    from jax_gpt2.sampling import apply_top_k, apply_top_p
+
+    rng = np.random.default_rng(5)
+    for case in range(60):
+        rows_BV = (rng.normal(size=(B, V)) * rng.choice([0.1, 1.0, 30.0])).astype(np.float32)
+        if case % 2 == 0:
+            rows_BV = np.round(rows_BV)  # many ties
+        if case % 3 == 0:
+            rows_BV[:, rng.integers(0, V, V // 2)] = -np.inf
+            rows_BV[:, 0] = 1.0
+        top_k_B = rng.integers(0, V + 5, B).astype(np.int32)
+        top_p_B = rng.choice([0.05, 0.5, 0.9, 0.999, 1.0], B).astype(np.float32)
+        ours_BV = apply_top_p(apply_top_k(jnp.asarray(rows_BV), jnp.asarray(top_k_B)), jnp.asarray(top_p_B))
+        for b in range(B):
+            expected_V = sorted_top_k_top_p(rows_BV[b], int(top_k_B[b]), float(top_p_B[b]))
+            np.testing.assert_array_equal(np.asarray(ours_BV[b]), expected_V, err_msg=f"case {case} row {b}")
+
+
 def test_the_greedy_pick_is_numpys_argmax_with_ties_infinities_and_nans():
     rows_BV = np.random.default_rng(1).normal(0.0, 3.0, (6, V)).astype(np.float32)
     rows_BV[0, [7, 40, 299]] = 50.0  # a tie: the first index wins
