@@ -4,8 +4,10 @@
 // by the core's own probe (MeasureFmaPeak) on the same threads. Build and run:
 //   g++ -O3 -std=c++17 -ffp-contract=fast -pthread -march=native -Isrc/jax_gpt2/kernels
 //       src/jax_gpt2/kernels/core.cc benchmarks/gemm_probe.cc -o /tmp/gemm_probe
-//   flock /tmp/jax-gpt2-bench.lock /tmp/gemm_probe THREADS f32|bf16|i8 M [repeats] [logits]
-// Prints each shape's best and median time and GFLOP/s, the whole forward's, and the peak. With one
+//   flock /tmp/jax-gpt2-bench.lock /tmp/gemm_probe THREADS f32|bf16|bf16dot|i8 M [repeats] [logits]
+// bf16dot is the opt-in bf16 dot path (PackedMatmulBf16Dot: x rounded to bf16, AVX512_BF16's
+// vdpbf16ps; the exact bf16 path on builds without it). Prints each shape's best and median time,
+// GFLOP/s and best as a share of the peak, the whole forward's, and the peak. With one
 // thread it also prints GFLOP per second of this thread's CPU time (the time the scheduler gave it),
 // which a busy host disturbs far less than the wall clock.
 #include <algorithm>
@@ -33,6 +35,7 @@ int main(int argc, char** argv) {
   for (size_t i = 0; i < x.size(); ++i) x[i] = static_cast<float>((i * 7919) % 2001) * 1e-3f - 1.0f;
   auto run = [&](Mat& m) {
     if (!strcmp(which, "i8")) PackedMatmul(x.data(), M, m.I, m.i8.data(), m.scale.data(), m.O, y.data(), pool);
+    else if (!strcmp(which, "bf16dot")) PackedMatmulBf16Dot(x.data(), M, m.I, m.bf.data(), m.O, y.data(), pool);
     else if (!strcmp(which, "bf16")) PackedMatmul(x.data(), M, m.I, m.bf.data(), m.O, y.data(), pool);
     else PackedMatmul(x.data(), M, m.I, m.f32.data(), m.O, y.data(), pool);
   };
@@ -58,9 +61,9 @@ int main(int argc, char** argv) {
     cpu_total += layers * (cpu_now() - cpu_start) / reps;
     std::sort(t.begin(), t.end());
     double flop = 2.0 * M * m.I * m.O;
-    printf("%s M=%lld %4lldx%-5lld best %8.3f ms %6.1f GFLOP/s  median %8.3f ms %6.1f GFLOP/s\n", which,
-           (long long)M, (long long)m.I, (long long)m.O, t[0] * 1e3, flop / t[0] / 1e9, t[reps / 2] * 1e3,
-           flop / t[reps / 2] / 1e9);
+    printf("%s M=%lld %4lldx%-5lld best %8.3f ms %6.1f GFLOP/s (%3.0f%% of peak)  median %8.3f ms %6.1f GFLOP/s\n",
+           which, (long long)M, (long long)m.I, (long long)m.O, t[0] * 1e3, flop / t[0] / 1e9,
+           100 * flop / t[0] / 1e9 / peak, t[reps / 2] * 1e3, flop / t[reps / 2] / 1e9);
     total_flop += layers * flop, total_best += layers * t[0], total_median += layers * t[reps / 2];
   }
   double after = MeasureFmaPeak(pool, 0.2) / 1e9;

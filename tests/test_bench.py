@@ -286,3 +286,19 @@ def test_bench_refuses_a_cuda_torch_device_that_torch_cannot_see(monkeypatch, ca
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert main(["bench", "--preset", "distilgpt2", "--layers", "1", "--torch-device", "cuda"]) == 2
     assert "--torch-device cuda: torch" in capsys.readouterr().err
+
+
+def test_the_bf16_dot_option_loads_and_labels_the_bf16_run():
+    if not (kernels.kernels_available() and kernels.native.has_bf16_dot()):
+        pytest.skip("the bf16 dot path needs the kernels built with AVX512_BF16 (no avx512_bf16 here)")
+    config = GPT2Config(vocab_size=500, n_positions=64, n_embd=128, n_layer=2, n_head=2, bos_token_id=0, eos_token_id=0)
+    results = run_benchmarks(config, ["fp32", "bf16"], [1], [16], new_tokens=4, repeats=1, contexts=[], progress=False, bf16_dot=True)
+    assert [run["bf16_dot"] for run in results["runs"]] == [False, True]
+    assert "[bf16 --bf16-dot]" in format_table(results)
+    assert "[fp32]" in format_table(results)
+
+
+def test_the_bf16_dot_option_without_a_bf16_run_is_refused():
+    config = GPT2Config(vocab_size=500, n_positions=64, n_embd=128, n_layer=2, n_head=2, bos_token_id=0, eos_token_id=0)
+    with pytest.raises(ValueError, match="include bf16"):
+        run_benchmarks(config, ["fp32"], [1], [], new_tokens=2, repeats=1, contexts=[], progress=False, bf16_dot=True)

@@ -117,6 +117,28 @@ def test_generate_with_narrow_weights_equals_the_library_at_that_dtype(dtype_nam
     assert capsys.readouterr().out == "Hello" + tokenizer.decode(new_ids, skip_special_tokens=False) + "\n"
 
 
+def test_bf16_dot_with_other_weights_is_one_clear_line(tiny_model_dir, capsys):
+    assert main(["next", "hi", "--model", str(tiny_model_dir), "--bf16-dot"]) == 2
+    assert_one_error_line(capsys.readouterr().err, "jax-gpt2 next: error: bf16_dot=True multiplies bfloat16 weights")
+
+
+def test_perplexity_with_bf16_dot_stays_near_the_exact_bf16_perplexity(tiny_model_dir, tmp_path, capsys):
+    """The option moves the logits by the activations' rounding only: the perplexity by far less than 1%."""
+    from jax_gpt2.kernels import native
+
+    if not (native.kernels_available() and native.has_bf16_dot()):
+        pytest.skip("the bf16 dot path needs the kernels built with AVX512_BF16 (no avx512_bf16 here)")
+    text = tmp_path / "text.txt"
+    text.write_text("Hello world, the quick brown fox jumps over the lazy dog. " * 8)
+    results = {}
+    for flags in ([], ["--bf16-dot"]):
+        assert main(["perplexity", str(text), "--model", str(tiny_model_dir), "--dtype", "bf16", "--json", *flags]) == 0
+        result = json.loads(capsys.readouterr().out)
+        results[result["bf16_dot"]] = result["perplexity"]
+    assert set(results) == {False, True}
+    assert abs(results[True] / results[False] - 1) < 1e-2
+
+
 def test_generate_with_a_bf16_cache_equals_the_library_with_that_cache(tiny_model_dir, capsys):
     from jax_gpt2 import load_config, load_weights
     from jax_gpt2.generate import generate

@@ -665,6 +665,142 @@ def test_int8_errs_more_than_bfloat16(narrow_logit_errors):
     assert int8_BTV.max() > bf16_BTV.max()
 
 
+# --- the bf16 dot option (load_weights(..., bf16_dot=True)) --------------------------------------
+#
+# Kernel tolerance: against float64 math on x rounded to bfloat16 (nearest even, as ml_dtypes and
+# vcvtne2ps2bf16 round) times the rounded weights, the same MATMUL_RTOL: each vdpbf16ps step adds two
+# exact products (8-bit mantissas multiply exactly in float32) into a float32 sum, so only float32
+# accumulation is measured. Rounding x wrongly (truncating it, say) errs by ~2^-9 of the sum, 40x more.
+
+needs_bf16_dot = pytest.mark.skipif(
+    not (KERNELS and native.has_bf16_dot()),
+    reason="the bf16 dot path needs the kernels built with AVX512_BF16 (no avx512_bf16 in /proc/cpuinfo here)",
+)
+DOT_SHAPES = [(37, 63), (769, 200), (768, 64)]  # odd I: a last pair padded with zero; O short of whole tiles
+DOT_ROWS = [16, 23, 49, 100]  # at the GEMM threshold, past the 6-row register block and the 48-row unit
+
+
+def bf16_dot_matrix(w_IO: np.ndarray) -> PackedMatrix:
+    return dataclasses.replace(pack_matrix(w_IO, jnp.bfloat16), bf16_dot=True)
+
+
+@needs_bf16_dot
+@pytest.mark.parametrize("M", DOT_ROWS)
+@pytest.mark.parametrize(("I", "O"), DOT_SHAPES)
+def test_bf16_dot_matmul_is_float64_math_on_bf16_rounded_activations(I, O, M):
+    packed = bf16_dot_matrix(random_weight_IO(I, O))
+    x_MI = random_x_MI(M, I)
+    rounded_MI = x_MI.astype(ml_dtypes.bfloat16).astype(np.float32)
+    exact_MO, magnitude_MO = exact_product(rounded_MI, packed)
+    y_MO = packed_matmul(jnp.asarray(x_MI), packed, use_kernel=True)
+    assert_within_accumulation_error(y_MO, exact_MO, magnitude_MO, f"bf16 dot M={M}")
+
+
+@needs_bf16_dot
+def test_bf16_dot_rounds_activation_ties_to_even():
+    """1 + 2^-8 lies halfway between bf16's 1 and 1 + 2^-7 (rounds down, to even); -(1 + 3 2^-8)
+    halfway between -(1 + 2^-7) and -(1 + 2^-6) (rounds to the latter): with unit weights each row
+    sums 32 of each, exactly."""
+    x_MI = np.tile(np.array([1 + 2**-8, -(1 + 3 * 2**-8)], np.float32), (16, 32))
+    y_MO = np.asarray(packed_matmul(jnp.asarray(x_MI), bf16_dot_matrix(np.ones((64, 3), np.float32)), use_kernel=True))
+    np.testing.assert_array_equal(y_MO, np.full((16, 3), 32 * (1 - (1 + 2**-6)), np.float32))
+
+
+@needs_kernels
+@pytest.mark.parametrize("M", [1, 7, 15])
+def test_bf16_dot_below_the_gemm_threshold_is_the_exact_bf16_path(M):
+    """Decode-sized matmuls keep the exact widening path, bit for bit (on any host with the kernels:
+    the target exists in every build)."""
+    assert M < native.gemm_min_rows()
+    packed = pack_matrix(random_weight_IO(769, 200), jnp.bfloat16)
+    x_MI = jnp.asarray(random_x_MI(M, 769))
+    dot_MO = packed_matmul(x_MI, dataclasses.replace(packed, bf16_dot=True), use_kernel=True)
+    np.testing.assert_array_equal(np.asarray(dot_MO), np.asarray(packed_matmul(x_MI, packed, use_kernel=True)))
+
+
+def test_bf16_dot_is_refused_for_other_weight_dtypes(tiny):
+    for dtype in (jnp.float32, jnp.int8):
+        with pytest.raises(ValueError, match="dtype=bfloat16"):
+            load_weights(tiny.folder, dtype=dtype, bf16_dot=True)
+
+
+def test_bf16_dot_is_refused_without_the_kernels(tiny):
+    with pytest.raises(ValueError, match="CPU kernels"):
+        load_weights(tiny.folder, dtype=jnp.bfloat16, pack=False, bf16_dot=True)
+
+
+@needs_kernels
+def test_bf16_dot_is_refused_where_the_kernels_lack_avx512_bf16(tiny, monkeypatch):
+    """Not a silent exact path: on such a host (a Zen 3, an AVX2 Xeon) the option would mean nothing."""
+    monkeypatch.setattr(native, "has_bf16_dot", lambda march="native": False)
+    with pytest.raises(ValueError, match="AVX512_BF16"):
+        load_weights(tiny.folder, dtype=jnp.bfloat16, bf16_dot=True)
+
+
+@needs_kernels
+def test_bf16_weights_without_the_option_are_the_exact_path(tiny):
+    """Off by default: no matrix is marked, and the logits are those of bf16_dot=False, bit for bit."""
+    default = load_weights(tiny.folder, dtype=jnp.bfloat16)
+    explicit = load_weights(tiny.folder, dtype=jnp.bfloat16, bf16_dot=False)
+    ids_BT = tiny.random_ids(2, 24)
+    assert not default.bf16_dot
+    assert not any(leaf.bf16_dot for leaf in jax.tree.leaves(default, is_leaf=lambda leaf: isinstance(leaf, PackedMatrix))
+                   if isinstance(leaf, PackedMatrix))  # fmt: skip
+    np.testing.assert_array_equal(gpt2_forward(ids_BT, default, tiny.config), gpt2_forward(ids_BT, explicit, tiny.config))
+
+
+@needs_bf16_dot
+def test_bf16_dot_model_at_batch_1_below_the_threshold_is_the_exact_bf16_model(gpt2_shape):
+    """A prompt of fewer tokens than the GEMM threshold (and so every decode step at batch 1): every
+    matmul takes the exact path, so the logits are the exact bf16 model's, bit for bit."""
+    ids_BT = gpt2_shape.random_ids(1, native.gemm_min_rows() - 1)
+    dot = load_weights(gpt2_shape.folder, dtype=jnp.bfloat16, bf16_dot=True)
+    exact = load_weights(gpt2_shape.folder, dtype=jnp.bfloat16)
+    assert dot.bf16_dot
+    np.testing.assert_array_equal(gpt2_forward(ids_BT, dot, gpt2_shape.config), gpt2_forward(ids_BT, exact, gpt2_shape.config))
+
+
+@pytest.fixture(scope="module")
+def bf16_dot_logit_errors(gpt2_shape) -> dict[str, tuple[np.ndarray, float]]:
+    """"exact" (weight-only bf16) and "dot" (bf16_dot=True) -> |logits - float32 logits| on 2 x 64
+    tokens (every matmul 128 rows: the dot path throughout), and the argmax agreement."""
+    ids_BT = gpt2_shape.random_ids(2, 64)
+    float32_BTV = np.asarray(gpt2_forward(ids_BT, gpt2_shape.weights, gpt2_shape.config))
+    errors = {}
+    for name, bf16_dot in [("exact", False), ("dot", True)]:
+        weights = load_weights(gpt2_shape.folder, dtype=jnp.bfloat16, bf16_dot=bf16_dot)
+        logits_BTV = np.asarray(gpt2_forward(ids_BT, weights, gpt2_shape.config))
+        errors[name] = (np.abs(logits_BTV - float32_BTV), float((logits_BTV.argmax(-1) == float32_BTV.argmax(-1)).mean()))
+    return errors
+
+
+# Measured on the std 0.1 gpt2-shaped model, 2 x 64 tokens (logits up to |14|, std 2.8): max abs diff
+# 0.63, mean 0.072 (2.6% of the logits' std), argmax agrees at 92% of positions; the exact bf16 path
+# (weights alone rounded) errs by 0.48 / 0.049 / 94% (NARROW_BOUNDS), so rounding the activations as
+# well, with the same 8-bit mantissa, multiplies the error by ~1.46, about the sqrt(2) of two
+# independent roundings of one size. The bounds leave ~2x headroom over the measurement.
+BF16_DOT_BOUNDS = dict(max=1.5, mean=0.15, argmax=0.8)
+
+
+@needs_bf16_dot
+def test_bf16_dot_stays_near_float32_logits(bf16_dot_logit_errors, capsys):
+    diff_BTV, argmax_agreement = bf16_dot_logit_errors["dot"]
+    from checkpoints import check_rounding_error  # torch only where it is needed
+
+    what = "bf16 weights and activations (bf16_dot) vs float32 logits (gpt2 shape, std 0.1)"
+    check_rounding_error(what, diff_BTV, argmax_agreement, BF16_DOT_BOUNDS, capsys)
+
+
+@needs_bf16_dot
+def test_bf16_dot_errs_like_a_second_bf16_rounding(bf16_dot_logit_errors):
+    """Rounding the activations as well as the weights: more error than the weights alone, and
+    about sqrt(2) times it (two independent roundings of one size), far from a broken product."""
+    exact_BTV, _ = bf16_dot_logit_errors["exact"]
+    dot_BTV, _ = bf16_dot_logit_errors["dot"]
+    assert dot_BTV.mean() > exact_BTV.mean()
+    assert dot_BTV.mean() < 2 * exact_BTV.mean()
+
+
 # --- build cache, thread pool, switches ----------------------------------------------------------
 
 

@@ -90,7 +90,7 @@ def load_config(name_or_path: str | os.PathLike) -> GPT2Config:
 
 def load_weights(
     name_or_path: str | os.PathLike, dtype=jnp.float32, config: GPT2Config | None = None, pack: bool | None = None,
-    mesh: Mesh | None = None,
+    mesh: Mesh | None = None, bf16_dot: bool = False,
 ) -> GPT2Weights:  # fmt: skip
     """Every parameter of a hub model or local folder, checked against its config.
 
@@ -104,18 +104,31 @@ def load_weights(
 
     With a mesh of more than one device (sharding.make_mesh) the arrays are placed on it,
     Megatron-style, and never packed (sharding.py says why); a one-device mesh changes nothing.
+
+    bf16_dot=True (dtype bfloat16 only; off by default) is a prefill and scoring option: matmuls of
+    many rows (at least the kernels' GEMM threshold, kernels.native.gemm_min_rows(); not batch-1
+    decode) round the activations to bfloat16, as transformers' bf16 path does, and multiply by the
+    host's bf16 dot-product instructions (AVX512_BF16's vdpbf16ps), nearly twice as fast. Logits then
+    move by the activation rounding (docs/guides/kernels.md gives the measured error) and a row's
+    logits depend on how many rows share its call: batch invariance is lost. Refused with a
+    ValueError where it cannot run (no kernels, a mesh, a CPU or build without AVX512_BF16), rather
+    than silently meaning the exact path. The default weight-only bf16 path stays exact.
     """
     folder = resolve_model_dir(name_or_path)
     if config is None:
         config = config_from_file(folder / "config.json")
     if mesh is not None and mesh.size > 1:
         check_mesh_fits(config, mesh)  # before reading gigabytes
-        if pack or jnp.dtype(dtype) == jnp.int8:
-            raise ValueError("weights on a mesh are not packed for the CPU kernels: use float32 or bfloat16, pack=None")
+        if pack or bf16_dot or jnp.dtype(dtype) == jnp.int8:
+            raise ValueError(
+                "weights on a mesh are not packed for the CPU kernels: use float32 or bfloat16, pack=None, bf16_dot=False"
+            )
         state = normalize_keys(read_state_dict(folder))
         return place_weights(weights_for_dtype(state, config, dtype, pack=False), config, mesh)
+    if bf16_dot:
+        check_bf16_dot(dtype, pack)  # before reading gigabytes
     state = normalize_keys(read_state_dict(folder))
-    return weights_for_dtype(state, config, dtype, pack)
+    return weights_for_dtype(state, config, dtype, pack, bf16_dot)
 
 
 def choose_kernels(pack: bool | None) -> bool:
@@ -130,20 +143,38 @@ def choose_kernels(pack: bool | None) -> bool:
     return bool(pack)
 
 
-def weights_for_dtype(state: dict[str, np.ndarray], config: GPT2Config, dtype, pack: bool | None) -> GPT2Weights:
-    """weights_from_state_dict in `dtype`: packed for the kernels, or in the form XLA runs best here."""
+def check_bf16_dot(dtype, pack: bool | None) -> None:
+    """Raises ValueError, saying why, where bf16_dot=True cannot take the bf16 dot path."""
+    if jnp.dtype(dtype) != jnp.bfloat16:
+        raise ValueError(f"bf16_dot=True multiplies bfloat16 weights: pass dtype=bfloat16 (got {jnp.dtype(dtype).name})")
+    if pack is False or not kernels.kernels_available():
+        raise ValueError("bf16_dot=True is a path of the CPU kernels, which do not run here (or pack=False)")
+    if not kernels.native.has_bf16_dot():
+        raise ValueError(
+            f"bf16_dot=True needs a CPU with AVX512_BF16 (vdpbf16ps); the kernels here are built for "
+            f"{kernels.kernels_isa()} without it: drop bf16_dot (the default bf16 path is exact anyway)"
+        )
+
+
+def weights_for_dtype(
+    state: dict[str, np.ndarray], config: GPT2Config, dtype, pack: bool | None, bf16_dot: bool = False
+) -> GPT2Weights:
+    """weights_from_state_dict in `dtype`: packed for the kernels, or in the form XLA runs best here;
+    bf16_dot as load_weights takes it (checked there)."""
     dtype = jnp.dtype(dtype)
     if dtype.name not in PACKED_DTYPES:
         raise ValueError(f"dtype must be one of {sorted(PACKED_DTYPES)}; got {dtype.name}")
+    if bf16_dot:
+        check_bf16_dot(dtype, pack)
     use_kernels = choose_kernels(pack)
     float32 = weights_from_state_dict(state, config, jnp.float32)
     if not use_kernels:
         return weights_without_kernels(float32, dtype, jax.default_backend())
-    weights = pack_weights(float32, dtype, use_kernels=True)
+    weights = pack_weights(float32, dtype, use_kernels=True, bf16_dot=bf16_dot)
     for packed in packed_matrices(weights):
         kernels.advise_huge_pages(packed.tiles_GIC)  # streamed every token: fewer TLB misses
     assert weights.use_kernels
-    assert weights.wte_VD.dtype == jnp.float32
+    assert weights.bf16_dot == bf16_dot
     return weights
 
 

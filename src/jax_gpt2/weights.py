@@ -21,7 +21,11 @@ A PackedMatrix is a Conv1D weight w_IO cut into tiles of 64 output columns,
 tiles_GIC[g, i, c] = w_IO[i, 64 g + c] (zero past O), so a kernel streams each tile as one
 contiguous run and reads every weight byte once per call. int8 tiles are symmetric per output
 column: w_IO[i, o] ~ tiles * scale[o], scale = max |w[:, o]| / 127. Only the weights are narrowed
-("weight-only" bf16 / int8); activations stay float32.
+("weight-only" bf16 / int8); activations stay float32, except under the opt-in `bf16_dot` of bf16
+tiles (static, decided at load like use_kernels): matmuls of at least the kernels' GEMM threshold
+of rows (prefill, scoring; not batch-1 decode) round x to bf16 too and multiply by AVX512_BF16's
+dot products, as transformers' bf16 path does, nearly twice as fast; a row's result then depends
+on how many rows share the call (batch invariance is lost for this option).
 
 On a mesh (sharding.place_weights) every array is a global array with its NamedSharding, `mesh`
 names the mesh, and each qkv matrix has its columns regrouped per "model" shard (see
@@ -50,11 +54,14 @@ PACKED_DTYPES = {name: jnp.dtype(name) for name in WEIGHT_DTYPES.values()}
 @dataclasses.dataclass(frozen=True)
 class PackedMatrix:
     """A weight matrix (I inputs, O outputs) cut into tiles of 64 output columns for the CPU kernels:
-    each tile is one contiguous stream. int8 tiles carry a float32 scale per output column."""
+    each tile is one contiguous stream. int8 tiles carry a float32 scale per output column.
+    `bf16_dot` (bfloat16 tiles, kernels only) multiplies many-row x rounded to bfloat16 by the bf16
+    dot-product instructions instead of widening the tiles (the module docstring says what it costs)."""
 
     tiles_GIC: jax.Array  # (ceil(O / 64), I, 64), float32 | bfloat16 | int8
     scale_GC: jax.Array | None  # float32 per output column, int8 only
     out_features: int = dataclasses.field(metadata=dict(static=True))
+    bf16_dot: bool = dataclasses.field(default=False, metadata=dict(static=True))
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -107,6 +114,12 @@ class GPT2Weights:
     # The mesh the arrays are placed on (None: one device). Static: it decides the program's layout.
     mesh: "Mesh | None" = dataclasses.field(default=None, metadata=dict(static=True))
 
+    @property
+    def bf16_dot(self) -> bool:
+        """Whether the packed matrices take the opt-in bf16 dot path (PackedMatrix.bf16_dot, set by
+        load_weights for all of them alike)."""
+        return self.lm_head_DV is not None and self.lm_head_DV.bf16_dot
+
 
 def pack_matrix(w_IO: np.ndarray, dtype) -> PackedMatrix:
     """Cut a float32 (in, out) matrix into 64-column tiles of `dtype` (host-side, once at load time)."""
@@ -158,16 +171,23 @@ def map_matrices(weights: GPT2Weights, matrix_fn) -> tuple[tuple[BlockWeights, .
     return blocks, matrix_fn(np.asarray(head_VD).T)
 
 
-def pack_weights(weights: GPT2Weights, dtype, *, use_kernels: bool) -> GPT2Weights:
+def pack_weights(weights: GPT2Weights, dtype, *, use_kernels: bool, bf16_dot: bool = False) -> GPT2Weights:
     """Pack every block matrix and the output projection; embeddings, norms and biases stay float32.
 
     The tied output projection gets its own packed copy of wte (transposed): the embedding
     gather still reads wte, the per-token lm_head stream reads the tiles. use_kernels says who
-    multiplies the tiles: the C++ kernels, or XLA after unpacking them (for int8 on a GPU).
+    multiplies the tiles: the C++ kernels, or XLA after unpacking them (for int8 on a GPU);
+    bf16_dot (bfloat16 tiles on the kernels only) marks every packed matrix for the bf16 dot path.
     """
     assert weights.wte_VD.dtype == jnp.float32, "pack from float32 weights"
     assert not isinstance(weights.blocks[0].qkv_w_DE, PackedMatrix), "already packed"
-    blocks, lm_head_DV = map_matrices(weights, lambda w_IO: pack_matrix(np.asarray(w_IO), dtype))
+    assert use_kernels or not bf16_dot, "bf16_dot is a path of the kernels"
+    assert jnp.dtype(dtype) == jnp.bfloat16 or not bf16_dot, "bf16_dot multiplies bfloat16 tiles"
+
+    def pack(w_IO) -> PackedMatrix:
+        return dataclasses.replace(pack_matrix(np.asarray(w_IO), dtype), bf16_dot=bf16_dot)
+
+    blocks, lm_head_DV = map_matrices(weights, pack)
     packed = dataclasses.replace(weights, blocks=blocks, lm_head_VD=None, lm_head_DV=lm_head_DV, use_kernels=use_kernels)
     assert packed.lm_head_DV.shape == (weights.wte_VD.shape[1], weights.wte_VD.shape[0])
     assert len(packed.blocks) == len(weights.blocks)

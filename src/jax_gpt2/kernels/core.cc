@@ -6,7 +6,8 @@
 // libhwy-dev, Homebrew's highway); vector extensions need nothing but the compiler the kernels are
 // already built with, and these loops need only loads, widening converts, fused multiply-adds and
 // a horizontal sum. One per-ISA intrinsic remains, where it measured faster: int8 widening on x86
-// (WidenInt8InOrder).
+// (WidenInt8InOrder); and one per-ISA path, the opt-in bf16 dot path (AVX512_BF16 only), whose
+// instructions have no vector-extension spelling at all.
 //
 // Why the kernels exist: at batch 1 a matmul only streams its weight from memory, and XLA on CPU
 // (jax 0.10.2) reads a bf16 or int8 weight by first writing a converted f32 copy of it, ~20x slower
@@ -19,7 +20,7 @@
 #include "core.h"
 
 #if defined(__AVX512F__) || defined(__AVX2__)
-// For WidenInt8InOrder only. GCC 12 warns inside its own AVX-512 header (an "undefined" pass-through
+// For WidenInt8InOrder and the bf16 dot path only. GCC 12 warns inside its own AVX-512 header (an "undefined" pass-through
 // register it leaves uninitialized on purpose); nothing of ours is hidden by this.
 #if defined(__GNUC__) && !defined(__clang__)
 #pragma GCC diagnostic push
@@ -519,6 +520,135 @@ void Matmul(const float* x_MI, int64_t M, int64_t I, const W* tiles_GIC, const f
 }
 
 // ---------------------------------------------------------------------------------------------
+// The bf16 dot path (opt-in, PackedMatmulBf16Dot): bfloat16 tiles times x rounded to bfloat16, by
+// AVX512_BF16's vdpbf16ps, which adds two bf16 products into each float32 lane per instruction, so
+// twice the flops of a float32 FMA: the paths above widen bf16 weights and multiply in float32, exact
+// on the rounded weights but capped at the FMA peak. The price: x loses its low 16 bits (as in
+// transformers' bf16 matmuls, oneDNN's vdpbf16ps kernels), and the sums run over pairs of inputs, in
+// another order than the exact path's, which still runs below kGemmMinRows rows: a row's result
+// depends on M, so batch invariance is lost for this option.
+//
+// vdpbf16ps multiplies the two bf16 halves of each 32-bit lane of one operand by those of the other,
+// so inputs go in pairs (2k, 2k + 1), K = ceil(I / 2) of them: x is rounded once per call into
+// xpair_MK (low half x[2k], high half x[2k + 1]), and each unit (a tile and up to kDotBlockRows rows,
+// as in the GEMM) interleaves its tile a panel at a time into pair_KC (column c of pair row k: w[2k][c]
+// low, w[2k + 1][c] high), read by every register block of its rows. An odd I pads its last pair with
+// zero on both sides. Columns stay in order: the accumulators need no un-permuting.
+#if defined(__AVX512BF16__)
+constexpr int kDotRows = 6;     // 6 rows x 64 columns: 24 accumulators of 32 zmm; 4 weight loads
+constexpr int kDotVectors = 4;  // and 6 broadcasts per 24 vdpbf16ps
+#ifndef JAX_GPT2_DOT_PANEL_PAIRS  // a probe may build with another to time it
+#define JAX_GPT2_DOT_PANEL_PAIRS 128
+#endif
+constexpr int64_t kDotPanelPairs = JAX_GPT2_DOT_PANEL_PAIRS;  // 256 tile rows as 32 KiB of pairs
+constexpr int64_t kDotBlockRows = 8 * kDotRows;
+constexpr int64_t kRoundRows = 16;  // rows of x per rounding task
+static_assert(kDotVectors * 16 == kTileColumns, "a register block spans the whole tile");
+
+inline int64_t Pairs(int64_t I) { return (I + 1) / 2; }
+
+// The first `count` lanes of 16 (none for count <= 0).
+inline __mmask16 FirstLanes(int64_t count) {
+  return count >= 16 ? __mmask16(0xFFFF) : count <= 0 ? __mmask16(0) : __mmask16((1u << count) - 1);
+}
+
+// Rows [first, end) of x_MI as bfloat16 pairs, rounded by vcvtne2ps2bf16 (to nearest even; it also
+// reads subnormals as zero), 32 values an instruction: lanes past I load as zero, so an odd I's last
+// pair ends in zero, and the store stops at the row's last pair.
+void RoundRows(const float* x_MI, int64_t first, int64_t end, int64_t I, uint32_t* xpair_MK) {
+  const int64_t K = Pairs(I);
+  for (int64_t m = first; m < end; ++m) {
+    const float* x = x_MI + m * I;
+    uint16_t* halves = reinterpret_cast<uint16_t*>(xpair_MK + m * K);
+    for (int64_t i = 0; i < I; i += 32) {
+      __m512 low = _mm512_maskz_loadu_ps(FirstLanes(I - i), x + i);
+      __m512 high = _mm512_maskz_loadu_ps(FirstLanes(I - i - 16), x + i + 16);
+      __m512bh both = _mm512_cvtne2ps_pbh(high, low);  // the second operand fills the low half
+      const int64_t count = std::min<int64_t>(32, 2 * K - i);
+      _mm512_mask_storeu_epi16(halves + i, count >= 32 ? ~__mmask32(0) : (__mmask32(1) << count) - 1, (__m512i)both);
+    }
+  }
+}
+
+// Pair rows [k0, k0 + kc) of a tile as pair_KC; the row past an odd I reads as zero.
+void PairPanel(const uint16_t* tile_IC, int64_t I, int64_t k0, int64_t kc, uint32_t* pair_KC) {
+  static const uint16_t kZeroRow[kTileColumns] = {};
+  for (int64_t k = 0; k < kc; ++k) {
+    const uint16_t* even = tile_IC + 2 * (k0 + k) * kTileColumns;
+    const uint16_t* odd = 2 * (k0 + k) + 1 < I ? even + kTileColumns : kZeroRow;
+    for (int64_t c = 0; c < kTileColumns; ++c)
+      pair_KC[k * kTileColumns + c] = static_cast<uint32_t>(even[c]) | static_cast<uint32_t>(odd[c]) << 16;
+  }
+}
+
+// rows (<= R) rows of xpair_MK (row stride K, from the panel's first pair) times a kc-pair panel, all 64
+// columns; accumulators from held_MC (zero when first) and back to it.
+template <int R>
+inline void DotPass(int64_t rows, const uint32_t* xpair_MK, int64_t K, const uint32_t* pair_KC, int64_t kc,
+                    float* held_MC, bool first) {
+  if constexpr (R > 1) {
+    if (rows < R) return DotPass<R - 1>(rows, xpair_MK, K, pair_KC, kc, held_MC, first);
+  }
+  __m512 acc[R][kDotVectors];
+  for (int r = 0; r < R; ++r)
+    for (int j = 0; j < kDotVectors; ++j)
+      acc[r][j] = first ? _mm512_setzero_ps() : _mm512_loadu_ps(held_MC + r * kTileColumns + j * 16);
+  const uint32_t* w_row = pair_KC;
+  for (int64_t k = 0; k < kc; ++k, w_row += kTileColumns) {
+    __m512bh w[kDotVectors];
+#pragma GCC unroll 4
+    for (int j = 0; j < kDotVectors; ++j) w[j] = (__m512bh)_mm512_loadu_si512(w_row + j * 16);
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) {
+      __m512bh xr = (__m512bh)_mm512_set1_epi32(static_cast<int>(xpair_MK[r * K + k]));
+#pragma GCC unroll 4
+      for (int j = 0; j < kDotVectors; ++j) acc[r][j] = _mm512_dpbf16_ps(acc[r][j], w[j], xr);
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int j = 0; j < kDotVectors; ++j) _mm512_storeu_ps(held_MC + r * kTileColumns + j * 16, acc[r][j]);
+}
+
+// Rows [m, m + rows) of x (as pairs) times tile g.
+void DotUnit(const uint32_t* xpair_MK, int64_t m, int64_t rows, int64_t I, const uint16_t* tiles_GIC, float* y_MO,
+             int64_t O, int64_t g) {
+  const int64_t K = Pairs(I);
+  const uint16_t* tile_IC = tiles_GIC + g * I * kTileColumns;
+  const int64_t columns = std::min(kTileColumns, O - g * kTileColumns);
+  alignas(64) float held_MC[kDotBlockRows * kTileColumns];
+  alignas(64) uint32_t pair_KC[kDotPanelPairs * kTileColumns];
+  for (int64_t k = 0; k < K; k += kDotPanelPairs) {
+    const int64_t kc = std::min(kDotPanelPairs, K - k);
+    PairPanel(tile_IC, I, k, kc, pair_KC);
+    for (int64_t r = 0; r < rows; r += kDotRows)
+      DotPass<kDotRows>(std::min<int64_t>(kDotRows, rows - r), xpair_MK + (m + r) * K + k, K, pair_KC, kc,
+                        held_MC + r * kTileColumns, k == 0);
+  }
+  GemmFinish<1>(held_MC, rows, nullptr, columns, y_MO + m * O + g * kTileColumns, O);
+}
+
+// x rounded over the pool, then units tile-major as in Gemm.
+void DotGemm(const float* x_MI, int64_t M, int64_t I, const uint16_t* tiles_GIC, int64_t O, float* y_MO,
+             TilePool& pool) {
+  const int64_t K = Pairs(I);
+  // Grown to the largest call's size and kept, so a call writes no freshly faulted pages. The workers
+  // get the pointer, never the name: in their threads it names their own (empty) buffers.
+  thread_local std::vector<uint32_t> xpair;
+  if (static_cast<int64_t>(xpair.size()) < M * K) xpair.resize(M * K);
+  uint32_t* xpair_MK = xpair.data();
+  pool.Run((M + kRoundRows - 1) / kRoundRows, [&](int64_t task) {
+    RoundRows(x_MI, task * kRoundRows, std::min(M, (task + 1) * kRoundRows), I, xpair_MK);
+  });
+  const int64_t G = (O + kTileColumns - 1) / kTileColumns;
+  const int64_t blocks = (M + kDotBlockRows - 1) / kDotBlockRows;
+  pool.Run(G * blocks, [&](int64_t unit) {
+    const int64_t g = unit / blocks, m = unit % blocks * kDotBlockRows;
+    DotUnit(xpair_MK, m, std::min(kDotBlockRows, M - m), I, tiles_GIC, y_MO, O, g);
+  });
+}
+#endif  // __AVX512BF16__
+
+// ---------------------------------------------------------------------------------------------
 // Decode attention.
 
 // e^x to float32 accuracy, exactly 0 below -87 (where e^x nears the smallest normal float32; a
@@ -826,6 +956,9 @@ bool CpuRunsThisBuild() {
 #if defined(__AVX512DQ__)
   runs = runs && __builtin_cpu_supports("avx512dq");
 #endif
+#if defined(__AVX512BF16__)
+  runs = runs && __builtin_cpu_supports("avx512bf16");
+#endif
   return runs;
 #else
   return true;  // aarch64: NEON (Advanced SIMD) is part of the base architecture
@@ -866,6 +999,24 @@ void PackedMatmul(const float* x_MI, int64_t M, int64_t I, const int8_t* tiles_G
                   int64_t O, float* y_MO, TilePool& pool) {
   Matmul<int8_t>(x_MI, M, I, tiles_GIC, scale_Q, O, y_MO, pool);
 }
+
+void PackedMatmulBf16Dot(const float* x_MI, int64_t M, int64_t I, const uint16_t* tiles_GIC, int64_t O, float* y_MO,
+                         TilePool& pool) {
+#if defined(__AVX512BF16__)
+  if (M >= kGemmMinRows) return DotGemm(x_MI, M, I, tiles_GIC, O, y_MO, pool);
+#endif
+  Matmul<uint16_t>(x_MI, M, I, tiles_GIC, nullptr, O, y_MO, pool);
+}
+
+bool HasBf16Dot() {
+#if defined(__AVX512BF16__)
+  return true;
+#else
+  return false;
+#endif
+}
+
+int64_t GemmMinRows() { return kGemmMinRows; }
 
 void DecodeAttention(const float* q_BNH, const float* k_LBNSH, const float* v_LBNSH, const int32_t* start_B,
                      const int32_t* end_B, CacheShape shape, int64_t rows, int64_t layer, float scale,

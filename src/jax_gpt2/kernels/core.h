@@ -5,7 +5,8 @@
 // C = 64 output columns per tile, G = ceil(O / 64) tiles, I input rows; tile g holds columns
 // [64g, 64g + 64), zero past O, so the inner loop reads one contiguous stream. Weights are float32,
 // bfloat16 (the top 16 bits of a float32) or int8 with one float32 scale per padded column
-// (scale_Q, Q = 64 G). Activations, accumulators and results are float32.
+// (scale_Q, Q = 64 G). Activations, accumulators and results are float32, except in the opt-in bf16
+// dot path (PackedMatmulBf16Dot), which rounds activations to bfloat16.
 //
 // Decode attention: one new query per (row, head) over the visible slots of one layer of a
 // float32 or bfloat16 cache k_LBNSH / v_LBNSH, read in place. Math in float32.
@@ -80,6 +81,19 @@ void PackedMatmul(const float* x_MI, int64_t M, int64_t I, const uint16_t* tiles
                   TilePool& pool);
 void PackedMatmul(const float* x_MI, int64_t M, int64_t I, const int8_t* tiles_GIC, const float* scale_Q,
                   int64_t O, float* y_MO, TilePool& pool);
+
+// The bf16 dot option (opt-in; core.cc's "bf16 dot path"): y_MO ~ x_MI @ W for bfloat16 tiles with x
+// rounded to bfloat16 (nearest even) and the products summed in pairs by AVX512_BF16's vdpbf16ps,
+// where M >= GemmMinRows() and this build has the instructions (HasBf16Dot()); otherwise exactly
+// PackedMatmul's bfloat16 path. A row's result then depends on M.
+void PackedMatmulBf16Dot(const float* x_MI, int64_t M, int64_t I, const uint16_t* tiles_GIC, int64_t O, float* y_MO,
+                         TilePool& pool);
+
+// Whether this build was compiled with AVX512_BF16 (so PackedMatmulBf16Dot can take its dot path).
+bool HasBf16Dot();
+
+// From how many rows of x a matmul takes the GEMM path (and PackedMatmulBf16Dot its dot path).
+int64_t GemmMinRows();
 
 // The host's arithmetic ceiling as this build sees it: floating-point operations per second (2 per
 // fused multiply-add lane) of 12 independent chains of vector FMAs per thread, over every thread of

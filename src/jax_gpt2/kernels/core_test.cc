@@ -123,13 +123,14 @@ void CheckProduct(const std::vector<float>& x_MI, const std::vector<float>& w_IO
   Expect(worst == 0.0, what + ": error " + std::to_string(worst) + " x sum|x w| > 1e-5");
 }
 
-// Runs the kernel for one dtype ("f32", "bf16", "i8") on packed p.
+// Runs the kernel for one dtype ("f32", "bf16", "i8", or "bf16dot": the bf16 dot option) on packed p.
 std::vector<float> RunMatmul(const Packed& p, const std::string& dtype, const std::vector<float>& x_MI, int64_t M,
                              TilePool& pool) {
   int64_t I = p.I, O = p.O;
   std::vector<float> y_MO(M * O, -1.0f);
   if (dtype == "f32") jax_gpt2::PackedMatmul(x_MI.data(), M, I, p.f32_GIC.data(), O, y_MO.data(), pool);
   if (dtype == "bf16") jax_gpt2::PackedMatmul(x_MI.data(), M, I, p.bf16_GIC.data(), O, y_MO.data(), pool);
+  if (dtype == "bf16dot") jax_gpt2::PackedMatmulBf16Dot(x_MI.data(), M, I, p.bf16_GIC.data(), O, y_MO.data(), pool);
   if (dtype == "i8")
     jax_gpt2::PackedMatmul(x_MI.data(), M, I, p.i8_GIC.data(), p.scale_Q.data(), O, y_MO.data(), pool);
   return y_MO;
@@ -230,6 +231,39 @@ void TestBatchInvariance(TilePool& pool) {
              std::string("batch invariance ") + dtype + ": the row at " + std::to_string(at) + " of " +
                  std::to_string(M) + " differs from the row alone");
     }
+  }
+}
+
+// The bf16 dot option: where the build has AVX512_BF16 and M >= GemmMinRows(), float64 math on x
+// rounded to bfloat16 (nearest, ties to even: the first two values of every row are ties, 1 + 2^-8
+// rounds down to 1, -(1 + 3 2^-8) up to -(1 + 2^-6)) times the rounded weights, within the same 1e-5
+// (the sum of two exact bf16 products per step adds no error of its own); below that M, or without the
+// instructions, the exact bf16 path bit for bit. Odd I (a last pair padded with zero), M past the
+// 6-row register block and the 48-row unit, O short of whole tiles; padding columns kept out; the same
+// result from every pool.
+void TestBf16Dot(TilePool& pool, const std::vector<TilePool*>& other_pools) {
+  const int64_t cases[][3] = {{1, 1, 16},  {37, 65, 17},  {300, 130, 16}, {769, 200, 49},
+                              {768, 64, 100}, {257, 63, 23}, {300, 130, 15}, {37, 65, 1}};
+  for (const auto& c : cases) {
+    const int64_t I = c[0], O = c[1], M = c[2];
+    Packed p = Pack(I, O, static_cast<uint32_t>(I * 3 + O));
+    std::vector<float> x_MI = Normal(M * I, static_cast<uint32_t>(M + 200));
+    for (int64_t m = 0; m < M; ++m) {
+      x_MI[m * I] = 1.0f + 0x1p-8f;
+      if (I > 1) x_MI[m * I + 1] = -(1.0f + 3 * 0x1p-8f);
+    }
+    std::string what = "bf16dot I=" + std::to_string(I) + " O=" + std::to_string(O) + " M=" + std::to_string(M);
+    std::vector<float> y_MO = RunMatmul(p, "bf16dot", x_MI, M, pool);
+    if (jax_gpt2::HasBf16Dot() && M >= jax_gpt2::GemmMinRows()) {
+      std::vector<float> rounded_MI(x_MI.size());
+      for (size_t k = 0; k < x_MI.size(); ++k) rounded_MI[k] = FromBfloat16(ToBfloat16(x_MI[k]));
+      CheckProduct(rounded_MI, p.rounded_bf16, y_MO, M, I, O, what);
+    } else {
+      Expect(RunMatmul(p, "bf16", x_MI, M, pool) == y_MO, what + ": not the exact bf16 path");
+    }
+    Expect(RunMatmulOverGarbage(p, "bf16dot", x_MI, M, pool) == y_MO, what + ": padding columns reached the output");
+    for (TilePool* other : other_pools)
+      Expect(RunMatmul(p, "bf16dot", x_MI, M, *other) == y_MO, what + ": result depends on the pool");
   }
 }
 
@@ -425,6 +459,7 @@ int main() {
   TestMatmul(two, others);
   TestGemm(two, others);
   TestBatchInvariance(two);
+  TestBf16Dot(two, others);
   TestAttention(two, others);
   TestSoftmaxWeights(two);
   std::printf("core_test %s: %d of %d checks passed\n", jax_gpt2::TargetIsa(), checks - failures, checks);

@@ -67,6 +67,18 @@ ffi::Error MatmulBF16(ffi::Buffer<ffi::F32> x, ffi::AnyBuffer tiles, ffi::Result
   return ffi::Error::Success();
 }
 
+// The bf16 dot option (core.h: PackedMatmulBf16Dot): bfloat16 tiles, x rounded to bf16 where M is large.
+ffi::Error MatmulBF16Dot(ffi::Buffer<ffi::F32> x, ffi::AnyBuffer tiles, ffi::ResultBuffer<ffi::F32> y) {
+  if (tiles.element_type() != ffi::BF16)
+    return ffi::Error::InvalidArgument("packed_matmul_bf16_dot: tiles must be bf16");
+  ffi::Error error = CheckShapes(x, tiles, y);
+  if (error.failure()) return error;
+  jax_gpt2::PackedMatmulBf16Dot(x.typed_data(), x.dimensions()[0], x.dimensions()[1],
+                                reinterpret_cast<const uint16_t*>(tiles.untyped_data()), y->dimensions()[1],
+                                y->typed_data(), Pool());
+  return ffi::Error::Success();
+}
+
 ffi::Error MatmulI8(ffi::Buffer<ffi::F32> x, ffi::AnyBuffer tiles, ffi::Buffer<ffi::F32> scale,
                     ffi::ResultBuffer<ffi::F32> y) {
   if (tiles.element_type() != ffi::S8) return ffi::Error::InvalidArgument("packed_matmul_i8: tiles must be int8");
@@ -137,6 +149,10 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(
     ffi::Ffi::Bind().Arg<ffi::Buffer<ffi::F32>>().Arg<ffi::AnyBuffer>().Ret<ffi::Buffer<ffi::F32>>());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(
+    JaxGpt2PackedMatmulBF16Dot, MatmulBF16Dot,
+    ffi::Ffi::Bind().Arg<ffi::Buffer<ffi::F32>>().Arg<ffi::AnyBuffer>().Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(
     JaxGpt2PackedMatmulI8, MatmulI8,
     ffi::Ffi::Bind()
         .Arg<ffi::Buffer<ffi::F32>>()
@@ -175,6 +191,13 @@ extern "C" int jax_gpt2_kernels_supported() { return jax_gpt2::CpuRunsThisBuild(
 // The vector unit the library was compiled for, for bench and error messages: "avx512", "avx2",
 // "neon" or "generic".
 extern "C" const char* jax_gpt2_kernel_isa() { return jax_gpt2::TargetIsa(); }
+
+// Whether this build has the bf16 dot path (AVX512_BF16's vdpbf16ps): without it the bf16 dot target
+// runs the exact bf16 path, and the loader refuses the option rather than let it mean nothing.
+extern "C" int jax_gpt2_has_bf16_dot() { return jax_gpt2::HasBf16Dot() ? 1 : 0; }
+
+// From how many rows of x the matmuls take the GEMM path (and the bf16 dot target its dot path).
+extern "C" int64_t jax_gpt2_gemm_min_rows() { return jax_gpt2::GemmMinRows(); }
 
 // The host's FMA peak as this build's kernels see it (core.h: MeasureFmaPeak), in GFLOP/s over the
 // kernels' own pool, for the bench to judge compute-bound rows by. About `seconds` long.

@@ -1,7 +1,7 @@
 """x @ W for a PackedMatrix (weights.py): the C++ kernel's XLA call, or XLA's own dot on the unpacked matrix.
 
 Which one runs is the caller's explicit choice (GPT2Weights.use_kernels, decided at load), never
-read from the process here. The XLA form exists for packed weights without the kernels (int8 on
+read from the process here; so is the bf16 dot option (PackedMatrix.bf16_dot, a target of its own). The XLA form exists for packed weights without the kernels (int8 on
 a GPU, where the dequantization fuses into the dot) and as the reference the kernel tests check
 against; on a CPU without the kernels the loader widens narrow weights to float32 once instead,
 since XLA's CPU dot would widen them again before every product.
@@ -15,14 +15,20 @@ from jax_gpt2.weights import PackedMatrix, unpack_matrix
 
 
 def packed_matmul(x_MI: jax.Array, packed: PackedMatrix, use_kernel: bool) -> jax.Array:
-    """x_MI @ W in float32: by the native kernel (use_kernel) or by XLA on the unpacked matrix."""
+    """x_MI @ W in float32: by the native kernel (use_kernel) or by XLA on the unpacked matrix.
+
+    With `packed.bf16_dot` (kernels only), M >= native.gemm_min_rows() rounds x to bfloat16 and sums
+    the products in pairs by AVX512_BF16's vdpbf16ps, as transformers' bf16 path does: the result
+    then depends on M (batch invariance is lost); fewer rows take the exact bf16 path."""
     M, I = x_MI.shape
     assert I == packed.shape[0], f"x has {I} features, the matrix takes {packed.shape[0]}"
     assert x_MI.dtype == jnp.float32, "packed weights take float32 activations"
+    assert use_kernel or not packed.bf16_dot, "the bf16 dot path is the kernels'"
     if not use_kernel:
         return jnp.dot(x_MI, unpack_matrix(packed), precision=jax.lax.Precision.HIGHEST)
     result = jax.ShapeDtypeStruct((M, packed.out_features), jnp.float32)
-    call = jax.ffi.ffi_call(native.target_name(packed.dtype.name), result, vmap_method="sequential")
+    kernel = "bfloat16_dot" if packed.bf16_dot else packed.dtype.name
+    call = jax.ffi.ffi_call(native.target_name(kernel), result, vmap_method="sequential")
     operands = (x_MI, packed.tiles_GIC) if packed.scale_GC is None else (x_MI, packed.tiles_GIC, packed.scale_GC)
     y_MO = call(*operands)
     assert y_MO.shape == (M, packed.out_features)

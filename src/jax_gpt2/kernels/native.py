@@ -42,6 +42,7 @@ LIBRARY_FLAGS = [*CORE_FLAGS, "-fPIC", "-shared", "-w"]
 TARGETS = {
     "float32": ("JaxGpt2PackedMatmulF32", "jax_gpt2_packed_matmul_f32"),
     "bfloat16": ("JaxGpt2PackedMatmulBF16", "jax_gpt2_packed_matmul_bf16"),
+    "bfloat16_dot": ("JaxGpt2PackedMatmulBF16Dot", "jax_gpt2_packed_matmul_bf16_dot"),  # the bf16_dot option
     "int8": ("JaxGpt2PackedMatmulI8", "jax_gpt2_packed_matmul_i8"),
     "attention": ("JaxGpt2DecodeAttention", "jax_gpt2_decode_attention"),
     "attention_bf16": ("JaxGpt2DecodeAttentionBF16", "jax_gpt2_decode_attention_bf16"),
@@ -209,6 +210,27 @@ def fma_peak_gflops(seconds: float = 0.3) -> float | None:
     peak = float(library.jax_gpt2_fma_peak_gflops(seconds))
     assert peak > 0
     return peak
+
+
+def has_bf16_dot(march: str = "native") -> bool:
+    """Whether the kernels for `march` are available and have the bf16 dot path: built with
+    AVX512_BF16 (vdpbf16ps), which -march=native gives on a CPU that has it (Zen 4 and later,
+    Cooper Lake, Sapphire Rapids). Elsewhere the option would mean nothing, so the loader refuses it."""
+    library = load_library(march)
+    has = library is not None and bool(library.jax_gpt2_has_bf16_dot())
+    assert isinstance(has, bool)
+    return has
+
+
+def gemm_min_rows(march: str = "native") -> int:
+    """From how many rows of x (batch x tokens) a matmul takes the GEMM path, and the bf16 dot
+    option its dot path (fewer rows: the exact path, as at batch-1 decode)."""
+    library = load_library(march)
+    assert library is not None, "the kernels are unavailable here"
+    library.jax_gpt2_gemm_min_rows.restype = ctypes.c_int64
+    rows = int(library.jax_gpt2_gemm_min_rows())
+    assert rows >= 1
+    return rows
 
 
 def is_registered(kernel: str) -> bool:

@@ -13,6 +13,10 @@ int8 rows carry transformers' float32 figures. Given a llama-bench binary and GG
 the same weights (tools/llama_cpp.py), llama.cpp is a third column: f32, f16 and q8_0 beside our fp32,
 bf16 and int8.
 
+With bf16_dot (`bench --bf16-dot`) the bf16 run loads with load_weights' bf16_dot option (prefill
+and scoring on the bf16 dot-product instructions, activations rounded to bf16 as transformers' bf16
+path rounds them); its rows are labelled "bf16 --bf16-dot" and the run records bf16_dot.
+
 Every run records which path ran (the kernels or XLA, the ISA, the thread count), and one more
 figure without the kernels: each dtype loaded with pack=False in this same process, decoding at
 batch 1, against fp32 without the kernels (a narrow dtype must not be slower there).
@@ -459,20 +463,28 @@ def matrix_dtype_name(weights) -> str:
     return jnp.dtype(dtype).name
 
 
-def load_quietly(state, config: GPT2Config, dtype: str, pack: bool | None):
+def load_quietly(state, config: GPT2Config, dtype: str, pack: bool | None, bf16_dot: bool = False):
     """weights_for_dtype without the widening warning (the bench records the path itself)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return weights_for_dtype(state, config, jnp.dtype(WEIGHT_DTYPES[dtype]), pack)
+        return weights_for_dtype(state, config, jnp.dtype(WEIGHT_DTYPES[dtype]), pack, bf16_dot)
+
+
+def run_label(run: dict) -> str:
+    """A run's name in the table and the plot: its dtype, and the bf16 dot option where it was on."""
+    label = f"{run['dtype']} --bf16-dot" if run.get("bf16_dot") else run["dtype"]
+    assert label.startswith(run["dtype"])
+    return label
 
 
 def run_benchmarks(
     config: GPT2Config, dtypes: list[str], batches: list[int], prefill_lens: list[int], new_tokens: int,
     repeats: int, contexts: list[int], progress: bool = True, kv_dtype: str = "fp32", llama: LlamaPeer | None = None,
-    torch_device: str = "cpu", mesh=None, scoring: tuple[tuple[int, int], ...] = (),
+    torch_device: str = "cpu", mesh=None, scoring: tuple[tuple[int, int], ...] = (), bf16_dot: bool = False,
 ) -> dict:  # fmt: skip
     """Every measurement of one model shape, for each weight dtype, as a JSON-ready dict.
-    `scoring` lists (batch, length) forwards with all logits to time as well.
+    `scoring` lists (batch, length) forwards with all logits to time as well; `bf16_dot` loads the
+    bf16 run with load_weights' bf16_dot option (dtypes must include bf16).
 
     transformers runs on `torch_device` ("cpu", or "cuda" to compare on the same card as JAX's GPU);
     our side on `mesh` when given (placed as load_weights places it, unpacked).
@@ -481,6 +493,8 @@ def run_benchmarks(
 
     assert dtypes and all(dtype in WEIGHT_DTYPES for dtype in dtypes)
     assert kv_dtype in KV_DTYPES
+    if bf16_dot and "bf16" not in dtypes:
+        raise ValueError("--bf16-dot applies to the bf16 run: include bf16 in --dtypes")
     if llama is not None:
         check_llama_peer(llama, dtypes)  # before minutes of measuring, not after
     state, model = make_models(config)
@@ -501,7 +515,10 @@ def run_benchmarks(
         dtype: run_llama_bench(llama.binary, gguf_path(llama.gguf_dir, llama.stem, dtype), llama.threads) for dtype in dtypes
     }  # fmt: skip
     for dtype in dtypes:
-        run = bench_dtype(config, state, model, dtype, plan, new_tokens, repeats, kv_dtype, torch_device, mesh, bandwidths, bar.update)
+        run = bench_dtype(
+            config, state, model, dtype, plan, new_tokens, repeats, kv_dtype, torch_device, mesh, bandwidths, bar.update,
+            bf16_dot and dtype == "bf16",
+        )  # fmt: skip
         if dtype in llama_runs:
             run["llama"] = llama_runs[dtype]
         results["runs"].append(run)
@@ -520,14 +537,14 @@ def run_benchmarks(
 
 def bench_dtype(
     config, state, model, dtype: str, plan, new_tokens: int, repeats: int, kv_dtype: str, torch_device: str, mesh,
-    bandwidths, tick,
+    bandwidths, tick, bf16_dot: bool = False,
 ) -> dict:  # fmt: skip
     """One dtype's run: the model as load_weights makes it here (placed on `mesh` when it has more
     than one device: unpacked, XLA's dot), every row of the plan against transformers."""
     import tempfile
 
     on_mesh = mesh is not None and mesh.size > 1
-    weights = load_quietly(state, config, dtype, pack=False if on_mesh else None)
+    weights = load_quietly(state, config, dtype, pack=False if on_mesh else None, bf16_dot=bf16_dot)
     if on_mesh:
         weights = place_weights(weights, config, mesh)
     hf_dtype = transformers_dtype_for(dtype, torch_device, cpu_has_bf16_instructions())
@@ -536,6 +553,7 @@ def bench_dtype(
         cold_s, warm_s = first_token_s(config, weights, cache_dir)
     tick()
     run = dict(dtype=dtype, packed=weights.lm_head_DV is not None, transformers_dtype=str(hf_model.dtype))
+    run["bf16_dot"] = weights.bf16_dot
     run["transformers_note"] = "fp32: this CPU has no bf16 instructions" if hf_dtype != dtype and dtype == "bf16" else ""
     run["transformers_device"] = str(hf_model.device)
     run.update(execution_path(weights), matrix_dtype=matrix_dtype_name(weights))
@@ -672,7 +690,7 @@ def format_table(results: dict) -> str:
 
 def format_run(run: dict) -> list[str]:
     lines = [
-        f"\n[{run['dtype']}] {run['path']} ({run['isa']}, {run['threads']} threads, matrices {run['matrix_dtype']}); "
+        f"\n[{run_label(run)}] {run['path']} ({run['isa']}, {run['threads']} threads, matrices {run['matrix_dtype']}); "
         f"transformers as {run['transformers_dtype']} on {run['transformers_device']}"
         f"{' (' + run['transformers_note'] + ')' if run.get('transformers_note') else ''}; first token B=1, 20 tokens: "
         f"{run['jax_cold_first_token_s']:.2f} s cold (compile), {run['jax_warm_first_token_s']:.2f} s warm cache",
@@ -754,7 +772,7 @@ def plot_results(results: dict, path) -> None:
         gridspec_kw=dict(height_ratios=[h + 1 for h in heights]), squeeze=False,
     )  # fmt: skip
     for axis, (run, rows) in zip(axes[:, 0], panels):
-        plot_panel(axis, rows, f"{run['dtype']} weights: {run['path']} ({run['isa']}, {run['threads']} threads)")
+        plot_panel(axis, rows, f"{run_label(run)} weights: {run['path']} ({run['isa']}, {run['threads']} threads)")
     plot_without_kernels(axes[-1, 0], results["without_kernels"])
     machine = results["machine"]
     figure.suptitle(
