@@ -199,13 +199,35 @@ def test_settings_out_of_range_raise_one_error_that_names_the_field(field, value
     assert caught.value.field == field
 
 
+def test_a_draw_over_a_vocabulary_of_many_blocks_follows_the_softmax_and_never_takes_a_banned_token():
+    """draw_tokens picks a block of DRAW_BLOCK tokens, then a token in it: over 700 tokens (three
+    blocks, the last one short) with every 7th banned (-inf), 60,000 draws fit the softmax."""
+    from jax_gpt2.sampling import DRAW_BLOCK, draw_tokens
+
+    vocab, draws = 700, 60_000
+    assert vocab > 2 * DRAW_BLOCK
+    logits_V = (np.random.default_rng(4).normal(size=vocab) * 2.0).astype(np.float32)
+    logits_V[::7] = -np.inf
+    keys_B2 = jax.random.split(jax.random.PRNGKey(99), draws)
+    tokens_B = np.asarray(jax.jit(draw_tokens)(keys_B2, jnp.broadcast_to(jnp.asarray(logits_V), (draws, vocab))))
+    observed_V = np.bincount(tokens_B, minlength=vocab)
+    assert observed_V[::7].sum() == 0
+    allowed_V = np.isfinite(logits_V)
+    probs_V = np.exp(logits_V[allowed_V].astype(np.float64) - logits_V[allowed_V].max())
+    expected_V = probs_V / probs_V.sum() * draws
+    assert stats.chisquare(observed_V[allowed_V], expected_V).pvalue > 0.001
+    # the test has power: a flatter softmax is rejected
+    flatter_V = np.exp(0.9 * (logits_V[allowed_V].astype(np.float64) - logits_V[allowed_V].max()))
+    assert stats.chisquare(observed_V[allowed_V], flatter_V / flatter_V.sum() * draws).pvalue < 1e-6
+
+
 def test_off_values_are_valid_settings():
     settings = SamplingSettings(max_new_tokens=0, top_k=0, top_p=1.0, min_p=0.0, repetition_penalty=1.0, seed=2**32 - 1)
     assert flags_for([settings]) == SamplerFlags(sample=False, filter=False, penalize=False)
 
 
 def test_an_inactive_rows_settings_switch_no_stage_on():
-    """A finished sequence's row keeps its settings; the server's step must not sort for it."""
+    """A finished sequence's row keeps its settings; the server's step must not filter for it."""
     params = sampling_params([SamplingSettings(temperature=0.9, top_p=0.5, repetition_penalty=1.2), SamplingSettings()])
     flags = runtime_flags(params, jnp.array([False, True]))
     assert (bool(flags.sample), bool(flags.filter), bool(flags.penalize)) == (False, False, False)

@@ -468,6 +468,42 @@ def first_argmax(x_BV: jax.Array) -> jax.Array:
     return first_B
 
 
+# A draw takes a block of DRAW_BLOCK tokens by its share of the probability, then a token of that
+# block by its share of the block: two uniforms and a few passes over the row. Gumbel-max
+# (jax.random.categorical) makes one random number per token instead: 2.4 ms for one 50257-wide row
+# and 6.2 ms for eight on the 2-core Zen 4 host, against ~0.1 and ~0.5 ms this way.
+DRAW_BLOCK = 256
+
+
+def draw_index(weights_BX: jax.Array, uniform_B: jax.Array) -> jax.Array:
+    """Each row's index i drawn with probability weights[i] / sum(weights) (weights >= 0, some > 0): the
+    first index whose running sum passes uniform * total. A zero weight is never drawn: not where its
+    running sum equals the one before it, nor where rounding puts the target at the total."""
+    B, X = weights_BX.shape
+    assert uniform_B.shape == (B,)
+    running_BX = jnp.cumsum(weights_BX, axis=-1)
+    target_B1 = uniform_B[:, None] * running_BX[:, -1:]
+    index_B = jnp.sum(running_BX <= target_B1, axis=-1, dtype=jnp.int32)
+    last_B = jnp.max(jnp.where(weights_BX > 0, jax.lax.broadcasted_iota(jnp.int32, (B, X), 1), 0), axis=-1)
+    assert index_B.shape == (B,)
+    return jnp.minimum(index_B, last_B)
+
+
+def draw_tokens(keys_B2: jax.Array, logits_BV: jax.Array) -> jax.Array:
+    """One token per row, drawn from softmax(logits) (-inf: never), with each row's own key."""
+    B, V = logits_BV.shape
+    assert keys_B2.shape == (B, 2)
+    G = -(-V // DRAW_BLOCK)
+    padded_BV = jnp.pad(logits_BV.astype(jnp.float32), ((0, 0), (0, G * DRAW_BLOCK - V)), constant_values=-jnp.inf)
+    weights_BGX = jnp.exp(padded_BV - jnp.max(padded_BV, axis=-1, keepdims=True)).reshape(B, G, DRAW_BLOCK)
+    uniforms_B2 = jax.vmap(lambda key: jax.random.uniform(key, (2,)))(keys_B2)
+    block_B = draw_index(jnp.sum(weights_BGX, axis=-1), uniforms_B2[:, 0])
+    in_block_BX = jnp.take_along_axis(weights_BGX, block_B[:, None, None], axis=1)[:, 0]
+    token_B = block_B * DRAW_BLOCK + draw_index(in_block_BX, uniforms_B2[:, 1])
+    assert token_B.shape == (B,)
+    return token_B
+
+
 def choose_tokens(picked_BV: jax.Array, params: SamplingParams, keys_B2: jax.Array, flags: SamplerFlags) -> jax.Array:
     """One token per row from `pick_logits`' output: argmax for greedy rows, a draw for sampling rows."""
     assert picked_BV.ndim == 2
@@ -475,7 +511,7 @@ def choose_tokens(picked_BV: jax.Array, params: SamplingParams, keys_B2: jax.Arr
     greedy_B = first_argmax(picked_BV)
 
     def sampled(greedy_B: jax.Array) -> jax.Array:
-        drawn_B = jax.vmap(jax.random.categorical)(keys_B2, picked_BV).astype(jnp.int32)
+        drawn_B = draw_tokens(keys_B2, picked_BV)
         return jnp.where(params.temperature_B > 0, drawn_B, greedy_B)
 
     tokens_B = when(flags.sample, sampled, greedy_B)

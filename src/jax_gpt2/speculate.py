@@ -37,7 +37,7 @@ import jax.numpy as jnp
 
 from jax_gpt2.config import GPT2Config
 from jax_gpt2.model import lm_logits, transformer, transformer_from_empty
-from jax_gpt2.sampling import SamplerFlags, SamplingParams, first_argmax, pick_logits
+from jax_gpt2.sampling import SamplerFlags, SamplingParams, draw_tokens, first_argmax, pick_logits
 from jax_gpt2.weights import GPT2Weights
 
 # A new row's evidence: it believes half its guesses will be accepted. The prior is where the
@@ -234,7 +234,7 @@ def run_draft_model(
         q_BV = jax.nn.softmax(picked_BV, axis=-1)
         if flags.sample is not False:
             keys_i_B2 = jax.vmap(jax.random.fold_in, in_axes=(0, None))(keys_B2, 100 + i)
-            drawn_B = jax.vmap(jax.random.categorical)(keys_i_B2, picked_BV).astype(jnp.int32)
+            drawn_B = draw_tokens(keys_i_B2, picked_BV)
             draft_B = jnp.where(params.temperature_B > 0, drawn_B, draft_B)
         return draft_B, q_BV
 
@@ -310,7 +310,7 @@ def pick_first(state: SpeculativeState, params: SamplingParams, flags: SamplerFl
         residual_BV = jnp.maximum(jax.nn.softmax(picked_BV, axis=-1) - state.residual_q_BV, 0.0)
         empty_B1 = jnp.sum(residual_BV, axis=-1, keepdims=True) <= 0  # p == q: nothing was rejected
         logp_BV = jnp.where(empty_B1, picked_BV, jnp.log(residual_BV))
-        drawn_B = jax.vmap(jax.random.categorical)(keys_B2, logp_BV).astype(jnp.int32)
+        drawn_B = draw_tokens(keys_B2, logp_BV)
         return jnp.where(params.temperature_B > 0, drawn_B, greedy_B)
 
     token_B = drawn(greedy_B) if flags.sample is True else jax.lax.cond(flags.sample, drawn, lambda g: g, greedy_B)
