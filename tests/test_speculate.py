@@ -16,6 +16,9 @@ from jax_gpt2.speculate import lookup_draft
 # Repeating prompts: the lookups hit, and a random model's greedy output falls into loops.
 PROMPTS = [[5, 6, 7, 8, 5, 6, 7], [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 1, 2, 3], [42], [9, 9, 9, 9, 9]]
 FIXED = PromptLookup(max_draft=4, adaptive=False)  # drafts whenever a lookup hits: every path runs
+# Adaptive, with passes priced as a host where four rows of a few positions cost little: PASS_COSTS'
+# gpt2-shape prices at batch 4 make every width dearer than any gain, and the batch never drafts.
+CHEAP_PASSES = PromptLookup(pass_costs=((4, (1.0, 1.02, 1.04, 1.06, 1.08, 1.1)),))
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +36,7 @@ def speculative(prompts, weights, config, speculate, eos_token_id=None, **sampli
     return generate_speculative(prompts, weights, config, settings, eos_token_id, np.float32, speculate)
 
 
-@pytest.mark.parametrize("speculate", [FIXED, PromptLookup(max_draft=1, adaptive=False), PromptLookup()])
+@pytest.mark.parametrize("speculate", [FIXED, PromptLookup(max_draft=1, adaptive=False), CHEAP_PASSES])
 def test_greedy_tokens_equal_plain_decoding_for_a_ragged_batch(model, speculate):
     weights, config = model
     tokens, stats = speculative(PROMPTS, weights, config, speculate)
@@ -221,7 +224,7 @@ def test_the_bench_reports_speculative_beside_plain_decoding(tmp_path, capsys):
         assert row["plain_tok_s"]["median"] > 0
         assert row["speculative_tok_s"]["median"] > 0
         assert 0 <= row["acceptance_rate"] <= 1
-    assert sorted(int(k) for k in results["costs"][0]["widths"]) == [0, 1, 4, 8]
+    assert sorted(int(k) for k in results["costs"][0]["widths"]) == list(range(8))  # T = 1..8, as PASS_COSTS
     assert "acc/pass" in capsys.readouterr().out
 
 
@@ -307,14 +310,19 @@ def test_the_cli_drafts_with_a_draft_model_and_refuses_another_vocabulary(tiny_m
     assert "--draft-model" in capsys.readouterr().err
 
 
-def width_for(hits: float, trials: float, rows: int = 1, dtype=np.float32) -> int:
-    """The draft width choose_width picks when `rows` rows all hit a lookup, with this acceptance evidence."""
+def width_for(hits, trials, rows: int = 1, dtype=np.float32, remaining=None) -> int:
+    """The draft width choose_width picks when `rows` rows all hit a lookup, with this acceptance
+    evidence (one value for every row, or one per row); remaining: each row's tokens to go, for a batch
+    that returns when its last row is done (None: a server's rows)."""
     from jax_gpt2.speculate import choose_width
 
     lookup = PromptLookup(max_draft=5)
-    hits_B, trials_B = np.full((rows,), hits, np.float32), np.full((rows,), trials, np.float32)
+    hits_B = np.broadcast_to(np.asarray(hits, np.float32), (rows,))
+    trials_B = np.broadcast_to(np.asarray(trials, np.float32), (rows,))
     yes_B, limit_B = np.ones((rows,), bool), np.full((rows,), 5)
-    index = choose_width(hits_B, trials_B, yes_B, limit_B, yes_B, lookup, lookup.costs(dtype))
+    remaining_B = None if remaining is None else np.broadcast_to(np.asarray(remaining, np.float32), (rows,))
+    costs = lookup.costs(dtype, rows)
+    index = choose_width(hits_B, trials_B, yes_B, limit_B, yes_B, lookup, costs, remaining_B)
     return lookup.widths[int(index)]
 
 
@@ -341,6 +349,32 @@ def test_the_width_follows_the_acceptance_down_to_plain_decoding():
     assert width_for(hits=12.0, trials=20.0, rows=8) <= width_for(hits=12.0, trials=20.0)
     # int8 steps are cheap, so the arithmetic of a wide pass weighs more: it drafts no wider than fp32
     assert width_for(hits=14.0, trials=20.0, dtype=np.int8) <= width_for(hits=14.0, trials=20.0)
+
+
+def test_a_batch_that_ends_together_drafts_only_when_its_slowest_row_gains():
+    """generate returns when its last row is done: seven rows that copy and one that never does finish
+    no sooner with drafts (the eighth still makes one token a pass) and pay for wider passes, so the
+    batch takes plain steps. A server's rows are replaced as they finish: there the seven copiers'
+    tokens per unit of cost count, and it drafts."""
+    rates = [19.0] * 7 + [0.0]
+    assert width_for(hits=rates, trials=20.0, rows=8, remaining=40.0) == 0
+    assert width_for(hits=rates, trials=20.0, rows=8) > 0
+    # the row that never copies is nearly done: the copiers set the finish, and drafting pays
+    assert width_for(hits=rates, trials=20.0, rows=8, remaining=[40.0] * 7 + [2.0]) > 0
+
+
+def test_pass_costs_come_from_the_row_of_the_next_larger_batch_and_continue_past_the_table():
+    from jax_gpt2.speculate import width_costs
+
+    table = ((1, (1.0, 1.1, 1.3)), (4, (1.0, 2.0, 2.5)))
+    assert width_costs(table, 1, (0, 1, 2)) == (1.0, 1.1, 1.3)
+    assert width_costs(table, 3, (0, 1, 2)) == (1.0, 2.0, 2.5)  # batch 3 pays batch 4's price
+    assert width_costs(table, 9, (1,)) == (2.0,)  # past the table: its largest batch
+    np.testing.assert_allclose(width_costs(table, 4, (3, 4)), (3.0, 3.5))  # the last slope, continued
+    with pytest.raises(ValueError, match="batches must rise"):
+        PromptLookup(pass_costs=((4, (1.0, 2.0)), (1, (1.0, 1.1))))
+    with pytest.raises(ValueError, match="from 1.0"):
+        PromptLookup(pass_costs=((1, (1.2, 1.3)),))
 
 
 def test_repetition_penalty_sees_only_emitted_tokens_never_the_padding_after_them(model):

@@ -50,11 +50,50 @@ FORGET = 0.8  # each verified guess weighs the older evidence down by this much
 MAX_RATE = 0.99  # keeps the expected-length series finite
 
 
-# What a verify pass of width k costs against a plain decode step, by the weights' dtype: 1 +
-# overhead + rows * k * per_position (fitted to `jax-gpt2 bench --speculate` on the gpt2 shape, 2-core
-# AVX-512 EPYC, context 128: docs/speculative.md). Narrow weights stream fewer bytes, so the
-# arithmetic a wider pass adds weighs more; their multi-row kernels also start dearer than one row.
-VERIFY_COSTS = {"float32": (0.03, 0.035), "bfloat16": (0.45, 0.07), "int8": (0.35, 0.17)}
+# What a verify pass of T = 1 + k positions costs against a plain decode step of the same rows, by the
+# weights' dtype and the batch: PASS_COSTS[dtype][batch][T - 1], T = 1..8. Measured in the decode
+# loop's own conditions (the cache updated in place, greedy acceptance included) by `jax-gpt2 bench
+# --speculate lookup` (its "pass costs" lines) on the 2-core Zen 4 host, AVX-512 kernels, gpt2 shape,
+# cache at 128 positions. Rows, not positions, set the price: the kernels hold 6 rows a register
+# block, past that every block streams the weights again (bf16 and int8 also widen them again), and
+# from 16 rows the float32 GEMM takes over. So a batch of 4 pays 2.3x for one draft token where batch 1
+# pays 1.04x. Another host can measure its own and pass it as PromptLookup(pass_costs=...).
+PASS_COSTS = {
+    "float32": (
+        (1, (1.00, 1.04, 1.05, 1.04, 1.15, 1.19, 1.63, 1.58)),
+        (2, (1.00, 1.17, 1.27, 1.72, 1.72, 1.85, 1.92, 1.93)),
+        (4, (1.00, 2.29, 2.34, 2.43, 2.77, 3.25, 4.30, 4.02)),
+        (8, (1.00, 1.45, 1.96, 2.39, 2.80, 3.31, 3.75, 3.90)),
+        (16, (1.00, 2.81, 3.35, 4.26, 5.18, 5.85, 6.46, 7.33)),
+    ),
+    "bfloat16": (
+        (1, (1.00, 1.39, 1.54, 1.69, 1.97, 2.00, 2.32, 2.34)),
+        (2, (1.00, 1.53, 1.86, 2.19, 2.56, 3.01, 3.37, 3.71)),
+        (4, (1.00, 1.74, 2.28, 2.77, 3.30, 4.06, 4.65, 5.05)),
+        (8, (1.00, 2.38, 3.13, 3.50, 4.53, 5.38, 6.48, 7.31)),
+        (16, (1.00, 2.83, 3.45, 4.63, 5.79, 6.09, 6.95, 7.88)),
+    ),
+    "int8": (
+        (1, (1.00, 1.40, 1.47, 1.65, 1.90, 2.15, 2.65, 2.72)),
+        (2, (1.00, 1.70, 2.20, 2.93, 3.45, 3.87, 4.30, 4.82)),
+        (4, (1.00, 2.34, 2.77, 3.41, 4.38, 4.97, 6.18, 6.86)),
+        (8, (1.00, 2.52, 3.38, 4.33, 5.07, 5.90, 6.37, 7.82)),
+        (16, (1.00, 3.18, 4.05, 5.08, 6.03, 6.78, 7.75, 8.56)),
+    ),
+}
+
+
+def width_costs(table, batch: int, widths: tuple[int, ...]) -> tuple[float, ...]:
+    """The cost (in plain decode steps) of a verify pass of each width for `batch` rows, from a table
+    of PASS_COSTS' form: the row of the smallest batch >= `batch` (the largest past the table), each
+    width's entry, and past the last entry its slope continued."""
+    assert batch >= 1
+    assert all(width >= 0 for width in widths)
+    batches = [size for size, _ in table]
+    costs = next((row for size, row in table if size >= batch), table[-1][1])
+    assert batches == sorted(batches)
+    slope = costs[-1] - costs[-2]
+    return tuple(costs[w] if w < len(costs) else costs[-1] + slope * (w + 1 - len(costs)) for w in widths)
 
 
 def prior_evidence(rows: int) -> tuple[jax.Array, jax.Array]:
@@ -77,19 +116,17 @@ class PromptLookup:
     occurrence of the last n tokens (n from max_ngram down to min_ngram) in prompt + output.
 
     max_draft: draft tokens per verify pass at most (k; on the 2-core AVX-512 host a float32 pass
-    of up to 6 positions costs ~1.15 decode steps, 7 and more ~2.2). adaptive: choose each pass's
-    width from the rows' recent acceptance and the cost of a pass (False: draft max_draft whenever
-    a lookup hits, for tests and measurements). verify_overhead and position_cost: a pass of width
-    k costs 1 + verify_overhead + rows * k * position_cost decode steps; None takes VERIFY_COSTS'
-    figures for the weights' dtype.
+    of up to 6 positions costs ~1.2 decode steps at batch 1, 7 and more ~1.6). adaptive: choose each
+    pass's width from the rows' recent acceptance and the cost of a pass (False: draft max_draft
+    whenever a lookup hits, for tests and measurements). pass_costs: a table of PASS_COSTS' form for
+    this host (None: PASS_COSTS' for the weights' dtype).
     """
 
     max_draft: int = _static(5)
     max_ngram: int = _static(3)
     min_ngram: int = _static(1)
     adaptive: bool = _static(True)
-    verify_overhead: float | None = _static(None)
-    position_cost: float | None = _static(None)
+    pass_costs: tuple | None = _static(None)
 
     def __post_init__(self) -> None:
         if not isinstance(self.max_draft, int) or not 1 <= self.max_draft <= 32:
@@ -98,10 +135,8 @@ class PromptLookup:
             raise ValueError(f"min_ngram must be an integer >= 1; got {self.min_ngram!r}")
         if not isinstance(self.max_ngram, int) or not self.min_ngram <= self.max_ngram <= 8:
             raise ValueError(f"max_ngram must be an integer in [min_ngram, 8]; got {self.max_ngram!r}")
-        for name in ("verify_overhead", "position_cost"):
-            value = getattr(self, name)
-            if value is not None and not value >= 0:
-                raise ValueError(f"{name} must be None or >= 0; got {value!r}")
+        if self.pass_costs is not None:
+            check_pass_costs(self.pass_costs)
 
     @property
     def widths(self) -> tuple[int, ...]:
@@ -111,14 +146,25 @@ class PromptLookup:
         powers = [2**i for i in range(int(math.log2(self.max_draft)) + 1)]
         return tuple(sorted({0, *powers, self.max_draft}))
 
-    def costs(self, weight_dtype) -> tuple[float, float]:
-        """(verify_overhead, position_cost) for weights of this dtype: as given, else VERIFY_COSTS'."""
-        overhead, per_position = VERIFY_COSTS.get(jnp.dtype(weight_dtype).name, VERIFY_COSTS["float32"])
-        overhead = overhead if self.verify_overhead is None else self.verify_overhead
-        per_position = per_position if self.position_cost is None else self.position_cost
-        assert overhead >= 0
-        assert per_position >= 0
-        return overhead, per_position
+    def costs(self, weight_dtype, batch: int) -> tuple[float, ...]:
+        """The cost in plain decode steps of a pass of each of `widths` over `batch` rows."""
+        table = self.pass_costs or PASS_COSTS.get(jnp.dtype(weight_dtype).name, PASS_COSTS["float32"])
+        costs = width_costs(table, batch, self.widths)
+        assert len(costs) == len(self.widths)
+        assert costs[0] > 0
+        return costs
+
+
+def check_pass_costs(table) -> None:
+    """A pass-cost table is ((batch, (cost at T = 1, 2, ...)), ...): batches rising, costs positive, T = 1 costs 1."""
+    if not isinstance(table, tuple) or not table or not all(isinstance(row, tuple) and len(row) == 2 for row in table):
+        raise ValueError("pass_costs must be a tuple of (batch, costs) pairs")
+    batches = [batch for batch, _ in table]
+    if batches != sorted(set(batches)) or batches[0] < 1:
+        raise ValueError(f"pass_costs' batches must rise from 1 or more; got {batches}")
+    for batch, costs in table:
+        if not isinstance(costs, tuple) or len(costs) < 2 or costs[0] != 1.0 or min(costs) <= 0:
+            raise ValueError(f"pass_costs at batch {batch}: 2 or more positive costs from 1.0 (T = 1); got {costs!r}")
 
 
 @jax.tree_util.register_dataclass
@@ -147,8 +193,8 @@ class DraftModel:
     def widths(self) -> tuple[int, ...]:
         return (0, self.max_draft)
 
-    def costs(self, weight_dtype) -> tuple[float, float]:
-        return 0.0, 0.0
+    def costs(self, weight_dtype, batch: int) -> tuple[float, ...]:
+        return (1.0,) * len(self.widths)
 
 
 def check_draft_vocabulary(speculate, config: GPT2Config) -> None:
@@ -408,22 +454,33 @@ def expected_tokens(rate_B: jax.Array, draft_len_B: jax.Array) -> jax.Array:
 
 def choose_width(
     hits_B: jax.Array, trials_B: jax.Array, can_draft_B: jax.Array, limit_B: jax.Array, active_B: jax.Array,
-    lookup: PromptLookup, costs: tuple[float, float],
+    lookup: PromptLookup, costs: tuple[float, ...], remaining_B: jax.Array | None = None,
 ) -> jax.Array:
-    """Index into lookup.widths of this iteration's draft width: the one whose expected tokens per
-    unit of cost is highest (ties: the narrower), or for a fixed lookup the widest any row can use."""
+    """Index into lookup.widths of this iteration's draft width (costs: each width's, in plain steps),
+    or for a fixed lookup the widest any row can use. Ties go to the narrower.
+
+    remaining_B None (a server, whose finished rows make room for new ones): the width that makes the
+    most tokens per unit of cost over all rows. remaining_B given (a batch that returns when its last
+    row is done): the width that finishes soonest, judged by the row that would take longest, its
+    remaining tokens over its expected tokens a pass, times the cost. A row that never copies then keeps
+    the whole batch at plain steps, since no width makes it faster.
+    """
     B = can_draft_B.shape[0]
     assert limit_B.shape == (B,)
+    assert len(costs) == len(lookup.widths)
     widths = lookup.widths
     usable_B = jnp.where(can_draft_B & active_B, limit_B, 0)
     if not lookup.adaptive:
         return jnp.where(jnp.any(usable_B > 0), len(widths) - 1, 0).astype(jnp.int32)
     rate_B = hits_B / jnp.maximum(trials_B, 1.0)  # trials start at PRIOR_TRIALS; a decay comes with >= 1 new
     scores = []
-    for width in widths:
-        tokens = jnp.sum(jnp.where(active_B, expected_tokens(rate_B, jnp.minimum(usable_B, width)), 0.0))
-        cost = 1.0 if width == 0 else 1.0 + costs[0] + B * width * costs[1]
-        scores.append(tokens / cost)
+    for width, cost in zip(widths, costs):
+        tokens_B = expected_tokens(rate_B, jnp.minimum(usable_B, width))
+        if remaining_B is None:
+            scores.append(jnp.sum(jnp.where(active_B, tokens_B, 0.0)) / cost)
+        else:
+            passes_B = jnp.where(active_B, remaining_B / tokens_B, 0.0)
+            scores.append(-jnp.max(passes_B) * cost)
     index = jnp.argmax(jnp.stack(scores)).astype(jnp.int32)  # the first best: the narrowest
     assert index.shape == ()
     return index
@@ -531,8 +588,9 @@ def plan_step(
     else:
         draft_BT, found_B = lookup_draft(history_BS, cache.start_B, cache.end_B, lookup)
     limit_B = jnp.clip(max_new - state.count_B - 1, 0, lookup.max_draft)  # never draft past max_new_tokens
-    costs = lookup.costs(weights.blocks[0].qkv_w_DE.dtype)
-    width_index = choose_width(state.hits_B, state.trials_B, found_B, limit_B, active_B, lookup, costs)
+    costs = lookup.costs(weights.blocks[0].qkv_w_DE.dtype, B)
+    remaining_B = (max_new - state.count_B).astype(jnp.float32)
+    width_index = choose_width(state.hits_B, state.trials_B, found_B, limit_B, active_B, lookup, costs, remaining_B)
     draft_len_B = jnp.where(found_B & active_B, jnp.minimum(limit_B, jnp.asarray(lookup.widths)[width_index]), 0)
     ids_BT = jnp.concatenate([token_B[:, None], jnp.where(found_B[:, None], draft_BT, token_B[:, None])], axis=1)
     plan = Plan(token_B, ids_BT, draft_BT, found_B, draft_len_B, width_index, active_B, accept_keys_B2, q_BTV,

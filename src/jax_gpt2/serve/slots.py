@@ -504,7 +504,7 @@ def speculate_chunk(
     assert allowed_WV.shape == (width, config.vocab_size)
     assert single_W.shape == (width,)
     W, Y, A = width, num_steps * (lookup.max_draft + 1), TOP_LOGPROBS
-    costs = lookup.costs(weights.blocks[0].qkv_w_DE.dtype)
+    costs = lookup.costs(weights.blocks[0].qkv_w_DE.dtype, W)
     outputs_W = (
         jnp.zeros((W, Y), jnp.int32), jnp.zeros((W, Y), jnp.bool_), jnp.zeros((W, Y), jnp.float32),
         jnp.zeros((W, Y, A), jnp.int32), jnp.zeros((W, Y, A), jnp.float32),
