@@ -310,14 +310,26 @@ def _put_rows(slots: Slots, head: Slots) -> Slots:
     return Slots(cache, jax.tree.map(lambda all_B, head_W: all_B.at[:width].set(head_W), slots.rows, head.rows))
 
 
+def chunk_goes_on(i: jax.Array, num_steps: int, done_W: jax.Array, single_W: jax.Array) -> jax.Array:
+    """Whether a chunk runs step i: fewer than num_steps ran, a row is still going, and no running row
+    is a `single_W` one past step 0. A constrained row needs the host's grammar mask for each token,
+    so while one runs every chunk is one step: it makes a token each round as the others do (they
+    lose a round's overhead a step; letting them run on left it one token per chunk, 1/num_steps of
+    their rate under steady load)."""
+    assert done_W.shape == single_W.shape
+    assert num_steps >= 1
+    constrained_running = jnp.any(single_W & ~done_W)
+    return (i < num_steps) & ~jnp.all(done_W) & ((i == 0) | ~constrained_running)
+
+
 def decode_chunk(
     slots: Slots, allowed_WV: jax.Array, single_W: jax.Array, weights: GPT2Weights, config: GPT2Config, width: int,
     num_steps: int,
 ) -> tuple[Slots, tuple[jax.Array, ...]]:  # fmt: skip
     """Up to num_steps steps of rows [0, width), each feeding its pending token and picking the next;
-    it stops early once every one of those rows is done. A `single_W` row (structured output) takes
-    the chunk's first step only, picking among allowed_WV (its grammar's mask, computed on the host
-    for that one token), and then waits, neither done nor moving, while the others go on.
+    it stops early once every one of those rows is done. A `single_W` row (structured output) picks
+    among allowed_WV (its grammar's mask, computed on the host for that one token), and while one
+    runs the chunk is that one step (`chunk_goes_on`).
 
     Returns the slots and (tokens_YW, emitted_YW, logprob_YW, top_ids_YWA, top_logprobs_YWA).
     """
@@ -333,7 +345,7 @@ def decode_chunk(
 
     def keep_going(carry) -> jax.Array:
         i, head, _ = carry
-        return (i < Y) & ~jnp.all(head.rows.done_B | (single_W & (i > 0)))
+        return chunk_goes_on(i, Y, head.rows.done_B, single_W)
 
     def step(carry):
         i, head, outputs = carry
@@ -512,7 +524,7 @@ def speculate_chunk(
 
     def keep_going(carry) -> jax.Array:
         i, head = carry[0], carry[1]
-        return (i < num_steps) & ~jnp.all(head.rows.done_B | (single_W & (i > 0)))
+        return chunk_goes_on(i, num_steps, head.rows.done_B, single_W)
 
     # One while loop per draft width inside one outer loop, as speculate.decode_speculative does (a
     # lax.switch over the widths made XLA copy the KV cache in and out of the conditional).
