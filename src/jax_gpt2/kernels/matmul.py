@@ -1,10 +1,11 @@
 """x @ W for a PackedMatrix (weights.py): the C++ kernel's XLA call, or XLA's own dot on the unpacked matrix.
 
 Which one runs is the caller's explicit choice (GPT2Weights.use_kernels, decided at load), never
-read from the process here; so is the bf16 dot option (PackedMatrix.bf16_dot, a target of its own). The XLA form exists for packed weights without the kernels (int8 on
-a GPU, where the dequantization fuses into the dot) and as the reference the kernel tests check
-against; on a CPU without the kernels the loader widens narrow weights to float32 once instead,
-since XLA's CPU dot would widen them again before every product.
+read from the process here; so is the bf16 dot option (PackedMatrix.bf16_dot, a target of its
+own). The XLA form exists for packed weights without the kernels (int8 on a GPU, where the
+dequantization fuses into the dot) and as the reference the kernel tests check against; on a CPU
+without the kernels the loader widens narrow weights to float32 once instead, since XLA's CPU dot
+would widen them again before every product.
 """
 
 import jax
