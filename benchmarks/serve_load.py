@@ -318,6 +318,8 @@ def main() -> int:
     parser.add_argument("--prompt-chars", type=int, default=96)
     parser.add_argument("--skip", nargs="*", default=[], choices=["startup", "prefill", "prefix"],
                         help="parts to leave out")  # fmt: skip
+    parser.add_argument("--serve-flags", nargs="*", default=[], metavar="FLAG",
+                        help="more flags for the load levels' server, e.g. --serve-flags=--speculate=lookup")  # fmt: skip
     parser.add_argument("--startup-only", action="store_true", help="only part 0: a cold and a warm launch")
     parser.add_argument("--until-warm", action="store_true", help="part 0 also waits until every program is compiled")
     parser.add_argument("--startup-limit", type=float, default=900.0)
@@ -337,7 +339,7 @@ def main() -> int:
         results["startup"] = startup_results
     baseline = GenerateBaseline(args.model, prompts, args.max_tokens, args.concurrency)
     print("| | requests | tok/s | TTFT p50 ms | TTFT p99 ms | ITL p50 ms | ITL p99 ms |\n|---|---|---|---|---|---|---|")
-    with server_process(args) as url:
+    with server_process(args, *args.serve_flags) as url:
         for concurrency in args.concurrency:
             served, generated = [], []
             for _ in range(args.repeats):
