@@ -52,9 +52,10 @@ MAX_RATE = 0.99  # keeps the expected-length series finite
 
 # What a verify pass of T = 1 + k positions costs against a plain decode step of the same rows, by the
 # weights' dtype and the batch: PASS_COSTS[dtype][batch][T - 1], T = 1..8. Measured in the decode
-# loop's own conditions (the cache updated in place, greedy acceptance included) by `jax-gpt2 bench
-# --speculate lookup` (its "pass costs" lines) on the 2-core Zen 4 host, AVX-512 kernels, gpt2 shape,
-# cache at 128 positions. Rows, not positions, set the price: the kernels hold 6 rows a register
+# loop's own conditions (eight passes in one loop, the cache updated in place, greedy acceptance
+# included; the best of five calls) on the quiet 2-core Zen 4 host, AVX-512 kernels, gpt2 shape,
+# cache at 128 positions, by the method of tools/bench_speculate.verify_costs, whose medians
+# `jax-gpt2 bench --speculate lookup` prints as "pass costs" rows. Rows, not positions, set the price: the kernels hold 6 rows a register
 # block, past that every block streams the weights again (bf16 and int8 also widen them again), and
 # from 16 rows the float32 GEMM takes over. So a batch of 4 pays 2.3x for one draft token where batch 1
 # pays 1.04x. Another host can measure its own and pass it as PromptLookup(pass_costs=...).
