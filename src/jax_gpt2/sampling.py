@@ -339,42 +339,41 @@ def from_order_keys(keys_B: jax.Array) -> jax.Array:
     return values_B
 
 
-def kth_largest(logits_BV: jax.Array, k_B: jax.Array) -> jax.Array:
-    """Each row's k-th largest logit (k in [1, V]): the largest key v with at least k keys >= v."""
-    B = logits_BV.shape[0]
-    assert k_B.shape == (B,)
-    keys_BV = order_keys(logits_BV)
-
-    def halve(_, bounds):  # invariant: lo qualifies, nothing above hi does
-        lo_B, hi_B = bounds
-        mid_B = lo_B + ((hi_B - lo_B + 1) >> 1)
-        enough_B = jnp.sum(keys_BV >= mid_B[:, None], axis=-1, dtype=jnp.int32) >= k_B
-        return jnp.where(enough_B, mid_B, lo_B), jnp.where(enough_B, hi_B, mid_B - 1)
-
-    bounds = (jnp.min(keys_BV, axis=-1), jnp.max(keys_BV, axis=-1))
-    kth_B, _ = jax.lax.fori_loop(0, KEY_BITS, halve, bounds)
-    assert kth_B.shape == (B,)
-    return from_order_keys(kth_B)
-
-
-def top_p_cutoff(logits_BV: jax.Array, top_p_B: jax.Array) -> jax.Array:
-    """Each row's smallest logit that top-p keeps: the smallest key v whose strictly better tokens
-    hold less than top_p of the probability (a logit, since that mass only changes at one)."""
-    B = logits_BV.shape[0]
-    assert top_p_B.shape == (B,)
-    probs_BV = jax.nn.softmax(logits_BV, axis=-1)
-    keys_BV = order_keys(logits_BV)
+def lowest_light_key(keys_BV: jax.Array, weights_BV: jax.Array, limit_B: jax.Array) -> jax.Array:
+    """Each row's smallest key v whose strictly greater keys weigh less than limit (limit > 0, so the
+    row's largest key qualifies), by bisection. The weight above v only changes at a key of the row,
+    so v is one of them."""
+    B = keys_BV.shape[0]
+    assert weights_BV.shape == keys_BV.shape
+    assert limit_B.shape == (B,)
 
     def halve(_, bounds):  # invariant: hi qualifies, nothing below lo does
         lo_B, hi_B = bounds
         mid_B = lo_B + ((hi_B - lo_B) >> 1)
-        light_B = jnp.sum(jnp.where(keys_BV > mid_B[:, None], probs_BV, 0.0), axis=-1) < top_p_B
+        light_B = jnp.sum(jnp.where(keys_BV > mid_B[:, None], weights_BV, 0), axis=-1) < limit_B
         return jnp.where(light_B, lo_B, mid_B + 1), jnp.where(light_B, mid_B, hi_B)
 
     bounds = (jnp.min(keys_BV, axis=-1), jnp.max(keys_BV, axis=-1))
-    cutoff_B, _ = jax.lax.fori_loop(0, KEY_BITS, halve, bounds)
-    assert cutoff_B.shape == (B,)
-    return from_order_keys(cutoff_B)
+    lowest_B, _ = jax.lax.fori_loop(0, KEY_BITS, halve, bounds)
+    assert lowest_B.shape == (B,)
+    return lowest_B
+
+
+def kth_largest(logits_BV: jax.Array, k_B: jax.Array) -> jax.Array:
+    """Each row's k-th largest logit (k in [1, V]): the smallest one with fewer than k logits above it."""
+    assert k_B.shape == logits_BV.shape[:1]
+    assert logits_BV.ndim == 2
+    keys_BV = order_keys(logits_BV)
+    return from_order_keys(lowest_light_key(keys_BV, jnp.ones(keys_BV.shape, jnp.int32), k_B))
+
+
+def top_p_cutoff(logits_BV: jax.Array, top_p_B: jax.Array) -> jax.Array:
+    """Each row's smallest logit that top-p keeps: the smallest one whose strictly better tokens hold
+    less than top_p of the probability."""
+    assert top_p_B.shape == logits_BV.shape[:1]
+    assert logits_BV.ndim == 2
+    probs_BV = jax.nn.softmax(logits_BV, axis=-1)
+    return from_order_keys(lowest_light_key(order_keys(logits_BV), probs_BV, top_p_B))
 
 
 def apply_top_k(logits_BV: jax.Array, top_k_B: jax.Array) -> jax.Array:
