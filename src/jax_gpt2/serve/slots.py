@@ -349,16 +349,13 @@ def decode_chunk(
 
     def step(carry):
         i, head, outputs = carry
-        waiting_W = single_W & (i > 0)
-        paused = dataclasses.replace(head.rows, done_B=head.rows.done_B | waiting_W)
         hidden_WTD, cache = transformer(head.rows.pending_B[:, None], head.cache, weights, config)
         # A done row's slots stay as they were: a free row is not a sequence, and must not creep to the end.
-        cache = dataclasses.replace(cache, end_B=jnp.where(paused.done_B, head.cache.end_B, cache.end_B))
+        cache = dataclasses.replace(cache, end_B=jnp.where(head.rows.done_B, head.cache.end_B, cache.end_B))
         logits_WV = lm_logits(hidden_WTD, weights)[:, 0]
         masked = (i == 0) & jnp.any(single_W)
         logits_WV = jax.lax.cond(masked, lambda x: apply_allowed_tokens(x, allowed_WV), lambda x: x, logits_WV)
-        rows, picked = pick(paused, logits_WV)
-        rows = dataclasses.replace(rows, done_B=jnp.where(waiting_W, head.rows.done_B, rows.done_B))
+        rows, picked = pick(head.rows, logits_WV)
         outputs = tuple(jax.lax.dynamic_update_index_in_dim(out, new, i, axis=0) for out, new in zip(outputs, picked))
         return i + 1, Slots(cache, rows), outputs
 
@@ -370,14 +367,14 @@ def decode_chunk(
 ACCEPT_KEY = 1  # a row's acceptance key is fold_in(its step key, ACCEPT_KEY): apart from every pick's key
 
 
-def _draft_plan(head: Slots, single_W: jax.Array, i: jax.Array, lookup: PromptLookup, costs) -> tuple[jax.Array, ...]:
-    """Iteration i's verify input: ids_WT = [pending, lookup draft] at the widest draft width, each
+def _draft_plan(head: Slots, single_W: jax.Array, lookup: PromptLookup, costs) -> tuple[jax.Array, ...]:
+    """An iteration's verify input: ids_WT = [pending, lookup draft] at the widest draft width, each
     row's draft length and the index (into lookup.widths) of the width to verify. Rows reporting
     logprobs or under a grammar draft nothing: their tokens come from plain picks, which carry both."""
     rows, cache = head.rows, head.cache
     W = rows.done_B.shape[0]
     assert single_W.shape == (W,)
-    running_W = ~rows.done_B & ~(single_W & (i > 0))
+    running_W = ~rows.done_B
     draft_WT, found_W = lookup_draft(rows.history_BS, cache.start_B, cache.end_B, lookup)
     found_W &= running_W & ~single_W & ~rows.logprobs_B
     limit_W = jnp.clip(rows.limit_B - rows.step_B - 1, 0, lookup.max_draft)  # a pick follows the drafts
@@ -452,8 +449,7 @@ def _speculative_step(
     rows, cache = head.rows, head.cache
     W, V = rows.seen_BV.shape
     ids_WT, draft_len_W = plan[0][:, : width + 1], plan[1]
-    waiting_W = single_W & (i > 0)
-    running_W = ~rows.done_B & ~waiting_W
+    running_W = ~rows.done_B
     hidden_WTD, new_cache = transformer(ids_WT, cache, weights, config)
     logits_WTV = lm_logits(hidden_WTD, weights)
     accepted_W = _accepted(logits_WTV, ids_WT, draft_len_W, rows, running_W)
@@ -463,15 +459,14 @@ def _speculative_step(
     logits_WV = jax.lax.cond(masked, lambda x: apply_allowed_tokens(x, allowed_WV), lambda x: x, logits_WV)
     rejected_W = jnp.take_along_axis(ids_WT, jnp.minimum(accepted_W + 1, width)[:, None], axis=1)[:, 0]
     banned_W = jnp.where(accepted_W < draft_len_W, rejected_W, V)
-    rows, picked = pick(dataclasses.replace(rows, done_B=rows.done_B | waiting_W), logits_WV, banned_W)
+    rows, picked = pick(rows, logits_WV, banned_W)
     end_W = jnp.where(running_W & ~end_hit_W, cache.end_B + 1 + kept_W, cache.end_B)
     history_WS = write_tokens(rows.history_BS, cache.end_B, ids_WT, jnp.where(running_W, width + 1, 0))
     new_end_W = jnp.where(picked[1], end_W, history_WS.shape[1])  # the new pending token sits at the new end
     history_WS = history_WS.at[jnp.arange(W), new_end_W].set(picked[0], mode="drop")
     trials_W = verified_guesses(draft_len_W, accepted_W)
     hits_W, trials_W = decayed_evidence(rows.hits_B, rows.trials_B, accepted_W, trials_W)
-    rows = dataclasses.replace(rows, done_B=jnp.where(waiting_W, head.rows.done_B, rows.done_B), history_BS=history_WS,
-                               hits_B=hits_W, trials_B=trials_W)  # fmt: skip
+    rows = dataclasses.replace(rows, history_BS=history_WS, hits_B=hits_W, trials_B=trials_W)
     tokens_WT = jnp.concatenate([ids_WT[:, 1:], jnp.zeros((W, 1), jnp.int32)], axis=1)
     tokens_WT = tokens_WT.at[jnp.arange(W), kept_W].set(picked[0])
     made = _Iteration(tokens_WT, kept_W + picked[1], kept_W, accepted_W, draft_len_W, picked)
@@ -540,13 +535,13 @@ def speculate_chunk(
                 outputs_W, made_W = _write_outputs(outputs_W, made_W, made)
                 counts = (drafted + jnp.sum(made.draft_len_W), accepted + jnp.sum(made.accepted_W),
                           passes + int(draft_width > 0))  # fmt: skip
-                return i + 1, head, _draft_plan(head, single_W, i + 1, lookup, costs), outputs_W, made_W, counts
+                return i + 1, head, _draft_plan(head, single_W, lookup, costs), outputs_W, made_W, counts
 
             carry = jax.lax.while_loop(this_width, step, carry)
         return carry
 
     head, zero = _take_rows(slots, W), jnp.zeros((), jnp.int32)
-    carry = (zero, head, _draft_plan(head, single_W, zero, lookup, costs), outputs_W, jnp.zeros((W,), jnp.int32),
+    carry = (zero, head, _draft_plan(head, single_W, lookup, costs), outputs_W, jnp.zeros((W,), jnp.int32),
              (zero, zero, zero))  # fmt: skip
     _, head, _, outputs_W, _, counts = jax.lax.while_loop(keep_going, widths_in_turn, carry)
     outputs = tuple(jnp.swapaxes(out, 0, 1) for out in outputs_W)
