@@ -170,16 +170,27 @@ def can_use_decode_kernel(q_BTNH: jax.Array, k_LBNSH: jax.Array, use_kernels: bo
     return use_kernels and one_query and q_BTNH.dtype == jnp.float32 and kernels.has_decode_kernel(kv_dtype)
 
 
+def can_use_prefill_kernel(q_BTNH: jax.Array, k_LBNSH: jax.Array, use_kernels: bool) -> bool:
+    """The native many-query attention takes T > 1 float32 queries per row, over a cache whose dtype it has a kernel for."""
+    assert q_BTNH.ndim == 4
+    assert k_LBNSH.ndim == 5
+    many_queries = q_BTNH.shape[1] > 1
+    kv_dtype = kvcache.kv_dtype_of(k_LBNSH)
+    return use_kernels and many_queries and q_BTNH.dtype == jnp.float32 and kernels.has_prefill_kernel(kv_dtype)
+
+
 def attention(
     q_BTNH: jax.Array, k_LBNSH: jax.Array, v_LBNSH: jax.Array, start_B: jax.Array, end_B: jax.Array,
     mask_BTS: jax.Array, layer: int, scale: float, use_kernels: bool,
 ) -> jax.Array:  # fmt: skip
     """Attention of T new queries over layer `layer` of the cache (already holding their own keys),
-    by one of three routes, each chosen from static facts (shapes, dtypes, use_kernels):
+    by one of four routes, each chosen from static facts (shapes, dtypes, use_kernels):
 
-    - one query per row, kernels on: the native decode kernel, reading the cache in place;
-    - a prompt that fills the whole cache (T == S, a full forward or a perplexity window), longer
-      than one block: `causal_attention_in_blocks`, skipping the masked upper triangle;
+    - kernels on, one query per row: the native decode kernel, reading the cache in place;
+    - kernels on, many queries (prefill, scoring and perplexity windows, verify passes): the native
+      many-query kernel, in place too, with no (B, N, T, S) score array and no masked triangle;
+    - kernels off, a prompt that fills the whole cache (T == S, a full forward or a perplexity
+      window), longer than one block: `causal_attention_in_blocks`, skipping the masked upper triangle;
     - anything else (prefill into a longer cache, decode without kernels): `cached_attention`.
     """
     B, T, N, H = q_BTNH.shape
@@ -188,6 +199,8 @@ def attention(
     assert mask_BTS.shape == (B, T, k_LBNSH.shape[3])
     if can_use_decode_kernel(q_BTNH, k_LBNSH, use_kernels):
         return kernels.decode_attention(q_BTNH, k_LBNSH, v_LBNSH, start_B, end_B, layer, scale)
+    if can_use_prefill_kernel(q_BTNH, k_LBNSH, use_kernels):
+        return kernels.prefill_attention(q_BTNH, k_LBNSH, v_LBNSH, start_B, end_B, layer, scale)
     k_BNSH, v_BNSH = kvcache.values(k_LBNSH[layer, :B]), kvcache.values(v_LBNSH[layer, :B])
     if T == k_BNSH.shape[2] and T > ATTENTION_BLOCK:
         out_BTNH = causal_attention_in_blocks(q_BTNH, k_BNSH, v_BNSH, mask_BTS, scale, ATTENTION_BLOCK)

@@ -1,4 +1,5 @@
-"""One-token decode attention over the whole (L, B, N, S, H) cache, by the C++ kernel, as an XLA call."""
+"""Attention over the whole (L, B, N, S, H) cache by the C++ kernels, as XLA calls: one new query per
+row (decode) and many (prefill, scoring and perplexity windows, verify passes)."""
 
 import jax
 import jax.numpy as jnp
@@ -13,11 +14,20 @@ from jax_gpt2.kvcache import kv_dtype_of
 DECODE_TARGETS = {"float32": "attention", "bfloat16": "attention_bf16"}
 assert set(DECODE_TARGETS) == set(KV_DTYPES.values()), "a decode kernel for every cache dtype"
 assert set(DECODE_TARGETS.values()) <= set(native.TARGETS)
+PREFILL_TARGETS = {"float32": "prefill_attention", "bfloat16": "prefill_attention_bf16"}
+assert set(PREFILL_TARGETS) == set(KV_DTYPES.values()), "a prefill kernel for every cache dtype"
+assert set(PREFILL_TARGETS.values()) <= set(native.TARGETS)
 
 
 def has_decode_kernel(cache_dtype) -> bool:
     """Whether the built library registered a decode attention over a cache of this dtype."""
     name = DECODE_TARGETS.get(jnp.dtype(cache_dtype).name)
+    return name is not None and native.is_registered(name)
+
+
+def has_prefill_kernel(cache_dtype) -> bool:
+    """Whether the built library registered a many-query attention over a cache of this dtype."""
+    name = PREFILL_TARGETS.get(jnp.dtype(cache_dtype).name)
     return name is not None and native.is_registered(name)
 
 
@@ -49,6 +59,38 @@ def decode_attention(
         layer=np.int64(layer), scale=np.float32(scale),
     )  # fmt: skip
     out_BTNH = out_BNH.reshape(B, 1, N, H)
+    assert out_BTNH.shape == q_BTNH.shape
+    assert out_BTNH.dtype == jnp.float32
+    return out_BTNH
+
+
+def prefill_attention(
+    q_BTNH: jax.Array, k_LBNSH: jax.Array, v_LBNSH: jax.Array, start_B: jax.Array, end_B: jax.Array,
+    layer: int, scale: float,
+) -> jax.Array:  # fmt: skip
+    """Softmax attention of T new queries per row over layer `layer` of the cache, which already
+    holds their keys and values: query t of row b sits at slot end_B[b] + t and sees slots
+    [start_B[b], end_B[b] + t] (end_B: the slot of the row's first new token, before the write).
+
+    The kernel (core.cc, "Attention of many new queries") computes scores a block of queries at a
+    time against the keys they share, in scratch, so no (B, N, T, S) array is ever made, and stops
+    each block at its last query's slot, so the masked triangle is skipped.
+    """
+    B, T, N, H = q_BTNH.shape
+    assert q_BTNH.dtype == jnp.float32
+    assert k_LBNSH.shape[1] >= B  # rows [0, B) of the cache are the batch (see kvcache.py)
+    assert k_LBNSH.shape[2] == N
+    assert k_LBNSH.shape[4] == H
+    assert v_LBNSH.shape == k_LBNSH.shape
+    assert v_LBNSH.dtype == k_LBNSH.dtype
+    kv_dtype = kv_dtype_of(k_LBNSH)
+    assert has_prefill_kernel(kv_dtype), f"no prefill-attention kernel over a {kv_dtype} cache"
+    result = jax.ShapeDtypeStruct((B, T, N, H), jnp.float32)
+    call = jax.ffi.ffi_call(native.target_name(PREFILL_TARGETS[kv_dtype.name]), result, vmap_method="sequential")
+    out_BTNH = call(
+        q_BTNH, k_LBNSH, v_LBNSH, start_B.astype(jnp.int32), end_B.astype(jnp.int32),
+        layer=np.int64(layer), scale=np.float32(scale),
+    )  # fmt: skip
     assert out_BTNH.shape == q_BTNH.shape
     assert out_BTNH.dtype == jnp.float32
     return out_BTNH

@@ -400,14 +400,15 @@ static_assert(kTileColumns % kGemmColumns == 0, "passes must cover a tile exactl
 #endif
 constexpr int64_t kGemmMinRows = JAX_GPT2_GEMM_MIN_ROWS;
 
-// rows (<= R) rows of x_MI (row stride I, from the panel's first input row) times the columns
-// [column, column + kGemmColumns) of a kc-row panel; accumulators from held_MC (zero when first)
-// and back to it.
-template <int R>
-inline void GemmPass(int64_t rows, const float* x_MI, int64_t I, const float* panel_IC, int64_t kc, int64_t column,
-                     float* held_MC, bool first) {
+// rows (<= R) rows of x times the columns [column, column + kGemmColumns) of a kc-row panel, x's element
+// (r, i) at x[r * row_stride + i * input_stride] (bfloat16 widened as it is read); accumulators from
+// held_MC (zero when first) and back to it. The GEMM's register block, which attention reuses with
+// strides of its own.
+template <int R, typename X>
+inline void StridedPass(int64_t rows, const X* x, int64_t row_stride, int64_t input_stride, const float* panel_IC,
+                        int64_t kc, int64_t column, float* held_MC, bool first) {
   if constexpr (R > 1) {
-    if (rows < R) return GemmPass<R - 1>(rows, x_MI, I, panel_IC, kc, column, held_MC, first);
+    if (rows < R) return StridedPass<R - 1>(rows, x, row_stride, input_stride, panel_IC, kc, column, held_MC, first);
   }
   VF acc[R][kGemmVectors] = {};
   if (!first) {
@@ -421,13 +422,20 @@ inline void GemmPass(int64_t rows, const float* x_MI, int64_t I, const float* pa
     for (int j = 0; j < kGemmVectors; ++j) w[j] = Load<VF>(w_row + j * kLanes);
 #pragma GCC unroll 16
     for (int r = 0; r < R; ++r) {
-      VF xi = Splat(x_MI[r * I + i]);
+      VF xi = Splat(WidenOne(x[r * row_stride + i * input_stride]));
 #pragma GCC unroll 8
       for (int j = 0; j < kGemmVectors; ++j) acc[r][j] += w[j] * xi;
     }
   }
   for (int r = 0; r < R; ++r)
     for (int j = 0; j < kGemmVectors; ++j) Store(held_MC + r * kTileColumns + column + j * kLanes, acc[r][j], kLanes);
+}
+
+// StridedPass over rows of x_MI (row stride I, from the panel's first input row).
+template <int R>
+inline void GemmPass(int64_t rows, const float* x_MI, int64_t I, const float* panel_IC, int64_t kc, int64_t column,
+                     float* held_MC, bool first) {
+  StridedPass<R>(rows, x_MI, I, 1, panel_IC, kc, column, held_MC, first);
 }
 
 // kc rows of a tile widened to float32, in WidenWords' order (each block of P * kLanes columns
@@ -794,6 +802,169 @@ void Attention(const float* q_BNH, const KV* k_LBNSH, const KV* v_LBNSH, const i
 }
 
 // ---------------------------------------------------------------------------------------------
+// Attention of many new queries (prefill, scoring and perplexity windows, verify passes).
+//
+// Query t of row b sits at slot end_B[b] + t and sees slots [start_B[b], end_B[b] + t], clamped to
+// [0, S), as the model's mask says; a query that sees none (a left-pad position) gets the plain mean
+// of all S values, as in the decode kernel. Fewer than kBlockQueries queries per row go one by one
+// through the decode path's AttendOne (a verify pass: the same arithmetic as a decode step). More go
+// in units of one (row, head) and up to 64 queries, as two GEMMs on the GEMM path's register block
+// (StridedPass), with the softmax between, all in transposed form so that nothing of the cache is
+// copied or transposed, only the unit's 64 queries:
+//   scores_S64 = k . (scale q)^T: the keys broadcast straight from the cache's rows, q^T (H x 64) the
+//            panel (scaled as it is transposed: for a power of two, as gpt2's 1/8, exactly the same);
+//   p = e^(score - the query's max) down each column, 0 past the query's own slot (causal);
+//   out^T = v^T . p: the values broadcast from the cache's rows (column h of them), p the panel;
+// then out = out^T / sum(p), transposed back. The key range of a unit ends at its last query's slot,
+// so only the diagonal blocks compute masked scores. No (T, S) array: a unit's scores are its key
+// range x 64 floats in thread-local scratch (256 KiB at gpt2's longest window, in L2). Each query's
+// numbers depend only on its own range (masked terms add exact zeros, the sums run in slot order),
+// never on which unit holds it, so a query's output is the same in a prompt of any length.
+constexpr int64_t kBlockQueries = 16;
+constexpr int64_t kUnitQueries = kTileColumns;  // a unit's queries: one panel's columns
+#ifndef JAX_GPT2_VALUE_PANEL_ROWS  // a probe may build with another to time it
+#define JAX_GPT2_VALUE_PANEL_ROWS 64
+#endif
+constexpr int64_t kValuePanelRows = JAX_GPT2_VALUE_PANEL_ROWS;  // 64 x 64 floats of p, 64 rows of v: 32 KiB
+
+// Scratch of one thread, reused by every unit it runs: q^T, scores, out^T.
+struct UnitScratch {
+  std::vector<float> queries_H64, scores_S64, out_H64;
+};
+
+inline float* Reserve(std::vector<float>& scratch, int64_t count) {
+  if (static_cast<int64_t>(scratch.size()) < count) scratch.resize(count);
+  return scratch.data();
+}
+
+// scores_S64 in place, column by column: e^(score - max) over the first visible_R[r] rows of column r,
+// 0 below them; inverse_R[r] = 1 / their sum (a column that sees nothing: all 0, not used). Rows every
+// column sees (those before the fewest visible_R) skip the mask.
+inline void SoftmaxColumns(float* scores_S64, int64_t reach, const int64_t* visible_R, float* inverse_R) {
+  constexpr int kVectors = kTileColumns / kLanes;
+  VF visible[kVectors], high[kVectors], total[kVectors];
+  int64_t everyone = reach;
+  for (int j = 0; j < kVectors; ++j) {
+    for (int lane = 0; lane < kLanes; ++lane) visible[j][lane] = static_cast<float>(visible_R[j * kLanes + lane]);
+    for (int lane = 0; lane < kLanes; ++lane) everyone = std::min(everyone, visible_R[j * kLanes + lane]);
+    high[j] = Splat(-std::numeric_limits<float>::infinity());
+    total[j] = VF{};
+  }
+  for (int64_t s = 0; s < everyone; ++s)
+    for (int j = 0; j < kVectors; ++j) {
+      VF x = Load<VF>(scores_S64 + s * kTileColumns + j * kLanes);
+      high[j] = x > high[j] ? x : high[j];
+    }
+  for (int64_t s = everyone; s < reach; ++s) {
+    const VF slot = Splat(static_cast<float>(s));
+    for (int j = 0; j < kVectors; ++j) {
+      VF x = Load<VF>(scores_S64 + s * kTileColumns + j * kLanes);
+      high[j] = (slot < visible[j]) & (x > high[j]) ? x : high[j];
+    }
+  }
+  for (int64_t s = 0; s < everyone; ++s)
+    for (int j = 0; j < kVectors; ++j) {
+      float* at = scores_S64 + s * kTileColumns + j * kLanes;
+      VF e = Exp(Load<VF>(at) - high[j]);
+      Store(at, e, kLanes);
+      total[j] += e;
+    }
+  for (int64_t s = everyone; s < reach; ++s) {
+    const VF slot = Splat(static_cast<float>(s));
+    for (int j = 0; j < kVectors; ++j) {
+      float* at = scores_S64 + s * kTileColumns + j * kLanes;
+      VF e = (VF)((slot < visible[j]) & (VI32)Exp(Load<VF>(at) - high[j]));
+      Store(at, e, kLanes);
+      total[j] += e;
+    }
+  }
+  for (int j = 0; j < kVectors; ++j) Store(inverse_R + j * kLanes, 1.0f / total[j], kLanes);
+}
+
+// The queries [t, t + count) of one (row, head) that see slots [first, first + visible_R[r]):
+// out = softmax(scale * q . k) . v, by the two transposed GEMMs above.
+template <typename KV>
+void AttendQueries(const float* q_TH, float* out_TH, int64_t q_stride, int64_t count, const int64_t* visible_R,
+                   const KV* k_SH, const KV* v_SH, int64_t first, int64_t H, float scale, UnitScratch& scratch) {
+  const int64_t reach = visible_R[count - 1];  // the last query sees the most
+  float* queries_H64 = Reserve(scratch.queries_H64, H * kTileColumns);
+  for (int64_t h = 0; h < H; ++h)
+    for (int64_t r = 0; r < kTileColumns; ++r)
+      queries_H64[h * kTileColumns + r] = r < count ? q_TH[r * q_stride + h] * scale : 0.0f;
+  float* scores_S64 = Reserve(scratch.scores_S64, reach * kTileColumns);
+  const KV* keys = k_SH + first * H;
+  for (int64_t s = 0; s < reach; s += kGemmRows)
+    for (int64_t column = 0; column < kTileColumns; column += kGemmColumns)
+      StridedPass<kGemmRows>(std::min<int64_t>(kGemmRows, reach - s), keys + s * H, H, 1, queries_H64, H, column,
+                             scores_S64 + s * kTileColumns, true);
+  alignas(64) float inverse_R[kTileColumns];
+  SoftmaxColumns(scores_S64, reach, visible_R, inverse_R);
+  float* out_H64 = Reserve(scratch.out_H64, H * kTileColumns);
+  const KV* values = v_SH + first * H;
+  for (int64_t s = 0; s < reach; s += kValuePanelRows)  // a panel of p and of v stays in L1 for every h
+    for (int64_t h = 0; h < H; h += kGemmRows)
+      for (int64_t column = 0; column < kTileColumns; column += kGemmColumns)
+        StridedPass<kGemmRows>(std::min<int64_t>(kGemmRows, H - h), values + s * H + h, 1, H,
+                               scores_S64 + s * kTileColumns, std::min(kValuePanelRows, reach - s), column,
+                               out_H64 + h * kTileColumns, s == 0);
+  for (int64_t r = 0; r < count; ++r)
+    for (int64_t h = 0; h < H; ++h) out_TH[r * q_stride + h] = out_H64[h * kTileColumns + r] * inverse_R[r];
+}
+
+// Queries [t0, t1) (at most kUnitQueries) of row b, head n, over layer `layer` of the cache: those
+// that see no slot one by one, the rest together.
+template <typename KV>
+void AttendUnit(const float* q_BTNH, const KV* k_LBNSH, const KV* v_LBNSH, const int32_t* start_B,
+                const int32_t* end_B, CacheShape shape, int64_t T, int64_t layer, float scale, int64_t b, int64_t n,
+                int64_t t0, int64_t t1, float* out_BTNH) {
+  const int64_t N = shape.N, S = shape.S, H = shape.H, q_stride = N * H;
+  const int64_t offset = ((layer * shape.B + b) * N + n) * S * H;
+  const KV *k_SH = k_LBNSH + offset, *v_SH = v_LBNSH + offset;
+  const float* q_TH = q_BTNH + (b * T * N + n) * H;
+  float* out_TH = out_BTNH + (b * T * N + n) * H;
+  const int64_t first = std::max<int64_t>(start_B[b], 0);
+  auto last = [&](int64_t t) { return std::min<int64_t>(end_B[b] + t, S - 1); };
+  int64_t t = t0;
+  for (; t < t1 && last(t) < first; ++t) AttendOne(q_TH + t * q_stride, k_SH, v_SH, 0, S - 1, H, 0.0f, out_TH + t * q_stride);
+  if (t == t1) return;
+  thread_local UnitScratch scratch;
+  int64_t visible_R[kUnitQueries] = {};  // 0: a column past the unit's queries sees nothing
+  for (int64_t r = 0; r < t1 - t; ++r) visible_R[r] = last(t + r) - first + 1;
+  AttendQueries(q_TH + t * q_stride, out_TH + t * q_stride, q_stride, t1 - t, visible_R, k_SH, v_SH, first, H, scale,
+                scratch);
+}
+
+template <typename KV>
+void ManyQueryAttention(const float* q_BTNH, const KV* k_LBNSH, const KV* v_LBNSH, const int32_t* start_B,
+                        const int32_t* end_B, CacheShape shape, int64_t rows, int64_t T, int64_t layer, float scale,
+                        float* out_BTNH, TilePool& pool) {
+  const int64_t N = shape.N, S = shape.S, H = shape.H;
+  assert(rows >= 1 && rows <= shape.B);
+  assert(T >= 1);
+  if (T < kBlockQueries) {
+    pool.Run(rows * N, [&](int64_t bn) {
+      const int64_t b = bn / N, n = bn % N;
+      const int64_t offset = ((layer * shape.B + b) * N + n) * S * H;
+      for (int64_t t = 0; t < T; ++t) {
+        int64_t first = std::max<int64_t>(start_B[b], 0), last = std::min<int64_t>(end_B[b] + t, S - 1);
+        float query_scale = scale;
+        if (first > last) first = 0, last = S - 1, query_scale = 0.0f;
+        const int64_t at = ((b * T + t) * N + n) * H;
+        AttendOne(q_BTNH + at, k_LBNSH + offset, v_LBNSH + offset, first, last, H, query_scale, out_BTNH + at);
+      }
+    });
+    return;
+  }
+  // Units latest-block first: the longest key ranges are handed out before the short ones.
+  const int64_t blocks = (T + kUnitQueries - 1) / kUnitQueries;
+  pool.Run(rows * N * blocks, [&](int64_t unit) {
+    const int64_t block = blocks - 1 - unit / (rows * N), bn = unit % (rows * N);
+    const int64_t t0 = block * kUnitQueries, t1 = std::min(T, t0 + kUnitQueries);
+    AttendUnit(q_BTNH, k_LBNSH, v_LBNSH, start_B, end_B, shape, T, layer, scale, bn / N, bn % N, t0, t1, out_BTNH);
+  });
+}
+
+// ---------------------------------------------------------------------------------------------
 // The FMA peak probe.
 
 constexpr int kPeakChains = 12;  // independent chains: enough to cover an FMA's latency on two ports
@@ -1028,6 +1199,19 @@ void DecodeAttention(const float* q_BNH, const uint16_t* k_LBNSH, const uint16_t
                      const int32_t* start_B, const int32_t* end_B, CacheShape shape, int64_t rows, int64_t layer,
                      float scale, float* out_BNH, TilePool& pool) {
   Attention<uint16_t>(q_BNH, k_LBNSH, v_LBNSH, start_B, end_B, shape, rows, layer, scale, out_BNH, pool);
+}
+
+void PrefillAttention(const float* q_BTNH, const float* k_LBNSH, const float* v_LBNSH, const int32_t* start_B,
+                      const int32_t* end_B, CacheShape shape, int64_t rows, int64_t T, int64_t layer, float scale,
+                      float* out_BTNH, TilePool& pool) {
+  ManyQueryAttention<float>(q_BTNH, k_LBNSH, v_LBNSH, start_B, end_B, shape, rows, T, layer, scale, out_BTNH, pool);
+}
+
+void PrefillAttention(const float* q_BTNH, const uint16_t* k_LBNSH, const uint16_t* v_LBNSH,
+                      const int32_t* start_B, const int32_t* end_B, CacheShape shape, int64_t rows, int64_t T,
+                      int64_t layer, float scale, float* out_BTNH, TilePool& pool) {
+  ManyQueryAttention<uint16_t>(q_BTNH, k_LBNSH, v_LBNSH, start_B, end_B, shape, rows, T, layer, scale, out_BTNH,
+                               pool);
 }
 
 }  // namespace jax_gpt2

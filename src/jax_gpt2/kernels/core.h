@@ -116,4 +116,15 @@ void DecodeAttention(const float* q_BNH, const uint16_t* k_LBNSH, const uint16_t
                      const int32_t* start_B, const int32_t* end_B, CacheShape shape, int64_t rows, int64_t layer,
                      float scale, float* out_BNH, TilePool& pool);
 
+// out_BTNH = attention of T new queries per row over layer `layer` of the cache, which already holds
+// their keys and values: query t of row b at slot end_B[b] + t sees slots [start_B[b], end_B[b] + t]
+// (clamped to [0, S)); one that sees none gets the plain mean of all S values, as DecodeAttention.
+// q and out (rows, T, N, H); the first `rows` rows of the cache are the batch. Math in float32.
+void PrefillAttention(const float* q_BTNH, const float* k_LBNSH, const float* v_LBNSH, const int32_t* start_B,
+                      const int32_t* end_B, CacheShape shape, int64_t rows, int64_t T, int64_t layer, float scale,
+                      float* out_BTNH, TilePool& pool);
+void PrefillAttention(const float* q_BTNH, const uint16_t* k_LBNSH, const uint16_t* v_LBNSH,
+                      const int32_t* start_B, const int32_t* end_B, CacheShape shape, int64_t rows, int64_t T,
+                      int64_t layer, float scale, float* out_BTNH, TilePool& pool);
+
 }  // namespace jax_gpt2

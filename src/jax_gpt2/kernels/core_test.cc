@@ -288,25 +288,32 @@ Cache RandomCache(CacheShape shape, uint32_t seed) {
   return c;
 }
 
-// The float64 attention of row b over slots [first, last] of layer `layer` (uniform when none).
-std::vector<double> ExactAttention(const Cache& c, const std::vector<float>& k, const std::vector<float>& v,
-                                   int64_t bn, int64_t layer, int64_t start, int64_t end, double scale) {
-  const CacheShape& s = c.shape;
-  int64_t first = std::max<int64_t>(start, 0), last = std::min<int64_t>(end, s.S - 1);
-  if (first > last) first = 0, last = s.S - 1, scale = 0.0;
-  int64_t offset = (layer * s.B * s.N + bn) * s.S * s.H;
-  std::vector<double> score(last - first + 1), out(s.H, 0.0);
+// The float64 attention of one query q_H over slots [start, end] of the (S, H) block of k and v at
+// `offset` (uniform when it sees none).
+std::vector<double> ExactQuery(const float* q_H, const std::vector<float>& k, const std::vector<float>& v,
+                               int64_t offset, int64_t S, int64_t H, int64_t start, int64_t end, double scale) {
+  int64_t first = std::max<int64_t>(start, 0), last = std::min<int64_t>(end, S - 1);
+  if (first > last) first = 0, last = S - 1, scale = 0.0;
+  std::vector<double> score(last - first + 1), out(H, 0.0);
   double high = -1e300, total = 0.0;
   for (int64_t t = first; t <= last; ++t) {
     double dot = 0.0;
-    for (int64_t h = 0; h < s.H; ++h) dot += static_cast<double>(c.q_BNH[bn * s.H + h]) * k[offset + t * s.H + h];
+    for (int64_t h = 0; h < H; ++h) dot += static_cast<double>(q_H[h]) * k[offset + t * H + h];
     score[t - first] = dot * scale;
     high = std::max(high, score[t - first]);
   }
   for (auto& x : score) total += x = std::exp(x - high);
   for (int64_t t = first; t <= last; ++t)
-    for (int64_t h = 0; h < s.H; ++h) out[h] += score[t - first] / total * v[offset + t * s.H + h];
+    for (int64_t h = 0; h < H; ++h) out[h] += score[t - first] / total * v[offset + t * H + h];
   return out;
+}
+
+// The float64 attention of row b's query over slots [start, end] of layer `layer`.
+std::vector<double> ExactAttention(const Cache& c, const std::vector<float>& k, const std::vector<float>& v,
+                                   int64_t bn, int64_t layer, int64_t start, int64_t end, double scale) {
+  const CacheShape& s = c.shape;
+  return ExactQuery(c.q_BNH.data() + bn * s.H, k, v, (layer * s.B * s.N + bn) * s.S * s.H, s.S, s.H, start, end,
+                    scale);
 }
 
 std::vector<float> RunAttention(const Cache& c, bool bf16, const std::vector<int32_t>& start_B,
@@ -447,6 +454,130 @@ void TestSoftmaxWeights(TilePool& pool) {
   }
 }
 
+// ---------------------------------------------------------------------------------------------
+// Attention of T new queries per row (PrefillAttention).
+
+std::vector<float> RunPrefill(const Cache& c, bool bf16, const std::vector<float>& q_BTNH, int64_t rows, int64_t T,
+                              const std::vector<int32_t>& start_B, const std::vector<int32_t>& end_B, int64_t layer,
+                              float scale, TilePool& pool) {
+  std::vector<float> out(rows * T * c.shape.N * c.shape.H, -1.0f);
+  if (bf16)
+    jax_gpt2::PrefillAttention(q_BTNH.data(), c.k_bf16.data(), c.v_bf16.data(), start_B.data(), end_B.data(),
+                               c.shape, rows, T, layer, scale, out.data(), pool);
+  else
+    jax_gpt2::PrefillAttention(q_BTNH.data(), c.k_f32.data(), c.v_f32.data(), start_B.data(), end_B.data(), c.shape,
+                               rows, T, layer, scale, out.data(), pool);
+  return out;
+}
+
+// Every query of every row against float64 math: within 1e-5 max|v|, and finite.
+void CheckPrefill(const Cache& c, bool bf16, const std::vector<float>& q_BTNH, int64_t T,
+                  const std::vector<int32_t>& start_B, const std::vector<int32_t>& end_B, int64_t layer, float scale,
+                  const std::vector<float>& out, const std::string& what) {
+  const CacheShape& s = c.shape;
+  const auto& k = bf16 ? c.k_seen : c.k_f32;
+  const auto& v = bf16 ? c.v_seen : c.v_f32;
+  double v_max = 0.0, worst = 0.0;
+  for (float x : v) v_max = std::max(v_max, static_cast<double>(std::fabs(x)));
+  bool finite = true;
+  for (int64_t b = 0; b < static_cast<int64_t>(start_B.size()); ++b)
+    for (int64_t t = 0; t < T; ++t)
+      for (int64_t n = 0; n < s.N; ++n) {
+        const int64_t at = ((b * T + t) * s.N + n) * s.H;
+        std::vector<double> exact = ExactQuery(q_BTNH.data() + at, k, v, ((layer * s.B + b) * s.N + n) * s.S * s.H,
+                                               s.S, s.H, start_B[b], end_B[b] + t, scale);
+        for (int64_t h = 0; h < s.H; ++h) {
+          finite = finite && std::isfinite(out[at + h]);
+          worst = std::max(worst, std::fabs(out[at + h] - exact[h]));
+        }
+      }
+  Expect(finite, what + ": not finite");
+  Expect(worst <= 1e-5 * v_max, what + ": max abs diff " + std::to_string(worst) + " > 1e-5 max|v|");
+}
+
+// The last T - shift queries alone (their rows' end moved on by `shift`) must give the same bits: a
+// query's result never depends on which block or unit holds it.
+void CheckQueriesAlone(const Cache& c, bool bf16, const std::vector<float>& q_BTNH, int64_t T, int64_t shift,
+                       const std::vector<int32_t>& start_B, const std::vector<int32_t>& end_B, int64_t layer,
+                       float scale, const std::vector<float>& out, TilePool& pool, const std::string& what) {
+  const CacheShape& s = c.shape;
+  const int64_t rows = static_cast<int64_t>(start_B.size()), row = s.N * s.H, later = T - shift;
+  std::vector<float> q_later(rows * later * row);
+  std::vector<int32_t> end_later(end_B);
+  for (int64_t b = 0; b < rows; ++b) {
+    end_later[b] += static_cast<int32_t>(shift);
+    std::copy_n(q_BTNH.begin() + (b * T + shift) * row, later * row, q_later.begin() + b * later * row);
+  }
+  std::vector<float> alone = RunPrefill(c, bf16, q_later, rows, later, start_B, end_later, layer, scale, pool);
+  bool same = true;
+  for (int64_t b = 0; b < rows; ++b)
+    same = same && std::equal(alone.begin() + b * later * row, alone.begin() + (b + 1) * later * row,
+                              out.begin() + (b * T + shift) * row);
+  Expect(same, what + ": the last " + std::to_string(later) + " queries alone differ");
+}
+
+// NaN in every layer but `layer`, in rows past `rows`, and in the slots no query of a row may see:
+// the output must not change.
+void CheckPrefillReads(Cache c, bool bf16, const std::vector<float>& q_BTNH, int64_t rows, int64_t T,
+                       const std::vector<int32_t>& start_B, const std::vector<int32_t>& end_B, int64_t layer,
+                       float scale, const std::vector<float>& clean, TilePool& pool, const std::string& what) {
+  const CacheShape& s = c.shape;
+  for (int64_t l = 0; l < s.L; ++l)
+    for (int64_t bn = 0; bn < s.B * s.N; ++bn) {
+      const int64_t b = bn / s.N;
+      const bool sees_none_sometimes = b < rows && std::max(start_B[b], 0) > std::min<int64_t>(end_B[b], s.S - 1);
+      if (l == layer && sees_none_sometimes) continue;  // a query that sees nothing reads every slot
+      for (int64_t t = 0; t < s.S; ++t) {
+        if (l == layer && b < rows && t >= start_B[b] && t <= end_B[b] + T - 1) continue;
+        for (int64_t h = 0; h < s.H; ++h) {
+          const int64_t at = ((l * s.B * s.N + bn) * s.S + t) * s.H + h;
+          c.k_f32[at] = c.v_f32[at] = NAN;
+          c.k_bf16[at] = c.v_bf16[at] = 0x7FC0;
+        }
+      }
+    }
+  std::vector<float> poisoned = RunPrefill(c, bf16, q_BTNH, rows, T, start_B, end_B, layer, scale, pool);
+  Expect(std::memcmp(poisoned.data(), clean.data(), clean.size() * sizeof(float)) == 0,
+         what + ": read a slot, row or layer it may not see");
+}
+
+// Rows that prefill a whole prompt, a left-padded one (its first queries see nothing), a chunk after
+// earlier ones, a chunk running past the cache's end, a start before slot 0, and a start past the cache.
+void PrefillRows(int64_t S, int64_t T, std::vector<int32_t>* start_B, std::vector<int32_t>* end_B) {
+  const int32_t s = static_cast<int32_t>(S), t = static_cast<int32_t>(T);
+  *start_B = {0, std::min(3, t - 1), 2, 0, -3, s};
+  *end_B = {0, 0, std::max(0, std::min(s - t, 9)), std::max(0, s - t + 4), 0, 0};
+}
+
+void TestPrefillAttention(TilePool& pool, std::vector<TilePool*> other_pools) {
+  for (int64_t H : {7, 64, 72})
+    for (int64_t S : {37, 300})
+      for (int64_t T : {int64_t{1}, int64_t{5}, int64_t{16}, int64_t{50}, S}) {
+        if (T > S) continue;
+        std::vector<int32_t> start_B, end_B;
+        PrefillRows(S, T, &start_B, &end_B);
+        const int64_t B = static_cast<int64_t>(start_B.size());
+        Cache c = RandomCache({2, B + 1, 3, S, H}, static_cast<uint32_t>(H * S + T));  // one cache row unused
+        for (uint16_t b : c.k_bf16) c.k_seen.push_back(FromBfloat16(b));
+        for (uint16_t b : c.v_bf16) c.v_seen.push_back(FromBfloat16(b));
+        std::vector<float> q_BTNH = Normal(B * T * 3 * H, static_cast<uint32_t>(T + 11), 0.5f);
+        for (bool bf16 : {false, true})
+          for (int64_t layer = 0; layer < 2; ++layer) {
+            const float scale = layer == 0 ? 1.0f / std::sqrt(static_cast<float>(H)) : 1.5f;
+            std::string what = std::string(bf16 ? "bf16" : "f32") + " prefill attention H=" + std::to_string(H) +
+                               " S=" + std::to_string(S) + " T=" + std::to_string(T) + " layer=" +
+                               std::to_string(layer);
+            std::vector<float> out = RunPrefill(c, bf16, q_BTNH, B, T, start_B, end_B, layer, scale, pool);
+            CheckPrefill(c, bf16, q_BTNH, T, start_B, end_B, layer, scale, out, what);
+            for (TilePool* other : other_pools)
+              Expect(RunPrefill(c, bf16, q_BTNH, B, T, start_B, end_B, layer, scale, *other) == out,
+                     what + ": result depends on the pool");
+            if (T >= 40) CheckQueriesAlone(c, bf16, q_BTNH, T, 7, start_B, end_B, layer, scale, out, pool, what);
+            if (S < 100) CheckPrefillReads(c, bf16, q_BTNH, B, T, start_B, end_B, layer, scale, out, pool, what);
+          }
+      }
+}
+
 }  // namespace
 
 int main() {
@@ -462,6 +593,7 @@ int main() {
   TestBf16Dot(two, others);
   TestAttention(two, others);
   TestSoftmaxWeights(two);
+  TestPrefillAttention(two, others);
   std::printf("core_test %s: %d of %d checks passed\n", jax_gpt2::TargetIsa(), checks - failures, checks);
   return failures == 0 ? 0 : 1;
 }

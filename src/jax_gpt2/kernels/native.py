@@ -46,6 +46,8 @@ TARGETS = {
     "int8": ("JaxGpt2PackedMatmulI8", "jax_gpt2_packed_matmul_i8"),
     "attention": ("JaxGpt2DecodeAttention", "jax_gpt2_decode_attention"),
     "attention_bf16": ("JaxGpt2DecodeAttentionBF16", "jax_gpt2_decode_attention_bf16"),
+    "prefill_attention": ("JaxGpt2PrefillAttention", "jax_gpt2_prefill_attention"),
+    "prefill_attention_bf16": ("JaxGpt2PrefillAttentionBF16", "jax_gpt2_prefill_attention_bf16"),
 }
 assert set(WEIGHT_DTYPES.values()) <= set(TARGETS), "a matmul kernel for every weight dtype"
 _ARM = ("aarch64", "arm64")
