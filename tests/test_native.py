@@ -42,8 +42,8 @@ from decode_cases import decode_rows
 
 from jax_gpt2 import empty_cache, generate, gpt2_forward, gpt2_forward_cached, kvcache, load_config, load_weights
 from jax_gpt2.generate import left_pad
-from jax_gpt2.kernels import decode_attention, native, packed_matmul
-from jax_gpt2.layers import cached_attention, can_use_decode_kernel
+from jax_gpt2.kernels import decode_attention, native, packed_matmul, prefill_attention
+from jax_gpt2.layers import cached_attention, can_use_decode_kernel, can_use_prefill_kernel
 from jax_gpt2.weights import PACKED_DTYPES, TILE, PackedMatrix, pack_matrix, unpack_matrix
 
 MATMUL_RTOL = 1e-5
@@ -397,6 +397,102 @@ def test_decode_attention_reads_only_its_own_layer_and_visible_slots():
 
     start_B, end_B = jnp.asarray(start_B), jnp.asarray(end_B)
     poisoned_BTNH = decode_attention(q_BTNH, poisoned(k_LBNSH), poisoned(v_LBNSH), start_B, end_B, 1, 0.3)
+    np.testing.assert_array_equal(np.asarray(poisoned_BTNH), np.asarray(clean_BTNH))
+
+
+# --- attention of many new queries ---------------------------------------------------------------
+
+
+def xla_prefill_attention(q_BTNH, k_LBNSH, v_LBNSH, start_B, end_B, layer, scale) -> np.ndarray:
+    """cached_attention with the model's own mask for T queries written at slots end_B + t."""
+    B, T = q_BTNH.shape[:2]
+    cache = kvcache.KVCache(k_LBNSH[:, :B], v_LBNSH[:, :B], jnp.asarray(start_B), jnp.asarray(end_B))
+    mask_BTS = kvcache.visible_mask(cache, T)
+    k_BNSH, v_BNSH = kvcache.values(k_LBNSH[layer, :B]), kvcache.values(v_LBNSH[layer, :B])
+    return np.asarray(cached_attention(q_BTNH, k_BNSH, v_BNSH, mask_BTS, scale))
+
+
+def prefill_rows(S: int, T: int) -> tuple[np.ndarray, np.ndarray]:
+    """A whole prompt, a left-padded one (its first queries see nothing), a chunk after earlier
+    ones, a chunk running past the cache's end, and a start past the cache (nothing ever visible)."""
+    start_B = np.array([0, min(3, T - 1), 2, 0, S], np.int32)
+    end_B = np.array([0, 0, max(0, min(S - T, 9)), max(0, S - T + 4), 0], np.int32)
+    return start_B, end_B
+
+
+@needs_kernels
+@pytest.mark.parametrize("kv_dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize(("S", "T"), [(37, 2), (37, 15), (37, 16), (37, 37), (300, 70), (300, 300)])
+@pytest.mark.parametrize("H", [7, 64])
+def test_prefill_attention_equals_xla_masked_attention(H, S, T, kv_dtype):
+    """T queries per row against XLA's masked attention over the same cache, for every row case of
+    prefill_rows, every layer of a 2-layer cache with one cache row more than the batch; both
+    sides of the 16-query line (one by one below it, in blocks from it)."""
+    start_B, end_B = prefill_rows(S, T)
+    L, B, N = 2, len(start_B), 3
+    rng = np.random.default_rng(H + S + T)
+    q_BTNH = jnp.asarray(rng.normal(size=(B, T, N, H)).astype(np.float32))
+    _, k_LBNSH, v_LBNSH = random_attention_inputs(L, B + 1, N, S, H, seed=T)
+    if kv_dtype == "bfloat16":
+        k_LBNSH, v_LBNSH = kvcache.stored(k_LBNSH, jnp.bfloat16), kvcache.stored(v_LBNSH, jnp.bfloat16)
+    assert can_use_prefill_kernel(q_BTNH, k_LBNSH, use_kernels=True)
+    for layer, scale in enumerate([H**-0.5, 1.5]):
+        kernel_BTNH = prefill_attention(q_BTNH, k_LBNSH, v_LBNSH, jnp.asarray(start_B), jnp.asarray(end_B), layer, scale)
+        reference_BTNH = xla_prefill_attention(q_BTNH, k_LBNSH, v_LBNSH, start_B, end_B, layer, scale)
+        values_LBNSH = kvcache.values(v_LBNSH).astype(jnp.float32)
+        assert_attention_close(kernel_BTNH, reference_BTNH, values_LBNSH, f"layer {layer}")
+
+
+def test_the_prefill_kernel_takes_many_float32_queries_only():
+    q_BTNH, k_LBNSH, _ = random_attention_inputs(1, 2, 2, 5, 8)
+    many_BTNH = jnp.concatenate([q_BTNH, q_BTNH], axis=1)
+    k_bf16_LBNSH = kvcache.stored(k_LBNSH, jnp.bfloat16)
+    assert can_use_prefill_kernel(many_BTNH, k_LBNSH, use_kernels=True) == KERNELS
+    assert can_use_prefill_kernel(many_BTNH, k_bf16_LBNSH, use_kernels=True) == native.is_registered("prefill_attention_bf16")
+    assert not can_use_prefill_kernel(many_BTNH, k_LBNSH, use_kernels=False)
+    assert not can_use_prefill_kernel(q_BTNH, k_LBNSH, use_kernels=True)  # one query: the decode kernel's
+    assert not can_use_prefill_kernel(many_BTNH.astype(jnp.bfloat16), k_LBNSH, use_kernels=True)
+
+
+@needs_kernels
+def test_a_query_attends_the_same_whatever_prompt_chunk_holds_it():
+    """The last 50 of 120 queries, run alone after a cache holding the first 70, give the same bits
+    as inside the whole 120-query prefill: no query's numbers depend on its block or unit."""
+    L, B, N, S, H, T, later = 1, 2, 3, 128, 64, 120, 50
+    rng = np.random.default_rng(5)
+    q_BTNH = jnp.asarray(rng.normal(size=(B, T, N, H)).astype(np.float32))
+    _, k_LBNSH, v_LBNSH = random_attention_inputs(L, B, N, S, H, seed=6)
+    start_B = jnp.array([0, 4], jnp.int32)
+    whole_BTNH = prefill_attention(q_BTNH, k_LBNSH, v_LBNSH, start_B, jnp.zeros((B,), jnp.int32), 0, 0.125)
+    chunk_BTNH = prefill_attention(
+        q_BTNH[:, T - later :], k_LBNSH, v_LBNSH, start_B, jnp.full((B,), T - later, jnp.int32), 0, 0.125
+    )
+    np.testing.assert_array_equal(np.asarray(chunk_BTNH), np.asarray(whole_BTNH)[:, T - later :])
+
+
+@needs_kernels
+def test_prefill_attention_reads_only_its_own_layer_rows_and_visible_slots():
+    """NaN in the other layers, in the cache row past the batch and in every slot after a row's last
+    query or before its start: the output stays finite and unchanged."""
+    L, B, N, S, H, T = 3, 2, 2, 90, 24, 40
+    rng = np.random.default_rng(8)
+    q_BTNH = jnp.asarray(rng.normal(size=(B, T, N, H)).astype(np.float32))
+    _, k_LBNSH, v_LBNSH = random_attention_inputs(L, B + 1, N, S, H, seed=9)
+    start_B, end_B = np.array([3, 0], np.int32), np.array([10, 30], np.int32)
+    clean_BTNH = prefill_attention(q_BTNH, k_LBNSH, v_LBNSH, jnp.asarray(start_B), jnp.asarray(end_B), 1, 0.3)
+    slots_S = np.arange(S)
+    hidden_BS = (slots_S[None, :] < start_B[:, None]) | (slots_S[None, :] >= end_B[:, None] + T)
+
+    def poisoned(cache_LBNSH) -> jax.Array:
+        cache_LBNSH = np.array(cache_LBNSH)
+        cache_LBNSH[[0, 2]] = np.nan
+        cache_LBNSH[1, B:] = np.nan
+        cache_LBNSH[1, :B][np.broadcast_to(hidden_BS[:, None, :], (B, N, S))] = np.nan
+        return jnp.asarray(cache_LBNSH)
+
+    poisoned_BTNH = prefill_attention(
+        q_BTNH, poisoned(k_LBNSH), poisoned(v_LBNSH), jnp.asarray(start_B), jnp.asarray(end_B), 1, 0.3
+    )
     np.testing.assert_array_equal(np.asarray(poisoned_BTNH), np.asarray(clean_BTNH))
 
 

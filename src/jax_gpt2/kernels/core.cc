@@ -859,7 +859,7 @@ inline void SoftmaxColumns(float* scores_S64, int64_t reach, const int64_t* visi
     const VF slot = Splat(static_cast<float>(s));
     for (int j = 0; j < kVectors; ++j) {
       VF x = Load<VF>(scores_S64 + s * kTileColumns + j * kLanes);
-      high[j] = (slot < visible[j]) & (x > high[j]) ? x : high[j];
+      high[j] = ((slot < visible[j]) & (x > high[j])) ? x : high[j];
     }
   }
   for (int64_t s = 0; s < everyone; ++s)
