@@ -43,7 +43,7 @@ from decode_cases import decode_rows
 from jax_gpt2 import empty_cache, generate, gpt2_forward, gpt2_forward_cached, kvcache, load_config, load_weights
 from jax_gpt2.generate import left_pad
 from jax_gpt2.kernels import decode_attention, native, packed_matmul, prefill_attention
-from jax_gpt2.layers import cached_attention, can_use_decode_kernel, can_use_prefill_kernel
+from jax_gpt2.layers import TANH_GELUS, activation, cached_attention, can_use_decode_kernel, can_use_prefill_kernel
 from jax_gpt2.weights import PACKED_DTYPES, TILE, PackedMatrix, pack_matrix, unpack_matrix
 
 MATMUL_RTOL = 1e-5
@@ -119,6 +119,28 @@ def test_kernel_matmul_equals_the_xla_fallback(dtype, I, O, M):
     fallback_MO = np.asarray(packed_matmul(x_MI, packed, use_kernel=False), np.float64)
     y_MO = packed_matmul(x_MI, packed, use_kernel=True)
     assert_within_accumulation_error(y_MO, fallback_MO, magnitude_MO, f"{dtype} kernel vs XLA")
+
+
+@needs_kernels
+@pytest.mark.parametrize("M", [1, 7, 40])  # the matvec path, and the GEMM's from 16 rows
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_kernel_epilogue_is_the_bias_then_gelu_of_xla(dtype, M):
+    """A bias alone is exactly the plain product plus the bias (one float32 add, as XLA's); with
+    GELU, the model's own XLA gelu_new of that within the float32 rounding of both."""
+    I, O = 96, 200
+    packed = pack_matrix(random_weight_IO(I, O), dtype)
+    x_MI = jnp.asarray(random_x_MI(M, I))
+    bias_O = jnp.asarray(np.random.default_rng(3).normal(size=O).astype(np.float32))
+    plain_MO = packed_matmul(x_MI, packed, use_kernel=True)
+    biased_MO = packed_matmul(x_MI, packed, use_kernel=True, bias_O=bias_O)
+    np.testing.assert_array_equal(np.asarray(biased_MO), np.asarray(plain_MO + bias_O))
+    fused_MO = np.asarray(packed_matmul(x_MI, packed, use_kernel=True, bias_O=bias_O, gelu=True))
+    reference_MO = np.asarray(activation("gelu_new", biased_MO))
+    np.testing.assert_allclose(fused_MO, reference_MO, rtol=2e-6, atol=2e-6 * float(np.abs(reference_MO).max()))
+
+
+def test_every_tanh_gelu_name_and_only_those_fuse_into_the_matmul():
+    assert TANH_GELUS == {"gelu_new", "gelu_fast", "gelu_pytorch_tanh", "gelu_python_tanh", "gelu_accurate"}
 
 
 @needs_kernels

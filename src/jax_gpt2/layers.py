@@ -88,18 +88,34 @@ def matmul(x_BTI: jax.Array, w_IO: "jax.Array | PackedMatrix", use_kernels: bool
     return y_BTO
 
 
-def linear(x_BTI: jax.Array, w_IO: "jax.Array | PackedMatrix", b_O: jax.Array, use_kernels: bool) -> jax.Array:
-    """x @ w + b in HF's Conv1D layout (in, out), so checkpoints load without transposes."""
+def linear(
+    x_BTI: jax.Array, w_IO: "jax.Array | PackedMatrix", b_O: jax.Array, use_kernels: bool, gelu: bool = False
+) -> jax.Array:
+    """x @ w + b in HF's Conv1D layout (in, out), so checkpoints load without transposes; with
+    `gelu`, GELU's tanh form of it. The kernels add the bias and take the GELU inside the matmul
+    (kernels.packed_matmul's epilogue), as each tile's results are finished; XLA does them after."""
     assert b_O.shape == (w_IO.shape[1],)
+    if use_kernels and isinstance(w_IO, PackedMatrix):
+        y_BTO = kernels.packed_matmul_BT(x_BTI, w_IO, True, b_O, gelu)
+        assert y_BTO.shape == (*x_BTI.shape[:-1], w_IO.shape[1])
+        return y_BTO
     y_BTO = matmul(x_BTI, w_IO, use_kernels)
-    return y_BTO + b_O.astype(y_BTO.dtype)
+    y_BTO = y_BTO + b_O.astype(y_BTO.dtype)
+    return _gelu_tanh(y_BTO) if gelu else y_BTO
+
+
+# The activation names that are GELU's tanh form: the kernels fuse these into the first MLP matmul.
+TANH_GELUS = frozenset(name for name, function in _ACTIVATIONS.items() if function is _gelu_tanh)
 
 
 def mlp(x_BTD, fc_w_DF, fc_b_F, proj_w_FD, proj_b_D, activation_name: str, use_kernels: bool) -> jax.Array:
     """GPT-2's feed-forward: D -> F, nonlinearity, F -> D."""
     assert x_BTD.shape[-1] == fc_w_DF.shape[0]
     assert proj_w_FD.shape == fc_w_DF.shape[::-1]
-    hidden_BTF = activation(activation_name, linear(x_BTD, fc_w_DF, fc_b_F, use_kernels))
+    if activation_name in TANH_GELUS:
+        hidden_BTF = linear(x_BTD, fc_w_DF, fc_b_F, use_kernels, gelu=True)
+    else:
+        hidden_BTF = activation(activation_name, linear(x_BTD, fc_w_DF, fc_b_F, use_kernels))
     out_BTD = linear(hidden_BTF, proj_w_FD, proj_b_D, use_kernels)
     assert out_BTD.shape == x_BTD.shape
     return out_BTD

@@ -200,6 +200,42 @@ inline float Sum(F16 v) { return Sum(AddHalves<F8>(v)); }
 #endif
 
 // ---------------------------------------------------------------------------------------------
+// Elementwise math: e^x (softmax), GELU (the matmul epilogue).
+
+// e^x to float32 accuracy, exactly 0 below -87 (where e^x nears the smallest normal float32; a
+// softmax term that small changes no sum that holds the maximum's 1): 2^n * 2^f with
+// n = round(x / ln 2), |f| <= 1/2, and 2^f by its degree-7 Taylor series in f ln 2 (relative error
+// < 1e-8, below float32 rounding). 2^n is built in the exponent bits, n >= -126 by the clamp.
+inline VF Exp(VF x) {
+  const VF low = Splat(-87.0f);
+  VI32 keep = x >= low;
+  x = (VF)((keep & (VI32)x) | (~keep & (VI32)low));
+  VF t = x * 1.4426950408889634f;
+  const VF round = Splat(12582912.0f);  // 1.5 * 2^23: adding it rounds |t| < 2^22 to an integer
+  VF n = (t + round) - round;
+  VF f = (t - n) * 0.6931471805599453f;
+  const float c[] = {1.0f / 5040, 1.0f / 720, 1.0f / 120, 1.0f / 24, 1.0f / 6, 0.5f, 1.0f, 1.0f};
+  VF p = Splat(c[0]);
+#pragma GCC unroll 8
+  for (int i = 1; i < 8; ++i) p = p * f + c[i];
+  VI32 two_n = (__builtin_convertvector(n, VI32) + 127) << 23;
+  return (VF)(keep & (VI32)(p * (VF)two_n));
+}
+
+// GELU's tanh form (GPT-2's "gelu_new"), 0.5 x (1 + tanh u) with u = sqrt(2 / pi) (x + 0.044715 x^3),
+// computed as x times the logistic of 2u (the same function) without the cancellation of 1 + tanh u
+// for negative x: e = e^(-|2u|) (never overflows), then x / (1 + e) for u >= 0 and x e / (1 + e) below.
+// Within a few float32 ulps of the float64 formula down to ~1e-30; exactly x far above zero, a signed
+// zero far below.
+inline VF GeluTanh(VF x) {
+  const VF two_u = (x + x * x * x * 0.044715f) * 1.5957691216057308f;  // 2 sqrt(2 / pi)
+  const VI32 positive = two_u >= 0.0f;
+  const VF e = Exp((VF)((VI32)two_u | (VI32)Splat(-0.0f)));  // e^(-|2u|): the sign bit set
+  const VF numerator = (VF)((positive & (VI32)Splat(1.0f)) | (~positive & (VI32)e));
+  return x * numerator / (1.0f + e);
+}
+
+// ---------------------------------------------------------------------------------------------
 // Packed matmul.
 
 // How far ahead of its reads a matmul asks for its weights. A batch-1 matmul streams each weight
@@ -465,10 +501,25 @@ void GemmFinish(const float* held_MC, int64_t rows, const float* scale_C, int64_
     }
 }
 
+// The epilogue on `rows` rows of y (stride O) at columns [first, first + columns): + bias, then GELU.
+// Called on each tile's results as soon as they are stored, while they are still in L1.
+void FinishColumns(float* y_MO, int64_t O, int64_t rows, int64_t first, int64_t columns, Epilogue epilogue) {
+  if (epilogue.bias_O == nullptr && !epilogue.gelu) return;
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t c = first; c < first + columns; c += kLanes) {
+      const int64_t count = std::min<int64_t>(kLanes, first + columns - c);
+      alignas(64) float value[kLanes] = {}, bias[kLanes] = {};
+      std::memcpy(value, y_MO + r * O + c, count * sizeof(float));
+      if (epilogue.bias_O) std::memcpy(bias, epilogue.bias_O + c, count * sizeof(float));
+      VF y = Load<VF>(value) + Load<VF>(bias);
+      Store(y_MO + r * O + c, epilogue.gelu ? GeluTanh(y) : y, count);
+    }
+}
+
 // Rows [m, m + rows) of x times tile g.
 template <typename W>
 void GemmUnit(const float* x_MI, int64_t m, int64_t rows, int64_t I, const W* tiles_GIC, const float* scale_Q,
-              float* y_MO, int64_t O, int64_t g) {
+              float* y_MO, int64_t O, int64_t g, Epilogue epilogue) {
   constexpr int P = kPerWord<W>;
   constexpr int64_t kBlock = P * kLanes;
   const W* tile_IC = tiles_GIC + g * I * kTileColumns;
@@ -492,17 +543,18 @@ void GemmUnit(const float* x_MI, int64_t m, int64_t rows, int64_t I, const W* ti
   }
   GemmFinish<P>(held_MC, rows, scale_Q ? scale_Q + g * kTileColumns : nullptr, columns, y_MO + m * O + g * kTileColumns,
                 O);
+  FinishColumns(y_MO + m * O, O, rows, g * kTileColumns, columns, epilogue);
 }
 
 // Units tile-major, so a thread's run of consecutive units reads one tile for several row blocks.
 template <typename W>
 void Gemm(const float* x_MI, int64_t M, int64_t I, const W* tiles_GIC, const float* scale_Q, int64_t O, float* y_MO,
-          TilePool& pool) {
+          Epilogue epilogue, TilePool& pool) {
   const int64_t G = (O + kTileColumns - 1) / kTileColumns;
   const int64_t blocks = (M + kGemmBlockRows - 1) / kGemmBlockRows;
   pool.Run(G * blocks, [&](int64_t unit) {
     const int64_t g = unit / blocks, m = unit % blocks * kGemmBlockRows;
-    GemmUnit<W>(x_MI, m, std::min(kGemmBlockRows, M - m), I, tiles_GIC, scale_Q, y_MO, O, g);
+    GemmUnit<W>(x_MI, m, std::min(kGemmBlockRows, M - m), I, tiles_GIC, scale_Q, y_MO, O, g, epilogue);
   });
 }
 
@@ -521,10 +573,13 @@ bool TakesGemm(int64_t M) {
 
 template <typename W>
 void Matmul(const float* x_MI, int64_t M, int64_t I, const W* tiles_GIC, const float* scale_Q, int64_t O,
-            float* y_MO, TilePool& pool) {
-  if (TakesGemm<W>(M)) return Gemm<W>(x_MI, M, I, tiles_GIC, scale_Q, O, y_MO, pool);
+            float* y_MO, Epilogue epilogue, TilePool& pool) {
+  if (TakesGemm<W>(M)) return Gemm<W>(x_MI, M, I, tiles_GIC, scale_Q, O, y_MO, epilogue, pool);
   int64_t G = (O + kTileColumns - 1) / kTileColumns;
-  pool.Run(G, [&](int64_t g) { OneTile<W>(x_MI, M, I, tiles_GIC, scale_Q, y_MO, O, g); });
+  pool.Run(G, [&](int64_t g) {
+    OneTile<W>(x_MI, M, I, tiles_GIC, scale_Q, y_MO, O, g);
+    FinishColumns(y_MO, O, M, g * kTileColumns, std::min(kTileColumns, O - g * kTileColumns), epilogue);
+  });
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -619,7 +674,7 @@ inline void DotPass(int64_t rows, const uint32_t* xpair_MK, int64_t K, const uin
 
 // Rows [m, m + rows) of x (as pairs) times tile g.
 void DotUnit(const uint32_t* xpair_MK, int64_t m, int64_t rows, int64_t I, const uint16_t* tiles_GIC, float* y_MO,
-             int64_t O, int64_t g) {
+             int64_t O, int64_t g, Epilogue epilogue) {
   const int64_t K = Pairs(I);
   const uint16_t* tile_IC = tiles_GIC + g * I * kTileColumns;
   const int64_t columns = std::min(kTileColumns, O - g * kTileColumns);
@@ -633,11 +688,12 @@ void DotUnit(const uint32_t* xpair_MK, int64_t m, int64_t rows, int64_t I, const
                         held_MC + r * kTileColumns, k == 0);
   }
   GemmFinish<1>(held_MC, rows, nullptr, columns, y_MO + m * O + g * kTileColumns, O);
+  FinishColumns(y_MO + m * O, O, rows, g * kTileColumns, columns, epilogue);
 }
 
 // x rounded over the pool, then units tile-major as in Gemm.
 void DotGemm(const float* x_MI, int64_t M, int64_t I, const uint16_t* tiles_GIC, int64_t O, float* y_MO,
-             TilePool& pool) {
+             Epilogue epilogue, TilePool& pool) {
   const int64_t K = Pairs(I);
   // Grown to the largest call's size and kept, so a call writes no freshly faulted pages. The workers
   // get the pointer, never the name: in their threads it names their own (empty) buffers.
@@ -651,33 +707,13 @@ void DotGemm(const float* x_MI, int64_t M, int64_t I, const uint16_t* tiles_GIC,
   const int64_t blocks = (M + kDotBlockRows - 1) / kDotBlockRows;
   pool.Run(G * blocks, [&](int64_t unit) {
     const int64_t g = unit / blocks, m = unit % blocks * kDotBlockRows;
-    DotUnit(xpair_MK, m, std::min(kDotBlockRows, M - m), I, tiles_GIC, y_MO, O, g);
+    DotUnit(xpair_MK, m, std::min(kDotBlockRows, M - m), I, tiles_GIC, y_MO, O, g, epilogue);
   });
 }
 #endif  // __AVX512BF16__
 
 // ---------------------------------------------------------------------------------------------
 // Decode attention.
-
-// e^x to float32 accuracy, exactly 0 below -87 (where e^x nears the smallest normal float32; a
-// softmax term that small changes no sum that holds the maximum's 1): 2^n * 2^f with
-// n = round(x / ln 2), |f| <= 1/2, and 2^f by its degree-7 Taylor series in f ln 2 (relative error
-// < 1e-8, below float32 rounding). 2^n is built in the exponent bits, n >= -126 by the clamp.
-inline VF Exp(VF x) {
-  const VF low = Splat(-87.0f);
-  VI32 keep = x >= low;
-  x = (VF)((keep & (VI32)x) | (~keep & (VI32)low));
-  VF t = x * 1.4426950408889634f;
-  const VF round = Splat(12582912.0f);  // 1.5 * 2^23: adding it rounds |t| < 2^22 to an integer
-  VF n = (t + round) - round;
-  VF f = (t - n) * 0.6931471805599453f;
-  const float c[] = {1.0f / 5040, 1.0f / 720, 1.0f / 120, 1.0f / 24, 1.0f / 6, 0.5f, 1.0f, 1.0f};
-  VF p = Splat(c[0]);
-#pragma GCC unroll 8
-  for (int i = 1; i < 8; ++i) p = p * f + c[i];
-  VI32 two_n = (__builtin_convertvector(n, VI32) + 127) << 23;
-  return (VF)(keep & (VI32)(p * (VF)two_n));
-}
 
 // Decode attention prefetches its cache rows too: a layer's visible slots are streamed once per
 // step, in runs too short for the hardware prefetcher alone (a float32 cache at 990 slots reads
@@ -1157,26 +1193,26 @@ double MeasureFmaPeak(TilePool& pool, double seconds) {
 }
 
 void PackedMatmul(const float* x_MI, int64_t M, int64_t I, const float* tiles_GIC, int64_t O, float* y_MO,
-                  TilePool& pool) {
-  Matmul<float>(x_MI, M, I, tiles_GIC, nullptr, O, y_MO, pool);
+                  TilePool& pool, Epilogue epilogue) {
+  Matmul<float>(x_MI, M, I, tiles_GIC, nullptr, O, y_MO, epilogue, pool);
 }
 
 void PackedMatmul(const float* x_MI, int64_t M, int64_t I, const uint16_t* tiles_GIC, int64_t O, float* y_MO,
-                  TilePool& pool) {
-  Matmul<uint16_t>(x_MI, M, I, tiles_GIC, nullptr, O, y_MO, pool);
+                  TilePool& pool, Epilogue epilogue) {
+  Matmul<uint16_t>(x_MI, M, I, tiles_GIC, nullptr, O, y_MO, epilogue, pool);
 }
 
 void PackedMatmul(const float* x_MI, int64_t M, int64_t I, const int8_t* tiles_GIC, const float* scale_Q,
-                  int64_t O, float* y_MO, TilePool& pool) {
-  Matmul<int8_t>(x_MI, M, I, tiles_GIC, scale_Q, O, y_MO, pool);
+                  int64_t O, float* y_MO, TilePool& pool, Epilogue epilogue) {
+  Matmul<int8_t>(x_MI, M, I, tiles_GIC, scale_Q, O, y_MO, epilogue, pool);
 }
 
 void PackedMatmulBf16Dot(const float* x_MI, int64_t M, int64_t I, const uint16_t* tiles_GIC, int64_t O, float* y_MO,
-                         TilePool& pool) {
+                         TilePool& pool, Epilogue epilogue) {
 #if defined(__AVX512BF16__)
-  if (M >= kGemmMinRows) return DotGemm(x_MI, M, I, tiles_GIC, O, y_MO, pool);
+  if (M >= kGemmMinRows) return DotGemm(x_MI, M, I, tiles_GIC, O, y_MO, epilogue, pool);
 #endif
-  Matmul<uint16_t>(x_MI, M, I, tiles_GIC, nullptr, O, y_MO, pool);
+  Matmul<uint16_t>(x_MI, M, I, tiles_GIC, nullptr, O, y_MO, epilogue, pool);
 }
 
 bool HasBf16Dot() {

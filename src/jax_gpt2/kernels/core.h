@@ -73,21 +73,29 @@ const char* TargetIsa();
 // Whether the running CPU has every instruction-set extension the compiler was allowed to use.
 bool CpuRunsThisBuild();
 
-// y_MO = x_MI @ W for W packed as tiles_GIC (G = ceil(O / 64)); bfloat16 tiles are passed as their
-// raw uint16_t bits. scale_Q (int8 only) holds 64 G scales.
+// What a matmul does to each result before it stores it: y = x @ W, + bias_O (O floats) unless null,
+// then GELU's tanh form (GPT-2's "gelu_new") where gelu. Applied to each tile's results as they are
+// finished, while still in cache, so the (M, O) result is never read again for them.
+struct Epilogue {
+  const float* bias_O = nullptr;
+  bool gelu = false;
+};
+
+// y_MO = x_MI @ W (then the epilogue) for W packed as tiles_GIC (G = ceil(O / 64)); bfloat16 tiles
+// are passed as their raw uint16_t bits. scale_Q (int8 only) holds 64 G scales.
 void PackedMatmul(const float* x_MI, int64_t M, int64_t I, const float* tiles_GIC, int64_t O, float* y_MO,
-                  TilePool& pool);
+                  TilePool& pool, Epilogue epilogue = {});
 void PackedMatmul(const float* x_MI, int64_t M, int64_t I, const uint16_t* tiles_GIC, int64_t O, float* y_MO,
-                  TilePool& pool);
+                  TilePool& pool, Epilogue epilogue = {});
 void PackedMatmul(const float* x_MI, int64_t M, int64_t I, const int8_t* tiles_GIC, const float* scale_Q,
-                  int64_t O, float* y_MO, TilePool& pool);
+                  int64_t O, float* y_MO, TilePool& pool, Epilogue epilogue = {});
 
 // The bf16 dot option (opt-in; core.cc's "bf16 dot path"): y_MO ~ x_MI @ W for bfloat16 tiles with x
 // rounded to bfloat16 (nearest even) and the products summed in pairs by AVX512_BF16's vdpbf16ps,
 // where M >= GemmMinRows() and this build has the instructions (HasBf16Dot()); otherwise exactly
 // PackedMatmul's bfloat16 path. A row's result then depends on M.
 void PackedMatmulBf16Dot(const float* x_MI, int64_t M, int64_t I, const uint16_t* tiles_GIC, int64_t O, float* y_MO,
-                         TilePool& pool);
+                         TilePool& pool, Epilogue epilogue = {});
 
 // Whether this build was compiled with AVX512_BF16 (so PackedMatmulBf16Dot can take its dot path).
 bool HasBf16Dot();

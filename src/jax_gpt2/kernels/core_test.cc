@@ -125,14 +125,14 @@ void CheckProduct(const std::vector<float>& x_MI, const std::vector<float>& w_IO
 
 // Runs the kernel for one dtype ("f32", "bf16", "i8", or "bf16dot": the bf16 dot option) on packed p.
 std::vector<float> RunMatmul(const Packed& p, const std::string& dtype, const std::vector<float>& x_MI, int64_t M,
-                             TilePool& pool) {
+                             TilePool& pool, jax_gpt2::Epilogue e = {}) {
   int64_t I = p.I, O = p.O;
   std::vector<float> y_MO(M * O, -1.0f);
-  if (dtype == "f32") jax_gpt2::PackedMatmul(x_MI.data(), M, I, p.f32_GIC.data(), O, y_MO.data(), pool);
-  if (dtype == "bf16") jax_gpt2::PackedMatmul(x_MI.data(), M, I, p.bf16_GIC.data(), O, y_MO.data(), pool);
-  if (dtype == "bf16dot") jax_gpt2::PackedMatmulBf16Dot(x_MI.data(), M, I, p.bf16_GIC.data(), O, y_MO.data(), pool);
+  if (dtype == "f32") jax_gpt2::PackedMatmul(x_MI.data(), M, I, p.f32_GIC.data(), O, y_MO.data(), pool, e);
+  if (dtype == "bf16") jax_gpt2::PackedMatmul(x_MI.data(), M, I, p.bf16_GIC.data(), O, y_MO.data(), pool, e);
+  if (dtype == "bf16dot") jax_gpt2::PackedMatmulBf16Dot(x_MI.data(), M, I, p.bf16_GIC.data(), O, y_MO.data(), pool, e);
   if (dtype == "i8")
-    jax_gpt2::PackedMatmul(x_MI.data(), M, I, p.i8_GIC.data(), p.scale_Q.data(), O, y_MO.data(), pool);
+    jax_gpt2::PackedMatmul(x_MI.data(), M, I, p.i8_GIC.data(), p.scale_Q.data(), O, y_MO.data(), pool, e);
   return y_MO;
 }
 
@@ -206,6 +206,83 @@ void TestGemm(TilePool& pool, std::vector<TilePool*> other_pools) {
       CheckMatmulCase(p, dtype, x_MI, M, I, O, pool, other_pools, what);
     }
   }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The epilogue: + bias, then GELU (tanh form), inside the matmul.
+
+// GELU's tanh form in float64, as x / (1 + e^(-2u)): the textbook 0.5 x (1 + tanh u) cancels for
+// negative x even in float64 (at x = -8 it gives 0 for -3.1e-21), so it cannot judge the kernel's.
+double GeluTanh64(double x) {
+  const double u = std::sqrt(2.0 / M_PI) * (x + 0.044715 * x * x * x);
+  return x / (1.0 + std::exp(-2.0 * u));
+}
+
+// With a bias and GELU, on both paths (1 to 50 rows) and every dtype: each result is the float64
+// gelu(x . w + b) within the matmul's bound (GELU's slope is at most 1.13) plus GELU's own few ulps;
+// a bias alone gives exactly the plain product plus the bias in float32; every pool agrees.
+void TestEpilogue(TilePool& pool, const std::vector<TilePool*>& other_pools) {
+  const char* dtypes[] = {"f32", "bf16", "i8", "bf16dot"};
+  for (int64_t O : {1, 70, 200}) {
+    const int64_t I = 96;
+    Packed p = Pack(I, O, static_cast<uint32_t>(O + 5));
+    std::vector<float> bias_O = Normal(O, static_cast<uint32_t>(O + 6));
+    for (int64_t M : {1, 7, 50}) {
+      std::vector<float> x_MI = Normal(M * I, static_cast<uint32_t>(M + 7), 0.5f);
+      for (const char* dtype : dtypes) {
+        const std::string what = std::string("epilogue ") + dtype + " O=" + std::to_string(O) + " M=" + std::to_string(M);
+        const bool dot = std::string(dtype) == "bf16dot";
+        const auto& rounded = dtype[0] == 'f' ? p.rounded_f32 : dtype[0] == 'b' ? p.rounded_bf16 : p.rounded_i8;
+        std::vector<float> plain = RunMatmul(p, dtype, x_MI, M, pool);
+        std::vector<float> biased = RunMatmul(p, dtype, x_MI, M, pool, {bias_O.data(), false});
+        std::vector<float> gelu = RunMatmul(p, dtype, x_MI, M, pool, {bias_O.data(), true});
+        bool exact_bias = true;
+        double worst = 0.0;
+        for (int64_t m = 0; m < M; ++m)
+          for (int64_t o = 0; o < O; ++o) {
+            exact_bias = exact_bias && biased[m * O + o] == plain[m * O + o] + bias_O[o];
+            if (dot) continue;  // its products are of rounded activations: the bias check covers it
+            double sum = bias_O[o], magnitude = std::fabs(bias_O[o]);
+            for (int64_t i = 0; i < I; ++i) {
+              sum += static_cast<double>(x_MI[m * I + i]) * rounded[i * O + o];
+              magnitude += std::fabs(static_cast<double>(x_MI[m * I + i]) * rounded[i * O + o]);
+            }
+            const double exact = GeluTanh64(sum);
+            const double error = std::fabs(gelu[m * O + o] - exact);
+            worst = std::max(worst, error / (1.2e-5 * magnitude + 5e-7 * std::fabs(exact) + 1e-30));
+          }
+        Expect(exact_bias, what + ": bias is not exactly the plain product + bias");
+        Expect(worst <= 1.0, what + ": GELU result off by " + std::to_string(worst) + " of its bound");
+        for (TilePool* other : other_pools)
+          Expect(RunMatmul(p, dtype, x_MI, M, *other, {bias_O.data(), true}) == gelu, what + ": depends on the pool");
+      }
+    }
+  }
+}
+
+// GELU alone, through an identity weight (exact in float32), at inputs from -30 to 30: within 4 float32
+// ulps (relative 5e-7) of the float64 formula, times max(1, |2u|) where the float32 rounding of the
+// exponent 2u dominates (1e-30 absolute counts as 0); exactly x far above zero.
+void TestGeluPrecision(TilePool& pool) {
+  const int64_t I = 64, O = 64, M = 64;
+  Packed p = Pack(I, O, 1);
+  for (int64_t i = 0; i < I; ++i)
+    for (int64_t o = 0; o < O; ++o) p.f32_GIC[i * kTileColumns + o] = i == o ? 1.0f : 0.0f;
+  std::vector<float> x_MI(M * I);
+  for (int64_t k = 0; k < M * I; ++k) x_MI[k] = -30.0f + 60.0f * static_cast<float>(k) / (M * I - 1);
+  std::vector<float> y_MO = RunMatmul(p, "f32", x_MI, M, pool, {nullptr, true});
+  double worst = 0.0;
+  bool identity_far_out = true;
+  for (int64_t k = 0; k < M * I; ++k) {
+    const double exact = GeluTanh64(x_MI[k]);
+    // e^(2u) with 2u rounded to float32 is off by |2u| of its ulps: the condition number, not the kernel
+    const double two_u = std::fabs(std::sqrt(8.0 / M_PI) * (x_MI[k] + 0.044715 * std::pow(x_MI[k], 3)));
+    const double scaled = std::fabs(y_MO[k] - exact) / (std::fabs(exact) + 2e-24) / std::max(1.0, two_u);
+    worst = std::max(worst, scaled);
+    if (x_MI[k] > 10.0f) identity_far_out = identity_far_out && y_MO[k] == x_MI[k];
+  }
+  Expect(worst <= 5e-7, "GELU relative error " + std::to_string(worst) + " > 5e-7");
+  Expect(identity_far_out, "GELU is not exactly x above 10");
 }
 
 // Batch invariance: one row's product alone, and the same row at a random place among random
@@ -591,6 +668,8 @@ int main() {
   TestGemm(two, others);
   TestBatchInvariance(two);
   TestBf16Dot(two, others);
+  TestEpilogue(two, others);
+  TestGeluPrecision(two);
   TestAttention(two, others);
   TestSoftmaxWeights(two);
   TestPrefillAttention(two, others);

@@ -33,7 +33,8 @@ jax_gpt2::TilePool& Pool() {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Packed matmul: x (M, I) float32, tiles (G, I, 64), [scale (G, 64) float32], y (M, O) float32.
+// Packed matmul: x (M, I) float32, tiles (G, I, 64), [scale (G, 64) float32], bias (O,) or (0,) for
+// none, float32; attribute gelu (bool: GELU's tanh form after the bias); y (M, O) float32.
 
 // Shape checks shared by the three handlers; O comes from the result, since padding hides it.
 ffi::Error CheckShapes(ffi::Buffer<ffi::F32>& x, ffi::AnyBuffer& tiles, ffi::ResultBuffer<ffi::F32>& y) {
@@ -47,48 +48,72 @@ ffi::Error CheckShapes(ffi::Buffer<ffi::F32>& x, ffi::AnyBuffer& tiles, ffi::Res
   return ffi::Error::Success();
 }
 
-ffi::Error MatmulF32(ffi::Buffer<ffi::F32> x, ffi::AnyBuffer tiles, ffi::ResultBuffer<ffi::F32> y) {
-  if (tiles.element_type() != ffi::F32) return ffi::Error::InvalidArgument("packed_matmul_f32: tiles must be f32");
-  ffi::Error error = CheckShapes(x, tiles, y);
-  if (error.failure()) return error;
-  jax_gpt2::PackedMatmul(x.typed_data(), x.dimensions()[0], x.dimensions()[1],
-                         reinterpret_cast<const float*>(tiles.untyped_data()), y->dimensions()[1], y->typed_data(),
-                         Pool());
+// The epilogue core.h's matmuls apply: the bias if one came (O floats, else none), and GELU if asked.
+ffi::Error EpilogueOf(ffi::Buffer<ffi::F32>& bias, bool gelu, ffi::ResultBuffer<ffi::F32>& y,
+                      jax_gpt2::Epilogue* epilogue) {
+  if (bias.element_count() != 0 && bias.element_count() != y->dimensions()[1])
+    return ffi::Error::InvalidArgument("packed_matmul: the bias has O values, or none");
+  *epilogue = {bias.element_count() ? bias.typed_data() : nullptr, gelu};
   return ffi::Error::Success();
 }
 
-ffi::Error MatmulBF16(ffi::Buffer<ffi::F32> x, ffi::AnyBuffer tiles, ffi::ResultBuffer<ffi::F32> y) {
+ffi::Error MatmulF32(ffi::Buffer<ffi::F32> x, ffi::AnyBuffer tiles, ffi::Buffer<ffi::F32> bias, bool gelu,
+                     ffi::ResultBuffer<ffi::F32> y) {
+  if (tiles.element_type() != ffi::F32) return ffi::Error::InvalidArgument("packed_matmul_f32: tiles must be f32");
+  ffi::Error error = CheckShapes(x, tiles, y);
+  if (error.failure()) return error;
+  jax_gpt2::Epilogue epilogue;
+  error = EpilogueOf(bias, gelu, y, &epilogue);
+  if (error.failure()) return error;
+  jax_gpt2::PackedMatmul(x.typed_data(), x.dimensions()[0], x.dimensions()[1],
+                         reinterpret_cast<const float*>(tiles.untyped_data()), y->dimensions()[1], y->typed_data(),
+                         Pool(), epilogue);
+  return ffi::Error::Success();
+}
+
+ffi::Error MatmulBF16(ffi::Buffer<ffi::F32> x, ffi::AnyBuffer tiles, ffi::Buffer<ffi::F32> bias, bool gelu,
+                      ffi::ResultBuffer<ffi::F32> y) {
   if (tiles.element_type() != ffi::BF16) return ffi::Error::InvalidArgument("packed_matmul_bf16: tiles must be bf16");
   ffi::Error error = CheckShapes(x, tiles, y);
   if (error.failure()) return error;
+  jax_gpt2::Epilogue epilogue;
+  error = EpilogueOf(bias, gelu, y, &epilogue);
+  if (error.failure()) return error;
   jax_gpt2::PackedMatmul(x.typed_data(), x.dimensions()[0], x.dimensions()[1],
                          reinterpret_cast<const uint16_t*>(tiles.untyped_data()), y->dimensions()[1],
-                         y->typed_data(), Pool());
+                         y->typed_data(), Pool(), epilogue);
   return ffi::Error::Success();
 }
 
 // The bf16 dot option (core.h: PackedMatmulBf16Dot): bfloat16 tiles, x rounded to bf16 where M is large.
-ffi::Error MatmulBF16Dot(ffi::Buffer<ffi::F32> x, ffi::AnyBuffer tiles, ffi::ResultBuffer<ffi::F32> y) {
+ffi::Error MatmulBF16Dot(ffi::Buffer<ffi::F32> x, ffi::AnyBuffer tiles, ffi::Buffer<ffi::F32> bias, bool gelu,
+                         ffi::ResultBuffer<ffi::F32> y) {
   if (tiles.element_type() != ffi::BF16)
     return ffi::Error::InvalidArgument("packed_matmul_bf16_dot: tiles must be bf16");
   ffi::Error error = CheckShapes(x, tiles, y);
   if (error.failure()) return error;
+  jax_gpt2::Epilogue epilogue;
+  error = EpilogueOf(bias, gelu, y, &epilogue);
+  if (error.failure()) return error;
   jax_gpt2::PackedMatmulBf16Dot(x.typed_data(), x.dimensions()[0], x.dimensions()[1],
                                 reinterpret_cast<const uint16_t*>(tiles.untyped_data()), y->dimensions()[1],
-                                y->typed_data(), Pool());
+                                y->typed_data(), Pool(), epilogue);
   return ffi::Error::Success();
 }
 
 ffi::Error MatmulI8(ffi::Buffer<ffi::F32> x, ffi::AnyBuffer tiles, ffi::Buffer<ffi::F32> scale,
-                    ffi::ResultBuffer<ffi::F32> y) {
+                    ffi::Buffer<ffi::F32> bias, bool gelu, ffi::ResultBuffer<ffi::F32> y) {
   if (tiles.element_type() != ffi::S8) return ffi::Error::InvalidArgument("packed_matmul_i8: tiles must be int8");
   ffi::Error error = CheckShapes(x, tiles, y);
+  if (error.failure()) return error;
+  jax_gpt2::Epilogue epilogue;
+  error = EpilogueOf(bias, gelu, y, &epilogue);
   if (error.failure()) return error;
   if (scale.element_count() != tiles.dimensions()[0] * kTileColumns)
     return ffi::Error::InvalidArgument("packed_matmul_i8: one scale per padded output column");
   jax_gpt2::PackedMatmul(x.typed_data(), x.dimensions()[0], x.dimensions()[1],
                          reinterpret_cast<const int8_t*>(tiles.untyped_data()), scale.typed_data(),
-                         y->dimensions()[1], y->typed_data(), Pool());
+                         y->dimensions()[1], y->typed_data(), Pool(), epilogue);
   return ffi::Error::Success();
 }
 
@@ -185,24 +210,28 @@ ffi::Error PrefillAttentionBF16(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::U16> k
 
 }  // namespace
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(
-    JaxGpt2PackedMatmulF32, MatmulF32,
-    ffi::Ffi::Bind().Arg<ffi::Buffer<ffi::F32>>().Arg<ffi::AnyBuffer>().Ret<ffi::Buffer<ffi::F32>>());
+// x, tiles, bias; gelu.
+#define JAX_GPT2_MATMUL_BINDING                                                                   \
+  ffi::Ffi::Bind()                                                                                \
+      .Arg<ffi::Buffer<ffi::F32>>()                                                               \
+      .Arg<ffi::AnyBuffer>()                                                                      \
+      .Arg<ffi::Buffer<ffi::F32>>()                                                               \
+      .Attr<bool>("gelu")                                                                         \
+      .Ret<ffi::Buffer<ffi::F32>>()
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(
-    JaxGpt2PackedMatmulBF16, MatmulBF16,
-    ffi::Ffi::Bind().Arg<ffi::Buffer<ffi::F32>>().Arg<ffi::AnyBuffer>().Ret<ffi::Buffer<ffi::F32>>());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxGpt2PackedMatmulF32, MatmulF32, JAX_GPT2_MATMUL_BINDING);
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxGpt2PackedMatmulBF16, MatmulBF16, JAX_GPT2_MATMUL_BINDING);
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxGpt2PackedMatmulBF16Dot, MatmulBF16Dot, JAX_GPT2_MATMUL_BINDING);
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(
-    JaxGpt2PackedMatmulBF16Dot, MatmulBF16Dot,
-    ffi::Ffi::Bind().Arg<ffi::Buffer<ffi::F32>>().Arg<ffi::AnyBuffer>().Ret<ffi::Buffer<ffi::F32>>());
-
+// x, tiles, scale, bias; gelu.
 XLA_FFI_DEFINE_HANDLER_SYMBOL(
     JaxGpt2PackedMatmulI8, MatmulI8,
     ffi::Ffi::Bind()
         .Arg<ffi::Buffer<ffi::F32>>()
         .Arg<ffi::AnyBuffer>()
         .Arg<ffi::Buffer<ffi::F32>>()
+        .Arg<ffi::Buffer<ffi::F32>>()
+        .Attr<bool>("gelu")
         .Ret<ffi::Buffer<ffi::F32>>());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(

@@ -15,8 +15,14 @@ from jax_gpt2.kernels import native
 from jax_gpt2.weights import PackedMatrix, unpack_matrix
 
 
-def packed_matmul(x_MI: jax.Array, packed: PackedMatrix, use_kernel: bool) -> jax.Array:
+def packed_matmul(
+    x_MI: jax.Array, packed: PackedMatrix, use_kernel: bool, bias_O: jax.Array | None = None, gelu: bool = False
+) -> jax.Array:
     """x_MI @ W in float32: by the native kernel (use_kernel) or by XLA on the unpacked matrix.
+
+    With the kernel, `bias_O` (float32) and `gelu` (GELU's tanh form, GPT-2's "gelu_new") happen
+    inside it, on each tile's results as they are finished (core.h's Epilogue), so no separate pass
+    over the (M, O) result; the XLA form takes neither (layers.linear adds them there).
 
     With `packed.bf16_dot` (kernels only), M >= native.gemm_min_rows() rounds x to bfloat16 and sums
     the products in pairs by AVX512_BF16's vdpbf16ps, as transformers' bf16 path does: the result
@@ -25,20 +31,26 @@ def packed_matmul(x_MI: jax.Array, packed: PackedMatrix, use_kernel: bool) -> ja
     assert I == packed.shape[0], f"x has {I} features, the matrix takes {packed.shape[0]}"
     assert x_MI.dtype == jnp.float32, "packed weights take float32 activations"
     assert use_kernel or not packed.bf16_dot, "the bf16 dot path is the kernels'"
+    assert use_kernel or (bias_O is None and not gelu), "the epilogue is the kernels'"
+    assert bias_O is None or bias_O.shape == (packed.out_features,)
     if not use_kernel:
         return jnp.dot(x_MI, unpack_matrix(packed), precision=jax.lax.Precision.HIGHEST)
     result = jax.ShapeDtypeStruct((M, packed.out_features), jnp.float32)
     kernel = "bfloat16_dot" if packed.bf16_dot else packed.dtype.name
     call = jax.ffi.ffi_call(native.target_name(kernel), result, vmap_method="sequential")
-    operands = (x_MI, packed.tiles_GIC) if packed.scale_GC is None else (x_MI, packed.tiles_GIC, packed.scale_GC)
-    y_MO = call(*operands)
+    bias = jnp.zeros((0,), jnp.float32) if bias_O is None else bias_O.astype(jnp.float32)
+    scales = () if packed.scale_GC is None else (packed.scale_GC,)
+    y_MO = call(x_MI, packed.tiles_GIC, *scales, bias, gelu=bool(gelu))
     assert y_MO.shape == (M, packed.out_features)
     return y_MO
 
 
-def packed_matmul_BT(x_BTI: jax.Array, packed: PackedMatrix, use_kernel: bool) -> jax.Array:
+def packed_matmul_BT(
+    x_BTI: jax.Array, packed: PackedMatrix, use_kernel: bool, bias_O: jax.Array | None = None, gelu: bool = False
+) -> jax.Array:
     """`packed_matmul` over every (batch, time) row: the kernel sees one (B*T, I) matrix."""
     B, T, I = x_BTI.shape
-    y_BTO = packed_matmul(x_BTI.reshape(B * T, I), packed, use_kernel).reshape(B, T, packed.out_features)
+    y_MO = packed_matmul(x_BTI.reshape(B * T, I), packed, use_kernel, bias_O, gelu)
+    y_BTO = y_MO.reshape(B, T, packed.out_features)
     assert y_BTO.dtype == jnp.float32
     return y_BTO
