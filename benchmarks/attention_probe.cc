@@ -31,7 +31,7 @@ int main(int argc, char** argv) {
   std::vector<double> t;
   for (int r = 0; r < 7; ++r) {
     double a = Now();
-    PrefillAttention(q.data(), k.data(), v.data(), start.data(), end.data(), shape, B, T, 0, 0.125f, out.data(), pool);
+    PrefillAttention(q.data(), N * H, k.data(), v.data(), start.data(), end.data(), shape, B, T, 0, 0.125f, out.data(), pool);
     t.push_back(Now() - a);
   }
   std::sort(t.begin(), t.end());

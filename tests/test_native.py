@@ -459,7 +459,8 @@ def test_prefill_attention_equals_xla_masked_attention(H, S, T, kv_dtype):
         k_LBNSH, v_LBNSH = kvcache.stored(k_LBNSH, jnp.bfloat16), kvcache.stored(v_LBNSH, jnp.bfloat16)
     assert can_use_prefill_kernel(q_BTNH, k_LBNSH, use_kernels=True)
     for layer, scale in enumerate([H**-0.5, 1.5]):
-        kernel_BTNH = prefill_attention(q_BTNH, k_LBNSH, v_LBNSH, jnp.asarray(start_B), jnp.asarray(end_B), layer, scale)
+        q_BTE = q_BTNH.reshape(B, T, N * H)
+        kernel_BTNH = prefill_attention(q_BTE, k_LBNSH, v_LBNSH, jnp.asarray(start_B), jnp.asarray(end_B), layer, scale)
         reference_BTNH = xla_prefill_attention(q_BTNH, k_LBNSH, v_LBNSH, start_B, end_B, layer, scale)
         values_LBNSH = kvcache.values(v_LBNSH).astype(jnp.float32)
         assert_attention_close(kernel_BTNH, reference_BTNH, values_LBNSH, f"layer {layer}")
@@ -485,11 +486,27 @@ def test_a_query_attends_the_same_whatever_prompt_chunk_holds_it():
     q_BTNH = jnp.asarray(rng.normal(size=(B, T, N, H)).astype(np.float32))
     _, k_LBNSH, v_LBNSH = random_attention_inputs(L, B, N, S, H, seed=6)
     start_B = jnp.array([0, 4], jnp.int32)
-    whole_BTNH = prefill_attention(q_BTNH, k_LBNSH, v_LBNSH, start_B, jnp.zeros((B,), jnp.int32), 0, 0.125)
+    q_BTE = q_BTNH.reshape(B, T, N * H)
+    whole_BTNH = prefill_attention(q_BTE, k_LBNSH, v_LBNSH, start_B, jnp.zeros((B,), jnp.int32), 0, 0.125)
     chunk_BTNH = prefill_attention(
-        q_BTNH[:, T - later :], k_LBNSH, v_LBNSH, start_B, jnp.full((B,), T - later, jnp.int32), 0, 0.125
+        q_BTNH[:, T - later :].reshape(B, later, N * H), k_LBNSH, v_LBNSH, start_B, jnp.full((B,), T - later, jnp.int32), 0, 0.125
     )
     np.testing.assert_array_equal(np.asarray(chunk_BTNH), np.asarray(whole_BTNH)[:, T - later :])
+
+
+@needs_kernels
+def test_prefill_attention_reads_the_queries_out_of_the_fused_projection():
+    """Given the whole (B, T, 3 N H) qkv block, the kernel reads the first third as the queries and
+    nothing else: the same bits as the queries alone, with NaN in the keys' and values' thirds."""
+    L, B, N, S, H, T = 1, 2, 3, 64, 16, 40
+    rng = np.random.default_rng(11)
+    q_BTNH = jnp.asarray(rng.normal(size=(B, T, N, H)).astype(np.float32))
+    _, k_LBNSH, v_LBNSH = random_attention_inputs(L, B, N, S, H, seed=12)
+    qkv_BTE = jnp.concatenate([q_BTNH.reshape(B, T, N * H), jnp.full((B, T, 2 * N * H), jnp.nan)], axis=-1)
+    start_B, end_B = jnp.array([0, 5], jnp.int32), jnp.array([0, 10], jnp.int32)
+    alone_BTNH = prefill_attention(q_BTNH.reshape(B, T, N * H), k_LBNSH, v_LBNSH, start_B, end_B, 0, 0.25)
+    fused_BTNH = prefill_attention(qkv_BTE, k_LBNSH, v_LBNSH, start_B, end_B, 0, 0.25)
+    np.testing.assert_array_equal(np.asarray(fused_BTNH), np.asarray(alone_BTNH))
 
 
 @needs_kernels
@@ -501,7 +518,8 @@ def test_prefill_attention_reads_only_its_own_layer_rows_and_visible_slots():
     q_BTNH = jnp.asarray(rng.normal(size=(B, T, N, H)).astype(np.float32))
     _, k_LBNSH, v_LBNSH = random_attention_inputs(L, B + 1, N, S, H, seed=9)
     start_B, end_B = np.array([3, 0], np.int32), np.array([10, 30], np.int32)
-    clean_BTNH = prefill_attention(q_BTNH, k_LBNSH, v_LBNSH, jnp.asarray(start_B), jnp.asarray(end_B), 1, 0.3)
+    q_BTE = q_BTNH.reshape(B, T, N * H)
+    clean_BTNH = prefill_attention(q_BTE, k_LBNSH, v_LBNSH, jnp.asarray(start_B), jnp.asarray(end_B), 1, 0.3)
     slots_S = np.arange(S)
     hidden_BS = (slots_S[None, :] < start_B[:, None]) | (slots_S[None, :] >= end_B[:, None] + T)
 
@@ -513,7 +531,7 @@ def test_prefill_attention_reads_only_its_own_layer_rows_and_visible_slots():
         return jnp.asarray(cache_LBNSH)
 
     poisoned_BTNH = prefill_attention(
-        q_BTNH, poisoned(k_LBNSH), poisoned(v_LBNSH), jnp.asarray(start_B), jnp.asarray(end_B), 1, 0.3
+        q_BTE, poisoned(k_LBNSH), poisoned(v_LBNSH), jnp.asarray(start_B), jnp.asarray(end_B), 1, 0.3
     )
     np.testing.assert_array_equal(np.asarray(poisoned_BTNH), np.asarray(clean_BTNH))
 

@@ -187,7 +187,8 @@ def can_use_decode_kernel(q_BTNH: jax.Array, k_LBNSH: jax.Array, use_kernels: bo
 
 
 def can_use_prefill_kernel(q_BTNH: jax.Array, k_LBNSH: jax.Array, use_kernels: bool) -> bool:
-    """The native many-query attention takes T > 1 float32 queries per row, over a cache whose dtype it has a kernel for."""
+    """The native many-query attention takes T > 1 float32 queries per row, over a cache whose dtype
+    it has a kernel for."""
     assert q_BTNH.ndim == 4
     assert k_LBNSH.ndim == 5
     many_queries = q_BTNH.shape[1] > 1
@@ -197,7 +198,7 @@ def can_use_prefill_kernel(q_BTNH: jax.Array, k_LBNSH: jax.Array, use_kernels: b
 
 def attention(
     q_BTNH: jax.Array, k_LBNSH: jax.Array, v_LBNSH: jax.Array, start_B: jax.Array, end_B: jax.Array,
-    mask_BTS: jax.Array, layer: int, scale: float, use_kernels: bool,
+    mask_BTS: jax.Array, layer: int, scale: float, use_kernels: bool, qkv_BTE: jax.Array | None = None,
 ) -> jax.Array:  # fmt: skip
     """Attention of T new queries over layer `layer` of the cache (already holding their own keys),
     by one of four routes, each chosen from static facts (shapes, dtypes, use_kernels):
@@ -208,6 +209,9 @@ def attention(
     - kernels off, a prompt that fills the whole cache (T == S, a full forward or a perplexity
       window), longer than one block: `causal_attention_in_blocks`, skipping the masked upper triangle;
     - anything else (prefill into a longer cache, decode without kernels): `cached_attention`.
+
+    `qkv_BTE`, where given, is the fused projection q_BTNH is the first third of (HF's order): the
+    many-query kernel reads the queries out of it in place rather than from a sliced copy.
     """
     B, T, N, H = q_BTNH.shape
     assert k_LBNSH.shape[1] >= B  # rows [0, B) of the cache are the batch (see kvcache.py)
@@ -216,7 +220,9 @@ def attention(
     if can_use_decode_kernel(q_BTNH, k_LBNSH, use_kernels):
         return kernels.decode_attention(q_BTNH, k_LBNSH, v_LBNSH, start_B, end_B, layer, scale)
     if can_use_prefill_kernel(q_BTNH, k_LBNSH, use_kernels):
-        return kernels.prefill_attention(q_BTNH, k_LBNSH, v_LBNSH, start_B, end_B, layer, scale)
+        q_BTE = q_BTNH.reshape(B, T, N * H) if qkv_BTE is None else qkv_BTE
+        assert q_BTE.shape[:2] == (B, T)
+        return kernels.prefill_attention(q_BTE, k_LBNSH, v_LBNSH, start_B, end_B, layer, scale)
     k_BNSH, v_BNSH = kvcache.values(k_LBNSH[layer, :B]), kvcache.values(v_LBNSH[layer, :B])
     if T == k_BNSH.shape[2] and T > ATTENTION_BLOCK:
         out_BTNH = causal_attention_in_blocks(q_BTNH, k_BNSH, v_BNSH, mask_BTS, scale, ATTENTION_BLOCK)

@@ -94,7 +94,10 @@ def block(
     k_LBNSH = kvcache.write_layer(cache.k_LBNSH, layer, cache.end_B, k_BTNH)
     v_LBNSH = kvcache.write_layer(cache.v_LBNSH, layer, cache.end_B, v_BTNH)
     scale = attention_scale(config, layer)
-    attn_BTNH = attention(q_BTNH, k_LBNSH, v_LBNSH, cache.start_B, cache.end_B, mask_BTS, layer, scale, use_kernels)
+    fused_BTE = qkv_BTE if model_shards(mesh) == 1 else None  # q is its first third only in HF's order
+    attn_BTNH = attention(
+        q_BTNH, k_LBNSH, v_LBNSH, cache.start_B, cache.end_B, mask_BTS, layer, scale, use_kernels, fused_BTE
+    )
     return finish_block(x_BTD, attn_BTNH, w, config, use_kernels), k_LBNSH, v_LBNSH
 
 

@@ -65,22 +65,25 @@ def decode_attention(
 
 
 def prefill_attention(
-    q_BTNH: jax.Array, k_LBNSH: jax.Array, v_LBNSH: jax.Array, start_B: jax.Array, end_B: jax.Array,
+    q_BTE: jax.Array, k_LBNSH: jax.Array, v_LBNSH: jax.Array, start_B: jax.Array, end_B: jax.Array,
     layer: int, scale: float,
 ) -> jax.Array:  # fmt: skip
     """Softmax attention of T new queries per row over layer `layer` of the cache, which already
     holds their keys and values: query t of row b sits at slot end_B[b] + t and sees slots
     [start_B[b], end_B[b] + t] (end_B: the slot of the row's first new token, before the write).
+    Returns out_BTNH.
 
-    The kernel (core.cc, "Attention of many new queries") computes scores a block of queries at a
-    time against the keys they share, in scratch, so no (B, N, T, S) array is ever made, and stops
-    each block at its last query's slot, so the masked triangle is skipped.
+    The queries are the first N * H values of each row of q_BTE: the queries alone as (B, T, N * H),
+    or the fused qkv projection itself (E = 3 N H, q first, HF's order), read in place, so XLA need
+    not slice them out. The kernel (core.cc, "Attention of many new queries") computes scores a
+    block of queries at a time against the keys they share, in scratch, so no (B, N, T, S) array is
+    ever made, and stops each block at its last query's slot, so the masked triangle is skipped.
     """
-    B, T, N, H = q_BTNH.shape
-    assert q_BTNH.dtype == jnp.float32
+    B, T, E = q_BTE.shape
+    N, H = k_LBNSH.shape[2], k_LBNSH.shape[4]
+    assert q_BTE.dtype == jnp.float32
+    assert E >= N * H, f"rows of {E} values hold no {N} x {H} queries"
     assert k_LBNSH.shape[1] >= B  # rows [0, B) of the cache are the batch (see kvcache.py)
-    assert k_LBNSH.shape[2] == N
-    assert k_LBNSH.shape[4] == H
     assert v_LBNSH.shape == k_LBNSH.shape
     assert v_LBNSH.dtype == k_LBNSH.dtype
     kv_dtype = kv_dtype_of(k_LBNSH)
@@ -88,9 +91,9 @@ def prefill_attention(
     result = jax.ShapeDtypeStruct((B, T, N, H), jnp.float32)
     call = jax.ffi.ffi_call(native.target_name(PREFILL_TARGETS[kv_dtype.name]), result, vmap_method="sequential")
     out_BTNH = call(
-        q_BTNH, k_LBNSH, v_LBNSH, start_B.astype(jnp.int32), end_B.astype(jnp.int32),
+        q_BTE, k_LBNSH, v_LBNSH, start_B.astype(jnp.int32), end_B.astype(jnp.int32),
         layer=np.int64(layer), scale=np.float32(scale),
     )  # fmt: skip
-    assert out_BTNH.shape == q_BTNH.shape
+    assert out_BTNH.shape == (B, T, N, H)
     assert out_BTNH.dtype == jnp.float32
     return out_BTNH

@@ -920,7 +920,8 @@ inline void SoftmaxColumns(float* scores_S64, int64_t reach, const int64_t* visi
 // The queries [t, t + count) of one (row, head) that see slots [first, first + visible_R[r]):
 // out = softmax(scale * q . k) . v, by the two transposed GEMMs above.
 template <typename KV>
-void AttendQueries(const float* q_TH, float* out_TH, int64_t q_stride, int64_t count, const int64_t* visible_R,
+void AttendQueries(const float* q_TH, int64_t q_stride, float* out_TH, int64_t out_stride, int64_t count,
+                   const int64_t* visible_R,
                    const KV* k_SH, const KV* v_SH, int64_t first, int64_t H, float scale, UnitScratch& scratch) {
   const int64_t reach = visible_R[count - 1];  // the last query sees the most
   float* queries_H64 = Reserve(scratch.queries_H64, H * kTileColumns);
@@ -944,34 +945,34 @@ void AttendQueries(const float* q_TH, float* out_TH, int64_t q_stride, int64_t c
                                scores_S64 + s * kTileColumns, std::min(kValuePanelRows, reach - s), column,
                                out_H64 + h * kTileColumns, s == 0);
   for (int64_t r = 0; r < count; ++r)
-    for (int64_t h = 0; h < H; ++h) out_TH[r * q_stride + h] = out_H64[h * kTileColumns + r] * inverse_R[r];
+    for (int64_t h = 0; h < H; ++h) out_TH[r * out_stride + h] = out_H64[h * kTileColumns + r] * inverse_R[r];
 }
 
 // Queries [t0, t1) (at most kUnitQueries) of row b, head n, over layer `layer` of the cache: those
 // that see no slot one by one, the rest together.
 template <typename KV>
-void AttendUnit(const float* q_BTNH, const KV* k_LBNSH, const KV* v_LBNSH, const int32_t* start_B,
+void AttendUnit(const float* q_BTE, int64_t E, const KV* k_LBNSH, const KV* v_LBNSH, const int32_t* start_B,
                 const int32_t* end_B, CacheShape shape, int64_t T, int64_t layer, float scale, int64_t b, int64_t n,
                 int64_t t0, int64_t t1, float* out_BTNH) {
-  const int64_t N = shape.N, S = shape.S, H = shape.H, q_stride = N * H;
+  const int64_t N = shape.N, S = shape.S, H = shape.H, out_stride = N * H;
   const int64_t offset = ((layer * shape.B + b) * N + n) * S * H;
   const KV *k_SH = k_LBNSH + offset, *v_SH = v_LBNSH + offset;
-  const float* q_TH = q_BTNH + (b * T * N + n) * H;
+  const float* q_TH = q_BTE + b * T * E + n * H;
   float* out_TH = out_BTNH + (b * T * N + n) * H;
   const int64_t first = std::max<int64_t>(start_B[b], 0);
   auto last = [&](int64_t t) { return std::min<int64_t>(end_B[b] + t, S - 1); };
   int64_t t = t0;
-  for (; t < t1 && last(t) < first; ++t) AttendOne(q_TH + t * q_stride, k_SH, v_SH, 0, S - 1, H, 0.0f, out_TH + t * q_stride);
+  for (; t < t1 && last(t) < first; ++t) AttendOne(q_TH + t * E, k_SH, v_SH, 0, S - 1, H, 0.0f, out_TH + t * out_stride);
   if (t == t1) return;
   thread_local UnitScratch scratch;
   int64_t visible_R[kUnitQueries] = {};  // 0: a column past the unit's queries sees nothing
   for (int64_t r = 0; r < t1 - t; ++r) visible_R[r] = last(t + r) - first + 1;
-  AttendQueries(q_TH + t * q_stride, out_TH + t * q_stride, q_stride, t1 - t, visible_R, k_SH, v_SH, first, H, scale,
+  AttendQueries(q_TH + t * E, E, out_TH + t * out_stride, out_stride, t1 - t, visible_R, k_SH, v_SH, first, H, scale,
                 scratch);
 }
 
 template <typename KV>
-void ManyQueryAttention(const float* q_BTNH, const KV* k_LBNSH, const KV* v_LBNSH, const int32_t* start_B,
+void ManyQueryAttention(const float* q_BTE, int64_t E, const KV* k_LBNSH, const KV* v_LBNSH, const int32_t* start_B,
                         const int32_t* end_B, CacheShape shape, int64_t rows, int64_t T, int64_t layer, float scale,
                         float* out_BTNH, TilePool& pool) {
   const int64_t N = shape.N, S = shape.S, H = shape.H;
@@ -986,7 +987,8 @@ void ManyQueryAttention(const float* q_BTNH, const KV* k_LBNSH, const KV* v_LBNS
         float query_scale = scale;
         if (first > last) first = 0, last = S - 1, query_scale = 0.0f;
         const int64_t at = ((b * T + t) * N + n) * H;
-        AttendOne(q_BTNH + at, k_LBNSH + offset, v_LBNSH + offset, first, last, H, query_scale, out_BTNH + at);
+        AttendOne(q_BTE + (b * T + t) * E + n * H, k_LBNSH + offset, v_LBNSH + offset, first, last, H, query_scale,
+                  out_BTNH + at);
       }
     });
     return;
@@ -996,7 +998,7 @@ void ManyQueryAttention(const float* q_BTNH, const KV* k_LBNSH, const KV* v_LBNS
   pool.Run(rows * N * blocks, [&](int64_t unit) {
     const int64_t block = blocks - 1 - unit / (rows * N), bn = unit % (rows * N);
     const int64_t t0 = block * kUnitQueries, t1 = std::min(T, t0 + kUnitQueries);
-    AttendUnit(q_BTNH, k_LBNSH, v_LBNSH, start_B, end_B, shape, T, layer, scale, bn / N, bn % N, t0, t1, out_BTNH);
+    AttendUnit(q_BTE, E, k_LBNSH, v_LBNSH, start_B, end_B, shape, T, layer, scale, bn / N, bn % N, t0, t1, out_BTNH);
   });
 }
 
@@ -1237,16 +1239,16 @@ void DecodeAttention(const float* q_BNH, const uint16_t* k_LBNSH, const uint16_t
   Attention<uint16_t>(q_BNH, k_LBNSH, v_LBNSH, start_B, end_B, shape, rows, layer, scale, out_BNH, pool);
 }
 
-void PrefillAttention(const float* q_BTNH, const float* k_LBNSH, const float* v_LBNSH, const int32_t* start_B,
-                      const int32_t* end_B, CacheShape shape, int64_t rows, int64_t T, int64_t layer, float scale,
-                      float* out_BTNH, TilePool& pool) {
-  ManyQueryAttention<float>(q_BTNH, k_LBNSH, v_LBNSH, start_B, end_B, shape, rows, T, layer, scale, out_BTNH, pool);
-}
-
-void PrefillAttention(const float* q_BTNH, const uint16_t* k_LBNSH, const uint16_t* v_LBNSH,
+void PrefillAttention(const float* q_BTE, int64_t E, const float* k_LBNSH, const float* v_LBNSH,
                       const int32_t* start_B, const int32_t* end_B, CacheShape shape, int64_t rows, int64_t T,
                       int64_t layer, float scale, float* out_BTNH, TilePool& pool) {
-  ManyQueryAttention<uint16_t>(q_BTNH, k_LBNSH, v_LBNSH, start_B, end_B, shape, rows, T, layer, scale, out_BTNH,
+  ManyQueryAttention<float>(q_BTE, E, k_LBNSH, v_LBNSH, start_B, end_B, shape, rows, T, layer, scale, out_BTNH, pool);
+}
+
+void PrefillAttention(const float* q_BTE, int64_t E, const uint16_t* k_LBNSH, const uint16_t* v_LBNSH,
+                      const int32_t* start_B, const int32_t* end_B, CacheShape shape, int64_t rows, int64_t T,
+                      int64_t layer, float scale, float* out_BTNH, TilePool& pool) {
+  ManyQueryAttention<uint16_t>(q_BTE, E, k_LBNSH, v_LBNSH, start_B, end_B, shape, rows, T, layer, scale, out_BTNH,
                                pool);
 }
 

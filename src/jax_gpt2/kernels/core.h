@@ -127,11 +127,13 @@ void DecodeAttention(const float* q_BNH, const uint16_t* k_LBNSH, const uint16_t
 // out_BTNH = attention of T new queries per row over layer `layer` of the cache, which already holds
 // their keys and values: query t of row b at slot end_B[b] + t sees slots [start_B[b], end_B[b] + t]
 // (clamped to [0, S)); one that sees none gets the plain mean of all S values, as DecodeAttention.
-// q and out (rows, T, N, H); the first `rows` rows of the cache are the batch. Math in float32.
-void PrefillAttention(const float* q_BTNH, const float* k_LBNSH, const float* v_LBNSH, const int32_t* start_B,
-                      const int32_t* end_B, CacheShape shape, int64_t rows, int64_t T, int64_t layer, float scale,
-                      float* out_BTNH, TilePool& pool);
-void PrefillAttention(const float* q_BTNH, const uint16_t* k_LBNSH, const uint16_t* v_LBNSH,
+// The queries are the first N * H values of each of the rows x T rows of q_BTE, E >= N * H values
+// apart (E = N * H for queries alone, 3 N H when they are read straight out of the fused qkv
+// projection); out (rows, T, N, H). The first `rows` rows of the cache are the batch. Math in float32.
+void PrefillAttention(const float* q_BTE, int64_t E, const float* k_LBNSH, const float* v_LBNSH,
+                      const int32_t* start_B, const int32_t* end_B, CacheShape shape, int64_t rows, int64_t T,
+                      int64_t layer, float scale, float* out_BTNH, TilePool& pool);
+void PrefillAttention(const float* q_BTE, int64_t E, const uint16_t* k_LBNSH, const uint16_t* v_LBNSH,
                       const int32_t* start_B, const int32_t* end_B, CacheShape shape, int64_t rows, int64_t T,
                       int64_t layer, float scale, float* out_BTNH, TilePool& pool);
 

@@ -534,15 +534,21 @@ void TestSoftmaxWeights(TilePool& pool) {
 // ---------------------------------------------------------------------------------------------
 // Attention of T new queries per row (PrefillAttention).
 
+// q_BTNH's queries given to the kernel as the first N * H of every `E` values (E > N * H: as in the fused
+// qkv projection, the rest NaN, never to be read).
 std::vector<float> RunPrefill(const Cache& c, bool bf16, const std::vector<float>& q_BTNH, int64_t rows, int64_t T,
                               const std::vector<int32_t>& start_B, const std::vector<int32_t>& end_B, int64_t layer,
-                              float scale, TilePool& pool) {
-  std::vector<float> out(rows * T * c.shape.N * c.shape.H, -1.0f);
+                              float scale, TilePool& pool, int64_t E = 0) {
+  const int64_t D = c.shape.N * c.shape.H;
+  E = E ? E : D;
+  std::vector<float> q_BTE(rows * T * E, NAN);
+  for (int64_t bt = 0; bt < rows * T; ++bt) std::copy_n(q_BTNH.begin() + bt * D, D, q_BTE.begin() + bt * E);
+  std::vector<float> out(rows * T * D, -1.0f);
   if (bf16)
-    jax_gpt2::PrefillAttention(q_BTNH.data(), c.k_bf16.data(), c.v_bf16.data(), start_B.data(), end_B.data(),
+    jax_gpt2::PrefillAttention(q_BTE.data(), E, c.k_bf16.data(), c.v_bf16.data(), start_B.data(), end_B.data(),
                                c.shape, rows, T, layer, scale, out.data(), pool);
   else
-    jax_gpt2::PrefillAttention(q_BTNH.data(), c.k_f32.data(), c.v_f32.data(), start_B.data(), end_B.data(), c.shape,
+    jax_gpt2::PrefillAttention(q_BTE.data(), E, c.k_f32.data(), c.v_f32.data(), start_B.data(), end_B.data(), c.shape,
                                rows, T, layer, scale, out.data(), pool);
   return out;
 }
@@ -649,6 +655,8 @@ void TestPrefillAttention(TilePool& pool, std::vector<TilePool*> other_pools) {
             for (TilePool* other : other_pools)
               Expect(RunPrefill(c, bf16, q_BTNH, B, T, start_B, end_B, layer, scale, *other) == out,
                      what + ": result depends on the pool");
+            Expect(RunPrefill(c, bf16, q_BTNH, B, T, start_B, end_B, layer, scale, pool, 3 * 3 * H) == out,
+                   what + ": queries read out of a wider (qkv) row differ");
             if (T >= 40) CheckQueriesAlone(c, bf16, q_BTNH, T, 7, start_B, end_B, layer, scale, out, pool, what);
             if (S < 100) CheckPrefillReads(c, bf16, q_BTNH, B, T, start_B, end_B, layer, scale, out, pool, what);
           }

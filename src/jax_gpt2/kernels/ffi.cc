@@ -164,23 +164,25 @@ ffi::Error DecodeAttentionBF16(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::U16> k,
 }
 
 // ---------------------------------------------------------------------------------------------
-// Prefill attention: q (R, T, N, H) float32, caches (L, B, N, S, H) float32 or bfloat16 with R <= B,
-// start and end (R,) int32 (end: the slot of each row's first new query), attributes layer and scale;
-// out (R, T, N, H).
+// Prefill attention: q (R, T, E) float32, the queries its first N * H columns (E = N * H, or 3 N H: the
+// fused qkv projection itself), caches (L, B, N, S, H) float32 or bfloat16 with R <= B, start and end
+// (R,) int32 (end: the slot of each row's first new query), attributes layer and scale; out (R, T, N, H).
 
 template <ffi::DataType Cache>
 ffi::Error CheckPrefillShapes(ffi::Buffer<ffi::F32>& q, ffi::Buffer<Cache>& k, ffi::Buffer<Cache>& v,
                               ffi::Buffer<ffi::S32>& start, ffi::Buffer<ffi::S32>& end, int64_t layer,
-                              jax_gpt2::CacheShape* shape) {
-  auto q_dims = q.dimensions(), k_dims = k.dimensions(), v_dims = v.dimensions();
+                              ffi::ResultBuffer<ffi::F32>& out, jax_gpt2::CacheShape* shape) {
+  auto q_dims = q.dimensions(), k_dims = k.dimensions(), v_dims = v.dimensions(), out_dims = out->dimensions();
   bool same = v_dims.size() == k_dims.size();
   for (size_t i = 0; same && i < k_dims.size(); ++i) same = v_dims[i] == k_dims[i];
-  if (q_dims.size() != 4 || k_dims.size() != 5 || !same)
-    return ffi::Error::InvalidArgument("prefill_attention: expected q (B, T, N, H) and caches (L, B, N, S, H)");
+  if (q_dims.size() != 3 || k_dims.size() != 5 || out_dims.size() != 4 || !same)
+    return ffi::Error::InvalidArgument("prefill_attention: expected q (B, T, E), caches (L, B, N, S, H), out (B, T, N, H)");
   *shape = {k_dims[0], k_dims[1], k_dims[2], k_dims[3], k_dims[4]};
-  if (q_dims[0] < 1 || q_dims[0] > shape->B || q_dims[1] < 1 || q_dims[2] != shape->N || q_dims[3] != shape->H ||
-      layer < 0 || layer >= shape->L)
+  if (q_dims[0] < 1 || q_dims[0] > shape->B || q_dims[1] < 1 || q_dims[2] < shape->N * shape->H || layer < 0 ||
+      layer >= shape->L)
     return ffi::Error::InvalidArgument("prefill_attention: q, cache or layer disagree");
+  if (out_dims[0] != q_dims[0] || out_dims[1] != q_dims[1] || out_dims[2] != shape->N || out_dims[3] != shape->H)
+    return ffi::Error::InvalidArgument("prefill_attention: out is not (B, T, N, H)");
   if (start.element_count() != q_dims[0] || end.element_count() != q_dims[0])
     return ffi::Error::InvalidArgument("prefill_attention: one start and end slot per row");
   return ffi::Error::Success();
@@ -190,10 +192,11 @@ ffi::Error PrefillAttentionF32(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
                                ffi::Buffer<ffi::S32> start, ffi::Buffer<ffi::S32> end, int64_t layer, float scale,
                                ffi::ResultBuffer<ffi::F32> out) {
   jax_gpt2::CacheShape shape;
-  ffi::Error error = CheckPrefillShapes(q, k, v, start, end, layer, &shape);
+  ffi::Error error = CheckPrefillShapes(q, k, v, start, end, layer, out, &shape);
   if (error.failure()) return error;
-  jax_gpt2::PrefillAttention(q.typed_data(), k.typed_data(), v.typed_data(), start.typed_data(), end.typed_data(),
-                             shape, q.dimensions()[0], q.dimensions()[1], layer, scale, out->typed_data(), Pool());
+  jax_gpt2::PrefillAttention(q.typed_data(), q.dimensions()[2], k.typed_data(), v.typed_data(), start.typed_data(),
+                             end.typed_data(), shape, q.dimensions()[0], q.dimensions()[1], layer, scale,
+                             out->typed_data(), Pool());
   return ffi::Error::Success();
 }
 
@@ -201,10 +204,11 @@ ffi::Error PrefillAttentionBF16(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::U16> k
                                 ffi::Buffer<ffi::S32> start, ffi::Buffer<ffi::S32> end, int64_t layer, float scale,
                                 ffi::ResultBuffer<ffi::F32> out) {
   jax_gpt2::CacheShape shape;
-  ffi::Error error = CheckPrefillShapes(q, k, v, start, end, layer, &shape);
+  ffi::Error error = CheckPrefillShapes(q, k, v, start, end, layer, out, &shape);
   if (error.failure()) return error;
-  jax_gpt2::PrefillAttention(q.typed_data(), k.typed_data(), v.typed_data(), start.typed_data(), end.typed_data(),
-                             shape, q.dimensions()[0], q.dimensions()[1], layer, scale, out->typed_data(), Pool());
+  jax_gpt2::PrefillAttention(q.typed_data(), q.dimensions()[2], k.typed_data(), v.typed_data(), start.typed_data(),
+                             end.typed_data(), shape, q.dimensions()[0], q.dimensions()[1], layer, scale,
+                             out->typed_data(), Pool());
   return ffi::Error::Success();
 }
 
