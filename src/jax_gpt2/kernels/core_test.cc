@@ -441,24 +441,39 @@ void DecodeRows(int64_t S, std::vector<int32_t>* start_B, std::vector<int32_t>* 
   *end_B = {s - 1, s - 1, s / 2, s + 4, s / 3, s / 2, s + 2};
 }
 
+// What a kernel reads of the cache (the bf16 values widened, or float32), and the tally of its outputs
+// against float64 ones: within 1e-5 of the largest |v| (both are convex mixtures of the visible v
+// rows), and finite.
+struct AttentionTally {
+  const std::vector<float>& k;
+  const std::vector<float>& v;
+  double v_max = 0.0, worst = 0.0;
+  bool finite = true;
+
+  AttentionTally(const Cache& c, bool bf16) : k(bf16 ? c.k_seen : c.k_f32), v(bf16 ? c.v_seen : c.v_f32) {
+    for (float x : v) v_max = std::max(v_max, static_cast<double>(std::fabs(x)));
+  }
+  void Add(const float* out_H, const std::vector<double>& exact_H) {
+    for (size_t h = 0; h < exact_H.size(); ++h) {
+      finite = finite && std::isfinite(out_H[h]);
+      worst = std::max(worst, std::fabs(out_H[h] - exact_H[h]));
+    }
+  }
+  void Expect(const std::string& what) const {
+    ::Expect(finite, what + ": not finite");
+    ::Expect(worst <= 1e-5 * v_max, what + ": max abs diff " + std::to_string(worst) + " > 1e-5 max|v|");
+  }
+};
+
 void CheckAttention(const Cache& c, bool bf16, const std::vector<int32_t>& start_B,
                     const std::vector<int32_t>& end_B, int64_t layer, float scale, const std::vector<float>& out,
                     const std::string& what) {
   const CacheShape& s = c.shape;
-  const auto& k = bf16 ? c.k_seen : c.k_f32;
-  const auto& v = bf16 ? c.v_seen : c.v_f32;
-  double v_max = 0.0, worst = 0.0;
-  for (float x : v) v_max = std::max(v_max, static_cast<double>(std::fabs(x)));
-  bool finite = true;
-  for (int64_t bn = 0; bn < s.B * s.N; ++bn) {
-    std::vector<double> exact = ExactAttention(c, k, v, bn, layer, start_B[bn / s.N], end_B[bn / s.N], scale);
-    for (int64_t h = 0; h < s.H; ++h) {
-      finite = finite && std::isfinite(out[bn * s.H + h]);
-      worst = std::max(worst, std::fabs(out[bn * s.H + h] - exact[h]));
-    }
-  }
-  Expect(finite, what + ": not finite");
-  Expect(worst <= 1e-5 * v_max, what + ": max abs diff " + std::to_string(worst) + " > 1e-5 max|v|");
+  AttentionTally tally(c, bf16);
+  for (int64_t bn = 0; bn < s.B * s.N; ++bn)
+    tally.Add(out.data() + bn * s.H,
+              ExactAttention(c, tally.k, tally.v, bn, layer, start_B[bn / s.N], end_B[bn / s.N], scale));
+  tally.Expect(what);
 }
 
 // NaN in every layer but `layer` and in the slots each row may not see: the output must not change.
@@ -558,24 +573,16 @@ void CheckPrefill(const Cache& c, bool bf16, const std::vector<float>& q_BTNH, i
                   const std::vector<int32_t>& start_B, const std::vector<int32_t>& end_B, int64_t layer, float scale,
                   const std::vector<float>& out, const std::string& what) {
   const CacheShape& s = c.shape;
-  const auto& k = bf16 ? c.k_seen : c.k_f32;
-  const auto& v = bf16 ? c.v_seen : c.v_f32;
-  double v_max = 0.0, worst = 0.0;
-  for (float x : v) v_max = std::max(v_max, static_cast<double>(std::fabs(x)));
-  bool finite = true;
+  AttentionTally tally(c, bf16);
   for (int64_t b = 0; b < static_cast<int64_t>(start_B.size()); ++b)
     for (int64_t t = 0; t < T; ++t)
       for (int64_t n = 0; n < s.N; ++n) {
         const int64_t at = ((b * T + t) * s.N + n) * s.H;
-        std::vector<double> exact = ExactQuery(q_BTNH.data() + at, k, v, ((layer * s.B + b) * s.N + n) * s.S * s.H,
-                                               s.S, s.H, start_B[b], end_B[b] + t, scale);
-        for (int64_t h = 0; h < s.H; ++h) {
-          finite = finite && std::isfinite(out[at + h]);
-          worst = std::max(worst, std::fabs(out[at + h] - exact[h]));
-        }
+        tally.Add(out.data() + at, ExactQuery(q_BTNH.data() + at, tally.k, tally.v,
+                                              ((layer * s.B + b) * s.N + n) * s.S * s.H, s.S, s.H, start_B[b],
+                                              end_B[b] + t, scale));
       }
-  Expect(finite, what + ": not finite");
-  Expect(worst <= 1e-5 * v_max, what + ": max abs diff " + std::to_string(worst) + " > 1e-5 max|v|");
+  tally.Expect(what);
 }
 
 // The last T - shift queries alone (their rows' end moved on by `shift`) must give the same bits: a

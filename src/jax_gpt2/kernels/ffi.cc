@@ -188,21 +188,11 @@ ffi::Error CheckPrefillShapes(ffi::Buffer<ffi::F32>& q, ffi::Buffer<Cache>& k, f
   return ffi::Error::Success();
 }
 
-ffi::Error PrefillAttentionF32(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi::F32> v,
-                               ffi::Buffer<ffi::S32> start, ffi::Buffer<ffi::S32> end, int64_t layer, float scale,
-                               ffi::ResultBuffer<ffi::F32> out) {
-  jax_gpt2::CacheShape shape;
-  ffi::Error error = CheckPrefillShapes(q, k, v, start, end, layer, out, &shape);
-  if (error.failure()) return error;
-  jax_gpt2::PrefillAttention(q.typed_data(), q.dimensions()[2], k.typed_data(), v.typed_data(), start.typed_data(),
-                             end.typed_data(), shape, q.dimensions()[0], q.dimensions()[1], layer, scale,
-                             out->typed_data(), Pool());
-  return ffi::Error::Success();
-}
-
-ffi::Error PrefillAttentionBF16(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::U16> k, ffi::Buffer<ffi::U16> v,
-                                ffi::Buffer<ffi::S32> start, ffi::Buffer<ffi::S32> end, int64_t layer, float scale,
-                                ffi::ResultBuffer<ffi::F32> out) {
+// A float32 cache or a bfloat16 one as its bits (U16): PrefillAttention has an overload for each.
+template <ffi::DataType Cache>
+ffi::Error PrefillAttentionOf(ffi::Buffer<ffi::F32> q, ffi::Buffer<Cache> k, ffi::Buffer<Cache> v,
+                              ffi::Buffer<ffi::S32> start, ffi::Buffer<ffi::S32> end, int64_t layer, float scale,
+                              ffi::ResultBuffer<ffi::F32> out) {
   jax_gpt2::CacheShape shape;
   ffi::Error error = CheckPrefillShapes(q, k, v, start, end, layer, out, &shape);
   if (error.failure()) return error;
@@ -238,53 +228,24 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(
         .Attr<bool>("gelu")
         .Ret<ffi::Buffer<ffi::F32>>());
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(
-    JaxGpt2DecodeAttention, DecodeAttentionF32,
-    ffi::Ffi::Bind()
-        .Arg<ffi::Buffer<ffi::F32>>()
-        .Arg<ffi::Buffer<ffi::F32>>()
-        .Arg<ffi::Buffer<ffi::F32>>()
-        .Arg<ffi::Buffer<ffi::S32>>()
-        .Arg<ffi::Buffer<ffi::S32>>()
-        .Attr<int64_t>("layer")
-        .Attr<float>("scale")
-        .Ret<ffi::Buffer<ffi::F32>>());
+// q, k, v, start, end; layer, scale. A bfloat16 cache comes as its bits, U16.
+#define JAX_GPT2_ATTENTION_BINDING(Cache)                                                         \
+  ffi::Ffi::Bind()                                                                                \
+      .Arg<ffi::Buffer<ffi::F32>>()                                                               \
+      .Arg<ffi::Buffer<Cache>>()                                                                  \
+      .Arg<ffi::Buffer<Cache>>()                                                                  \
+      .Arg<ffi::Buffer<ffi::S32>>()                                                               \
+      .Arg<ffi::Buffer<ffi::S32>>()                                                               \
+      .Attr<int64_t>("layer")                                                                     \
+      .Attr<float>("scale")                                                                       \
+      .Ret<ffi::Buffer<ffi::F32>>()
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(
-    JaxGpt2DecodeAttentionBF16, DecodeAttentionBF16,
-    ffi::Ffi::Bind()
-        .Arg<ffi::Buffer<ffi::F32>>()
-        .Arg<ffi::Buffer<ffi::U16>>()
-        .Arg<ffi::Buffer<ffi::U16>>()
-        .Arg<ffi::Buffer<ffi::S32>>()
-        .Arg<ffi::Buffer<ffi::S32>>()
-        .Attr<int64_t>("layer")
-        .Attr<float>("scale")
-        .Ret<ffi::Buffer<ffi::F32>>());
-
-XLA_FFI_DEFINE_HANDLER_SYMBOL(
-    JaxGpt2PrefillAttention, PrefillAttentionF32,
-    ffi::Ffi::Bind()
-        .Arg<ffi::Buffer<ffi::F32>>()
-        .Arg<ffi::Buffer<ffi::F32>>()
-        .Arg<ffi::Buffer<ffi::F32>>()
-        .Arg<ffi::Buffer<ffi::S32>>()
-        .Arg<ffi::Buffer<ffi::S32>>()
-        .Attr<int64_t>("layer")
-        .Attr<float>("scale")
-        .Ret<ffi::Buffer<ffi::F32>>());
-
-XLA_FFI_DEFINE_HANDLER_SYMBOL(
-    JaxGpt2PrefillAttentionBF16, PrefillAttentionBF16,
-    ffi::Ffi::Bind()
-        .Arg<ffi::Buffer<ffi::F32>>()
-        .Arg<ffi::Buffer<ffi::U16>>()
-        .Arg<ffi::Buffer<ffi::U16>>()
-        .Arg<ffi::Buffer<ffi::S32>>()
-        .Arg<ffi::Buffer<ffi::S32>>()
-        .Attr<int64_t>("layer")
-        .Attr<float>("scale")
-        .Ret<ffi::Buffer<ffi::F32>>());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxGpt2DecodeAttention, DecodeAttentionF32, JAX_GPT2_ATTENTION_BINDING(ffi::F32));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxGpt2DecodeAttentionBF16, DecodeAttentionBF16, JAX_GPT2_ATTENTION_BINDING(ffi::U16));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxGpt2PrefillAttention, PrefillAttentionOf<ffi::F32>,
+                              JAX_GPT2_ATTENTION_BINDING(ffi::F32));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxGpt2PrefillAttentionBF16, PrefillAttentionOf<ffi::U16>,
+                              JAX_GPT2_ATTENTION_BINDING(ffi::U16));
 
 // Called from Python before registering: whether this CPU has every extension the library was
 // compiled for (a library loaded on the wrong CPU would die of SIGILL at its first call instead).
