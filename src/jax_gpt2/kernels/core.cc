@@ -235,6 +235,14 @@ inline VF GeluTanh(VF x) {
   return x * numerator / (1.0f + e);
 }
 
+// A thread's scratch, grown to the largest call's size and kept, so a call writes no freshly faulted
+// pages: at least `count` values.
+template <typename T>
+T* Reserve(std::vector<T>& scratch, int64_t count) {
+  if (static_cast<int64_t>(scratch.size()) < count) scratch.resize(count);
+  return scratch.data();
+}
+
 // ---------------------------------------------------------------------------------------------
 // Packed matmul.
 
@@ -502,7 +510,8 @@ void GemmFinish(const float* held_MC, int64_t rows, const float* scale_C, int64_
 }
 
 // The epilogue on `rows` rows of y (stride O) at columns [first, first + columns): + bias, then GELU.
-// Called on each tile's results as soon as they are stored, while they are still in L1.
+// Called on each unit's results as soon as they are stored: a GEMM unit's block of up to 48 rows is
+// still in L1; a matvec tile's M rows (decode: a few) in L1 or L2.
 void FinishColumns(float* y_MO, int64_t O, int64_t rows, int64_t first, int64_t columns, Epilogue epilogue) {
   if (epilogue.bias_O == nullptr && !epilogue.gelu) return;
   for (int64_t r = 0; r < rows; ++r)
@@ -695,11 +704,10 @@ void DotUnit(const uint32_t* xpair_MK, int64_t m, int64_t rows, int64_t I, const
 void DotGemm(const float* x_MI, int64_t M, int64_t I, const uint16_t* tiles_GIC, int64_t O, float* y_MO,
              Epilogue epilogue, TilePool& pool) {
   const int64_t K = Pairs(I);
-  // Grown to the largest call's size and kept, so a call writes no freshly faulted pages. The workers
-  // get the pointer, never the name: in their threads it names their own (empty) buffers.
+  // The calling thread's scratch (Reserve). The workers get the pointer, never the name: in their
+  // threads it names their own (empty) buffers.
   thread_local std::vector<uint32_t> xpair;
-  if (static_cast<int64_t>(xpair.size()) < M * K) xpair.resize(M * K);
-  uint32_t* xpair_MK = xpair.data();
+  uint32_t* xpair_MK = Reserve(xpair, M * K);
   pool.Run((M + kRoundRows - 1) / kRoundRows, [&](int64_t task) {
     RoundRows(x_MI, task * kRoundRows, std::min(M, (task + 1) * kRoundRows), I, xpair_MK);
   });
@@ -787,10 +795,8 @@ void AttendOne(const float* q_H, const KV* k_SH, const KV* v_SH, int64_t first, 
   thread_local std::vector<float> scores, permuted_q;
   int64_t count = last - first + 1;
   int64_t padded = (count + kLanes - 1) / kLanes * kLanes;
-  if (static_cast<int64_t>(scores.size()) < padded) scores.resize(padded);
-  if (static_cast<int64_t>(permuted_q.size()) < H) permuted_q.resize(H);
-  PermuteQuery<KV>(q_H, H, permuted_q.data());
-  float* score = scores.data();
+  float* score = Reserve(scores, padded);
+  PermuteQuery<KV>(q_H, H, Reserve(permuted_q, H));
   float high = -std::numeric_limits<float>::infinity();
   for (int64_t s = 0; s < count; ++s) {
     PrefetchAhead(k_SH + (first + s) * H, H);
@@ -819,6 +825,17 @@ void AttendOne(const float* q_H, const KV* k_SH, const KV* v_SH, int64_t first, 
   }
 }
 
+// AttendOne for a query at `slot` of a row whose first real slot is `start`: it sees slots s < S with
+// start <= s <= slot, as XLA's masked path sees them. A query that sees none (a left-pad position,
+// a parked row) gets XLA's answer too: all scores equal, the plain mean of all S values.
+template <typename KV>
+void AttendVisible(const float* q_H, const KV* k_SH, const KV* v_SH, int64_t start, int64_t slot, int64_t S,
+                   int64_t H, float scale, float* out_H) {
+  const int64_t first = std::max<int64_t>(start, 0), last = std::min<int64_t>(slot, S - 1);
+  if (first > last) return AttendOne(q_H, k_SH, v_SH, 0, S - 1, H, 0.0f, out_H);
+  AttendOne(q_H, k_SH, v_SH, first, last, H, scale, out_H);
+}
+
 template <typename KV>
 void Attention(const float* q_BNH, const KV* k_LBNSH, const KV* v_LBNSH, const int32_t* start_B,
                const int32_t* end_B, CacheShape shape, int64_t rows, int64_t layer, float scale, float* out_BNH,
@@ -826,14 +843,10 @@ void Attention(const float* q_BNH, const KV* k_LBNSH, const KV* v_LBNSH, const i
   const int64_t B = shape.B, N = shape.N, S = shape.S, H = shape.H;
   assert(rows >= 1 && rows <= B);
   pool.Run(rows * N, [&](int64_t bn) {
-    int64_t b = bn / N;
-    int64_t offset = ((layer * B + b) * N + bn % N) * S * H;
-    // Visible: slots s < S with start <= s <= end, as XLA's masked path sees them. A row with none
-    // (only a parked, finished row) gets XLA's answer too: all scores equal, a uniform average.
-    int64_t first = std::max<int64_t>(start_B[b], 0), last = std::min<int64_t>(end_B[b], S - 1);
-    float row_scale = scale;
-    if (first > last) first = 0, last = S - 1, row_scale = 0.0f;
-    AttendOne(q_BNH + bn * H, k_LBNSH + offset, v_LBNSH + offset, first, last, H, row_scale, out_BNH + bn * H);
+    const int64_t b = bn / N;
+    const int64_t offset = ((layer * B + b) * N + bn % N) * S * H;
+    AttendVisible(q_BNH + bn * H, k_LBNSH + offset, v_LBNSH + offset, start_B[b], end_B[b], S, H, scale,
+                  out_BNH + bn * H);
   });
 }
 
@@ -858,54 +871,31 @@ void Attention(const float* q_BNH, const KV* k_LBNSH, const KV* v_LBNSH, const i
 // never on which unit holds it, so a query's output is the same in a prompt of any length.
 constexpr int64_t kBlockQueries = 16;
 constexpr int64_t kUnitQueries = kTileColumns;  // a unit's queries: one panel's columns
-#ifndef JAX_GPT2_VALUE_PANEL_ROWS  // a probe may build with another to time it
-#define JAX_GPT2_VALUE_PANEL_ROWS 64
-#endif
-constexpr int64_t kValuePanelRows = JAX_GPT2_VALUE_PANEL_ROWS;  // 64 x 64 floats of p, 64 rows of v: 32 KiB
+constexpr int64_t kValuePanelRows = 64;  // 64 x 64 floats of p, 64 rows of v: 32 KiB (32 to 256 timed alike)
 
 // Scratch of one thread, reused by every unit it runs: q^T, scores, out^T.
 struct UnitScratch {
   std::vector<float> queries_H64, scores_S64, out_H64;
 };
 
-inline float* Reserve(std::vector<float>& scratch, int64_t count) {
-  if (static_cast<int64_t>(scratch.size()) < count) scratch.resize(count);
-  return scratch.data();
-}
-
 // scores_S64 in place, column by column: e^(score - max) over the first visible_R[r] rows of column r,
-// 0 below them; inverse_R[r] = 1 / their sum (a column that sees nothing: all 0, not used). Rows every
-// column sees (those before the fewest visible_R) skip the mask.
+// 0 below them; inverse_R[r] = 1 / their sum (a column that sees nothing: all 0, not used).
 inline void SoftmaxColumns(float* scores_S64, int64_t reach, const int64_t* visible_R, float* inverse_R) {
   constexpr int kVectors = kTileColumns / kLanes;
   VF visible[kVectors], high[kVectors], total[kVectors];
-  int64_t everyone = reach;
   for (int j = 0; j < kVectors; ++j) {
     for (int lane = 0; lane < kLanes; ++lane) visible[j][lane] = static_cast<float>(visible_R[j * kLanes + lane]);
-    for (int lane = 0; lane < kLanes; ++lane) everyone = std::min(everyone, visible_R[j * kLanes + lane]);
     high[j] = Splat(-std::numeric_limits<float>::infinity());
     total[j] = VF{};
   }
-  for (int64_t s = 0; s < everyone; ++s)
-    for (int j = 0; j < kVectors; ++j) {
-      VF x = Load<VF>(scores_S64 + s * kTileColumns + j * kLanes);
-      high[j] = x > high[j] ? x : high[j];
-    }
-  for (int64_t s = everyone; s < reach; ++s) {
+  for (int64_t s = 0; s < reach; ++s) {
     const VF slot = Splat(static_cast<float>(s));
     for (int j = 0; j < kVectors; ++j) {
       VF x = Load<VF>(scores_S64 + s * kTileColumns + j * kLanes);
       high[j] = ((slot < visible[j]) & (x > high[j])) ? x : high[j];
     }
   }
-  for (int64_t s = 0; s < everyone; ++s)
-    for (int j = 0; j < kVectors; ++j) {
-      float* at = scores_S64 + s * kTileColumns + j * kLanes;
-      VF e = Exp(Load<VF>(at) - high[j]);
-      Store(at, e, kLanes);
-      total[j] += e;
-    }
-  for (int64_t s = everyone; s < reach; ++s) {
+  for (int64_t s = 0; s < reach; ++s) {
     const VF slot = Splat(static_cast<float>(s));
     for (int j = 0; j < kVectors; ++j) {
       float* at = scores_S64 + s * kTileColumns + j * kLanes;
@@ -921,8 +911,8 @@ inline void SoftmaxColumns(float* scores_S64, int64_t reach, const int64_t* visi
 // out = softmax(scale * q . k) . v, by the two transposed GEMMs above.
 template <typename KV>
 void AttendQueries(const float* q_TH, int64_t q_stride, float* out_TH, int64_t out_stride, int64_t count,
-                   const int64_t* visible_R,
-                   const KV* k_SH, const KV* v_SH, int64_t first, int64_t H, float scale, UnitScratch& scratch) {
+                   const int64_t* visible_R, const KV* k_SH, const KV* v_SH, int64_t first, int64_t H, float scale,
+                   UnitScratch& scratch) {
   const int64_t reach = visible_R[count - 1];  // the last query sees the most
   float* queries_H64 = Reserve(scratch.queries_H64, H * kTileColumns);
   for (int64_t h = 0; h < H; ++h)
@@ -938,7 +928,7 @@ void AttendQueries(const float* q_TH, int64_t q_stride, float* out_TH, int64_t o
   SoftmaxColumns(scores_S64, reach, visible_R, inverse_R);
   float* out_H64 = Reserve(scratch.out_H64, H * kTileColumns);
   const KV* values = v_SH + first * H;
-  for (int64_t s = 0; s < reach; s += kValuePanelRows)  // a panel of p and of v stays in L1 for every h
+  for (int64_t s = 0; s < reach; s += kValuePanelRows)  // a panel of p and of v read by every h
     for (int64_t h = 0; h < H; h += kGemmRows)
       for (int64_t column = 0; column < kTileColumns; column += kGemmColumns)
         StridedPass<kGemmRows>(std::min<int64_t>(kGemmRows, H - h), values + s * H + h, 1, H,
@@ -962,7 +952,8 @@ void AttendUnit(const float* q_BTE, int64_t E, const KV* k_LBNSH, const KV* v_LB
   const int64_t first = std::max<int64_t>(start_B[b], 0);
   auto last = [&](int64_t t) { return std::min<int64_t>(end_B[b] + t, S - 1); };
   int64_t t = t0;
-  for (; t < t1 && last(t) < first; ++t) AttendOne(q_TH + t * E, k_SH, v_SH, 0, S - 1, H, 0.0f, out_TH + t * out_stride);
+  for (; t < t1 && last(t) < first; ++t)  // the prefix that sees nothing (last(t) grows with t)
+    AttendVisible(q_TH + t * E, k_SH, v_SH, start_B[b], end_B[b] + t, S, H, scale, out_TH + t * out_stride);
   if (t == t1) return;
   thread_local UnitScratch scratch;
   int64_t visible_R[kUnitQueries] = {};  // 0: a column past the unit's queries sees nothing
@@ -982,14 +973,9 @@ void ManyQueryAttention(const float* q_BTE, int64_t E, const KV* k_LBNSH, const 
     pool.Run(rows * N, [&](int64_t bn) {
       const int64_t b = bn / N, n = bn % N;
       const int64_t offset = ((layer * shape.B + b) * N + n) * S * H;
-      for (int64_t t = 0; t < T; ++t) {
-        int64_t first = std::max<int64_t>(start_B[b], 0), last = std::min<int64_t>(end_B[b] + t, S - 1);
-        float query_scale = scale;
-        if (first > last) first = 0, last = S - 1, query_scale = 0.0f;
-        const int64_t at = ((b * T + t) * N + n) * H;
-        AttendOne(q_BTE + (b * T + t) * E + n * H, k_LBNSH + offset, v_LBNSH + offset, first, last, H, query_scale,
-                  out_BTNH + at);
-      }
+      for (int64_t t = 0; t < T; ++t)
+        AttendVisible(q_BTE + (b * T + t) * E + n * H, k_LBNSH + offset, v_LBNSH + offset, start_B[b], end_B[b] + t,
+                      S, H, scale, out_BTNH + ((b * T + t) * N + n) * H);
     });
     return;
   }
