@@ -268,16 +268,20 @@ inline void PrefetchAhead(const T* values, int64_t count) {
   Prefetch(values + kPrefetchBytes / static_cast<int64_t>(sizeof(T)), count);
 }
 
-// A float32 tile that takes more than one pass (decode at batch 7 and up on AVX-512, where a register
-// block holds 6 rows; at batch 2 and up on AVX2, whose blocks take half a tile row per pass) goes in
-// pieces small enough for L1, so the later passes read from L1 while memory streams: every pass takes
-// a piece before the next piece starts, the accumulators wait in a small buffer between pieces, and
-// every pass (not only a block's first) asks for its share of the next piece's rows as it goes.
-// Per column the sum still runs over i in order, so results are bit-identical to one pass. Reading
-// each pass's tile from L2 instead, with nothing in flight from memory, costs ~10-20% of a batch-8
-// step (kernel_ab_probe.cc); 8 KiB pieces measure at least as well as 16 or 32. Only float32:
-// bfloat16 and int8 at these batches are bound by widening, which each block repeats, and pieces
-// measure slower for them; at 64 rows and more the GEMM path below runs instead.
+// A float32 tile that takes six passes or more (decode at batch 7 and up on AVX2, whose register
+// blocks hold 3 rows and take half a tile row per pass) goes in pieces small enough for L1, so the
+// later passes read from L1 while memory streams: every pass takes a piece before the next piece
+// starts, the accumulators wait in a small buffer between pieces, and every pass (not only a block's
+// first) asks for its share of the next piece's rows as it goes. Per column the sum still runs over i
+// in order, so results are bit-identical to one pass. With fewer passes, letting each pass stream its
+// whole tile (the later ones from L2) measures faster: the 49 matmuls of a decode step, weights cold,
+// on the 2-core Zen 4 (kernel_ab_probe.cc, pieces against none): AVX-512 build 7 rows 21.4 -> 17.0 ms,
+// 8 rows 22.7 -> 19.0, 12 rows 22.6 -> 20.2, 13 rows 24.4 -> 21.9 (15 rows 25.0 against 25.7); AVX2
+// build 3 rows 22.4 -> 17.8, 4 rows 23.6 -> 19.6, 6 rows 23.7 -> 21.7, but 8 rows 22.4 against 25.3 and
+// 12 rows 27.0 against 30.0 in pieces' favour (7 rows alike). 8 KiB pieces measure at least as well as
+// 16 or 32. Only float32: bfloat16 and int8 at these batches are bound by widening, which each block
+// repeats, and pieces measure slower for them; from kGemmMinRows rows the GEMM path below runs instead.
+constexpr int64_t kPiecesMinPasses = 6;
 constexpr int64_t kPieceBytes = 8192;
 constexpr int64_t kPieceRowsMax = 32;  // the waiting accumulators: 32 rows x 64 columns, 8 KiB of stack
 static_assert(kPieceBytes % (kTileColumns * sizeof(float)) == 0, "a piece holds whole float32 tile rows");
@@ -381,9 +385,10 @@ void OneTile(const float* x_MI, int64_t M, int64_t I, const W* tiles_GIC, const 
   float* y = y_MO + g * kTileColumns;
   alignas(64) float held_MC[kPieceRowsMax * kTileColumns];
   bool one_pass = M == 1 ? kOneRowPass || kColumnPasses == 1 : M <= kRowBlock && kColumnPasses == 1;
-  bool in_pieces = std::is_same_v<W, float> && !one_pass && M <= kPieceRowsMax;
-  int64_t piece_rows = in_pieces ? kPieceBytes / (kTileColumns * int64_t{sizeof(W)}) : I;
   int64_t blocks = (M + kRowBlock - 1) / kRowBlock;
+  int64_t passes = blocks * kColumnPasses;
+  bool in_pieces = std::is_same_v<W, float> && !one_pass && passes >= kPiecesMinPasses && M <= kPieceRowsMax;
+  int64_t piece_rows = in_pieces ? kPieceBytes / (kTileColumns * int64_t{sizeof(W)}) : I;
   for (int64_t i = 0; i < I; i += piece_rows) {
     int64_t i_end = std::min(I, i + piece_rows);
     for (int64_t m = 0; m < M; m += kRowBlock) {
