@@ -53,33 +53,36 @@ MAX_RATE = 0.99  # keeps the expected-length series finite
 # What a verify pass of T = 1 + k positions costs against a plain decode step of the same rows, by the
 # weights' dtype and the batch: PASS_COSTS[dtype][batch][T - 1], T = 1..8. Measured in the decode
 # loop's own conditions (eight passes in one loop, the cache updated in place, greedy acceptance
-# included; the best of five calls) on the quiet 2-core Zen 4 host, AVX-512 kernels, gpt2 shape,
-# cache at 128 positions, by the method of tools/bench_speculate.verify_costs, whose medians
-# `jax-gpt2 bench --speculate lookup` prints as "pass costs" rows. Rows, not positions, set the price: the kernels hold 6 rows a register
-# block, past that every block streams the weights again (bf16 and int8 also widen them again), and
-# from 16 rows the float32 GEMM takes over. So a batch of 4 pays 2.3x for one draft token where batch 1
-# pays 1.04x. Another host can measure its own and pass it as PromptLookup(pass_costs=...).
+# included; the best of five calls) on the 2-core Zen 4 host, AVX-512 kernels, gpt2 shape, cache at
+# 128 positions, on 2026-12-06 after verify passes took the kernels' attention (float32: the mean of
+# two runs, batches 1-4, as the host's memory bandwidth wandered between them, 33 to 54 GB/s), by the
+# method of tools/bench_speculate.verify_costs, whose medians `jax-gpt2 bench --speculate lookup`
+# prints as "pass costs" rows. Rows, not positions, set the price: a register block holds 6 rows, and
+# past that every block reads the weights again (from L2 when float32; bf16 and int8 also widen them
+# again, and bound by arithmetic from ~8 rows, each row costs about as much as a whole step at batch 1).
+# So a batch of 8 pays 1.4x (float32) or 1.7-1.8x (bf16, int8) for one draft token where batch 1
+# pays 1.02-1.11x. Another host can measure its own and pass it as PromptLookup(pass_costs=...).
 PASS_COSTS = {
     "float32": (
-        (1, (1.00, 1.04, 1.05, 1.04, 1.15, 1.19, 1.63, 1.58)),
-        (2, (1.00, 1.17, 1.27, 1.72, 1.72, 1.85, 1.92, 1.93)),
-        (4, (1.00, 2.29, 2.34, 2.43, 2.77, 3.25, 4.30, 4.02)),
-        (8, (1.00, 1.45, 1.96, 2.39, 2.80, 3.31, 3.75, 3.90)),
-        (16, (1.00, 2.81, 3.35, 4.26, 5.18, 5.85, 6.46, 7.33)),
+        (1, (1.00, 1.02, 1.05, 1.08, 1.15, 1.18, 1.31, 1.35)),
+        (2, (1.00, 1.06, 1.17, 1.38, 1.59, 1.68, 1.92, 2.15)),
+        (4, (1.00, 1.29, 1.59, 2.00, 2.32, 2.62, 3.04, 3.40)),
+        (8, (1.00, 1.43, 1.87, 2.38, 2.90, 3.46, 3.96, 4.72)),
+        (16, (1.00, 1.71, 2.48, 3.28, 3.99, 4.63, 5.82, 6.26)),
     ),
     "bfloat16": (
-        (1, (1.00, 1.39, 1.54, 1.69, 1.97, 2.00, 2.32, 2.34)),
-        (2, (1.00, 1.53, 1.86, 2.19, 2.56, 3.01, 3.37, 3.71)),
-        (4, (1.00, 1.74, 2.28, 2.77, 3.30, 4.06, 4.65, 5.05)),
-        (8, (1.00, 2.38, 3.13, 3.50, 4.53, 5.38, 6.48, 7.31)),
-        (16, (1.00, 2.83, 3.45, 4.63, 5.79, 6.09, 6.95, 7.88)),
+        (1, (1.00, 1.02, 1.04, 1.08, 1.10, 1.19, 1.36, 1.49)),
+        (2, (1.00, 1.05, 1.24, 1.48, 1.76, 2.05, 2.34, 2.63)),
+        (4, (1.00, 1.38, 1.90, 2.44, 2.99, 3.51, 4.06, 4.62)),
+        (8, (1.00, 1.71, 2.42, 3.50, 3.84, 5.27, 6.17, 7.26)),
+        (16, (1.00, 1.76, 2.62, 3.56, 4.36, 5.22, 6.08, 6.89)),
     ),
     "int8": (
-        (1, (1.00, 1.40, 1.47, 1.65, 1.90, 2.15, 2.65, 2.72)),
-        (2, (1.00, 1.70, 2.20, 2.93, 3.45, 3.87, 4.30, 4.82)),
-        (4, (1.00, 2.34, 2.77, 3.41, 4.38, 4.97, 6.18, 6.86)),
-        (8, (1.00, 2.52, 3.38, 4.33, 5.07, 5.90, 6.37, 7.82)),
-        (16, (1.00, 3.18, 4.05, 5.08, 6.03, 6.78, 7.75, 8.56)),
+        (1, (1.00, 1.11, 1.18, 1.45, 1.61, 1.91, 2.40, 2.57)),
+        (2, (1.00, 1.47, 1.90, 2.56, 3.00, 3.50, 4.12, 4.58)),
+        (4, (1.00, 1.85, 2.44, 3.23, 4.07, 4.68, 5.40, 6.18)),
+        (8, (1.00, 1.79, 2.37, 3.25, 3.98, 5.13, 5.69, 7.10)),
+        (16, (1.00, 1.79, 2.72, 3.49, 4.31, 5.28, 6.01, 6.79)),
     ),
 }
 
@@ -117,7 +120,7 @@ class PromptLookup:
     occurrence of the last n tokens (n from max_ngram down to min_ngram) in prompt + output.
 
     max_draft: draft tokens per verify pass at most (k; on the 2-core AVX-512 host a float32 pass
-    of up to 6 positions costs ~1.2 decode steps at batch 1, 7 and more ~1.6). adaptive: choose each
+    of up to 6 positions costs ~1.2 decode steps at batch 1, 7 or 8 ~1.3). adaptive: choose each
     pass's width from the rows' recent acceptance and the cost of a pass (False: draft max_draft
     whenever a lookup hits, for tests and measurements). pass_costs: a table of PASS_COSTS' form for
     this host (None: PASS_COSTS' for the weights' dtype).
