@@ -149,7 +149,7 @@ def test_sampled_tokens_follow_the_distribution_of_plain_sampling(tmp_path, draf
     if drafter == "lookup":
         speculate = PromptLookup(max_draft=3, adaptive=False)
     else:
-        speculate = DraftModel(*six_token_model(tmp_path / "draft", n_layer=1, seed=1), max_draft=3)
+        speculate = DraftModel(*six_token_model(tmp_path / "draft", n_layer=1, seed=1), max_draft=3, adaptive=False)
     prompts = [[1, 2, 3, 1, 2, 3, 1, 2]] * 3000
     sampling = dict(max_new_tokens=5, temperature=1.3, top_k=5, repetition_penalty=1.1, seed=1)
     plain = np.array(generate(prompts, weights, config, **sampling))
@@ -238,7 +238,7 @@ def draft(tmp_path_factory):
 
 def test_a_draft_model_gives_the_same_greedy_tokens_and_streams(model, draft):
     weights, config = model
-    speculate = DraftModel(*draft, max_draft=3)
+    speculate = DraftModel(*draft, max_draft=3, adaptive=False)
     tokens, stats = speculative(PROMPTS, weights, config, speculate)
     assert tokens == generate(PROMPTS, weights, config, max_new_tokens=24)
     assert stats.drafted_B.sum() > stats.accepted_B.sum()
@@ -250,10 +250,49 @@ def test_the_model_drafting_for_itself_has_every_greedy_draft_accepted(model):
     """The draft's own cache must hold exactly the accepted tokens: with the model as its own draft,
     every greedy draft agrees (a stale or shifted draft cache would make it disagree)."""
     weights, config = model
-    tokens, stats = speculative(PROMPTS, weights, config, DraftModel(weights, config, max_draft=4))
+    tokens, stats = speculative(PROMPTS, weights, config, DraftModel(weights, config, max_draft=4, adaptive=False))
     assert tokens == generate(PROMPTS, weights, config, max_new_tokens=24)
     assert (stats.accepted_B == stats.drafted_B).all()
     assert stats.accepted_B.sum() >= 4 * 16
+
+
+def test_an_adaptive_draft_model_drafts_wide_when_it_is_cheap_and_right_and_stops_when_it_is_wrong(model, draft):
+    """The width weighs each draft step's price: the model as its own draft at a token's price of 1%
+    of a step is always right, so it drafts wide every pass; priced as what it is (a whole step a
+    token) the same drafts buy nothing, and it takes plain steps. A small random draft that is
+    rarely right, priced cheap enough that a new row's prior makes it try, stops drafting after a
+    few passes. Greedy tokens are the plain ones throughout."""
+    weights, config = model
+    plain = generate(PROMPTS, weights, config, max_new_tokens=24)
+    cheap = DraftModel(weights, config, max_draft=4, step_cost=0.01)
+    tokens, stats = speculative(PROMPTS, weights, config, cheap)
+    assert tokens == plain
+    assert (stats.accepted_B == stats.drafted_B).all()
+    assert stats.accepted_B.sum() >= 3 * 16, "nearly every pass drafts the widest"
+    tokens, stats = speculative(PROMPTS, weights, config, DraftModel(weights, config, max_draft=4))
+    assert tokens == plain
+    assert stats.drafted_B.sum() == 0, "a draft step as dear as the model's own never pays"
+    tokens, adaptive = speculative(PROMPTS, weights, config, DraftModel(*draft, max_draft=3, step_cost=0.05))
+    _, fixed = speculative(PROMPTS, weights, config, DraftModel(*draft, max_draft=3, adaptive=False))
+    assert tokens == plain
+    assert fixed.accepted_B.sum() < fixed.drafted_B.sum() / 2, "the random draft is mostly wrong"
+    assert 0 < adaptive.drafted_B.sum() < fixed.drafted_B.sum() / 2, "it tries, then stops"
+
+
+def test_a_draft_step_is_priced_by_the_weights_it_reads(model, draft):
+    from jax_gpt2.speculate import pass_prices, step_bytes
+
+    weights, config = model
+    drafter = DraftModel(*draft, max_draft=4)
+    ratio = step_bytes(drafter.weights) / step_bytes(weights)
+    assert 0 < ratio < 1, "the draft has fewer layers"
+    verify_only = drafter.costs(np.float32, 2)
+    prices = pass_prices(drafter, weights, 2)
+    assert drafter.widths == (0, 1, 2, 4)
+    np.testing.assert_allclose(prices, [cost + width * ratio for cost, width in zip(verify_only, drafter.widths)])
+    assert prices[0] == verify_only[0] == 1.0, "a plain step runs no draft"
+    with pytest.raises(ValueError, match="step_cost"):
+        DraftModel(*draft, step_cost=0.0)
 
 
 def test_a_draft_model_of_another_vocabulary_is_a_clear_error(model, tmp_path):

@@ -424,7 +424,8 @@ def add_speculate_options(parser, serving: bool = False) -> None:
     group.add_argument("--max-draft", type=_positive_int, default=None,
                        help="draft tokens per verify pass at most (default: PromptLookup's, 5)")  # fmt: skip
     group.add_argument("--fixed-draft", action="store_true",
-                       help="draft --max-draft tokens whenever a lookup hits (default: adapt)")  # fmt: skip
+                       help="draft --max-draft tokens whenever a lookup hits, or a draft model every pass "
+                            "(default: adapt the width to the recent acceptance and the price of a pass)")  # fmt: skip
 
 
 def speculate_from_args(args: argparse.Namespace, folder=None, config=None):
@@ -463,7 +464,7 @@ def _load_draft_model(args: argparse.Namespace, folder, config):
     if load_tokenizer(draft_folder).get_vocab() != load_tokenizer(folder).get_vocab():
         raise UserError(f"--draft-model {args.draft_model}'s tokenizer differs from the model's: it must be the same")
     max_draft = DraftModel.max_draft if args.max_draft is None else args.max_draft
-    return DraftModel(draft_weights, draft_config, max_draft=max_draft)
+    return DraftModel(draft_weights, draft_config, max_draft=max_draft, adaptive=not args.fixed_draft)
 
 
 def add_generate_command(subparsers) -> None:
@@ -572,7 +573,8 @@ def run_speculative_bench(args: argparse.Namespace) -> int:
         speculate, draft_config = speculate_from_args(args), None
     draft_max = 4 if args.max_draft is None else args.max_draft
     results = bench_speculate.run_speculative_bench(
-        config, args.dtypes, args.batch_sizes, args.new_tokens, args.repeats, speculate, draft_config, draft_max
+        config, args.dtypes, args.batch_sizes, args.new_tokens, args.repeats, speculate, draft_config, draft_max,
+        draft_adaptive=not args.fixed_draft
     )
     print(bench_speculate.format_results(results))
     if args.out is not None:

@@ -144,19 +144,33 @@ class PromptLookup:
 
     @property
     def widths(self) -> tuple[int, ...]:
-        """The draft widths compiled (one verify pass each): 0 (a plain step), powers of two, max_draft."""
-        if not self.adaptive:
-            return (0, self.max_draft)
-        powers = [2**i for i in range(int(math.log2(self.max_draft)) + 1)]
-        return tuple(sorted({0, *powers, self.max_draft}))
+        return draft_widths(self.max_draft, self.adaptive)
 
     def costs(self, weight_dtype, batch: int) -> tuple[float, ...]:
         """The cost in plain decode steps of a pass of each of `widths` over `batch` rows."""
-        table = self.pass_costs or PASS_COSTS.get(jnp.dtype(weight_dtype).name, PASS_COSTS["float32"])
-        costs = width_costs(table, batch, self.widths)
-        assert len(costs) == len(self.widths)
-        assert costs[0] > 0
-        return costs
+        return table_costs(self.pass_costs, weight_dtype, batch, self.widths)
+
+
+def draft_widths(max_draft: int, adaptive: bool) -> tuple[int, ...]:
+    """The draft widths compiled (one verify pass each): 0 (a plain step), powers of two, max_draft;
+    not adaptive, 0 and max_draft only."""
+    assert max_draft >= 1
+    if not adaptive:
+        return (0, max_draft)
+    powers = [2**i for i in range(int(math.log2(max_draft)) + 1)]
+    widths = tuple(sorted({0, *powers, max_draft}))
+    assert widths[0] == 0
+    return widths
+
+
+def table_costs(pass_costs, weight_dtype, batch: int, widths: tuple[int, ...]) -> tuple[float, ...]:
+    """The cost in plain decode steps of a verify pass of each width over `batch` rows, from a host's
+    own table (pass_costs) or else PASS_COSTS' for the weights' dtype."""
+    table = pass_costs or PASS_COSTS.get(jnp.dtype(weight_dtype).name, PASS_COSTS["float32"])
+    costs = width_costs(table, batch, widths)
+    assert len(costs) == len(widths)
+    assert costs[0] > 0
+    return costs
 
 
 def check_pass_costs(table) -> None:
@@ -175,13 +189,24 @@ def check_pass_costs(table) -> None:
 @dataclasses.dataclass(frozen=True)
 class DraftModel:
     """Draft tokens with a smaller model of the same vocabulary (distilgpt2 for gpt2, gpt2 for
-    gpt2-xl): it keeps its own KV cache and runs max_draft steps per verify pass, every pass (its
-    own cost is not in a cost model yet, so no adaptive width). Its tokens follow its own
-    distribution q after the same sampling processors; acceptance min(1, p/q) keeps the output exact."""
+    gpt2-xl): it keeps its own KV cache and runs one step per draft token. Its tokens follow its own
+    distribution q after the same sampling processors; acceptance min(1, p/q) keeps the output exact.
+
+    adaptive: choose each pass's width (0, powers of two, max_draft) from the rows' recent acceptance
+    and the price of a pass: its verify pass (PASS_COSTS) plus one draft step per draft token (False:
+    max_draft every pass). step_cost: a draft step's price in the model's decode steps (None: the
+    draft's weight bytes over the model's, since a decode step at small batches reads every weight
+    once). A row's draft cache is fed only while its batch drafts: drafts that keep failing end the
+    drafting, and if its batch drafts again later its drafts come from a cache with gaps (still
+    exact, since every draft is verified; rarely accepted).
+    """
 
     weights: GPT2Weights
     config: GPT2Config = _static(None)
     max_draft: int = _static(4)
+    adaptive: bool = _static(True)
+    step_cost: float | None = _static(None)
+    pass_costs: tuple | None = _static(None)
 
     def __post_init__(self) -> None:
         if not isinstance(self.config, GPT2Config):
@@ -190,15 +215,44 @@ class DraftModel:
             raise ValueError(f"DraftModel needs the draft's GPT2Weights; got {type(self.weights).__name__}")
         if not isinstance(self.max_draft, int) or not 1 <= self.max_draft <= 32:
             raise ValueError(f"max_draft must be an integer in [1, 32]; got {self.max_draft!r}")
-
-    adaptive = False
+        if self.step_cost is not None and not (isinstance(self.step_cost, (int, float)) and self.step_cost > 0):
+            raise ValueError(f"step_cost must be a positive number of decode steps (or None); got {self.step_cost!r}")
+        if self.pass_costs is not None:
+            check_pass_costs(self.pass_costs)
 
     @property
     def widths(self) -> tuple[int, ...]:
-        return (0, self.max_draft)
+        return draft_widths(self.max_draft, self.adaptive)
 
     def costs(self, weight_dtype, batch: int) -> tuple[float, ...]:
-        return (1.0,) * len(self.widths)
+        """The cost in plain decode steps of each of `widths`' verify passes (without the draft's
+        own steps: `pass_prices` adds them, knowing the model they are priced against)."""
+        return table_costs(self.pass_costs, weight_dtype, batch, self.widths)
+
+
+def step_bytes(weights: GPT2Weights) -> int:
+    """The weight bytes a decode step at a small batch reads: every block's parameters and the output
+    projection (of the embedding, only the batch's rows)."""
+    if weights.lm_head_DV is not None:
+        head = weights.lm_head_DV
+    else:
+        head = weights.wte_VD if weights.lm_head_VD is None else weights.lm_head_VD
+    leaves = jax.tree.leaves((weights.blocks, head))
+    total = sum(leaf.size * jnp.dtype(leaf.dtype).itemsize for leaf in leaves)
+    assert total > 0
+    return int(total)
+
+
+def pass_prices(drafter, weights: GPT2Weights, batch: int) -> tuple[float, ...]:
+    """What an iteration of each of the drafter's widths costs in plain decode steps: its verify pass,
+    and for a DraftModel one draft step per draft token on top."""
+    assert batch >= 1
+    costs = drafter.costs(weights.blocks[0].qkv_w_DE.dtype, batch)
+    if isinstance(drafter, DraftModel):
+        step = drafter.step_cost or step_bytes(drafter.weights) / step_bytes(weights)
+        costs = tuple(cost + width * step for cost, width in zip(costs, drafter.widths))
+    assert len(costs) == len(drafter.widths)
+    return costs
 
 
 def check_draft_vocabulary(speculate, config: GPT2Config) -> None:
@@ -258,20 +312,21 @@ def draft_prefill(ids_BT: jax.Array, state, speculate) -> Any:
 
 
 def run_draft_model(
-    state: SpeculativeState, history_BS: jax.Array, token_B: jax.Array, speculate: DraftModel,
-    params: SamplingParams, flags: SamplerFlags, keys_B2: jax.Array,
+    state: SpeculativeState, token_B: jax.Array, speculate: DraftModel, k: int, params: SamplingParams,
+    flags: SamplerFlags, keys_B2: jax.Array,
 ) -> tuple[jax.Array, jax.Array, Any]:  # fmt: skip
-    """max_draft tokens of the draft model after each row's t0, their distributions q_BTV (position t
-    holds q of draft token t + 1; the last position zeros) and the draft cache.
+    """k (static, >= 1) tokens of the draft model after each row's t0, their distributions q_BTV
+    (position t holds q of draft token t + 1; the last position zeros) and the draft cache.
 
     The first step runs the row's previous token and t0 together: the previous one is missing from
     the draft cache when the last pass accepted every draft (the draft never ran its own last
     token), and rewriting it otherwise stores the same keys again.
     """
     B = token_B.shape[0]
+    assert 1 <= k <= speculate.max_draft
     end_B = state.decode.cache.end_B
-    weights, config, k = speculate.weights, speculate.config, speculate.max_draft
-    previous_B = jnp.take_along_axis(history_BS, (end_B - 1)[:, None], axis=1)[:, 0]
+    weights, config = speculate.weights, speculate.config
+    previous_B = jnp.take_along_axis(state.history_BS, (end_B - 1)[:, None], axis=1)[:, 0]
     cache = dataclasses.replace(state.draft_cache, end_B=end_B - 1)
     hidden_BTD, cache = transformer(jnp.stack([previous_B, token_B], axis=1), cache, weights, config)
     logits_BV = lm_logits(hidden_BTD[:, 1:], weights)[:, 0]
@@ -558,7 +613,8 @@ def record_outcome(
 @dataclasses.dataclass(frozen=True)
 class Plan:
     """An iteration decided before its verify pass: t0, the draft, and the width to verify. Made at
-    the end of the previous iteration, so each width's loop can test it without a conditional."""
+    the end of the previous iteration, so each width's loop can test it without a conditional. A
+    DraftModel's draft is made later, in its width's loop (ids_BT and draft_BT hold t0 and -1 here)."""
 
     token_B: jax.Array  # int32: t0 (pad where the row is not active)
     ids_BT: jax.Array  # int32: [t0, the draft] at the widest width
@@ -568,8 +624,6 @@ class Plan:
     width_index: jax.Array  # int32 scalar: into the drafter's widths
     active_B: jax.Array  # bool: the row still makes tokens
     accept_keys_B2: jax.Array
-    q_BTV: Any  # a DraftModel's distributions (None for a lookup)
-    draft_cache: Any  # a DraftModel's cache after drafting (None for a lookup)
 
 
 def plan_step(
@@ -583,22 +637,17 @@ def plan_step(
     pick_keys_B2, accept_keys_B2 = row_keys(state)
     token_B = jnp.where(active_B, pick_first(state, params, flags, pick_keys_B2), pad_id)
     history_BS = state.history_BS.at[jnp.arange(B), cache.end_B].set(token_B, mode="drop")
-    q_BTV, draft_cache = None, state.draft_cache
-    if isinstance(lookup, DraftModel):
-        draft_BT, q_BTV, draft_cache = run_draft_model(
-            state, history_BS, token_B, lookup, params, flags, accept_keys_B2
-        )
-        found_B = jnp.ones((B,), jnp.bool_)
+    if isinstance(lookup, DraftModel):  # drafts once the width is known (speculative_step); no free guess
+        draft_BT, found_B = jnp.full((B, lookup.max_draft), -1, jnp.int32), jnp.ones((B,), jnp.bool_)
     else:
         draft_BT, found_B = lookup_draft(history_BS, cache.start_B, cache.end_B, lookup)
     limit_B = jnp.clip(max_new - state.count_B - 1, 0, lookup.max_draft)  # never draft past max_new_tokens
-    costs = lookup.costs(weights.blocks[0].qkv_w_DE.dtype, B)
+    costs = pass_prices(lookup, weights, B)
     remaining_B = (max_new - state.count_B).astype(jnp.float32)
     width_index = choose_width(state.hits_B, state.trials_B, found_B, limit_B, active_B, lookup, costs, remaining_B)
     draft_len_B = jnp.where(found_B & active_B, jnp.minimum(limit_B, jnp.asarray(lookup.widths)[width_index]), 0)
     ids_BT = jnp.concatenate([token_B[:, None], jnp.where(found_B[:, None], draft_BT, token_B[:, None])], axis=1)
-    plan = Plan(token_B, ids_BT, draft_BT, found_B, draft_len_B, width_index, active_B, accept_keys_B2, q_BTV,
-                draft_cache)  # fmt: skip
+    plan = Plan(token_B, ids_BT, draft_BT, found_B, draft_len_B, width_index, active_B, accept_keys_B2)
     assert plan.ids_BT.shape == (B, lookup.max_draft + 1)
     return plan
 
@@ -620,16 +669,32 @@ def count_emitted(
     return new_seen_BV, new_counts_BV
 
 
+def model_draft(
+    state: SpeculativeState, plan: Plan, width: int, drafter, params: SamplingParams, flags: SamplerFlags
+) -> tuple[jax.Array, jax.Array | None, Any]:  # fmt: skip
+    """ids_BT ([t0, the draft], width + 1 columns on), q_BTV and the draft cache of an iteration of
+    `width` (static): a DraftModel drafts now, `width` steps; a lookup's plan holds its draft already."""
+    if not isinstance(drafter, DraftModel) or width == 0:
+        return plan.ids_BT, None, state.draft_cache
+    draft_BT, q_BTV, draft_cache = run_draft_model(state, plan.token_B, drafter, width, params, flags,
+                                                   plan.accept_keys_B2)  # fmt: skip
+    ids_BT = jnp.concatenate([plan.token_B[:, None], draft_BT], axis=1)
+    assert ids_BT.shape == (plan.token_B.shape[0], width + 1)
+    assert q_BTV.shape[1] == width + 1
+    return ids_BT, q_BTV, draft_cache
+
+
 def speculative_step(
-    state: SpeculativeState, plan: Plan, width: int, tokens_BY: jax.Array, base_B: jax.Array, eos_U: jax.Array,
-    params: SamplingParams, flags: SamplerFlags, weights: GPT2Weights, config: GPT2Config,
+    state: SpeculativeState, plan: Plan, width: int, drafter, tokens_BY: jax.Array, base_B: jax.Array,
+    eos_U: jax.Array, params: SamplingParams, flags: SamplerFlags, weights: GPT2Weights, config: GPT2Config,
 ) -> tuple[SpeculativeState, jax.Array]:  # fmt: skip
-    """One iteration of a plan whose width is `width` (static): the verify pass of 1 + width
-    positions, acceptance, emission. tokens_BY receives each row's tokens at slot count_B - base_B on."""
+    """One iteration of a plan whose width is `width` (static): a DraftModel's draft, the verify pass
+    of 1 + width positions, acceptance, emission. tokens_BY receives each row's tokens at slot
+    count_B - base_B on."""
     B = state.count_B.shape[0]
     assert tokens_BY.shape[0] == B
-    decode, cache, active_B, ids_BT = state.decode, state.decode.cache, plan.active_B, plan.ids_BT
-    q_BTV = None if plan.q_BTV is None else plan.q_BTV[:, : width + 1]
+    decode, cache, active_B = state.decode, state.decode.cache, plan.active_B
+    ids_BT, q_BTV, draft_cache = model_draft(state, plan, width, drafter, params, flags)
     new_cache, accepted_B, logits_BV, residual_q_BV = verify(
         ids_BT[:, : width + 1], plan.draft_len_B, state, params, flags, plan.accept_keys_B2, weights, config, q_BTV
     )
@@ -646,7 +711,7 @@ def speculative_step(
     next_guess_B = jnp.where(active_B & plan.found_B & (plan.draft_len_B == 0), plan.draft_BT[:, 0], -1)
     new_state = dataclasses.replace(
         state, decode=new_decode, history_BS=full_history_BS, count_B=state.count_B + emitted_B,
-        residual_q_BV=jnp.where(active_B[:, None], residual_q_BV, state.residual_q_BV), draft_cache=plan.draft_cache,
+        residual_q_BV=jnp.where(active_B[:, None], residual_q_BV, state.residual_q_BV), draft_cache=draft_cache,
         **record_outcome(state, plan.token_B, plan.draft_len_B, accepted_B, active_B, next_guess_B),
     )  # fmt: skip
     tokens_BY = write_tokens(tokens_BY, state.count_B - base_B, ids_BT, emitted_B)
@@ -712,7 +777,7 @@ def decode_speculative(
             def step(carry, width=width):
                 i, state, plan_now, tokens_BY = carry
                 state, tokens_BY = speculative_step(
-                    state, plan_now, width, tokens_BY, base_B, eos_U, params, flags, weights, config
+                    state, plan_now, width, lookup, tokens_BY, base_B, eos_U, params, flags, weights, config
                 )
                 return i + 1, state, plan(state), tokens_BY
 

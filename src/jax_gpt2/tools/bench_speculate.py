@@ -182,11 +182,12 @@ VERIFY_WIDTHS = (0, 1, 2, 3, 4, 5, 6, 7)  # T = 1..8, as PASS_COSTS
 def run_speculative_bench(
     config: GPT2Config, dtypes: list[str], batches: list[int], new_tokens: int, repeats: int,
     speculate: PromptLookup | None, draft_config: GPT2Config | None = None, draft_max: int = 4, progress: bool = True,
+    draft_adaptive: bool = True,
 ) -> dict:  # fmt: skip
     """Every workload at every batch size and dtype, plain beside speculative, and the verify-pass
     costs at VERIFY_WIDTHS; random weights of config's shape (std per WORKLOAD_STDS). With
     draft_config (and speculate None) the drafts come from a random model of that shape instead,
-    drawn with the same std and another seed."""
+    drawn with the same std and another seed (draft_adaptive: its width adapts, as DraftModel's default)."""
     assert (speculate is None) != (draft_config is None)
     from jax_gpt2.loader import normalize_keys
     from jax_gpt2.tools.bench import BENCH_SEED, load_quietly
@@ -202,7 +203,8 @@ def run_speculative_bench(
             drafter = speculate
             if draft_config is not None:
                 draft_state = normalize_keys(random_state_dict(draft_config, std=std, seed=BENCH_SEED + 1))
-                drafter = DraftModel(load_quietly(draft_state, draft_config, dtype, None), draft_config, draft_max)
+                draft_weights = load_quietly(draft_state, draft_config, dtype, None)
+                drafter = DraftModel(draft_weights, draft_config, draft_max, adaptive=draft_adaptive)
             if std == WORKLOAD_STDS["sampled"]:
                 for batch in batches:
                     costs = verify_costs(weights, config, batch, 128, VERIFY_WIDTHS, repeats * 3)
