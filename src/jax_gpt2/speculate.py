@@ -698,16 +698,22 @@ def speculative_step(
     new_cache, accepted_B, logits_BV, residual_q_BV = verify(
         ids_BT[:, : width + 1], plan.draft_len_B, state, params, flags, plan.accept_keys_B2, weights, config, q_BTV
     )
+    # The bookkeeping below waits for the pass. Left free, XLA runs what does not depend on it (at
+    # width 0 nearly all of it: nothing is accepted) beside the kernels' matmuls, on the cores their
+    # threads use, and slows every matmul of the step.
+    logits_BV, accepted_B, ids_BT, active_B, history_BS, tokens_BY, seen_BV, counts_BV = jax.lax.optimization_barrier(
+        (logits_BV, accepted_B, ids_BT, active_B, state.history_BS, tokens_BY, decode.seen_BV, decode.counts_BV)
+    )
     emitted_B, eos_hit_B = emitted_lengths(ids_BT, accepted_B + 1, eos_U[None, :])
     emitted_B = jnp.where(active_B, emitted_B, 0)
-    seen_BV, counts_BV = count_emitted(decode.seen_BV, decode.counts_BV, ids_BT, emitted_B)
+    seen_BV, counts_BV = count_emitted(seen_BV, counts_BV, ids_BT, emitted_B)
     new_decode = dataclasses.replace(
         decode, cache=dataclasses.replace(new_cache, end_B=cache.end_B + emitted_B), logits_BV=logits_BV,
         seen_BV=seen_BV, counts_BV=counts_BV,
         done_B=decode.done_B | (active_B & eos_hit_B),
         step_B=decode.step_B + 1,
     )  # fmt: skip
-    full_history_BS = write_tokens(state.history_BS, cache.end_B, ids_BT, jnp.where(active_B, ids_BT.shape[1], 0))
+    full_history_BS = write_tokens(history_BS, cache.end_B, ids_BT, jnp.where(active_B, ids_BT.shape[1], 0))
     next_guess_B = jnp.where(active_B & plan.found_B & (plan.draft_len_B == 0), plan.draft_BT[:, 0], -1)
     new_state = dataclasses.replace(
         state, decode=new_decode, history_BS=full_history_BS, count_B=state.count_B + emitted_B,
