@@ -270,6 +270,7 @@ class SpeculativeState:
     decode: Any  # generate.DecodeState: cache, raw next-token logits, seen, done, keys, step
     history_BS: jax.Array  # int32: the token in each cache slot; slot end_B holds the row's newest token
     residual_q_BV: jax.Array  # float32: q of the row's last rejected draft token (zeros: none)
+    residual_B: jax.Array  # bool: the last pass left a residual q (where not, residual_q_BV is unread)
     count_B: jax.Array  # int32: tokens emitted so far
     hits_B: jax.Array  # float32: recent accepted guesses (decayed by FORGET)
     trials_B: jax.Array  # float32: recent verified guesses (decayed by FORGET)
@@ -291,7 +292,8 @@ def start_speculating(state, ids_BT: jax.Array, speculate=None) -> SpeculativeSt
     zeros_B = jnp.zeros((B,), jnp.int32)
     hits_B, trials_B = prior_evidence(B)
     spec = SpeculativeState(
-        decode=state, history_BS=history_BS, residual_q_BV=jnp.zeros((B, V), jnp.float32), count_B=zeros_B,
+        decode=state, history_BS=history_BS, residual_q_BV=jnp.zeros((B, V), jnp.float32),
+        residual_B=jnp.zeros((B,), jnp.bool_), count_B=zeros_B,
         hits_B=hits_B, trials_B=trials_B, guess_B=zeros_B - 1,
         drafted_B=zeros_B, accepted_B=zeros_B, passes_B=zeros_B, draft_cache=draft_prefill(ids_BT, state, speculate),
     )  # fmt: skip
@@ -411,11 +413,16 @@ def pick_first(state: SpeculativeState, params: SamplingParams, flags: SamplerFl
     if flags.sample is False:
         return greedy_B
 
-    def drawn(greedy_B: jax.Array) -> jax.Array:
-        residual_BV = jnp.maximum(jax.nn.softmax(picked_BV, axis=-1) - state.residual_q_BV, 0.0)
+    def from_residual() -> jax.Array:
+        q_BV = jnp.where(state.residual_B[:, None], state.residual_q_BV, 0.0)
+        residual_BV = jnp.maximum(jax.nn.softmax(picked_BV, axis=-1) - q_BV, 0.0)
         empty_B1 = jnp.sum(residual_BV, axis=-1, keepdims=True) <= 0  # p == q: nothing was rejected
-        logp_BV = jnp.where(empty_B1, picked_BV, jnp.log(residual_BV))
-        drawn_B = draw_tokens(keys_B2, logp_BV)
+        return draw_tokens(keys_B2, jnp.where(empty_B1, picked_BV, jnp.log(residual_BV)))
+
+    def drawn(greedy_B: jax.Array) -> jax.Array:
+        # Passes that rejected nothing (every plain step among them) draw as plain sampling does,
+        # without the residual's passes over each row's vocabulary.
+        drawn_B = jax.lax.cond(jnp.any(state.residual_B), from_residual, lambda: draw_tokens(keys_B2, picked_BV))
         return jnp.where(params.temperature_B > 0, drawn_B, greedy_B)
 
     token_B = drawn(greedy_B) if flags.sample is True else jax.lax.cond(flags.sample, drawn, lambda g: g, greedy_B)
@@ -715,9 +722,14 @@ def speculative_step(
     )  # fmt: skip
     full_history_BS = write_tokens(history_BS, cache.end_B, ids_BT, jnp.where(active_B, ids_BT.shape[1], 0))
     next_guess_B = jnp.where(active_B & plan.found_B & (plan.draft_len_B == 0), plan.draft_BT[:, 0], -1)
+    if width == 0:  # nothing drafted, nothing rejected: the old q stays, unread
+        residual_q_BV, residual_B = state.residual_q_BV, state.residual_B & ~active_B
+    else:
+        residual_q_BV = jnp.where(active_B[:, None], residual_q_BV, state.residual_q_BV)
+        residual_B = jnp.where(active_B, accepted_B < plan.draft_len_B, state.residual_B)
     new_state = dataclasses.replace(
         state, decode=new_decode, history_BS=full_history_BS, count_B=state.count_B + emitted_B,
-        residual_q_BV=jnp.where(active_B[:, None], residual_q_BV, state.residual_q_BV), draft_cache=draft_cache,
+        residual_q_BV=residual_q_BV, residual_B=residual_B, draft_cache=draft_cache,
         **record_outcome(state, plan.token_B, plan.draft_len_B, accepted_B, active_B, next_guess_B),
     )  # fmt: skip
     tokens_BY = write_tokens(tokens_BY, state.count_B - base_B, ids_BT, emitted_B)
