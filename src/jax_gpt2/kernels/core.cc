@@ -287,6 +287,7 @@ constexpr int64_t kPieceRowsMax = 32;  // the waiting accumulators: 32 rows x 64
 static_assert(kPieceBytes % (kTileColumns * sizeof(float)) == 0, "a piece holds whole float32 tile rows");
 static_assert(kPieceRowsMax >= 2 * kRowBlock, "the waiting accumulators hold two blocks and more");
 constexpr int64_t kColumnPasses = kTileColumns / (kPassVectors * kLanes);  // per block of more than one row
+static_assert(kColumnPasses < kPiecesMinPasses, "one register block's passes never go in pieces");
 
 // The rows [i_begin, i_end) of a tile that one pass reads. Its accumulators start at zero (the first
 // piece, i_begin == 0) or from held_MC, and end in y (the last, i_end == I) or back in held_MC
@@ -384,10 +385,9 @@ void OneTile(const float* x_MI, int64_t M, int64_t I, const W* tiles_GIC, const 
   int64_t columns = std::min(kTileColumns, O - g * kTileColumns);
   float* y = y_MO + g * kTileColumns;
   alignas(64) float held_MC[kPieceRowsMax * kTileColumns];
-  bool one_pass = M == 1 ? kOneRowPass || kColumnPasses == 1 : M <= kRowBlock && kColumnPasses == 1;
   int64_t blocks = (M + kRowBlock - 1) / kRowBlock;
-  int64_t passes = blocks * kColumnPasses;
-  bool in_pieces = std::is_same_v<W, float> && !one_pass && passes >= kPiecesMinPasses && M <= kPieceRowsMax;
+  int64_t passes = blocks * kColumnPasses;  // (a single row that takes the whole tile at once: fewer)
+  bool in_pieces = std::is_same_v<W, float> && passes >= kPiecesMinPasses && M <= kPieceRowsMax;
   int64_t piece_rows = in_pieces ? kPieceBytes / (kTileColumns * int64_t{sizeof(W)}) : I;
   for (int64_t i = 0; i < I; i += piece_rows) {
     int64_t i_end = std::min(I, i + piece_rows);

@@ -121,16 +121,24 @@ ffi::Error MatmulI8(ffi::Buffer<ffi::F32> x, ffi::AnyBuffer tiles, ffi::Buffer<f
 // Decode attention: q (R, N, H) float32, caches (L, B, N, S, H) float32 or bfloat16 with R <= B (the
 // first R rows are the batch), start and end (R,) int32, attributes layer and scale; out (R, N, H).
 
+// Whether k and v are alike (L, B, N, S, H) caches; if so, their shape.
+template <ffi::DataType Cache>
+bool CacheShapeOf(ffi::Buffer<Cache>& k, ffi::Buffer<Cache>& v, jax_gpt2::CacheShape* shape) {
+  auto k_dims = k.dimensions(), v_dims = v.dimensions();
+  if (k_dims.size() != 5 || v_dims.size() != 5) return false;
+  for (size_t i = 0; i < 5; ++i)
+    if (v_dims[i] != k_dims[i]) return false;
+  *shape = {k_dims[0], k_dims[1], k_dims[2], k_dims[3], k_dims[4]};
+  return true;
+}
+
 template <ffi::DataType Cache>
 ffi::Error CheckAttentionShapes(ffi::Buffer<ffi::F32>& q, ffi::Buffer<Cache>& k, ffi::Buffer<Cache>& v,
                                 ffi::Buffer<ffi::S32>& start, ffi::Buffer<ffi::S32>& end, int64_t layer,
                                 jax_gpt2::CacheShape* shape) {
-  auto q_dims = q.dimensions(), k_dims = k.dimensions(), v_dims = v.dimensions();
-  bool same = v_dims.size() == k_dims.size();
-  for (size_t i = 0; same && i < k_dims.size(); ++i) same = v_dims[i] == k_dims[i];
-  if (q_dims.size() != 3 || k_dims.size() != 5 || !same)
+  auto q_dims = q.dimensions();
+  if (q_dims.size() != 3 || !CacheShapeOf(k, v, shape))
     return ffi::Error::InvalidArgument("decode_attention: expected q (B, N, H) and caches (L, B, N, S, H)");
-  *shape = {k_dims[0], k_dims[1], k_dims[2], k_dims[3], k_dims[4]};
   if (q_dims[0] < 1 || q_dims[0] > shape->B || q_dims[1] != shape->N || q_dims[2] != shape->H || layer < 0 || layer >= shape->L)
     return ffi::Error::InvalidArgument("decode_attention: q, cache or layer disagree");
   if (start.element_count() != q_dims[0] || end.element_count() != q_dims[0])
@@ -138,28 +146,17 @@ ffi::Error CheckAttentionShapes(ffi::Buffer<ffi::F32>& q, ffi::Buffer<Cache>& k,
   return ffi::Error::Success();
 }
 
-ffi::Error DecodeAttentionF32(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi::F32> v,
-                              ffi::Buffer<ffi::S32> start, ffi::Buffer<ffi::S32> end, int64_t layer, float scale,
-                              ffi::ResultBuffer<ffi::F32> out) {
+// A float32 cache or a bfloat16 one as its bits (U16; kvcache.py says why): DecodeAttention has an
+// overload for each.
+template <ffi::DataType Cache>
+ffi::Error DecodeAttentionOf(ffi::Buffer<ffi::F32> q, ffi::Buffer<Cache> k, ffi::Buffer<Cache> v,
+                             ffi::Buffer<ffi::S32> start, ffi::Buffer<ffi::S32> end, int64_t layer, float scale,
+                             ffi::ResultBuffer<ffi::F32> out) {
   jax_gpt2::CacheShape shape;
   ffi::Error error = CheckAttentionShapes(q, k, v, start, end, layer, &shape);
   if (error.failure()) return error;
   jax_gpt2::DecodeAttention(q.typed_data(), k.typed_data(), v.typed_data(), start.typed_data(), end.typed_data(),
-                            shape, q.dimensions()[0], layer, scale,
-                            out->typed_data(), Pool());
-  return ffi::Error::Success();
-}
-
-// A bfloat16 cache arrives as its bits, uint16 (kvcache.py says why).
-ffi::Error DecodeAttentionBF16(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::U16> k, ffi::Buffer<ffi::U16> v,
-                               ffi::Buffer<ffi::S32> start, ffi::Buffer<ffi::S32> end, int64_t layer, float scale,
-                               ffi::ResultBuffer<ffi::F32> out) {
-  jax_gpt2::CacheShape shape;
-  ffi::Error error = CheckAttentionShapes(q, k, v, start, end, layer, &shape);
-  if (error.failure()) return error;
-  jax_gpt2::DecodeAttention(q.typed_data(), k.typed_data(), v.typed_data(), start.typed_data(),
-                            end.typed_data(), shape, q.dimensions()[0], layer, scale,
-                            out->typed_data(), Pool());
+                            shape, q.dimensions()[0], layer, scale, out->typed_data(), Pool());
   return ffi::Error::Success();
 }
 
@@ -172,12 +169,9 @@ template <ffi::DataType Cache>
 ffi::Error CheckPrefillShapes(ffi::Buffer<ffi::F32>& q, ffi::Buffer<Cache>& k, ffi::Buffer<Cache>& v,
                               ffi::Buffer<ffi::S32>& start, ffi::Buffer<ffi::S32>& end, int64_t layer,
                               ffi::ResultBuffer<ffi::F32>& out, jax_gpt2::CacheShape* shape) {
-  auto q_dims = q.dimensions(), k_dims = k.dimensions(), v_dims = v.dimensions(), out_dims = out->dimensions();
-  bool same = v_dims.size() == k_dims.size();
-  for (size_t i = 0; same && i < k_dims.size(); ++i) same = v_dims[i] == k_dims[i];
-  if (q_dims.size() != 3 || k_dims.size() != 5 || out_dims.size() != 4 || !same)
+  auto q_dims = q.dimensions(), out_dims = out->dimensions();
+  if (q_dims.size() != 3 || out_dims.size() != 4 || !CacheShapeOf(k, v, shape))
     return ffi::Error::InvalidArgument("prefill_attention: expected q (B, T, E), caches (L, B, N, S, H), out (B, T, N, H)");
-  *shape = {k_dims[0], k_dims[1], k_dims[2], k_dims[3], k_dims[4]};
   if (q_dims[0] < 1 || q_dims[0] > shape->B || q_dims[1] < 1 || q_dims[2] < shape->N * shape->H || layer < 0 ||
       layer >= shape->L)
     return ffi::Error::InvalidArgument("prefill_attention: q, cache or layer disagree");
@@ -240,8 +234,10 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(
       .Attr<float>("scale")                                                                       \
       .Ret<ffi::Buffer<ffi::F32>>()
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxGpt2DecodeAttention, DecodeAttentionF32, JAX_GPT2_ATTENTION_BINDING(ffi::F32));
-XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxGpt2DecodeAttentionBF16, DecodeAttentionBF16, JAX_GPT2_ATTENTION_BINDING(ffi::U16));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxGpt2DecodeAttention, DecodeAttentionOf<ffi::F32>,
+                              JAX_GPT2_ATTENTION_BINDING(ffi::F32));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxGpt2DecodeAttentionBF16, DecodeAttentionOf<ffi::U16>,
+                              JAX_GPT2_ATTENTION_BINDING(ffi::U16));
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxGpt2PrefillAttention, PrefillAttentionOf<ffi::F32>,
                               JAX_GPT2_ATTENTION_BINDING(ffi::F32));
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxGpt2PrefillAttentionBF16, PrefillAttentionOf<ffi::U16>,
