@@ -702,8 +702,9 @@ def speculative_step(
     assert tokens_BY.shape[0] == B
     decode, cache, active_B = state.decode, state.decode.cache, plan.active_B
     ids_BT, q_BTV, draft_cache = model_draft(state, plan, width, drafter, params, flags)
+    ids_BT = ids_BT[:, : width + 1]  # a lookup's plan holds max_draft guesses: a narrower pass reads fewer
     new_cache, accepted_B, logits_BV, residual_q_BV = verify(
-        ids_BT[:, : width + 1], plan.draft_len_B, state, params, flags, plan.accept_keys_B2, weights, config, q_BTV
+        ids_BT, plan.draft_len_B, state, params, flags, plan.accept_keys_B2, weights, config, q_BTV
     )
     # The bookkeeping below waits for the pass. Left free, XLA runs what does not depend on it (at
     # width 0 nearly all of it: nothing is accepted) beside the kernels' matmuls, on the cores their
