@@ -139,6 +139,13 @@ async def prefix_ttft(url: str, model: str, prefix_ids: list[list[int]], tails: 
     return ttft
 
 
+def cli_command(args: argparse.Namespace) -> list[str]:
+    """How to start `jax-gpt2`: plainly, or with --kernel-build's kernels standing in for the host's."""
+    if args.kernel_build is None:
+        return [sys.executable, "-m", "jax_gpt2.cli"]
+    return [sys.executable, str(Path(__file__).with_name("bench_with_kernel_build.py")), args.kernel_build]
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -149,7 +156,7 @@ def launch_times(args: argparse.Namespace, cache_home: Path) -> dict:
     """One launch of `jax-gpt2 serve` with XDG_CACHE_HOME=cache_home: seconds from Popen to the port
     answering, to /health 200, to a first short request done (sent right after), to every program compiled."""
     port, started = free_port(), time.perf_counter()
-    command = [sys.executable, "-m", "jax_gpt2.cli", "serve", "--model", str(args.model), "--port", str(port)]
+    command = [*cli_command(args), "serve", "--model", str(args.model), "--port", str(port)]
     env = {**os.environ, "XDG_CACHE_HOME": str(cache_home)}
     url, times = f"http://127.0.0.1:{port}", {}
     with open(args.server_log, "a") as log:
@@ -215,7 +222,7 @@ def server_process(args: argparse.Namespace, *flags: str):
     `warm`: a level timed while the background thread still compiles measures the compiler too (it
     shares the two cores; one client read 0.83x of generate that way, its TTFT p99 3.5 s)."""
     port = free_port()
-    command = [sys.executable, "-m", "jax_gpt2.cli", "serve", "--model", str(args.model), "--port", str(port), *flags]
+    command = [*cli_command(args), "serve", "--model", str(args.model), "--port", str(port), *flags]
     log = open(args.server_log, "a")
     process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
     try:
@@ -324,8 +331,14 @@ def main() -> int:
     parser.add_argument("--until-warm", action="store_true", help="part 0 also waits until every program is compiled")
     parser.add_argument("--startup-limit", type=float, default=900.0)
     parser.add_argument("--server-log", type=Path, default=Path("serve_load.server.log"))
+    parser.add_argument("--kernel-build", default=None, metavar="MARCH",
+                        help="run server and generate on the kernels built for MARCH, e.g. x86-64-v3 (AVX2) on an AVX-512 host")  # fmt: skip
     parser.add_argument("--out", type=Path, default=None, help="write the results as JSON")
     args = parser.parse_args()
+    if args.kernel_build is not None:
+        from bench_with_kernel_build import use_kernel_build
+
+        use_kernel_build(args.kernel_build)
     if args.startup_only or "startup" not in args.skip:
         startup_results = startup(args)
         if args.startup_only:
@@ -334,7 +347,7 @@ def main() -> int:
             return 0
     prompts, model_id = prompts_for(args.requests, args.prompt_chars), str(args.model)
     results: dict = {"max_tokens": args.max_tokens, "prompt_chars": args.prompt_chars, "repeats": args.repeats,
-                     "levels": []}  # fmt: skip
+                     "kernel_build": args.kernel_build or "native", "levels": []}  # fmt: skip
     if "startup" not in args.skip:
         results["startup"] = startup_results
     baseline = GenerateBaseline(args.model, prompts, args.max_tokens, args.concurrency)
