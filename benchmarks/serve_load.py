@@ -238,7 +238,7 @@ def server_process(args: argparse.Namespace, *flags: str):
             time.sleep(0.5)
         else:
             raise SystemExit(f"the server did not start in {args.startup_limit} s; see {args.server_log}")
-        yield url
+        yield url, process.pid
     finally:
         stop(process)
         log.close()
@@ -275,6 +275,12 @@ class GenerateBaseline:
                 tokens = len(new) - (1 if new and new[-1] == eos else 0)
                 results.append({"ttft": time.perf_counter() - sent, "itl": None, "tokens": tokens})
         return {"results": results, "wall": time.perf_counter() - start}
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds a process has used so far, all its threads (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def median_row(name: str, runs: list[dict]) -> dict:
@@ -352,18 +358,25 @@ def main() -> int:
         results["startup"] = startup_results
     baseline = GenerateBaseline(args.model, prompts, args.max_tokens, args.concurrency)
     print("| | requests | tok/s | TTFT p50 ms | TTFT p99 ms | ITL p50 ms | ITL p99 ms |\n|---|---|---|---|---|---|---|")
-    with server_process(args, *args.serve_flags) as url:
+    with server_process(args, *args.serve_flags) as (url, server_pid):
         for concurrency in args.concurrency:
             served, generated = [], []
+            cpu = {"server_s": 0.0, "clients_s": 0.0, "wall_s": 0.0}  # where the cores went while serving
             for _ in range(args.repeats):
+                server_before, clients_before = cpu_seconds(server_pid), time.process_time()
                 served.append(asyncio.run(serve_level(url, model_id, prompts, concurrency, args.max_tokens)))
+                cpu["server_s"] += cpu_seconds(server_pid) - server_before
+                cpu["clients_s"] += time.process_time() - clients_before
+                cpu["wall_s"] += served[-1]["wall"]
                 generated.append(baseline.run(concurrency))
             plural = "s" if concurrency > 1 else ""
             level = {"serve": median_row(f"serve, {concurrency} client{plural}", served),
-                     "generate": median_row(f"generate, batch {concurrency}", generated)}  # fmt: skip
+                     "generate": median_row(f"generate, batch {concurrency}", generated), "serve_cpu": cpu}  # fmt: skip
             results["levels"].append(level)
             print(format_row(level["serve"], level["generate"]), flush=True)
             print(format_row(level["generate"]), flush=True)
+            print(f"  while serving: server {cpu['server_s']:.1f} CPU-s, clients {cpu['clients_s']:.1f} CPU-s "
+                  f"over {cpu['wall_s']:.1f} s of wall time (2 cores: {2 * cpu['wall_s']:.1f} CPU-s)", flush=True)
         if "prefix" not in args.skip:
             prefixes = [long_prompt_ids(args.model, 512, seed) for seed in range(6)]
             tails = [long_prompt_ids(args.model, 16, 100 + seed) for seed in range(6)]
@@ -377,7 +390,7 @@ def main() -> int:
         results["prefill"] = {}
         long_prompt = long_prompt_ids(args.model, 1000, 7)
         for chunk in (128, 1024):
-            with server_process(args, "--prefill-chunk", str(chunk), "--prefix-cache-mib", "0") as url:
+            with server_process(args, "--prefill-chunk", str(chunk), "--prefix-cache-mib", "0") as (url, _):
                 for name, arrival in (("alone", None), ("with a 1000-token prompt", long_prompt)):
                     row = asyncio.run(running_streams_itl(url, model_id, prompts, arrival))
                     results["prefill"][f"prefill chunk {chunk}, {name}"] = row
