@@ -11,6 +11,11 @@ One scheduling round (`step`):
                          (speculate_chunk with Engine(speculate=PromptLookup()): several tokens a step)
     host: a TextFinisher per sequence --> Event --> deliver(event)
 
+A round dispatches its decode chunk before it hands out the previous round's (JAX runs the chunk
+while this thread delivers, reads the inbox and prefills), so a row that finished in one chunk
+rides along in the next, its tokens there dropped; a constrained row needs its last token on the
+host for its next mask, so while one runs (and under speculation) each chunk is handed out first.
+
 W, the width, is the smallest compiled width (1, 2, 4, ..., max_batch) that holds every busy row:
 one client decodes at batch 1, eight at batch 8. When the busy rows would fit a smaller width, the
 highest ones move down (a copy of their filled slots). A long prompt is prefilled a chunk per round,
