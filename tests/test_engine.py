@@ -229,6 +229,35 @@ def test_a_stop_string_ends_the_text_there_and_frees_the_slot(model):
     assert collector.ids(next_id) == collector.ids(free_id)[:4]  # the freed slot served the next one
 
 
+def test_a_round_leaves_its_chunk_running_unless_a_constrained_row_needs_its_tokens_first(model):
+    # Unconstrained rows: a round dispatches its chunk and hands out the previous one, so a chunk is
+    # still in flight after the round (the cores decode while the host delivers). A constrained row's
+    # next mask needs its last token, so with one running every chunk is handed out in its round.
+    from jax_gpt2 import constraints
+
+    weights, config, tokenizer = model
+    prompt = tuple(encode(tokenizer, "Hello world"))
+    free = make_engine(model)
+    free_collector = Collector()
+    [free_id] = free.submit([sequence(prompt, 12)], free_collector)
+    free.step()
+    assert free._in_flight is not None
+    run_until_idle(free)
+    assert free._in_flight is None
+    assert free_collector.ids(free_id) == reference(model, sequence(prompt, 12))
+
+    grammar = constraints.grammar_tokenizer(tokenizer, config.vocab_size, config.eos_token_id)
+    constrained = SequenceRequest(prompt, SamplingSettings(max_new_tokens=12),
+                                  constraint=constraints.compile_constraint(constraints.regex("[a-z ]{1,40}"), grammar))  # fmt: skip
+    engine = make_engine(model)
+    collector = Collector()
+    engine.submit([constrained, sequence(prompt, 12)], collector)
+    for _ in range(3):
+        engine.step()
+        assert engine._in_flight is None
+    run_until_idle(engine)
+
+
 def test_cancel_frees_a_running_slot_and_drops_a_waiting_sequence(model):
     engine = make_engine(model, max_batch=1)
     prompt = tuple(encode(model[2], "Hello"))
