@@ -396,12 +396,23 @@ def lookup_draft(
     return draft_BT, found_B
 
 
-def row_keys(state: SpeculativeState) -> tuple[jax.Array, jax.Array]:
-    """Two independent keys per row for this iteration: one to pick t0, one to accept drafts."""
-    step_keys_B2 = jax.vmap(jax.random.fold_in)(state.decode.keys_B2, state.decode.step_B)
-    pick_B2, accept_B2 = (jax.vmap(jax.random.fold_in, in_axes=(0, None))(step_keys_B2, i) for i in (0, 1))
-    assert pick_B2.shape == state.decode.keys_B2.shape
-    return pick_B2, accept_B2
+ACCEPT_KEY = 1  # a row's acceptance key is fold_in(its step key, ACCEPT_KEY): apart from every pick's key
+
+
+def step_keys(state: SpeculativeState) -> jax.Array:
+    """Each row's key of this iteration, which picks t0: one threefry a row, as a plain decode step
+    takes (on a CPU each is a small loop of its own, so an iteration that drafts nothing derives no more)."""
+    keys_B2 = jax.vmap(jax.random.fold_in)(state.decode.keys_B2, state.decode.step_B)
+    assert keys_B2.shape == state.decode.keys_B2.shape
+    assert keys_B2.dtype == state.decode.keys_B2.dtype
+    return keys_B2
+
+
+def accept_keys(step_keys_B2: jax.Array) -> jax.Array:
+    """The keys that draft and accept a pass's tokens, derived only by passes that verify a draft."""
+    keys_B2 = jax.vmap(jax.random.fold_in, in_axes=(0, None))(step_keys_B2, ACCEPT_KEY)
+    assert keys_B2.shape == step_keys_B2.shape
+    return keys_B2
 
 
 def pick_first(state: SpeculativeState, params: SamplingParams, flags: SamplerFlags, keys_B2) -> jax.Array:
@@ -630,7 +641,7 @@ class Plan:
     draft_len_B: jax.Array  # int32: draft tokens this pass verifies
     width_index: jax.Array  # int32 scalar: into the drafter's widths
     active_B: jax.Array  # bool: the row still makes tokens
-    accept_keys_B2: jax.Array
+    step_keys_B2: jax.Array  # picked t0; a pass that verifies a draft derives its acceptance keys from them
 
 
 def plan_step(
@@ -641,8 +652,8 @@ def plan_step(
     B = state.count_B.shape[0]
     cache = state.decode.cache
     active_B = ~state.decode.done_B & (state.count_B < max_new)
-    pick_keys_B2, accept_keys_B2 = row_keys(state)
-    token_B = jnp.where(active_B, pick_first(state, params, flags, pick_keys_B2), pad_id)
+    keys_B2 = step_keys(state)
+    token_B = jnp.where(active_B, pick_first(state, params, flags, keys_B2), pad_id)
     history_BS = state.history_BS.at[jnp.arange(B), cache.end_B].set(token_B, mode="drop")
     if isinstance(lookup, DraftModel):  # drafts once the width is known (speculative_step); no free guess
         draft_BT, found_B = jnp.full((B, lookup.max_draft), -1, jnp.int32), jnp.ones((B,), jnp.bool_)
@@ -654,7 +665,7 @@ def plan_step(
     width_index = choose_width(state.hits_B, state.trials_B, found_B, limit_B, active_B, lookup, costs, remaining_B)
     draft_len_B = jnp.where(found_B & active_B, jnp.minimum(limit_B, jnp.asarray(lookup.widths)[width_index]), 0)
     ids_BT = jnp.concatenate([token_B[:, None], jnp.where(found_B[:, None], draft_BT, token_B[:, None])], axis=1)
-    plan = Plan(token_B, ids_BT, draft_BT, found_B, draft_len_B, width_index, active_B, accept_keys_B2)
+    plan = Plan(token_B, ids_BT, draft_BT, found_B, draft_len_B, width_index, active_B, keys_B2)
     assert plan.ids_BT.shape == (B, lookup.max_draft + 1)
     return plan
 
@@ -684,7 +695,7 @@ def model_draft(
     if not isinstance(drafter, DraftModel) or width == 0:
         return plan.ids_BT, None, state.draft_cache
     draft_BT, q_BTV, draft_cache = run_draft_model(state, plan.token_B, drafter, width, params, flags,
-                                                   plan.accept_keys_B2)  # fmt: skip
+                                                   accept_keys(plan.step_keys_B2))  # fmt: skip
     ids_BT = jnp.concatenate([plan.token_B[:, None], draft_BT], axis=1)
     assert ids_BT.shape == (plan.token_B.shape[0], width + 1)
     assert q_BTV.shape[1] == width + 1
@@ -703,8 +714,9 @@ def speculative_step(
     decode, cache, active_B = state.decode, state.decode.cache, plan.active_B
     ids_BT, q_BTV, draft_cache = model_draft(state, plan, width, drafter, params, flags)
     ids_BT = ids_BT[:, : width + 1]  # a lookup's plan holds max_draft guesses: a narrower pass reads fewer
+    keys_B2 = accept_keys(plan.step_keys_B2) if width > 0 else plan.step_keys_B2  # width 0 accepts nothing
     new_cache, accepted_B, logits_BV, residual_q_BV = verify(
-        ids_BT, plan.draft_len_B, state, params, flags, plan.accept_keys_B2, weights, config, q_BTV
+        ids_BT, plan.draft_len_B, state, params, flags, keys_B2, weights, config, q_BTV
     )
     # The bookkeeping below waits for the pass. Left free, XLA runs what does not depend on it (at
     # width 0 nearly all of it: nothing is accepted) beside the kernels' matmuls, on the cores their
@@ -748,8 +760,7 @@ def pick_last(
     running_B = ~state.decode.done_B
     remaining_B = max_new - state.count_B
     finishing_B = running_B & (remaining_B == 1) & ~jnp.any(running_B & (remaining_B >= 2))
-    pick_keys_B2, _ = row_keys(state)
-    token_B = jnp.where(finishing_B, pick_first(state, params, flags, pick_keys_B2), pad_id)
+    token_B = jnp.where(finishing_B, pick_first(state, params, flags, step_keys(state)), pad_id)
     tokens_BY = write_tokens(tokens_BY, state.count_B - base_B, token_B[:, None], finishing_B.astype(jnp.int32))
     done_B = state.decode.done_B | (finishing_B & jnp.isin(token_B, eos_U))
     new_state = dataclasses.replace(

@@ -50,7 +50,7 @@ from jax_gpt2.sampling import (
     runtime_flags, sampling_params, token_logprobs,
 )  # fmt: skip
 from jax_gpt2.speculate import (
-    PromptLookup, accept_drafts, choose_width, count_emitted, decayed_evidence, emitted_lengths, lookup_draft,
+    PromptLookup, accept_drafts, accept_keys, choose_width, count_emitted, decayed_evidence, emitted_lengths, lookup_draft,
     prior_evidence, verified_guesses, write_tokens,
 )  # fmt: skip
 from jax_gpt2.weights import GPT2Weights
@@ -364,9 +364,6 @@ def decode_chunk(
     return _put_rows(slots, head), outputs
 
 
-ACCEPT_KEY = 1  # a row's acceptance key is fold_in(its step key, ACCEPT_KEY): apart from every pick's key
-
-
 def _draft_plan(head: Slots, single_W: jax.Array, lookup: PromptLookup, costs) -> tuple[jax.Array, ...]:
     """An iteration's verify input: ids_WT = [pending, lookup draft] at the widest draft width, each
     row's draft length and the index (into lookup.widths) of the width to verify. Rows reporting
@@ -395,8 +392,7 @@ def _accepted(logits_WTV: jax.Array, ids_WT: jax.Array, draft_len_W: jax.Array, 
         return jnp.zeros((W,), jnp.int32)
     # The pending token is among the row's counts already; accept_drafts counts ids_WT[:, 0] itself.
     counts_WV = rows.counts_BV.at[jnp.arange(W), rows.pending_B].add(-running_W.astype(jnp.int32))
-    step_keys_W2 = jax.vmap(jax.random.fold_in)(rows.keys_B2, rows.step_B)
-    accept_keys_W2 = jax.vmap(jax.random.fold_in, in_axes=(0, None))(step_keys_W2, ACCEPT_KEY)
+    accept_keys_W2 = accept_keys(jax.vmap(jax.random.fold_in)(rows.keys_B2, rows.step_B))
     flags = runtime_flags(rows.params, running_W)
     accepted_W, _ = accept_drafts(logits_WTV, ids_WT, draft_len_W, rows.seen_BV, counts_WV, rows.params, flags,
                                   accept_keys_W2, None)  # fmt: skip
