@@ -6,12 +6,15 @@ compile is a ValueError before any decoding."""
 import json
 import re
 
+import jax.numpy as jnp
 import jsonschema
+import numpy as np
 import pytest
 
 from checkpoints import TINY, hf_config, random_hf_model, save_safetensors
 from jax_gpt2 import constraints, load_config, load_weights
 from jax_gpt2.generate import generate, stream_generate
+from jax_gpt2.sampling import apply_allowed_tokens, apply_allowed_words, mask_words
 from jax_gpt2.tokenizer import encode, load_tokenizer
 from jax_gpt2.tools.random_model import train_tokenizer
 
@@ -100,3 +103,26 @@ def test_streaming_gives_the_same_tokens(model):
 def test_what_cannot_compile_is_a_value_error_naming_it(model, constraint):
     with pytest.raises(ValueError, match="cannot be compiled"):
         constraints.compile_constraint(constraint(), model[3])
+
+
+def test_a_packed_mask_keeps_exactly_the_tokens_its_grammar_allows(model):
+    """The server sends each row's mask as the grammar engine writes it, 32 tokens an int32 word
+    (bit v % 32 of word v // 32), and the step unpacks it: the same tokens survive as from the bool
+    mask, the last partial word and bit 31 included; -1 words allow everything."""
+    _, config, _, tokens = model
+    V = config.vocab_size
+    matcher = constraints.compile_constraint(constraints.regex("[a-c]{2,5}"), tokens).new_matcher()
+    words_K = np.zeros((mask_words(V),), np.int32)
+    matcher.write_allowed(words_K)
+    allowed_V = matcher.allowed_V()
+    assert 0 < allowed_V.sum() < V  # the grammar allows some tokens, not all
+    rng = np.random.default_rng(0)
+    odd_V = rng.random(V) < 0.5
+    odd_V[31] = odd_V[V - 1] = True  # a word's sign bit, and the last partial word's last token
+    odd_words_K = np.packbits(np.pad(odd_V, (0, mask_words(V) * 32 - V)), bitorder="little").view(np.int32)
+    logits_2V = jnp.asarray(rng.normal(size=(2, V)), jnp.float32)
+    for bool_V, packed_K in ((allowed_V, words_K), (odd_V, odd_words_K)):
+        expected = apply_allowed_tokens(logits_2V, jnp.asarray(np.stack([bool_V, np.ones(V, bool)])))
+        packed_2K = jnp.asarray(np.stack([packed_K, np.full_like(packed_K, -1)]))
+        np.testing.assert_array_equal(apply_allowed_words(logits_2V, packed_2K), expected)
+    np.testing.assert_array_equal(apply_allowed_words(logits_2V, jnp.full((2, mask_words(V)), -1, jnp.int32)), logits_2V)

@@ -4,6 +4,7 @@ they join; stop strings, max_tokens, eos and cancellation free their slots; a fu
 logprobs are the model's; once warmed up, load compiles nothing new."""
 
 import dataclasses
+import re
 import threading
 
 import jax
@@ -229,10 +230,11 @@ def test_a_stop_string_ends_the_text_there_and_frees_the_slot(model):
     assert collector.ids(next_id) == collector.ids(free_id)[:4]  # the freed slot served the next one
 
 
-def test_a_round_leaves_its_chunk_running_unless_a_constrained_row_needs_its_tokens_first(model):
-    # Unconstrained rows: a round dispatches its chunk and hands out the previous one, so a chunk is
-    # still in flight after the round (the cores decode while the host delivers). A constrained row's
-    # next mask needs its last token, so with one running every chunk is handed out in its round.
+def test_a_round_leaves_its_chunk_running_and_feeds_a_constrained_rows_grammar_first(model):
+    # A round dispatches its chunk and hands out the previous one, so a chunk is still in flight
+    # after the round (the cores decode while the host delivers). A constrained row's next mask needs
+    # its last token: the round fetches the previous chunk and feeds that token to the row's grammar
+    # before it dispatches, so constrained answers are what generate makes under the same grammar.
     from jax_gpt2 import constraints
 
     weights, config, tokenizer = model
@@ -247,15 +249,22 @@ def test_a_round_leaves_its_chunk_running_unless_a_constrained_row_needs_its_tok
     assert free_collector.ids(free_id) == reference(model, sequence(prompt, 12))
 
     grammar = constraints.grammar_tokenizer(tokenizer, config.vocab_size, config.eos_token_id)
-    constrained = SequenceRequest(prompt, SamplingSettings(max_new_tokens=12),
-                                  constraint=constraints.compile_constraint(constraints.regex("[a-z ]{1,40}"), grammar))  # fmt: skip
+    pattern = "([a-m][n-z]){1,20}"  # the allowed tokens change with every character: a stale mask shows
+    compiled = constraints.compile_constraint(constraints.regex(pattern), grammar)
+    constrained = SequenceRequest(prompt, SamplingSettings(max_new_tokens=12), constraint=compiled)
     engine = make_engine(model)
     collector = Collector()
-    engine.submit([constrained, sequence(prompt, 12)], collector)
+    constrained_id, free_id = engine.submit([constrained, sequence(prompt, 12)], collector)
     for _ in range(3):
         engine.step()
-        assert engine._in_flight is None
+        assert engine._in_flight is not None
     run_until_idle(engine)
+    [expected] = generate([list(prompt)], weights, config, max_new_tokens=12, eos_token_id=config.eos_token_id,
+                          constraint=compiled)  # fmt: skip
+    assert collector.ids(constrained_id) == [t for t in expected if t != config.eos_token_id]
+    assert re.fullmatch("[a-m]?([n-z][a-m])*[n-z]?", collector.text(constrained_id))  # a prefix of an answer
+    assert len(collector.ids(constrained_id)) >= 2
+    assert collector.ids(free_id) == reference(model, sequence(prompt, 12))
 
 
 def test_cancel_frees_a_running_slot_and_drops_a_waiting_sequence(model):
@@ -442,6 +451,28 @@ def test_a_lone_sequence_decodes_at_width_one_and_a_survivor_moves_down(model, m
     assert collector.ids(survivor) == alone
     assert collector.ids(lone) == alone[:9]
     assert collector.ids(short) == collector.ids(other) == alone[:5]
+
+
+def test_a_row_moved_while_its_chunk_runs_keeps_the_slots_that_chunk_writes(model):
+    """A row is moved down (`_compact`) while the chunk dispatched before the last hand-out still runs
+    and writes chunk_steps more of its slots than the host has counted. Here the host counts 8 filled
+    slots (3 prompt tokens, 5 picked) when the survivor moves, so a copy of the first 8 would leave
+    3 of that chunk's slots behind (and attend to the old row's there): the survivor's logprobs must
+    be those of the same sequence run alone, which never moves."""
+    config = dataclasses.replace(model[1], eos_token_id=None)  # sequences run to their max_tokens
+    prompt = encode(model[2], "Hello world, and more words")[:3]
+    assert len(prompt) == 3
+
+    def survivor_logprobs(requests: list[SequenceRequest]) -> list[float]:
+        engine, collector = make_engine(model, config, max_batch=2, chunk_steps=4), Collector()
+        seq_id = engine.submit(requests, collector)[-1]
+        run_until_idle(engine)
+        return [entry.logprob for event in collector.events[seq_id] for entry in event.logprobs]
+
+    survivor = sequence(prompt, 20, num_logprobs=0)
+    alone, moved = survivor_logprobs([survivor]), survivor_logprobs([sequence(prompt, 5), survivor])
+    assert len(moved) == len(alone) == 20
+    np.testing.assert_allclose(moved, alone, atol=1e-5)
 
 
 def test_a_prompt_prefilled_in_chunks_has_the_cache_and_logits_of_a_whole_prefill(long_model):

@@ -26,6 +26,8 @@ from collections.abc import Sequence
 import llguidance
 import numpy as np
 
+from jax_gpt2.sampling import mask_words
+
 # Compact JSON, no free whitespace: an answer cannot be padded forever.
 JSON_OPTIONS = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
 
@@ -109,7 +111,7 @@ class Matcher:
     def __init__(self, matcher: llguidance.LLMatcher, vocab_size: int) -> None:
         assert not matcher.is_error(), matcher.get_error()
         self.matcher, self.vocab_size = matcher, vocab_size
-        self._words = np.zeros((1, (vocab_size + 31) // 32), np.int32)
+        self._words = np.zeros((1, mask_words(vocab_size)), np.int32)
 
     @property
     def done(self) -> bool:
@@ -118,10 +120,18 @@ class Matcher:
 
     def allowed_V(self) -> np.ndarray:
         """bool (V,): the tokens that keep the text a prefix of a valid answer (eos once it is complete)."""
-        self.matcher.unsafe_compute_mask_ptr(self._words.ctypes.data, self._words.nbytes)
+        self.write_allowed(self._words[0])
         allowed_V = np.unpackbits(self._words.view(np.uint8), bitorder="little")[: self.vocab_size].astype(np.bool_)
         assert allowed_V.shape == (self.vocab_size,)
         return allowed_V
+
+    def write_allowed(self, words_K: np.ndarray) -> None:
+        """`allowed_V` packed into words_K, as the grammar engine computes it (sampling.apply_allowed_words):
+        bit v % 32 of int32 word v // 32 allows token v."""
+        assert words_K.shape == (mask_words(self.vocab_size),)
+        assert words_K.dtype == np.int32
+        assert words_K.flags.c_contiguous, "the grammar engine writes through a pointer"
+        self.matcher.unsafe_compute_mask_ptr(words_K.ctypes.data, words_K.nbytes)
 
     def advance(self, token: int) -> None:
         """Take the token the row picked (one `allowed_V` said was allowed)."""

@@ -270,6 +270,29 @@ def apply_repetition_penalty(logits_BV: jax.Array, seen_BV: jax.Array, penalty_B
     return jnp.where(seen_BV, penalized_BV, logits_BV)
 
 
+MASK_WORD_BITS = 32  # a packed mask: bit v % 32 of int32 word v // 32 allows token v (llguidance's layout)
+
+
+def mask_words(vocab_size: int) -> int:
+    """The int32 words of one row's packed mask of vocab_size tokens."""
+    assert vocab_size >= 1
+    words = -(-vocab_size // MASK_WORD_BITS)
+    assert words * MASK_WORD_BITS >= vocab_size
+    return words
+
+
+def apply_allowed_words(logits_BV: jax.Array, words_BK: jax.Array) -> jax.Array:
+    """`apply_allowed_tokens` with each row's mask packed 32 tokens a word, as the grammar engine
+    writes it: the host neither unpacks it nor sends the 8x larger bool array (-1: every token)."""
+    B, V = logits_BV.shape
+    assert words_BK.shape == (B, mask_words(V))
+    assert words_BK.dtype == jnp.int32
+    shifts_X = jnp.arange(MASK_WORD_BITS, dtype=jnp.int32)
+    bits_BKX = jnp.right_shift(words_BK[:, :, None], shifts_X[None, None, :]) & 1
+    allowed_BV = bits_BKX.reshape(B, -1)[:, :V] != 0
+    return apply_allowed_tokens(logits_BV, allowed_BV)
+
+
 def apply_allowed_tokens(logits_BV: jax.Array, allowed_BV: jax.Array) -> jax.Array:
     """Structured output's mask (constraints.py), ahead of every other processor: a token the row's
     grammar does not allow gets FILTERED (an unconstrained row allows every token)."""

@@ -57,7 +57,7 @@ from jax_gpt2.constraints import CompiledConstraint
 from jax_gpt2.generate import PAD_ID
 from jax_gpt2.kvcache import check_kv_dtype
 from jax_gpt2.sampling import (
-    SamplingSettings, check_token_settings, end_token_ids, row_keys, sampling_params,
+    SamplingSettings, check_token_settings, end_token_ids, mask_words, row_keys, sampling_params,
 )
 from jax_gpt2.serve import slots
 from jax_gpt2.serve.events import Event, TokenLogprob
@@ -99,6 +99,14 @@ class _Chunk:
     outputs: tuple
     counts: tuple
     sequences: tuple  # _Sequence | None per column
+    _host: list = dataclasses.field(default_factory=list)  # the outputs on the host, once fetched
+
+    def fetched(self) -> StepOutput:
+        """The outputs on the host (waits for the chunk the first time; later calls reuse them)."""
+        if not self._host:
+            self._host.append(StepOutput(*jax.device_get(self.outputs)))
+        assert len(self._host) == 1
+        return self._host[0]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -194,11 +202,20 @@ class _Sequence:
         self.prompt_logprobs: tuple[TokenLogprob, ...] | None = None  # sent with the first event
         self.cached_tokens = 0  # prompt tokens the prefix cache supplied (sent with every event)
         self.matcher = None if request.constraint is None else request.constraint.new_matcher()
+        self._fed_ahead = 0  # tokens the grammar took before `take` handed them out (feed_grammar)
 
     @property
     def filled_slots(self) -> int:
         """An upper bound of the cache slots the sequence fills: its prompt and every token picked."""
         return len(self.request.prompt_ids) + self.num_picked
+
+    def feed_grammar(self, token_Y: list[int]) -> None:
+        """Advance the grammar by tokens `take` hands out later (it skips feeding them again)."""
+        assert self.matcher is not None
+        assert self._fed_ahead == 0, "a constrained row makes one token a chunk, handed out before the next"
+        for token in token_Y:
+            self.matcher.advance(token)
+        self._fed_ahead += len(token_Y)
 
     def take(self, token_Y: list[int], out: StepOutput, row: int) -> Event:
         """This row's new tokens (of one chunk, or a first token) as one event; finishes the sequence when it ends."""
@@ -214,7 +231,10 @@ class _Sequence:
             # ... but it has a logprob: harnesses read the last entry as the token the model picked after the prompt
             logprobs.append(self._logprob(token, out, k, row))
             if self.matcher is not None:
-                self.matcher.advance(token)
+                if self._fed_ahead > 0:  # the engine fed it before dispatching the next chunk
+                    self._fed_ahead -= 1
+                else:
+                    self.matcher.advance(token)
                 if self.matcher.done and self.finisher.finish_reason is None:  # the answer is complete
                     text.append(self.finisher.stop())
             if self.finisher.finish_reason is not None:
@@ -384,8 +404,10 @@ class Engine:
         The chunk is dispatched before the previous one is handed out, so the cores decode while this
         thread delivers tokens, reads the inbox and prefills: done in turns, both cores idled through
         that host work, ~6% of a busy server's time at batch 8. A row that finished in the previous
-        chunk rides along in the new one (its tokens there are dropped: `_collect`). Constrained rows
-        (their next mask needs their last token) and speculation take chunks in turns, as before."""
+        chunk rides along in the new one (its tokens there are dropped: `_collect`). A constrained
+        row's next mask needs its last token: the previous chunk's tokens are fetched and fed to the
+        rows' grammars first (`_feed_grammars`), and only the hand-out waits for the dispatch. With
+        speculation chunks are taken in turns."""
         self._read_inbox(block=False)
         self._prefill_round()
         self._compact()
@@ -394,6 +416,8 @@ class Engine:
         if previous is not None and not overlap:
             self._collect(previous)
             previous = None
+        if previous is not None and any(seq is not None and seq.matcher is not None for seq in self._rows):
+            self._feed_grammars(previous)
         if any(seq is not None for seq in self._rows):
             chunk = self._dispatch_chunk()
             if overlap:
@@ -407,7 +431,7 @@ class Engine:
 
     def _may_overlap(self) -> bool:
         """Whether the next chunk may be dispatched before the last one's tokens are handed out."""
-        return self.speculate is None and all(seq is None or seq.matcher is None for seq in self._rows)
+        return self.speculate is None
 
     def warm_up(self) -> None:
         """Compile everything load can reach (every prefill bucket, copy bucket and width). Call while idle."""
@@ -432,9 +456,9 @@ class Engine:
                 self._slots, _ = slots.prefill_rows_jit(self._slots, ids_WT, np.ones((W,), np.int32), rows_W,
                                                         *self._row_settings([], W), self.weights, self.config)  # fmt: skip
         for width in self.widths:
-            allowed_WV, single_W = np.ones((width, self.config.vocab_size), np.bool_), np.zeros((width,), np.bool_)
+            allowed_WK, single_W = self._allowed([], width), np.zeros((width,), np.bool_)
             chunk, arguments = self._chunk_program(width, self.weights)
-            self._slots = chunk(self._slots, allowed_WV, single_W, *arguments)[0]
+            self._slots = chunk(self._slots, allowed_WK, single_W, *arguments)[0]
         self._slots = slots.release_jit(self._slots, np.ones((self.max_batch,), np.bool_))
         if self.prefix_cache.capacity > 0:
             k, v = slots.read_block_jit(self._staging, zero)
@@ -444,7 +468,7 @@ class Engine:
         self.programs.mark_all_compiled()
 
     def _chunk_program(self, width: int, weights) -> tuple[Callable, tuple]:
-        """The chunk program of `width` and its arguments after (slots, allowed_WV, single_W):
+        """The chunk program of `width` and its arguments after (slots, allowed_WK, single_W):
         decode_chunk, or speculate_chunk when the engine speculates (it also returns its counts).
         weights: the engine's, or their abstract shapes (a compile job)."""
         assert width in self.widths
@@ -468,7 +492,7 @@ class Engine:
         safe beside the engine thread), in the order the background compiles them: the likeliest next
         needs first (longer short prompts, more clients), long prompts and wide prefills last. Each
         call mirrors the engine's own call (positional or keyword alike), so it lowers to the same key."""
-        config, V = self.config, self.config.vocab_size
+        config, K = self.config, mask_words(self.config.vocab_size)
         assert self.weights.mesh is None, "see __init__: no jobs on a mesh"
         state, staging, weights = _abstract(self._slots), _abstract(self._staging), _abstract(self.weights)
         i32, flag = _spec((), jnp.int32), _spec((), jnp.bool_)
@@ -486,7 +510,7 @@ class Engine:
             prefill_rows(1, T)
         for W in self.widths:
             chunk, arguments = self._chunk_program(W, weights)
-            add(("decode_chunk", W), chunk, state, _spec((W, V), jnp.bool_), _spec((W,), jnp.bool_), *arguments)
+            add(("decode_chunk", W), chunk, state, _spec((W, K), jnp.int32), _spec((W,), jnp.bool_), *arguments)
         add(("release",), slots.release_jit, state, _spec((self.max_batch,), jnp.bool_))
         add(("move_state",), slots.move_state_jit, state, i32, i32)
         for bucket in self.copy_buckets:
@@ -690,7 +714,7 @@ class Engine:
         return W * T
 
     def _row_settings(self, batch: list[_Sequence], width: int) -> tuple[np.ndarray, ...]:
-        """keys_W2, params_W, limit_W, want_logprobs_W, allowed_WV (the first token's grammar mask) of
+        """keys_W2, params_W, limit_W, want_logprobs_W, allowed_WK (the first token's grammar mask) of
         the batch's sequences, padded to width rows."""
         assert len(batch) <= width
         requests = [seq.request for seq in batch]
@@ -703,13 +727,15 @@ class Engine:
         return keys_W2, sampling_params(settings, sorted(self.eos_ids)), limit_W, want_W, self._allowed(batch, width)
 
     def _allowed(self, rows: list["_Sequence | None"], width: int) -> np.ndarray:
-        """allowed_WV: each constrained sequence's grammar mask for its next token; every token elsewhere."""
+        """allowed_WK: each constrained sequence's packed grammar mask for its next token (the grammar
+        engine writes it in place: nothing unpacked, 1/8 of a bool mask's bytes sent); -1, every token,
+        elsewhere."""
         assert len(rows) <= width
-        allowed_WV = np.ones((width, self.config.vocab_size), np.bool_)
+        allowed_WK = np.full((width, mask_words(self.config.vocab_size)), -1, np.int32)
         for row, seq in enumerate(rows):
             if seq is not None and seq.matcher is not None:
-                allowed_WV[row] = seq.matcher.allowed_V()
-        return allowed_WV
+                seq.matcher.write_allowed(allowed_WK[row])
+        return allowed_WK
 
     def _chunk_bucket(self, num_tokens: int) -> int:
         return next(bucket for bucket in self.chunk_buckets if bucket >= num_tokens)
@@ -810,11 +836,14 @@ class Engine:
         """Move the highest busy rows into free lower ones while that lets the chunk run narrower."""
         busy = [row for row, seq in enumerate(self._rows) if seq is not None]
         target = self._width_for(max(len(busy), 1))
+        # A chunk still in flight writes up to chunk_steps slots a row past what the host has counted;
+        # the copy runs after it, and must take those slots too.
+        ahead = self.chunk_steps if self._in_flight is not None else 0
         for source in sorted((row for row in busy if row >= target), reverse=True):
             destination = self._rows.index(None)
             assert destination < target
             seq = self._rows[source]
-            bucket = next(b for b in self.copy_buckets if b >= min(seq.filled_slots, self.context_length))
+            bucket = next(b for b in self.copy_buckets if b >= min(seq.filled_slots + ahead, self.context_length))
             self.programs.ensure(("move_slots", bucket))
             self.programs.ensure(("move_state",))
             self._slots = slots.move_slots_jit(self._slots, np.int32(source), np.int32(destination), bucket=bucket)
@@ -826,10 +855,10 @@ class Engine:
         """Start a decode chunk over the busy rows (the device runs it while this thread goes on)."""
         width = self._width_for(1 + max(row for row, seq in enumerate(self._rows) if seq is not None))
         single_W = np.array([seq is not None and seq.matcher is not None for seq in self._rows[:width]])
-        allowed_WV = self._allowed(self._rows[:width], width)
+        allowed_WK = self._allowed(self._rows[:width], width)
         self.programs.ensure(("decode_chunk", width))
         chunk, arguments = self._chunk_program(width, self.weights)
-        self._slots, outputs, *counts = chunk(self._slots, allowed_WV, single_W, *arguments)
+        self._slots, outputs, *counts = chunk(self._slots, allowed_WK, single_W, *arguments)
         return _Chunk(outputs, tuple(counts), tuple(self._rows[:width]))
 
     def _collect(self, chunk: _Chunk) -> None:
@@ -839,11 +868,23 @@ class Engine:
             drafted, accepted, passes = (int(x) for x in jax.device_get(chunk.counts[0]))
             self.drafted_tokens, self.accepted_tokens = self.drafted_tokens + drafted, self.accepted_tokens + accepted
             self.verify_passes += passes
-        out = StepOutput(*jax.device_get(chunk.outputs))
+        out = chunk.fetched()
+        picked = {row: out.tokens_YB[out.emitted_YB[:, k], k].tolist() for row, k in self._columns(chunk).items()}
+        self._hand_out(picked, out, self._columns(chunk))
+
+    def _columns(self, chunk: _Chunk) -> dict[int, int]:
+        """Each row's column in the chunk's outputs, for the sequences it ran that still hold a row."""
         row_of = {id(seq): row for row, seq in enumerate(self._rows) if seq is not None}  # chunk keeps them alive
-        column = {row_of[id(seq)]: k for k, seq in enumerate(chunk.sequences) if seq is not None and id(seq) in row_of}
-        picked = {row: out.tokens_YB[out.emitted_YB[:, k], k].tolist() for row, k in column.items()}
-        self._hand_out(picked, out, column)
+        return {row_of[id(seq)]: k for k, seq in enumerate(chunk.sequences) if seq is not None and id(seq) in row_of}
+
+    def _feed_grammars(self, chunk: _Chunk) -> None:
+        """The chunk's tokens into its constrained rows' grammars ahead of the hand-out, so the next
+        chunk's masks can be computed before it (their `take` then skips what was fed)."""
+        out = chunk.fetched()
+        for row, k in self._columns(chunk).items():
+            seq = self._rows[row]
+            if seq.matcher is not None:
+                seq.feed_grammar(out.tokens_YB[out.emitted_YB[:, k], k].tolist())
 
     def _hand_out(self, picked: dict[int, list[int]], out: StepOutput, column: dict[int, int]) -> None:
         """Hand each row's picked tokens to its sequence; deliver the events; free the rows that finished."""

@@ -46,8 +46,8 @@ from jax_gpt2.kvcache import KVCache
 from jax_gpt2.model import empty_cache, lm_logits, transformer, transformer_from_empty
 from jax_gpt2.sharding import cache_specs, rows_spec
 from jax_gpt2.sampling import (
-    FILTERED, MAX_TOP_LOGPROBS, SamplingParams, SamplingSettings, apply_allowed_tokens, choose_tokens, pick_logits,
-    runtime_flags, sampling_params, token_logprobs,
+    FILTERED, MAX_TOP_LOGPROBS, SamplingParams, SamplingSettings, apply_allowed_words, choose_tokens, mask_words,
+    pick_logits, runtime_flags, sampling_params, token_logprobs,
 )  # fmt: skip
 from jax_gpt2.speculate import (
     PromptLookup, accept_drafts, accept_keys, choose_width, count_emitted, decayed_evidence, emitted_lengths, lookup_draft,
@@ -225,11 +225,11 @@ def copy_prompt(slots: Slots, staging: KVCache, row: jax.Array, bucket: int) -> 
 
 def admit(
     slots: Slots, last_logits_WV: jax.Array, prompt_ids_WT: jax.Array, num_prompt_W: jax.Array, rows_W: jax.Array,
-    keys_W2: jax.Array, params_W: SamplingParams, limit_W: jax.Array, want_logprobs_W: jax.Array, allowed_WV: jax.Array,
+    keys_W2: jax.Array, params_W: SamplingParams, limit_W: jax.Array, want_logprobs_W: jax.Array, allowed_WK: jax.Array,
 ) -> tuple[Slots, tuple[jax.Array, ...]]:  # fmt: skip
     """Start W prefilled prompts (their slots already filled) in rows_W: pick each one's first token
-    from its prompt's last logits, among the tokens allowed_WV allows (structured output; all for the
-    others). prompt_ids_WT holds prompt p in its first num_prompt_W[p] entries.
+    from its prompt's last logits, among the tokens allowed_WK allows (structured output's packed
+    mask; all for the others). prompt_ids_WT holds prompt p in its first num_prompt_W[p] entries.
     A row of max_batch or more is a padding entry: its state is dropped, its outputs are junk."""
     W, V = last_logits_WV.shape
     assert V == slots.rows.seen_BV.shape[1]
@@ -254,7 +254,7 @@ def admit(
         hits_B=hits_W,
         trials_B=trials_W,
     )
-    new, outputs = pick(new, apply_allowed_tokens(last_logits_WV, allowed_WV))
+    new, outputs = pick(new, apply_allowed_words(last_logits_WV, allowed_WK))
     history_WS = new.history_BS.at[jnp.arange(W), num_prompt_W].set(new.pending_B, mode="drop")  # the pending token
     new = dataclasses.replace(new, history_BS=history_WS)
     rows = jax.tree.map(lambda all_B, new_W: all_B.at[rows_W].set(new_W, mode="drop"), slots.rows, new)
@@ -267,7 +267,7 @@ def admit(
 
 def prefill_rows(
     slots: Slots, ids_WT: jax.Array, num_prompt_W: jax.Array, rows_W: jax.Array, keys_W2: jax.Array,
-    params_W: SamplingParams, limit_W: jax.Array, want_logprobs_W: jax.Array, allowed_WV: jax.Array, weights: GPT2Weights,
+    params_W: SamplingParams, limit_W: jax.Array, want_logprobs_W: jax.Array, allowed_WK: jax.Array, weights: GPT2Weights,
     config: GPT2Config,
 ) -> tuple[Slots, tuple[jax.Array, ...]]:  # fmt: skip
     """W short prompts (right-padded to T) at once, straight into their rows: one batched pass over a
@@ -289,7 +289,7 @@ def prefill_rows(
         v_LBNSH=old.v_LBNSH.at[:, rows_W, :, :T].set(fresh.v_LBNSH, mode="drop"),
     )  # fmt: skip
     new_slots, outputs = admit(Slots(cache, slots.rows), last_logits_WV, ids_WT, num_prompt_W, rows_W, keys_W2, params_W,
-                               limit_W, want_logprobs_W, allowed_WV)  # fmt: skip
+                               limit_W, want_logprobs_W, allowed_WK)  # fmt: skip
     assert outputs[0].shape == (W,)
     return new_slots, outputs
 
@@ -323,19 +323,19 @@ def chunk_goes_on(i: jax.Array, num_steps: int, done_W: jax.Array, single_W: jax
 
 
 def decode_chunk(
-    slots: Slots, allowed_WV: jax.Array, single_W: jax.Array, weights: GPT2Weights, config: GPT2Config, width: int,
+    slots: Slots, allowed_WK: jax.Array, single_W: jax.Array, weights: GPT2Weights, config: GPT2Config, width: int,
     num_steps: int,
 ) -> tuple[Slots, tuple[jax.Array, ...]]:  # fmt: skip
     """Up to num_steps steps of rows [0, width), each feeding its pending token and picking the next;
     it stops early once every one of those rows is done. A `single_W` row (structured output) picks
-    among allowed_WV (its grammar's mask, computed on the host for that one token), and while one
+    among allowed_WK (its grammar's packed mask, computed on the host for that one token), and while one
     runs the chunk is that one step (`chunk_goes_on`).
 
     Returns the slots and (tokens_YW, emitted_YW, logprob_YW, top_ids_YWA, top_logprobs_YWA).
     """
     assert 1 <= width <= slots.rows.done_B.shape[0]
     assert num_steps >= 1
-    assert allowed_WV.shape == (width, config.vocab_size)
+    assert allowed_WK.shape == (width, mask_words(config.vocab_size))
     assert single_W.shape == (width,)
     Y, W, A = num_steps, width, TOP_LOGPROBS
     outputs = (
@@ -354,7 +354,7 @@ def decode_chunk(
         cache = dataclasses.replace(cache, end_B=jnp.where(head.rows.done_B, head.cache.end_B, cache.end_B))
         logits_WV = lm_logits(hidden_WTD, weights)[:, 0]
         masked = (i == 0) & jnp.any(single_W)
-        logits_WV = jax.lax.cond(masked, lambda x: apply_allowed_tokens(x, allowed_WV), lambda x: x, logits_WV)
+        logits_WV = jax.lax.cond(masked, lambda x: apply_allowed_words(x, allowed_WK), lambda x: x, logits_WV)
         rows, picked = pick(head.rows, logits_WV)
         outputs = tuple(jax.lax.dynamic_update_index_in_dim(out, new, i, axis=0) for out, new in zip(outputs, picked))
         return i + 1, Slots(cache, rows), outputs
@@ -432,7 +432,7 @@ class _Iteration:
 
 
 def _speculative_step(
-    head: Slots, plan: tuple[jax.Array, ...], single_W: jax.Array, allowed_WV: jax.Array, i: jax.Array, width: int,
+    head: Slots, plan: tuple[jax.Array, ...], single_W: jax.Array, allowed_WK: jax.Array, i: jax.Array, width: int,
     weights: GPT2Weights, config: GPT2Config,
 ) -> tuple[Slots, _Iteration]:  # fmt: skip
     """One verify pass of [pending, `width` draft tokens] per row, then each running row emits its
@@ -452,7 +452,7 @@ def _speculative_step(
     kept_W, end_hit_W, rows = _kept_drafts(ids_WT[:, 1:], accepted_W, rows, running_W)
     logits_WV = jnp.take_along_axis(logits_WTV, accepted_W[:, None, None], axis=1)[:, 0]
     masked = (i == 0) & jnp.any(single_W)
-    logits_WV = jax.lax.cond(masked, lambda x: apply_allowed_tokens(x, allowed_WV), lambda x: x, logits_WV)
+    logits_WV = jax.lax.cond(masked, lambda x: apply_allowed_words(x, allowed_WK), lambda x: x, logits_WV)
     rejected_W = jnp.take_along_axis(ids_WT, jnp.minimum(accepted_W + 1, width)[:, None], axis=1)[:, 0]
     banned_W = jnp.where(accepted_W < draft_len_W, rejected_W, V)
     rows, picked = pick(rows, logits_WV, banned_W)
@@ -490,7 +490,7 @@ def _write_outputs(outputs_W: tuple[jax.Array, ...], made_W: jax.Array, made: _I
 
 
 def speculate_chunk(
-    slots: Slots, allowed_WV: jax.Array, single_W: jax.Array, lookup: PromptLookup, weights: GPT2Weights,
+    slots: Slots, allowed_WK: jax.Array, single_W: jax.Array, lookup: PromptLookup, weights: GPT2Weights,
     config: GPT2Config, width: int, num_steps: int,
 ) -> tuple[Slots, tuple[jax.Array, ...], tuple[jax.Array, ...]]:  # fmt: skip
     """decode_chunk with prompt lookup: up to num_steps iterations of rows [0, width), each a verify
@@ -504,7 +504,7 @@ def speculate_chunk(
     """
     assert 1 <= width <= slots.rows.done_B.shape[0]
     assert num_steps >= 1
-    assert allowed_WV.shape == (width, config.vocab_size)
+    assert allowed_WK.shape == (width, mask_words(config.vocab_size))
     assert single_W.shape == (width,)
     W, Y, A = width, num_steps * (lookup.max_draft + 1), TOP_LOGPROBS
     costs = lookup.costs(weights.blocks[0].qkv_w_DE.dtype, W)
@@ -527,7 +527,7 @@ def speculate_chunk(
 
             def step(carry, draft_width=draft_width):
                 i, head, plan, outputs_W, made_W, (drafted, accepted, passes) = carry
-                head, made = _speculative_step(head, plan, single_W, allowed_WV, i, draft_width, weights, config)
+                head, made = _speculative_step(head, plan, single_W, allowed_WK, i, draft_width, weights, config)
                 outputs_W, made_W = _write_outputs(outputs_W, made_W, made)
                 counts = (drafted + jnp.sum(made.draft_len_W), accepted + jnp.sum(made.accepted_W),
                           passes + int(draft_width > 0))  # fmt: skip
