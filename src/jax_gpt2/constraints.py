@@ -4,7 +4,7 @@ schema, any JSON object, a regular expression, one of fixed choices), from llgui
     Constraint (what to obey: an llguidance grammar, built by json_schema / json_object / regex / choice)
       --compile_constraint(constraint, GrammarTokenizer)--> CompiledConstraint (checked: an uncompilable
         schema is a ValueError here, before any decoding)
-      --new_matcher()--> Matcher: per row, `allowed_V()` before each token, `advance(token)` after it
+      --new_matcher()--> Matcher: per row, `write_allowed(words)` before each token, `advance(token)` after it
 
 llguidance was chosen over xgrammar after measuring both on GPT-2's 50257-token vocabulary
 (benchmarks/grammar_engines.py; docs/structured-output.md has the figures): it compiles a schema in
@@ -16,7 +16,8 @@ separators ", " and ": ", no other whitespace), so a model cannot pad an answer 
 
 Masks are computed on the host, one token at a time: a constrained row runs one decode step per
 dispatch (generate's constrained path; the server's constrained rows), and the mask enters the
-jitted step as allowed_BV (sampling.apply_allowed_tokens), ahead of every other logits processor.
+jitted step packed 32 tokens to an int32 word, as llguidance writes it (allowed_BK,
+sampling.apply_allowed_words), ahead of every other logits processor.
 """
 
 import dataclasses
@@ -111,30 +112,23 @@ class Matcher:
     def __init__(self, matcher: llguidance.LLMatcher, vocab_size: int) -> None:
         assert not matcher.is_error(), matcher.get_error()
         self.matcher, self.vocab_size = matcher, vocab_size
-        self._words = np.zeros((1, mask_words(vocab_size)), np.int32)
 
     @property
     def done(self) -> bool:
         """The answer is complete: nothing but an end token may follow."""
         return self.matcher.is_stopped()
 
-    def allowed_V(self) -> np.ndarray:
-        """bool (V,): the tokens that keep the text a prefix of a valid answer (eos once it is complete)."""
-        self.write_allowed(self._words[0])
-        allowed_V = np.unpackbits(self._words.view(np.uint8), bitorder="little")[: self.vocab_size].astype(np.bool_)
-        assert allowed_V.shape == (self.vocab_size,)
-        return allowed_V
-
     def write_allowed(self, words_K: np.ndarray) -> None:
-        """`allowed_V` packed into words_K, as the grammar engine computes it (sampling.apply_allowed_words):
-        bit v % 32 of int32 word v // 32 allows token v."""
+        """The tokens that keep the text a prefix of a valid answer (eos once it is complete) into
+        words_K, packed as the grammar engine computes them (sampling.apply_allowed_words): bit v % 32
+        of int32 word v // 32 allows token v."""
         assert words_K.shape == (mask_words(self.vocab_size),)
         assert words_K.dtype == np.int32
         assert words_K.flags.c_contiguous, "the grammar engine writes through a pointer"
         self.matcher.unsafe_compute_mask_ptr(words_K.ctypes.data, words_K.nbytes)
 
     def advance(self, token: int) -> None:
-        """Take the token the row picked (one `allowed_V` said was allowed)."""
+        """Take the token the row picked (one `write_allowed` said was allowed)."""
         assert 0 <= token < self.vocab_size
         if not self.matcher.consume_token(token):
             raise RuntimeError(f"the grammar refused token {token}, which its mask allowed: {self.matcher.get_error()}")

@@ -26,8 +26,8 @@ from jax_gpt2.kvcache import KVCache, check_kv_dtype
 from jax_gpt2.model import lm_logits, transformer, transformer_from_empty
 from jax_gpt2.sharding import fetch, pad_rows, padded_rows, put, put_rows
 from jax_gpt2.sampling import (
-    SamplerFlags, SamplingParams, SamplingSettings, apply_allowed_tokens, check_token_settings, choose_tokens,
-    end_token_ids, flags_for, pick_logits, row_keys, sampling_params,
+    SamplerFlags, SamplingParams, SamplingSettings, apply_allowed_words, check_token_settings, choose_tokens,
+    end_token_ids, flags_for, mask_words, pick_logits, row_keys, sampling_params,
 )
 from jax_gpt2.speculate import (
     DraftModel, PromptLookup, SpeculationStats, check_draft_vocabulary, decode_speculative, start_speculating,
@@ -223,9 +223,10 @@ def _decode_jit(state, max_steps, eos_U, params, weights, config, flags, num_slo
 
 
 @functools.partial(jax.jit, static_argnames=("config", "flags"), donate_argnames=("state",))
-def _constrained_step_jit(state, allowed_BV, ended_B, eos_U, params, weights, config, flags):
-    """One decode step whose pick obeys each row's allowed tokens; ended_B ends rows (their answer is complete)."""
-    state = dataclasses.replace(state, logits_BV=apply_allowed_tokens(state.logits_BV, allowed_BV),
+def _constrained_step_jit(state, allowed_BK, ended_B, eos_U, params, weights, config, flags):
+    """One decode step whose pick obeys each row's packed mask of allowed tokens; ended_B ends rows
+    (their answer is complete)."""
+    state = dataclasses.replace(state, logits_BV=apply_allowed_words(state.logits_BV, allowed_BK),
                                 done_B=state.done_B | ended_B)  # fmt: skip
     state, token_B, emitted_B, _ = decode_step(state, eos_U, params, weights, config, flags)
     return state, token_B, emitted_B
@@ -521,13 +522,14 @@ def _stream_constrained(
         raise ValueError(f"the constraint was compiled for {constraint.grammar_tokenizer.vocab_size} tokens; "
                          f"the model has {config.vocab_size}")  # fmt: skip
     matchers = [constraint.new_matcher() for _ in range(B)]
-    allowed_BV = np.ones((B, config.vocab_size), np.bool_)
+    allowed_BK = np.full((B, mask_words(config.vocab_size)), -1, np.int32)  # -1: every token
     for _ in range(placed.max_new_tokens):
         ended_B = np.array([matcher.done for matcher in matchers])
         for row, matcher in enumerate(matchers):
-            allowed_BV[row] = True if matcher.done else matcher.allowed_V()
+            if not matcher.done:
+                matcher.write_allowed(allowed_BK[row])
         state, token_B, emitted_B = _constrained_step_jit(
-            state, allowed_BV, ended_B, placed.eos_U, placed.params, weights, config, placed.flags
+            state, allowed_BK, ended_B, placed.eos_U, placed.params, weights, config, placed.flags
         )  # fmt: skip
         token_B, emitted_B = fetch(token_B), fetch(emitted_B)
         if not emitted_B.any():

@@ -13,8 +13,9 @@ One scheduling round (`step`):
 
 A round dispatches its decode chunk before it hands out the previous round's (JAX runs the chunk
 while this thread delivers, reads the inbox and prefills), so a row that finished in one chunk
-rides along in the next, its tokens there dropped; a constrained row needs its last token on the
-host for its next mask, so while one runs (and under speculation) each chunk is handed out first.
+rides along in the next, its tokens there dropped. A constrained row needs its last token on the
+host for its next mask: the round feeds the previous chunk's tokens to the grammars before it
+dispatches, and hands them out after. Under speculation each chunk is handed out first.
 
 W, the width, is the smallest compiled width (1, 2, 4, ..., max_batch) that holds every busy row:
 one client decodes at batch 1, eight at batch 8. When the busy rows would fit a smaller width, the
@@ -868,9 +869,9 @@ class Engine:
             drafted, accepted, passes = (int(x) for x in jax.device_get(chunk.counts[0]))
             self.drafted_tokens, self.accepted_tokens = self.drafted_tokens + drafted, self.accepted_tokens + accepted
             self.verify_passes += passes
-        out = chunk.fetched()
-        picked = {row: out.tokens_YB[out.emitted_YB[:, k], k].tolist() for row, k in self._columns(chunk).items()}
-        self._hand_out(picked, out, self._columns(chunk))
+        out, columns = chunk.fetched(), self._columns(chunk)
+        picked = {row: out.tokens_YB[out.emitted_YB[:, k], k].tolist() for row, k in columns.items()}
+        self._hand_out(picked, out, columns)
 
     def _columns(self, chunk: _Chunk) -> dict[int, int]:
         """Each row's column in the chunk's outputs, for the sequences it ran that still hold a row."""

@@ -50,8 +50,8 @@ from jax_gpt2.sampling import (
     pick_logits, runtime_flags, sampling_params, token_logprobs,
 )  # fmt: skip
 from jax_gpt2.speculate import (
-    PromptLookup, accept_drafts, accept_keys, choose_width, count_emitted, decayed_evidence, emitted_lengths, lookup_draft,
-    prior_evidence, verified_guesses, write_tokens,
+    PromptLookup, accept_drafts, accept_keys, choose_width, count_emitted, decayed_evidence, emitted_lengths,
+    lookup_draft, prior_evidence, verified_guesses, write_tokens,
 )  # fmt: skip
 from jax_gpt2.weights import GPT2Weights
 
