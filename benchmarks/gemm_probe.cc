@@ -4,9 +4,10 @@
 // by the core's own probe (MeasureFmaPeak) on the same threads. Build and run:
 //   g++ -O3 -std=c++17 -ffp-contract=fast -pthread -march=native -Isrc/jax_gpt2/kernels
 //       src/jax_gpt2/kernels/core.cc benchmarks/gemm_probe.cc -o /tmp/gemm_probe
-//   flock /tmp/jax-gpt2-bench.lock /tmp/gemm_probe THREADS f32|bf16|bf16dot|i8 M [repeats] [logits]
+//   flock /tmp/jax-gpt2-bench.lock /tmp/gemm_probe THREADS f32|bf16|bf16dot|i8|i8dot M [repeats] [logits]
 // bf16dot is the opt-in bf16 dot path (PackedMatmulBf16Dot: x rounded to bf16, AVX512_BF16's
-// vdpbf16ps; the exact bf16 path on builds without it). Prints each shape's best and median time,
+// vdpbf16ps; the exact bf16 path on builds without it), i8dot the opt-in int8 dot path
+// (PackedMatmulInt8Dot: x quantized to int8, AVX512_VNNI's vpdpbusd). Prints each shape's best and median time,
 // GFLOP/s and best as a share of the peak, the whole forward's, and the peak. With one
 // thread it also prints GFLOP per second of this thread's CPU time (the time the scheduler gave it),
 // which a busy host disturbs far less than the wall clock.
@@ -34,7 +35,8 @@ int main(int argc, char** argv) {
   std::vector<float> x(M * 3072), y(M * 50304);
   for (size_t i = 0; i < x.size(); ++i) x[i] = static_cast<float>((i * 7919) % 2001) * 1e-3f - 1.0f;
   auto run = [&](Mat& m) {
-    if (!strcmp(which, "i8")) PackedMatmul(x.data(), M, m.I, m.i8.data(), m.scale.data(), m.O, y.data(), pool);
+    if (!strcmp(which, "i8dot")) PackedMatmulInt8Dot(x.data(), M, m.I, m.i8.data(), m.scale.data(), m.O, y.data(), pool);
+    else if (!strcmp(which, "i8")) PackedMatmul(x.data(), M, m.I, m.i8.data(), m.scale.data(), m.O, y.data(), pool);
     else if (!strcmp(which, "bf16dot")) PackedMatmulBf16Dot(x.data(), M, m.I, m.bf.data(), m.O, y.data(), pool);
     else if (!strcmp(which, "bf16")) PackedMatmul(x.data(), M, m.I, m.bf.data(), m.O, y.data(), pool);
     else PackedMatmul(x.data(), M, m.I, m.f32.data(), m.O, y.data(), pool);

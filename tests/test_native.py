@@ -817,7 +817,7 @@ DOT_ROWS = [16, 23, 49, 100]  # at the GEMM threshold, past the 6-row register b
 
 
 def bf16_dot_matrix(w_IO: np.ndarray) -> PackedMatrix:
-    return dataclasses.replace(pack_matrix(w_IO, jnp.bfloat16), bf16_dot=True)
+    return dataclasses.replace(pack_matrix(w_IO, jnp.bfloat16), dot=True)
 
 
 @needs_bf16_dot
@@ -850,7 +850,7 @@ def test_bf16_dot_below_the_gemm_threshold_is_the_exact_bf16_path(M):
     assert M < native.gemm_min_rows()
     packed = pack_matrix(random_weight_IO(769, 200), jnp.bfloat16)
     x_MI = jnp.asarray(random_x_MI(M, 769))
-    dot_MO = packed_matmul(x_MI, dataclasses.replace(packed, bf16_dot=True), use_kernel=True)
+    dot_MO = packed_matmul(x_MI, dataclasses.replace(packed, dot=True), use_kernel=True)
     np.testing.assert_array_equal(np.asarray(dot_MO), np.asarray(packed_matmul(x_MI, packed, use_kernel=True)))
 
 
@@ -880,7 +880,7 @@ def test_bf16_weights_without_the_option_are_the_exact_path(tiny):
     explicit = load_weights(tiny.folder, dtype=jnp.bfloat16, bf16_dot=False)
     ids_BT = tiny.random_ids(2, 24)
     assert not default.bf16_dot
-    assert not any(leaf.bf16_dot for leaf in jax.tree.leaves(default, is_leaf=lambda leaf: isinstance(leaf, PackedMatrix))
+    assert not any(leaf.dot for leaf in jax.tree.leaves(default, is_leaf=lambda leaf: isinstance(leaf, PackedMatrix))
                    if isinstance(leaf, PackedMatrix))  # fmt: skip
     np.testing.assert_array_equal(gpt2_forward(ids_BT, default, tiny.config), gpt2_forward(ids_BT, explicit, tiny.config))
 

@@ -90,7 +90,7 @@ def load_config(name_or_path: str | os.PathLike) -> GPT2Config:
 
 def load_weights(
     name_or_path: str | os.PathLike, dtype=jnp.float32, config: GPT2Config | None = None, pack: bool | None = None,
-    mesh: Mesh | None = None, bf16_dot: bool = False,
+    mesh: Mesh | None = None, bf16_dot: bool = False, int8_dot: bool = False,
 ) -> GPT2Weights:  # fmt: skip
     """Every parameter of a hub model or local folder, checked against its config.
 
@@ -113,22 +113,30 @@ def load_weights(
     logits depend on how many rows share its call: batch invariance is lost. Refused with a
     ValueError where it cannot run (no kernels, a mesh, a CPU or build without AVX512_BF16), rather
     than silently meaning the exact path. The default weight-only bf16 path stays exact.
+
+    int8_dot=True (dtype int8 only; off by default) is the same kind of option for int8 weights:
+    matmuls of many rows quantize the activations to int8 (symmetric, per row and block of 256
+    inputs) and multiply by AVX512_VNNI's integer dot products (vpdpbusd), as llama.cpp's q8_0
+    does, about four times the float32 FMA rate. Logits move by the activation rounding
+    (docs/guides/gemm.md gives the measured error and the perplexity change); a row's result depends
+    only on itself from the GEMM threshold on. Refused where it cannot run (no kernels, a mesh, a CPU
+    or build without AVX512_VNNI). The default weight-only int8 path stays the reference.
     """
     folder = resolve_model_dir(name_or_path)
     if config is None:
         config = config_from_file(folder / "config.json")
     if mesh is not None and mesh.size > 1:
         check_mesh_fits(config, mesh)  # before reading gigabytes
-        if pack or bf16_dot or jnp.dtype(dtype) == jnp.int8:
+        if pack or bf16_dot or int8_dot or jnp.dtype(dtype) == jnp.int8:
             raise ValueError(
-                "weights on a mesh are not packed for the CPU kernels: use float32 or bfloat16, pack=None, bf16_dot=False"
+                "weights on a mesh are not packed for the CPU kernels: use float32 or bfloat16, pack=None, "
+                "bf16_dot=False, int8_dot=False"
             )
         state = normalize_keys(read_state_dict(folder))
         return place_weights(weights_for_dtype(state, config, dtype, pack=False), config, mesh)
-    if bf16_dot:
-        check_bf16_dot(dtype, pack)  # before reading gigabytes
+    check_dot_options(dtype, pack, bf16_dot, int8_dot)  # before reading gigabytes
     state = normalize_keys(read_state_dict(folder))
-    return weights_for_dtype(state, config, dtype, pack, bf16_dot)
+    return weights_for_dtype(state, config, dtype, pack, bf16_dot, int8_dot)
 
 
 def choose_kernels(pack: bool | None) -> bool:
@@ -143,38 +151,48 @@ def choose_kernels(pack: bool | None) -> bool:
     return bool(pack)
 
 
-def check_bf16_dot(dtype, pack: bool | None) -> None:
-    """Raises ValueError, saying why, where bf16_dot=True cannot take the bf16 dot path."""
-    if jnp.dtype(dtype) != jnp.bfloat16:
-        raise ValueError(f"bf16_dot=True multiplies bfloat16 weights: pass dtype=bfloat16 (got {jnp.dtype(dtype).name})")
+def check_dot_options(dtype, pack: bool | None, bf16_dot: bool, int8_dot: bool) -> None:
+    """Raises ValueError, saying why, where bf16_dot=True or int8_dot=True cannot take its dot path."""
+    if bf16_dot:
+        check_dot_option("bf16_dot", jnp.bfloat16, dtype, pack, kernels.native.has_bf16_dot, "AVX512_BF16 (vdpbf16ps)")
+    if int8_dot:
+        check_dot_option("int8_dot", jnp.int8, dtype, pack, kernels.native.has_int8_dot, "AVX512_VNNI (vpdpbusd)")
+
+
+def check_dot_option(option: str, tiles, dtype, pack: bool | None, build_has_it, instructions: str) -> None:
+    """Raises ValueError where the dot option `option` (for `tiles` weights) cannot run."""
+    tiles_name = jnp.dtype(tiles).name
+    if jnp.dtype(dtype) != jnp.dtype(tiles):
+        raise ValueError(f"{option}=True multiplies {tiles_name} weights: pass dtype={tiles_name} (got {jnp.dtype(dtype).name})")
     if pack is False or not kernels.kernels_available():
-        raise ValueError("bf16_dot=True is a path of the CPU kernels, which do not run here (or pack=False)")
-    if not kernels.native.has_bf16_dot():
+        raise ValueError(f"{option}=True is a path of the CPU kernels, which do not run here (or pack=False)")
+    if not build_has_it():
         raise ValueError(
-            f"bf16_dot=True needs a CPU with AVX512_BF16 (vdpbf16ps); the kernels here are built for "
-            f"{kernels.kernels_isa()} without it: drop bf16_dot (the default bf16 path is exact anyway)"
+            f"{option}=True needs a CPU with {instructions}; the kernels here are built for "
+            f"{kernels.kernels_isa()} without it: drop {option} (the default {tiles_name} path is exact anyway)"
         )
 
 
 def weights_for_dtype(
-    state: dict[str, np.ndarray], config: GPT2Config, dtype, pack: bool | None, bf16_dot: bool = False
-) -> GPT2Weights:
+    state: dict[str, np.ndarray], config: GPT2Config, dtype, pack: bool | None, bf16_dot: bool = False,
+    int8_dot: bool = False,
+) -> GPT2Weights:  # fmt: skip
     """weights_from_state_dict in `dtype`: packed for the kernels, or in the form XLA runs best here;
-    bf16_dot as load_weights takes it (checked there)."""
+    bf16_dot and int8_dot as load_weights takes them (checked there)."""
     dtype = jnp.dtype(dtype)
     if dtype.name not in PACKED_DTYPES:
         raise ValueError(f"dtype must be one of {sorted(PACKED_DTYPES)}; got {dtype.name}")
-    if bf16_dot:
-        check_bf16_dot(dtype, pack)
+    check_dot_options(dtype, pack, bf16_dot, int8_dot)
     use_kernels = choose_kernels(pack)
     float32 = weights_from_state_dict(state, config, jnp.float32)
     if not use_kernels:
         return weights_without_kernels(float32, dtype, jax.default_backend())
-    weights = pack_weights(float32, dtype, use_kernels=True, bf16_dot=bf16_dot)
+    weights = pack_weights(float32, dtype, use_kernels=True, dot=bf16_dot or int8_dot)
     for packed in packed_matrices(weights):
         kernels.advise_huge_pages(packed.tiles_GIC)  # streamed every token: fewer TLB misses
     assert weights.use_kernels
     assert weights.bf16_dot == bf16_dot
+    assert weights.int8_dot == int8_dot
     return weights
 
 

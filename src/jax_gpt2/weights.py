@@ -21,11 +21,14 @@ A PackedMatrix is a Conv1D weight w_IO cut into tiles of 64 output columns,
 tiles_GIC[g, i, c] = w_IO[i, 64 g + c] (zero past O), so a kernel streams each tile as one
 contiguous run and reads every weight byte once per call. int8 tiles are symmetric per output
 column: w_IO[i, o] ~ tiles * scale[o], scale = max |w[:, o]| / 127. Only the weights are narrowed
-("weight-only" bf16 / int8); activations stay float32, except under the opt-in `bf16_dot` of bf16
-tiles (static, decided at load like use_kernels): matmuls of at least the kernels' GEMM threshold
-of rows (prefill, scoring; not batch-1 decode) round x to bf16 too and multiply by AVX512_BF16's
-dot products, as transformers' bf16 path does, nearly twice as fast; a row's result then depends
-on how many rows share the call (batch invariance is lost for this option).
+("weight-only" bf16 / int8); activations stay float32, except under the opt-in dot options
+(`PackedMatrix.dot`, static, decided at load like use_kernels): matmuls of at least the kernels'
+GEMM threshold of rows (prefill, scoring; not batch-1 decode) narrow x to the tiles' dtype too and
+multiply by that dtype's dot-product instructions. bf16 tiles round x to bf16 for AVX512_BF16's
+vdpbf16ps, as transformers' bf16 path does, nearly twice as fast; a row's result then depends on
+how many rows share the call (batch invariance is lost). int8 tiles quantize x to int8 per row and
+block of 256 inputs for AVX512_VNNI's vpdpbusd, as llama.cpp's q8_0 does, about four times as fast
+as widening the weights; a row's result then depends on the row alone from the threshold on.
 
 On a mesh (sharding.place_weights) every array is a global array with its NamedSharding, `mesh`
 names the mesh, and each qkv matrix has its columns regrouped per "model" shard (see
@@ -55,13 +58,14 @@ PACKED_DTYPES = {name: jnp.dtype(name) for name in WEIGHT_DTYPES.values()}
 class PackedMatrix:
     """A weight matrix (I inputs, O outputs) cut into tiles of 64 output columns for the CPU kernels:
     each tile is one contiguous stream. int8 tiles carry a float32 scale per output column.
-    `bf16_dot` (bfloat16 tiles, kernels only) multiplies many-row x rounded to bfloat16 by the bf16
-    dot-product instructions instead of widening the tiles (the module docstring says what it costs)."""
+    `dot` (bfloat16 or int8 tiles, kernels only) multiplies many-row x narrowed to the tiles' dtype by
+    that dtype's dot-product instructions instead of widening the tiles (the module docstring says
+    what it costs)."""
 
     tiles_GIC: jax.Array  # (ceil(O / 64), I, 64), float32 | bfloat16 | int8
     scale_GC: jax.Array | None  # float32 per output column, int8 only
     out_features: int = dataclasses.field(metadata=dict(static=True))
-    bf16_dot: bool = dataclasses.field(default=False, metadata=dict(static=True))
+    dot: bool = dataclasses.field(default=False, metadata=dict(static=True))
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -116,9 +120,16 @@ class GPT2Weights:
 
     @property
     def bf16_dot(self) -> bool:
-        """Whether the packed matrices take the opt-in bf16 dot path (PackedMatrix.bf16_dot, set by
-        load_weights for all of them alike)."""
-        return self.lm_head_DV is not None and self.lm_head_DV.bf16_dot
+        """Whether the packed matrices take the opt-in bf16 dot path (bfloat16 tiles marked `dot`, set
+        by load_weights for all of them alike)."""
+        head = self.lm_head_DV
+        return head is not None and head.dot and head.dtype == jnp.bfloat16
+
+    @property
+    def int8_dot(self) -> bool:
+        """Whether the packed matrices take the opt-in int8 dot path (int8 tiles marked `dot`)."""
+        head = self.lm_head_DV
+        return head is not None and head.dot and head.dtype == jnp.int8
 
 
 def pack_matrix(w_IO: np.ndarray, dtype) -> PackedMatrix:
@@ -171,21 +182,21 @@ def map_matrices(weights: GPT2Weights, matrix_fn) -> tuple[tuple[BlockWeights, .
     return blocks, matrix_fn(np.asarray(head_VD).T)
 
 
-def pack_weights(weights: GPT2Weights, dtype, *, use_kernels: bool, bf16_dot: bool = False) -> GPT2Weights:
+def pack_weights(weights: GPT2Weights, dtype, *, use_kernels: bool, dot: bool = False) -> GPT2Weights:
     """Pack every block matrix and the output projection; embeddings, norms and biases stay float32.
 
     The tied output projection gets its own packed copy of wte (transposed): the embedding
     gather still reads wte, the per-token lm_head stream reads the tiles. use_kernels says who
     multiplies the tiles: the C++ kernels, or XLA after unpacking them (for int8 on a GPU);
-    bf16_dot (bfloat16 tiles on the kernels only) marks every packed matrix for the bf16 dot path.
+    dot (bfloat16 or int8 tiles, on the kernels only) marks every packed matrix for its dtype's dot path.
     """
     assert weights.wte_VD.dtype == jnp.float32, "pack from float32 weights"
     assert not isinstance(weights.blocks[0].qkv_w_DE, PackedMatrix), "already packed"
-    assert use_kernels or not bf16_dot, "bf16_dot is a path of the kernels"
-    assert jnp.dtype(dtype) == jnp.bfloat16 or not bf16_dot, "bf16_dot multiplies bfloat16 tiles"
+    assert use_kernels or not dot, "the dot paths are the kernels'"
+    assert jnp.dtype(dtype) in (jnp.bfloat16, jnp.int8) or not dot, "the dot paths multiply bfloat16 or int8 tiles"
 
     def pack(w_IO) -> PackedMatrix:
-        return dataclasses.replace(pack_matrix(np.asarray(w_IO), dtype), bf16_dot=bf16_dot)
+        return dataclasses.replace(pack_matrix(np.asarray(w_IO), dtype), dot=dot)
 
     blocks, lm_head_DV = map_matrices(weights, pack)
     packed = dataclasses.replace(weights, blocks=blocks, lm_head_VD=None, lm_head_DV=lm_head_DV, use_kernels=use_kernels)

@@ -418,7 +418,10 @@ void OneTile(const float* x_MI, int64_t M, int64_t I, const W* tiles_GIC, const 
 #if defined(__AVX512F__)
 constexpr int kGemmRows = 6;     // 6 rows x 64 columns: 24 accumulators of 32 zmm; 4 weight loads
 constexpr int kGemmVectors = 4;  // and 6 broadcasts per 24 FMAs
-constexpr int64_t kPanelRows = 256;       // 64 KiB, from L2
+#ifndef JAX_GPT2_PANEL_ROWS  // a probe may build with another to time it
+#define JAX_GPT2_PANEL_ROWS 256
+#endif
+constexpr int64_t kPanelRows = JAX_GPT2_PANEL_ROWS;  // 64 KiB, from L2
 constexpr int64_t kNarrowPanelRows = 64;  // (unused: see TakesGemm)
 #elif defined(__AVX2__) && defined(__FMA__)
 constexpr int kGemmRows = 6;     // 6 x 16: 12 accumulators of 16 ymm; 2 weight loads and 6
@@ -596,6 +599,14 @@ void Matmul(const float* x_MI, int64_t M, int64_t I, const W* tiles_GIC, const f
   });
 }
 
+#if defined(__AVX512F__)
+// The first `count` lanes of 16 (none for count <= 0).
+inline __mmask16 FirstLanes(int64_t count) {
+  return count >= 16 ? __mmask16(0xFFFF) : count <= 0 ? __mmask16(0) : __mmask16((1u << count) - 1);
+}
+
+#endif
+
 // ---------------------------------------------------------------------------------------------
 // The bf16 dot path (opt-in, PackedMatmulBf16Dot): bfloat16 tiles times x rounded to bfloat16, by
 // AVX512_BF16's vdpbf16ps, which adds two bf16 products into each float32 lane per instruction, so
@@ -623,11 +634,6 @@ constexpr int64_t kRoundRows = 16;  // rows of x per rounding task
 static_assert(kDotVectors * 16 == kTileColumns, "a register block spans the whole tile");
 
 inline int64_t Pairs(int64_t I) { return (I + 1) / 2; }
-
-// The first `count` lanes of 16 (none for count <= 0).
-inline __mmask16 FirstLanes(int64_t count) {
-  return count >= 16 ? __mmask16(0xFFFF) : count <= 0 ? __mmask16(0) : __mmask16((1u << count) - 1);
-}
 
 // Rows [first, end) of x_MI as bfloat16 pairs, rounded by vcvtne2ps2bf16 (to nearest even; it also
 // reads subnormals as zero), 32 values an instruction: lanes past I load as zero, so an odd I's last
@@ -724,6 +730,177 @@ void DotGemm(const float* x_MI, int64_t M, int64_t I, const uint16_t* tiles_GIC,
   });
 }
 #endif  // __AVX512BF16__
+
+// ---------------------------------------------------------------------------------------------
+// The int8 dot path (opt-in, PackedMatmulInt8Dot): int8 tiles times x quantized to int8, by
+// AVX512_VNNI's vpdpbusd, which adds four u8 x s8 products into each int32 lane per instruction: 64
+// multiply-adds an instruction against a float32 FMA's 16, at the same rate on the hosts measured
+// here. The exact int8 path above widens every weight to float32 and is capped at the FMA peak; this
+// is the path llama.cpp's q8_0 takes (int8 activations, integer dot products). The price: x is
+// rounded to 8 bits, so it is an option, decided at load, and never the default.
+//
+// x is quantized symmetrically per row and per block of kQuantInputs inputs (one panel): scale =
+// max|x| / 127, q = x * (127 / max|x|) rounded to nearest even, so an outlier costs precision only
+// in its own block. vpdpbusd takes one operand unsigned: the weights enter as w + 128 (the sign bit
+// flipped while the panel is laid out) and x as signed, so each block's integer sum carries an extra
+// 128 * sum(q), subtracted once. A block's sum is exact in int32 and, at most 256 * 127 * 127 < 2^24,
+// exact again as a float32; the blocks are then added in order as scale_block * sum, and the weights'
+// column scale applied once at the end, as the exact path does.
+//
+// Inputs go in quads (4k .. 4k + 3): each unit (a tile and up to kQuadBlockRows rows) lays its tile
+// out a panel at a time as quad_KC, 64 bytes of four rows per 16 columns, by byte and word unpacks
+// within 128-bit lanes, so lane 4L + m of vector j holds column 16L + 4j + m; QuadFinish puts the
+// columns back. I pads to whole blocks with zero inputs, whose weights (any) add nothing.
+// A row's result depends only on the row itself: batch invariance holds from GemmMinRows() rows on,
+// and below that the exact path runs, whose results differ from these.
+#if defined(__AVX512VNNI__)
+constexpr int64_t kQuantInputs = 256;              // inputs per activation scale: one panel
+constexpr int64_t kPanelQuads = kQuantInputs / 4;  // 64 quads x 64 columns: a 16 KiB panel in L1
+constexpr int kQuadRows = 6;                       // 6 rows x 64 columns: 24 int32 accumulators
+constexpr int64_t kQuadBlockRows = 8 * kQuadRows;
+constexpr int64_t kQuantRows = 16;  // rows of x per quantizing task
+
+inline int64_t QuantBlocks(int64_t I) { return (I + kQuantInputs - 1) / kQuantInputs; }
+
+// acc += u8 x s8 in quads. GCC 12 copies the accumulator of the intrinsic twice per instruction
+// (int8_vnni_probe.cc), so the instruction is written out.
+inline __m512i DotBytes(__m512i acc, __m512i unsigned_bytes, __m512i signed_bytes) {
+  asm("vpdpbusd %[s], %[u], %[acc]" : [acc] "+v"(acc) : [u] "v"(unsigned_bytes), [s] "v"(signed_bytes));
+  return acc;
+}
+
+// Rows [first, end) of x_MI quantized: q_MJ (J = blocks x kQuantInputs bytes a row, zero past I), and
+// per (row, block) its scale and 128 x the sum of its q.
+void QuantizeRows(const float* x_MI, int64_t first, int64_t end, int64_t I, int8_t* q_MJ, float* scale_MB,
+                  int32_t* bias_MB) {
+  const int64_t B = QuantBlocks(I), J = B * kQuantInputs;
+  for (int64_t m = first; m < end; ++m)
+    for (int64_t b = 0; b < B; ++b) {
+      const float* x = x_MI + m * I + b * kQuantInputs;
+      const int64_t count = std::min(kQuantInputs, I - b * kQuantInputs);
+      __m512 high = _mm512_setzero_ps();
+      for (int64_t i = 0; i < count; i += 16)
+        high = _mm512_max_ps(high, _mm512_abs_ps(_mm512_maskz_loadu_ps(FirstLanes(count - i), x + i)));
+      const float max = _mm512_reduce_max_ps(high);
+      const __m512 inverse = _mm512_set1_ps(max > 0.0f ? 127.0f / max : 0.0f);
+      __m512i sum = _mm512_setzero_si512();
+      int8_t* q = q_MJ + m * J + b * kQuantInputs;
+      for (int64_t i = 0; i < kQuantInputs; i += 16) {
+        const __m512 v = _mm512_maskz_loadu_ps(FirstLanes(count - i), x + i);
+        const __m512i rounded = _mm512_cvtps_epi32(_mm512_mul_ps(v, inverse));  // MXCSR: to nearest even
+        sum = _mm512_add_epi32(sum, rounded);
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(q + i), _mm512_cvtsepi32_epi8(rounded));
+      }
+      scale_MB[m * B + b] = max / 127.0f;
+      bias_MB[m * B + b] = 128 * _mm512_reduce_add_epi32(sum);
+    }
+}
+
+// Quads [k0, k0 + kc) of a tile as quad_KC (flipped to unsigned); rows past I read as zero.
+void QuadPanel(const int8_t* tile_IC, int64_t I, int64_t k0, int64_t kc, __m512i* quad_KC) {
+  const __m512i flip = _mm512_set1_epi8(static_cast<char>(0x80));
+  for (int64_t k = 0; k < kc; ++k) {
+    __m512i rows[4];
+    for (int r = 0; r < 4; ++r) {
+      const int64_t i = 4 * (k0 + k) + r;
+      rows[r] = i < I ? _mm512_loadu_si512(tile_IC + i * kTileColumns) : _mm512_setzero_si512();
+      rows[r] = _mm512_xor_si512(rows[r], flip);
+    }
+    const __m512i a = _mm512_unpacklo_epi8(rows[0], rows[1]), b = _mm512_unpackhi_epi8(rows[0], rows[1]);
+    const __m512i c = _mm512_unpacklo_epi8(rows[2], rows[3]), d = _mm512_unpackhi_epi8(rows[2], rows[3]);
+    quad_KC[4 * k + 0] = _mm512_unpacklo_epi16(a, c);
+    quad_KC[4 * k + 1] = _mm512_unpackhi_epi16(a, c);
+    quad_KC[4 * k + 2] = _mm512_unpacklo_epi16(b, d);
+    quad_KC[4 * k + 3] = _mm512_unpackhi_epi16(b, d);
+  }
+}
+
+// rows (<= R) rows of q (row stride J, from the panel's first byte) times a kc-quad panel: each row's
+// exact integer sums, less its bias, as float32 times its block scale, added to held_MC (set when first).
+template <int R>
+inline void QuadPass(int64_t rows, const int8_t* q_MJ, int64_t J, const float* scale_MB, const int32_t* bias_MB,
+                     int64_t B, const __m512i* quad_KC, int64_t kc, float* held_MC, bool first) {
+  if constexpr (R > 1) {
+    if (rows < R) return QuadPass<R - 1>(rows, q_MJ, J, scale_MB, bias_MB, B, quad_KC, kc, held_MC, first);
+  }
+  __m512i acc[R][4];
+  for (int r = 0; r < R; ++r)
+    for (int j = 0; j < 4; ++j) acc[r][j] = _mm512_setzero_si512();
+  for (int64_t k = 0; k < kc; ++k) {
+    const __m512i* w = quad_KC + 4 * k;
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) {
+      int32_t word;
+      std::memcpy(&word, q_MJ + r * J + 4 * k, sizeof word);
+      const __m512i xr = _mm512_set1_epi32(word);
+#pragma GCC unroll 4
+      for (int j = 0; j < 4; ++j) acc[r][j] = DotBytes(acc[r][j], w[j], xr);
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    const __m512i bias = _mm512_set1_epi32(bias_MB[r * B]);
+    const __m512 scale = _mm512_set1_ps(scale_MB[r * B]);
+    for (int j = 0; j < 4; ++j) {
+      float* held = held_MC + r * kTileColumns + j * 16;
+      const __m512 sum = _mm512_cvtepi32_ps(_mm512_sub_epi32(acc[r][j], bias));
+      // One fused multiply-add, spelled out: left to contraction, some instantiations fused and others not.
+      _mm512_storeu_ps(held, first ? _mm512_mul_ps(sum, scale) : _mm512_fmadd_ps(sum, scale, _mm512_loadu_ps(held)));
+    }
+  }
+}
+
+// y = held x the int8 column scale, the first `columns` columns of `rows` rows, back in column order.
+void QuadFinish(const float* held_MC, int64_t rows, const float* scale_C, int64_t columns, float* y_MO, int64_t O) {
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t c = 0; c < columns; ++c) {
+      const int64_t at = c % 16 / 4 * 16 + c / 16 * 4 + c % 4;
+      y_MO[r * O + c] = held_MC[r * kTileColumns + at] * scale_C[c];
+    }
+}
+
+// Rows [m, m + rows) of x (quantized) times tile g.
+void QuadUnit(const int8_t* q_MJ, const float* scale_MB, const int32_t* bias_MB, int64_t m, int64_t rows, int64_t I,
+              const int8_t* tiles_GIC, const float* scale_Q, float* y_MO, int64_t O, int64_t g, Epilogue epilogue) {
+  const int64_t B = QuantBlocks(I), J = B * kQuantInputs;
+  const int8_t* tile_IC = tiles_GIC + g * I * kTileColumns;
+  const int64_t columns = std::min(kTileColumns, O - g * kTileColumns);
+  alignas(64) float held_MC[kQuadBlockRows * kTileColumns];
+  alignas(64) __m512i quad_KC[4 * kPanelQuads];
+  for (int64_t b = 0; b < B; ++b) {
+    const int64_t kc = std::min(kPanelQuads, (I - b * kQuantInputs + 3) / 4);
+    QuadPanel(tile_IC, I, b * kPanelQuads, kc, quad_KC);
+    for (int64_t r = 0; r < rows; r += kQuadRows)
+      QuadPass<kQuadRows>(std::min<int64_t>(kQuadRows, rows - r), q_MJ + (m + r) * J + b * kQuantInputs, J,
+                          scale_MB + (m + r) * B + b, bias_MB + (m + r) * B + b, B, quad_KC, kc,
+                          held_MC + r * kTileColumns, b == 0);
+  }
+  QuadFinish(held_MC, rows, scale_Q + g * kTileColumns, columns, y_MO + m * O + g * kTileColumns, O);
+  FinishColumns(y_MO + m * O, O, rows, g * kTileColumns, columns, epilogue);
+}
+
+// x quantized over the pool, then units tile-major as in Gemm.
+void QuadGemm(const float* x_MI, int64_t M, int64_t I, const int8_t* tiles_GIC, const float* scale_Q, int64_t O,
+              float* y_MO, Epilogue epilogue, TilePool& pool) {
+  const int64_t B = QuantBlocks(I), J = B * kQuantInputs;
+  // The calling thread's scratch (Reserve); the workers get the pointers, never the names.
+  thread_local std::vector<int8_t> quantized;
+  thread_local std::vector<float> scales;
+  thread_local std::vector<int32_t> biases;
+  int8_t* q_MJ = Reserve(quantized, M * J);
+  float* scale_MB = Reserve(scales, M * B);
+  int32_t* bias_MB = Reserve(biases, M * B);
+  pool.Run((M + kQuantRows - 1) / kQuantRows, [&](int64_t task) {
+    QuantizeRows(x_MI, task * kQuantRows, std::min(M, (task + 1) * kQuantRows), I, q_MJ, scale_MB, bias_MB);
+  });
+  const int64_t G = (O + kTileColumns - 1) / kTileColumns;
+  const int64_t blocks = (M + kQuadBlockRows - 1) / kQuadBlockRows;
+  pool.Run(G * blocks, [&](int64_t unit) {
+    const int64_t g = unit / blocks, m = unit % blocks * kQuadBlockRows;
+    QuadUnit(q_MJ, scale_MB, bias_MB, m, std::min(kQuadBlockRows, M - m), I, tiles_GIC, scale_Q, y_MO, O, g,
+             epilogue);
+  });
+}
+#endif  // __AVX512VNNI__
 
 // ---------------------------------------------------------------------------------------------
 // Decode attention.
@@ -1159,6 +1336,9 @@ bool CpuRunsThisBuild() {
 #if defined(__AVX512BF16__)
   runs = runs && __builtin_cpu_supports("avx512bf16");
 #endif
+#if defined(__AVX512VNNI__)
+  runs = runs && __builtin_cpu_supports("avx512vnni");
+#endif
   return runs;
 #else
   return true;  // aarch64: NEON (Advanced SIMD) is part of the base architecture
@@ -1206,6 +1386,22 @@ void PackedMatmulBf16Dot(const float* x_MI, int64_t M, int64_t I, const uint16_t
   if (M >= kGemmMinRows) return DotGemm(x_MI, M, I, tiles_GIC, O, y_MO, epilogue, pool);
 #endif
   Matmul<uint16_t>(x_MI, M, I, tiles_GIC, nullptr, O, y_MO, epilogue, pool);
+}
+
+void PackedMatmulInt8Dot(const float* x_MI, int64_t M, int64_t I, const int8_t* tiles_GIC, const float* scale_Q,
+                         int64_t O, float* y_MO, TilePool& pool, Epilogue epilogue) {
+#if defined(__AVX512VNNI__)
+  if (M >= kGemmMinRows) return QuadGemm(x_MI, M, I, tiles_GIC, scale_Q, O, y_MO, epilogue, pool);
+#endif
+  Matmul<int8_t>(x_MI, M, I, tiles_GIC, scale_Q, O, y_MO, epilogue, pool);
+}
+
+bool HasInt8Dot() {
+#if defined(__AVX512VNNI__)
+  return true;
+#else
+  return false;
+#endif
 }
 
 bool HasBf16Dot() {

@@ -6,7 +6,8 @@
 // [64g, 64g + 64), zero past O, so the inner loop reads one contiguous stream. Weights are float32,
 // bfloat16 (the top 16 bits of a float32) or int8 with one float32 scale per padded column
 // (scale_Q, Q = 64 G). Activations, accumulators and results are float32, except in the opt-in bf16
-// dot path (PackedMatmulBf16Dot), which rounds activations to bfloat16.
+// dot path (PackedMatmulBf16Dot), which rounds activations to bfloat16, and the opt-in int8 dot path
+// (PackedMatmulInt8Dot), which quantizes them to int8.
 //
 // Decode attention: one new query per (row, head) over the visible slots of one layer of a
 // float32 or bfloat16 cache k_LBNSH / v_LBNSH, read in place. Math in float32.
@@ -99,6 +100,16 @@ void PackedMatmulBf16Dot(const float* x_MI, int64_t M, int64_t I, const uint16_t
 
 // Whether this build was compiled with AVX512_BF16 (so PackedMatmulBf16Dot can take its dot path).
 bool HasBf16Dot();
+
+// The int8 dot option (opt-in; core.cc's "int8 dot path"): y_MO ~ x_MI @ W for int8 tiles with x
+// quantized to int8 per row and per block of 256 inputs (scale max|x| / 127, nearest even) and the
+// products summed exactly in integers by AVX512_VNNI's vpdpbusd, where M >= GemmMinRows() and this
+// build has the instructions (HasInt8Dot()); otherwise exactly PackedMatmul's int8 path.
+void PackedMatmulInt8Dot(const float* x_MI, int64_t M, int64_t I, const int8_t* tiles_GIC, const float* scale_Q,
+                         int64_t O, float* y_MO, TilePool& pool, Epilogue epilogue = {});
+
+// Whether this build was compiled with AVX512_VNNI (so PackedMatmulInt8Dot can take its dot path).
+bool HasInt8Dot();
 
 // From how many rows of x a matmul takes the GEMM path (and PackedMatmulBf16Dot its dot path).
 int64_t GemmMinRows();

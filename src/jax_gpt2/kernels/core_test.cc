@@ -123,7 +123,7 @@ void CheckProduct(const std::vector<float>& x_MI, const std::vector<float>& w_IO
   Expect(worst == 0.0, what + ": error " + std::to_string(worst) + " x sum|x w| > 1e-5");
 }
 
-// Runs the kernel for one dtype ("f32", "bf16", "i8", or "bf16dot": the bf16 dot option) on packed p.
+// Runs the kernel for one dtype ("f32", "bf16", "i8", or the dot options "bf16dot" and "i8dot") on packed p.
 std::vector<float> RunMatmul(const Packed& p, const std::string& dtype, const std::vector<float>& x_MI, int64_t M,
                              TilePool& pool, jax_gpt2::Epilogue e = {}) {
   int64_t I = p.I, O = p.O;
@@ -133,6 +133,8 @@ std::vector<float> RunMatmul(const Packed& p, const std::string& dtype, const st
   if (dtype == "bf16dot") jax_gpt2::PackedMatmulBf16Dot(x_MI.data(), M, I, p.bf16_GIC.data(), O, y_MO.data(), pool, e);
   if (dtype == "i8")
     jax_gpt2::PackedMatmul(x_MI.data(), M, I, p.i8_GIC.data(), p.scale_Q.data(), O, y_MO.data(), pool, e);
+  if (dtype == "i8dot")
+    jax_gpt2::PackedMatmulInt8Dot(x_MI.data(), M, I, p.i8_GIC.data(), p.scale_Q.data(), O, y_MO.data(), pool, e);
   return y_MO;
 }
 
@@ -222,7 +224,7 @@ double GeluTanh64(double x) {
 // gelu(x . w + b) within the matmul's bound (GELU's slope is at most 1.13) plus GELU's own few ulps;
 // a bias alone gives exactly the plain product plus the bias in float32; every pool agrees.
 void TestEpilogue(TilePool& pool, const std::vector<TilePool*>& other_pools) {
-  const char* dtypes[] = {"f32", "bf16", "i8", "bf16dot"};
+  const char* dtypes[] = {"f32", "bf16", "i8", "bf16dot", "i8dot"};
   for (int64_t O : {1, 70, 200}) {
     const int64_t I = 96;
     Packed p = Pack(I, O, static_cast<uint32_t>(O + 5));
@@ -231,7 +233,7 @@ void TestEpilogue(TilePool& pool, const std::vector<TilePool*>& other_pools) {
       std::vector<float> x_MI = Normal(M * I, static_cast<uint32_t>(M + 7), 0.5f);
       for (const char* dtype : dtypes) {
         const std::string what = std::string("epilogue ") + dtype + " O=" + std::to_string(O) + " M=" + std::to_string(M);
-        const bool dot = std::string(dtype) == "bf16dot";
+        const bool dot = std::string(dtype).find("dot") != std::string::npos;
         const auto& rounded = dtype[0] == 'f' ? p.rounded_f32 : dtype[0] == 'b' ? p.rounded_bf16 : p.rounded_i8;
         std::vector<float> plain = RunMatmul(p, dtype, x_MI, M, pool);
         std::vector<float> biased = RunMatmul(p, dtype, x_MI, M, pool, {bias_O.data(), false});
@@ -341,6 +343,87 @@ void TestBf16Dot(TilePool& pool, const std::vector<TilePool*>& other_pools) {
     Expect(RunMatmulOverGarbage(p, "bf16dot", x_MI, M, pool) == y_MO, what + ": padding columns reached the output");
     for (TilePool* other : other_pools)
       Expect(RunMatmul(p, "bf16dot", x_MI, M, *other) == y_MO, what + ": result depends on the pool");
+  }
+}
+
+// The int8 dot option's product as core.h defines it, in float64 from the same quantized x: per row
+// and block of 256 inputs, scale = max|x| / 127 and q = nearest-even(x * (127 / max|x|)) in float32,
+// then sum over blocks of scale * sum(q * w_int8), times the column scale. Also the bound the
+// quantization itself keeps to against the float32 x: half a step of each block times sum |w|.
+struct QuantizedProduct {
+  std::vector<double> y_MO, magnitude_MO, bound_MO;
+};
+
+QuantizedProduct Int8DotReference(const Packed& p, const std::vector<float>& x_MI, int64_t M) {
+  const int64_t I = p.I, O = p.O, kBlock = 256;
+  QuantizedProduct r{std::vector<double>(M * O), std::vector<double>(M * O), std::vector<double>(M * O)};
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t b = 0; b * kBlock < I; ++b) {
+      const int64_t first = b * kBlock, end = std::min(I, first + kBlock);
+      float max = 0.0f;
+      for (int64_t i = first; i < end; ++i) max = std::max(max, std::fabs(x_MI[m * I + i]));
+      const float inverse = max > 0.0f ? 127.0f / max : 0.0f, scale = max / 127.0f;
+      for (int64_t o = 0; o < O; ++o) {
+        int64_t sum = 0, magnitude = 0;
+        double weights = 0.0;
+        for (int64_t i = first; i < end; ++i) {
+          const int64_t q = static_cast<int64_t>(std::nearbyint(x_MI[m * I + i] * inverse));
+          const int64_t w = p.i8_GIC[((o / kTileColumns) * I + i) * kTileColumns + o % kTileColumns];
+          sum += q * w, magnitude += std::abs(q * w);
+          weights += std::fabs(p.rounded_i8[i * O + o]);
+        }
+        r.y_MO[m * O + o] += static_cast<double>(scale) * sum * p.scale_Q[o];
+        r.magnitude_MO[m * O + o] += static_cast<double>(scale) * magnitude * p.scale_Q[o];
+        r.bound_MO[m * O + o] += 0.5 * scale * weights;
+      }
+    }
+  return r;
+}
+
+// The int8 dot option: where the build has AVX512_VNNI and M >= GemmMinRows(), the reference above
+// within 1e-5 of its magnitude, and the float32 product of the rounded weights within the quantization
+// bound (plus float32's own); below that M, or without the instructions, the exact int8 path bit for
+// bit. I across block edges and not a multiple of 4, M past the register block and the 48-row unit, O
+// short of whole tiles, an outlier that only its own block pays for; padding columns kept out; the
+// same result from every pool; and from GemmMinRows() rows on, each row equal to the row among others.
+void TestInt8Dot(TilePool& pool, const std::vector<TilePool*>& other_pools) {
+  const int64_t cases[][3] = {{1, 1, 16},   {37, 65, 17},  {255, 130, 16}, {256, 64, 49}, {257, 200, 23},
+                              {769, 63, 100}, {768, 130, 48}, {300, 130, 15}, {37, 65, 1}};
+  for (const auto& c : cases) {
+    const int64_t I = c[0], O = c[1], M = c[2];
+    Packed p = Pack(I, O, static_cast<uint32_t>(I * 5 + O));
+    std::vector<float> x_MI = Normal(M * I, static_cast<uint32_t>(M + 300));
+    x_MI[0] = 40.0f;  // an outlier in row 0's first block
+    std::string what = "i8dot I=" + std::to_string(I) + " O=" + std::to_string(O) + " M=" + std::to_string(M);
+    std::vector<float> y_MO = RunMatmul(p, "i8dot", x_MI, M, pool);
+    if (jax_gpt2::HasInt8Dot() && M >= jax_gpt2::GemmMinRows()) {
+      QuantizedProduct reference = Int8DotReference(p, x_MI, M);
+      double worst = 0.0, worst_bound = 0.0;
+      for (int64_t m = 0; m < M; ++m)
+        for (int64_t o = 0; o < O; ++o) {
+          const int64_t at = m * O + o;
+          worst = std::max(worst, std::fabs(y_MO[at] - reference.y_MO[at]) / (1e-5 * reference.magnitude_MO[at] + 1e-30));
+          double product = 0.0, magnitude = 0.0;
+          for (int64_t i = 0; i < I; ++i) {
+            product += static_cast<double>(x_MI[m * I + i]) * p.rounded_i8[i * O + o];
+            magnitude += std::fabs(static_cast<double>(x_MI[m * I + i]) * p.rounded_i8[i * O + o]);
+          }
+          const double allowed = reference.bound_MO[at] + 1e-5 * magnitude + 1e-30;
+          worst_bound = std::max(worst_bound, std::fabs(y_MO[at] - product) / allowed);
+        }
+      Expect(worst <= 1.0, what + ": off the quantized product by " + std::to_string(worst) + " of 1e-5 x its size");
+      Expect(worst_bound <= 1.0, what + ": past the quantization bound by " + std::to_string(worst_bound));
+      std::vector<float> rows_2MI(x_MI);
+      rows_2MI.insert(rows_2MI.end(), x_MI.begin(), x_MI.end());
+      std::vector<float> doubled = RunMatmul(p, "i8dot", rows_2MI, 2 * M, pool);
+      Expect(std::equal(y_MO.begin(), y_MO.end(), doubled.begin() + M * O),
+             what + ": a row's result depends on the rows beside it");
+    } else {
+      Expect(RunMatmul(p, "i8", x_MI, M, pool) == y_MO, what + ": not the exact int8 path");
+    }
+    Expect(RunMatmulOverGarbage(p, "i8dot", x_MI, M, pool) == y_MO, what + ": padding columns reached the output");
+    for (TilePool* other : other_pools)
+      Expect(RunMatmul(p, "i8dot", x_MI, M, *other) == y_MO, what + ": result depends on the pool");
   }
 }
 
@@ -683,6 +766,7 @@ int main() {
   TestGemm(two, others);
   TestBatchInvariance(two);
   TestBf16Dot(two, others);
+  TestInt8Dot(two, others);
   TestEpilogue(two, others);
   TestGeluPrecision(two);
   TestAttention(two, others);

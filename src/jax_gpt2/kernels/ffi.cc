@@ -117,6 +117,23 @@ ffi::Error MatmulI8(ffi::Buffer<ffi::F32> x, ffi::AnyBuffer tiles, ffi::Buffer<f
   return ffi::Error::Success();
 }
 
+// The int8 dot option (core.h: PackedMatmulInt8Dot): int8 tiles, x quantized to int8 where M is large.
+ffi::Error MatmulI8Dot(ffi::Buffer<ffi::F32> x, ffi::AnyBuffer tiles, ffi::Buffer<ffi::F32> scale,
+                       ffi::Buffer<ffi::F32> bias, bool gelu, ffi::ResultBuffer<ffi::F32> y) {
+  if (tiles.element_type() != ffi::S8) return ffi::Error::InvalidArgument("packed_matmul_i8_dot: tiles must be int8");
+  ffi::Error error = CheckShapes(x, tiles, y);
+  if (error.failure()) return error;
+  jax_gpt2::Epilogue epilogue;
+  error = EpilogueOf(bias, gelu, y, &epilogue);
+  if (error.failure()) return error;
+  if (scale.element_count() != tiles.dimensions()[0] * kTileColumns)
+    return ffi::Error::InvalidArgument("packed_matmul_i8_dot: one scale per padded output column");
+  jax_gpt2::PackedMatmulInt8Dot(x.typed_data(), x.dimensions()[0], x.dimensions()[1],
+                                reinterpret_cast<const int8_t*>(tiles.untyped_data()), scale.typed_data(),
+                                y->dimensions()[1], y->typed_data(), Pool(), epilogue);
+  return ffi::Error::Success();
+}
+
 // ---------------------------------------------------------------------------------------------
 // Decode attention: q (R, N, H) float32, caches (L, B, N, S, H) float32 or bfloat16 with R <= B (the
 // first R rows are the batch), start and end (R,) int32, attributes layer and scale; out (R, N, H).
@@ -212,15 +229,17 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxGpt2PackedMatmulBF16, MatmulBF16, JAX_GPT2_MATM
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxGpt2PackedMatmulBF16Dot, MatmulBF16Dot, JAX_GPT2_MATMUL_BINDING);
 
 // x, tiles, scale, bias; gelu.
-XLA_FFI_DEFINE_HANDLER_SYMBOL(
-    JaxGpt2PackedMatmulI8, MatmulI8,
-    ffi::Ffi::Bind()
-        .Arg<ffi::Buffer<ffi::F32>>()
-        .Arg<ffi::AnyBuffer>()
-        .Arg<ffi::Buffer<ffi::F32>>()
-        .Arg<ffi::Buffer<ffi::F32>>()
-        .Attr<bool>("gelu")
-        .Ret<ffi::Buffer<ffi::F32>>());
+#define JAX_GPT2_SCALED_MATMUL_BINDING                                                            \
+  ffi::Ffi::Bind()                                                                                \
+      .Arg<ffi::Buffer<ffi::F32>>()                                                               \
+      .Arg<ffi::AnyBuffer>()                                                                      \
+      .Arg<ffi::Buffer<ffi::F32>>()                                                               \
+      .Arg<ffi::Buffer<ffi::F32>>()                                                               \
+      .Attr<bool>("gelu")                                                                         \
+      .Ret<ffi::Buffer<ffi::F32>>()
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxGpt2PackedMatmulI8, MatmulI8, JAX_GPT2_SCALED_MATMUL_BINDING);
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxGpt2PackedMatmulI8Dot, MatmulI8Dot, JAX_GPT2_SCALED_MATMUL_BINDING);
 
 // q, k, v, start, end; layer, scale. A bfloat16 cache comes as its bits, U16.
 #define JAX_GPT2_ATTENTION_BINDING(Cache)                                                         \
@@ -254,6 +273,9 @@ extern "C" const char* jax_gpt2_kernel_isa() { return jax_gpt2::TargetIsa(); }
 // Whether this build has the bf16 dot path (AVX512_BF16's vdpbf16ps): without it the bf16 dot target
 // runs the exact bf16 path, and the loader refuses the option rather than let it mean nothing.
 extern "C" int jax_gpt2_has_bf16_dot() { return jax_gpt2::HasBf16Dot() ? 1 : 0; }
+
+// Whether this build has the int8 dot path (AVX512_VNNI's vpdpbusd); the same rule as above.
+extern "C" int jax_gpt2_has_int8_dot() { return jax_gpt2::HasInt8Dot() ? 1 : 0; }
 
 // From how many rows of x the matmuls take the GEMM path (and the bf16 dot target its dot path).
 extern "C" int64_t jax_gpt2_gemm_min_rows() { return jax_gpt2::GemmMinRows(); }

@@ -1,8 +1,8 @@
 """x @ W for a PackedMatrix (weights.py): the C++ kernel's XLA call, or XLA's own dot on the unpacked matrix.
 
 Which one runs is the caller's explicit choice (GPT2Weights.use_kernels, decided at load), never
-read from the process here; so is the bf16 dot option (PackedMatrix.bf16_dot, a target of its
-own). The XLA form exists for packed weights without the kernels (int8 on a GPU, where the
+read from the process here; so are the dot options (PackedMatrix.dot: a target of their own for
+bfloat16 and for int8 tiles). The XLA form exists for packed weights without the kernels (int8 on a GPU, where the
 dequantization fuses into the dot) and as the reference the kernel tests check against; on a CPU
 without the kernels the loader widens narrow weights to float32 once instead, since XLA's CPU dot
 would widen them again before every product.
@@ -24,19 +24,21 @@ def packed_matmul(
     inside it, on each tile's results as they are finished (core.h's Epilogue), so no separate pass
     over the (M, O) result; the XLA form takes neither (layers.linear adds them there).
 
-    With `packed.bf16_dot` (kernels only), M >= native.gemm_min_rows() rounds x to bfloat16 and sums
-    the products in pairs by AVX512_BF16's vdpbf16ps, as transformers' bf16 path does: the result
-    then depends on M (batch invariance is lost); fewer rows take the exact bf16 path."""
+    With `packed.dot` (kernels only), M >= native.gemm_min_rows() narrows x to the tiles' dtype:
+    bfloat16 tiles round x to bfloat16 and sum the products in pairs by AVX512_BF16's vdpbf16ps, as
+    transformers' bf16 path does (the result then depends on M: batch invariance is lost); int8
+    tiles quantize x to int8 per row and block of 256 inputs and sum exactly in integers by
+    AVX512_VNNI's vpdpbusd, as llama.cpp's q8_0 does. Fewer rows take the exact path."""
     M, I = x_MI.shape
     assert I == packed.shape[0], f"x has {I} features, the matrix takes {packed.shape[0]}"
     assert x_MI.dtype == jnp.float32, "packed weights take float32 activations"
-    assert use_kernel or not packed.bf16_dot, "the bf16 dot path is the kernels'"
+    assert use_kernel or not packed.dot, "the dot paths are the kernels'"
     assert use_kernel or (bias_O is None and not gelu), "the epilogue is the kernels'"
     assert bias_O is None or bias_O.shape == (packed.out_features,)
     if not use_kernel:
         return jnp.dot(x_MI, unpack_matrix(packed), precision=jax.lax.Precision.HIGHEST)
     result = jax.ShapeDtypeStruct((M, packed.out_features), jnp.float32)
-    kernel = "bfloat16_dot" if packed.bf16_dot else packed.dtype.name
+    kernel = f"{packed.dtype.name}_dot" if packed.dot else packed.dtype.name
     call = jax.ffi.ffi_call(native.target_name(kernel), result, vmap_method="sequential")
     bias = jnp.zeros((0,), jnp.float32) if bias_O is None else bias_O.astype(jnp.float32)
     scales = () if packed.scale_GC is None else (packed.scale_GC,)

@@ -44,6 +44,7 @@ TARGETS = {
     "bfloat16": ("JaxGpt2PackedMatmulBF16", "jax_gpt2_packed_matmul_bf16"),
     "bfloat16_dot": ("JaxGpt2PackedMatmulBF16Dot", "jax_gpt2_packed_matmul_bf16_dot"),  # the bf16_dot option
     "int8": ("JaxGpt2PackedMatmulI8", "jax_gpt2_packed_matmul_i8"),
+    "int8_dot": ("JaxGpt2PackedMatmulI8Dot", "jax_gpt2_packed_matmul_i8_dot"),  # the int8_dot option
     "attention": ("JaxGpt2DecodeAttention", "jax_gpt2_decode_attention"),
     "attention_bf16": ("JaxGpt2DecodeAttentionBF16", "jax_gpt2_decode_attention_bf16"),
     "prefill_attention": ("JaxGpt2PrefillAttention", "jax_gpt2_prefill_attention"),
@@ -220,6 +221,16 @@ def has_bf16_dot(march: str = "native") -> bool:
     Cooper Lake, Sapphire Rapids). Elsewhere the option would mean nothing, so the loader refuses it."""
     library = load_library(march)
     has = library is not None and bool(library.jax_gpt2_has_bf16_dot())
+    assert isinstance(has, bool)
+    return has
+
+
+def has_int8_dot(march: str = "native") -> bool:
+    """Whether the kernels for `march` are available and have the int8 dot path: built with
+    AVX512_VNNI (vpdpbusd), which -march=native gives on a CPU that has it (Ice Lake and later
+    Xeons, Zen 4 and later). Elsewhere the option would mean nothing, so the loader refuses it."""
+    library = load_library(march)
+    has = library is not None and bool(library.jax_gpt2_has_int8_dot())
     assert isinstance(has, bool)
     return has
 

@@ -15,7 +15,10 @@ bf16 and int8.
 
 With bf16_dot (`bench --bf16-dot`) the bf16 run loads with load_weights' bf16_dot option (prefill
 and scoring on the bf16 dot-product instructions, activations rounded to bf16 as transformers' bf16
-path rounds them); its rows are labelled "bf16 --bf16-dot" and the run records bf16_dot.
+path rounds them); its rows are labelled "bf16 --bf16-dot" and the run records bf16_dot. With
+int8_dot (`bench --int8-dot`) the int8 run likewise loads with the int8_dot option (activations
+quantized to int8 for AVX512_VNNI's integer dot products, as llama.cpp's q8_0 does), labelled
+"int8 --int8-dot".
 
 Every run records which path ran (the kernels or XLA, the ISA, the thread count), and one more
 figure without the kernels: each dtype loaded with pack=False in this same process, decoding at
@@ -463,16 +466,20 @@ def matrix_dtype_name(weights) -> str:
     return jnp.dtype(dtype).name
 
 
-def load_quietly(state, config: GPT2Config, dtype: str, pack: bool | None, bf16_dot: bool = False):
-    """weights_for_dtype without the widening warning (the bench records the path itself)."""
+def load_quietly(state, config: GPT2Config, dtype: str, pack: bool | None, dot: bool = False):
+    """weights_for_dtype without the widening warning (the bench records the path itself); `dot`
+    turns on the dtype's dot option (bf16_dot or int8_dot)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return weights_for_dtype(state, config, jnp.dtype(WEIGHT_DTYPES[dtype]), pack, bf16_dot)
+        return weights_for_dtype(
+            state, config, jnp.dtype(WEIGHT_DTYPES[dtype]), pack, bf16_dot=dot and dtype == "bf16",
+            int8_dot=dot and dtype == "int8",
+        )  # fmt: skip
 
 
 def run_label(run: dict) -> str:
-    """A run's name in the table and the plot: its dtype, and the bf16 dot option where it was on."""
-    label = f"{run['dtype']} --bf16-dot" if run.get("bf16_dot") else run["dtype"]
+    """A run's name in the table and the plot: its dtype, and its dot option where it was on."""
+    label = f"{run['dtype']} --{run['dtype']}-dot" if run.get("bf16_dot") or run.get("int8_dot") else run["dtype"]
     assert label.startswith(run["dtype"])
     return label
 
@@ -481,10 +488,12 @@ def run_benchmarks(
     config: GPT2Config, dtypes: list[str], batches: list[int], prefill_lens: list[int], new_tokens: int,
     repeats: int, contexts: list[int], progress: bool = True, kv_dtype: str = "fp32", llama: LlamaPeer | None = None,
     torch_device: str = "cpu", mesh=None, scoring: tuple[tuple[int, int], ...] = (), bf16_dot: bool = False,
+    int8_dot: bool = False,
 ) -> dict:  # fmt: skip
     """Every measurement of one model shape, for each weight dtype, as a JSON-ready dict.
     `scoring` lists (batch, length) forwards with all logits to time as well; `bf16_dot` loads the
-    bf16 run with load_weights' bf16_dot option (dtypes must include bf16).
+    bf16 run with load_weights' bf16_dot option (dtypes must include bf16), `int8_dot` the int8 run
+    with int8_dot.
 
     transformers runs on `torch_device` ("cpu", or "cuda" to compare on the same card as JAX's GPU);
     our side on `mesh` when given (placed as load_weights places it, unpacked).
@@ -495,6 +504,8 @@ def run_benchmarks(
     assert kv_dtype in KV_DTYPES
     if bf16_dot and "bf16" not in dtypes:
         raise ValueError("--bf16-dot applies to the bf16 run: include bf16 in --dtypes")
+    if int8_dot and "int8" not in dtypes:
+        raise ValueError("--int8-dot applies to the int8 run: include int8 in --dtypes")
     if llama is not None:
         check_llama_peer(llama, dtypes)  # before minutes of measuring, not after
     state, model = make_models(config)
@@ -517,7 +528,7 @@ def run_benchmarks(
     for dtype in dtypes:
         run = bench_dtype(
             config, state, model, dtype, plan, new_tokens, repeats, kv_dtype, torch_device, mesh, bandwidths, bar.update,
-            bf16_dot and dtype == "bf16",
+            (bf16_dot and dtype == "bf16") or (int8_dot and dtype == "int8"),
         )  # fmt: skip
         if dtype in llama_runs:
             run["llama"] = llama_runs[dtype]
@@ -537,14 +548,14 @@ def run_benchmarks(
 
 def bench_dtype(
     config, state, model, dtype: str, plan, new_tokens: int, repeats: int, kv_dtype: str, torch_device: str, mesh,
-    bandwidths, tick, bf16_dot: bool = False,
+    bandwidths, tick, dot: bool = False,
 ) -> dict:  # fmt: skip
     """One dtype's run: the model as load_weights makes it here (placed on `mesh` when it has more
     than one device: unpacked, XLA's dot), every row of the plan against transformers."""
     import tempfile
 
     on_mesh = mesh is not None and mesh.size > 1
-    weights = load_quietly(state, config, dtype, pack=False if on_mesh else None, bf16_dot=bf16_dot)
+    weights = load_quietly(state, config, dtype, pack=False if on_mesh else None, dot=dot)
     if on_mesh:
         weights = place_weights(weights, config, mesh)
     hf_dtype = transformers_dtype_for(dtype, torch_device, cpu_has_bf16_instructions())
@@ -553,7 +564,7 @@ def bench_dtype(
         cold_s, warm_s = first_token_s(config, weights, cache_dir)
     tick()
     run = dict(dtype=dtype, packed=weights.lm_head_DV is not None, transformers_dtype=str(hf_model.dtype))
-    run["bf16_dot"] = weights.bf16_dot
+    run["bf16_dot"], run["int8_dot"] = weights.bf16_dot, weights.int8_dot
     run["transformers_note"] = "fp32: this CPU has no bf16 instructions" if hf_dtype != dtype and dtype == "bf16" else ""
     run["transformers_device"] = str(hf_model.device)
     run.update(execution_path(weights), matrix_dtype=matrix_dtype_name(weights))
