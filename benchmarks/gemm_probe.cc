@@ -32,7 +32,7 @@ int main(int argc, char** argv) {
   int shapes = logits ? 5 : 4;
   std::vector<Mat> mats;
   for (int k = 0; k < shapes; ++k) mats.push_back(Make(kGpt2Shapes[k][0], kGpt2Shapes[k][1]));
-  std::vector<float> x(M * 3072), y(M * 50304);
+  AlignedVector<float> x(M * 3072), y(M * 50304);
   for (size_t i = 0; i < x.size(); ++i) x[i] = static_cast<float>((i * 7919) % 2001) * 1e-3f - 1.0f;
   auto run = [&](Mat& m) {
     if (!strcmp(which, "i8dot")) PackedMatmulInt8Dot(x.data(), M, m.I, m.i8.data(), m.scale.data(), m.O, y.data(), pool);
