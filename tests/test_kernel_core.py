@@ -61,6 +61,16 @@ def test_core_passes_its_test_built_for_an_older_x86_cpu(march, isa, needs, tmp_
     run_core_test([str(binary)], isa)
 
 
+def test_core_passes_its_test_built_without_amx_on_an_amx_host(tmp_path):
+    """Where the CPU has AMX the native build runs the bf16 dot option on its tiles: built without
+    them, the same checks cover the vector path that CPUs without AMX (Zen 4) run."""
+    if not X86 or "amx_tile" not in cpu_flags():
+        pytest.skip("this CPU has no AMX: the native build above already runs the vector path")
+    flags = [*native.march_flags("native"), "-mno-amx-tile", "-mno-amx-bf16", "-mno-amx-int8"]
+    binary = build_core_test(host_compiler(), flags, tmp_path / "core_test")
+    run_core_test([str(binary)], expected_native_isa())
+
+
 def test_core_passes_its_test_built_by_clang(tmp_path):
     """macOS builds with Clang: its reading of the vector extensions must agree with GCC's."""
     clang = shutil.which("clang++")

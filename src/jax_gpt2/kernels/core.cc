@@ -20,13 +20,17 @@
 #include "core.h"
 
 #if defined(__AVX512F__) || defined(__AVX2__)
-// For WidenInt8InOrder and the bf16 dot path only. GCC 12 warns inside its own AVX-512 header (an "undefined" pass-through
+// For WidenInt8InOrder and the dot paths only (with the syscall that asks Linux for the AMX tiles). GCC 12 warns inside its own AVX-512 header (an "undefined" pass-through
 // register it leaves uninitialized on purpose); nothing of ours is hidden by this.
 #if defined(__GNUC__) && !defined(__clang__)
 #pragma GCC diagnostic push
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 #endif
 #include <immintrin.h>
+#if defined(__linux__)
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
 #if defined(__GNUC__) && !defined(__clang__)
 #pragma GCC diagnostic pop
 #endif
@@ -637,12 +641,14 @@ inline int64_t Pairs(int64_t I) { return (I + 1) / 2; }
 
 // Rows [first, end) of x_MI as bfloat16 pairs, rounded by vcvtne2ps2bf16 (to nearest even; it also
 // reads subnormals as zero), 32 values an instruction: lanes past I load as zero, so an odd I's last
-// pair ends in zero, and the store stops at the row's last pair.
-void RoundRows(const float* x_MI, int64_t first, int64_t end, int64_t I, uint32_t* xpair_MK) {
+// pair ends in zero, and the store stops at the row's last pair; rows `stride` pairs apart, zero
+// from the last pair to the stride.
+void RoundRows(const float* x_MI, int64_t first, int64_t end, int64_t I, int64_t stride, uint32_t* xpair_MK) {
   const int64_t K = Pairs(I);
   for (int64_t m = first; m < end; ++m) {
     const float* x = x_MI + m * I;
-    uint16_t* halves = reinterpret_cast<uint16_t*>(xpair_MK + m * K);
+    std::memset(xpair_MK + m * stride + K, 0, (stride - K) * sizeof(uint32_t));
+    uint16_t* halves = reinterpret_cast<uint16_t*>(xpair_MK + m * stride);
     for (int64_t i = 0; i < I; i += 32) {
       __m512 low = _mm512_maskz_loadu_ps(FirstLanes(I - i), x + i);
       __m512 high = _mm512_maskz_loadu_ps(FirstLanes(I - i - 16), x + i + 16);
@@ -720,7 +726,7 @@ void DotGemm(const float* x_MI, int64_t M, int64_t I, const uint16_t* tiles_GIC,
   thread_local std::vector<uint32_t> xpair;
   uint32_t* xpair_MK = Reserve(xpair, M * K);
   pool.Run((M + kRoundRows - 1) / kRoundRows, [&](int64_t task) {
-    RoundRows(x_MI, task * kRoundRows, std::min(M, (task + 1) * kRoundRows), I, xpair_MK);
+    RoundRows(x_MI, task * kRoundRows, std::min(M, (task + 1) * kRoundRows), I, K, xpair_MK);
   });
   const int64_t G = (O + kTileColumns - 1) / kTileColumns;
   const int64_t blocks = (M + kDotBlockRows - 1) / kDotBlockRows;
@@ -729,6 +735,127 @@ void DotGemm(const float* x_MI, int64_t M, int64_t I, const uint16_t* tiles_GIC,
     DotUnit(xpair_MK, m, std::min(kDotBlockRows, M - m), I, tiles_GIC, y_MO, O, g, epilogue);
   });
 }
+
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__linux__)
+// On CPUs with AMX (Sapphire Rapids and later Xeons) the bf16 dot path runs on the tile unit instead:
+// tdpbf16ps multiplies a 16 x 32 bf16 tile of x by a 32 x 16 tile of weights (as 16 pair rows) into a
+// 16 x 16 float32 tile, 8192 multiply-adds an instruction, where vdpbf16ps does 32. The same
+// rounding of x (RoundRows) and the same pairs (the panel, for the whole tile at once), in the layout
+// the tiles read: x as rows of pairs, the panel's pair rows 16 columns at a time. A unit runs blocks
+// of 32 rows x 32 columns (four result tiles, two of x, two of weights: the eight tile registers),
+// each over every pair, the sums kept in the tiles. Only the order of float32 additions inside the
+// tile unit differs from the vector path: both are float64 math on the rounded values to within
+// float32 accumulation (core_test.cc).
+//
+// Linux lends a process the tile registers only when asked (arch_prctl ARCH_REQ_XCOMP_PERM for
+// XTILEDATA), and a VM may refuse: AmxUsable() asks once, and where it is refused the vector path runs.
+constexpr int64_t kAmxPairs = 16;  // pairs of inputs per tile step (a 64-byte tile row)
+constexpr int64_t kAmxRows = 32;   // rows of x per block: two tiles of 16
+// Rows of x per unit. Each unit pairs its whole tile first, which costs as much as the tile unit's
+// work on ~100 rows: 256 rows a unit ran a gpt2 forward's matmuls at 128 rows 1.5x faster than 48
+// (gemm_probe.cc, one thread, 2-core Xeon), and 512 rows ~8% faster than 128 rows a unit.
+constexpr int64_t kAmxUnitRows = 256;
+static_assert(kAmxUnitRows % kAmxRows == 0, "units end on whole blocks");
+
+bool AmxUsable() {
+  static const bool usable = [] {
+    constexpr long kReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
+    return syscall(SYS_arch_prctl, kReqXcompPerm, kXfeatureXtiledata) == 0;
+  }();
+  return usable;
+}
+
+// Every tile 16 rows of 64 bytes (palette 1): results 0-3, x 4-5, weights 6-7.
+struct alignas(64) TileConfig {
+  uint8_t palette = 1, start_row = 0, reserved[14] = {};
+  uint16_t bytes_per_row[16] = {64, 64, 64, 64, 64, 64, 64, 64};
+  uint8_t rows[16] = {16, 16, 16, 16, 16, 16, 16, 16};
+};
+
+// Pair rows [0, K16) of a tile, natural column order, zero past the last pair: pair_KC[k][c] holds
+// w[2k][c] low and w[2k + 1][c] high (16-bit interleaves of the two rows, four vectors a pair row).
+void PairPanelWhole(const uint16_t* tile_IC, int64_t I, int64_t K16, uint32_t* pair_KC) {
+  static const uint16_t kZeroRow[kTileColumns] = {};
+  alignas(64) static const uint16_t kLow[32] = {0, 32, 1, 33, 2,  34, 3,  35, 4,  36, 5,  37, 6,  38, 7,  39,
+                                                8, 40, 9, 41, 10, 42, 11, 43, 12, 44, 13, 45, 14, 46, 15, 47};
+  const __m512i low = _mm512_load_si512(kLow);
+  const __m512i high = _mm512_add_epi16(low, _mm512_set1_epi16(16));
+  const int64_t K = Pairs(I);
+  for (int64_t k = 0; k < K; ++k) {
+    const uint16_t* even = tile_IC + 2 * k * kTileColumns;
+    const uint16_t* odd = 2 * k + 1 < I ? even + kTileColumns : kZeroRow;
+    for (int h = 0; h < 2; ++h) {  // columns [32h, 32h + 32)
+      const __m512i e = _mm512_loadu_si512(even + 32 * h), o = _mm512_loadu_si512(odd + 32 * h);
+      _mm512_storeu_si512(pair_KC + k * kTileColumns + 32 * h, _mm512_permutex2var_epi16(e, low, o));
+      _mm512_storeu_si512(pair_KC + k * kTileColumns + 32 * h + 16, _mm512_permutex2var_epi16(e, high, o));
+    }
+  }
+  std::memset(pair_KC + K * kTileColumns, 0, (K16 - K) * kTileColumns * sizeof(uint32_t));
+}
+
+// Rows [m, m + rows) of x (pairs, row stride K16, readable to a whole block of rows past them) times tile g.
+void AmxUnit(const uint32_t* xpair_MK, int64_t K16, int64_t m, int64_t rows, int64_t I, const uint16_t* tiles_GIC,
+             float* y_MO, int64_t O, int64_t g, Epilogue epilogue) {
+  const uint16_t* tile_IC = tiles_GIC + g * I * kTileColumns;
+  const int64_t columns = std::min(kTileColumns, O - g * kTileColumns);
+  thread_local std::vector<uint32_t> panel;
+  uint32_t* pair_KC = Reserve(panel, K16 * kTileColumns);
+  PairPanelWhole(tile_IC, I, K16, pair_KC);
+  thread_local std::vector<float> held;  // the unit's results: too many rows for a thread's stack
+  float* held_MC = Reserve(held, kAmxUnitRows * kTileColumns);
+  // Loaded per unit, and released: another library on this thread (oneDNN) may set tiles of its own.
+  static const TileConfig config;
+  _tile_loadconfig(&config);
+  const int64_t x_stride = K16 * sizeof(uint32_t), w_stride = kTileColumns * sizeof(uint32_t);
+  for (int64_t r = 0; r < rows; r += kAmxRows) {
+    const uint32_t* x0 = xpair_MK + (m + r) * K16;
+    const uint32_t* x1 = x0 + 16 * K16;
+    for (int64_t c = 0; c < kTileColumns; c += 32) {
+      _tile_zero(0);
+      _tile_zero(1);
+      _tile_zero(2);
+      _tile_zero(3);
+      for (int64_t k = 0; k < K16; k += kAmxPairs) {
+        _tile_loadd(4, x0 + k, x_stride);
+        _tile_loadd(5, x1 + k, x_stride);
+        _tile_loadd(6, pair_KC + k * kTileColumns + c, w_stride);
+        _tile_loadd(7, pair_KC + k * kTileColumns + c + 16, w_stride);
+        _tile_dpbf16ps(0, 4, 6);
+        _tile_dpbf16ps(1, 4, 7);
+        _tile_dpbf16ps(2, 5, 6);
+        _tile_dpbf16ps(3, 5, 7);
+      }
+      float* out = held_MC + r * kTileColumns + c;
+      _tile_stored(0, out, w_stride);
+      _tile_stored(1, out + 16, w_stride);
+      _tile_stored(2, out + 16 * kTileColumns, w_stride);
+      _tile_stored(3, out + 16 * kTileColumns + 16, w_stride);
+    }
+  }
+  _tile_release();
+  GemmFinish<1>(held_MC, rows, nullptr, columns, y_MO + m * O + g * kTileColumns, O);
+  FinishColumns(y_MO + m * O, O, rows, g * kTileColumns, columns, epilogue);
+}
+
+// x rounded into rows of K16 pairs (zero past K), with a block of zero rows past M for the last
+// block's tiles to read, then units tile-major as in Gemm.
+void AmxGemm(const float* x_MI, int64_t M, int64_t I, const uint16_t* tiles_GIC, int64_t O, float* y_MO,
+             Epilogue epilogue, TilePool& pool) {
+  const int64_t K16 = (Pairs(I) + kAmxPairs - 1) / kAmxPairs * kAmxPairs;
+  thread_local std::vector<uint32_t> xpair;
+  uint32_t* xpair_MK = Reserve(xpair, (M + kAmxRows) * K16);
+  std::memset(xpair_MK + M * K16, 0, kAmxRows * K16 * sizeof(uint32_t));
+  pool.Run((M + kRoundRows - 1) / kRoundRows, [&](int64_t task) {
+    RoundRows(x_MI, task * kRoundRows, std::min(M, (task + 1) * kRoundRows), I, K16, xpair_MK);
+  });
+  const int64_t G = (O + kTileColumns - 1) / kTileColumns;
+  const int64_t blocks = (M + kAmxUnitRows - 1) / kAmxUnitRows;
+  pool.Run(G * blocks, [&](int64_t unit) {
+    const int64_t g = unit / blocks, m = unit % blocks * kAmxUnitRows;
+    AmxUnit(xpair_MK, K16, m, std::min(kAmxUnitRows, M - m), I, tiles_GIC, y_MO, O, g, epilogue);
+  });
+}
+#endif  // AMX
 #endif  // __AVX512BF16__
 
 // ---------------------------------------------------------------------------------------------
@@ -1383,6 +1510,9 @@ void PackedMatmul(const float* x_MI, int64_t M, int64_t I, const int8_t* tiles_G
 void PackedMatmulBf16Dot(const float* x_MI, int64_t M, int64_t I, const uint16_t* tiles_GIC, int64_t O, float* y_MO,
                          TilePool& pool, Epilogue epilogue) {
 #if defined(__AVX512BF16__)
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__linux__)
+  if (M >= kGemmMinRows && AmxUsable()) return AmxGemm(x_MI, M, I, tiles_GIC, O, y_MO, epilogue, pool);
+#endif
   if (M >= kGemmMinRows) return DotGemm(x_MI, M, I, tiles_GIC, O, y_MO, epilogue, pool);
 #endif
   Matmul<uint16_t>(x_MI, M, I, tiles_GIC, nullptr, O, y_MO, epilogue, pool);

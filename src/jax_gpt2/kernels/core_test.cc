@@ -317,12 +317,13 @@ void TestBatchInvariance(TilePool& pool) {
 // rounded to bfloat16 (nearest, ties to even: the first two values of every row are ties, 1 + 2^-8
 // rounds down to 1, -(1 + 3 2^-8) up to -(1 + 2^-6)) times the rounded weights, within the same 1e-5
 // (the sum of two exact bf16 products per step adds no error of its own); below that M, or without the
-// instructions, the exact bf16 path bit for bit. Odd I (a last pair padded with zero), M past the
-// 6-row register block and the 48-row unit, O short of whole tiles; padding columns kept out; the same
+// instructions, the exact bf16 path bit for bit. The vector path, or AMX's tiles where the build and
+// the host have them. Odd I (a last pair padded with zero), M past the 6-row register block, the
+// 48-row unit and AMX's 256-row unit, O short of whole tiles; padding columns kept out; the same
 // result from every pool.
 void TestBf16Dot(TilePool& pool, const std::vector<TilePool*>& other_pools) {
-  const int64_t cases[][3] = {{1, 1, 16},  {37, 65, 17},  {300, 130, 16}, {769, 200, 49},
-                              {768, 64, 100}, {257, 63, 23}, {300, 130, 15}, {37, 65, 1}};
+  const int64_t cases[][3] = {{1, 1, 16},  {37, 65, 17},  {300, 130, 16}, {769, 200, 49}, {768, 64, 100},
+                              {65, 70, 300}, {257, 63, 23}, {300, 130, 15}, {37, 65, 1}};
   for (const auto& c : cases) {
     const int64_t I = c[0], O = c[1], M = c[2];
     Packed p = Pack(I, O, static_cast<uint32_t>(I * 3 + O));
