@@ -513,6 +513,18 @@ void WidenPanel(const W* rows_IC, int64_t kc, float* panel_IC) {
 template <int P>
 void GemmFinish(const float* held_MC, int64_t rows, const float* scale_C, int64_t columns, float* y_MO, int64_t O) {
   constexpr int64_t kBlock = P * kLanes;
+  if constexpr (P == 1) {  // columns already in order: a copy (or a product) per row, in vectors
+    for (int64_t r = 0; r < rows; ++r) {
+      const float* held = held_MC + r * kTileColumns;
+      float* y = y_MO + r * O;
+      if (scale_C == nullptr) {
+        std::memcpy(y, held, columns * sizeof(float));
+      } else {
+        for (int64_t c = 0; c < columns; ++c) y[c] = held[c] * scale_C[c];
+      }
+    }
+    return;
+  }
   for (int64_t r = 0; r < rows; ++r)
     for (int64_t c = 0; c < columns; ++c) {
       int64_t at = c / kBlock * kBlock + c % P * kLanes + c % kBlock / P;
@@ -529,6 +541,12 @@ void FinishColumns(float* y_MO, int64_t O, int64_t rows, int64_t first, int64_t 
   for (int64_t r = 0; r < rows; ++r)
     for (int64_t c = first; c < first + columns; c += kLanes) {
       const int64_t count = std::min<int64_t>(kLanes, first + columns - c);
+      if (count == kLanes) {  // whole vectors straight from y and the bias: no copies through scratch
+        VF y = Load<VF>(y_MO + r * O + c);
+        if (epilogue.bias_O) y += Load<VF>(epilogue.bias_O + c);
+        Store(y_MO + r * O + c, epilogue.gelu ? GeluTanh(y) : y, kLanes);
+        continue;
+      }
       alignas(64) float value[kLanes] = {}, bias[kLanes] = {};
       std::memcpy(value, y_MO + r * O + c, count * sizeof(float));
       if (epilogue.bias_O) std::memcpy(bias, epilogue.bias_O + c, count * sizeof(float));
