@@ -904,6 +904,7 @@ constexpr int64_t kPanelQuads = kQuantInputs / 4;  // 64 quads x 64 columns: a 1
 constexpr int kQuadRows = 6;                       // 6 rows x 64 columns: 24 int32 accumulators
 constexpr int64_t kQuadBlockRows = 8 * kQuadRows;
 constexpr int64_t kQuantRows = 16;  // rows of x per quantizing task
+constexpr int64_t kQuantPadRows = 32;  // zero rows past M: a whole block of AMX's tile rows
 
 inline int64_t QuantBlocks(int64_t I) { return (I + kQuantInputs - 1) / kQuantInputs; }
 
@@ -1023,6 +1024,74 @@ void QuadUnit(const int8_t* q_MJ, const float* scale_MB, const int32_t* bias_MB,
   FinishColumns(y_MO + m * O, O, rows, g * kTileColumns, columns, epilogue);
 }
 
+#if defined(__AVX512BF16__) && defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AMX_INT8__) && \
+    defined(__linux__)
+#define JAX_GPT2_AMX_INT8 1
+// On AMX's tiles (where AmxUsable(), as for bf16): tdpbsud multiplies a 16 x 64 tile of x's signed
+// bytes by a 64 x 16 tile of the flipped (unsigned) weights, as 16 rows of quads, into a 16 x 16
+// int32 tile: 16384 multiply-adds an instruction. The quantized x and the quad panel are the vector
+// path's (the whole tile laid out once per unit of up to kAmxUnitRows rows); a result tile's column
+// n of weight vector j is the vector path's lane n of vector j, so the held layout, the integer sums,
+// and every float32 operation after them (bias, scale, the block sum, the finish) are the vector
+// path's: the results are bit for bit the same.
+void AmxQuadUnit(const int8_t* q_MJ, const float* scale_MB, const int32_t* bias_MB, int64_t m, int64_t rows,
+                 int64_t I, const int8_t* tiles_GIC, const float* scale_Q, float* y_MO, int64_t O, int64_t g,
+                 Epilogue epilogue) {
+  const int64_t B = QuantBlocks(I), J = B * kQuantInputs;
+  const int8_t* tile_IC = tiles_GIC + g * I * kTileColumns;
+  const int64_t columns = std::min(kTileColumns, O - g * kTileColumns);
+  thread_local std::vector<char> panel;  // J / 4 quads of four vectors, on a 64-byte boundary
+  char* panel_bytes = Reserve(panel, (J + 1) * int64_t(sizeof(__m512i)));
+  __m512i* quad_KC = reinterpret_cast<__m512i*>((reinterpret_cast<uintptr_t>(panel_bytes) + 63) / 64 * 64);
+  QuadPanel(tile_IC, I, 0, J / 4, quad_KC);
+  thread_local std::vector<float> held;
+  float* held_MC = Reserve(held, kAmxUnitRows * kTileColumns);
+  alignas(64) int32_t sums[4][16 * 16];
+  static const TileConfig config;
+  _tile_loadconfig(&config);
+  for (int64_t r = 0; r < rows; r += kAmxRows) {
+    const int8_t* x0 = q_MJ + (m + r) * J;
+    const int8_t* x1 = x0 + 16 * J;
+    for (int64_t j = 0; j < 4; j += 2) {
+      for (int64_t b = 0; b < B; ++b) {
+        _tile_zero(0);
+        _tile_zero(1);
+        _tile_zero(2);
+        _tile_zero(3);
+        for (int64_t k = b * kPanelQuads; k < (b + 1) * kPanelQuads; k += 16) {
+          _tile_loadd(4, x0 + 4 * k, J);
+          _tile_loadd(5, x1 + 4 * k, J);
+          _tile_loadd(6, quad_KC + 4 * k + j, 4 * sizeof(__m512i));
+          _tile_loadd(7, quad_KC + 4 * k + j + 1, 4 * sizeof(__m512i));
+          _tile_dpbsud(0, 4, 6);
+          _tile_dpbsud(1, 4, 7);
+          _tile_dpbsud(2, 5, 6);
+          _tile_dpbsud(3, 5, 7);
+        }
+        _tile_stored(0, sums[0], 64);  // a tile register is named by a constant
+        _tile_stored(1, sums[1], 64);
+        _tile_stored(2, sums[2], 64);
+        _tile_stored(3, sums[3], 64);
+        for (int t = 0; t < 4; ++t) {
+          const int64_t row0 = r + (t >> 1) * 16, vector = j + (t & 1);
+          for (int64_t n = 0; n < 16 && row0 + n < rows; ++n) {
+            const int64_t at = (m + row0 + n) * B + b;
+            const __m512 sum = _mm512_cvtepi32_ps(
+                _mm512_sub_epi32(_mm512_load_si512(sums[t] + 16 * n), _mm512_set1_epi32(bias_MB[at])));
+            const __m512 scale = _mm512_set1_ps(scale_MB[at]);
+            float* out = held_MC + (row0 + n) * kTileColumns + vector * 16;
+            _mm512_storeu_ps(out, b == 0 ? _mm512_mul_ps(sum, scale) : _mm512_fmadd_ps(sum, scale, _mm512_loadu_ps(out)));
+          }
+        }
+      }
+    }
+  }
+  _tile_release();
+  QuadFinish(held_MC, rows, scale_Q + g * kTileColumns, columns, y_MO + m * O + g * kTileColumns, O);
+  FinishColumns(y_MO + m * O, O, rows, g * kTileColumns, columns, epilogue);
+}
+#endif
+
 // x quantized over the pool, then units tile-major as in Gemm.
 void QuadGemm(const float* x_MI, int64_t M, int64_t I, const int8_t* tiles_GIC, const float* scale_Q, int64_t O,
               float* y_MO, Epilogue epilogue, TilePool& pool) {
@@ -1031,13 +1100,25 @@ void QuadGemm(const float* x_MI, int64_t M, int64_t I, const int8_t* tiles_GIC, 
   thread_local std::vector<int8_t> quantized;
   thread_local std::vector<float> scales;
   thread_local std::vector<int32_t> biases;
-  int8_t* q_MJ = Reserve(quantized, M * J);
+  int8_t* q_MJ = Reserve(quantized, (M + kQuantPadRows) * J);
   float* scale_MB = Reserve(scales, M * B);
   int32_t* bias_MB = Reserve(biases, M * B);
+  std::memset(q_MJ + M * J, 0, kQuantPadRows * J);  // the last block of AMX's tiles reads past M
   pool.Run((M + kQuantRows - 1) / kQuantRows, [&](int64_t task) {
     QuantizeRows(x_MI, task * kQuantRows, std::min(M, (task + 1) * kQuantRows), I, q_MJ, scale_MB, bias_MB);
   });
   const int64_t G = (O + kTileColumns - 1) / kTileColumns;
+#if JAX_GPT2_AMX_INT8
+  if (AmxUsable()) {
+    const int64_t units = (M + kAmxUnitRows - 1) / kAmxUnitRows;
+    pool.Run(G * units, [&](int64_t unit) {
+      const int64_t g = unit / units, m = unit % units * kAmxUnitRows;
+      AmxQuadUnit(q_MJ, scale_MB, bias_MB, m, std::min(kAmxUnitRows, M - m), I, tiles_GIC, scale_Q, y_MO, O, g,
+                  epilogue);
+    });
+    return;
+  }
+#endif
   const int64_t blocks = (M + kQuadBlockRows - 1) / kQuadBlockRows;
   pool.Run(G * blocks, [&](int64_t unit) {
     const int64_t g = unit / blocks, m = unit % blocks * kQuadBlockRows;
