@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstdlib>
+#include <string>
 #include <thread>
 
 #include "core.h"
@@ -101,37 +102,36 @@ ffi::Error MatmulBF16Dot(ffi::Buffer<ffi::F32> x, ffi::AnyBuffer tiles, ffi::Buf
   return ffi::Error::Success();
 }
 
-ffi::Error MatmulI8(ffi::Buffer<ffi::F32> x, ffi::AnyBuffer tiles, ffi::Buffer<ffi::F32> scale,
-                    ffi::Buffer<ffi::F32> bias, bool gelu, ffi::ResultBuffer<ffi::F32> y) {
-  if (tiles.element_type() != ffi::S8) return ffi::Error::InvalidArgument("packed_matmul_i8: tiles must be int8");
+// int8 tiles and their column scales, multiplied by `core`: the exact path or the int8 dot option.
+using Int8Core = void (*)(const float*, int64_t, int64_t, const int8_t*, const float*, int64_t, float*,
+                          jax_gpt2::TilePool&, jax_gpt2::Epilogue);
+
+ffi::Error MatmulInt8By(Int8Core core, const std::string& name, ffi::Buffer<ffi::F32>& x, ffi::AnyBuffer& tiles,
+                        ffi::Buffer<ffi::F32>& scale, ffi::Buffer<ffi::F32>& bias, bool gelu,
+                        ffi::ResultBuffer<ffi::F32>& y) {
+  if (tiles.element_type() != ffi::S8) return ffi::Error::InvalidArgument(name + ": tiles must be int8");
   ffi::Error error = CheckShapes(x, tiles, y);
   if (error.failure()) return error;
   jax_gpt2::Epilogue epilogue;
   error = EpilogueOf(bias, gelu, y, &epilogue);
   if (error.failure()) return error;
   if (scale.element_count() != tiles.dimensions()[0] * kTileColumns)
-    return ffi::Error::InvalidArgument("packed_matmul_i8: one scale per padded output column");
-  jax_gpt2::PackedMatmul(x.typed_data(), x.dimensions()[0], x.dimensions()[1],
-                         reinterpret_cast<const int8_t*>(tiles.untyped_data()), scale.typed_data(),
-                         y->dimensions()[1], y->typed_data(), Pool(), epilogue);
+    return ffi::Error::InvalidArgument(name + ": one scale per padded output column");
+  core(x.typed_data(), x.dimensions()[0], x.dimensions()[1], reinterpret_cast<const int8_t*>(tiles.untyped_data()),
+       scale.typed_data(), y->dimensions()[1], y->typed_data(), Pool(), epilogue);
   return ffi::Error::Success();
+}
+
+ffi::Error MatmulI8(ffi::Buffer<ffi::F32> x, ffi::AnyBuffer tiles, ffi::Buffer<ffi::F32> scale,
+                    ffi::Buffer<ffi::F32> bias, bool gelu, ffi::ResultBuffer<ffi::F32> y) {
+  Int8Core exact = jax_gpt2::PackedMatmul;  // the int8 overload
+  return MatmulInt8By(exact, "packed_matmul_i8", x, tiles, scale, bias, gelu, y);
 }
 
 // The int8 dot option (core.h: PackedMatmulInt8Dot): int8 tiles, x quantized to int8 where M is large.
 ffi::Error MatmulI8Dot(ffi::Buffer<ffi::F32> x, ffi::AnyBuffer tiles, ffi::Buffer<ffi::F32> scale,
                        ffi::Buffer<ffi::F32> bias, bool gelu, ffi::ResultBuffer<ffi::F32> y) {
-  if (tiles.element_type() != ffi::S8) return ffi::Error::InvalidArgument("packed_matmul_i8_dot: tiles must be int8");
-  ffi::Error error = CheckShapes(x, tiles, y);
-  if (error.failure()) return error;
-  jax_gpt2::Epilogue epilogue;
-  error = EpilogueOf(bias, gelu, y, &epilogue);
-  if (error.failure()) return error;
-  if (scale.element_count() != tiles.dimensions()[0] * kTileColumns)
-    return ffi::Error::InvalidArgument("packed_matmul_i8_dot: one scale per padded output column");
-  jax_gpt2::PackedMatmulInt8Dot(x.typed_data(), x.dimensions()[0], x.dimensions()[1],
-                                reinterpret_cast<const int8_t*>(tiles.untyped_data()), scale.typed_data(),
-                                y->dimensions()[1], y->typed_data(), Pool(), epilogue);
-  return ffi::Error::Success();
+  return MatmulInt8By(jax_gpt2::PackedMatmulInt8Dot, "packed_matmul_i8_dot", x, tiles, scale, bias, gelu, y);
 }
 
 // ---------------------------------------------------------------------------------------------
