@@ -31,6 +31,12 @@
 #include <sys/syscall.h>
 #include <unistd.h>
 #endif
+// The dot paths run on AMX's tiles where the build has every tile extension they use (and the host
+// lends the tiles: AmxUsable()). Linux only: it lends them through arch_prctl.
+#if defined(__AVX512BF16__) && defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AMX_INT8__) && \
+    defined(__linux__)
+#define JAX_GPT2_AMX 1
+#endif
 #if defined(__GNUC__) && !defined(__clang__)
 #pragma GCC diagnostic pop
 #endif
@@ -422,10 +428,7 @@ void OneTile(const float* x_MI, int64_t M, int64_t I, const W* tiles_GIC, const 
 #if defined(__AVX512F__)
 constexpr int kGemmRows = 6;     // 6 rows x 64 columns: 24 accumulators of 32 zmm; 4 weight loads
 constexpr int kGemmVectors = 4;  // and 6 broadcasts per 24 FMAs
-#ifndef JAX_GPT2_PANEL_ROWS  // a probe may build with another to time it
-#define JAX_GPT2_PANEL_ROWS 256
-#endif
-constexpr int64_t kPanelRows = JAX_GPT2_PANEL_ROWS;  // 64 KiB, from L2
+constexpr int64_t kPanelRows = 256;       // 64 KiB, from L2
 constexpr int64_t kNarrowPanelRows = 64;  // (unused: see TakesGemm)
 #elif defined(__AVX2__) && defined(__FMA__)
 constexpr int kGemmRows = 6;     // 6 x 16: 12 accumulators of 16 ymm; 2 weight loads and 6
@@ -585,15 +588,24 @@ void GemmUnit(const float* x_MI, int64_t m, int64_t rows, int64_t I, const W* ti
   FinishColumns(y_MO + m * O, O, rows, g * kTileColumns, columns, epilogue);
 }
 
-// Units tile-major, so a thread's run of consecutive units reads one tile for several row blocks.
+// Every GEMM's units over the pool, tile-major, so a thread's run of consecutive units reads one tile
+// for several row blocks: unit(g, m, rows) for each tile g of the O columns and each block of up to
+// block_rows rows from m.
+template <typename Unit>
+void RunUnits(TilePool& pool, int64_t M, int64_t O, int64_t block_rows, const Unit& unit) {
+  const int64_t G = (O + kTileColumns - 1) / kTileColumns;
+  const int64_t blocks = (M + block_rows - 1) / block_rows;
+  pool.Run(G * blocks, [&](int64_t index) {
+    const int64_t g = index / blocks, m = index % blocks * block_rows;
+    unit(g, m, std::min(block_rows, M - m));
+  });
+}
+
 template <typename W>
 void Gemm(const float* x_MI, int64_t M, int64_t I, const W* tiles_GIC, const float* scale_Q, int64_t O, float* y_MO,
           Epilogue epilogue, TilePool& pool) {
-  const int64_t G = (O + kTileColumns - 1) / kTileColumns;
-  const int64_t blocks = (M + kGemmBlockRows - 1) / kGemmBlockRows;
-  pool.Run(G * blocks, [&](int64_t unit) {
-    const int64_t g = unit / blocks, m = unit % blocks * kGemmBlockRows;
-    GemmUnit<W>(x_MI, m, std::min(kGemmBlockRows, M - m), I, tiles_GIC, scale_Q, y_MO, O, g, epilogue);
+  RunUnits(pool, M, O, kGemmBlockRows, [&](int64_t g, int64_t m, int64_t rows) {
+    GemmUnit<W>(x_MI, m, rows, I, tiles_GIC, scale_Q, y_MO, O, g, epilogue);
   });
 }
 
@@ -677,14 +689,23 @@ void RoundRows(const float* x_MI, int64_t first, int64_t end, int64_t I, int64_t
   }
 }
 
-// Pair rows [k0, k0 + kc) of a tile as pair_KC; the row past an odd I reads as zero.
+// Pair rows [k0, k0 + kc) of a tile as pair_KC, in column order: pair_KC[k][c] holds w[2k][c] low and
+// w[2k + 1][c] high, 16-bit interleaves of the two rows (vpermt2w, four vectors a pair row); the row
+// past an odd I reads as zero.
 void PairPanel(const uint16_t* tile_IC, int64_t I, int64_t k0, int64_t kc, uint32_t* pair_KC) {
   static const uint16_t kZeroRow[kTileColumns] = {};
+  alignas(64) static const uint16_t kLow[32] = {0, 32, 1, 33, 2,  34, 3,  35, 4,  36, 5,  37, 6,  38, 7,  39,
+                                                8, 40, 9, 41, 10, 42, 11, 43, 12, 44, 13, 45, 14, 46, 15, 47};
+  const __m512i low = _mm512_load_si512(kLow);
+  const __m512i high = _mm512_add_epi16(low, _mm512_set1_epi16(16));
   for (int64_t k = 0; k < kc; ++k) {
     const uint16_t* even = tile_IC + 2 * (k0 + k) * kTileColumns;
     const uint16_t* odd = 2 * (k0 + k) + 1 < I ? even + kTileColumns : kZeroRow;
-    for (int64_t c = 0; c < kTileColumns; ++c)
-      pair_KC[k * kTileColumns + c] = static_cast<uint32_t>(even[c]) | static_cast<uint32_t>(odd[c]) << 16;
+    for (int h = 0; h < 2; ++h) {  // columns [32h, 32h + 32)
+      const __m512i e = _mm512_loadu_si512(even + 32 * h), o = _mm512_loadu_si512(odd + 32 * h);
+      _mm512_storeu_si512(pair_KC + k * kTileColumns + 32 * h, _mm512_permutex2var_epi16(e, low, o));
+      _mm512_storeu_si512(pair_KC + k * kTileColumns + 32 * h + 16, _mm512_permutex2var_epi16(e, high, o));
+    }
   }
 }
 
@@ -746,15 +767,12 @@ void DotGemm(const float* x_MI, int64_t M, int64_t I, const uint16_t* tiles_GIC,
   pool.Run((M + kRoundRows - 1) / kRoundRows, [&](int64_t task) {
     RoundRows(x_MI, task * kRoundRows, std::min(M, (task + 1) * kRoundRows), I, K, xpair_MK);
   });
-  const int64_t G = (O + kTileColumns - 1) / kTileColumns;
-  const int64_t blocks = (M + kDotBlockRows - 1) / kDotBlockRows;
-  pool.Run(G * blocks, [&](int64_t unit) {
-    const int64_t g = unit / blocks, m = unit % blocks * kDotBlockRows;
-    DotUnit(xpair_MK, m, std::min(kDotBlockRows, M - m), I, tiles_GIC, y_MO, O, g, epilogue);
+  RunUnits(pool, M, O, kDotBlockRows, [&](int64_t g, int64_t m, int64_t rows) {
+    DotUnit(xpair_MK, m, rows, I, tiles_GIC, y_MO, O, g, epilogue);
   });
 }
 
-#if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__linux__)
+#if JAX_GPT2_AMX
 // On CPUs with AMX (Sapphire Rapids and later Xeons) the bf16 dot path runs on the tile unit instead:
 // tdpbf16ps multiplies a 16 x 32 bf16 tile of x by a 32 x 16 tile of weights (as 16 pair rows) into a
 // 16 x 16 float32 tile, 8192 multiply-adds an instruction, where vdpbf16ps does 32. The same
@@ -790,27 +808,6 @@ struct alignas(64) TileConfig {
   uint8_t rows[16] = {16, 16, 16, 16, 16, 16, 16, 16};
 };
 
-// Pair rows [0, K16) of a tile, natural column order, zero past the last pair: pair_KC[k][c] holds
-// w[2k][c] low and w[2k + 1][c] high (16-bit interleaves of the two rows, four vectors a pair row).
-void PairPanelWhole(const uint16_t* tile_IC, int64_t I, int64_t K16, uint32_t* pair_KC) {
-  static const uint16_t kZeroRow[kTileColumns] = {};
-  alignas(64) static const uint16_t kLow[32] = {0, 32, 1, 33, 2,  34, 3,  35, 4,  36, 5,  37, 6,  38, 7,  39,
-                                                8, 40, 9, 41, 10, 42, 11, 43, 12, 44, 13, 45, 14, 46, 15, 47};
-  const __m512i low = _mm512_load_si512(kLow);
-  const __m512i high = _mm512_add_epi16(low, _mm512_set1_epi16(16));
-  const int64_t K = Pairs(I);
-  for (int64_t k = 0; k < K; ++k) {
-    const uint16_t* even = tile_IC + 2 * k * kTileColumns;
-    const uint16_t* odd = 2 * k + 1 < I ? even + kTileColumns : kZeroRow;
-    for (int h = 0; h < 2; ++h) {  // columns [32h, 32h + 32)
-      const __m512i e = _mm512_loadu_si512(even + 32 * h), o = _mm512_loadu_si512(odd + 32 * h);
-      _mm512_storeu_si512(pair_KC + k * kTileColumns + 32 * h, _mm512_permutex2var_epi16(e, low, o));
-      _mm512_storeu_si512(pair_KC + k * kTileColumns + 32 * h + 16, _mm512_permutex2var_epi16(e, high, o));
-    }
-  }
-  std::memset(pair_KC + K * kTileColumns, 0, (K16 - K) * kTileColumns * sizeof(uint32_t));
-}
-
 // Rows [m, m + rows) of x (pairs, row stride K16, readable to a whole block of rows past them) times tile g.
 void AmxUnit(const uint32_t* xpair_MK, int64_t K16, int64_t m, int64_t rows, int64_t I, const uint16_t* tiles_GIC,
              float* y_MO, int64_t O, int64_t g, Epilogue epilogue) {
@@ -818,7 +815,9 @@ void AmxUnit(const uint32_t* xpair_MK, int64_t K16, int64_t m, int64_t rows, int
   const int64_t columns = std::min(kTileColumns, O - g * kTileColumns);
   thread_local std::vector<uint32_t> panel;
   uint32_t* pair_KC = Reserve(panel, K16 * kTileColumns);
-  PairPanelWhole(tile_IC, I, K16, pair_KC);
+  const int64_t K = Pairs(I);
+  PairPanel(tile_IC, I, 0, K, pair_KC);
+  std::memset(pair_KC + K * kTileColumns, 0, (K16 - K) * kTileColumns * sizeof(uint32_t));  // whole tile steps
   thread_local std::vector<float> held;  // the unit's results: too many rows for a thread's stack
   float* held_MC = Reserve(held, kAmxUnitRows * kTileColumns);
   // Loaded per unit, and released: another library on this thread (oneDNN) may set tiles of its own.
@@ -866,11 +865,8 @@ void AmxGemm(const float* x_MI, int64_t M, int64_t I, const uint16_t* tiles_GIC,
   pool.Run((M + kRoundRows - 1) / kRoundRows, [&](int64_t task) {
     RoundRows(x_MI, task * kRoundRows, std::min(M, (task + 1) * kRoundRows), I, K16, xpair_MK);
   });
-  const int64_t G = (O + kTileColumns - 1) / kTileColumns;
-  const int64_t blocks = (M + kAmxUnitRows - 1) / kAmxUnitRows;
-  pool.Run(G * blocks, [&](int64_t unit) {
-    const int64_t g = unit / blocks, m = unit % blocks * kAmxUnitRows;
-    AmxUnit(xpair_MK, K16, m, std::min(kAmxUnitRows, M - m), I, tiles_GIC, y_MO, O, g, epilogue);
+  RunUnits(pool, M, O, kAmxUnitRows, [&](int64_t g, int64_t m, int64_t rows) {
+    AmxUnit(xpair_MK, K16, m, rows, I, tiles_GIC, y_MO, O, g, epilogue);
   });
 }
 #endif  // AMX
@@ -961,6 +957,16 @@ void QuadPanel(const int8_t* tile_IC, int64_t I, int64_t k0, int64_t kc, __m512i
   }
 }
 
+// A row's exact integer sums over one block (16 columns), less its bias, as float32 times its block
+// scale into held: set on the first block, added by one fused multiply-add after (spelled out: left
+// to contraction, some instantiations fused and others not). Both int8 dot paths finish every block
+// here, so they agree bit for bit.
+inline void AddBlock(__m512i sums, int32_t bias, float scale, float* held, bool first) {
+  const __m512 sum = _mm512_cvtepi32_ps(_mm512_sub_epi32(sums, _mm512_set1_epi32(bias)));
+  const __m512 scale_16 = _mm512_set1_ps(scale);
+  _mm512_storeu_ps(held, first ? _mm512_mul_ps(sum, scale_16) : _mm512_fmadd_ps(sum, scale_16, _mm512_loadu_ps(held)));
+}
+
 // rows (<= R) rows of q (row stride J, from the panel's first byte) times a kc-quad panel: each row's
 // exact integer sums, less its bias, as float32 times its block scale, added to held_MC (set when first).
 template <int R>
@@ -983,16 +989,9 @@ inline void QuadPass(int64_t rows, const int8_t* q_MJ, int64_t J, const float* s
       for (int j = 0; j < 4; ++j) acc[r][j] = DotBytes(acc[r][j], w[j], xr);
     }
   }
-  for (int r = 0; r < R; ++r) {
-    const __m512i bias = _mm512_set1_epi32(bias_MB[r * B]);
-    const __m512 scale = _mm512_set1_ps(scale_MB[r * B]);
-    for (int j = 0; j < 4; ++j) {
-      float* held = held_MC + r * kTileColumns + j * 16;
-      const __m512 sum = _mm512_cvtepi32_ps(_mm512_sub_epi32(acc[r][j], bias));
-      // One fused multiply-add, spelled out: left to contraction, some instantiations fused and others not.
-      _mm512_storeu_ps(held, first ? _mm512_mul_ps(sum, scale) : _mm512_fmadd_ps(sum, scale, _mm512_loadu_ps(held)));
-    }
-  }
+  for (int r = 0; r < R; ++r)
+    for (int j = 0; j < 4; ++j)
+      AddBlock(acc[r][j], bias_MB[r * B], scale_MB[r * B], held_MC + r * kTileColumns + j * 16, first);
 }
 
 // y = held x the int8 column scale, the first `columns` columns of `rows` rows, back in column order.
@@ -1024,9 +1023,7 @@ void QuadUnit(const int8_t* q_MJ, const float* scale_MB, const int32_t* bias_MB,
   FinishColumns(y_MO + m * O, O, rows, g * kTileColumns, columns, epilogue);
 }
 
-#if defined(__AVX512BF16__) && defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AMX_INT8__) && \
-    defined(__linux__)
-#define JAX_GPT2_AMX_INT8 1
+#if JAX_GPT2_AMX
 // On AMX's tiles (where AmxUsable(), as for bf16): tdpbsud multiplies a 16 x 64 tile of x's signed
 // bytes by a 64 x 16 tile of the flipped (unsigned) weights, as 16 rows of quads, into a 16 x 16
 // int32 tile: 16384 multiply-adds an instruction. The quantized x and the quad panel are the vector
@@ -1076,11 +1073,8 @@ void AmxQuadUnit(const int8_t* q_MJ, const float* scale_MB, const int32_t* bias_
           const int64_t row0 = r + (t >> 1) * 16, vector = j + (t & 1);
           for (int64_t n = 0; n < 16 && row0 + n < rows; ++n) {
             const int64_t at = (m + row0 + n) * B + b;
-            const __m512 sum = _mm512_cvtepi32_ps(
-                _mm512_sub_epi32(_mm512_load_si512(sums[t] + 16 * n), _mm512_set1_epi32(bias_MB[at])));
-            const __m512 scale = _mm512_set1_ps(scale_MB[at]);
-            float* out = held_MC + (row0 + n) * kTileColumns + vector * 16;
-            _mm512_storeu_ps(out, b == 0 ? _mm512_mul_ps(sum, scale) : _mm512_fmadd_ps(sum, scale, _mm512_loadu_ps(out)));
+            AddBlock(_mm512_load_si512(sums[t] + 16 * n), bias_MB[at], scale_MB[at],
+                     held_MC + (row0 + n) * kTileColumns + vector * 16, b == 0);
           }
         }
       }
@@ -1103,27 +1097,19 @@ void QuadGemm(const float* x_MI, int64_t M, int64_t I, const int8_t* tiles_GIC, 
   int8_t* q_MJ = Reserve(quantized, (M + kQuantPadRows) * J);
   float* scale_MB = Reserve(scales, M * B);
   int32_t* bias_MB = Reserve(biases, M * B);
-  std::memset(q_MJ + M * J, 0, kQuantPadRows * J);  // the last block of AMX's tiles reads past M
   pool.Run((M + kQuantRows - 1) / kQuantRows, [&](int64_t task) {
     QuantizeRows(x_MI, task * kQuantRows, std::min(M, (task + 1) * kQuantRows), I, q_MJ, scale_MB, bias_MB);
   });
-  const int64_t G = (O + kTileColumns - 1) / kTileColumns;
-#if JAX_GPT2_AMX_INT8
+#if JAX_GPT2_AMX
   if (AmxUsable()) {
-    const int64_t units = (M + kAmxUnitRows - 1) / kAmxUnitRows;
-    pool.Run(G * units, [&](int64_t unit) {
-      const int64_t g = unit / units, m = unit % units * kAmxUnitRows;
-      AmxQuadUnit(q_MJ, scale_MB, bias_MB, m, std::min(kAmxUnitRows, M - m), I, tiles_GIC, scale_Q, y_MO, O, g,
-                  epilogue);
+    std::memset(q_MJ + M * J, 0, kQuantPadRows * J);  // the last block of tiles reads past M
+    return RunUnits(pool, M, O, kAmxUnitRows, [&](int64_t g, int64_t m, int64_t rows) {
+      AmxQuadUnit(q_MJ, scale_MB, bias_MB, m, rows, I, tiles_GIC, scale_Q, y_MO, O, g, epilogue);
     });
-    return;
   }
 #endif
-  const int64_t blocks = (M + kQuadBlockRows - 1) / kQuadBlockRows;
-  pool.Run(G * blocks, [&](int64_t unit) {
-    const int64_t g = unit / blocks, m = unit % blocks * kQuadBlockRows;
-    QuadUnit(q_MJ, scale_MB, bias_MB, m, std::min(kQuadBlockRows, M - m), I, tiles_GIC, scale_Q, y_MO, O, g,
-             epilogue);
+  RunUnits(pool, M, O, kQuadBlockRows, [&](int64_t g, int64_t m, int64_t rows) {
+    QuadUnit(q_MJ, scale_MB, bias_MB, m, rows, I, tiles_GIC, scale_Q, y_MO, O, g, epilogue);
   });
 }
 #endif  // __AVX512VNNI__
@@ -1609,7 +1595,7 @@ void PackedMatmul(const float* x_MI, int64_t M, int64_t I, const int8_t* tiles_G
 void PackedMatmulBf16Dot(const float* x_MI, int64_t M, int64_t I, const uint16_t* tiles_GIC, int64_t O, float* y_MO,
                          TilePool& pool, Epilogue epilogue) {
 #if defined(__AVX512BF16__)
-#if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__linux__)
+#if JAX_GPT2_AMX
   if (M >= kGemmMinRows && AmxUsable()) return AmxGemm(x_MI, M, I, tiles_GIC, O, y_MO, epilogue, pool);
 #endif
   if (M >= kGemmMinRows) return DotGemm(x_MI, M, I, tiles_GIC, O, y_MO, epilogue, pool);
