@@ -123,15 +123,20 @@ def residual_streams(
     embeddings) and after each one (L + 1 arrays, before ln_f), and the cache holding their keys
     and values. The one layer loop: `transformer` and `block_hidden_states` both read it.
 
+    The cache holds every layer, or one layer that every block writes over in turn (`shared_cache`:
+    for a caller that keeps no cache, the same numbers without an (L, B, N, S, H) cache nobody
+    reads); the cache returned then holds the last layer's keys alone.
+
     A Python loop over layers, unrolled at trace time: each layer's weights are their own buffers
     (see weights.py for why not a scan over stacked weights).
     """
     B, T = ids_BT.shape
     assert cache.start_B.shape == (B,)
-    assert cache.k_LBNSH.shape[0] == config.n_layer
+    assert cache.k_LBNSH.shape[0] in (1, config.n_layer)
     assert cache.k_LBNSH.shape[1] >= B  # rows [0, B) of the cache are the batch (see kvcache.py)
     assert cache.k_LBNSH.shape[2] == config.n_head
     assert len(weights.blocks) == config.n_layer
+    every_layer = cache.k_LBNSH.shape[0] == config.n_layer
     cache = constrain_cache(cache, weights.mesh)
     streams_BTD = [embed(ids_BT, kvcache.positions(cache, T), weights)]
     mask_BTS = kvcache.visible_mask(cache, T)
@@ -139,49 +144,23 @@ def residual_streams(
     for layer, w in enumerate(weights.blocks):
         layer_cache = KVCache(k_LBNSH, v_LBNSH, cache.start_B, cache.end_B)
         x_BTD, k_LBNSH, v_LBNSH = block(
-            streams_BTD[-1], w, layer, layer_cache, layer, mask_BTS, config, weights.use_kernels, weights.mesh
-        )
+            streams_BTD[-1], w, layer, layer_cache, layer if every_layer else 0, mask_BTS, config,
+            weights.use_kernels, weights.mesh,
+        )  # fmt: skip
         streams_BTD.append(x_BTD)
     assert len(streams_BTD) == config.n_layer + 1
     return streams_BTD, KVCache(k_LBNSH, v_LBNSH, cache.start_B, cache.end_B + T)
 
 
-def streams_without_cache(
-    ids_BT: jax.Array, start_B: jax.Array, weights: GPT2Weights, config: GPT2Config, kv_dtype=jnp.float32
-) -> list[jax.Array]:
-    """`residual_streams` over a fresh cache of T slots, for a caller that keeps no cache (a forward
-    with every logit, a scoring window): every layer writes its keys and values over one shared
-    one-layer cache and attends there, the same numbers (a layer is done with its keys before the
-    next one writes; left-padding slots stay zero and masked), without building and filling an
-    (L, B, N, T, H) cache that nobody reads. Measured: ~9% of a 512-token forward whose matmuls run
-    on the dot paths, where zeroing and copying the 12-layer cache took ~20 ms of ~230.
+def shared_cache(config: GPT2Config, start_B: jax.Array, max_len: int, kv_dtype=jnp.float32) -> KVCache:
+    """A fresh one-layer cache that every block writes over in turn (residual_streams), for a caller
+    that keeps no cache (a forward with every logit, a scoring window): the same numbers, since a
+    layer is done with its keys before the next one writes (left-padding slots stay zero and
+    masked). At 512 tokens with the dot paths, zeroing and copying a 12-layer cache took ~20 ms of
+    a ~230 ms forward; one layer's copy takes ~9 ms.
     """
-    B, T = ids_BT.shape
-    assert start_B.shape == (B,)
-    assert len(weights.blocks) == config.n_layer
-    cache = constrain_cache(kvcache.init_cache(1, config.n_head, config.head_dim, start_B, T, kv_dtype), weights.mesh)
-    streams_BTD = [embed(ids_BT, kvcache.positions(cache, T), weights)]
-    mask_BTS = kvcache.visible_mask(cache, T)
-    for layer, w in enumerate(weights.blocks):
-        x_BTD, k_1BNSH, v_1BNSH = block(
-            streams_BTD[-1], w, layer, cache, 0, mask_BTS, config, weights.use_kernels, weights.mesh
-        )
-        cache = KVCache(k_1BNSH, v_1BNSH, cache.start_B, cache.end_B)  # the next layer writes over it
-        streams_BTD.append(x_BTD)
-    assert len(streams_BTD) == config.n_layer + 1
-    assert streams_BTD[-1].shape == (B, T, config.n_embd)
-    return streams_BTD
-
-
-def hidden_without_cache(
-    ids_BT: jax.Array, start_B: jax.Array, weights: GPT2Weights, config: GPT2Config, kv_dtype=jnp.float32
-) -> jax.Array:
-    """`transformer_from_empty`'s hidden states (after ln_f) for a caller that keeps no cache."""
-    streams_BTD = streams_without_cache(ids_BT, start_B, weights, config, kv_dtype)
-    hidden_BTD = layer_norm(streams_BTD[-1], weights.lnf_scale_D, weights.lnf_bias_D, config.layer_norm_epsilon)
-    assert hidden_BTD.shape == (*ids_BT.shape, config.n_embd)
-    assert hidden_BTD.dtype == jnp.float32
-    return hidden_BTD
+    kv_dtype = kvcache.check_kv_dtype(kv_dtype)
+    return kvcache.init_cache(1, config.n_head, config.head_dim, jnp.asarray(start_B), max_len, kv_dtype)
 
 
 def transformer(
@@ -235,7 +214,7 @@ def empty_cache(config: GPT2Config, start_B: jax.Array, max_len: int, kv_dtype=j
 @functools.partial(jax.jit, static_argnames=("config",))
 def _forward_jit(ids_BT: jax.Array, weights: GPT2Weights, config: GPT2Config) -> jax.Array:
     B, T = ids_BT.shape
-    hidden_BTD = hidden_without_cache(ids_BT, jnp.zeros((B,), jnp.int32), weights, config)
+    hidden_BTD, _ = transformer(ids_BT, shared_cache(config, jnp.zeros((B,), jnp.int32), T), weights, config)
     return lm_logits(hidden_BTD, weights)
 
 
@@ -307,6 +286,6 @@ def block_hidden_states(input_ids_BT, weights: GPT2Weights, config: GPT2Config) 
     ids_BT = jnp.asarray(check_token_ids(input_ids_BT, config))
     check_length(ids_BT.shape[1], config)
     B, T = ids_BT.shape
-    streams_BTD = streams_without_cache(ids_BT, jnp.zeros((B,), jnp.int32), weights, config)
+    streams_BTD, _ = residual_streams(ids_BT, shared_cache(config, jnp.zeros((B,), jnp.int32), T), weights, config)
     assert len(streams_BTD) == config.n_layer + 1
     return streams_BTD[1:]

@@ -34,7 +34,7 @@ from jax.sharding import Mesh, PartitionSpec as P
 from jax_gpt2.config import GPT2Config
 from jax_gpt2.kvcache import check_kv_dtype
 from jax_gpt2.sharding import data_shards, fetch, padded_rows, put, put_rows
-from jax_gpt2.model import check_token_ids, hidden_without_cache, lm_logits
+from jax_gpt2.model import check_token_ids, lm_logits, shared_cache, transformer
 from jax_gpt2.weights import GPT2Weights
 
 # Scored positions per lm_head chunk: a (512, V) float32 logits block, ~100 MB for GPT-2's vocabulary.
@@ -160,7 +160,8 @@ def scored_nll(
     assert targets_R.shape == (R,)
     assert R % X == 0
     assert T <= config.n_positions
-    hidden_BTD = hidden_without_cache(ids_BT, jnp.zeros((B,), jnp.int32), weights, config, kv_dtype)
+    cache = shared_cache(config, jnp.zeros((B,), jnp.int32), T, kv_dtype)  # no cache kept: one layer, shared
+    hidden_BTD, _ = transformer(ids_BT, cache, weights, config)
     hidden_RD = hidden_BTD.reshape(B * T, config.n_embd)[positions_R]
 
     def chunk_nll(chunk):
