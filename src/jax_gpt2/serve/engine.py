@@ -91,6 +91,12 @@ class StepOutput:
     top_ids_YBA: np.ndarray
     top_logprobs_YBA: np.ndarray
 
+    def emitted(self, row: int) -> list[int]:
+        """The tokens row `row` (a column of the outputs) emitted, in order."""
+        token_Y = self.tokens_YB[self.emitted_YB[:, row], row].tolist()
+        assert len(token_Y) <= self.tokens_YB.shape[0]
+        return token_Y
+
 
 @dataclasses.dataclass(frozen=True)
 class _Chunk:
@@ -870,7 +876,7 @@ class Engine:
             self.drafted_tokens, self.accepted_tokens = self.drafted_tokens + drafted, self.accepted_tokens + accepted
             self.verify_passes += passes
         out, columns = chunk.fetched(), self._columns(chunk)
-        picked = {row: out.tokens_YB[out.emitted_YB[:, k], k].tolist() for row, k in columns.items()}
+        picked = {row: out.emitted(k) for row, k in columns.items()}
         self._hand_out(picked, out, columns)
 
     def _columns(self, chunk: _Chunk) -> dict[int, int]:
@@ -885,7 +891,7 @@ class Engine:
         for row, k in self._columns(chunk).items():
             seq = self._rows[row]
             if seq.matcher is not None:
-                seq.feed_grammar(out.tokens_YB[out.emitted_YB[:, k], k].tolist())
+                seq.feed_grammar(out.emitted(k))
 
     def _hand_out(self, picked: dict[int, list[int]], out: StepOutput, column: dict[int, int]) -> None:
         """Hand each row's picked tokens to its sequence; deliver the events; free the rows that finished."""
