@@ -285,6 +285,59 @@ def test_the_bfloat16_attention_target_rejects_a_float32_cache(march):
         np.asarray(call(q_BNH, k_LBNSH, v_LBNSH, start_B, end_B, layer=np.int64(0), scale=np.float32(0.25)))
 
 
+# --- log-sum-exp of rows -------------------------------------------------------------------------
+
+LSE_WIDTHS = [1, 15, 16, 17, 1000, 2049, 50257]  # around every vector width and the 512-2048-value summing block
+
+
+def kernel_logsumexp(x_MV: np.ndarray, march: str) -> np.ndarray:
+    result = jax.ShapeDtypeStruct((x_MV.shape[0],), jnp.float32)
+    call = jax.ffi.ffi_call(native.target_name("logsumexp_rows", march), result, vmap_method="sequential")
+    return np.asarray(call(jnp.asarray(x_MV)))
+
+
+def float64_logsumexp(x_MV: np.ndarray) -> np.ndarray:
+    high_M = x_MV.max(axis=1)
+    return high_M + np.log(np.exp(x_MV - high_M[:, None]).sum(axis=1))
+
+
+@pytest.mark.parametrize("V", LSE_WIDTHS)
+def test_every_build_takes_the_log_sum_exp_of_rows_like_float64_math(march, V):
+    """Within the float32 rounding of the result (2^-22 of it) plus 2e-6 for the float32 sums of e^x;
+    XLA's logsumexp keeps the same bound. Logit-sized values (std 10), so most terms underflow."""
+    x_MV = (np.random.default_rng(V).normal(size=(5, V)) * 10).astype(np.float32)
+    x_MV[1, -1] = 80.0  # the largest value last in one row, first in another: no vector left out
+    x_MV[2, 0] = 80.0
+    exact_M = float64_logsumexp(x_MV.astype(np.float64))
+    bound_M = 2e-6 + np.abs(exact_M) * 2.0**-22
+    for name, lse_M in [(march, kernel_logsumexp(x_MV, march)), ("xla", np.asarray(jax.nn.logsumexp(x_MV, axis=-1)))]:
+        assert lse_M.dtype == np.float32
+        assert (np.abs(lse_M - exact_M) <= bound_M).all(), f"{name} V={V}: error {np.abs(lse_M - exact_M).max():.3g}"
+
+
+def test_every_build_gives_xlas_log_sum_exp_of_special_rows(march):
+    inf = np.inf
+    x_MV = np.full((5, 40), -1.0, np.float32)
+    x_MV[0, 39] = np.nan
+    x_MV[1, 3] = inf
+    x_MV[2] = -inf
+    x_MV[3, :33] = -inf  # a -inf adds nothing: the row is 7 values of -1
+    x_MV[4, ::2] = -inf  # sampling's filtered tokens, every other one
+    expected_M = np.asarray(jax.nn.logsumexp(x_MV, axis=-1))
+    assert np.isnan(expected_M[0]) and expected_M[1] == inf and expected_M[2] == -inf  # what XLA gives
+    actual_M = kernel_logsumexp(x_MV, march)
+    assert np.isnan(actual_M[0])
+    np.testing.assert_array_equal(actual_M[1:3], expected_M[1:3])
+    np.testing.assert_allclose(actual_M[3:], expected_M[3:], rtol=0, atol=1e-6)
+
+
+def test_every_build_gives_a_row_the_same_log_sum_exp_alone_and_among_others(march):
+    x_MV = (np.random.default_rng(7).normal(size=(9, 3001)) * 10).astype(np.float32)
+    together_M = kernel_logsumexp(x_MV, march)
+    for m in (0, 4, 8):
+        assert kernel_logsumexp(x_MV[m : m + 1], march)[0] == together_M[m]
+
+
 # --- which build is which ------------------------------------------------------------------------
 
 

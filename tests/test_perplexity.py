@@ -18,6 +18,7 @@ import torch
 from checkpoints import TINY, hf_config, random_hf_model, save_safetensors
 from jax_gpt2 import load_config, load_weights, perplexity
 from jax_gpt2.cli import main
+from jax_gpt2.kernels import kernels_available
 from jax_gpt2.perplexity import plan_windows, scored_nll
 from jax_gpt2.tools.random_model import train_tokenizer
 from jax_gpt2.tokenizer import encode, load_tokenizer
@@ -81,6 +82,25 @@ def test_batch_size_does_not_change_the_result(tiny):
     ids = random_ids(70, seed=1)
     results = [perplexity(ids, weights, config, max_length=20, stride=7, batch_size=b) for b in (1, 2, 5, 64)]
     assert max(results) - min(results) <= RELATIVE_TOLERANCE * results[0]
+
+
+@pytest.mark.skipif(not kernels_available(), reason="native kernels unavailable here")
+def test_each_tokens_nll_is_the_same_by_the_kernels_log_sum_exp_as_by_xlas(tmp_path):
+    """The kernels' log-sum-exp of each scored position's logits (with the kernels' matmuls) against
+    XLA's (XLA's matmuls too, pack=False): per token, within float32 rounding of logits of this size."""
+    save_safetensors(random_hf_model(hf_config(**TINY), std=STD), tmp_path)
+    config = load_config(tmp_path)
+    kernels, xla = load_weights(tmp_path), load_weights(tmp_path, pack=False)
+    assert kernels.use_kernels
+    assert not xla.use_kernels
+    ids_BT = random_ids(64, seed=3).reshape(2, 32).astype(np.int32)
+    positions_R = np.arange(62, dtype=np.int32)  # every position but the last of row 1 ...
+    targets_R = np.concatenate([ids_BT[0, 1:], ids_BT[1, :1], ids_BT[1, 1:31]]).astype(np.int32)  # ... any target
+    nll_kernels = np.asarray(scored_nll(ids_BT, positions_R, targets_R, kernels, config))
+    nll_xla = np.asarray(scored_nll(ids_BT, positions_R, targets_R, xla, config))
+    assert nll_kernels.shape == (62,)
+    assert nll_kernels.min() > 0.0  # a random model: no token is certain
+    np.testing.assert_allclose(nll_kernels, nll_xla, rtol=0, atol=1e-4 * max(1.0, float(np.abs(nll_xla).max())))
 
 
 def test_each_token_after_the_first_is_scored_once_when_windows_overlap():

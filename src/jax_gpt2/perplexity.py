@@ -13,9 +13,9 @@ How it runs: windows are packed B at a time into one (B, T) block, the short las
 on the right (causal attention never lets a real token see a later pad) and a short last batch
 padded with empty rows, so every batch has the same shape and the file compiles once. Only the
 hidden states of scored positions go through lm_head: R of them per batch, a bound fixed by
-(B, T, stride), in chunks of Y, so no (B, T, V) logits block exists. Log-softmax is float32 even
-for bf16 weights; the device returns one float32 NLL per scored slot and the host sums them in
-float64.
+(B, T, stride), in chunks of X, so no (B, T, V) logits block exists. Log-softmax is float32 even
+for bf16 weights (its normalizer by the kernels' logsumexp_rows where the weights use the
+kernels); the device returns one float32 NLL per scored slot and the host sums them in float64.
 
 Shape key: model.py's (B windows in a batch, T window length, D, V, R scored slots of one batch,
 X slots per lm_head chunk; R // X chunks).
@@ -32,6 +32,7 @@ import numpy as np
 from jax.sharding import Mesh, PartitionSpec as P
 
 from jax_gpt2.config import GPT2Config
+from jax_gpt2.kernels import logsumexp_rows
 from jax_gpt2.kvcache import check_kv_dtype
 from jax_gpt2.sharding import data_shards, fetch, padded_rows, put, put_rows
 from jax_gpt2.model import check_token_ids, lm_logits, shared_cache, transformer
@@ -169,7 +170,7 @@ def scored_nll(
         logits_XV = lm_logits(hidden_XD[None], weights)[0]
         assert logits_XV.dtype == jnp.float32  # log-softmax in float32, whatever the weights' dtype
         target_logit_X = jnp.take_along_axis(logits_XV, targets_X[:, None], axis=1)[:, 0]
-        return jax.nn.logsumexp(logits_XV, axis=-1) - target_logit_X
+        return logsumexp_rows(logits_XV, weights.use_kernels) - target_logit_X
 
     chunks = (hidden_RD.reshape(R // X, X, config.n_embd), targets_R.reshape(R // X, X))
     nll_R = jax.lax.map(chunk_nll, chunks).reshape(R)

@@ -26,6 +26,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jax_gpt2.kernels import logsumexp_rows
+
 FILTERED = -jnp.inf  # transformers' filter_value: a removed token gets probability exactly 0
 MAX_SEED = 2**32 - 1  # PRNGKey keeps 32 bits of the seed; larger seeds would silently collide
 MAX_TOP_LOGPROBS = 5  # alternatives per token the logprobs APIs return at most (OpenAI's bound)
@@ -542,19 +544,22 @@ def choose_tokens(picked_BV: jax.Array, params: SamplingParams, keys_B2: jax.Arr
 
 
 def token_logprobs(
-    logits_BV: jax.Array, token_B: jax.Array, num_top: int
+    logits_BV: jax.Array, token_B: jax.Array, num_top: int, use_kernel: bool
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """log_softmax(logits) at each row's token, and its num_top best entries (ids, values; best first).
 
-    One log_softmax feeds both, so a token that is the best has exactly its top value (evaluation
-    harnesses compare them with == to call a continuation greedy).
+    Each value is its logit minus the row's one log-sum-exp (by the kernel where use_kernel), so a
+    token that is the best has exactly its top value (evaluation harnesses compare them with == to
+    call a continuation greedy). Subtracting one number keeps the order, so the best logits are the
+    best log-probabilities, and no (B, V) log-softmax array is made.
     """
     assert logits_BV.ndim == 2
     assert token_B.shape == logits_BV.shape[:1]
-    logprobs_BV = jax.nn.log_softmax(logits_BV.astype(jnp.float32), axis=-1)
-    logprob_B = jnp.take_along_axis(logprobs_BV, token_B[:, None].astype(jnp.int32), axis=-1)[:, 0]
-    top_logprobs_BA, top_ids_BA = jax.lax.top_k(logprobs_BV, num_top)
-    return logprob_B, top_ids_BA.astype(jnp.int32), top_logprobs_BA
+    logits_BV = logits_BV.astype(jnp.float32)
+    lse_B = logsumexp_rows(logits_BV, use_kernel)
+    logprob_B = jnp.take_along_axis(logits_BV, token_B[:, None].astype(jnp.int32), axis=-1)[:, 0] - lse_B
+    top_logits_BA, top_ids_BA = jax.lax.top_k(logits_BV, num_top)
+    return logprob_B, top_ids_BA.astype(jnp.int32), top_logits_BA - lse_B[:, None]
 
 
 def next_tokens(

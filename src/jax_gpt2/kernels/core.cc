@@ -44,6 +44,7 @@
 
 #include <algorithm>
 #include <cassert>
+#include <cmath>
 #include <chrono>
 #include <cstring>
 #include <limits>
@@ -1383,6 +1384,70 @@ void ManyQueryAttention(const float* q_BTE, int64_t E, const KV* k_LBNSH, const 
 }
 
 // ---------------------------------------------------------------------------------------------
+// Log-sum-exp of rows (log-softmax's normalizer: perplexity, prompt logprobs).
+
+constexpr int kLseChains = 4;  // independent accumulators per pass: enough to hide an add's latency
+constexpr int64_t kLseBlock = 32 * kLseChains * kLanes;  // values summed apart before joining the total
+
+// The first `count` values at x (count < kLanes) in a vector whose other lanes hold `fill`.
+inline VF LoadPart(const float* x, int64_t count, float fill) {
+  float lanes[kLanes];
+  for (int i = 0; i < kLanes; ++i) lanes[i] = i < count ? x[i] : fill;
+  return Load<VF>(lanes);
+}
+
+// max over x[0, V); NaN if any value is NaN (the vector max below would drop it).
+float RowMax(const float* x, int64_t V) {
+  VF high[kLseChains];
+  VI32 nan = {};
+  for (int c = 0; c < kLseChains; ++c) high[c] = Splat(-INFINITY);
+  int64_t v = 0;
+  for (; v + kLseChains * kLanes <= V; v += kLseChains * kLanes) {
+#pragma GCC unroll 4
+    for (int c = 0; c < kLseChains; ++c) {
+      const VF x_c = Load<VF>(x + v + c * kLanes);
+      nan |= x_c != x_c;
+      high[c] = x_c > high[c] ? x_c : high[c];
+    }
+  }
+  for (; v < V; v += kLanes) {
+    const VF x_c = v + kLanes <= V ? Load<VF>(x + v) : LoadPart(x + v, V - v, -INFINITY);
+    nan |= x_c != x_c;
+    high[0] = x_c > high[0] ? x_c : high[0];
+  }
+  float result = -INFINITY;
+  for (int c = 0; c < kLseChains; ++c)
+    for (int lane = 0; lane < kLanes; ++lane) result = std::max(result, high[c][lane]);
+  for (int lane = 0; lane < kLanes; ++lane)
+    if (nan[lane]) return NAN;
+  return result;
+}
+
+// log(sum_v e^(x[v])) of one row, in one fixed order: max first (from DRAM), then the sum of
+// e^(x - max) (the row is then in L2: 200 KB for GPT-2's vocabulary).
+float RowLogSumExp(const float* x, int64_t V) {
+  const float high = RowMax(x, V);
+  if (!std::isfinite(high)) return high;  // NaN, +inf, or a row of -inf (empty: log 0)
+  const VF shift = Splat(high);
+  // Summed in blocks of kLseBlock values, each block's partial sums added to the total: a lane's
+  // float32 sum then grows over tens of terms, not thousands (its rounding error with it).
+  VF total = {};
+  int64_t v = 0;
+  for (; v + kLseBlock <= V; v += kLseBlock) {
+    VF sum[kLseChains] = {};
+    for (int64_t b = 0; b < kLseBlock; b += kLseChains * kLanes) {
+#pragma GCC unroll 4
+      for (int c = 0; c < kLseChains; ++c) sum[c] += Exp(Load<VF>(x + v + b + c * kLanes) - shift);
+    }
+    total += (sum[0] + sum[1]) + (sum[2] + sum[3]);
+  }
+  VF rest = {};
+  for (; v < V; v += kLanes)
+    rest += Exp((v + kLanes <= V ? Load<VF>(x + v) : LoadPart(x + v, V - v, -INFINITY)) - shift);
+  return high + std::log(Sum(total + rest));
+}
+
+// ---------------------------------------------------------------------------------------------
 // The FMA peak probe.
 
 constexpr int kPeakChains = 12;  // independent chains: enough to cover an FMA's latency on two ports
@@ -1628,6 +1693,12 @@ bool HasBf16Dot() {
 }
 
 int64_t GemmMinRows() { return kGemmMinRows; }
+
+void LogSumExpRows(const float* x_MV, int64_t M, int64_t V, float* lse_M, TilePool& pool) {
+  assert(M >= 1);
+  assert(V >= 1);
+  pool.Run(M, [&](int64_t m) { lse_M[m] = RowLogSumExp(x_MV + m * V, V); });
+}
 
 void DecodeAttention(const float* q_BNH, const float* k_LBNSH, const float* v_LBNSH, const int32_t* start_B,
                      const int32_t* end_B, CacheShape shape, int64_t rows, int64_t layer, float scale,

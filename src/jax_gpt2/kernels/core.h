@@ -119,6 +119,10 @@ int64_t GemmMinRows();
 // `pool`, best of the runs that fit in about `seconds`. What the matmuls are judged against.
 double MeasureFmaPeak(TilePool& pool, double seconds);
 
+// lse_M[m] = log(sum_v e^(x_MV[m, v])), log-softmax's normalizer, each row by one thread in one
+// order (a row's result never depends on M or on the other rows). A row holding a NaN gives NaN,
+// one holding +inf gives +inf, a row of -inf gives -inf.
+void LogSumExpRows(const float* x_MV, int64_t M, int64_t V, float* lse_M, TilePool& pool);
 struct CacheShape {
   int64_t L, B, N, S, H;
 };

@@ -15,6 +15,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <limits>
 #include <random>
 #include <string>
 #include <vector>
@@ -754,6 +755,54 @@ void TestPrefillAttention(TilePool& pool, std::vector<TilePool*> other_pools) {
       }
 }
 
+// Log-sum-exp of rows against float64 math: lengths around the vector width and the summing block
+// (values 30 wide, so most terms underflow float32's e^x while the largest dominate), each row's
+// largest value placed first or last too (a dropped first or last vector would move the result by
+// whole units). Tolerance: the float32 rounding of the result, 2^-22 |lse|, plus 2e-6 for the sums
+// of e^x (each lane's partial sum adds tens of terms). NaN, +inf and -inf rows as XLA gives them; a
+// row's result the same alone, among other rows, and from every pool.
+void TestLogSumExpRows(TilePool& pool, const std::vector<TilePool*>& other_pools) {
+  for (int64_t V : {1, 3, 16, 17, 63, 65, 257, 2047, 2048, 2049, 4099, 50257}) {
+    const int64_t M = 3;
+    std::vector<float> x_MV = Normal(M * V, static_cast<uint32_t>(V));
+    for (float& value : x_MV) value *= 10.0f;
+    x_MV[0] = 60.0f;               // row 0: its first value the largest
+    x_MV[2 * V - 1] = 60.0f;       // row 1: its last
+    std::vector<float> lse_M(M);
+    jax_gpt2::LogSumExpRows(x_MV.data(), M, V, lse_M.data(), pool);
+    for (int64_t m = 0; m < M; ++m) {
+      const float* x = x_MV.data() + m * V;
+      double high = *std::max_element(x, x + V), sum = 0.0;
+      for (int64_t v = 0; v < V; ++v) sum += std::exp(static_cast<double>(x[v]) - high);
+      const double exact = high + std::log(sum);
+      Expect(std::fabs(lse_M[m] - exact) <= 2e-6 + std::ldexp(std::fabs(exact), -22),
+             "logsumexp V=" + std::to_string(V) + " row " + std::to_string(m) + ": " + std::to_string(lse_M[m]) +
+                 " vs " + std::to_string(exact));
+      float alone = 0.0f;
+      jax_gpt2::LogSumExpRows(x, 1, V, &alone, pool);
+      Expect(alone == lse_M[m], "logsumexp V=" + std::to_string(V) + ": a row alone differs from it among others");
+    }
+    for (TilePool* other : other_pools) {
+      std::vector<float> again_M(M);
+      jax_gpt2::LogSumExpRows(x_MV.data(), M, V, again_M.data(), *other);
+      Expect(again_M == lse_M, "logsumexp V=" + std::to_string(V) + ": another pool gives another result");
+    }
+  }
+  const int64_t V = 37;
+  const float inf = std::numeric_limits<float>::infinity();
+  std::vector<float> x_MV(4 * V, -1.0f);
+  x_MV[V - 1] = std::numeric_limits<float>::quiet_NaN();  // row 0: a NaN (last) -> NaN
+  x_MV[V + 5] = inf;                                      // row 1: +inf -> +inf
+  std::fill(x_MV.begin() + 2 * V, x_MV.begin() + 3 * V, -inf);  // row 2: all -inf -> -inf
+  std::fill(x_MV.begin() + 3 * V, x_MV.begin() + 3 * V + 30, -inf);  // row 3: 7 values of -1 left
+  std::vector<float> lse_M(4);
+  jax_gpt2::LogSumExpRows(x_MV.data(), 4, V, lse_M.data(), pool);
+  Expect(std::isnan(lse_M[0]), "logsumexp: a row holding NaN gives NaN");
+  Expect(lse_M[1] == inf, "logsumexp: a row holding +inf gives +inf");
+  Expect(lse_M[2] == -inf, "logsumexp: a row of -inf gives -inf");
+  Expect(std::fabs(lse_M[3] - (-1.0 + std::log(7.0))) <= 1e-6, "logsumexp: -inf values add nothing");
+}
+
 }  // namespace
 
 int main() {
@@ -773,6 +822,7 @@ int main() {
   TestAttention(two, others);
   TestSoftmaxWeights(two);
   TestPrefillAttention(two, others);
+  TestLogSumExpRows(two, others);
   std::printf("core_test %s: %d of %d checks passed\n", jax_gpt2::TargetIsa(), checks - failures, checks);
   return failures == 0 ? 0 : 1;
 }

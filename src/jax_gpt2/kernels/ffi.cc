@@ -213,6 +213,18 @@ ffi::Error PrefillAttentionOf(ffi::Buffer<ffi::F32> q, ffi::Buffer<Cache> k, ffi
   return ffi::Error::Success();
 }
 
+// ---------------------------------------------------------------------------------------------
+// Log-sum-exp of rows: x (M, V) float32; lse (M,) float32.
+
+ffi::Error LogSumExpRowsOf(ffi::Buffer<ffi::F32> x, ffi::ResultBuffer<ffi::F32> lse) {
+  auto x_dims = x.dimensions(), lse_dims = lse->dimensions();
+  if (x_dims.size() != 2 || lse_dims.size() != 1 || lse_dims[0] != x_dims[0])
+    return ffi::Error::InvalidArgument("logsumexp_rows: expected x (M, V) and lse (M,)");
+  if (x_dims[0] < 1 || x_dims[1] < 1) return ffi::Error::InvalidArgument("logsumexp_rows: x has no values");
+  jax_gpt2::LogSumExpRows(x.typed_data(), x_dims[0], x_dims[1], lse->typed_data(), Pool());
+  return ffi::Error::Success();
+}
+
 }  // namespace
 
 // x, tiles, bias; gelu.
@@ -261,6 +273,9 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxGpt2PrefillAttention, PrefillAttentionOf<ffi::F
                               JAX_GPT2_ATTENTION_BINDING(ffi::F32));
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxGpt2PrefillAttentionBF16, PrefillAttentionOf<ffi::U16>,
                               JAX_GPT2_ATTENTION_BINDING(ffi::U16));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxGpt2LogSumExpRows, LogSumExpRowsOf,
+                              ffi::Ffi::Bind().Arg<ffi::Buffer<ffi::F32>>().Ret<ffi::Buffer<ffi::F32>>());
 
 // Called from Python before registering: whether this CPU has every extension the library was
 // compiled for (a library loaded on the wrong CPU would die of SIGILL at its first call instead).

@@ -49,6 +49,7 @@ TARGETS = {
     "attention_bf16": ("JaxGpt2DecodeAttentionBF16", "jax_gpt2_decode_attention_bf16"),
     "prefill_attention": ("JaxGpt2PrefillAttention", "jax_gpt2_prefill_attention"),
     "prefill_attention_bf16": ("JaxGpt2PrefillAttentionBF16", "jax_gpt2_prefill_attention_bf16"),
+    "logsumexp_rows": ("JaxGpt2LogSumExpRows", "jax_gpt2_logsumexp_rows"),
 }
 assert set(WEIGHT_DTYPES.values()) <= set(TARGETS), "a matmul kernel for every weight dtype"
 _ARM = ("aarch64", "arm64")

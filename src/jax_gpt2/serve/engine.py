@@ -456,7 +456,8 @@ class Engine:
             self._slots = slots.move_slots_jit(self._slots, zero, zero, bucket=bucket)
         self._slots = slots.move_state_jit(self._slots, zero, zero)
         self._slots, _ = slots.admit_jit(self._slots, last_logits_1V, np.zeros((1, S), np.int32), np.ones((1,), np.int32),
-                                         np.zeros((1,), np.int32), *self._row_settings([], 1))  # fmt: skip
+                                         np.zeros((1,), np.int32), *self._row_settings([], 1),
+                                         use_kernel=self.weights.use_kernels)  # fmt: skip
         for W in self.widths:
             for T in self.batch_buckets:
                 ids_WT, rows_W = np.zeros((W, T), np.int32), np.full((W,), self.max_batch, np.int32)  # every row dropped
@@ -550,7 +551,8 @@ class Engine:
         assert self.weights.mesh is None
         ones = _spec((1,), jnp.int32)
         slots.admit_jit.lower(state, _spec(logits_1V.shape, logits_1V.dtype), _spec((1, self.context_length), jnp.int32),
-                              ones, ones, *_abstract(self._row_settings([], 1))).compile()  # fmt: skip
+                              ones, ones, *_abstract(self._row_settings([], 1)),
+                              use_kernel=self.weights.use_kernels).compile()  # fmt: skip
 
     @property
     def ready(self) -> bool:
@@ -819,7 +821,7 @@ class Engine:
         prompt_1S[0, : len(prompt)] = prompt
         self._slots, outputs = slots.admit_jit(
             self._slots, last_logits_1V, prompt_1S, np.array([len(prompt)], np.int32), np.array([row], np.int32),
-            *self._row_settings([seq], 1),
+            *self._row_settings([seq], 1), use_kernel=self.weights.use_kernels,
         )  # fmt: skip
         out = StepOutput(*(part[None] for part in jax.device_get(outputs)))  # Y = 1
         self._rows[row] = seq

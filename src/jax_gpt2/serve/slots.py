@@ -146,11 +146,12 @@ def _no_logprobs(B: int) -> tuple[jax.Array, jax.Array, jax.Array]:
 
 
 def pick(
-    rows: RowState, logits_BV: jax.Array, banned_B: jax.Array | None = None
+    rows: RowState, logits_BV: jax.Array, use_kernel: bool, banned_B: jax.Array | None = None
 ) -> tuple[RowState, tuple[jax.Array, ...]]:
     """Each running row picks its next token from its logits; a row is done at one of its end tokens
     (params.end_ids_BU: eos unless ignore_eos, and stop_token_ids) or at its limit. banned_B: a token
     each row may not pick (V or more: none), its rejected lookup draft (see speculate_chunk).
+    use_kernel: the logprobs' log-sum-exp by the CPU kernel (the weights' use_kernels).
 
     Every sampler stage is decided at run time (`runtime_flags`): rows with different settings share
     one compiled step, and a greedy batch still never sorts the vocabulary. Returns the rows and
@@ -168,7 +169,7 @@ def pick(
     token_B = jnp.where(emitted_B, choose_tokens(picked_BV, rows.params, step_keys_B, flags), PAD_ID)
     step_B = rows.step_B + emitted_B.astype(jnp.int32)
     logprobs = jax.lax.cond(
-        jnp.any(rows.logprobs_B & emitted_B), lambda: token_logprobs(picked_BV, token_B, TOP_LOGPROBS),
+        jnp.any(rows.logprobs_B & emitted_B), lambda: token_logprobs(picked_BV, token_B, TOP_LOGPROBS, use_kernel),
         lambda: _no_logprobs(B),
     )  # fmt: skip
     new_rows = dataclasses.replace(
@@ -202,7 +203,7 @@ def prefill_chunk(
     last_logits_1V = lm_logits(last_1D[None], weights)[:, 0]
 
     def prompt_logprobs() -> tuple[jax.Array, ...]:
-        return token_logprobs(lm_logits(hidden_1TD, weights)[0], next_ids_1T[0], TOP_LOGPROBS)
+        return token_logprobs(lm_logits(hidden_1TD, weights)[0], next_ids_1T[0], TOP_LOGPROBS, weights.use_kernels)
 
     logprobs = jax.lax.cond(want_logprobs, prompt_logprobs, lambda: _no_logprobs(T))
     assert last_logits_1V.shape == (1, config.vocab_size)
@@ -226,6 +227,7 @@ def copy_prompt(slots: Slots, staging: KVCache, row: jax.Array, bucket: int) -> 
 def admit(
     slots: Slots, last_logits_WV: jax.Array, prompt_ids_WT: jax.Array, num_prompt_W: jax.Array, rows_W: jax.Array,
     keys_W2: jax.Array, params_W: SamplingParams, limit_W: jax.Array, want_logprobs_W: jax.Array, allowed_WK: jax.Array,
+    use_kernel: bool,
 ) -> tuple[Slots, tuple[jax.Array, ...]]:  # fmt: skip
     """Start W prefilled prompts (their slots already filled) in rows_W: pick each one's first token
     from its prompt's last logits, among the tokens allowed_WK allows (structured output's packed
@@ -254,7 +256,7 @@ def admit(
         hits_B=hits_W,
         trials_B=trials_W,
     )
-    new, outputs = pick(new, apply_allowed_words(last_logits_WV, allowed_WK))
+    new, outputs = pick(new, apply_allowed_words(last_logits_WV, allowed_WK), use_kernel)
     history_WS = new.history_BS.at[jnp.arange(W), num_prompt_W].set(new.pending_B, mode="drop")  # the pending token
     new = dataclasses.replace(new, history_BS=history_WS)
     rows = jax.tree.map(lambda all_B, new_W: all_B.at[rows_W].set(new_W, mode="drop"), slots.rows, new)
@@ -289,7 +291,7 @@ def prefill_rows(
         v_LBNSH=old.v_LBNSH.at[:, rows_W, :, :T].set(fresh.v_LBNSH, mode="drop"),
     )  # fmt: skip
     new_slots, outputs = admit(Slots(cache, slots.rows), last_logits_WV, ids_WT, num_prompt_W, rows_W, keys_W2, params_W,
-                               limit_W, want_logprobs_W, allowed_WK)  # fmt: skip
+                               limit_W, want_logprobs_W, allowed_WK, weights.use_kernels)  # fmt: skip
     assert outputs[0].shape == (W,)
     return new_slots, outputs
 
@@ -355,7 +357,7 @@ def decode_chunk(
         logits_WV = lm_logits(hidden_WTD, weights)[:, 0]
         masked = (i == 0) & jnp.any(single_W)
         logits_WV = jax.lax.cond(masked, lambda x: apply_allowed_words(x, allowed_WK), lambda x: x, logits_WV)
-        rows, picked = pick(head.rows, logits_WV)
+        rows, picked = pick(head.rows, logits_WV, weights.use_kernels)
         outputs = tuple(jax.lax.dynamic_update_index_in_dim(out, new, i, axis=0) for out, new in zip(outputs, picked))
         return i + 1, Slots(cache, rows), outputs
 
@@ -455,7 +457,7 @@ def _speculative_step(
     logits_WV = jax.lax.cond(masked, lambda x: apply_allowed_words(x, allowed_WK), lambda x: x, logits_WV)
     rejected_W = jnp.take_along_axis(ids_WT, jnp.minimum(accepted_W + 1, width)[:, None], axis=1)[:, 0]
     banned_W = jnp.where(accepted_W < draft_len_W, rejected_W, V)
-    rows, picked = pick(rows, logits_WV, banned_W)
+    rows, picked = pick(rows, logits_WV, weights.use_kernels, banned_W)
     end_W = jnp.where(running_W & ~end_hit_W, cache.end_B + 1 + kept_W, cache.end_B)
     history_WS = write_tokens(rows.history_BS, cache.end_B, ids_WT, jnp.where(running_W, width + 1, 0))
     new_end_W = jnp.where(picked[1], end_W, history_WS.shape[1])  # the new pending token sits at the new end
@@ -602,7 +604,7 @@ empty_staging_jit = jax.jit(empty_staging, static_argnames=("config", "max_seq_l
 begin_prompt_jit = jax.jit(begin_prompt, donate_argnames=("staging",))
 prefill_chunk_jit = jax.jit(prefill_chunk, static_argnames=("config",), donate_argnames=("staging",))
 copy_prompt_jit = jax.jit(copy_prompt, static_argnames=("bucket",), donate_argnames=("slots",))
-admit_jit = jax.jit(admit, donate_argnames=("slots",))
+admit_jit = jax.jit(admit, static_argnames=("use_kernel",), donate_argnames=("slots",))
 prefill_rows_jit = jax.jit(prefill_rows, static_argnames=("config",), donate_argnames=("slots",))
 decode_chunk_jit = jax.jit(decode_chunk, static_argnames=("config", "width", "num_steps"), donate_argnames=("slots",))
 speculate_chunk_jit = jax.jit(speculate_chunk, static_argnames=("lookup", "config", "width", "num_steps"),
