@@ -122,7 +122,7 @@ def start_server(args: argparse.Namespace, log_path: Path) -> tuple[subprocess.P
     """`jax-gpt2 serve` on the model, returned once /health says every program is compiled."""
     port = free_port()
     command = [sys.executable, "-m", "jax_gpt2.cli", "serve", "--model", str(args.model), "--port", str(port)]
-    process = subprocess.Popen(command, stdout=open(log_path, "w"), stderr=subprocess.STDOUT)
+    process = subprocess.Popen(command, stdout=open(log_path, "w"), stderr=subprocess.STDOUT)  # noqa: SIM115
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 900
     while time.time() < deadline:
@@ -147,6 +147,7 @@ def main() -> None:
     parser.add_argument("--hf-batch", type=int, default=8, help="the hf backend's --batch_size")
     parser.add_argument("--lm-batch", type=int, default=8, help="prompts per request on the serve side")
     parser.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
+    parser.add_argument("--server-log", type=Path, default=Path("harness_bench_server.log"))
     args = parser.parse_args()
     docs = documents(args.docs)
     tokens = request_tokens(docs, args.model)
@@ -155,7 +156,7 @@ def main() -> None:
         task_dir = scratch / "task"
         task_dir.mkdir()
         write_task(task_dir, docs)
-        process, url = start_server(args, scratch / "server.log")
+        process, url = start_server(args, args.server_log)
         try:
             serve_args = (f"model={args.model},base_url={url}/v1/completions,tokenizer_backend=huggingface,"
                           f"tokenizer={args.model},max_length=1023")  # fmt: skip

@@ -516,6 +516,47 @@ def test_prompt_logprobs_are_the_log_softmax_of_the_full_forward(long_model):
         assert [alt for alt, _, _ in entries[j].top] == np.argsort(-expected_TV[j - 1])[:3].tolist()
 
 
+def counted(function, calls: dict[str, int], name: str):
+    """function, counting its calls in calls[name]."""
+
+    def call(*args, **kwargs):
+        calls[name] += 1
+        return function(*args, **kwargs)
+
+    return call
+
+
+def test_scoring_requests_are_prefilled_together_and_score_like_the_full_forward(long_model, monkeypatch):
+    """What evaluation harnesses send (prompt logprobs, one new token): prompts up to a chunk long go in
+    one batched pass (no staging chunk), and each entry j is log p(token j | tokens < j), as scored alone
+    by the full forward; a prompt longer than a chunk takes the staging path and scores the same way."""
+    weights, config, _ = long_model
+    engine = make_engine(long_model, max_batch=4, prefill_chunk=32)
+    calls = {"prefill_rows": 0, "prefill_chunk": 0}
+    for name in calls:
+        monkeypatch.setattr(slots, f"{name}_jit", counted(getattr(slots, f"{name}_jit"), calls, name))
+    rng = np.random.default_rng(5)
+    prompts = [tuple(int(t) for t in rng.integers(1, config.vocab_size, n)) for n in (3, 17, 32)]
+    collector = Collector()
+    ids = engine.submit([SequenceRequest(prompt, SamplingSettings(max_new_tokens=1), prompt_logprobs=2) for prompt in prompts],
+                        collector)  # fmt: skip
+    run_until_idle(engine)
+    assert calls == {"prefill_rows": 1, "prefill_chunk": 0}
+    long_prompt = tuple(int(t) for t in rng.integers(1, config.vocab_size, 45))  # past the 32-token chunk
+    [long_id] = engine.submit([SequenceRequest(long_prompt, SamplingSettings(max_new_tokens=1), prompt_logprobs=2)],
+                              collector)  # fmt: skip
+    run_until_idle(engine)
+    assert calls["prefill_chunk"] == 2
+    for seq_id, prompt in [*zip(ids, prompts), (long_id, long_prompt)]:
+        entries = collector.events[seq_id][0].prompt_logprobs
+        assert [entry.token_id for entry in entries] == list(prompt)
+        assert entries[0].logprob is None
+        expected_TV = np.asarray(jax.nn.log_softmax(gpt2_forward(np.asarray([prompt]), weights, config)[0]))
+        for j in range(1, len(prompt)):
+            assert entries[j].logprob == pytest.approx(expected_TV[j - 1, prompt[j]], abs=1e-4)
+            assert [alt for alt, _, _ in entries[j].top] == np.argsort(-expected_TV[j - 1])[:2].tolist()
+
+
 def test_a_shared_prefix_is_reused_and_gives_the_same_tokens(long_model):
     """Two prompts sharing 150 tokens: the second restores two cached blocks (128 tokens) and prefills
     the rest; its tokens equal an engine's without a prefix cache, and generate's."""

@@ -280,6 +280,15 @@ class _Sequence:
         self.prompt_logprobs = tuple(entries)
 
 
+# Padding slots a staging chunk may carry before its prompt is split into smaller chunks instead: each
+# more chunk streams every weight once more (~12 ms for gpt2 in float32 on a 2-core Xeon, what ~16
+# tokens of a chunk's arithmetic cost), so splitting pays only past about that much padding.
+SPLIT_WASTE = 16
+# The longest prompt a batch of scoring requests takes: 8 rows of 128 positions' logits are ~200 MB
+# in float32 for GPT-2's vocabulary; longer prompts go through staging, a chunk at a time.
+MAX_SCORE_BATCH_LEN = 128
+
+
 @dataclasses.dataclass
 class _Prefill:
     """The prompt in the staging cache: how many of its tokens are in, and its prompt logprobs so far."""
@@ -322,7 +331,10 @@ class Engine:
         self.chunk_buckets = powers_of_two_to(min(prefill_chunk, S), start=8)
         # Prompts shorter than a prefix block and a chunk are prefilled several at once, without staging.
         self.batch_limit = min(PREFIX_BLOCK - 1, self.chunk_buckets[-1])
-        self.batch_buckets = [b for b in self.chunk_buckets if b < self.batch_limit] + [self._chunk_bucket(self.batch_limit)]
+        # Scoring prompts (prompt logprobs) go in batches up to a whole chunk, or MAX_SCORE_BATCH_LEN: the
+        # logits of every position of a batch are one (W * T, V) block.
+        self.score_limit = min(self.chunk_buckets[-1], MAX_SCORE_BATCH_LEN)
+        self.batch_buckets = [b for b in self.chunk_buckets if b <= self._chunk_bucket(max(self.batch_limit, self.score_limit))]
         block_bytes = 2 * config.n_layer * config.n_embd * PREFIX_BLOCK * jnp.dtype(self.kv_dtype).itemsize
         self.prefix_cache = PrefixCache(int(prefix_cache_mib * 2**20) // block_bytes if S > PREFIX_BLOCK else 0)
         eos = [] if config.eos_token_id is None else [config.eos_token_id]
@@ -461,8 +473,9 @@ class Engine:
         for W in self.widths:
             for T in self.batch_buckets:
                 ids_WT, rows_W = np.zeros((W, T), np.int32), np.full((W,), self.max_batch, np.int32)  # every row dropped
-                self._slots, _ = slots.prefill_rows_jit(self._slots, ids_WT, np.ones((W,), np.int32), rows_W,
-                                                        *self._row_settings([], W), self.weights, self.config)  # fmt: skip
+                self._slots = slots.prefill_rows_jit(self._slots, ids_WT, np.ones((W,), np.int32), rows_W, ids_WT,
+                                                     np.bool_(True), *self._row_settings([], W), self.weights,
+                                                     self.config)[0]  # fmt: skip
         for width in self.widths:
             allowed_WK, single_W = self._allowed([], width), np.zeros((width,), np.bool_)
             chunk, arguments = self._chunk_program(width, self.weights)
@@ -512,7 +525,8 @@ class Engine:
 
         def prefill_rows(W: int, T: int) -> None:
             add(("prefill_rows", W, T), slots.prefill_rows_jit, state, _spec((W, T), jnp.int32), _spec((W,), jnp.int32),
-                _spec((W,), jnp.int32), *_abstract(self._row_settings([], W)), weights, config)  # fmt: skip
+                _spec((W,), jnp.int32), _spec((W, T), jnp.int32), flag, *_abstract(self._row_settings([], W)), weights,
+                config)  # fmt: skip
 
         for T in self.batch_buckets:
             prefill_rows(1, T)
@@ -675,11 +689,15 @@ class Engine:
                 return
 
     def _batchable(self, seq: _Sequence) -> bool:
-        """A prompt that needs no staging: it generates, fits one chunk, has no whole prefix block to
-        reuse or save, and wants no prompt logprobs."""
+        """A prompt that needs no staging: it generates and has no whole prefix block to reuse or save,
+        or it wants its prompt logprobs (a scoring request: nothing to reuse, and its prefix blocks are
+        not saved) and fits one chunk."""
         request = seq.request
-        return (request.settings.max_new_tokens > 0 and len(request.prompt_ids) <= self.batch_limit
-                and request.prompt_logprobs is None)  # fmt: skip
+        if request.settings.max_new_tokens == 0:
+            return False
+        if request.prompt_logprobs is not None:
+            return len(request.prompt_ids) <= self.score_limit
+        return len(request.prompt_ids) <= self.batch_limit
 
     def _take_batch(self, budget: float) -> list[_Sequence]:
         """Short prompts from the head of the queue, one per free row, while their padded tokens fit the budget."""
@@ -707,15 +725,24 @@ class Engine:
         assert T in self.batch_buckets
         self.programs.ensure(("prefill_rows", W, T))
         ids_WT, num_prompt_W = np.full((W, T), PAD_ID, np.int32), np.ones((W,), np.int32)
+        next_ids_WT = np.full((W, T), PAD_ID, np.int32)
         rows_W = np.full((W,), self.max_batch, np.int32)  # padding entries point past the last row: dropped
         free = [row for row, seq in enumerate(self._rows) if seq is None]
         for p, seq in enumerate(batch):
             prompt = seq.request.prompt_ids
             ids_WT[p, : len(prompt)], num_prompt_W[p], rows_W[p] = prompt, len(prompt), free[p]
-        self._slots, outputs = slots.prefill_rows_jit(
-            self._slots, ids_WT, num_prompt_W, rows_W, *self._row_settings(batch, W), self.weights, self.config
+            next_ids_WT[p, : len(prompt) - 1] = prompt[1:]
+        scoring = [p for p, seq in enumerate(batch) if seq.request.prompt_logprobs is not None]
+        self._slots, outputs, prompt_outputs = slots.prefill_rows_jit(
+            self._slots, ids_WT, num_prompt_W, rows_W, next_ids_WT, np.bool_(bool(scoring)), *self._row_settings(batch, W),
+            self.weights, self.config,
         )  # fmt: skip
         out = StepOutput(*(part[None] for part in jax.device_get(outputs)))  # Y = 1
+        if scoring:
+            logprob_WT, top_ids_WTA, top_logprobs_WTA = jax.device_get(prompt_outputs)
+            for p in scoring:
+                n = len(batch[p].request.prompt_ids)
+                batch[p].set_prompt_logprobs([(logprob_WT[p, :n], top_ids_WTA[p, :n], top_logprobs_WTA[p, :n])])
         for p, seq in enumerate(batch):
             self._rows[free[p]] = seq
         self._hand_out({free[p]: [int(out.tokens_YB[0, p])] for p in range(len(batch))}, out,
@@ -749,6 +776,18 @@ class Engine:
     def _chunk_bucket(self, num_tokens: int) -> int:
         return next(bucket for bucket in self.chunk_buckets if bucket >= num_tokens)
 
+    def _chunk_size(self, remaining: int) -> int:
+        """How many of a staging prompt's remaining tokens its next chunk computes: as many as the largest
+        bucket takes, unless padding them to their bucket would waste more than SPLIT_WASTE slots; then
+        the largest bucket they fill, and the rest in the next chunks (an 80-token prompt as 64 + 16,
+        not 128). Results do not depend on the split: a query attends the same in any chunk."""
+        assert remaining >= 1
+        n = min(self.chunk_buckets[-1], remaining)
+        if self._chunk_bucket(n) - n <= SPLIT_WASTE:
+            return n
+        filled = [bucket for bucket in self.chunk_buckets if bucket <= n]
+        return filled[-1] if filled else n
+
     def _start_prefill(self) -> bool:
         """Move the next waiting sequence into staging (if it will find a free row), restoring cached prefix blocks."""
         assert self._prefill is None, "one prompt in staging at a time"
@@ -779,7 +818,7 @@ class Engine:
         job = self._prefill
         assert job is not None
         prompt = job.seq.request.prompt_ids
-        n = min(self.chunk_buckets[-1], len(prompt) - job.done)
+        n = self._chunk_size(len(prompt) - job.done)
         assert n >= 1, "a prompt in staging has tokens left to compute"
         T = self._chunk_bucket(n)
         ids_1T, next_ids_1T = np.full((1, T), PAD_ID, np.int32), np.full((1, T), PAD_ID, np.int32)

@@ -268,21 +268,36 @@ def admit(
 
 
 def prefill_rows(
-    slots: Slots, ids_WT: jax.Array, num_prompt_W: jax.Array, rows_W: jax.Array, keys_W2: jax.Array,
-    params_W: SamplingParams, limit_W: jax.Array, want_logprobs_W: jax.Array, allowed_WK: jax.Array, weights: GPT2Weights,
-    config: GPT2Config,
-) -> tuple[Slots, tuple[jax.Array, ...]]:  # fmt: skip
+    slots: Slots, ids_WT: jax.Array, num_prompt_W: jax.Array, rows_W: jax.Array, next_ids_WT: jax.Array,
+    want_prompt_logprobs: jax.Array, keys_W2: jax.Array, params_W: SamplingParams, limit_W: jax.Array,
+    want_logprobs_W: jax.Array, allowed_WK: jax.Array, weights: GPT2Weights, config: GPT2Config,
+) -> tuple[Slots, tuple[jax.Array, ...], tuple[jax.Array, ...]]:  # fmt: skip
     """W short prompts (right-padded to T) at once, straight into their rows: one batched pass over a
     fresh cache of T slots (as generate prefills), its slots written to slots [0, T) of rows_W, and
-    each prompt's first token picked (`admit`). For prompts that need no staging: each fits one chunk,
-    has no prefix block to reuse or save, and wants no prompt logprobs. A row of max_batch or more is
-    a padding entry, dropped. Cheaper than W staging prefills of one row: the weights are read once
-    and attention spans T slots, not the staging cache's S."""
+    each prompt's first token picked (`admit`). For prompts that need no staging: each fits one chunk
+    and has no prefix block to reuse. A row of max_batch or more is a padding entry, dropped. Cheaper
+    than W staging prefills of one row: the weights are read once and attention spans T slots, not
+    the staging cache's S.
+
+    Returns the slots, admit's outputs, and the prompt logprobs of every row (position t of row p:
+    log_softmax at t of next_ids_WT[p, t], and the top A), computed only when want_prompt_logprobs:
+    scoring requests (evaluation harnesses) are batched this way, W prompts in one pass."""
     W, T = ids_WT.shape
     assert T <= slots.cache.max_len
     assert num_prompt_W.shape == (W,)
+    assert next_ids_WT.shape == (W, T)
     kv_dtype = slots.cache.kv_dtype
     hidden_WTD, fresh = transformer_from_empty(ids_WT, jnp.zeros((W,), jnp.int32), T, weights, config, kv_dtype)
+
+    def prompt_logprobs() -> tuple[jax.Array, ...]:
+        logprobs = token_logprobs(lm_logits(hidden_WTD, weights).reshape(W * T, config.vocab_size),
+                                  next_ids_WT.reshape(W * T), TOP_LOGPROBS, weights.use_kernels)  # fmt: skip
+        return tuple(part.reshape(W, T, *part.shape[1:]) for part in logprobs)
+
+    def no_prompt_logprobs() -> tuple[jax.Array, ...]:
+        return tuple(part.reshape(W, T, *part.shape[1:]) for part in _no_logprobs(W * T))
+
+    prompt_outputs = jax.lax.cond(want_prompt_logprobs, prompt_logprobs, no_prompt_logprobs)
     last_WD = hidden_WTD[jnp.arange(W), num_prompt_W - 1]
     last_logits_WV = lm_logits(last_WD[:, None], weights)[:, 0]
     old = slots.cache
@@ -293,7 +308,8 @@ def prefill_rows(
     new_slots, outputs = admit(Slots(cache, slots.rows), last_logits_WV, ids_WT, num_prompt_W, rows_W, keys_W2, params_W,
                                limit_W, want_logprobs_W, allowed_WK, weights.use_kernels)  # fmt: skip
     assert outputs[0].shape == (W,)
-    return new_slots, outputs
+    assert prompt_outputs[0].shape == (W, T)
+    return new_slots, outputs, prompt_outputs
 
 
 def _take_rows(slots: Slots, width: int) -> Slots:
