@@ -128,6 +128,18 @@ class SequenceRequest:
     constraint: CompiledConstraint | None = None  # structured output: the answer's grammar
 
 
+def batch_buckets(chunk_buckets: list[int], longest: int) -> list[int]:
+    """The batched prefill's prompt lengths: the chunk buckets up to `longest`, with 1.5x steps between
+    those of 32 and more (48, 96, ...): a batch is padded to its longest prompt's bucket, and a batch
+    of 65-token prompts in 128 slots would be half padding (scoring batches run up to 128)."""
+    assert longest in chunk_buckets
+    buckets = [bucket for bucket in chunk_buckets if bucket <= longest]
+    between = [bucket * 3 // 2 for bucket, above in zip(buckets, buckets[1:]) if bucket >= 32 and above == 2 * bucket]
+    result = sorted(buckets + between)
+    assert result[-1] == longest
+    return result
+
+
 def powers_of_two_to(limit: int, start: int = 1) -> list[int]:
     """start, 2 start, 4 start, ... below limit, then limit itself: few compiled shapes, little waste."""
     assert start >= 1
@@ -334,7 +346,7 @@ class Engine:
         # Scoring prompts (prompt logprobs) go in batches up to a whole chunk, or MAX_SCORE_BATCH_LEN: the
         # logits of every position of a batch are one (W * T, V) block.
         self.score_limit = min(self.chunk_buckets[-1], MAX_SCORE_BATCH_LEN)
-        self.batch_buckets = [b for b in self.chunk_buckets if b <= self._chunk_bucket(max(self.batch_limit, self.score_limit))]
+        self.batch_buckets = batch_buckets(self.chunk_buckets, self._chunk_bucket(max(self.batch_limit, self.score_limit)))
         block_bytes = 2 * config.n_layer * config.n_embd * PREFIX_BLOCK * jnp.dtype(self.kv_dtype).itemsize
         self.prefix_cache = PrefixCache(int(prefix_cache_mib * 2**20) // block_bytes if S > PREFIX_BLOCK else 0)
         eos = [] if config.eos_token_id is None else [config.eos_token_id]
@@ -707,7 +719,7 @@ class Engine:
             if len(batch) == free or not self._batchable(seq):
                 break
             longest = max(len(s.request.prompt_ids) for s in [*batch, seq])
-            if batch and self._width_for(len(batch) + 1) * self._chunk_bucket(longest) > budget:
+            if batch and self._width_for(len(batch) + 1) * self._batch_bucket(longest) > budget:
                 break
             batch.append(seq)
         for _ in batch:
@@ -721,7 +733,7 @@ class Engine:
         tokens computed (padding included)."""
         assert 1 <= len(batch) <= self._rows.count(None)
         W = self._width_for(len(batch))
-        T = self._chunk_bucket(max(len(seq.request.prompt_ids) for seq in batch))
+        T = self._batch_bucket(max(len(seq.request.prompt_ids) for seq in batch))
         assert T in self.batch_buckets
         self.programs.ensure(("prefill_rows", W, T))
         ids_WT, num_prompt_W = np.full((W, T), PAD_ID, np.int32), np.ones((W,), np.int32)
@@ -775,6 +787,9 @@ class Engine:
 
     def _chunk_bucket(self, num_tokens: int) -> int:
         return next(bucket for bucket in self.chunk_buckets if bucket >= num_tokens)
+
+    def _batch_bucket(self, num_tokens: int) -> int:
+        return next(bucket for bucket in self.batch_buckets if bucket >= num_tokens)
 
     def _chunk_size(self, remaining: int) -> int:
         """How many of a staging prompt's remaining tokens its next chunk computes: as many as the largest
