@@ -338,6 +338,37 @@ def test_every_build_gives_a_row_the_same_log_sum_exp_alone_and_among_others(mar
         assert kernel_logsumexp(x_MV[m : m + 1], march)[0] == together_M[m]
 
 
+def kernel_logsumexp_top(x_MV: np.ndarray, k: int, march: str) -> tuple[np.ndarray, ...]:
+    M = x_MV.shape[0]
+    results = (jax.ShapeDtypeStruct((M,), jnp.float32), jax.ShapeDtypeStruct((M, k), jnp.int32),
+               jax.ShapeDtypeStruct((M, k), jnp.float32))  # fmt: skip
+    call = jax.ffi.ffi_call(native.target_name("logsumexp_top_rows", march), results, vmap_method="sequential")
+    return tuple(np.asarray(part) for part in call(jnp.asarray(x_MV)))
+
+
+@pytest.mark.parametrize("k", [1, 5, 20])
+def test_every_build_gives_xlas_top_k_beside_the_log_sum_exp(march, k):
+    """Ids and values exactly as jax.lax.top_k gives them (ties broken toward the lower index: values in
+    steps of 0.5), rows of -inf and a row with two finite values included; the log-sum-exp bit for bit
+    the one the kernel gives alone."""
+    x_MV = np.round(np.random.default_rng(k).normal(size=(6, 50257)) * 4) / 2
+    x_MV[3] = -np.inf
+    x_MV[4] = -np.inf
+    x_MV[4, [7, 40000]] = 1.0
+    x_MV = x_MV.astype(np.float32)
+    lse_M, ids_MK, values_MK = kernel_logsumexp_top(x_MV, k, march)
+    expected_values_MK, expected_ids_MK = (np.asarray(part) for part in jax.lax.top_k(jnp.asarray(x_MV), k))
+    np.testing.assert_array_equal(ids_MK, expected_ids_MK)
+    np.testing.assert_array_equal(values_MK, expected_values_MK)
+    np.testing.assert_array_equal(lse_M, kernel_logsumexp(x_MV, march))
+
+
+def test_the_top_k_target_refuses_k_past_the_row(march):
+    x_MV = np.zeros((2, 4), np.float32)
+    with pytest.raises(Exception, match="k <= V"):
+        kernel_logsumexp_top(x_MV, 5, march)
+
+
 # --- which build is which ------------------------------------------------------------------------
 
 

@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jax_gpt2.kernels import logsumexp_rows
+from jax_gpt2.kernels import logsumexp_top_rows
 
 FILTERED = -jnp.inf  # transformers' filter_value: a removed token gets probability exactly 0
 MAX_SEED = 2**32 - 1  # PRNGKey keeps 32 bits of the seed; larger seeds would silently collide
@@ -548,7 +548,7 @@ def token_logprobs(
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """log_softmax(logits) at each row's token, and its num_top best entries (ids, values; best first).
 
-    Each value is its logit minus the row's one log-sum-exp (by the kernel where use_kernel), so a
+    Each value is its logit minus the row's one log-sum-exp (both by the kernel where use_kernel), so a
     token that is the best has exactly its top value (evaluation harnesses compare them with == to
     call a continuation greedy). Subtracting one number keeps the order, so the best logits are the
     best log-probabilities, and no (B, V) log-softmax array is made.
@@ -556,10 +556,9 @@ def token_logprobs(
     assert logits_BV.ndim == 2
     assert token_B.shape == logits_BV.shape[:1]
     logits_BV = logits_BV.astype(jnp.float32)
-    lse_B = logsumexp_rows(logits_BV, use_kernel)
+    lse_B, top_ids_BA, top_logits_BA = logsumexp_top_rows(logits_BV, num_top, use_kernel)
     logprob_B = jnp.take_along_axis(logits_BV, token_B[:, None].astype(jnp.int32), axis=-1)[:, 0] - lse_B
-    top_logits_BA, top_ids_BA = jax.lax.top_k(logits_BV, num_top)
-    return logprob_B, top_ids_BA.astype(jnp.int32), top_logits_BA - lse_B[:, None]
+    return logprob_B, top_ids_BA, top_logits_BA - lse_B[:, None]
 
 
 def next_tokens(

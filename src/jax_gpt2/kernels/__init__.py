@@ -6,7 +6,7 @@ normalizer (softmax.py). Whether they run is decided once at load (GPT2Weights.u
 
 from jax_gpt2.kernels.attention import decode_attention, has_decode_kernel, has_prefill_kernel, prefill_attention
 from jax_gpt2.kernels.matmul import packed_matmul, packed_matmul_BT
-from jax_gpt2.kernels.softmax import has_logsumexp_kernel, logsumexp_rows
+from jax_gpt2.kernels.softmax import has_logsumexp_kernel, logsumexp_rows, logsumexp_top_rows
 from jax_gpt2.kernels.native import advise_huge_pages, kernels_available, kernels_isa, kernel_threads
 
 __all__ = [
@@ -19,6 +19,7 @@ __all__ = [
     "kernels_available",
     "kernels_isa",
     "logsumexp_rows",
+    "logsumexp_top_rows",
     "packed_matmul",
     "packed_matmul_BT",
     "prefill_attention",

@@ -1447,6 +1447,46 @@ float RowLogSumExp(const float* x, int64_t V) {
   return high + std::log(Sum(total + rest));
 }
 
+inline bool AnyLane(VI32 mask) {
+  int32_t lanes[kLanes];
+  std::memcpy(lanes, &mask, sizeof lanes);
+  int32_t any = 0;
+  for (int lane = 0; lane < kLanes; ++lane) any |= lanes[lane];
+  return any != 0;
+}
+
+// The k largest values of x[0, V) (1 <= k <= V) and their indices, largest first, the lower index
+// first among equal values (XLA's top_k order; a row of -inf gives its first k). A group of vectors
+// is read value by value only while fewer than k are held or when one of its values beats the k-th
+// held: after the first few hundred values of a row of logits, almost never. The row is in L2 (the
+// log-sum-exp read it just before), so this third pass costs little.
+void RowTop(const float* x, int64_t V, int64_t k, int32_t* ids, float* values) {
+  int64_t held = 0;
+  auto offer = [&](float value, int64_t id) {
+    if (held == k && !(value > values[k - 1])) return;
+    int64_t at = held < k ? held++ : k - 1;
+    for (; at > 0 && value > values[at - 1]; --at) {
+      values[at] = values[at - 1];
+      ids[at] = ids[at - 1];
+    }
+    values[at] = value;
+    ids[at] = static_cast<int32_t>(id);
+  };
+  constexpr int64_t kGroup = kLseChains * kLanes;
+  int64_t v = 0;
+  for (; v + kGroup <= V; v += kGroup) {
+    if (held == k) {
+      const VF bar = Splat(values[k - 1]);
+      VI32 beats = {};
+#pragma GCC unroll 4
+      for (int c = 0; c < kLseChains; ++c) beats |= Load<VF>(x + v + c * kLanes) > bar;
+      if (!AnyLane(beats)) continue;
+    }
+    for (int64_t i = v; i < v + kGroup; ++i) offer(x[i], i);
+  }
+  for (; v < V; ++v) offer(x[v], v);
+}
+
 // ---------------------------------------------------------------------------------------------
 // The FMA peak probe.
 
@@ -1694,10 +1734,16 @@ bool HasBf16Dot() {
 
 int64_t GemmMinRows() { return kGemmMinRows; }
 
-void LogSumExpRows(const float* x_MV, int64_t M, int64_t V, float* lse_M, TilePool& pool) {
+void LogSumExpRows(const float* x_MV, int64_t M, int64_t V, float* lse_M, TilePool& pool, int64_t k,
+                   int32_t* top_ids_MK, float* top_values_MK) {
   assert(M >= 1);
   assert(V >= 1);
-  pool.Run(M, [&](int64_t m) { lse_M[m] = RowLogSumExp(x_MV + m * V, V); });
+  assert(0 <= k && k <= V);
+  assert(k == 0 || (top_ids_MK != nullptr && top_values_MK != nullptr));
+  pool.Run(M, [&](int64_t m) {
+    lse_M[m] = RowLogSumExp(x_MV + m * V, V);
+    if (k > 0) RowTop(x_MV + m * V, V, k, top_ids_MK + m * k, top_values_MK + m * k);
+  });
 }
 
 void DecodeAttention(const float* q_BNH, const float* k_LBNSH, const float* v_LBNSH, const int32_t* start_B,

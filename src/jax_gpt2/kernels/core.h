@@ -121,8 +121,11 @@ double MeasureFmaPeak(TilePool& pool, double seconds);
 
 // lse_M[m] = log(sum_v e^(x_MV[m, v])), log-softmax's normalizer, each row by one thread in one
 // order (a row's result never depends on M or on the other rows). A row holding a NaN gives NaN,
-// one holding +inf gives +inf, a row of -inf gives -inf.
-void LogSumExpRows(const float* x_MV, int64_t M, int64_t V, float* lse_M, TilePool& pool);
+// one holding +inf gives +inf, a row of -inf gives -inf. With k > 0 (k <= V), also each row's k
+// largest values and their indices, largest first, the lower index first among equal values (as
+// XLA's top_k orders them; a row holding a NaN: unspecified), into top_ids_MK / top_values_MK.
+void LogSumExpRows(const float* x_MV, int64_t M, int64_t V, float* lse_M, TilePool& pool, int64_t k = 0,
+                   int32_t* top_ids_MK = nullptr, float* top_values_MK = nullptr);
 struct CacheShape {
   int64_t L, B, N, S, H;
 };

@@ -803,6 +803,42 @@ void TestLogSumExpRows(TilePool& pool, const std::vector<TilePool*>& other_pools
   Expect(std::fabs(lse_M[3] - (-1.0 + std::log(7.0))) <= 1e-6, "logsumexp: -inf values add nothing");
 }
 
+// The k largest values of each row beside its log-sum-exp: the values and indices a stable sort
+// (largest first, lower index first among equals) gives, for k from 1 to V, with ties (values
+// rounded to steps of 0.5), a row of -inf (its first k), and a row that is -inf but for two values
+// (sampling's filtered tokens); the log-sum-exp the same as without the top.
+void TestTopOfRows(TilePool& pool) {
+  const float inf = std::numeric_limits<float>::infinity();
+  for (int64_t V : {1, 7, 64, 65, 1000, 50257}) {
+    std::vector<float> x_MV = Normal(4 * V, static_cast<uint32_t>(V) + 100);
+    for (float& value : x_MV) value = std::round(value * 8.0f) / 2.0f;  // many ties
+    std::fill(x_MV.begin() + 2 * V, x_MV.begin() + 3 * V, -inf);
+    std::fill(x_MV.begin() + 3 * V, x_MV.end(), -inf);
+    x_MV[4 * V - 1] = 1.0f;
+    x_MV[3 * V + V / 2] = 1.0f;
+    for (int64_t k : {int64_t{1}, std::min<int64_t>(5, V), V}) {
+      std::vector<float> lse_M(4), plain_M(4), values_MK(4 * k);
+      std::vector<int32_t> ids_MK(4 * k);
+      jax_gpt2::LogSumExpRows(x_MV.data(), 4, V, lse_M.data(), pool, k, ids_MK.data(), values_MK.data());
+      jax_gpt2::LogSumExpRows(x_MV.data(), 4, V, plain_M.data(), pool);
+      const std::string where = "top V=" + std::to_string(V) + " k=" + std::to_string(k);
+      Expect(std::equal(lse_M.begin(), lse_M.end(), plain_M.begin(),
+                        [](float a, float b) { return a == b || (std::isnan(a) && std::isnan(b)); }),
+             where + ": the log-sum-exp changed");
+      for (int64_t m = 0; m < 4; ++m) {
+        std::vector<int32_t> order(V);
+        for (int64_t v = 0; v < V; ++v) order[v] = static_cast<int32_t>(v);
+        const float* x = x_MV.data() + m * V;
+        std::stable_sort(order.begin(), order.end(), [x](int32_t a, int32_t b) { return x[a] > x[b]; });
+        bool same = true;
+        for (int64_t j = 0; j < k; ++j)
+          same = same && ids_MK[m * k + j] == order[j] && values_MK[m * k + j] == x[order[j]];
+        Expect(same, where + " row " + std::to_string(m) + ": not the stable order's first k");
+      }
+    }
+  }
+}
+
 }  // namespace
 
 int main() {
@@ -823,6 +859,7 @@ int main() {
   TestSoftmaxWeights(two);
   TestPrefillAttention(two, others);
   TestLogSumExpRows(two, others);
+  TestTopOfRows(two);
   std::printf("core_test %s: %d of %d checks passed\n", jax_gpt2::TargetIsa(), checks - failures, checks);
   return failures == 0 ? 0 : 1;
 }

@@ -225,6 +225,23 @@ ffi::Error LogSumExpRowsOf(ffi::Buffer<ffi::F32> x, ffi::ResultBuffer<ffi::F32> 
   return ffi::Error::Success();
 }
 
+// The same and each row's k largest values: x (M, V) float32; lse (M,) float32, top ids (M, k) int32
+// and top values (M, k) float32, 1 <= k <= V.
+ffi::Error LogSumExpTopRowsOf(ffi::Buffer<ffi::F32> x, ffi::ResultBuffer<ffi::F32> lse,
+                              ffi::ResultBuffer<ffi::S32> top_ids, ffi::ResultBuffer<ffi::F32> top_values) {
+  auto x_dims = x.dimensions(), lse_dims = lse->dimensions(), ids_dims = top_ids->dimensions();
+  auto values_dims = top_values->dimensions();
+  if (x_dims.size() != 2 || lse_dims.size() != 1 || lse_dims[0] != x_dims[0] || ids_dims.size() != 2 ||
+      ids_dims[0] != x_dims[0] || values_dims.size() != 2 || values_dims[0] != ids_dims[0] ||
+      values_dims[1] != ids_dims[1])
+    return ffi::Error::InvalidArgument("logsumexp_top_rows: expected x (M, V), lse (M,), top ids and values (M, k)");
+  if (x_dims[0] < 1 || ids_dims[1] < 1 || ids_dims[1] > x_dims[1])
+    return ffi::Error::InvalidArgument("logsumexp_top_rows: need M >= 1 and 1 <= k <= V");
+  jax_gpt2::LogSumExpRows(x.typed_data(), x_dims[0], x_dims[1], lse->typed_data(), Pool(), ids_dims[1],
+                          top_ids->typed_data(), top_values->typed_data());
+  return ffi::Error::Success();
+}
+
 }  // namespace
 
 // x, tiles, bias; gelu.
@@ -276,6 +293,12 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxGpt2PrefillAttentionBF16, PrefillAttentionOf<ff
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxGpt2LogSumExpRows, LogSumExpRowsOf,
                               ffi::Ffi::Bind().Arg<ffi::Buffer<ffi::F32>>().Ret<ffi::Buffer<ffi::F32>>());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxGpt2LogSumExpTopRows, LogSumExpTopRowsOf,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
 
 // Called from Python before registering: whether this CPU has every extension the library was
 // compiled for (a library loaded on the wrong CPU would die of SIGILL at its first call instead).

@@ -50,6 +50,7 @@ TARGETS = {
     "prefill_attention": ("JaxGpt2PrefillAttention", "jax_gpt2_prefill_attention"),
     "prefill_attention_bf16": ("JaxGpt2PrefillAttentionBF16", "jax_gpt2_prefill_attention_bf16"),
     "logsumexp_rows": ("JaxGpt2LogSumExpRows", "jax_gpt2_logsumexp_rows"),
+    "logsumexp_top_rows": ("JaxGpt2LogSumExpTopRows", "jax_gpt2_logsumexp_top_rows"),
 }
 assert set(WEIGHT_DTYPES.values()) <= set(TARGETS), "a matmul kernel for every weight dtype"
 _ARM = ("aarch64", "arm64")

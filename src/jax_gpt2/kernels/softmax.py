@@ -35,3 +35,23 @@ def logsumexp_rows(x_MV: jax.Array, use_kernel: bool) -> jax.Array:
     lse_M = call(x_MV)
     assert lse_M.shape == (M,)
     return lse_M
+
+
+def logsumexp_top_rows(x_MV: jax.Array, k: int, use_kernel: bool) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """(lse_M, top_ids_MK, top_values_MK): each row's log-sum-exp, as logsumexp_rows, and its k largest
+    values and their indices (int32), largest first, the lower index first among equal values, as
+    jax.lax.top_k gives them; by the kernel (use_kernel: a third pass over each row while it is still in
+    cache, instead of XLA's sort-based top_k) or by XLA."""
+    M, V = x_MV.shape
+    assert x_MV.dtype == jnp.float32, "log-softmax runs in float32"
+    assert M >= 1
+    assert 1 <= k <= V
+    if not use_kernel:
+        top_values_MK, top_ids_MK = jax.lax.top_k(x_MV, k)
+        return jax.nn.logsumexp(x_MV, axis=-1), top_ids_MK.astype(jnp.int32), top_values_MK
+    results = (jax.ShapeDtypeStruct((M,), jnp.float32), jax.ShapeDtypeStruct((M, k), jnp.int32),
+               jax.ShapeDtypeStruct((M, k), jnp.float32))  # fmt: skip
+    call = jax.ffi.ffi_call(native.target_name("logsumexp_top_rows"), results, vmap_method="sequential")
+    lse_M, top_ids_MK, top_values_MK = call(x_MV)
+    assert top_ids_MK.shape == (M, k)
+    return lse_M, top_ids_MK, top_values_MK
