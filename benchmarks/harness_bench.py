@@ -16,8 +16,8 @@ launch to exit (the server is started and warmed before its side's clock starts,
 would be); the harness's own start-up (~15 s: imports, the dataset, the hf model's load) is
 measured by a run of one document and reported taken off too. The hf side is lm-eval's
 reference recipe (`--model hf --model_args pretrained=F,dtype=float32 --device cpu --batch_size B`,
-torch on the machine's cores); the serve side sends `--lm-batch` prompts per request and waits for
-each (lm-eval's own default is 1). Every per-choice log-likelihood of the two sides (`--log_samples`)
+torch on the machine's cores); the serve side sends `--lm-batch` prompts per request (lm-eval's own
+default is 1) with `--num-concurrent` requests in flight (default 1: it waits for each). Every per-choice log-likelihood of the two sides (`--log_samples`)
 is compared: both compute the same float32 model, so they must agree to float32 rounding, and their
 accuracies must be equal. tokens/s = tokens of every request (context + continuation) / wall seconds.
 """
@@ -146,6 +146,7 @@ def main() -> None:
     parser.add_argument("--docs", type=int, default=100)
     parser.add_argument("--hf-batch", type=int, default=8, help="the hf backend's --batch_size")
     parser.add_argument("--lm-batch", type=int, default=8, help="prompts per request on the serve side")
+    parser.add_argument("--num-concurrent", type=int, default=1, help="requests in flight on the serve side")
     parser.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
     parser.add_argument("--server-log", type=Path, default=Path("harness_bench_server.log"))
     args = parser.parse_args()
@@ -159,7 +160,7 @@ def main() -> None:
         process, url = start_server(args, args.server_log)
         try:
             serve_args = (f"model={args.model},base_url={url}/v1/completions,tokenizer_backend=huggingface,"
-                          f"tokenizer={args.model},max_length=1023")  # fmt: skip
+                          f"tokenizer={args.model},max_length=1023,num_concurrent={args.num_concurrent}")  # fmt: skip
             serve_one = run_lm_eval(args, task_dir, scratch / "serve-1", "local-completions", serve_args, args.lm_batch, 1)
             serve = run_lm_eval(args, task_dir, scratch / "serve", "local-completions", serve_args, args.lm_batch)
         finally:
@@ -172,7 +173,8 @@ def main() -> None:
     difference = float(np.abs(serve_ll - hf_ll).max())
     report = {
         "docs": args.docs, "requests": 4 * args.docs, "tokens": tokens, "cpu_count": os.cpu_count(),
-        "serve": side_report(serve_s, serve_one[0], tokens, serve_results) | {"lm_batch": args.lm_batch},
+        "serve": side_report(serve_s, serve_one[0], tokens, serve_results)
+        | {"lm_batch": args.lm_batch, "num_concurrent": args.num_concurrent},
         "hf": side_report(hf_s, hf_one[0], tokens, hf_results) | {"batch_size": args.hf_batch},
         "max_loglikelihood_difference": difference, "max_abs_loglikelihood": float(np.abs(hf_ll).max()),
         "speedup": hf_s / serve_s, "speedup_after_startup": (hf_s - hf_one[0]) / (serve_s - serve_one[0]),
