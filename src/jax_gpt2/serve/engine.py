@@ -3,7 +3,7 @@ prompt prefixes reused. The host side: it schedules; slots.py holds the device s
 
 One scheduling round (`step`):
 
-    waiting --short prompts, several at once (prefill_rows): first tokens--> Slots
+    waiting --short prompts and scoring prompts, several at once (prefill_rows): first tokens--> Slots
     waiting --start--> staging <--restore-- prefix cache (blocks of PREFIX_BLOCK prompt tokens, LRU)
     staging --prefill chunks (at most prefill_chunk tokens a round)--> staging --save--> prefix cache
     staging --admit: pick the first token, copy the prompt's slots into the lowest free row--> Slots

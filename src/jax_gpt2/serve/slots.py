@@ -151,7 +151,7 @@ def pick(
     """Each running row picks its next token from its logits; a row is done at one of its end tokens
     (params.end_ids_BU: eos unless ignore_eos, and stop_token_ids) or at its limit. banned_B: a token
     each row may not pick (V or more: none), its rejected lookup draft (see speculate_chunk).
-    use_kernel: the logprobs' log-sum-exp by the CPU kernel (the weights' use_kernels).
+    use_kernel: the logprobs' log-sum-exp and top k by the CPU kernel (the weights' use_kernels).
 
     Every sampler stage is decided at run time (`runtime_flags`): rows with different settings share
     one compiled step, and a greedy batch still never sorts the vocabulary. Returns the rows and
