@@ -128,14 +128,19 @@ class SequenceRequest:
     constraint: CompiledConstraint | None = None  # structured output: the answer's grammar
 
 
+# Batched prefill lengths from 32 on go up in steps of this many tokens (see batch_buckets): a batch
+# pads to a multiple of 16 (at most 15 slots a prompt), for two more programs of each width than 1.5x steps.
+BATCH_STEP = 16
+
+
 def batch_buckets(chunk_buckets: list[int], longest: int) -> list[int]:
-    """The batched prefill's prompt lengths: the chunk buckets up to `longest`, with 1.5x steps between
-    those of 32 and more (48, 96, ...): a batch is padded to its longest prompt's bucket, and a batch
-    of 65-token prompts in 128 slots would be half padding (scoring batches run up to 128)."""
+    """The batched prefill's prompt lengths: the chunk buckets up to `longest`, and every multiple of
+    BATCH_STEP between those of 32 and more: a batch is padded to its longest prompt's bucket, and a
+    batch of 65-token prompts in 128 slots would be half padding (scoring batches run up to 128)."""
     assert longest in chunk_buckets
-    buckets = [bucket for bucket in chunk_buckets if bucket <= longest]
-    between = [bucket * 3 // 2 for bucket, above in zip(buckets, buckets[1:]) if bucket >= 32 and above == 2 * bucket]
-    result = sorted(buckets + between)
+    buckets = {bucket for bucket in chunk_buckets if bucket <= longest}
+    buckets |= {step for step in range(32, longest, BATCH_STEP) if step > min(32, longest)}
+    result = sorted(buckets)
     assert result[-1] == longest
     return result
 
