@@ -26,16 +26,14 @@ import argparse
 import json
 import os
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-import httpx
 import numpy as np
 
 from benchmarks.perplexity_bench import WORDS
-from benchmarks.serve_load import free_port, stop
+from benchmarks.serve_load import server_process
 from jax_gpt2.tokenizer import encode, load_tokenizer
 
 TASK = "jax_gpt2_synthetic_choice"
@@ -118,27 +116,6 @@ def side_report(seconds: float, one_doc_seconds: float, tokens: int, results: di
             "tokens_per_second_after_startup": tokens / (seconds - one_doc_seconds), "acc": results["acc,none"]}  # fmt: skip
 
 
-def start_server(args: argparse.Namespace, log_path: Path) -> tuple[subprocess.Popen, str]:
-    """`jax-gpt2 serve` on the model, returned once /health says every program is compiled."""
-    port = free_port()
-    command = [sys.executable, "-m", "jax_gpt2.cli", "serve", "--model", str(args.model), "--port", str(port)]
-    process = subprocess.Popen(command, stdout=open(log_path, "w"), stderr=subprocess.STDOUT)  # noqa: SIM115
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 900
-    while time.time() < deadline:
-        try:
-            health = httpx.get(f"{url}/health", timeout=1)
-            if health.status_code == 200 and health.json().get("warm"):
-                return process, url
-        except httpx.HTTPError:
-            pass
-        if process.poll() is not None:
-            raise SystemExit(f"the server exited; see {log_path}")
-        time.sleep(0.5)
-    stop(process)
-    raise SystemExit(f"the server did not get warm in 900 s; see {log_path}")
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", type=Path, required=True, help="a model folder with GPT-2's tokenizer files")
@@ -149,6 +126,8 @@ def main() -> None:
     parser.add_argument("--num-concurrent", type=int, default=1, help="requests in flight on the serve side")
     parser.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
     parser.add_argument("--server-log", type=Path, default=Path("harness_bench_server.log"))
+    parser.add_argument("--startup-limit", type=float, default=900, help="seconds for the server to get warm")
+    parser.set_defaults(kernel_build=None)  # serve_load.server_process starts the host's own kernels
     args = parser.parse_args()
     docs = documents(args.docs)
     tokens = request_tokens(docs, args.model)
@@ -157,14 +136,11 @@ def main() -> None:
         task_dir = scratch / "task"
         task_dir.mkdir()
         write_task(task_dir, docs)
-        process, url = start_server(args, args.server_log)
-        try:
+        with server_process(args) as (url, _):
             serve_args = (f"model={args.model},base_url={url}/v1/completions,tokenizer_backend=huggingface,"
                           f"tokenizer={args.model},max_length=1023,num_concurrent={args.num_concurrent}")  # fmt: skip
             serve_one = run_lm_eval(args, task_dir, scratch / "serve-1", "local-completions", serve_args, args.lm_batch, 1)
             serve = run_lm_eval(args, task_dir, scratch / "serve", "local-completions", serve_args, args.lm_batch)
-        finally:
-            stop(process)
         hf_args = f"pretrained={args.model},dtype=float32"
         hf_one = run_lm_eval(args, task_dir, scratch / "hf-1", "hf", hf_args, args.hf_batch, 1)
         hf = run_lm_eval(args, task_dir, scratch / "hf", "hf", hf_args, args.hf_batch)
