@@ -16,6 +16,7 @@ import checkpoints
 from checkpoints import TINY, hf_config, random_hf_model, save_safetensors
 from jax_gpt2 import load_config, load_weights
 from jax_gpt2.generate import generate, prefill
+from jax_gpt2.kernels import native
 from jax_gpt2.model import gpt2_forward
 from jax_gpt2.tools.random_model import train_tokenizer
 from jax_gpt2.sampling import SamplingSettings, flags_for, next_tokens, runtime_flags, sampling_params
@@ -267,6 +268,32 @@ def test_a_round_leaves_its_chunk_running_and_feeds_a_constrained_rows_grammar_f
     assert collector.ids(free_id) == reference(model, sequence(prompt, 12))
 
 
+def test_a_constrained_row_decodes_whole_chunks_beside_unconstrained_ones(model):
+    # Its masks come from the host inside the chunk (kernels/host_masks.py), so neither it nor its
+    # neighbours drop to one step a round: the same rounds as with no constraint at all.
+    from jax_gpt2 import constraints
+
+    weights, config, tokenizer = model
+    if not native.kernels_available():
+        pytest.skip("the in-chunk masks need the kernel library; without it constrained chunks are one step")
+    prompt = tuple(encode(tokenizer, "Hello world"))
+    grammar = constraints.grammar_tokenizer(tokenizer, config.vocab_size, config.eos_token_id)
+    # No end before 200 letters: both rows run all 13 tokens.
+    compiled = constraints.compile_constraint(constraints.regex("[a-z]{200,}"), grammar)
+    settings = SamplingSettings(max_new_tokens=13, ignore_eos=True)
+    rounds = {}
+    for name, constraint in [("free", None), ("constrained", compiled)]:
+        engine = make_engine(model, chunk_steps=4)
+        collector = Collector()
+        ids = engine.submit([SequenceRequest(prompt, settings, constraint=constraint), sequence(prompt, 13, ignore_eos=True)],
+                            collector)  # fmt: skip
+        rounds[name] = run_until_idle(engine)
+        assert [collector.finish(i) for i in ids] == ["length", "length"]
+    assert re.fullmatch("[a-z]+", collector.text(ids[0]))
+    assert rounds["constrained"] == rounds["free"]
+    assert rounds["free"] <= 1 + 13 // 4 + 2  # a first token, three 4-step chunks, the hand-out of the last
+
+
 def test_cancel_frees_a_running_slot_and_drops_a_waiting_sequence(model):
     engine = make_engine(model, max_batch=1)
     prompt = tuple(encode(model[2], "Hello"))
@@ -392,11 +419,11 @@ def test_programs_compiled_ahead_on_a_background_thread_are_the_ones_the_engine_
 def test_a_program_the_background_has_not_compiled_yet_is_compiled_when_first_needed(model):
     engine = make_engine(model, max_batch=2)
     engine.compile_for_first_request()
-    assert ("decode_chunk", 2) not in engine.programs._compiled
+    assert ("decode_chunk", 2, False) not in engine.programs._compiled
     collector = Collector()
     engine.submit([sequence(tuple(encode(model[2], "Hello")), 5)] * 2, collector)  # two rows: width 2
     run_until_idle(engine)
-    assert ("decode_chunk", 2) in engine.programs._compiled
+    assert ("decode_chunk", 2, False) in engine.programs._compiled
     assert collector.finish(0) is not None
 
 

@@ -14,10 +14,11 @@ keywords it does not implement instead of ignoring them, and it is one small whe
 in torch and triton). JSON is compact by construction ("x-guidance" whitespace_flexible off:
 separators ", " and ": ", no other whitespace), so a model cannot pad an answer forever.
 
-Masks are computed on the host, one token at a time: a constrained row runs one decode step per
-dispatch (generate's constrained path; the server's constrained rows), and the mask enters the
-jitted step packed 32 tokens to an int32 word, as llguidance writes it (allowed_BK,
-sampling.apply_allowed_words), ahead of every other logits processor.
+Masks are computed on the host, one token at a time, and enter the jitted step packed 32 tokens to
+an int32 word, as llguidance writes it (allowed_BK, sampling.apply_allowed_words), ahead of every
+other logits processor. generate's constrained path runs one decode step per dispatch; the server's
+decode chunks ask the host for them between steps (kernels/host_masks.py), so a constrained row
+decodes whole chunks beside unconstrained ones.
 """
 
 import dataclasses

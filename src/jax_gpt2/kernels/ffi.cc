@@ -3,6 +3,7 @@
 // thread pool. Nothing here computes.
 
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
 #include <cstdlib>
 #include <string>
@@ -242,6 +243,35 @@ ffi::Error LogSumExpTopRowsOf(ffi::Buffer<ffi::F32> x, ffi::ResultBuffer<ffi::F3
   return ffi::Error::Success();
 }
 
+// ---------------------------------------------------------------------------------------------
+// Host masks: structured output's grammar masks, asked of the host between one decode step's pick and
+// the next step's logits. table (1,) int32 (which of the host's mask writers), token (W,) int32 (each
+// row's last pick), picks (W,) int32 (how many tokens the row has picked: the last is number picks);
+// allowed (W, K) int32, every bit set (every token allowed) unless the writer narrows a row. The
+// writer is Python (a grammar engine's matchers), reached through a function pointer the host sets
+// once per library: a plain C call from XLA's thread, not a JAX host callback, so the program stays
+// asynchronous and cacheable. A call is a function of its arguments (the writer feeds a grammar
+// token number `picks` once, however often it is asked), so XLA may treat it as pure.
+
+using MaskHook = int (*)(int64_t table, int64_t width, const int32_t* token, const int32_t* picks, int32_t* allowed,
+                         int64_t words);
+std::atomic<MaskHook> mask_hook{nullptr};
+
+ffi::Error HostMasksOf(ffi::Buffer<ffi::S32> table, ffi::Buffer<ffi::S32> token, ffi::Buffer<ffi::S32> picks,
+                       ffi::ResultBuffer<ffi::S32> allowed) {
+  auto token_dims = token.dimensions(), allowed_dims = allowed->dimensions();
+  if (table.element_count() != 1 || token_dims.size() != 1 || picks.element_count() != token.element_count() ||
+      allowed_dims.size() != 2 || allowed_dims[0] != token_dims[0] || allowed_dims[1] < 1)
+    return ffi::Error::InvalidArgument("host_masks: expected table (1,), token and picks (W,), allowed (W, K)");
+  MaskHook hook = mask_hook.load();
+  if (hook == nullptr) return ffi::Error(ffi::ErrorCode::kFailedPrecondition, "host_masks: no mask writer was set");
+  std::fill_n(allowed->typed_data(), allowed->element_count(), -1);
+  if (hook(table.typed_data()[0], token_dims[0], token.typed_data(), picks.typed_data(), allowed->typed_data(),
+           allowed_dims[1]) != 0)
+    return ffi::Error(ffi::ErrorCode::kInternal, "host_masks: the mask writer failed (its error is in the log)");
+  return ffi::Error::Success();
+}
+
 }  // namespace
 
 // x, tiles, bias; gelu.
@@ -299,6 +329,16 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxGpt2LogSumExpTopRows, LogSumExpTopRowsOf,
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::S32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxGpt2HostMasks, HostMasksOf,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::Buffer<ffi::S32>>());
+
+// The host's mask writer (host_masks.py's hook), set once when the library is registered.
+extern "C" void jax_gpt2_set_mask_hook(MaskHook hook) { mask_hook.store(hook); }
 
 // Called from Python before registering: whether this CPU has every extension the library was
 // compiled for (a library loaded on the wrong CPU would die of SIGILL at its first call instead).

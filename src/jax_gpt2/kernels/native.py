@@ -51,6 +51,7 @@ TARGETS = {
     "prefill_attention_bf16": ("JaxGpt2PrefillAttentionBF16", "jax_gpt2_prefill_attention_bf16"),
     "logsumexp_rows": ("JaxGpt2LogSumExpRows", "jax_gpt2_logsumexp_rows"),
     "logsumexp_top_rows": ("JaxGpt2LogSumExpTopRows", "jax_gpt2_logsumexp_top_rows"),
+    "host_masks": ("JaxGpt2HostMasks", "jax_gpt2_host_masks"),  # structured output's masks (host_masks.py)
 }
 assert set(WEIGHT_DTYPES.values()) <= set(TARGETS), "a matmul kernel for every weight dtype"
 _ARM = ("aarch64", "arm64")
@@ -190,6 +191,9 @@ def kernels_available(march: str = "native") -> bool:
     for kernel, (symbol, _) in TARGETS.items():
         capsule = jax.ffi.pycapsule(getattr(library, symbol))
         jax.ffi.register_ffi_target(_registered_name(kernel, march), capsule, platform="cpu")
+    from jax_gpt2.kernels import host_masks  # it names this module's targets: imported here, not at the top
+
+    library.jax_gpt2_set_mask_hook(host_masks.HOOK)
     return True
 
 

@@ -13,9 +13,13 @@ One scheduling round (`step`):
 
 A round dispatches its decode chunk before it hands out the previous round's (JAX runs the chunk
 while this thread delivers, reads the inbox and prefills), so a row that finished in one chunk
-rides along in the next, its tokens there dropped. A constrained row needs its last token on the
-host for its next mask: the round feeds the previous chunk's tokens to the grammars before it
-dispatches, and hands them out after. Under speculation each chunk is handed out first.
+rides along in the next, its tokens there dropped. A constrained row (structured output) gets the
+mask of each token after a chunk's first from the host inside the chunk (kernels/host_masks.py:
+between two steps the chunk calls `_GrammarRows`, which feeds the row's grammar its pick and writes
+its next mask), so it runs whole chunks beside the others; the round feeds the previous chunk's last
+tokens to the grammars before it dispatches (the first step's masks), and hands them out after.
+Under speculation (or without the kernel library) a chunk with a constrained row is one step, and
+each chunk is handed out first.
 
 W, the width, is the smallest compiled width (1, 2, 4, ..., max_batch) that holds every busy row:
 one client decodes at batch 1, eight at batch 8. When the busy rows would fit a smaller width, the
@@ -56,6 +60,7 @@ import numpy as np
 from jax_gpt2.config import GPT2Config, tokens_in_vocabulary
 from jax_gpt2.constraints import CompiledConstraint
 from jax_gpt2.generate import PAD_ID
+from jax_gpt2.kernels import host_masks, native
 from jax_gpt2.kvcache import check_kv_dtype
 from jax_gpt2.sampling import (
     SamplingSettings, check_token_settings, end_token_ids, mask_words, row_keys, sampling_params,
@@ -106,6 +111,7 @@ class _Chunk:
     outputs: tuple
     counts: tuple
     sequences: tuple  # _Sequence | None per column
+    grammar_fed: tuple  # per column: the tokens its grammar had taken at dispatch (0 unconstrained)
     _host: list = dataclasses.field(default_factory=list)  # the outputs on the host, once fetched
 
     def fetched(self) -> StepOutput:
@@ -213,6 +219,26 @@ def _abstract(tree):
     return abstract
 
 
+class _GrammarRows:
+    """The host side of a chunk's grammar masks (kernels/host_masks.py): the sequence in each column of
+    the chunk in flight, set by the engine thread before it dispatches. Called from inside the chunk
+    (on an XLA thread) between one step's pick and the next step's logits: each constrained row's
+    grammar takes the token the row just picked, then writes the row's next mask."""
+
+    def __init__(self) -> None:
+        self.sequences: tuple = ()
+        self.table_1 = np.array([host_masks.register(self)], np.int32)  # the chunk's argument that finds this
+
+    def __call__(self, token_W: np.ndarray, picks_W: np.ndarray, allowed_WK: np.ndarray) -> None:
+        assert token_W.shape == (len(self.sequences),)
+        assert picks_W.shape == token_W.shape
+        for w, seq in enumerate(self.sequences):
+            if seq is None or seq.matcher is None:
+                continue
+            seq.feed_grammar(int(picks_W[w]) - 1, [int(token_W[w])])  # a token it has is not fed again
+            seq.matcher.write_allowed(allowed_WK[w])
+
+
 class _Sequence:
     """Host bookkeeping of one sequence: its text finisher and counts. Engine-thread only."""
 
@@ -226,20 +252,29 @@ class _Sequence:
         self.prompt_logprobs: tuple[TokenLogprob, ...] | None = None  # sent with the first event
         self.cached_tokens = 0  # prompt tokens the prefix cache supplied (sent with every event)
         self.matcher = None if request.constraint is None else request.constraint.new_matcher()
-        self._fed_ahead = 0  # tokens the grammar took before `take` handed them out (feed_grammar)
+        self.grammar_fed = 0  # generated tokens the grammar has taken (it may run ahead of `take`)
+        self.grammar_done_at: int | None = None  # the answer was complete after this many tokens
 
     @property
     def filled_slots(self) -> int:
         """An upper bound of the cache slots the sequence fills: its prompt and every token picked."""
         return len(self.request.prompt_ids) + self.num_picked
 
-    def feed_grammar(self, token_Y: list[int]) -> None:
-        """Advance the grammar by tokens `take` hands out later (it skips feeding them again)."""
+    def feed_grammar(self, first: int, token_Y: list[int]) -> None:
+        """Advance the grammar by generated tokens first, first + 1, ... (those it has not taken yet;
+        none once the answer is complete). The chunk's host callback, the round before a dispatch and
+        `take` each feed what they have first: every token is fed once, in order."""
         assert self.matcher is not None
-        assert self._fed_ahead == 0, "a constrained row makes one token a chunk, handed out before the next"
-        for token in token_Y:
+        assert first <= self.grammar_fed or self.grammar_done_at is not None, "no token skipped"
+        for index, token in enumerate(token_Y, start=first):
+            if index < self.grammar_fed:
+                continue
+            if self.grammar_done_at is not None:
+                break
             self.matcher.advance(token)
-        self._fed_ahead += len(token_Y)
+            self.grammar_fed += 1
+            if self.matcher.done:
+                self.grammar_done_at = self.grammar_fed
 
     def take(self, token_Y: list[int], out: StepOutput, row: int) -> Event:
         """This row's new tokens (of one chunk, or a first token) as one event; finishes the sequence when it ends."""
@@ -255,11 +290,10 @@ class _Sequence:
             # ... but it has a logprob: harnesses read the last entry as the token the model picked after the prompt
             logprobs.append(self._logprob(token, out, k, row))
             if self.matcher is not None:
-                if self._fed_ahead > 0:  # the engine fed it before dispatching the next chunk
-                    self._fed_ahead -= 1
-                else:
-                    self.matcher.advance(token)
-                if self.matcher.done and self.finisher.finish_reason is None:  # the answer is complete
+                self.feed_grammar(self.num_picked - 1, [token])
+                # The grammar may have run ahead (a chunk in flight feeds it): ask where it was done.
+                complete = self.grammar_done_at is not None and self.num_picked >= self.grammar_done_at
+                if complete and self.finisher.finish_reason is None:
                     text.append(self.finisher.stop())
             if self.finisher.finish_reason is not None:
                 break
@@ -374,6 +408,10 @@ class Engine:
         # first prefill), so shapes taken now would not name the programs the engine runs: no jobs there;
         # the server warms a mesh engine up eagerly (`warm_up`), and an unwarmed one compiles at first use.
         on_mesh = weights.mesh is not None
+        # Constrained rows get their masks from the host inside the chunk, through the kernel library
+        # (kernels/host_masks.py); not on a mesh, nor under speculation (one-step chunks there).
+        self._grammar_in_chunk = not on_mesh and speculate is None and native.kernels_available()
+        self._grammar_rows = _GrammarRows()
         self.programs = Programs([], []) if on_mesh else Programs(self._compile_jobs(), first=self._first_programs())
         assert self.copy_buckets[-1] == S
         assert self.chunk_buckets[-1] <= S
@@ -465,6 +503,10 @@ class Engine:
         assert len(self._rows) == self.max_batch
         return self.busy
 
+    def _chunk_kinds(self) -> tuple[bool, ...]:
+        """The chunk programs of each width: without the grammar callback, and with it where used."""
+        return (False, True) if self._grammar_in_chunk else (False,)
+
     def _may_overlap(self) -> bool:
         """Whether the next chunk may be dispatched before the last one's tokens are handed out."""
         return self.speculate is None
@@ -493,9 +535,9 @@ class Engine:
                 self._slots = slots.prefill_rows_jit(self._slots, ids_WT, np.ones((W,), np.int32), rows_W, ids_WT,
                                                      np.bool_(True), *self._row_settings([], W), self.weights,
                                                      self.config)[0]  # fmt: skip
-        for width in self.widths:
+        for width, grammar in itertools.product(self.widths, self._chunk_kinds()):
             allowed_WK, single_W = self._allowed([], width), np.zeros((width,), np.bool_)
-            chunk, arguments = self._chunk_program(width, self.weights)
+            chunk, arguments = self._chunk_program(width, self.weights, grammar)
             self._slots = chunk(self._slots, allowed_WK, single_W, *arguments)[0]
         self._slots = slots.release_jit(self._slots, np.ones((self.max_batch,), np.bool_))
         if self.prefix_cache.capacity > 0:
@@ -505,21 +547,24 @@ class Engine:
         self._slots, self._staging = self._empty_state()
         self.programs.mark_all_compiled()
 
-    def _chunk_program(self, width: int, weights) -> tuple[Callable, tuple]:
+    def _chunk_program(self, width: int, weights, grammar: bool) -> tuple[Callable, tuple]:
         """The chunk program of `width` and its arguments after (slots, allowed_WK, single_W):
         decode_chunk, or speculate_chunk when the engine speculates (it also returns its counts).
+        grammar: constrained rows get their masks inside the chunk (`_grammar_rows`) and it runs whole.
         weights: the engine's, or their abstract shapes (a compile job)."""
         assert width in self.widths
         assert self.chunk_steps >= 1
+        assert not grammar or self._grammar_in_chunk
         if self.speculate is None:
-            return slots.decode_chunk_jit, (weights, self.config, width, self.chunk_steps)
+            table_1 = self._grammar_rows.table_1 if grammar else None
+            return slots.decode_chunk_jit, (weights, self.config, width, self.chunk_steps, table_1)
         return slots.speculate_chunk_jit, (self.speculate, weights, self.config, width, self.chunk_steps)
 
     def _first_programs(self) -> list[tuple]:
         """What a short single request runs: its random key, a one-row prefill of the first bucket,
         width-1 decode chunks, and the release of its row. The rest waits for the background (or its first use)."""
         # The longest compile first: two threads compile these (compile_for_first_request).
-        first = [("decode_chunk", self.widths[0]), ("prefill_rows", 1, self.batch_buckets[0]), ("row_keys",),
+        first = [("decode_chunk", self.widths[0], False), ("prefill_rows", 1, self.batch_buckets[0]), ("row_keys",),
                  ("release",)]  # fmt: skip
         assert self.widths[0] == 1
         assert len(first) == 4
@@ -548,8 +593,8 @@ class Engine:
         for T in self.batch_buckets:
             prefill_rows(1, T)
         for W in self.widths:
-            chunk, arguments = self._chunk_program(W, weights)
-            add(("decode_chunk", W), chunk, state, _spec((W, K), jnp.int32), _spec((W,), jnp.bool_), *arguments)
+            chunk, arguments = self._chunk_program(W, weights, False)
+            add(("decode_chunk", W, False), chunk, state, _spec((W, K), jnp.int32), _spec((W,), jnp.bool_), *arguments)
         add(("release",), slots.release_jit, state, _spec((self.max_batch,), jnp.bool_))
         add(("move_state",), slots.move_state_jit, state, i32, i32)
         for bucket in self.copy_buckets:
@@ -568,6 +613,9 @@ class Engine:
         for W in self.widths[1:]:
             for T in self.batch_buckets:
                 prefill_rows(W, T)
+        for W in self.widths if self._grammar_in_chunk else []:  # last: only structured output runs them
+            chunk, arguments = self._chunk_program(W, weights, True)
+            add(("decode_chunk", W, True), chunk, state, _spec((W, K), jnp.int32), _spec((W,), jnp.bool_), *arguments)
         assert len(jobs) == len({job.key for job in jobs})
         assert all(key in {job.key for job in jobs} for key in self._first_programs())
         return jobs
@@ -922,12 +970,17 @@ class Engine:
     def _dispatch_chunk(self) -> _Chunk:
         """Start a decode chunk over the busy rows (the device runs it while this thread goes on)."""
         width = self._width_for(1 + max(row for row, seq in enumerate(self._rows) if seq is not None))
-        single_W = np.array([seq is not None and seq.matcher is not None for seq in self._rows[:width]])
-        allowed_WK = self._allowed(self._rows[:width], width)
-        self.programs.ensure(("decode_chunk", width))
-        chunk, arguments = self._chunk_program(width, self.weights)
+        sequences = tuple(self._rows[:width])
+        single_W = np.array([seq is not None and seq.matcher is not None for seq in sequences])
+        allowed_WK = self._allowed(list(sequences), width)
+        grammar = bool(single_W.any()) and self._grammar_in_chunk
+        if grammar:  # the chunk's callback feeds these rows' grammars from step 1 on (nothing else does meanwhile)
+            self._grammar_rows.sequences = sequences
+        self.programs.ensure(("decode_chunk", width, grammar))
+        chunk, arguments = self._chunk_program(width, self.weights, grammar)
+        fed = tuple(0 if seq is None or seq.matcher is None else seq.grammar_fed for seq in sequences)
         self._slots, outputs, *counts = chunk(self._slots, allowed_WK, single_W, *arguments)
-        return _Chunk(outputs, tuple(counts), tuple(self._rows[:width]))
+        return _Chunk(outputs, tuple(counts), sequences, fed)
 
     def _collect(self, chunk: _Chunk) -> None:
         """Hand a chunk's tokens to the sequences it ran that are still in a row, wherever `_compact`
@@ -946,13 +999,13 @@ class Engine:
         return {row_of[id(seq)]: k for k, seq in enumerate(chunk.sequences) if seq is not None and id(seq) in row_of}
 
     def _feed_grammars(self, chunk: _Chunk) -> None:
-        """The chunk's tokens into its constrained rows' grammars ahead of the hand-out, so the next
-        chunk's masks can be computed before it (their `take` then skips what was fed)."""
+        """The chunk's tokens into its constrained rows' grammars ahead of the hand-out (those its
+        callback has not fed: the last), so the next chunk's first masks can be computed before it."""
         out = chunk.fetched()
         for row, k in self._columns(chunk).items():
             seq = self._rows[row]
             if seq.matcher is not None:
-                seq.feed_grammar(out.emitted(k))
+                seq.feed_grammar(chunk.grammar_fed[k], out.emitted(k))
 
     def _hand_out(self, picked: dict[int, list[int]], out: StepOutput, column: dict[int, int]) -> None:
         """Hand each row's picked tokens to its sequence; deliver the events; free the rows that finished."""

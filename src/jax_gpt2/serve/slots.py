@@ -42,6 +42,7 @@ from jax.sharding import NamedSharding
 
 from jax_gpt2.config import GPT2Config
 from jax_gpt2.generate import PAD_ID
+from jax_gpt2.kernels.host_masks import host_masks
 from jax_gpt2.kvcache import KVCache
 from jax_gpt2.model import empty_cache, lm_logits, transformer, transformer_from_empty
 from jax_gpt2.sharding import cache_specs, rows_spec
@@ -342,12 +343,15 @@ def chunk_goes_on(i: jax.Array, num_steps: int, done_W: jax.Array, single_W: jax
 
 def decode_chunk(
     slots: Slots, allowed_WK: jax.Array, single_W: jax.Array, weights: GPT2Weights, config: GPT2Config, width: int,
-    num_steps: int,
+    num_steps: int, grammar_table_1: jax.Array | None = None,
 ) -> tuple[Slots, tuple[jax.Array, ...]]:  # fmt: skip
     """Up to num_steps steps of rows [0, width), each feeding its pending token and picking the next;
     it stops early once every one of those rows is done. A `single_W` row (structured output) picks
-    among allowed_WK (its grammar's packed mask, computed on the host for that one token), and while one
-    runs the chunk is that one step (`chunk_goes_on`).
+    among allowed_WK at step 0 (its grammar's packed mask, computed on the host for that one token).
+    Its later masks: with a grammar_table_1 (the host's mask writer, kernels/host_masks.py), the chunk
+    asks the host for them at every later step (each row's last pick goes to its grammar, the next
+    masks come back), so every row runs the whole chunk; without one (no kernel library, a mesh),
+    while a constrained row runs the chunk is that one step (`chunk_goes_on`).
 
     Returns the slots and (tokens_YW, emitted_YW, logprob_YW, top_ids_YWA, top_logprobs_YWA).
     """
@@ -360,10 +364,18 @@ def decode_chunk(
         jnp.zeros((Y, W), jnp.int32), jnp.zeros((Y, W), jnp.bool_), jnp.zeros((Y, W), jnp.float32),
         jnp.zeros((Y, W, A), jnp.int32), jnp.zeros((Y, W, A), jnp.float32),
     )  # fmt: skip
+    constrained = jnp.any(single_W)
+    no_single_W = jnp.zeros_like(single_W)
 
     def keep_going(carry) -> jax.Array:
         i, head, _ = carry
-        return chunk_goes_on(i, Y, head.rows.done_B, single_W)
+        return chunk_goes_on(i, Y, head.rows.done_B, single_W if grammar_table_1 is None else no_single_W)
+
+    def masks(i: jax.Array, head: Slots) -> jax.Array:
+        if grammar_table_1 is None:
+            return allowed_WK
+        ask = lambda: host_masks(grammar_table_1, head.rows.pending_B, head.rows.step_B, allowed_WK.shape[1])  # noqa: E731
+        return jax.lax.cond(i > 0, ask, lambda: allowed_WK)
 
     def step(carry):
         i, head, outputs = carry
@@ -371,8 +383,9 @@ def decode_chunk(
         # A done row's slots stay as they were: a free row is not a sequence, and must not creep to the end.
         cache = dataclasses.replace(cache, end_B=jnp.where(head.rows.done_B, head.cache.end_B, cache.end_B))
         logits_WV = lm_logits(hidden_WTD, weights)[:, 0]
-        masked = (i == 0) & jnp.any(single_W)
-        logits_WV = jax.lax.cond(masked, lambda x: apply_allowed_words(x, allowed_WK), lambda x: x, logits_WV)
+        logits_WV = jax.lax.cond(
+            constrained, lambda x: apply_allowed_words(x, masks(i, head)), lambda x: x, logits_WV
+        )  # fmt: skip
         rows, picked = pick(head.rows, logits_WV, weights.use_kernels)
         outputs = tuple(jax.lax.dynamic_update_index_in_dim(out, new, i, axis=0) for out, new in zip(outputs, picked))
         return i + 1, Slots(cache, rows), outputs
