@@ -331,10 +331,10 @@ def _put_rows(slots: Slots, head: Slots) -> Slots:
 
 def chunk_goes_on(i: jax.Array, num_steps: int, done_W: jax.Array, single_W: jax.Array) -> jax.Array:
     """Whether a chunk runs step i: fewer than num_steps ran, a row is still going, and no running row
-    is a `single_W` one past step 0. A constrained row needs the host's grammar mask for each token,
-    so while one runs every chunk is one step: it makes a token each round as the others do (they
-    lose a round's overhead a step; letting them run on left it one token per chunk, 1/num_steps of
-    their rate under steady load)."""
+    is a `single_W` one past step 0. Where a chunk cannot ask the host for a constrained row's masks
+    (speculate_chunk; decode_chunk without the kernel library or on a mesh), every chunk is one step
+    while one runs: it makes a token each round as the others do (they lose a round's overhead a
+    step; letting them run on left it one token per chunk, 1/num_steps of their rate)."""
     assert done_W.shape == single_W.shape
     assert num_steps >= 1
     constrained_running = jnp.any(single_W & ~done_W)
