@@ -6,7 +6,6 @@ logprobs are the model's; once warmed up, load compiles nothing new."""
 import dataclasses
 import re
 import threading
-import time
 
 import jax
 import jax.numpy as jnp
@@ -293,39 +292,6 @@ def test_a_constrained_row_decodes_whole_chunks_beside_unconstrained_ones(model)
     assert re.fullmatch("[a-z]+", collector.text(ids[0]))
     assert rounds["constrained"] == rounds["free"]
     assert rounds["free"] <= 1 + 13 // 4 + 2  # a first token, three 4-step chunks, the hand-out of the last
-
-
-def test_a_round_waits_for_the_next_request_of_a_client_whose_answer_ended(model, monkeypatch):
-    # Over HTTP a client's next prompt arrives a few ms after its answer ended. The round after the
-    # hand-out that freed its row waits for it (while the chunk in flight runs), so it is prefilled
-    # in that round rather than behind the next chunk; it stops waiting once the free row has one.
-    from jax_gpt2.serve import engine as engine_module
-
-    monkeypatch.setattr(engine_module, "RETURN_WAIT_S", 5.0)  # room for a slow CI host; the wait ends early
-    prompt = tuple(encode(model[2], "Hello world"))
-    engine = make_engine(model, chunk_steps=2)
-    collector = Collector()
-    later = []
-
-    def deliver(event: Event) -> None:
-        collector(event)
-        if event.finish_reason is not None and not later:  # the short answer ended: its client comes back
-            later.append(threading.Timer(0.05, lambda: later.append(engine.submit([sequence(prompt, 3)], collector))))
-            later[0].start()
-
-    engine.submit([sequence(prompt, 2), sequence(prompt, 30)], deliver)
-    while not later:
-        engine.step()
-    started = time.monotonic()
-    engine.step()  # the round after the hand-out that freed the row
-    waited = time.monotonic() - started
-    assert len(later) == 2, "the new request came in during the round"
-    [returned] = later[1]
-    assert collector.events.get(returned), "and was prefilled in it: its first token is out"
-    assert 0.04 <= waited < 5.0
-    monkeypatch.setattr(engine_module, "RETURN_WAIT_S", 0.0)  # nobody else comes back
-    run_until_idle(engine)
-    assert collector.finish(returned) == "length"
 
 
 def test_cancel_frees_a_running_slot_and_drops_a_waiting_sequence(model):

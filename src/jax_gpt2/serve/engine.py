@@ -134,10 +134,6 @@ class SequenceRequest:
     constraint: CompiledConstraint | None = None  # structured output: the answer's grammar
 
 
-# How long a round waits for the next requests of clients whose answers just ended (a few ms over HTTP),
-# while the chunk in flight keeps the cores busy: well under a chunk (4 steps of 15-35 ms).
-RETURN_WAIT_S = 0.03
-
 # Batched prefill lengths from 32 on go up in steps of this many tokens (see batch_buckets): a batch
 # pads to a multiple of 16 (at most 15 slots a prompt), for two more programs of each width than 1.5x steps.
 BATCH_STEP = 16
@@ -398,7 +394,6 @@ class Engine:
         self._rows: list[_Sequence | None] = [None] * max_batch
         self._prefill: _Prefill | None = None
         self._in_flight: _Chunk | None = None  # dispatched by one step, handed out by the next
-        self._freed_rows = False  # the last hand-out freed rows (see _await_returning_clients)
         self._waiting: collections.deque[_Sequence] = collections.deque()
         self._inbox: queue.Queue = queue.Queue()
         self._lock = threading.Lock()  # guards the two counters below, shared with submitting threads
@@ -488,7 +483,6 @@ class Engine:
         rows' grammars first (`_feed_grammars`), and only the hand-out waits for the dispatch. With
         speculation chunks are taken in turns."""
         self._read_inbox(block=False)
-        self._await_returning_clients()
         self._prefill_round()
         self._compact()
         previous, self._in_flight = self._in_flight, None
@@ -695,22 +689,6 @@ class Engine:
             except Exception:  # a failed round must not kill the server: fail its sequences, start clean
                 log.exception("engine round failed; failing the sequences in flight")
                 self._fail_all("generation failed")
-
-    def _await_returning_clients(self) -> None:
-        """After a hand-out freed rows, wait up to RETURN_WAIT_S for new requests to fill them while
-        the chunk in flight still runs (the cores lose nothing). A client whose answer ended sends
-        its next prompt a few ms later over HTTP; arriving just after this round's inbox read, it
-        would wait behind the next chunk too (8 clients: rows idled through a ~375 ms TTFT)."""
-        freed, self._freed_rows = self._freed_rows, False
-        if not freed or self._in_flight is None:
-            return
-        deadline = time.monotonic() + RETURN_WAIT_S
-        while len(self._waiting) < self._rows.count(None) and time.monotonic() < deadline:
-            try:
-                message = self._inbox.get(timeout=max(deadline - time.monotonic(), 0.0))
-            except queue.Empty:
-                return
-            self._handle(*message)
 
     def _read_inbox(self, block: bool) -> None:
         try:
@@ -1044,7 +1022,6 @@ class Engine:
                 self._deliver(seq, event)
         if finished:  # eos and max_tokens are done on the device already; stop strings are not
             self._release(finished)
-            self._freed_rows = True
         assert all(self._rows[row] is None for row in finished)
 
     def _release(self, rows: list[int]) -> None:
