@@ -111,7 +111,6 @@ class _Chunk:
     outputs: tuple
     counts: tuple
     sequences: tuple  # _Sequence | None per column
-    grammar_fed: tuple  # per column: the tokens its grammar had taken at dispatch (0 unconstrained)
     _host: list = dataclasses.field(default_factory=list)  # the outputs on the host, once fetched
 
     def fetched(self) -> StepOutput:
@@ -590,11 +589,14 @@ class Engine:
                 _spec((W,), jnp.int32), _spec((W, T), jnp.int32), flag, *_abstract(self._row_settings([], W)), weights,
                 config)  # fmt: skip
 
+        def decode_chunk(W: int, grammar: bool) -> None:
+            chunk, arguments = self._chunk_program(W, weights, grammar)
+            add(("decode_chunk", W, grammar), chunk, state, _spec((W, K), jnp.int32), _spec((W,), jnp.bool_), *arguments)
+
         for T in self.batch_buckets:
             prefill_rows(1, T)
         for W in self.widths:
-            chunk, arguments = self._chunk_program(W, weights, False)
-            add(("decode_chunk", W, False), chunk, state, _spec((W, K), jnp.int32), _spec((W,), jnp.bool_), *arguments)
+            decode_chunk(W, False)
         add(("release",), slots.release_jit, state, _spec((self.max_batch,), jnp.bool_))
         add(("move_state",), slots.move_state_jit, state, i32, i32)
         for bucket in self.copy_buckets:
@@ -614,8 +616,7 @@ class Engine:
             for T in self.batch_buckets:
                 prefill_rows(W, T)
         for W in self.widths if self._grammar_in_chunk else []:  # last: only structured output runs them
-            chunk, arguments = self._chunk_program(W, weights, True)
-            add(("decode_chunk", W, True), chunk, state, _spec((W, K), jnp.int32), _spec((W,), jnp.bool_), *arguments)
+            decode_chunk(W, True)
         assert len(jobs) == len({job.key for job in jobs})
         assert all(key in {job.key for job in jobs} for key in self._first_programs())
         return jobs
@@ -978,9 +979,8 @@ class Engine:
             self._grammar_rows.sequences = sequences
         self.programs.ensure(("decode_chunk", width, grammar))
         chunk, arguments = self._chunk_program(width, self.weights, grammar)
-        fed = tuple(0 if seq is None or seq.matcher is None else seq.grammar_fed for seq in sequences)
         self._slots, outputs, *counts = chunk(self._slots, allowed_WK, single_W, *arguments)
-        return _Chunk(outputs, tuple(counts), sequences, fed)
+        return _Chunk(outputs, tuple(counts), sequences)
 
     def _collect(self, chunk: _Chunk) -> None:
         """Hand a chunk's tokens to the sequences it ran that are still in a row, wherever `_compact`
@@ -1000,12 +1000,13 @@ class Engine:
 
     def _feed_grammars(self, chunk: _Chunk) -> None:
         """The chunk's tokens into its constrained rows' grammars ahead of the hand-out (those its
-        callback has not fed: the last), so the next chunk's first masks can be computed before it."""
+        callback has not fed: the last), so the next chunk's first masks can be computed before it.
+        The chunk's first token is the row's pick number num_picked: every chunk before it is handed out."""
         out = chunk.fetched()
         for row, k in self._columns(chunk).items():
             seq = self._rows[row]
             if seq.matcher is not None:
-                seq.feed_grammar(chunk.grammar_fed[k], out.emitted(k))
+                seq.feed_grammar(seq.num_picked, out.emitted(k))
 
     def _hand_out(self, picked: dict[int, list[int]], out: StepOutput, column: dict[int, int]) -> None:
         """Hand each row's picked tokens to its sequence; deliver the events; free the rows that finished."""
