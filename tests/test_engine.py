@@ -416,6 +416,18 @@ def test_programs_compiled_ahead_on_a_background_thread_are_the_ones_the_engine_
     assert engine.reused_tokens > 0
 
 
+def test_only_one_caller_may_start_the_background_compile(model):
+    engine = make_engine(model, max_batch=2)
+    claims = []
+    threads = [threading.Thread(target=lambda: claims.append(engine.programs.claim_background())) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert sorted(claims) == [False] * 7 + [True]
+    assert engine.programs.claim_background() is False
+
+
 def test_a_program_the_background_has_not_compiled_yet_is_compiled_when_first_needed(model):
     engine = make_engine(model, max_batch=2)
     engine.compile_for_first_request()

@@ -90,7 +90,7 @@ def load_config(name_or_path: str | os.PathLike) -> GPT2Config:
 
 def load_weights(
     name_or_path: str | os.PathLike, dtype=jnp.float32, config: GPT2Config | None = None, pack: bool | None = None,
-    mesh: Mesh | None = None, bf16_dot: bool = False, int8_dot: bool = False,
+    mesh: Mesh | None = None, bf16_dot: bool = False, int8_dot: bool = False, huge_pages: bool = True,
 ) -> GPT2Weights:  # fmt: skip
     """Every parameter of a hub model or local folder, checked against its config.
 
@@ -136,7 +136,7 @@ def load_weights(
         return place_weights(weights_for_dtype(state, config, dtype, pack=False), config, mesh)
     check_dot_options(dtype, pack, bf16_dot, int8_dot)  # before reading gigabytes
     state = normalize_keys(read_state_dict(folder))
-    return weights_for_dtype(state, config, dtype, pack, bf16_dot, int8_dot)
+    return weights_for_dtype(state, config, dtype, pack, bf16_dot, int8_dot, huge_pages)
 
 
 def choose_kernels(pack: bool | None) -> bool:
@@ -175,10 +175,10 @@ def check_dot_option(option: str, tiles, dtype, pack: bool | None, build_has_it,
 
 def weights_for_dtype(
     state: dict[str, np.ndarray], config: GPT2Config, dtype, pack: bool | None, bf16_dot: bool = False,
-    int8_dot: bool = False,
+    int8_dot: bool = False, huge_pages: bool = True,
 ) -> GPT2Weights:  # fmt: skip
     """weights_from_state_dict in `dtype`: packed for the kernels, or in the form XLA runs best here;
-    bf16_dot and int8_dot as load_weights takes them (checked there)."""
+    bf16_dot, int8_dot and huge_pages as load_weights takes them (checked there)."""
     dtype = jnp.dtype(dtype)
     if dtype.name not in PACKED_DTYPES:
         raise ValueError(f"dtype must be one of {sorted(PACKED_DTYPES)}; got {dtype.name}")
@@ -188,12 +188,18 @@ def weights_for_dtype(
     if not use_kernels:
         return weights_without_kernels(float32, dtype, jax.default_backend())
     weights = pack_weights(float32, dtype, use_kernels=True, dot=bf16_dot or int8_dot)
-    for packed in packed_matrices(weights):
-        kernels.advise_huge_pages(packed.tiles_GIC)  # streamed every token: fewer TLB misses
+    if huge_pages:
+        collapse_weight_pages(weights)
     assert weights.use_kernels
     assert weights.bf16_dot == bf16_dot
     assert weights.int8_dot == int8_dot
     return weights
+
+
+def collapse_weight_pages(weights: GPT2Weights) -> int:
+    """Move the packed matrices onto 2 MiB pages (pages.advise_huge_pages), as load_weights does
+    unless told not to; safe while the model runs. Returns how many matrices took it."""
+    return sum(kernels.advise_huge_pages(packed.tiles_GIC) for packed in packed_matrices(weights))
 
 
 def packed_matrices(weights: GPT2Weights) -> list[PackedMatrix]:

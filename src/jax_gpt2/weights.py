@@ -43,6 +43,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jax_gpt2.config import WEIGHT_DTYPES
+from jax_gpt2.pages import tile_array
 
 if TYPE_CHECKING:
     from jax.sharding import Mesh
@@ -133,22 +134,28 @@ class GPT2Weights:
 
 
 def pack_matrix(w_IO: np.ndarray, dtype) -> PackedMatrix:
-    """Cut a float32 (in, out) matrix into 64-column tiles of `dtype` (host-side, once at load time)."""
+    """Cut a float32 (in, out) matrix into 64-column tiles of `dtype` (host-side, once at load time).
+
+    The tiles are written once, into memory XLA then uses as it is (pages.tile_array), on 4 KiB
+    pages until load_weights (or a server, once it answers) moves them onto 2 MiB pages."""
     w_IO = np.asarray(w_IO, np.float32)
     assert w_IO.ndim == 2
     assert jnp.dtype(dtype).name in PACKED_DTYPES, f"cannot pack to {dtype}"
     I, O = w_IO.shape
     G = -(-O // TILE)
-    padded_IQ = np.zeros((I, G * TILE), np.float32)
-    padded_IQ[:, :O] = w_IO
     scale_GC = None
     if jnp.dtype(dtype) == jnp.int8:
-        scale_Q = np.abs(padded_IQ).max(axis=0) / 127.0
-        scale_Q[scale_Q == 0] = 1.0  # an all-zero column (or padding) stays zero whatever its scale
-        padded_IQ = np.clip(np.rint(padded_IQ / scale_Q), -127, 127)
-        scale_GC = jnp.asarray(scale_Q.reshape(G, TILE), jnp.float32)
-    tiles_GIC = np.ascontiguousarray(padded_IQ.reshape(I, G, TILE).transpose(1, 0, 2))
-    packed = PackedMatrix(jnp.asarray(tiles_GIC, dtype), scale_GC, O)
+        scale_O = np.abs(w_IO).max(axis=0) / 127.0
+        scale_O[scale_O == 0] = 1.0  # an all-zero column stays zero whatever its scale
+        w_IO = np.clip(np.rint(w_IO / scale_O), -127, 127)
+        scale_GC = jnp.asarray(np.pad(scale_O, (0, G * TILE - O), constant_values=1.0).reshape(G, TILE))
+    tiles_GIC = tile_array((G, I, TILE), jnp.dtype(dtype))
+    whole = O // TILE
+    tiles_GIC[:whole] = w_IO[:, : whole * TILE].reshape(I, whole, TILE).transpose(1, 0, 2)
+    if whole < G:  # the last tile's columns past O are zero
+        tiles_GIC[whole, :, : O - whole * TILE] = w_IO[:, whole * TILE :]
+        tiles_GIC[whole, :, O - whole * TILE :] = 0
+    packed = PackedMatrix(jax.device_put(tiles_GIC, may_alias=True), scale_GC, O)
     assert packed.shape == (I, O)
     assert (scale_GC is None) == (jnp.dtype(dtype) != jnp.int8)
     return packed

@@ -7,7 +7,8 @@ normalizer and top k (softmax.py). Whether they run is decided once at load (GPT
 from jax_gpt2.kernels.attention import decode_attention, has_decode_kernel, has_prefill_kernel, prefill_attention
 from jax_gpt2.kernels.matmul import packed_matmul, packed_matmul_BT
 from jax_gpt2.kernels.softmax import logsumexp_rows, logsumexp_top_rows
-from jax_gpt2.kernels.native import advise_huge_pages, kernels_available, kernels_isa, kernel_threads
+from jax_gpt2.kernels.native import kernels_available, kernels_isa, kernel_threads
+from jax_gpt2.pages import advise_huge_pages
 
 __all__ = [
     "advise_huge_pages",

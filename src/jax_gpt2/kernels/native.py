@@ -286,29 +286,3 @@ def kernel_threads() -> int:
     text = os.environ.get("JAX_GPT2_KERNEL_THREADS")
     threads = int(text) if text else (os.cpu_count() or 1)
     return max(1, min(threads, 64))
-
-
-HUGE_PAGE = 2 << 20
-_MADV_HUGEPAGE, _MADV_COLLAPSE = 14, 25  # linux/mman.h; MADV_COLLAPSE needs Linux 6.1
-
-
-def advise_huge_pages(array: jax.Array) -> bool:
-    """Ask Linux to back a weight buffer with 2 MiB pages, now (MADV_COLLAPSE), not someday.
-
-    Streaming weights through 4 KiB pages costs a TLB miss every 4 KiB: measured here with a
-    plain C++ stream over 470 MB on 2 cores, 28 GB/s on 4 KiB pages against 32-35 GB/s once
-    collapsed into huge pages. A hint only: on another OS, a kernel without MADV_COLLAPSE, or THP
-    switched off, the call fails quietly and nothing changes. Returns whether the collapse took.
-    """
-    assert isinstance(array, jax.Array)
-    if platform.system() != "Linux" or array.nbytes < 2 * HUGE_PAGE or jax.default_backend() != "cpu":
-        return False
-    start = array.unsafe_buffer_pointer()
-    first = -(-start // HUGE_PAGE) * HUGE_PAGE
-    last = (start + array.nbytes) // HUGE_PAGE * HUGE_PAGE
-    if last <= first:
-        return False
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-    libc.madvise(first, last - first, _MADV_HUGEPAGE)
-    return libc.madvise(first, last - first, _MADV_COLLAPSE) == 0

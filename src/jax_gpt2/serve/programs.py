@@ -51,6 +51,8 @@ class Programs:
         self._compiled: set[Hashable] = set()  # grows only; a set's add and `in` are atomic under the GIL
         self.first = tuple(first)
         self.ready, self.warm = threading.Event(), threading.Event()
+        self._claimed = threading.Event()
+        self._claim_lock = threading.Lock()
 
     @property
     def keys(self) -> tuple[Hashable, ...]:
@@ -59,6 +61,15 @@ class Programs:
     @property
     def num_compiled(self) -> int:
         return len(self._compiled)
+
+    def claim_background(self) -> bool:
+        """True for the first caller only: the one that starts the background compile (a server may
+        start it before its app exists, and the app's start-up must not start a second)."""
+        with self._claim_lock:
+            first = not self._claimed.is_set()
+            self._claimed.set()
+        assert self._claimed.is_set()
+        return first
 
     def ensure(self, key: Hashable) -> None:
         """Compile `key` now unless it is compiled (a key with no job: the call compiles it itself).

@@ -44,6 +44,7 @@ from starlette.exceptions import HTTPException
 from jax_gpt2 import constraints
 from jax_gpt2.config import tokens_in_vocabulary
 from jax_gpt2.constraints import CompiledConstraint
+from jax_gpt2.loader import collapse_weight_pages
 from jax_gpt2.sampling import MAX_SEED, InvalidSetting, SamplingSettings, check_token_settings
 from jax_gpt2.serve.engine import TOP_LOGPROBS, Engine, EngineClosed, Event, QueueFull, SequenceRequest, TokenLogprob
 from jax_gpt2.serve.metrics import ServerMetrics
@@ -695,7 +696,7 @@ def create_app(engine: Engine, model_id: str, limits: ServerLimits | None = None
             threading.Thread(target=_warm_up_then_start, args=(engine,), name="jax-gpt2-compile", daemon=True).start()
         else:
             engine.start()
-            threading.Thread(target=_compile_programs, args=(engine,), name="jax-gpt2-compile", daemon=True).start()
+            _start_compiling(engine)
         yield
         await asyncio.to_thread(engine.shutdown, False)  # every connection is closed: nobody waits for the rest
 
@@ -716,15 +717,25 @@ def create_app(engine: Engine, model_id: str, limits: ServerLimits | None = None
     return app
 
 
+def _start_compiling(engine: Engine) -> None:
+    """_compile_programs on a daemon thread, once per engine (run_server starts it before it builds
+    the app, so the first programs compile while the app and uvicorn start)."""
+    assert engine.weights.mesh is None
+    if engine.programs.claim_background():
+        threading.Thread(target=_compile_programs, args=(engine,), name="jax-gpt2-compile", daemon=True).start()
+
+
 def _compile_programs(engine: Engine) -> None:
-    """The start-up compiles, off the event loop: the first request's programs (then /health says
-    ok), then the rest. Daemon thread: a shutdown does not wait for compiles nobody will use."""
+    """The start-up work, off the event loop: the first request's programs (then /health says ok),
+    the weights onto 2 MiB pages (`jax-gpt2 serve` loads them without, to answer ~1 s sooner), then
+    the rest. Daemon thread: a shutdown does not wait for compiles nobody will use."""
     assert not engine.warm
     assert engine.programs.num_compiled <= len(engine.programs.keys)
     started = time.perf_counter()
     engine.compile_for_first_request()
     log.info("ready: the first request's %d programs compiled in %.1f s", len(engine.programs.first),
              time.perf_counter() - started)  # fmt: skip
+    collapse_weight_pages(engine.weights)
     engine.compile_the_rest()
     log.info("warm: all %d programs compiled in %.1f s", len(engine.programs.keys), time.perf_counter() - started)
 
@@ -772,4 +783,6 @@ def run_server(
     print(f"jax-gpt2 serve: {engine.max_batch} slots x {engine.context_length} positions (widths {engine.widths}, "
           f"prefill chunks {engine.chunk_buckets}); compiling {len(engine.programs.keys)} programs, "
           f"/health answers 200 once the first {len(engine.programs.first)} are", flush=True)  # fmt: skip
+    if engine.weights.mesh is None and not engine.warm:
+        _start_compiling(engine)
     _uvicorn_server(create_app(engine, model_id, limits, api_key), engine, host, port, drain_timeout_s).run()
