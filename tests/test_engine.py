@@ -21,7 +21,7 @@ from jax_gpt2.model import gpt2_forward
 from jax_gpt2.tools.random_model import train_tokenizer
 from jax_gpt2.sampling import SamplingSettings, flags_for, next_tokens, runtime_flags, sampling_params
 from jax_gpt2.serve import slots
-from jax_gpt2.serve.engine import Engine, EngineClosed, Event, QueueFull, SequenceRequest
+from jax_gpt2.serve.engine import Engine, EngineClosed, Event, QueueFull, SequenceRequest, _Chunk
 from jax_gpt2.serve.slots import PREFIX_BLOCK, compiled_count, empty_staging
 from jax_gpt2.speculate import PromptLookup
 from jax_gpt2.tokenizer import encode, load_tokenizer
@@ -414,6 +414,38 @@ def test_programs_compiled_ahead_on_a_background_thread_are_the_ones_the_engine_
         run_until_idle(engine)
     assert compiles.count == 0
     assert engine.reused_tokens > 0
+
+
+class ChunkInFlight:
+    """Stands for a decode chunk's first output on the device: done after `polls` looks at it."""
+
+    def __init__(self, polls: int) -> None:
+        self.polls, self.looks = polls, 0
+
+    def is_ready(self) -> bool:
+        self.looks += 1
+        return self.looks > self.polls
+
+
+def test_after_rows_free_up_a_round_takes_the_clients_next_requests_that_arrive_while_the_chunk_runs(model):
+    engine = make_engine(model, max_batch=2)
+    running = ChunkInFlight(polls=2000)  # ~2 s of 1 ms polls: far longer than the clients take
+    engine._in_flight = chunk = _Chunk((running,), (), (None, None))
+    prompt = tuple(encode(model[2], "Hello"))
+    clients = [threading.Timer(0.01 * k, engine.submit, ([sequence(prompt, 2)], Collector())) for k in (1, 2)]
+    for client in clients:
+        client.start()
+    engine._await_returns(chunk)
+    assert len(engine._waiting) == 2, "both requests are in before the round dispatches its chunk"
+    assert running.looks < running.polls, "and the round went on as soon as every free row had one"
+
+
+def test_the_wait_for_returning_clients_ends_when_the_chunk_in_flight_does(model):
+    engine = make_engine(model, max_batch=2)
+    engine._in_flight = chunk = _Chunk((ChunkInFlight(polls=3),), (), (None, None))
+    engine._await_returns(chunk)
+    assert len(engine._waiting) == 0
+    assert chunk.outputs[0].looks == 4, "three polls of ~1 ms while it ran, then the one that saw it done"
 
 
 def test_only_one_caller_may_start_the_background_compile(model):
