@@ -65,6 +65,16 @@ def test_missing_model_folder_is_one_line_on_stderr(capsys):
     assert "Traceback" not in err
 
 
+def test_serve_with_a_missing_model_folder_is_one_line_on_stderr(capsys):
+    """serve loads its weights on a thread of their own (beside importing the web stack): the
+    loader's error still reaches the user as one line."""
+    assert main(["serve", "--model", "./no-such-folder"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1
+    assert "no such model folder" in err
+    assert "Traceback" not in err
+
+
 def test_hub_name_offline_says_how_to_use_a_local_folder(capsys, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     assert main(["next", "hi", "--model", "openai-community/gpt2"]) == 2

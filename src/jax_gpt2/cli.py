@@ -8,6 +8,7 @@ import argparse
 import dataclasses
 import itertools
 import sys
+import threading
 from pathlib import Path
 
 from jax_gpt2.tools.remote import add_remote_command
@@ -700,6 +701,19 @@ def run_serve(args: argparse.Namespace) -> int:
     """An OpenAI-compatible HTTP server with continuous batching (needs the `serve` extra)."""
     import os
 
+    if args.speculate == "draft":
+        raise UserError("serve speculates with --speculate lookup only (prompt lookup, with --max-draft and "
+                        "--fixed-draft); a draft model works with generate --speculate draft")  # fmt: skip
+    speculate = speculate_from_args(args)  # before the model loads: a bad option fails fast
+    # The weights load while the web stack imports (~0.4 s of it: numpy's copies run outside the GIL),
+    # and go onto 2 MiB pages only once the server answers (routes._compile_programs): ~1 s sooner.
+    # What the loading thread imports is imported here first: no module is imported by two threads at once.
+    import safetensors.numpy  # noqa: F401
+    import jax_gpt2.loader  # noqa: F401
+
+    loaded = _in_background(
+        _load_model, args.model, args.dtype, _mesh_from_args(args), args.bf16_dot, args.int8_dot, huge_pages=False
+    )
     try:
         from jax_gpt2.serve.engine import Engine
         from jax_gpt2.serve.routes import ServerLimits, run_server
@@ -709,14 +723,7 @@ def run_serve(args: argparse.Namespace) -> int:
 
     api_key = args.api_key or os.environ.get("JAX_GPT2_API_KEY") or None
     limits = ServerLimits(args.max_body_bytes, args.max_prompt_tokens, args.max_n, args.max_tokens, args.max_stops)
-    if args.speculate == "draft":
-        raise UserError("serve speculates with --speculate lookup only (prompt lookup, with --max-draft and "
-                        "--fixed-draft); a draft model works with generate --speculate draft")  # fmt: skip
-    speculate = speculate_from_args(args)  # before the model loads: a bad option fails fast
-    # 2 MiB pages once the server answers (routes._compile_programs): ~1 s sooner to the first request
-    folder, config, weights = _load_model(
-        args.model, args.dtype, _mesh_from_args(args), args.bf16_dot, args.int8_dot, huge_pages=False
-    )
+    folder, config, weights = loaded()
     engine = Engine(
         weights, config, load_tokenizer(folder), max_batch=args.max_batch, max_seq_len=args.max_seq_len,
         max_queue=args.max_queue, chunk_steps=args.chunk_steps, prefill_chunk=args.prefill_chunk,
@@ -724,6 +731,31 @@ def run_serve(args: argparse.Namespace) -> int:
     )  # fmt: skip
     run_server(args.model, engine, args.host, args.port, limits, api_key, args.drain_timeout)
     return 0
+
+
+def _in_background(function, *args, **kwargs):
+    """Start function(*args, **kwargs) on a daemon thread; returns a call that waits for its result
+    (or raises its exception). Daemon: a process that fails meanwhile does not wait for it."""
+    outcome = []
+
+    def run() -> None:
+        try:
+            outcome.append((True, function(*args, **kwargs)))
+        except BaseException as error:  # handed to the caller, who raises it
+            outcome.append((False, error))
+
+    thread = threading.Thread(target=run, name="jax-gpt2-load", daemon=True)
+    thread.start()
+
+    def result():
+        thread.join()
+        assert len(outcome) == 1
+        ok, value = outcome[0]
+        if not ok:
+            raise value
+        return value
+
+    return result
 
 
 def _non_negative(kind):

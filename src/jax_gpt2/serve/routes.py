@@ -24,6 +24,7 @@ background thread while the server serves (see programs.py).
 """
 
 import asyncio
+import concurrent.futures
 import contextlib
 import dataclasses
 import hashlib
@@ -87,7 +88,9 @@ class ServeState:
     limits: ServerLimits
     metrics: ServerMetrics
     longest_token: int  # bytes of the longest token: a prompt has at least len(utf8) / this many tokens
-    grammar_tokenizer: constraints.GrammarTokenizer  # the tokenizer as structured output reads it
+    # The tokenizer as structured output reads it: built on a thread of its own at start-up (~0.25 s
+    # for GPT-2's vocabulary, out of the GIL), so the port opens without waiting for it.
+    grammar_tokenizer: "concurrent.futures.Future[constraints.GrammarTokenizer]"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -184,7 +187,7 @@ def _constraint(state: ServeState, body: SamplingBody) -> CompiledConstraint | N
             constraint = constraints.regex(body.guided_regex)
         else:
             constraint = constraints.choice(body.guided_choice)
-        return constraints.compile_constraint(constraint, state.grammar_tokenizer)
+        return constraints.compile_constraint(constraint, state.grammar_tokenizer.result())
     except (ValueError, TypeError) as error:  # json.JSONDecodeError is a ValueError
         raise APIError(400, f"{param}: {error}", param, "invalid_grammar")
 
@@ -685,8 +688,10 @@ def create_app(engine: Engine, model_id: str, limits: ServerLimits | None = None
     assert model_id
     assert api_key is None or api_key
     config = engine.config
+    grammar = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="jax-gpt2-grammar")
     state = ServeState(engine, model_id, limits or ServerLimits(), ServerMetrics(engine), longest_token_bytes(engine.tokenizer),
-                       constraints.grammar_tokenizer(engine.tokenizer, config.vocab_size, config.eos_token_id))  # fmt: skip
+                       grammar.submit(constraints.grammar_tokenizer, engine.tokenizer, config.vocab_size, config.eos_token_id))  # fmt: skip
+    grammar.shutdown(wait=False)  # the one job runs on; the thread ends with it
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
