@@ -101,6 +101,40 @@ def time_transformers_recipe(ids: np.ndarray, folder: Path, max_length: int, str
             "seconds": seconds, "cpu_seconds": cpu_seconds, "tokens_per_second": len(ids) / seconds}  # fmt: skip
 
 
+def time_llama_perplexity(text: str, binary: Path, gguf: Path, max_length: int, batch_size: int) -> dict:
+    """llama.cpp's llama-perplexity on the same text: chunks of max_length tokens, batch_size of them a
+    batch, 2 threads. It scores (and computes logits for) only the second half of each chunk, so its
+    lm_head does half of the work ours does at stride = max_length; the weights are its own GGUF copy
+    (another random model), so only the speed compares, not the perplexity."""
+    import re
+    import subprocess
+
+    with tempfile.TemporaryDirectory() as work:
+        path = Path(work) / "text.txt"
+        path.write_text(text)
+        command = [str(binary), "-m", str(gguf), "-f", str(path), "-c", str(max_length),
+                   "-b", str(max_length * batch_size), "-t", "2", "-tb", "2"]  # fmt: skip
+        start = time.perf_counter()
+        done = subprocess.run(command, capture_output=True, text=True, check=True)
+        seconds = time.perf_counter() - start
+    log = done.stdout + done.stderr
+    # Its log lines start with a timestamp, minutes.seconds.ms.us: the scoring runs from the line that
+    # announces the chunks to the one with the final estimate.
+    stamp = r"(\d+)\.(\d+)\.(\d+)\.(\d+) I "
+    begin = re.search(stamp + r"perplexity: calculating perplexity over (\d+) chunks, n_ctx=(\d+)", log)
+    end = re.search(stamp + r"Final estimate: PPL = ([\d.]+)", log)
+    assert begin is not None and end is not None, f"no timing in llama-perplexity's output:\n{log[-2000:]}"
+
+    def at(match) -> float:
+        minutes, secs, ms, us = (int(match.group(k)) for k in range(1, 5))
+        return 60 * minutes + secs + ms / 1e3 + us / 1e6
+
+    eval_seconds, tokens = at(end) - at(begin), int(begin.group(5)) * int(begin.group(6))
+    estimate = end.group(5)
+    return {"perplexity": float(estimate), "tokens": tokens,
+            "seconds": eval_seconds, "process_seconds": seconds, "tokens_per_second": tokens / eval_seconds}  # fmt: skip
+
+
 def report(jax_result: dict, hf_result: dict, num_tokens: int) -> None:
     """The figures, one line per side, then the same as one JSON line."""
     fixed = hf_result["perplexity_count_fixed"]
@@ -128,7 +162,12 @@ def main() -> None:
     parser.add_argument("--max-length", type=int, default=1024)
     parser.add_argument("--stride", type=int, default=512)
     parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--llama-perplexity", type=Path, default=None, metavar="BIN",
+                        help="also time llama.cpp's llama-perplexity on the same text (needs --gguf)")
+    parser.add_argument("--gguf", type=Path, default=None, help="a gpt2-shape GGUF for --llama-perplexity")
     args = parser.parse_args()
+    if (args.llama_perplexity is None) != (args.gguf is None):
+        parser.error("--llama-perplexity and --gguf go together")
     with tempfile.TemporaryDirectory() as work:
         folder = Path(work) / "random-gpt2"
         vocab = GPT2_VOCAB if (GPT2_VOCAB / "vocab.json").is_file() else None
@@ -139,7 +178,15 @@ def main() -> None:
         print(f"settings: max_length {args.max_length}, stride {args.stride}, jax batch_size {args.batch_size}")
         jax_result = time_jax(ids, folder, args.max_length, args.stride, args.batch_size)
         hf_result = time_transformers_recipe(ids, folder, args.max_length, args.stride)
+        text = load_tokenizer(folder).decode(ids.tolist())
     report(jax_result, hf_result, len(ids))
+    if args.llama_perplexity is not None:
+        llama = time_llama_perplexity(text, args.llama_perplexity, args.gguf, args.max_length, args.batch_size)
+        print(f"llama.cpp:    {llama['tokens_per_second']:7.1f} tokens/s over {llama['tokens']} tokens "
+              f"({llama['seconds']:.1f} s of prompt eval, {llama['process_seconds']:.1f} s with loading; logits "
+              f"for the second half of each {args.max_length}-token chunk only); jax-gpt2 / llama.cpp: "
+              f"{jax_result['tokens_per_second'] / llama['tokens_per_second']:.2f}x")
+        print(json.dumps({"llama_cpp": llama}))
 
 
 if __name__ == "__main__":
