@@ -148,7 +148,7 @@ def pack_matrix(w_IO: np.ndarray, dtype) -> PackedMatrix:
         scale_O = np.abs(w_IO).max(axis=0) / 127.0
         scale_O[scale_O == 0] = 1.0  # an all-zero column stays zero whatever its scale
         w_IO = np.clip(np.rint(w_IO / scale_O), -127, 127)
-        scale_GC = jnp.asarray(np.pad(scale_O, (0, G * TILE - O), constant_values=1.0).reshape(G, TILE))
+        scale_GC = jnp.asarray(np.pad(scale_O, (0, G * TILE - O), constant_values=1.0).reshape(G, TILE), jnp.float32)
     tiles_GIC = tile_array((G, I, TILE), jnp.dtype(dtype))
     whole = O // TILE
     tiles_GIC[:whole] = w_IO[:, : whole * TILE].reshape(I, whole, TILE).transpose(1, 0, 2)
