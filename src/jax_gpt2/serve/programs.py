@@ -51,7 +51,7 @@ class Programs:
         self._compiled: set[Hashable] = set()  # grows only; a set's add and `in` are atomic under the GIL
         self.first = tuple(first)
         self.ready, self.warm = threading.Event(), threading.Event()
-        self._claimed = threading.Event()
+        self._claimed = False  # by claim_background, under _claim_lock
         self._claim_lock = threading.Lock()
 
     @property
@@ -66,9 +66,8 @@ class Programs:
         """True for the first caller only: the one that starts the background compile (a server may
         start it before its app exists, and the app's start-up must not start a second)."""
         with self._claim_lock:
-            first = not self._claimed.is_set()
-            self._claimed.set()
-        assert self._claimed.is_set()
+            first, self._claimed = not self._claimed, True
+        assert self._claimed
         return first
 
     def ensure(self, key: Hashable) -> None:
