@@ -21,7 +21,7 @@ from jax_gpt2.model import gpt2_forward
 from jax_gpt2.tools.random_model import train_tokenizer
 from jax_gpt2.sampling import SamplingSettings, flags_for, next_tokens, runtime_flags, sampling_params
 from jax_gpt2.serve import slots
-from jax_gpt2.serve.engine import Engine, EngineClosed, Event, QueueFull, SequenceRequest, _Chunk
+from jax_gpt2.serve.engine import Engine, EngineClosed, Event, QueueFull, SequenceRequest, _Chunk, batch_buckets
 from jax_gpt2.serve.slots import PREFIX_BLOCK, compiled_count, empty_staging
 from jax_gpt2.speculate import PromptLookup
 from jax_gpt2.tokenizer import encode, load_tokenizer
@@ -446,6 +446,13 @@ def test_the_wait_for_returning_clients_ends_when_the_chunk_in_flight_does(model
     engine._await_returns(chunk)
     assert len(engine._waiting) == 0
     assert chunk.outputs[0].looks == 4, "three polls of ~1 ms while it ran, then the one that saw it done"
+
+
+def test_batched_prefill_buckets_grow_by_at_most_half_from_16_tokens_on():
+    buckets = batch_buckets([8, 16, 32, 64, 128], longest=128)
+    assert buckets == [8, 16, 24, 32, 48, 64, 80, 96, 112, 128]
+    assert all(upper <= 1.5 * lower for lower, upper in zip(buckets[1:], buckets[2:]))
+    assert batch_buckets([8, 16], longest=16) == [8, 16], "no bucket past the longest"
 
 
 def test_only_one_caller_may_start_the_background_compile(model):

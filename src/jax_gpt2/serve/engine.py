@@ -143,12 +143,15 @@ BATCH_STEP = 16
 
 
 def batch_buckets(chunk_buckets: list[int], longest: int) -> list[int]:
-    """The batched prefill's prompt lengths: the chunk buckets up to `longest`, and every multiple of
-    BATCH_STEP between those of 32 and more: a batch is padded to its longest prompt's bucket, and a
-    batch of 65-token prompts in 128 slots would be half padding (scoring batches run up to 128)."""
+    """The batched prefill's prompt lengths: the chunk buckets up to `longest`, 24, and every multiple
+    of BATCH_STEP between those of 32 and more: a batch is padded to its longest prompt's bucket, and a
+    batch of 65-token prompts in 128 slots would be half padding (scoring batches run up to 128). 24
+    splits the one doubling left from 16 on: a chat turn of 17-24 tokens took 32 slots, a third of
+    them padding in a pass that stalls every decoding row."""
     assert longest in chunk_buckets
     buckets = {bucket for bucket in chunk_buckets if bucket <= longest}
     buckets |= {step for step in range(32, longest, BATCH_STEP) if step > min(32, longest)}
+    buckets |= {24} if 16 in buckets and 24 < longest else set()
     result = sorted(buckets)
     assert result[-1] == longest
     return result
