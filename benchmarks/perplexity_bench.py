@@ -123,7 +123,8 @@ def time_llama_perplexity(text: str, binary: Path, gguf: Path, max_length: int, 
     stamp = r"(\d+)\.(\d+)\.(\d+)\.(\d+) I "
     begin = re.search(stamp + r"perplexity: calculating perplexity over (\d+) chunks, n_ctx=(\d+)", log)
     end = re.search(stamp + r"Final estimate: PPL = ([\d.]+)", log)
-    assert begin is not None and end is not None, f"no timing in llama-perplexity's output:\n{log[-2000:]}"
+    assert begin is not None, f"no chunk count in llama-perplexity's output:\n{log[-2000:]}"
+    assert end is not None, f"no final estimate in llama-perplexity's output:\n{log[-2000:]}"
 
     def at(match) -> float:
         minutes, secs, ms, us = (int(match.group(k)) for k in range(1, 5))
@@ -172,13 +173,14 @@ def main() -> None:
         folder = Path(work) / "random-gpt2"
         vocab = GPT2_VOCAB if (GPT2_VOCAB / "vocab.json").is_file() else None
         write_random_model(folder, PRESETS["gpt2"], std=0.1, tokenizer_from=vocab)
-        ids = np.asarray(encode(load_tokenizer(folder), generated_text(args.tokens)))[: args.tokens]
+        tokenizer = load_tokenizer(folder)
+        ids = np.asarray(encode(tokenizer, generated_text(args.tokens)))[: args.tokens]
         assert len(ids) == args.tokens, f"the generated text gave only {len(ids)} tokens"
         print(f"text: {len(ids)} tokens ({'GPT-2 vocabulary' if vocab else 'trained BPE'}), gpt2 shape, random weights")
         print(f"settings: max_length {args.max_length}, stride {args.stride}, jax batch_size {args.batch_size}")
         jax_result = time_jax(ids, folder, args.max_length, args.stride, args.batch_size)
         hf_result = time_transformers_recipe(ids, folder, args.max_length, args.stride)
-        text = load_tokenizer(folder).decode(ids.tolist())
+        text = tokenizer.decode(ids.tolist())  # the scored tokens exactly, for llama.cpp
     report(jax_result, hf_result, len(ids))
     if args.llama_perplexity is not None:
         llama = time_llama_perplexity(text, args.llama_perplexity, args.gguf, args.max_length, args.batch_size)

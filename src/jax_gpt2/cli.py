@@ -5,6 +5,7 @@ non-zero exit code, never a traceback: `UserError` and `ValueError` are caught i
 """
 
 import argparse
+import concurrent.futures
 import dataclasses
 import itertools
 import sys
@@ -723,7 +724,7 @@ def run_serve(args: argparse.Namespace) -> int:
 
     api_key = args.api_key or os.environ.get("JAX_GPT2_API_KEY") or None
     limits = ServerLimits(args.max_body_bytes, args.max_prompt_tokens, args.max_n, args.max_tokens, args.max_stops)
-    folder, config, weights = loaded()
+    folder, config, weights = loaded.result()
     engine = Engine(
         weights, config, load_tokenizer(folder), max_batch=args.max_batch, max_seq_len=args.max_seq_len,
         max_queue=args.max_queue, chunk_steps=args.chunk_steps, prefill_chunk=args.prefill_chunk,
@@ -733,29 +734,20 @@ def run_serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def _in_background(function, *args, **kwargs):
-    """Start function(*args, **kwargs) on a daemon thread; returns a call that waits for its result
-    (or raises its exception). Daemon: a process that fails meanwhile does not wait for it."""
-    outcome = []
+def _in_background(function, *args, **kwargs) -> concurrent.futures.Future:
+    """function(*args, **kwargs) on a daemon thread, its result (or exception) in the Future returned.
+    Daemon, not an executor's thread: a process that fails meanwhile does not wait for it to end."""
+    future: concurrent.futures.Future = concurrent.futures.Future()
 
     def run() -> None:
         try:
-            outcome.append((True, function(*args, **kwargs)))
-        except BaseException as error:  # handed to the caller, who raises it
-            outcome.append((False, error))
+            future.set_result(function(*args, **kwargs))
+        except BaseException as error:  # the caller's result() raises it
+            future.set_exception(error)
 
-    thread = threading.Thread(target=run, name="jax-gpt2-load", daemon=True)
-    thread.start()
-
-    def result():
-        thread.join()
-        assert len(outcome) == 1
-        ok, value = outcome[0]
-        if not ok:
-            raise value
-        return value
-
-    return result
+    threading.Thread(target=run, name="jax-gpt2-load", daemon=True).start()
+    assert isinstance(future, concurrent.futures.Future)
+    return future
 
 
 def _non_negative(kind):
