@@ -4,7 +4,9 @@
 // by the core's own probe (MeasureFmaPeak) on the same threads. Build and run:
 //   g++ -O3 -std=c++17 -ffp-contract=fast -pthread -march=native -Isrc/jax_gpt2/kernels
 //       src/jax_gpt2/kernels/core.cc benchmarks/gemm_probe.cc -o /tmp/gemm_probe
-//   flock /tmp/jax-gpt2-bench.lock /tmp/gemm_probe THREADS f32|bf16|bf16dot|i8|i8dot M [repeats] [logits]
+//   flock /tmp/jax-gpt2-bench.lock /tmp/gemm_probe THREADS f32|bf16|bf16dot|i8|i8dot M [repeats] [1|cold]
+// (1: the lm_head too; cold: then a forward with 12 layers of matrices of their own, in order, so each
+// comes from DRAM as in the model, where the shapes above repeat one matrix that stays in cache)
 // bf16dot is the opt-in bf16 dot path (PackedMatmulBf16Dot: x rounded to bf16, AVX512_BF16's
 // vdpbf16ps; the exact bf16 path on builds without it), i8dot the opt-in int8 dot path
 // (PackedMatmulInt8Dot: x quantized to int8, AVX512_VNNI's vpdpbusd). Prints each shape's best and median time,
@@ -27,7 +29,8 @@ int main(int argc, char** argv) {
   const char* which = argc > 2 ? argv[2] : "f32";
   int64_t M = argc > 3 ? atoi(argv[3]) : 128;
   int reps = argc > 4 ? atoi(argv[4]) : 5;
-  bool logits = argc > 5 && atoi(argv[5]) != 0;
+  bool logits = argc > 5 && !strcmp(argv[5], "1");
+  bool cold = argc > 5 && !strcmp(argv[5], "cold");
   TilePool pool(threads, 4);
   int shapes = logits ? 5 : 4;
   std::vector<Mat> mats;
@@ -67,6 +70,30 @@ int main(int argc, char** argv) {
            which, (long long)M, (long long)m.I, (long long)m.O, t[0] * 1e3, flop / t[0] / 1e9,
            100 * flop / t[0] / 1e9 / peak, t[reps / 2] * 1e3, flop / t[reps / 2] / 1e9);
     total_flop += layers * flop, total_best += layers * t[0], total_median += layers * t[reps / 2];
+  }
+  if (cold) {  // the forward as the model runs it: 12 layers of their own matrices, read from DRAM
+    std::vector<Mat> layers_K;
+    for (int l = 0; l < 12; ++l)
+      for (int k = 0; k < 4; ++k) layers_K.push_back(Make(kGpt2Shapes[k][0], kGpt2Shapes[k][1]));
+    std::vector<double> t, shape_K(4);
+    for (int r = 0; r < reps + 1; ++r) {
+      double a = Now();
+      for (size_t k = 0; k < layers_K.size(); ++k) {
+        double b = Now();
+        run(layers_K[k]);
+        if (r > 0) shape_K[k % 4] += Now() - b;
+      }
+      if (r > 0) t.push_back(Now() - a);
+    }
+    for (int k = 0; k < 4; ++k)
+      printf("%s M=%lld %4lldx%-5lld cold: mean %.3f ms\n", which, (long long)M, (long long)kGpt2Shapes[k][0],
+             (long long)kGpt2Shapes[k][1], shape_K[k] / (12 * reps) * 1e3);
+    std::sort(t.begin(), t.end());
+    double flop = 0;
+    for (int k = 0; k < 4; ++k) flop += 12 * 2.0 * M * kGpt2Shapes[k][0] * kGpt2Shapes[k][1];
+    printf("%s M=%lld forward, cold weights (12 layers of their own): best %.1f ms %.1f GFLOP/s (%.0f%% of peak), "
+           "median %.1f ms\n", which, (long long)M, t[0] * 1e3, flop / t[0] / 1e9, 100 * flop / t[0] / 1e9 / peak,
+           t[reps / 2] * 1e3);
   }
   double after = MeasureFmaPeak(pool, 0.2) / 1e9;
   printf("%s M=%lld forward%s: best %.1f ms %.1f GFLOP/s (%.0f%% of peak), median %.1f ms %.1f GFLOP/s; "

@@ -25,8 +25,21 @@ struct Aligned {
   Aligned() = default;
   template <typename U>
   Aligned(const Aligned<U>&) {}
-  T* allocate(size_t n) { return static_cast<T*>(::operator new(n * sizeof(T), std::align_val_t(64))); }
-  void deallocate(T* p, size_t) { ::operator delete(p, std::align_val_t(64)); }
+  T* allocate(size_t n) {
+    // From 2 MiB on, 2 MiB aligned and asked for 2 MiB pages before the first write faults them in:
+    // the library's weights are on them (loader.collapse_weight_pages), and a collapse after the fact
+    // (HugePages below) is refused on some hosts.
+    const size_t bytes = n * sizeof(T), huge = size_t(2) << 20;
+    if (bytes < huge) return static_cast<T*>(::operator new(bytes, std::align_val_t(64)));
+    void* p = ::operator new((bytes + huge - 1) / huge * huge, std::align_val_t(huge));
+#if defined(__linux__)
+    madvise(p, (bytes + huge - 1) / huge * huge, MADV_HUGEPAGE);
+#endif
+    return static_cast<T*>(p);
+  }
+  void deallocate(T* p, size_t n) {
+    ::operator delete(p, std::align_val_t(n * sizeof(T) < (size_t(2) << 20) ? 64 : size_t(2) << 20));
+  }
   template <typename U>
   bool operator==(const Aligned<U>&) const { return true; }
   template <typename U>
