@@ -31,7 +31,7 @@ int main(int argc, char** argv) {
   int reps = argc > 4 ? atoi(argv[4]) : 5;
   bool logits = argc > 5 && !strcmp(argv[5], "1");
   bool cold = argc > 5 && !strcmp(argv[5], "cold");
-  TilePool pool(threads, 4);
+  TilePool pool(threads, getenv("CHUNKS") ? atoi(getenv("CHUNKS")) : 4);
   int shapes = logits ? 5 : 4;
   std::vector<Mat> mats;
   for (int k = 0; k < shapes; ++k) mats.push_back(Make(kGpt2Shapes[k][0], kGpt2Shapes[k][1]));

@@ -139,6 +139,25 @@ def test_kernel_epilogue_is_the_bias_then_gelu_of_xla(dtype, M):
     np.testing.assert_allclose(fused_MO, reference_MO, rtol=2e-6, atol=2e-6 * float(np.abs(reference_MO).max()))
 
 
+@needs_kernels
+@pytest.mark.parametrize("M", [1, 7, 40])  # the matvec path, and the GEMM's from 16 rows
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_kernel_residual_is_added_last_exactly_as_the_model_adds_it(dtype, M):
+    """residual_MO + (x @ W + b) in one float32 add after everything else, bit for bit what the
+    model's XLA form computes (`x + linear(...)`), so fusing the residual changes no logit."""
+    I, O = 96, 200
+    packed = pack_matrix(random_weight_IO(I, O), dtype)
+    x_MI = jnp.asarray(random_x_MI(M, I))
+    bias_O = jnp.asarray(np.random.default_rng(4).normal(size=O).astype(np.float32))
+    residual_MO = jnp.asarray(np.random.default_rng(5).normal(size=(M, O)).astype(np.float32))
+    for gelu in (False, True):
+        alone_MO = packed_matmul(x_MI, packed, use_kernel=True, bias_O=bias_O, gelu=gelu)
+        fused_MO = packed_matmul(x_MI, packed, use_kernel=True, bias_O=bias_O, gelu=gelu, residual_MO=residual_MO)
+        np.testing.assert_array_equal(np.asarray(fused_MO), np.asarray(residual_MO + alone_MO))
+    with pytest.raises(AssertionError, match="shape"):
+        packed_matmul(x_MI, packed, use_kernel=True, residual_MO=residual_MO[:, :-1])
+
+
 def test_every_tanh_gelu_name_and_only_those_fuse_into_the_matmul():
     assert TANH_GELUS == {"gelu_new", "gelu_fast", "gelu_pytorch_tanh", "gelu_python_tanh", "gelu_accurate"}
 

@@ -89,34 +89,42 @@ def matmul(x_BTI: jax.Array, w_IO: "jax.Array | PackedMatrix", use_kernels: bool
 
 
 def linear(
-    x_BTI: jax.Array, w_IO: "jax.Array | PackedMatrix", b_O: jax.Array, use_kernels: bool, gelu: bool = False
-) -> jax.Array:
+    x_BTI: jax.Array, w_IO: "jax.Array | PackedMatrix", b_O: jax.Array, use_kernels: bool, gelu: bool = False,
+    residual_BTO: jax.Array | None = None,
+) -> jax.Array:  # fmt: skip
     """x @ w + b in HF's Conv1D layout (in, out), so checkpoints load without transposes; with
-    `gelu`, GELU's tanh form of it. The kernels add the bias and take the GELU inside the matmul
-    (kernels.packed_matmul's epilogue), as each tile's results are finished; XLA does them after."""
+    `gelu`, GELU's tanh form of it; with `residual_BTO`, residual + that (a block's residual add).
+    The kernels do all three inside the matmul (kernels.packed_matmul's epilogue), as each tile's
+    results are finished; XLA does them after, in the same order, so the numbers are the same."""
     assert b_O.shape == (w_IO.shape[1],)
+    assert residual_BTO is None or residual_BTO.shape == (*x_BTI.shape[:-1], w_IO.shape[1])
     if use_kernels and isinstance(w_IO, PackedMatrix):
-        y_BTO = kernels.packed_matmul_BT(x_BTI, w_IO, True, b_O, gelu)
+        y_BTO = kernels.packed_matmul_BT(x_BTI, w_IO, True, b_O, gelu, residual_BTO)
         assert y_BTO.shape == (*x_BTI.shape[:-1], w_IO.shape[1])
         return y_BTO
     y_BTO = matmul(x_BTI, w_IO, use_kernels)
     y_BTO = y_BTO + b_O.astype(y_BTO.dtype)
-    return _gelu_tanh(y_BTO) if gelu else y_BTO
+    y_BTO = _gelu_tanh(y_BTO) if gelu else y_BTO
+    return y_BTO if residual_BTO is None else residual_BTO + y_BTO
 
 
 # The activation names that are GELU's tanh form: the kernels fuse these into the first MLP matmul.
 TANH_GELUS = frozenset(name for name, function in _ACTIVATIONS.items() if function is _gelu_tanh)
 
 
-def mlp(x_BTD, fc_w_DF, fc_b_F, proj_w_FD, proj_b_D, activation_name: str, use_kernels: bool) -> jax.Array:
-    """GPT-2's feed-forward: D -> F, nonlinearity, F -> D."""
+def mlp(
+    x_BTD, fc_w_DF, fc_b_F, proj_w_FD, proj_b_D, activation_name: str, use_kernels: bool,
+    residual_BTD: jax.Array | None = None,
+) -> jax.Array:  # fmt: skip
+    """GPT-2's feed-forward: D -> F, nonlinearity, F -> D (then residual_BTD + that, if given: the
+    block's residual add, inside the last matmul where the kernels run it)."""
     assert x_BTD.shape[-1] == fc_w_DF.shape[0]
     assert proj_w_FD.shape == fc_w_DF.shape[::-1]
     if activation_name in TANH_GELUS:
         hidden_BTF = linear(x_BTD, fc_w_DF, fc_b_F, use_kernels, gelu=True)
     else:
         hidden_BTF = activation(activation_name, linear(x_BTD, fc_w_DF, fc_b_F, use_kernels))
-    out_BTD = linear(hidden_BTF, proj_w_FD, proj_b_D, use_kernels)
+    out_BTD = linear(hidden_BTF, proj_w_FD, proj_b_D, use_kernels, residual_BTO=residual_BTD)
     assert out_BTD.shape == x_BTD.shape
     return out_BTD
 

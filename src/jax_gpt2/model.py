@@ -108,10 +108,12 @@ def finish_block(
     """The rest of a block after attention: output projection, residual, then the MLP half."""
     B, T, D = x_BTD.shape
     assert attn_BTNH.shape == (B, T, config.n_head, config.head_dim)
-    x_BTD = x_BTD + linear(attn_BTNH.reshape(B, T, D), w.attn_out_w_DD, w.attn_out_b_D, use_kernels)
+    # Both residual adds inside the matmuls that produce their terms (the kernels' epilogue).
+    x_BTD = linear(attn_BTNH.reshape(B, T, D), w.attn_out_w_DD, w.attn_out_b_D, use_kernels, residual_BTO=x_BTD)
     h_BTD = layer_norm(x_BTD, w.ln2_scale_D, w.ln2_bias_D, config.layer_norm_epsilon)
-    mlp_BTD = mlp(h_BTD, w.fc_w_DF, w.fc_b_F, w.proj_w_FD, w.proj_b_D, config.activation_function, use_kernels)
-    x_BTD = x_BTD + mlp_BTD
+    x_BTD = mlp(
+        h_BTD, w.fc_w_DF, w.fc_b_F, w.proj_w_FD, w.proj_b_D, config.activation_function, use_kernels, x_BTD
+    )  # fmt: skip
     assert x_BTD.shape == (B, T, D)
     return x_BTD
 

@@ -548,25 +548,32 @@ void GemmFinish(const float* held_MC, int64_t rows, const float* scale_C, int64_
     }
 }
 
-// The epilogue on `rows` rows of y (stride O) at columns [first, first + columns): + bias, then GELU.
-// Called on each unit's results as soon as they are stored: a GEMM unit's block of up to 48 rows is
-// still in L1; a matvec tile's M rows (decode: a few) in L1 or L2.
+// The epilogue on `rows` rows of y (stride O) at columns [first, first + columns): + bias, then GELU,
+// then the residual (laid out as y) + y. Called on each unit's results as soon as they are stored: a
+// GEMM unit's block of up to 48 rows is still in L1; a matvec tile's M rows (decode: a few) in L1 or L2.
 void FinishColumns(float* y_MO, int64_t O, int64_t rows, int64_t first, int64_t columns, Epilogue epilogue) {
-  if (epilogue.bias_O == nullptr && !epilogue.gelu) return;
+  if (epilogue.bias_O == nullptr && !epilogue.gelu && epilogue.residual_MO == nullptr) return;
+  auto finish = [&](VF y, VF bias, const auto& residual) {
+    if (epilogue.bias_O) y += bias;
+    if (epilogue.gelu) y = GeluTanh(y);
+    return epilogue.residual_MO ? residual() + y : y;
+  };
   for (int64_t r = 0; r < rows; ++r)
     for (int64_t c = first; c < first + columns; c += kLanes) {
       const int64_t count = std::min<int64_t>(kLanes, first + columns - c);
-      if (count == kLanes) {  // whole vectors straight from y and the bias: no copies through scratch
-        VF y = Load<VF>(y_MO + r * O + c);
-        if (epilogue.bias_O) y += Load<VF>(epilogue.bias_O + c);
-        Store(y_MO + r * O + c, epilogue.gelu ? GeluTanh(y) : y, kLanes);
+      const float* residual_at = epilogue.residual_MO ? epilogue.residual_MO + r * O + c : nullptr;
+      if (count == kLanes) {  // whole vectors straight from memory: no copies through scratch
+        const VF bias = epilogue.bias_O ? Load<VF>(epilogue.bias_O + c) : VF{};
+        VF y = finish(Load<VF>(y_MO + r * O + c), bias, [&] { return Load<VF>(residual_at); });
+        Store(y_MO + r * O + c, y, kLanes);
         continue;
       }
-      alignas(64) float value[kLanes] = {}, bias[kLanes] = {};
+      alignas(64) float value[kLanes] = {}, bias[kLanes] = {}, residual[kLanes] = {};
       std::memcpy(value, y_MO + r * O + c, count * sizeof(float));
       if (epilogue.bias_O) std::memcpy(bias, epilogue.bias_O + c, count * sizeof(float));
-      VF y = Load<VF>(value) + Load<VF>(bias);
-      Store(y_MO + r * O + c, epilogue.gelu ? GeluTanh(y) : y, count);
+      if (epilogue.residual_MO) std::memcpy(residual, residual_at, count * sizeof(float));
+      VF y = finish(Load<VF>(value), Load<VF>(bias), [&] { return Load<VF>(residual); });
+      Store(y_MO + r * O + c, y, count);
     }
 }
 
@@ -625,7 +632,7 @@ void GemmUnit(const float* x_MI, int64_t m, int64_t rows, int64_t I, const W* ti
   }
   GemmFinish<P>(held_MC, rows, scale_Q ? scale_Q + g * kTileColumns : nullptr, columns, y_MO + m * O + g * kTileColumns,
                 O);
-  FinishColumns(y_MO + m * O, O, rows, g * kTileColumns, columns, epilogue);
+  FinishColumns(y_MO + m * O, O, rows, g * kTileColumns, columns, epilogue.FromRow(m, O));
 }
 
 // Every GEMM's units over the pool, tile-major, so a thread's run of consecutive units reads one tile
@@ -793,7 +800,7 @@ void DotUnit(const uint32_t* xpair_MK, int64_t m, int64_t rows, int64_t I, const
                         held_MC + r * kTileColumns, k == 0);
   }
   GemmFinish<1>(held_MC, rows, nullptr, columns, y_MO + m * O + g * kTileColumns, O);
-  FinishColumns(y_MO + m * O, O, rows, g * kTileColumns, columns, epilogue);
+  FinishColumns(y_MO + m * O, O, rows, g * kTileColumns, columns, epilogue.FromRow(m, O));
 }
 
 // x rounded over the pool, then units tile-major as in Gemm.
@@ -891,7 +898,7 @@ void AmxUnit(const uint32_t* xpair_MK, int64_t K16, int64_t m, int64_t rows, int
   }
   _tile_release();
   GemmFinish<1>(held_MC, rows, nullptr, columns, y_MO + m * O + g * kTileColumns, O);
-  FinishColumns(y_MO + m * O, O, rows, g * kTileColumns, columns, epilogue);
+  FinishColumns(y_MO + m * O, O, rows, g * kTileColumns, columns, epilogue.FromRow(m, O));
 }
 
 // x rounded into rows of K16 pairs (zero past K), with a block of zero rows past M for the last
@@ -1060,7 +1067,7 @@ void QuadUnit(const int8_t* q_MJ, const float* scale_MB, const int32_t* bias_MB,
                           held_MC + r * kTileColumns, b == 0);
   }
   QuadFinish(held_MC, rows, scale_Q + g * kTileColumns, columns, y_MO + m * O + g * kTileColumns, O);
-  FinishColumns(y_MO + m * O, O, rows, g * kTileColumns, columns, epilogue);
+  FinishColumns(y_MO + m * O, O, rows, g * kTileColumns, columns, epilogue.FromRow(m, O));
 }
 
 #if JAX_GPT2_AMX
@@ -1122,7 +1129,7 @@ void AmxQuadUnit(const int8_t* q_MJ, const float* scale_MB, const int32_t* bias_
   }
   _tile_release();
   QuadFinish(held_MC, rows, scale_Q + g * kTileColumns, columns, y_MO + m * O + g * kTileColumns, O);
-  FinishColumns(y_MO + m * O, O, rows, g * kTileColumns, columns, epilogue);
+  FinishColumns(y_MO + m * O, O, rows, g * kTileColumns, columns, epilogue.FromRow(m, O));
 }
 #endif
 

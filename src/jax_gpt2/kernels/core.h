@@ -75,11 +75,17 @@ const char* TargetIsa();
 bool CpuRunsThisBuild();
 
 // What a matmul does to each result before it stores it: y = x @ W, + bias_O (O floats) unless null,
-// then GELU's tanh form (GPT-2's "gelu_new") where gelu. Applied to each tile's results as they are
-// finished, while still in cache, so the (M, O) result is never read again for them.
+// then GELU's tanh form (GPT-2's "gelu_new") where gelu, then residual_MO + y (an (M, O) matrix laid
+// out as y) unless null: a block's two residual adds, in the order the model writes them. Applied to
+// each tile's results as they are finished, while still in cache, so the (M, O) result is never
+// read again for them.
 struct Epilogue {
   const float* bias_O = nullptr;
   bool gelu = false;
+  const float* residual_MO = nullptr;
+
+  // The same, for the rows of y from row m on (O columns a row).
+  Epilogue FromRow(int64_t m, int64_t O) const { return {bias_O, gelu, residual_MO ? residual_MO + m * O : nullptr}; }
 };
 
 // y_MO = x_MI @ W (then the epilogue) for W packed as tiles_GIC (G = ceil(O / 64)); bfloat16 tiles

@@ -223,7 +223,8 @@ double GeluTanh64(double x) {
 
 // With a bias and GELU, on both paths (1 to 50 rows) and every dtype: each result is the float64
 // gelu(x . w + b) within the matmul's bound (GELU's slope is at most 1.13) plus GELU's own few ulps;
-// a bias alone gives exactly the plain product plus the bias in float32; every pool agrees.
+// a bias alone gives exactly the plain product plus the bias in float32, a residual exactly the
+// residual plus the finished value; every pool agrees.
 void TestEpilogue(TilePool& pool, const std::vector<TilePool*>& other_pools) {
   const char* dtypes[] = {"f32", "bf16", "i8", "bf16dot", "i8dot"};
   for (int64_t O : {1, 70, 200}) {
@@ -254,6 +255,16 @@ void TestEpilogue(TilePool& pool, const std::vector<TilePool*>& other_pools) {
             const double error = std::fabs(gelu[m * O + o] - exact);
             worst = std::max(worst, error / (1.2e-5 * magnitude + 5e-7 * std::fabs(exact) + 1e-30));
           }
+        // The residual add last, one float32 add of the finished value (as the model's x + linear(...)).
+        std::vector<float> residual_MO = Normal(M * O, static_cast<uint32_t>(M * O + 8));
+        std::vector<float> added = RunMatmul(p, dtype, x_MI, M, pool, {bias_O.data(), true, residual_MO.data()});
+        std::vector<float> residual_only = RunMatmul(p, dtype, x_MI, M, pool, {nullptr, false, residual_MO.data()});
+        bool exact_residual = true;
+        for (int64_t k = 0; k < M * O; ++k) {
+          exact_residual = exact_residual && added[k] == residual_MO[k] + gelu[k];
+          exact_residual = exact_residual && residual_only[k] == residual_MO[k] + plain[k];
+        }
+        Expect(exact_residual, what + ": the residual is not exactly residual + the finished value");
         Expect(exact_bias, what + ": bias is not exactly the plain product + bias");
         Expect(worst <= 1.0, what + ": GELU result off by " + std::to_string(worst) + " of its bound");
         for (TilePool* other : other_pools)

@@ -36,7 +36,8 @@ jax_gpt2::TilePool& Pool() {
 
 // ---------------------------------------------------------------------------------------------
 // Packed matmul: x (M, I) float32, tiles (G, I, 64), [scale (G, 64) float32], bias (O,) or (0,) for
-// none, float32; attribute gelu (bool: GELU's tanh form after the bias); y (M, O) float32.
+// none, residual (M, O) or (0,) for none, float32; attribute gelu (bool: GELU's tanh form after the
+// bias); y (M, O) float32 (= residual + gelu(x @ W + bias)).
 
 // Shape checks shared by the three handlers; O comes from the result, since padding hides it.
 ffi::Error CheckShapes(ffi::Buffer<ffi::F32>& x, ffi::AnyBuffer& tiles, ffi::ResultBuffer<ffi::F32>& y) {
@@ -50,22 +51,28 @@ ffi::Error CheckShapes(ffi::Buffer<ffi::F32>& x, ffi::AnyBuffer& tiles, ffi::Res
   return ffi::Error::Success();
 }
 
-// The epilogue core.h's matmuls apply: the bias if one came (O floats, else none), and GELU if asked.
-ffi::Error EpilogueOf(ffi::Buffer<ffi::F32>& bias, bool gelu, ffi::ResultBuffer<ffi::F32>& y,
-                      jax_gpt2::Epilogue* epilogue) {
+// The epilogue core.h's matmuls apply: the bias if one came (O floats, else none), GELU if asked, and
+// the residual if one came (y's shape, else none).
+ffi::Error EpilogueOf(ffi::Buffer<ffi::F32>& bias, bool gelu, ffi::Buffer<ffi::F32>& residual,
+                      ffi::ResultBuffer<ffi::F32>& y, jax_gpt2::Epilogue* epilogue) {
   if (bias.element_count() != 0 && bias.element_count() != y->dimensions()[1])
     return ffi::Error::InvalidArgument("packed_matmul: the bias has O values, or none");
-  *epilogue = {bias.element_count() ? bias.typed_data() : nullptr, gelu};
+  auto r_dims = residual.dimensions(), y_dims = y->dimensions();
+  const bool same_shape = r_dims.size() == 2 && r_dims[0] == y_dims[0] && r_dims[1] == y_dims[1];
+  if (residual.element_count() != 0 && !same_shape)
+    return ffi::Error::InvalidArgument("packed_matmul: the residual has y's shape (M, O), or no values");
+  *epilogue = {bias.element_count() ? bias.typed_data() : nullptr, gelu,
+               residual.element_count() ? residual.typed_data() : nullptr};
   return ffi::Error::Success();
 }
 
-ffi::Error MatmulF32(ffi::Buffer<ffi::F32> x, ffi::AnyBuffer tiles, ffi::Buffer<ffi::F32> bias, bool gelu,
+ffi::Error MatmulF32(ffi::Buffer<ffi::F32> x, ffi::AnyBuffer tiles, ffi::Buffer<ffi::F32> bias, ffi::Buffer<ffi::F32> residual, bool gelu,
                      ffi::ResultBuffer<ffi::F32> y) {
   if (tiles.element_type() != ffi::F32) return ffi::Error::InvalidArgument("packed_matmul_f32: tiles must be f32");
   ffi::Error error = CheckShapes(x, tiles, y);
   if (error.failure()) return error;
   jax_gpt2::Epilogue epilogue;
-  error = EpilogueOf(bias, gelu, y, &epilogue);
+  error = EpilogueOf(bias, gelu, residual, y, &epilogue);
   if (error.failure()) return error;
   jax_gpt2::PackedMatmul(x.typed_data(), x.dimensions()[0], x.dimensions()[1],
                          reinterpret_cast<const float*>(tiles.untyped_data()), y->dimensions()[1], y->typed_data(),
@@ -73,13 +80,13 @@ ffi::Error MatmulF32(ffi::Buffer<ffi::F32> x, ffi::AnyBuffer tiles, ffi::Buffer<
   return ffi::Error::Success();
 }
 
-ffi::Error MatmulBF16(ffi::Buffer<ffi::F32> x, ffi::AnyBuffer tiles, ffi::Buffer<ffi::F32> bias, bool gelu,
+ffi::Error MatmulBF16(ffi::Buffer<ffi::F32> x, ffi::AnyBuffer tiles, ffi::Buffer<ffi::F32> bias, ffi::Buffer<ffi::F32> residual, bool gelu,
                       ffi::ResultBuffer<ffi::F32> y) {
   if (tiles.element_type() != ffi::BF16) return ffi::Error::InvalidArgument("packed_matmul_bf16: tiles must be bf16");
   ffi::Error error = CheckShapes(x, tiles, y);
   if (error.failure()) return error;
   jax_gpt2::Epilogue epilogue;
-  error = EpilogueOf(bias, gelu, y, &epilogue);
+  error = EpilogueOf(bias, gelu, residual, y, &epilogue);
   if (error.failure()) return error;
   jax_gpt2::PackedMatmul(x.typed_data(), x.dimensions()[0], x.dimensions()[1],
                          reinterpret_cast<const uint16_t*>(tiles.untyped_data()), y->dimensions()[1],
@@ -88,14 +95,14 @@ ffi::Error MatmulBF16(ffi::Buffer<ffi::F32> x, ffi::AnyBuffer tiles, ffi::Buffer
 }
 
 // The bf16 dot option (core.h: PackedMatmulBf16Dot): bfloat16 tiles, x rounded to bf16 where M is large.
-ffi::Error MatmulBF16Dot(ffi::Buffer<ffi::F32> x, ffi::AnyBuffer tiles, ffi::Buffer<ffi::F32> bias, bool gelu,
+ffi::Error MatmulBF16Dot(ffi::Buffer<ffi::F32> x, ffi::AnyBuffer tiles, ffi::Buffer<ffi::F32> bias, ffi::Buffer<ffi::F32> residual, bool gelu,
                          ffi::ResultBuffer<ffi::F32> y) {
   if (tiles.element_type() != ffi::BF16)
     return ffi::Error::InvalidArgument("packed_matmul_bf16_dot: tiles must be bf16");
   ffi::Error error = CheckShapes(x, tiles, y);
   if (error.failure()) return error;
   jax_gpt2::Epilogue epilogue;
-  error = EpilogueOf(bias, gelu, y, &epilogue);
+  error = EpilogueOf(bias, gelu, residual, y, &epilogue);
   if (error.failure()) return error;
   jax_gpt2::PackedMatmulBf16Dot(x.typed_data(), x.dimensions()[0], x.dimensions()[1],
                                 reinterpret_cast<const uint16_t*>(tiles.untyped_data()), y->dimensions()[1],
@@ -108,13 +115,13 @@ using Int8Core = void (*)(const float*, int64_t, int64_t, const int8_t*, const f
                           jax_gpt2::TilePool&, jax_gpt2::Epilogue);
 
 ffi::Error MatmulInt8By(Int8Core core, const std::string& name, ffi::Buffer<ffi::F32>& x, ffi::AnyBuffer& tiles,
-                        ffi::Buffer<ffi::F32>& scale, ffi::Buffer<ffi::F32>& bias, bool gelu,
-                        ffi::ResultBuffer<ffi::F32>& y) {
+                        ffi::Buffer<ffi::F32>& scale, ffi::Buffer<ffi::F32>& bias, ffi::Buffer<ffi::F32>& residual,
+                        bool gelu, ffi::ResultBuffer<ffi::F32>& y) {
   if (tiles.element_type() != ffi::S8) return ffi::Error::InvalidArgument(name + ": tiles must be int8");
   ffi::Error error = CheckShapes(x, tiles, y);
   if (error.failure()) return error;
   jax_gpt2::Epilogue epilogue;
-  error = EpilogueOf(bias, gelu, y, &epilogue);
+  error = EpilogueOf(bias, gelu, residual, y, &epilogue);
   if (error.failure()) return error;
   if (scale.element_count() != tiles.dimensions()[0] * kTileColumns)
     return ffi::Error::InvalidArgument(name + ": one scale per padded output column");
@@ -124,15 +131,16 @@ ffi::Error MatmulInt8By(Int8Core core, const std::string& name, ffi::Buffer<ffi:
 }
 
 ffi::Error MatmulI8(ffi::Buffer<ffi::F32> x, ffi::AnyBuffer tiles, ffi::Buffer<ffi::F32> scale,
-                    ffi::Buffer<ffi::F32> bias, bool gelu, ffi::ResultBuffer<ffi::F32> y) {
+                    ffi::Buffer<ffi::F32> bias, ffi::Buffer<ffi::F32> residual, bool gelu, ffi::ResultBuffer<ffi::F32> y) {
   Int8Core exact = jax_gpt2::PackedMatmul;  // the int8 overload
-  return MatmulInt8By(exact, "packed_matmul_i8", x, tiles, scale, bias, gelu, y);
+  return MatmulInt8By(exact, "packed_matmul_i8", x, tiles, scale, bias, residual, gelu, y);
 }
 
 // The int8 dot option (core.h: PackedMatmulInt8Dot): int8 tiles, x quantized to int8 where M is large.
 ffi::Error MatmulI8Dot(ffi::Buffer<ffi::F32> x, ffi::AnyBuffer tiles, ffi::Buffer<ffi::F32> scale,
-                       ffi::Buffer<ffi::F32> bias, bool gelu, ffi::ResultBuffer<ffi::F32> y) {
-  return MatmulInt8By(jax_gpt2::PackedMatmulInt8Dot, "packed_matmul_i8_dot", x, tiles, scale, bias, gelu, y);
+                       ffi::Buffer<ffi::F32> bias, ffi::Buffer<ffi::F32> residual, bool gelu, ffi::ResultBuffer<ffi::F32> y) {
+  return MatmulInt8By(jax_gpt2::PackedMatmulInt8Dot, "packed_matmul_i8_dot", x, tiles, scale, bias, residual, gelu,
+                      y);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -274,11 +282,12 @@ ffi::Error HostMasksOf(ffi::Buffer<ffi::S32> table, ffi::Buffer<ffi::S32> token,
 
 }  // namespace
 
-// x, tiles, bias; gelu.
+// x, tiles, bias, residual; gelu.
 #define JAX_GPT2_MATMUL_BINDING                                                                   \
   ffi::Ffi::Bind()                                                                                \
       .Arg<ffi::Buffer<ffi::F32>>()                                                               \
       .Arg<ffi::AnyBuffer>()                                                                      \
+      .Arg<ffi::Buffer<ffi::F32>>()                                                               \
       .Arg<ffi::Buffer<ffi::F32>>()                                                               \
       .Attr<bool>("gelu")                                                                         \
       .Ret<ffi::Buffer<ffi::F32>>()
@@ -287,11 +296,12 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxGpt2PackedMatmulF32, MatmulF32, JAX_GPT2_MATMUL
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxGpt2PackedMatmulBF16, MatmulBF16, JAX_GPT2_MATMUL_BINDING);
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxGpt2PackedMatmulBF16Dot, MatmulBF16Dot, JAX_GPT2_MATMUL_BINDING);
 
-// x, tiles, scale, bias; gelu.
+// x, tiles, scale, bias, residual; gelu.
 #define JAX_GPT2_SCALED_MATMUL_BINDING                                                            \
   ffi::Ffi::Bind()                                                                                \
       .Arg<ffi::Buffer<ffi::F32>>()                                                               \
       .Arg<ffi::AnyBuffer>()                                                                      \
+      .Arg<ffi::Buffer<ffi::F32>>()                                                               \
       .Arg<ffi::Buffer<ffi::F32>>()                                                               \
       .Arg<ffi::Buffer<ffi::F32>>()                                                               \
       .Attr<bool>("gelu")                                                                         \
