@@ -98,8 +98,9 @@ def pack_tiles(w_IO: np.ndarray, dtype: str) -> tuple[np.ndarray, np.ndarray | N
 def kernel_matmul(x_MI: np.ndarray, tiles_GIC: np.ndarray, scale_GC, O: int, dtype: str, march: str) -> np.ndarray:
     result = jax.ShapeDtypeStruct((x_MI.shape[0], O), jnp.float32)
     call = jax.ffi.ffi_call(native.target_name(dtype, march), result, vmap_method="sequential")
-    no_bias = np.zeros((0,), np.float32)
-    operands = (x_MI, tiles_GIC, no_bias) if scale_GC is None else (x_MI, tiles_GIC, scale_GC, no_bias)
+    none = np.zeros((0,), np.float32)  # no bias, no residual
+    scales = () if scale_GC is None else (scale_GC,)
+    operands = (x_MI, tiles_GIC, *scales, none, none)
     return np.asarray(call(*map(jnp.asarray, operands), gelu=False))
 
 
