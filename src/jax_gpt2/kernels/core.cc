@@ -584,10 +584,14 @@ void FinishColumns(float* y_MO, int64_t O, int64_t rows, int64_t first, int64_t 
 // prefill (whose weights are in no cache when it starts) waited on memory for every panel of a unit
 // that starts a tile: gemm_probe's forward with 12 layers of matrices of their own (`cold`), M = 128,
 // AVX-512 on the 2-core Xeon, ran 88-91 ms against 74-77 ms for one matrix repeated; asking ahead,
-// 80-84 ms (the model's 128-token prefill ~5-10% sooner).
+// 79-84 ms (the model's 128-token prefill, medians in turns, 2-9% sooner). The same asked of the
+// matvec path's many-row blocks (bfloat16 and int8 on AVX-512), in a burst before each block, measured
+// slower (16 rows: 11.4-11.9 -> 13.3-13.8 ms for int8) and is not done.
 template <typename W>
 Ahead NextPanel(const W* tiles_GIC, int64_t I, int64_t O, int64_t g, int64_t i, int64_t panel_rows) {
   constexpr int64_t kRowBytes = kTileColumns * sizeof(W);
+  assert(g >= 0 && g * kTileColumns < O);
+  assert(i > 0 && panel_rows > 0);
   if (i >= I) {
     if ((g + 1) * kTileColumns >= O) return {};
     g += 1, i = 0;
@@ -596,8 +600,10 @@ Ahead NextPanel(const W* tiles_GIC, int64_t I, int64_t O, int64_t g, int64_t i, 
   return {reinterpret_cast<const char*>(at), std::min(panel_rows, I - i) * kRowBytes / 64};
 }
 
-// Pass `pass` of `passes`' share of `next`.
+// Part `pass` of `passes` equal parts of `next` (the last may be short or empty).
 inline Ahead ShareOf(Ahead next, int64_t pass, int64_t passes) {
+  assert(passes >= 1);
+  assert(pass >= 0 && pass < passes);
   const int64_t share = (next.lines + passes - 1) / passes;
   const int64_t from = std::min(next.lines, pass * share);
   return {next.at + from * 64, std::min(next.lines, from + share) - from};
@@ -624,7 +630,9 @@ void GemmUnit(const float* x_MI, int64_t m, int64_t rows, int64_t I, const W* ti
       panel_IC = scratch_IC;
     }
     const Ahead next = NextPanel(tiles_GIC, I, O, g, i + kRows, kRows);
-    const int64_t passes = (rows + kGemmRows - 1) / kGemmRows * ((columns + kGemmColumns - 1) / kGemmColumns);
+    int64_t column_passes = 0;  // as the loop below counts them (a permuted block may start past `columns`)
+    for (int64_t column = 0; column / kBlock * kBlock < columns; column += kGemmColumns) ++column_passes;
+    const int64_t passes = (rows + kGemmRows - 1) / kGemmRows * column_passes;
     int64_t pass = 0;
     for (int64_t r = 0; r < rows; r += kGemmRows)
       for (int64_t column = 0; column / kBlock * kBlock < columns; column += kGemmColumns, ++pass)
