@@ -746,7 +746,6 @@ def _in_background(function, *args, **kwargs) -> concurrent.futures.Future:
             future.set_exception(error)
 
     threading.Thread(target=run, name="jax-gpt2-load", daemon=True).start()
-    assert isinstance(future, concurrent.futures.Future)
     return future
 
 

@@ -66,8 +66,8 @@ ffi::Error EpilogueOf(ffi::Buffer<ffi::F32>& bias, bool gelu, ffi::Buffer<ffi::F
   return ffi::Error::Success();
 }
 
-ffi::Error MatmulF32(ffi::Buffer<ffi::F32> x, ffi::AnyBuffer tiles, ffi::Buffer<ffi::F32> bias, ffi::Buffer<ffi::F32> residual, bool gelu,
-                     ffi::ResultBuffer<ffi::F32> y) {
+ffi::Error MatmulF32(ffi::Buffer<ffi::F32> x, ffi::AnyBuffer tiles, ffi::Buffer<ffi::F32> bias,
+                     ffi::Buffer<ffi::F32> residual, bool gelu, ffi::ResultBuffer<ffi::F32> y) {
   if (tiles.element_type() != ffi::F32) return ffi::Error::InvalidArgument("packed_matmul_f32: tiles must be f32");
   ffi::Error error = CheckShapes(x, tiles, y);
   if (error.failure()) return error;
@@ -80,8 +80,8 @@ ffi::Error MatmulF32(ffi::Buffer<ffi::F32> x, ffi::AnyBuffer tiles, ffi::Buffer<
   return ffi::Error::Success();
 }
 
-ffi::Error MatmulBF16(ffi::Buffer<ffi::F32> x, ffi::AnyBuffer tiles, ffi::Buffer<ffi::F32> bias, ffi::Buffer<ffi::F32> residual, bool gelu,
-                      ffi::ResultBuffer<ffi::F32> y) {
+ffi::Error MatmulBF16(ffi::Buffer<ffi::F32> x, ffi::AnyBuffer tiles, ffi::Buffer<ffi::F32> bias,
+                      ffi::Buffer<ffi::F32> residual, bool gelu, ffi::ResultBuffer<ffi::F32> y) {
   if (tiles.element_type() != ffi::BF16) return ffi::Error::InvalidArgument("packed_matmul_bf16: tiles must be bf16");
   ffi::Error error = CheckShapes(x, tiles, y);
   if (error.failure()) return error;
@@ -95,8 +95,8 @@ ffi::Error MatmulBF16(ffi::Buffer<ffi::F32> x, ffi::AnyBuffer tiles, ffi::Buffer
 }
 
 // The bf16 dot option (core.h: PackedMatmulBf16Dot): bfloat16 tiles, x rounded to bf16 where M is large.
-ffi::Error MatmulBF16Dot(ffi::Buffer<ffi::F32> x, ffi::AnyBuffer tiles, ffi::Buffer<ffi::F32> bias, ffi::Buffer<ffi::F32> residual, bool gelu,
-                         ffi::ResultBuffer<ffi::F32> y) {
+ffi::Error MatmulBF16Dot(ffi::Buffer<ffi::F32> x, ffi::AnyBuffer tiles, ffi::Buffer<ffi::F32> bias,
+                         ffi::Buffer<ffi::F32> residual, bool gelu, ffi::ResultBuffer<ffi::F32> y) {
   if (tiles.element_type() != ffi::BF16)
     return ffi::Error::InvalidArgument("packed_matmul_bf16_dot: tiles must be bf16");
   ffi::Error error = CheckShapes(x, tiles, y);
@@ -131,16 +131,18 @@ ffi::Error MatmulInt8By(Int8Core core, const std::string& name, ffi::Buffer<ffi:
 }
 
 ffi::Error MatmulI8(ffi::Buffer<ffi::F32> x, ffi::AnyBuffer tiles, ffi::Buffer<ffi::F32> scale,
-                    ffi::Buffer<ffi::F32> bias, ffi::Buffer<ffi::F32> residual, bool gelu, ffi::ResultBuffer<ffi::F32> y) {
+                    ffi::Buffer<ffi::F32> bias, ffi::Buffer<ffi::F32> residual, bool gelu,
+                    ffi::ResultBuffer<ffi::F32> y) {
   Int8Core exact = jax_gpt2::PackedMatmul;  // the int8 overload
   return MatmulInt8By(exact, "packed_matmul_i8", x, tiles, scale, bias, residual, gelu, y);
 }
 
 // The int8 dot option (core.h: PackedMatmulInt8Dot): int8 tiles, x quantized to int8 where M is large.
 ffi::Error MatmulI8Dot(ffi::Buffer<ffi::F32> x, ffi::AnyBuffer tiles, ffi::Buffer<ffi::F32> scale,
-                       ffi::Buffer<ffi::F32> bias, ffi::Buffer<ffi::F32> residual, bool gelu, ffi::ResultBuffer<ffi::F32> y) {
-  return MatmulInt8By(jax_gpt2::PackedMatmulInt8Dot, "packed_matmul_i8_dot", x, tiles, scale, bias, residual, gelu,
-                      y);
+                       ffi::Buffer<ffi::F32> bias, ffi::Buffer<ffi::F32> residual, bool gelu,
+                       ffi::ResultBuffer<ffi::F32> y) {
+  const Int8Core dot = jax_gpt2::PackedMatmulInt8Dot;
+  return MatmulInt8By(dot, "packed_matmul_i8_dot", x, tiles, scale, bias, residual, gelu, y);
 }
 
 // ---------------------------------------------------------------------------------------------
