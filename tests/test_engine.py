@@ -448,6 +448,40 @@ def test_the_wait_for_returning_clients_ends_when_the_chunk_in_flight_does(model
     assert chunk.outputs[0].looks == 4, "three polls of ~1 ms while it ran, then the one that saw it done"
 
 
+class ReturningClients:
+    """Clients that send their next request as soon as an answer ends (as a benchmark's do), and
+    the size of every batched prefill the engine runs for them."""
+
+    def __init__(self, engine: Engine, prompt: tuple[int, ...], max_tokens: int, answers: int) -> None:
+        self.engine, self.prompt, self.max_tokens, self.left = engine, prompt, max_tokens, answers
+        self.prefills: list[int] = []
+        take = engine._prefill_batch
+        engine._prefill_batch = lambda batch: self.prefills.append(len(batch)) or take(batch)
+
+    def send(self) -> None:
+        self.engine.submit([sequence(self.prompt, self.max_tokens, ignore_eos=True)], self)
+
+    def __call__(self, event: Event) -> None:
+        if event.finish_reason is not None and self.left > 0:
+            self.left -= 1
+            self.send()
+
+
+def test_rows_out_of_step_end_together_after_one_round_and_then_prefill_in_one_pass(model):
+    engine = make_engine(model, max_batch=4, chunk_steps=2)
+    clients = ReturningClients(engine, tuple(encode(model[2], "Hello")), max_tokens=7, answers=12)
+    clients.send()
+    engine.step()  # the first client's prompt is prefilled alone and its row decodes a chunk ahead
+    for _ in range(3):
+        clients.send()
+    run_until_idle(engine)
+    assert clients.prefills[:2] == [1, 3], "the first round out of step, as the clients came"
+    assert clients.prefills[2:] == [4, 4, 4], (
+        "when the rows behind end in the chunk in flight, it is handed out first and the freed "
+        "clients' requests wait for it: every later round is one pass of all four"
+    )
+
+
 def test_batched_prefill_buckets_grow_by_at_most_half_from_16_tokens_on():
     buckets = batch_buckets([8, 16, 32, 64, 128], longest=128)
     assert buckets == [8, 16, 24, 32, 48, 64, 80, 96, 112, 128]
