@@ -6,6 +6,7 @@ logprobs are the model's; once warmed up, load compiles nothing new."""
 import dataclasses
 import re
 import threading
+import time
 
 import jax
 import jax.numpy as jnp
@@ -480,6 +481,50 @@ def test_rows_out_of_step_end_together_after_one_round_and_then_prefill_in_one_p
         "when the rows behind end in the chunk in flight, it is handed out first and the freed "
         "clients' requests wait for it: every later round is one pass of all four"
     )
+
+
+def recorded_prefills(engine: Engine) -> list[int]:
+    """The number of prompts in each batched prefill the engine runs from now on."""
+    sizes, take = [], engine._prefill_batch
+    engine._prefill_batch = lambda batch: sizes.append(len(batch)) or take(batch)
+    return sizes
+
+
+def test_an_idle_engine_waits_for_the_requests_the_server_is_still_preparing(model):
+    engine = make_engine(model, max_batch=4)
+    engine.compile_for_first_request()
+    prefills, done = recorded_prefills(engine), threading.Semaphore(0)
+    prompt = tuple(encode(model[2], "Hello"))
+
+    def finished(event: Event) -> None:
+        if event.finish_reason is not None:
+            done.release()
+
+    def second_client() -> None:  # the server parses and tokenizes it while the first one is taken
+        with engine.arriving():
+            time.sleep(0.02)
+            engine.submit([sequence(prompt, 3)], finished)
+
+    engine.start()
+    preparing = threading.Thread(target=second_client)
+    preparing.start()
+    time.sleep(0.005)
+    engine.submit([sequence(prompt, 3)], finished)
+    assert done.acquire(timeout=60) and done.acquire(timeout=60)
+    preparing.join()
+    engine.shutdown()
+    assert prefills == [2], "both prompts in one prefill pass: their rows decode in step"
+
+
+def test_the_wait_for_requests_being_prepared_is_bounded(model):
+    engine = make_engine(model, max_batch=4)
+    engine.compile_for_first_request()
+    done = threading.Event()
+    engine.start()
+    with engine.arriving():  # a request that never reaches submit (say, its client went away)
+        engine.submit([sequence(tuple(encode(model[2], "Hello")), 3)], lambda e: e.finish_reason and done.set())
+        assert done.wait(timeout=60), "the waiting request is served though the other never comes"
+    engine.shutdown()
 
 
 def test_batched_prefill_buckets_grow_by_at_most_half_from_16_tokens_on():

@@ -43,6 +43,7 @@ Each sequence's events go to the `deliver` callback given at submit, called on t
 """
 
 import collections
+import contextlib
 import dataclasses
 import functools
 import itertools
@@ -51,7 +52,7 @@ import math
 import queue
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -82,6 +83,8 @@ log = logging.getLogger(__name__)
 RETURN_POLL_S = 0.001
 # How long an idle device waits for the clients of rows that all ended in one chunk (`_regroup`).
 REGROUP_WAIT_S = 0.05
+# How long an idle engine that took a request waits for the ones the server is still preparing (`_gather`).
+GATHER_LIMIT_S = 0.05
 
 
 class QueueFull(Exception):
@@ -404,6 +407,7 @@ class Engine:
         self._in_flight: _Chunk | None = None  # dispatched by one step, handed out by the next
         self._freed = False  # the last hand-out freed rows: their clients may be about to send again
         self._submissions = 0  # sequences the engine thread has taken from the inbox
+        self._arriving = 0  # requests between their arrival and `submit` (`arriving`), under _lock
         self._waiting: collections.deque[_Sequence] = collections.deque()
         self._inbox: queue.Queue = queue.Queue()
         self._lock = threading.Lock()  # guards the two counters below, shared with submitting threads
@@ -466,6 +470,20 @@ class Engine:
                 self._inbox.put(("submit", seq))
         assert len(sequences) == len(requests)
         return [seq.seq_id for seq in sequences]
+
+    @contextlib.contextmanager
+    def arriving(self) -> Iterator[None]:
+        """Around a server's work on one request from its arrival to its `submit` (parsing, tokenizing,
+        on other threads): an idle engine that takes a request first waits, at most GATHER_LIMIT_S, for
+        the requests still inside such a block, so that requests that came together start together."""
+        with self._lock:
+            self._arriving += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._arriving -= 1
+                assert self._arriving >= 0
 
     def cancel(self, seq_ids: Sequence[int]) -> None:
         """Drop sequences (the client went away): a waiting one leaves the queue, a running one its slot."""
@@ -704,6 +722,7 @@ class Engine:
                     if self._stopping:
                         return
                     self._read_inbox(block=True)
+                    self._gather()
                     continue
                 self.step()
             except Exception:  # a failed round must not kill the server: fail its sequences, start clean
@@ -763,6 +782,24 @@ class Engine:
             self._handle(*message)
         self._freed = False  # their returns are in (or late): no wait for them behind the next chunk
         assert self._in_flight is None
+
+    def _gather(self) -> None:
+        """After an idle engine took its first requests: read the inbox on while the server prepares
+        others (`arriving`), at most GATHER_LIMIT_S. Eight clients that start together reached the
+        engine ~5 ms apart (their bodies tokenized one by one); the first was prefilled alone, the
+        others a prefill later, a chunk behind it, and the rows stayed out of step (each round then
+        cost two prefill passes until `_regroup`). A lone request waits for nothing (at most one poll,
+        while its own block closes)."""
+        deadline = time.monotonic() + GATHER_LIMIT_S
+        while self._arriving > 0 and not self._stopping:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return
+            try:
+                message = self._inbox.get(timeout=min(remaining, RETURN_POLL_S))
+            except queue.Empty:
+                continue
+            self._handle(*message)
 
     def _read_inbox(self, block: bool) -> None:
         try:

@@ -472,12 +472,21 @@ class _Choice:
         self.cached_tokens = event.cached_tokens
 
 
-async def _respond(request: Request, prepared: Prepared, arrived: float) -> Response:
-    """Submit, then stream the events as SSE or gather them into one reply."""
+async def _submit_prepared(state: ServeState, raw: bytes, prepare) -> tuple[Prepared, Relay, list[int]]:
+    """prepare(state, raw) off the event loop, then submit: inside the engine's `arriving` block, so an
+    idle engine that takes another request meanwhile waits for this one."""
+    with state.engine.arriving():
+        prepared = await asyncio.to_thread(prepare, state, raw)
+        relay, seq_ids = _submit(state.engine, prepared.requests)
+    state.metrics.prompt_tokens.inc(prepared.reply.prompt_tokens)
+    assert len(seq_ids) == len(prepared.requests)
+    return prepared, relay, seq_ids
+
+
+async def _respond(request: Request, prepared: Prepared, relay: Relay, seq_ids: list[int], arrived: float) -> Response:
+    """Stream the submitted sequences' events as SSE or gather them into one reply."""
     state: ServeState = request.app.state.serve
     reply = prepared.reply
-    relay, seq_ids = _submit(state.engine, prepared.requests)
-    state.metrics.prompt_tokens.inc(reply.prompt_tokens)
     if prepared.stream:
         return StreamingResponse(_stream(state, relay, seq_ids, reply, arrived), media_type="text/event-stream")
     choices = [_Choice() for _ in seq_ids]
@@ -497,14 +506,14 @@ async def _respond(request: Request, prepared: Prepared, arrived: float) -> Resp
 
 async def create_completion(request: Request) -> Response:
     arrived = time.perf_counter()
-    prepared = await asyncio.to_thread(prepare_completion, request.app.state.serve, await request.body())
-    return await _respond(request, prepared, arrived)
+    prepared, relay, seq_ids = await _submit_prepared(request.app.state.serve, await request.body(), prepare_completion)
+    return await _respond(request, prepared, relay, seq_ids, arrived)
 
 
 async def create_chat_completion(request: Request) -> Response:
     arrived = time.perf_counter()
-    prepared = await asyncio.to_thread(prepare_chat, request.app.state.serve, await request.body())
-    return await _respond(request, prepared, arrived)
+    prepared, relay, seq_ids = await _submit_prepared(request.app.state.serve, await request.body(), prepare_chat)
+    return await _respond(request, prepared, relay, seq_ids, arrived)
 
 
 def tokenize(state: ServeState, raw: bytes) -> dict:
