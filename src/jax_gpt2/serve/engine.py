@@ -410,7 +410,7 @@ class Engine:
         self._arriving = 0  # requests between their arrival and `submit` (`arriving`), under _lock
         self._waiting: collections.deque[_Sequence] = collections.deque()
         self._inbox: queue.Queue = queue.Queue()
-        self._lock = threading.Lock()  # guards the two counters below, shared with submitting threads
+        self._lock = threading.Lock()  # guards _arriving and the two counters below, shared with other threads
         self._num_waiting = 0  # submitted, not yet prefilling
         self._num_running = 0  # prefilling or in a row
         self._accepting, self._stopping = True, False
@@ -791,6 +791,8 @@ class Engine:
         cost two prefill passes until `_regroup`). A lone request waits for nothing (at most one poll,
         while its own block closes)."""
         deadline = time.monotonic() + GATHER_LIMIT_S
+        assert self._in_flight is None, "only an idle engine gathers: nothing runs that a wait would stall"
+        assert all(seq is None for seq in self._rows)
         while self._arriving > 0 and not self._stopping:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
