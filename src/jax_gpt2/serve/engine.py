@@ -765,8 +765,9 @@ class Engine:
         Without it, rows that fell out of step stayed out of step: 8 clients of equal max_tokens, one
         prefilled a round before the others, finished 1 + 7 (or 6 + 2) each time, and every round paid
         two prefill passes, one of them stalling the other rows (the device runs the chunk in flight
-        before any prefill, so handing it out first costs only the clients' way back). 8 clients on the
-        gpt2 shape, 2-core Xeon: 0.92x -> ~1.0x of `generate` at batch 8 (benchmarks/serve_load.py)."""
+        before any prefill, so handing it out first costs only the clients' way back). With `_gather`,
+        8 clients on the gpt2 shape, 2-core Xeon: 0.92x -> 0.96x of `generate` at batch 8, AVX2 build
+        0.88-0.91x -> 0.99x (benchmarks/serve_load.py; docs/guides/serving.md)."""
         chunk, self._in_flight = self._in_flight, None
         assert chunk is not None
         free_before, submitted = self._rows.count(None), self._submissions
