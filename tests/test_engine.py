@@ -449,15 +449,20 @@ def test_the_wait_for_returning_clients_ends_when_the_chunk_in_flight_does(model
     assert chunk.outputs[0].looks == 4, "three polls of ~1 ms while it ran, then the one that saw it done"
 
 
+def recorded_prefills(engine: Engine) -> list[int]:
+    """The number of prompts in each batched prefill the engine runs from now on."""
+    sizes, take = [], engine._prefill_batch
+    engine._prefill_batch = lambda batch: sizes.append(len(batch)) or take(batch)
+    return sizes
+
+
 class ReturningClients:
     """Clients that send their next request as soon as an answer ends (as a benchmark's do), and
     the size of every batched prefill the engine runs for them."""
 
     def __init__(self, engine: Engine, prompt: tuple[int, ...], max_tokens: int, answers: int) -> None:
         self.engine, self.prompt, self.max_tokens, self.left = engine, prompt, max_tokens, answers
-        self.prefills: list[int] = []
-        take = engine._prefill_batch
-        engine._prefill_batch = lambda batch: self.prefills.append(len(batch)) or take(batch)
+        self.prefills = recorded_prefills(engine)
 
     def send(self) -> None:
         self.engine.submit([sequence(self.prompt, self.max_tokens, ignore_eos=True)], self)
@@ -481,13 +486,6 @@ def test_rows_out_of_step_end_together_after_one_round_and_then_prefill_in_one_p
         "when the rows behind end in the chunk in flight, it is handed out first and the freed "
         "clients' requests wait for it: every later round is one pass of all four"
     )
-
-
-def recorded_prefills(engine: Engine) -> list[int]:
-    """The number of prompts in each batched prefill the engine runs from now on."""
-    sizes, take = [], engine._prefill_batch
-    engine._prefill_batch = lambda batch: sizes.append(len(batch)) or take(batch)
-    return sizes
 
 
 def test_an_idle_engine_waits_for_the_requests_the_server_is_still_preparing(model):
