@@ -406,7 +406,6 @@ class Engine:
         self._prefill: _Prefill | None = None
         self._in_flight: _Chunk | None = None  # dispatched by one step, handed out by the next
         self._freed = False  # the last hand-out freed rows: their clients may be about to send again
-        self._submissions = 0  # sequences the engine thread has taken from the inbox
         self._arriving = 0  # requests between their arrival and `submit` (`arriving`), under _lock
         self._waiting: collections.deque[_Sequence] = collections.deque()
         self._inbox: queue.Queue = queue.Queue()
@@ -741,17 +740,26 @@ class Engine:
         p50 399-429 -> 277-282 ms (benchmarks/serve_load.py)."""
         assert self._in_flight is chunk
         done = chunk.outputs[0]
-        while len(self._waiting) < self._rows.count(None) and not done.is_ready():
+        self._read_inbox_while(lambda: len(self._waiting) < self._rows.count(None) and not done.is_ready(), math.inf)
+        assert self._in_flight is chunk
+
+    def _read_inbox_while(self, keep_waiting: Callable[[], bool], deadline: float) -> None:
+        """Take the inbox's messages as they come while keep_waiting() holds, until `deadline`
+        (time.monotonic()), looking again every RETURN_POLL_S when none comes."""
+        while keep_waiting():
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return
             try:
-                message = self._inbox.get(timeout=RETURN_POLL_S)
+                message = self._inbox.get(timeout=min(remaining, RETURN_POLL_S))
             except queue.Empty:
                 continue
             self._handle(*message)
-        assert self._in_flight is chunk
 
     def _ends_in_flight(self) -> bool:
         """Every busy row reaches its max_tokens inside the chunk in flight (dispatched with all of them,
-        it picks up to chunk_steps tokens a row). Sure, not likely: an eos or a stop ends a row sooner."""
+        it picks up to chunk_steps tokens a row). A sure end, not a likely one: an eos or a stop may end
+        a row sooner."""
         running = [seq for seq in self._rows if seq is not None]
         if self._in_flight is None or not running:
             return False
@@ -770,17 +778,11 @@ class Engine:
         0.88-0.91x -> 0.99x (benchmarks/serve_load.py; docs/guides/serving.md)."""
         chunk, self._in_flight = self._in_flight, None
         assert chunk is not None
-        free_before, submitted = self._rows.count(None), self._submissions
+        free_before = self._rows.count(None)
         self._collect(chunk)
-        freed = self._rows.count(None) - free_before
-        deadline = time.monotonic() + REGROUP_WAIT_S
-        while self._submissions - submitted < freed and len(self._waiting) < self._rows.count(None):
-            remaining = deadline - time.monotonic()
-            try:
-                message = self._inbox.get(timeout=remaining) if remaining > 0 else self._inbox.get_nowait()
-            except queue.Empty:
-                break
-            self._handle(*message)
+        # Enough once a request waits for each row just freed (or for every free row).
+        wanted = min(self._rows.count(None), len(self._waiting) + self._rows.count(None) - free_before)
+        self._read_inbox_while(lambda: len(self._waiting) < wanted, time.monotonic() + REGROUP_WAIT_S)
         self._freed = False  # their returns are in (or late): no wait for them behind the next chunk
         assert self._in_flight is None
 
@@ -791,18 +793,9 @@ class Engine:
         others a prefill later, a chunk behind it, and the rows stayed out of step (each round then
         cost two prefill passes until `_regroup`). A lone request waits for nothing (at most one poll,
         while its own block closes)."""
-        deadline = time.monotonic() + GATHER_LIMIT_S
         assert self._in_flight is None, "only an idle engine gathers: nothing runs that a wait would stall"
         assert all(seq is None for seq in self._rows)
-        while self._arriving > 0 and not self._stopping:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                return
-            try:
-                message = self._inbox.get(timeout=min(remaining, RETURN_POLL_S))
-            except queue.Empty:
-                continue
-            self._handle(*message)
+        self._read_inbox_while(lambda: self._arriving > 0 and not self._stopping, time.monotonic() + GATHER_LIMIT_S)
 
     def _read_inbox(self, block: bool) -> None:
         try:
@@ -820,7 +813,6 @@ class Engine:
         assert kind in ("submit", "cancel", "stop")
         if kind == "submit":
             self._waiting.append(payload)
-            self._submissions += 1
         elif kind == "stop":
             self._stopping = True
             if not payload:
