@@ -2,6 +2,7 @@
 # llama.cpp as a benchmark peer, built from source here, never committed (everything under .peers/).
 #
 #   bash benchmarks/build_llama_cpp.sh build [--no-amx] # sdist -> .peers/llama.cpp, llama-bench built
+#   bash benchmarks/build_llama_cpp.sh build --avx2     # the same source for an AVX2 + FMA host, in build-avx2
 #   bash benchmarks/build_llama_cpp.sh convert [PRESET] [LAYERS]
 #                                                       # the bench's random weights -> .peers/gguf/*.gguf
 #   flock /tmp/jax-gpt2-bench.lock uv run jax-gpt2 bench \
@@ -36,14 +37,18 @@ build() {
   ln -sfn "$unpacked/vendor/llama.cpp" "$SOURCE"
   # --no-amx: some VMs report AMX in /proc/cpuinfo but do not let a process use it; -march=native
   # then builds ggml's AMX matmul, and q8_0 dies of SIGILL in it (measured on the 2-core Xeon here).
-  local amx=()
-  [ "${1:-}" = "--no-amx" ] && amx=("-DCMAKE_C_FLAGS=-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
-                                    "-DCMAKE_CXX_FLAGS=-mno-amx-tile -mno-amx-int8 -mno-amx-bf16")
-  cmake -S "$SOURCE" -B "$SOURCE/build" -DCMAKE_BUILD_TYPE=Release -DLLAMA_CURL=OFF -DGGML_NATIVE=ON \
-    -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_SERVER=OFF "${amx[@]}"
-  nice cmake --build "$SOURCE/build" -j"$(nproc)" --target llama-bench
-  "$SOURCE/build/bin/llama-bench" --help >/dev/null
-  echo "built $SOURCE/build/bin/llama-bench"
+  # --avx2: ggml's x86 code for an AVX2 + FMA CPU (Zen 3, Haswell to Alder Lake) and nothing newer,
+  # whatever this host has: the peer of our x86-64-v3 build when an AVX-512 host stands in for one.
+  local flags=(-DGGML_NATIVE=ON) build="$SOURCE/build"
+  [ "${1:-}" = "--no-amx" ] && flags+=("-DCMAKE_C_FLAGS=-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
+                                       "-DCMAKE_CXX_FLAGS=-mno-amx-tile -mno-amx-int8 -mno-amx-bf16")
+  [ "${1:-}" = "--avx2" ] && flags=(-DGGML_NATIVE=OFF -DGGML_SSE42=ON -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON
+                                    -DGGML_F16C=ON -DGGML_BMI2=ON -DGGML_AVX512=OFF) build="$SOURCE/build-avx2"
+  cmake -S "$SOURCE" -B "$build" -DCMAKE_BUILD_TYPE=Release -DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF \
+    -DLLAMA_BUILD_SERVER=OFF "${flags[@]}"
+  nice cmake --build "$build" -j"$(nproc)" --target llama-bench
+  "$build/bin/llama-bench" --help >/dev/null
+  echo "built $build/bin/llama-bench"
 }
 
 gpt2_vocab() {

@@ -10,8 +10,8 @@ import pytest
 from jax_gpt2 import kernels, load_weights
 from jax_gpt2.tools.bench import (
     LlamaPeer, bench_model_stem, bench_without_kernels, cpu_has_bf16_instructions, decode_bytes_per_step,
-    decode_only_rates, format_table, forward_flop_per_token, make_models, plot_results, run_benchmarks,
-    transformers_dtype_for, write_bench_model,
+    decode_only_rates, format_table, forward_flop_per_token, make_models, peer_isa_caps, plot_results, run_benchmarks,
+    torch_isa_note, transformers_dtype_for, write_bench_model,
 )  # fmt: skip
 from jax_gpt2.cli import main
 from jax_gpt2.config import PRESETS, GPT2Config
@@ -302,3 +302,16 @@ def test_the_bf16_dot_option_without_a_bf16_run_is_refused():
     config = GPT2Config(vocab_size=500, n_positions=64, n_embd=128, n_layer=2, n_head=2, bos_token_id=0, eos_token_id=0)
     with pytest.raises(ValueError, match="include bf16"):
         run_benchmarks(config, ["fp32"], [1], [], new_tokens=2, repeats=1, contexts=[], progress=False, bf16_dot=True)
+
+
+def test_a_peer_capped_to_avx2_is_named_beside_the_figures():
+    """On an AVX-512 host standing in for an AVX2 one, transformers' code is capped by environment
+    variables; the results record them and torch's ISA, and the table says so. Uncapped, it says nothing."""
+    environment = {"MKL_ENABLE_INSTRUCTIONS": "AVX2", "ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2", "HOME": "/x"}
+    caps = peer_isa_caps(environment)
+    assert caps == {"MKL_ENABLE_INSTRUCTIONS": "AVX2", "ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2"}
+    note = torch_isa_note({"torch_cpu_capability": "AVX2", "peer_isa_caps": caps})
+    assert note == ", code for AVX2 (ATEN_CPU_CAPABILITY=avx2, MKL_ENABLE_INSTRUCTIONS=AVX2, ONEDNN_MAX_CPU_ISA=AVX2)"
+    assert peer_isa_caps({"HOME": "/x"}) == {}
+    assert torch_isa_note({"torch_cpu_capability": "AVX512", "peer_isa_caps": {}}) == ""
+    assert torch_isa_note({}) == ""  # results written before the fields existed

@@ -21,7 +21,9 @@ from jax_gpt2.sampling import (
     apply_repetition_penalty,
     first_argmax,
     flags_for,
+    _fold_rows,
     next_tokens,
+    row_keys,
     runtime_flags,
     sampling_params,
     warp_for_sampling,
@@ -233,3 +235,25 @@ def test_an_inactive_rows_settings_switch_no_stage_on():
     assert (bool(flags.sample), bool(flags.filter), bool(flags.penalize)) == (False, False, False)
     flags = runtime_flags(params, jnp.array([True, True]))
     assert (bool(flags.sample), bool(flags.filter), bool(flags.penalize)) == (True, True, True)
+
+
+@pytest.mark.parametrize("seed", [0, 7, 2**31 - 1, 2**31, 2**32 - 1])
+def test_row_keys_are_fold_in_of_the_seed_key(seed):
+    """Each row's key is fold_in(PRNGKey(seed), index), computed eagerly here one row at a time, for
+    seeds at both ends of the range and counts on both sides of a power-of-two width."""
+    for count in (1, 2, 3, 5, 8, 9):
+        indices = list(range(3, 3 + count))
+        expected_B2 = np.stack([np.asarray(jax.random.fold_in(jax.random.PRNGKey(seed), i)) for i in indices])
+        keys_B2 = row_keys(seed, indices)
+        assert keys_B2.dtype == np.uint32
+        assert keys_B2.shape == (count, 2)
+        np.testing.assert_array_equal(keys_B2, expected_B2)
+
+
+def test_row_keys_compile_once_per_power_of_two_width():
+    _fold_rows.clear_cache()
+    for count in (5, 6, 7, 8):
+        row_keys(count, range(count))
+    assert _fold_rows._cache_size() == 1  # every count from 5 to 8 shares width 8
+    row_keys(1, range(9))
+    assert _fold_rows._cache_size() == 2

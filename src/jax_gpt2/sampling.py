@@ -97,14 +97,29 @@ def _is_real(value) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, bool) and bool(np.isfinite(value))
 
 
+@jax.jit
+def _fold_rows(seed: jax.Array, indices_W: jax.Array) -> jax.Array:
+    """fold_in(PRNGKey(seed), index) for each index, as one compiled call: eager, the vmap alone was
+    traced on every call (~1 ms of Python per `generate` call or server request)."""
+    assert seed.dtype == jnp.uint32  # PRNGKey of a uint32 seed is [0, seed], as of a Python int in range
+    assert indices_W.dtype == jnp.int32
+    return jax.vmap(jax.random.fold_in, in_axes=(None, 0))(jax.random.PRNGKey(seed), indices_W)
+
+
 def row_keys(seed: int, indices) -> np.ndarray:
     """The random key of each row (uint32, (len(indices), 2)): fold_in(PRNGKey(seed), index). Row i of
     `generate(..., seed=s)` and the server's choice i of a request with seed s share it, so each
     samples alike alone or batched; each step then folds in the row's own step count."""
     indices = np.asarray(indices, np.int32)
     assert indices.ndim == 1
-    keys_B2 = np.asarray(jax.vmap(jax.random.fold_in, in_axes=(None, 0))(jax.random.PRNGKey(seed), indices))
-    assert keys_B2.shape == (len(indices), 2)
+    assert 0 <= seed <= MAX_SEED, "check_settings bounds the seed"
+    count = len(indices)
+    width = 1 << max(0, count - 1).bit_length()  # power-of-two widths: one compile per width, not per count
+    padded_W = np.zeros(width, np.int32)
+    padded_W[:count] = indices
+    keys_B2 = np.asarray(_fold_rows(np.uint32(seed), padded_W))[:count]
+    assert keys_B2.shape == (count, 2)
+    assert keys_B2.dtype == np.uint32
     return keys_B2
 
 

@@ -390,7 +390,22 @@ def machine_info() -> dict:
     return dict(
         cpu=cpu, cores=os.cpu_count(), jax=jax.__version__, torch=torch.__version__,
         torch_threads=torch.get_num_threads(), device=str(jax.devices()[0]), device_kind=jax.devices()[0].device_kind,
+        torch_cpu_capability=torch.backends.cpu.get_cpu_capability(), peer_isa_caps=peer_isa_caps(os.environ),
     )  # fmt: skip
+
+
+# Environment variables that cap the instruction set of transformers' CPU code (PyTorch's own kernels,
+# MKL's GEMMs, oneDNN's): set to AVX2 on an AVX-512 host, they make transformers the peer of our
+# x86-64-v3 build, as on an AVX2-only CPU.
+PEER_ISA_VARIABLES = ("ATEN_CPU_CAPABILITY", "MKL_ENABLE_INSTRUCTIONS", "ONEDNN_MAX_CPU_ISA")
+
+
+def peer_isa_caps(environment) -> dict[str, str]:
+    """The PEER_ISA_VARIABLES set in `environment`, so a result says which code transformers ran."""
+    caps = {name: environment[name] for name in PEER_ISA_VARIABLES if name in environment}
+    assert all(isinstance(value, str) for value in caps.values())
+    assert set(caps) <= set(PEER_ISA_VARIABLES)
+    return caps
 
 
 # CPU feature flags (Linux /proc/cpuinfo) of the instructions that multiply bfloat16 natively.
@@ -674,13 +689,22 @@ def llama_ratios(run: dict) -> dict:
     return ratios
 
 
+def torch_isa_note(machine: dict) -> str:
+    """", code for AVX2 (ATEN_CPU_CAPABILITY=avx2, ...)": torch's ISA where the run capped it, else ""
+    (older results carry neither field)."""
+    caps = machine.get("peer_isa_caps") or {}
+    if not caps:
+        return ""
+    assert "torch_cpu_capability" in machine
+    return f", code for {machine['torch_cpu_capability']} (" + ", ".join(f"{k}={v}" for k, v in sorted(caps.items())) + ")"
+
+
 def format_table(results: dict) -> str:
     """The results as a plain-text table: figures, ratio to transformers (and llama.cpp), roofline fraction."""
     machine, path = results["machine"], results["kernels"]
     lines = [
         f"machine: {machine['cpu']}, {machine['cores']} cores, jax {machine['jax']} on {machine['device_kind']}, "
-        f"torch {machine['torch']} "
-        f"({machine['torch_threads']} threads); read bandwidth best {results['bandwidth_gbs']:.1f} GB/s, median "
+        f"torch {machine['torch']} ({machine['torch_threads']} threads{torch_isa_note(machine)}); read bandwidth best {results['bandwidth_gbs']:.1f} GB/s, median "
         f"{results['bandwidth_median_gbs']:.1f} GB/s of {len(results['bandwidth_samples_gbs'])} samples in this run",
         f"kernels: {'available' if path['available'] else 'not available'} here (ISA {path['isa']}, "
         f"{path['threads']} threads); KV cache {results['kv_dtype']}",
