@@ -832,7 +832,7 @@ needs_bf16_dot = pytest.mark.skipif(
     reason="the bf16 dot path needs the kernels built with AVX512_BF16 (no avx512_bf16 in /proc/cpuinfo here)",
 )
 DOT_SHAPES = [(37, 63), (769, 200), (768, 64)]  # odd I: a last pair padded with zero; O short of whole tiles
-DOT_ROWS = [16, 23, 49, 100]  # at the GEMM threshold, past the 6-row register block and the 48-row unit
+DOT_ROWS = [16, 23, 49, 100]  # at the dot threshold, past the 6-row register block and the 48-row unit
 
 
 def bf16_dot_matrix(w_IO: np.ndarray) -> PackedMatrix:
@@ -866,7 +866,7 @@ def test_bf16_dot_rounds_activation_ties_to_even():
 def test_bf16_dot_below_the_gemm_threshold_is_the_exact_bf16_path(M):
     """Decode-sized matmuls keep the exact widening path, bit for bit (on any host with the kernels:
     the target exists in every build)."""
-    assert M < native.gemm_min_rows()
+    assert M < native.dot_min_rows()
     packed = pack_matrix(random_weight_IO(769, 200), jnp.bfloat16)
     x_MI = jnp.asarray(random_x_MI(M, 769))
     dot_MO = packed_matmul(x_MI, dataclasses.replace(packed, dot=True), use_kernel=True)
@@ -906,9 +906,9 @@ def test_bf16_weights_without_the_option_are_the_exact_path(tiny):
 
 @needs_bf16_dot
 def test_bf16_dot_model_at_batch_1_below_the_threshold_is_the_exact_bf16_model(gpt2_shape):
-    """A prompt of fewer tokens than the GEMM threshold (and so every decode step at batch 1): every
+    """A prompt of fewer tokens than the dot threshold (and so every decode step at batch 1): every
     matmul takes the exact path, so the logits are the exact bf16 model's, bit for bit."""
-    ids_BT = gpt2_shape.random_ids(1, native.gemm_min_rows() - 1)
+    ids_BT = gpt2_shape.random_ids(1, native.dot_min_rows() - 1)
     dot = load_weights(gpt2_shape.folder, dtype=jnp.bfloat16, bf16_dot=True)
     exact = load_weights(gpt2_shape.folder, dtype=jnp.bfloat16)
     assert dot.bf16_dot
@@ -1009,7 +1009,7 @@ def test_int8_dot_matmul_is_float64_math_on_int8_quantized_activations(I, O, M):
 
 @needs_int8_dot
 def test_int8_dot_rows_do_not_depend_on_their_neighbours():
-    """Each row is quantized alone and summed exactly: from the GEMM threshold on, a row's result is
+    """Each row is quantized alone and summed exactly: from the dot threshold on, a row's result is
     the same among any other rows, bit for bit."""
     packed = int8_dot_matrix(random_weight_IO(300, 130))
     x_MI = random_x_MI(40, 300)
@@ -1021,7 +1021,7 @@ def test_int8_dot_rows_do_not_depend_on_their_neighbours():
 @needs_kernels
 @pytest.mark.parametrize("M", [1, 7, 15])
 def test_int8_dot_below_the_gemm_threshold_is_the_exact_int8_path(M):
-    assert M < native.gemm_min_rows()
+    assert M < native.dot_min_rows()
     packed = pack_matrix(random_weight_IO(769, 200), jnp.int8)
     x_MI = jnp.asarray(random_x_MI(M, 769))
     dot_MO = packed_matmul(x_MI, dataclasses.replace(packed, dot=True), use_kernel=True)
@@ -1059,7 +1059,7 @@ def test_int8_weights_without_the_option_are_the_exact_path(tiny):
 
 @needs_int8_dot
 def test_int8_dot_model_at_batch_1_below_the_threshold_is_the_exact_int8_model(gpt2_shape):
-    ids_BT = gpt2_shape.random_ids(1, native.gemm_min_rows() - 1)
+    ids_BT = gpt2_shape.random_ids(1, native.dot_min_rows() - 1)
     dot = load_weights(gpt2_shape.folder, dtype=jnp.int8, int8_dot=True)
     exact = load_weights(gpt2_shape.folder, dtype=jnp.int8)
     assert dot.int8_dot
@@ -1198,7 +1198,7 @@ def test_unsupported_dtype_is_a_value_error(dtype, tiny):
 @needs_kernels
 @pytest.mark.parametrize("name", MODEL_SHAPES)
 def test_a_long_prompt_through_the_gemm_path_matches_transformers(name, build_checkpoint, assert_matches_transformers):
-    """One 30-token row: every matmul has 30 rows, past the kernels' GEMM threshold (16)."""
+    """One 30-token row: every matmul has 30 rows, past every build's GEMM threshold (16 at most)."""
     import checkpoints
 
     checkpoint = build_checkpoint(name)

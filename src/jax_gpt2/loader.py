@@ -106,7 +106,7 @@ def load_weights(
     Megatron-style, and never packed (sharding.py says why); a one-device mesh changes nothing.
 
     bf16_dot=True (dtype bfloat16 only; off by default) is a prefill and scoring option: matmuls of
-    many rows (at least the kernels' GEMM threshold, kernels.native.gemm_min_rows(); not batch-1
+    many rows (at least the dot threshold, kernels.native.dot_min_rows(); not batch-1
     decode) round the activations to bfloat16, as transformers' bf16 path does, and multiply by the
     host's bf16 dot-product instructions (AVX512_BF16's vdpbf16ps), nearly twice as fast. Logits then
     move by the activation rounding (docs/guides/kernels.md gives the measured error) and a row's
@@ -119,7 +119,7 @@ def load_weights(
     inputs) and multiply by AVX512_VNNI's integer dot products (vpdpbusd), as llama.cpp's q8_0
     does, about four times the float32 FMA rate. Logits move by the activation rounding
     (docs/guides/gemm.md gives the measured error and the perplexity change); a row's result depends
-    only on itself from the GEMM threshold on. Refused where it cannot run (no kernels, a mesh, a CPU
+    only on itself from the dot threshold on. Refused where it cannot run (no kernels, a mesh, a CPU
     or build without AVX512_VNNI). The default weight-only int8 path stays the reference.
     """
     folder = resolve_model_dir(name_or_path)

@@ -23,7 +23,7 @@ contiguous run and reads every weight byte once per call. int8 tiles are symmetr
 column: w_IO[i, o] ~ tiles * scale[o], scale = max |w[:, o]| / 127. Only the weights are narrowed
 ("weight-only" bf16 / int8); activations stay float32, except under the opt-in dot options
 (`PackedMatrix.dot`, static, decided at load like use_kernels): matmuls of at least the kernels'
-GEMM threshold of rows (prefill, scoring; not batch-1 decode) narrow x to the tiles' dtype too and
+dot threshold of rows (prefill, scoring; not batch-1 decode) narrow x to the tiles' dtype too and
 multiply by that dtype's dot-product instructions. bf16 tiles round x to bf16 for AVX512_BF16's
 vdpbf16ps, as transformers' bf16 path does, nearly twice as fast; a row's result then depends on
 how many rows share the call (batch invariance is lost). int8 tiles quantize x to int8 per row and

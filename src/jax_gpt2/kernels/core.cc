@@ -291,7 +291,8 @@ inline void PrefetchAhead(const T* values, int64_t count) {
 // build 3 rows 22.4 -> 17.8, 4 rows 23.6 -> 19.6, 6 rows 23.7 -> 21.7, but 8 rows 22.4 against 25.3 and
 // 12 rows 27.0 against 30.0 in pieces' favour (7 rows alike). 8 KiB pieces measure at least as well as
 // 16 or 32. Only float32: bfloat16 and int8 at these batches are bound by widening, which each block
-// repeats, and pieces measure slower for them; from kGemmMinRows rows the GEMM path below runs instead.
+// repeats, and pieces measure slower for them. From GemmMinRows<W>() rows the GEMM path below runs
+// instead: on x86 every float32 matmul since the GEMM asks for its weights ahead (the figures there).
 constexpr int64_t kPiecesMinPasses = 6;
 constexpr int64_t kPieceBytes = 8192;
 constexpr int64_t kPieceRowsMax = 32;  // the waiting accumulators: 32 rows x 64 columns, 8 KiB of stack
@@ -430,7 +431,7 @@ void OneTile(const float* x_MI, int64_t M, int64_t I, const W* tiles_GIC, const 
 constexpr int kGemmRows = 6;     // 6 rows x 64 columns: 24 accumulators of 32 zmm; 4 weight loads
 constexpr int kGemmVectors = 4;  // and 6 broadcasts per 24 FMAs
 constexpr int64_t kPanelRows = 256;       // 64 KiB, from L2
-constexpr int64_t kNarrowPanelRows = 64;  // (unused: see TakesGemm)
+constexpr int64_t kNarrowPanelRows = 64;  // bfloat16 from 8 rows (GemmMinRows), widened into L1
 #elif defined(__AVX2__) && defined(__FMA__)
 constexpr int kGemmRows = 6;     // 6 x 16: 12 accumulators of 16 ymm; 2 weight loads and 6
 constexpr int kGemmVectors = 2;  // broadcasts per 12 FMAs
@@ -451,14 +452,42 @@ constexpr int64_t kGemmColumns = kGemmVectors * kLanes;
 constexpr int64_t kGemmBlockRows = 8 * kGemmRows;
 static_assert(kTileColumns % kGemmColumns == 0, "passes must cover a tile exactly");
 
-// From how many rows of x a matmul takes the GEMM path. Below it, decode is bound by memory, and the
-// matvec path's prefetched pieces keep it streaming: at 8 rows the GEMM is up to 1.8x slower, at 16
-// they are even, at 32 the GEMM leads (AVX2 build, kernel_ab_probe.cc). A probe may build with another
-// (-DJAX_GPT2_GEMM_MIN_ROWS=N) to time both paths at one M; results are the same either way.
-#ifndef JAX_GPT2_GEMM_MIN_ROWS
-#define JAX_GPT2_GEMM_MIN_ROWS 16
+// From how many rows of x a matmul of W tiles takes the GEMM path rather than the matvec path
+// (OneTile; kNever: at no M). Since the GEMM asks for its next panel's weights while it works on one
+// (NextPanel), it streams a decode step's weights from memory at least as fast as the matvec path.
+// One decode step's 49 matmuls, weights cold, both paths in turns (kernel_ab_probe.cc, 2 threads, the
+// 2-core Xeon, best ms, matvec -> GEMM): float32 on AVX-512 at 1 row 19.4 -> 17.3, 2 rows 18.2 -> 17.7,
+// 4 rows 20.3 -> 18.8, 8 rows 26.3 -> 21.8, 12 rows 28.9 -> 23.4; float32 on the AVX2 build 1: 17.9 ->
+// 16.6, 2: 21.5 -> 16.9, 4: 24.0 -> 17.1, 8: 25.3 -> 21.4. Narrow tiles gain once enough rows share
+// each panel widened. On AVX2, where widening in registers halves the FMA rate: bfloat16 from 2 rows
+// (1: 9.4 -> 10.3, slower; 2: 12.2 -> 11.6; 8: 22.3 -> 16.7), int8 from 4 (3: 8.6 -> 9.7, slower; 4:
+// 12.0 -> 10.5; 8: 18.0 -> 14.2). On AVX-512 the matvec path's blocks are already the GEMM's 6 rows x
+// 64 columns and widen in registers on ports the FMAs leave idle: bfloat16 from 8 rows (6: 12.1 ->
+// 12.9, slower; 8: 14.3 -> 12.7; 16: 20.9 -> 18.2; 32: 34.1 -> 30.4; 128: 113.7 -> 115.6, even), int8
+// never (1: 4.7 -> 5.8; 8: 9.6 -> 10.4; 12: 11.6 -> 12.1; 128: 108.4 -> 111.8). Before the GEMM asked
+// ahead, the matvec path led below 16 rows; NEON and the generic build, not measured since, keep 16.
+// A probe may build with -DJAX_GPT2_GEMM_MIN_ROWS=N (every dtype) to time both paths at one M; the
+// results are bit for bit the same either way (each column sums over i in order on both).
+constexpr int64_t kNever = std::numeric_limits<int64_t>::max();
+template <typename W>
+constexpr int64_t GemmMinRows() {
+#if defined(JAX_GPT2_GEMM_MIN_ROWS)
+  return JAX_GPT2_GEMM_MIN_ROWS;
+#elif defined(__AVX512F__)
+  if constexpr (std::is_same_v<W, float>) return 1;
+  if constexpr (std::is_same_v<W, uint16_t>) return 8;
+  return kNever;
+#elif defined(__x86_64__) && defined(__AVX2__) && defined(__FMA__)
+  if constexpr (std::is_same_v<W, float>) return 1;
+  if constexpr (std::is_same_v<W, uint16_t>) return 2;
+  return 4;
+#else
+  return 16;
 #endif
-constexpr int64_t kGemmMinRows = JAX_GPT2_GEMM_MIN_ROWS;
+}
+
+// From how many rows the bf16 and int8 dot options take their dot paths (fewer: the exact paths).
+constexpr int64_t kDotMinRows = 16;
 
 // `lines` 64-byte lines of memory from `at`: weights to ask for (into L2) before they are read.
 struct Ahead {
@@ -665,17 +694,10 @@ void Gemm(const float* x_MI, int64_t M, int64_t I, const W* tiles_GIC, const flo
   });
 }
 
-// Whether W's matmuls of M rows take the GEMM path. Not bfloat16 or int8 on AVX-512: there the
-// matvec path's blocks are already 6 rows x the whole 64-column tile (the GEMM's own shape), and
-// widening in registers, on ports the FMAs leave idle, measures ~20% faster than widening once into a
-// panel and reading it back. On AVX2 widening in registers halves the speed, so there the GEMM widens
-// each panel once (1 thread, M = 128, bf16: ~40% of the FMA peak by the matvec path, ~75% by the GEMM).
+// Whether W's matmuls of M rows take the GEMM path (GemmMinRows says from when, and why).
 template <typename W>
 bool TakesGemm(int64_t M) {
-#if defined(__AVX512F__)
-  if constexpr (!std::is_same_v<W, float>) return false;
-#endif
-  return M >= kGemmMinRows;
+  return M >= GemmMinRows<W>();
 }
 
 template <typename W>
@@ -703,7 +725,7 @@ inline __mmask16 FirstLanes(int64_t count) {
 // twice the flops of a float32 FMA: the paths above widen bf16 weights and multiply in float32, exact
 // on the rounded weights but capped at the FMA peak. The price: x loses its low 16 bits (as in
 // transformers' bf16 matmuls, oneDNN's vdpbf16ps kernels), and the sums run over pairs of inputs, in
-// another order than the exact path's, which still runs below kGemmMinRows rows: a row's result
+// another order than the exact path's, which still runs below kDotMinRows rows: a row's result
 // depends on M, so batch invariance is lost for this option.
 //
 // vdpbf16ps multiplies the two bf16 halves of each 32-bit lane of one operand by those of the other,
@@ -948,7 +970,7 @@ void AmxGemm(const float* x_MI, int64_t M, int64_t I, const uint16_t* tiles_GIC,
 // out a panel at a time as quad_KC, 64 bytes of four rows per 16 columns, by byte and word unpacks
 // within 128-bit lanes, so lane 4L + m of vector j holds column 16L + 4j + m; QuadFinish puts the
 // columns back. I pads to whole blocks with zero inputs, whose weights (any) add nothing.
-// A row's result depends only on the row itself: batch invariance holds from GemmMinRows() rows on,
+// A row's result depends only on the row itself: batch invariance holds from DotMinRows() rows on,
 // and below that the exact path runs, whose results differ from these.
 #if defined(__AVX512VNNI__)
 constexpr int64_t kQuantInputs = 256;              // inputs per activation scale: one panel
@@ -1760,9 +1782,9 @@ void PackedMatmulBf16Dot(const float* x_MI, int64_t M, int64_t I, const uint16_t
                          TilePool& pool, Epilogue epilogue) {
 #if defined(__AVX512BF16__)
 #if JAX_GPT2_AMX
-  if (M >= kGemmMinRows && AmxUsable()) return AmxGemm(x_MI, M, I, tiles_GIC, O, y_MO, epilogue, pool);
+  if (M >= kDotMinRows && AmxUsable()) return AmxGemm(x_MI, M, I, tiles_GIC, O, y_MO, epilogue, pool);
 #endif
-  if (M >= kGemmMinRows) return DotGemm(x_MI, M, I, tiles_GIC, O, y_MO, epilogue, pool);
+  if (M >= kDotMinRows) return DotGemm(x_MI, M, I, tiles_GIC, O, y_MO, epilogue, pool);
 #endif
   Matmul<uint16_t>(x_MI, M, I, tiles_GIC, nullptr, O, y_MO, epilogue, pool);
 }
@@ -1770,7 +1792,7 @@ void PackedMatmulBf16Dot(const float* x_MI, int64_t M, int64_t I, const uint16_t
 void PackedMatmulInt8Dot(const float* x_MI, int64_t M, int64_t I, const int8_t* tiles_GIC, const float* scale_Q,
                          int64_t O, float* y_MO, TilePool& pool, Epilogue epilogue) {
 #if defined(__AVX512VNNI__)
-  if (M >= kGemmMinRows) return QuadGemm(x_MI, M, I, tiles_GIC, scale_Q, O, y_MO, epilogue, pool);
+  if (M >= kDotMinRows) return QuadGemm(x_MI, M, I, tiles_GIC, scale_Q, O, y_MO, epilogue, pool);
 #endif
   Matmul<int8_t>(x_MI, M, I, tiles_GIC, scale_Q, O, y_MO, epilogue, pool);
 }
@@ -1791,7 +1813,7 @@ bool HasBf16Dot() {
 #endif
 }
 
-int64_t GemmMinRows() { return kGemmMinRows; }
+int64_t DotMinRows() { return kDotMinRows; }
 
 void LogSumExpRows(const float* x_MV, int64_t M, int64_t V, float* lse_M, TilePool& pool, int64_t k,
                    int32_t* top_ids_MK, float* top_values_MK) {

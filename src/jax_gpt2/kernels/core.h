@@ -99,7 +99,7 @@ void PackedMatmul(const float* x_MI, int64_t M, int64_t I, const int8_t* tiles_G
 
 // The bf16 dot option (opt-in; core.cc's "bf16 dot path"): y_MO ~ x_MI @ W for bfloat16 tiles with x
 // rounded to bfloat16 (nearest even) and the products summed in pairs by AVX512_BF16's vdpbf16ps,
-// where M >= GemmMinRows() and this build has the instructions (HasBf16Dot()); otherwise exactly
+// where M >= DotMinRows() and this build has the instructions (HasBf16Dot()); otherwise exactly
 // PackedMatmul's bfloat16 path. A row's result then depends on M.
 void PackedMatmulBf16Dot(const float* x_MI, int64_t M, int64_t I, const uint16_t* tiles_GIC, int64_t O, float* y_MO,
                          TilePool& pool, Epilogue epilogue = {});
@@ -109,7 +109,7 @@ bool HasBf16Dot();
 
 // The int8 dot option (opt-in; core.cc's "int8 dot path"): y_MO ~ x_MI @ W for int8 tiles with x
 // quantized to int8 per row and per block of 256 inputs (scale max|x| / 127, nearest even) and the
-// products summed exactly in integers by AVX512_VNNI's vpdpbusd, where M >= GemmMinRows() and this
+// products summed exactly in integers by AVX512_VNNI's vpdpbusd, where M >= DotMinRows() and this
 // build has the instructions (HasInt8Dot()); otherwise exactly PackedMatmul's int8 path.
 void PackedMatmulInt8Dot(const float* x_MI, int64_t M, int64_t I, const int8_t* tiles_GIC, const float* scale_Q,
                          int64_t O, float* y_MO, TilePool& pool, Epilogue epilogue = {});
@@ -117,8 +117,9 @@ void PackedMatmulInt8Dot(const float* x_MI, int64_t M, int64_t I, const int8_t* 
 // Whether this build was compiled with AVX512_VNNI (so PackedMatmulInt8Dot can take its dot path).
 bool HasInt8Dot();
 
-// From how many rows of x a matmul takes the GEMM path (and PackedMatmulBf16Dot its dot path).
-int64_t GemmMinRows();
+// From how many rows of x the dot options (PackedMatmulBf16Dot, PackedMatmulInt8Dot) take their dot
+// paths; fewer rows (decode) take the exact paths.
+int64_t DotMinRows();
 
 // The host's arithmetic ceiling as this build sees it: floating-point operations per second (2 per
 // fused multiply-add lane) of 12 independent chains of vector FMAs per thread, over every thread of

@@ -325,7 +325,7 @@ void TestBatchInvariance(TilePool& pool) {
   }
 }
 
-// The bf16 dot option: where the build has AVX512_BF16 and M >= GemmMinRows(), float64 math on x
+// The bf16 dot option: where the build has AVX512_BF16 and M >= DotMinRows(), float64 math on x
 // rounded to bfloat16 (nearest, ties to even: the first two values of every row are ties, 1 + 2^-8
 // rounds down to 1, -(1 + 3 2^-8) up to -(1 + 2^-6)) times the rounded weights, within the same 1e-5
 // (the sum of two exact bf16 products per step adds no error of its own); below that M, or without the
@@ -346,7 +346,7 @@ void TestBf16Dot(TilePool& pool, const std::vector<TilePool*>& other_pools) {
     }
     std::string what = "bf16dot I=" + std::to_string(I) + " O=" + std::to_string(O) + " M=" + std::to_string(M);
     std::vector<float> y_MO = RunMatmul(p, "bf16dot", x_MI, M, pool);
-    if (jax_gpt2::HasBf16Dot() && M >= jax_gpt2::GemmMinRows()) {
+    if (jax_gpt2::HasBf16Dot() && M >= jax_gpt2::DotMinRows()) {
       std::vector<float> rounded_MI(x_MI.size());
       for (size_t k = 0; k < x_MI.size(); ++k) rounded_MI[k] = FromBfloat16(ToBfloat16(x_MI[k]));
       CheckProduct(rounded_MI, p.rounded_bf16, y_MO, M, I, O, what);
@@ -393,12 +393,12 @@ QuantizedProduct Int8DotReference(const Packed& p, const std::vector<float>& x_M
   return r;
 }
 
-// The int8 dot option: where the build has AVX512_VNNI and M >= GemmMinRows(), the reference above
+// The int8 dot option: where the build has AVX512_VNNI and M >= DotMinRows(), the reference above
 // within 1e-5 of its magnitude, and the float32 product of the rounded weights within the quantization
 // bound (plus float32's own); below that M, or without the instructions, the exact int8 path bit for
 // bit. I across block edges and not a multiple of 4, M past the register block and the 48-row unit, O
 // short of whole tiles, an outlier that only its own block pays for; padding columns kept out; the
-// same result from every pool; and from GemmMinRows() rows on, each row equal to the row among others.
+// same result from every pool; and from DotMinRows() rows on, each row equal to the row among others.
 void TestInt8Dot(TilePool& pool, const std::vector<TilePool*>& other_pools) {
   const int64_t cases[][3] = {{1, 1, 16},   {37, 65, 17},  {255, 130, 16}, {256, 64, 49}, {257, 200, 23},
                               {769, 63, 100}, {768, 130, 48}, {300, 130, 15}, {37, 65, 1}};
@@ -409,7 +409,7 @@ void TestInt8Dot(TilePool& pool, const std::vector<TilePool*>& other_pools) {
     x_MI[0] = 40.0f;  // an outlier in row 0's first block
     std::string what = "i8dot I=" + std::to_string(I) + " O=" + std::to_string(O) + " M=" + std::to_string(M);
     std::vector<float> y_MO = RunMatmul(p, "i8dot", x_MI, M, pool);
-    if (jax_gpt2::HasInt8Dot() && M >= jax_gpt2::GemmMinRows()) {
+    if (jax_gpt2::HasInt8Dot() && M >= jax_gpt2::DotMinRows()) {
       QuantizedProduct reference = Int8DotReference(p, x_MI, M);
       double worst = 0.0, worst_bound = 0.0;
       for (int64_t m = 0; m < M; ++m)

@@ -368,7 +368,7 @@ extern "C" int jax_gpt2_has_bf16_dot() { return jax_gpt2::HasBf16Dot() ? 1 : 0; 
 extern "C" int jax_gpt2_has_int8_dot() { return jax_gpt2::HasInt8Dot() ? 1 : 0; }
 
 // From how many rows of x the matmuls take the GEMM path (and the bf16 dot target its dot path).
-extern "C" int64_t jax_gpt2_gemm_min_rows() { return jax_gpt2::GemmMinRows(); }
+extern "C" int64_t jax_gpt2_dot_min_rows() { return jax_gpt2::DotMinRows(); }
 
 // The host's FMA peak as this build's kernels see it (core.h: MeasureFmaPeak), in GFLOP/s over the
 // kernels' own pool, for the bench to judge compute-bound rows by. About `seconds` long.

@@ -26,7 +26,7 @@ def packed_matmul(
     finished (core.h's Epilogue), so no separate pass over the (M, O) result; the XLA form takes none
     of them (layers.linear applies them there, in the same order).
 
-    With `packed.dot` (kernels only), M >= native.gemm_min_rows() narrows x to the tiles' dtype:
+    With `packed.dot` (kernels only), M >= native.dot_min_rows() narrows x to the tiles' dtype:
     bfloat16 tiles round x to bfloat16 and sum the products in pairs by AVX512_BF16's vdpbf16ps, as
     transformers' bf16 path does (the result then depends on M: batch invariance is lost); int8
     tiles quantize x to int8 per row and block of 256 inputs and sum exactly in integers by

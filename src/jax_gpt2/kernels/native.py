@@ -241,13 +241,13 @@ def has_int8_dot(march: str = "native") -> bool:
     return has
 
 
-def gemm_min_rows(march: str = "native") -> int:
-    """From how many rows of x (batch x tokens) a matmul takes the GEMM path, and the bf16 dot
-    option its dot path (fewer rows: the exact path, as at batch-1 decode)."""
+def dot_min_rows(march: str = "native") -> int:
+    """From how many rows of x (batch x tokens) the bf16 and int8 dot options take their dot paths
+    (fewer rows: the exact paths, as at batch-1 decode)."""
     library = load_library(march)
     assert library is not None, "the kernels are unavailable here"
-    library.jax_gpt2_gemm_min_rows.restype = ctypes.c_int64
-    rows = int(library.jax_gpt2_gemm_min_rows())
+    library.jax_gpt2_dot_min_rows.restype = ctypes.c_int64
+    rows = int(library.jax_gpt2_dot_min_rows())
     assert rows >= 1
     return rows
 
