@@ -10,8 +10,8 @@ import pytest
 from jax_gpt2 import kernels, load_weights
 from jax_gpt2.tools.bench import (
     LlamaPeer, bench_model_stem, bench_without_kernels, cpu_has_bf16_instructions, decode_bytes_per_step,
-    decode_only_rates, format_table, forward_flop_per_token, make_models, peer_isa_caps, plot_results, run_benchmarks,
-    torch_isa_note, transformers_dtype_for, write_bench_model,
+    bf16_peer_note, decode_only_rates, format_table, forward_flop_per_token, make_models, peer_has_bf16_instructions,
+    peer_isa_caps, plot_results, run_benchmarks, torch_isa_note, transformers_dtype_for, write_bench_model,
 )  # fmt: skip
 from jax_gpt2.cli import main
 from jax_gpt2.config import PRESETS, GPT2Config
@@ -68,7 +68,7 @@ def test_narrowed_dtypes_run_against_transformers_nearest_form(tmp_path):
     config = GPT2Config(vocab_size=500, n_positions=64, n_embd=128, n_layer=2, n_head=2, bos_token_id=0, eos_token_id=0)
     results = run_benchmarks(config, ["bf16", "int8"], [1], [8], new_tokens=4, repeats=1, contexts=[], progress=False)
     assert [run["dtype"] for run in results["runs"]] == ["bf16", "int8"]
-    bf16_peer = "torch.bfloat16" if cpu_has_bf16_instructions() is not False else "torch.float32"
+    bf16_peer = "torch.bfloat16" if peer_has_bf16_instructions() is not False else "torch.float32"
     assert [run["transformers_dtype"] for run in results["runs"]] == [bf16_peer, "torch.float32"]
     for run in results["runs"]:
         assert 0 <= run["decode"][0]["token_agreement"] <= 1
@@ -315,3 +315,17 @@ def test_a_peer_capped_to_avx2_is_named_beside_the_figures():
     assert peer_isa_caps({"HOME": "/x"}) == {}
     assert torch_isa_note({"torch_cpu_capability": "AVX512", "peer_isa_caps": {}}) == ""
     assert torch_isa_note({}) == ""  # results written before the fields existed
+
+
+def test_a_peer_capped_below_bf16_instructions_compares_with_float32():
+    """Capped to AVX2, transformers' bf16 is emulated (one bench row took 7 minutes so on a Zen 3):
+    our bf16 is then compared with its float32, as on a CPU without the instructions, and the note says why."""
+    assert peer_has_bf16_instructions(ZEN4_FLAGS, {}) is True
+    assert peer_has_bf16_instructions(ZEN4_FLAGS, {"ONEDNN_MAX_CPU_ISA": "AVX2"}) is False
+    assert peer_has_bf16_instructions(ZEN4_FLAGS, {"ATEN_CPU_CAPABILITY": "avx2"}) is False
+    assert peer_has_bf16_instructions(ZEN4_FLAGS, {"ONEDNN_MAX_CPU_ISA": "AVX512_CORE_AMX"}) is True
+    assert peer_has_bf16_instructions(ZEN3_FLAGS, {}) is False
+    assert bf16_peer_note("fp32", "bf16", {"ONEDNN_MAX_CPU_ISA": "AVX2"}) == "fp32: its code is capped below bf16 instructions"
+    assert bf16_peer_note("fp32", "bf16", {}) == "fp32: this CPU has no bf16 instructions"
+    assert bf16_peer_note("bf16", "bf16", {}) == ""
+    assert bf16_peer_note("fp32", "int8", {"ONEDNN_MAX_CPU_ISA": "AVX2"}) == ""

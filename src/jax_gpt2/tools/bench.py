@@ -424,6 +424,35 @@ def cpu_has_bf16_instructions(cpuinfo: str | None = None) -> bool | None:
     return any(flag in flags for flag in BF16_CPU_FLAGS)
 
 
+# Values of PEER_ISA_VARIABLES that cap transformers' CPU code below the first x86 ISA with bfloat16
+# dot products (AVX512_BF16): under any of them its bf16 matmuls are emulated, as on a Zen 3.
+CAPS_WITHOUT_BF16 = {
+    "ATEN_CPU_CAPABILITY": {"DEFAULT", "AVX2"},
+    "MKL_ENABLE_INSTRUCTIONS": {"SSE4_2", "AVX", "AVX2"},
+    "ONEDNN_MAX_CPU_ISA": {"SSE41", "AVX", "AVX2", "AVX2_VNNI"},
+}
+
+
+def peer_has_bf16_instructions(cpuinfo: str | None = None, environment=None) -> bool | None:
+    """Whether transformers can use bfloat16 instructions here: the CPU has them
+    (cpu_has_bf16_instructions) and no PEER_ISA_VARIABLES cap keeps its code below them."""
+    environment = os.environ if environment is None else environment
+    caps = peer_isa_caps(environment)
+    if any(value.upper() in CAPS_WITHOUT_BF16[name] for name, value in caps.items()):
+        return False
+    has = cpu_has_bf16_instructions(cpuinfo)
+    assert has in (True, False, None)
+    return has
+
+
+def bf16_peer_note(hf_dtype: str, dtype: str, caps: dict[str, str]) -> str:
+    """Why transformers ran float32 for our bf16, if it did ("" otherwise)."""
+    assert hf_dtype in ("fp32", "bf16")
+    if hf_dtype == dtype or dtype != "bf16":
+        return ""
+    return "fp32: its code is capped below bf16 instructions" if caps else "fp32: this CPU has no bf16 instructions"
+
+
 def transformers_dtype_for(dtype: str, torch_device: str, bf16_instructions: bool | None) -> str:
     """transformers' nearest form of a jax-gpt2 dtype: "bf16" for bf16, except on a CPU without
     bfloat16 instructions, where PyTorch emulates them so slowly (one bench row took 7 minutes on a
@@ -573,14 +602,14 @@ def bench_dtype(
     weights = load_quietly(state, config, dtype, pack=False if on_mesh else None, dot=dot)
     if on_mesh:
         weights = place_weights(weights, config, mesh)
-    hf_dtype = transformers_dtype_for(dtype, torch_device, cpu_has_bf16_instructions())
+    hf_dtype = transformers_dtype_for(dtype, torch_device, peer_has_bf16_instructions())
     hf_model = transformers_model_for(model, hf_dtype).to(torch_device)
     with tempfile.TemporaryDirectory() as cache_dir:
         cold_s, warm_s = first_token_s(config, weights, cache_dir)
     tick()
     run = dict(dtype=dtype, packed=weights.lm_head_DV is not None, transformers_dtype=str(hf_model.dtype))
     run["bf16_dot"], run["int8_dot"] = weights.bf16_dot, weights.int8_dot
-    run["transformers_note"] = "fp32: this CPU has no bf16 instructions" if hf_dtype != dtype and dtype == "bf16" else ""
+    run["transformers_note"] = bf16_peer_note(hf_dtype, dtype, peer_isa_caps(os.environ))
     run["transformers_device"] = str(hf_model.device)
     run.update(execution_path(weights), matrix_dtype=matrix_dtype_name(weights))
     run.update(jax_cold_first_token_s=cold_s, jax_warm_first_token_s=warm_s, decode=[], prefill=[], scoring=[])
