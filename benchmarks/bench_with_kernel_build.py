@@ -14,10 +14,11 @@ from jax_gpt2.kernels import native
 
 def use_kernel_build(march: str) -> None:
     """Point this process's kernels at the build for `march` (call before any kernel is traced)."""
-    available, name, isa = native.kernels_available, native.target_name, native.kernel_isa
+    available, name, isa, peak = native.kernels_available, native.target_name, native.kernel_isa, native.fma_peak_gflops
     native.kernels_available = lambda march_=march: available(march_)
     native.target_name = lambda kernel, march_=march: name(kernel, march_)
     native.kernel_isa = lambda _="native": isa(march)  # what bench records as the path that ran
+    native.fma_peak_gflops = lambda seconds=0.3: peak(seconds, march)  # this build's ceiling, not the host's
     assert native.kernels_available(), f"the {march} build is unavailable"
     print(f"kernels: {march} build, ISA {native.kernel_isa(march)}", file=sys.stderr)
 

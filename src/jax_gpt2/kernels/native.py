@@ -206,12 +206,13 @@ def kernel_isa(march: str = "native") -> str | None:
     return isa
 
 
-def fma_peak_gflops(seconds: float = 0.3) -> float | None:
-    """The arithmetic ceiling of this host as the kernels see it: GFLOP/s of 12 independent vector
-    FMA chains on every thread of the kernels' pool (best of the runs that fit in ~`seconds`), or
-    None where the kernels are unavailable. A busy host lowers it; the bench samples it through a run."""
+def fma_peak_gflops(seconds: float = 0.3, march: str = "native") -> float | None:
+    """The arithmetic ceiling of this host as the kernels for `march` see it: GFLOP/s of 12
+    independent vector FMA chains (that build's vectors: an x86-64-v3 build's ymm on an AVX-512 host)
+    on every thread of the kernels' pool (best of the runs that fit in ~`seconds`), or None where
+    the kernels are unavailable. A busy host lowers it; the bench samples it through a run."""
     assert 0 < seconds < 60
-    library = load_library("native")
+    library = load_library(march)
     if library is None:
         return None
     library.jax_gpt2_fma_peak_gflops.restype = ctypes.c_double
