@@ -367,7 +367,7 @@ extern "C" int jax_gpt2_has_bf16_dot() { return jax_gpt2::HasBf16Dot() ? 1 : 0; 
 // Whether this build has the int8 dot path (AVX512_VNNI's vpdpbusd); the same rule as above.
 extern "C" int jax_gpt2_has_int8_dot() { return jax_gpt2::HasInt8Dot() ? 1 : 0; }
 
-// From how many rows of x the matmuls take the GEMM path (and the bf16 dot target its dot path).
+// From how many rows of x the dot options take their dot paths (the exact paths below that).
 extern "C" int64_t jax_gpt2_dot_min_rows() { return jax_gpt2::DotMinRows(); }
 
 // The host's FMA peak as this build's kernels see it (core.h: MeasureFmaPeak), in GFLOP/s over the
