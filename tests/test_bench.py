@@ -327,5 +327,7 @@ def test_a_peer_capped_below_bf16_instructions_compares_with_float32():
     assert peer_has_bf16_instructions(ZEN3_FLAGS, {}) is False
     assert bf16_peer_note("fp32", "bf16", {"ONEDNN_MAX_CPU_ISA": "AVX2"}) == "fp32: its code is capped below bf16 instructions"
     assert bf16_peer_note("fp32", "bf16", {}) == "fp32: this CPU has no bf16 instructions"
+    # a cap that leaves bf16 instructions in is not why: the CPU is
+    assert bf16_peer_note("fp32", "bf16", {"ONEDNN_MAX_CPU_ISA": "AVX512_CORE_AMX"}) == "fp32: this CPU has no bf16 instructions"
     assert bf16_peer_note("bf16", "bf16", {}) == ""
     assert bf16_peer_note("fp32", "int8", {"ONEDNN_MAX_CPU_ISA": "AVX2"}) == ""

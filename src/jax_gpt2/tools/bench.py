@@ -433,12 +433,17 @@ CAPS_WITHOUT_BF16 = {
 }
 
 
+def caps_keep_out_bf16(caps: dict[str, str]) -> bool:
+    """Whether any of peer_isa_caps' caps keeps transformers' code below bfloat16 instructions."""
+    assert set(caps) <= set(CAPS_WITHOUT_BF16)
+    return any(value.upper() in CAPS_WITHOUT_BF16[name] for name, value in caps.items())
+
+
 def peer_has_bf16_instructions(cpuinfo: str | None = None, environment=None) -> bool | None:
     """Whether transformers can use bfloat16 instructions here: the CPU has them
     (cpu_has_bf16_instructions) and no PEER_ISA_VARIABLES cap keeps its code below them."""
     environment = os.environ if environment is None else environment
-    caps = peer_isa_caps(environment)
-    if any(value.upper() in CAPS_WITHOUT_BF16[name] for name, value in caps.items()):
+    if caps_keep_out_bf16(peer_isa_caps(environment)):
         return False
     has = cpu_has_bf16_instructions(cpuinfo)
     assert has in (True, False, None)
@@ -450,7 +455,9 @@ def bf16_peer_note(hf_dtype: str, dtype: str, caps: dict[str, str]) -> str:
     assert hf_dtype in ("fp32", "bf16")
     if hf_dtype == dtype or dtype != "bf16":
         return ""
-    return "fp32: its code is capped below bf16 instructions" if caps else "fp32: this CPU has no bf16 instructions"
+    if caps_keep_out_bf16(caps):
+        return "fp32: its code is capped below bf16 instructions"
+    return "fp32: this CPU has no bf16 instructions"
 
 
 def transformers_dtype_for(dtype: str, torch_device: str, bf16_instructions: bool | None) -> str:
