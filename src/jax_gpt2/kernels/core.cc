@@ -498,11 +498,10 @@ struct Ahead {
 // rows (<= R) rows of x times the columns [column, column + kGemmColumns) of a kc-row panel, x's element
 // (r, i) at x[r * row_stride + i * input_stride] (bfloat16 widened as it is read); accumulators from
 // held_MC (zero when first) and back to it. The GEMM's register block, which attention reuses with
-// strides of its own. It asks for `ahead` (the weights a later pass reads) as it goes: one line per
-// input row where that covers them (a prefill's passes: lines <= kc), as one prefetch and no loop
-// of its own, since a counted loop in the inner loop cost ~8% of the block's FMA rate (a 6 x 64
-// block over an L1 panel, 1 thread: 172 -> 158 GFLOP/s); several lines per row otherwise (decode's
-// few passes, bound by memory anyway).
+// strides of its own. It asks for `ahead` (the weights a later pass reads) as it goes, per_row lines
+// for each of its first input rows: a prefill's passes need one line a row or less, so the inner
+// loop pays a compare and one prefetch, where a counted loop over the lines of each row had cost ~8%
+// of the block's FMA rate (6 x 64 over an L1 panel, 1 thread, AVX-512: 172 -> 158 GFLOP/s).
 template <int R, bool kAsks = false, typename X>
 inline void StridedPass(int64_t rows, const X* x, int64_t row_stride, int64_t input_stride, const float* panel_IC,
                         int64_t kc, int64_t column, float* held_MC, bool first, Ahead ahead = {}) {
@@ -510,40 +509,33 @@ inline void StridedPass(int64_t rows, const X* x, int64_t row_stride, int64_t in
     if (rows < R)
       return StridedPass<R - 1, kAsks>(rows, x, row_stride, input_stride, panel_IC, kc, column, held_MC, first, ahead);
   }
+  const int64_t per_row = (ahead.lines + kc - 1) / kc;
+  const int64_t asking_rows = per_row == 0 ? 0 : (ahead.lines + per_row - 1) / per_row;
   VF acc[R][kGemmVectors] = {};
   if (!first) {
     for (int r = 0; r < R; ++r)
       for (int j = 0; j < kGemmVectors; ++j) acc[r][j] = Load<VF>(held_MC + r * kTileColumns + column + j * kLanes);
   }
-  const float* w_panel = panel_IC + column;
-  auto step = [&](int64_t i) __attribute__((always_inline)) {
+  const float* w_row = panel_IC + column;
+#pragma GCC unroll 2
+  for (int64_t i = 0; i < kc; ++i, w_row += kTileColumns) {
+    if constexpr (kAsks) {  // (attention's passes ask for nothing: no compare in theirs)
+      if (i < asking_rows) {
+        const char* line = ahead.at + i * per_row * 64;
+        __builtin_prefetch(line, 0, 2);
+        for (int64_t k = 1; k < per_row; ++k) __builtin_prefetch(line + k * 64, 0, 2);  // decode's few passes
+      }
+    }
     VF w[kGemmVectors];
 #pragma GCC unroll 8
-    for (int j = 0; j < kGemmVectors; ++j) w[j] = Load<VF>(w_panel + i * kTileColumns + j * kLanes);
+    for (int j = 0; j < kGemmVectors; ++j) w[j] = Load<VF>(w_row + j * kLanes);
 #pragma GCC unroll 16
     for (int r = 0; r < R; ++r) {
       VF xi = Splat(WidenOne(x[r * row_stride + i * input_stride]));
 #pragma GCC unroll 8
       for (int j = 0; j < kGemmVectors; ++j) acc[r][j] += w[j] * xi;
     }
-  };
-  int64_t i = 0;
-  if constexpr (kAsks) {  // (attention's passes ask for nothing)
-    if (ahead.lines <= kc) {
-      for (; i < ahead.lines; ++i) {
-        __builtin_prefetch(ahead.at + i * 64, 0, 2);
-        step(i);
-      }
-    } else {
-      const int64_t per_row = (ahead.lines + kc - 1) / kc;
-      for (; i < kc; ++i) {
-        for (int64_t line = i * per_row; line < std::min(ahead.lines, (i + 1) * per_row); ++line)
-          __builtin_prefetch(ahead.at + line * 64, 0, 2);
-        step(i);
-      }
-    }
   }
-  for (; i < kc; ++i) step(i);
   for (int r = 0; r < R; ++r)
     for (int j = 0; j < kGemmVectors; ++j) Store(held_MC + r * kTileColumns + column + j * kLanes, acc[r][j], kLanes);
 }
