@@ -25,6 +25,7 @@ import numpy as np
 import pytest
 from decode_cases import decode_rows
 
+from jax_gpt2 import layers
 from jax_gpt2.kernels import native
 from jax_gpt2.layers import cached_attention
 
@@ -371,6 +372,70 @@ def test_the_top_k_target_refuses_k_past_the_row(march):
 
 
 # --- which build is which ------------------------------------------------------------------------
+
+
+# --- layer norm of rows --------------------------------------------------------------------------
+
+NORM_WIDTHS = [1, 15, 16, 17, 37, 768, 1600]  # around every vector width, gpt2's and gpt2-xl's D
+
+
+def kernel_layer_norm(x_MD: np.ndarray, scale_D: np.ndarray, bias_D: np.ndarray, eps: float, march: str) -> np.ndarray:
+    result = jax.ShapeDtypeStruct(x_MD.shape, jnp.float32)
+    call = jax.ffi.ffi_call(native.target_name("layer_norm_rows", march), result, vmap_method="sequential")
+    return np.asarray(call(jnp.asarray(x_MD), jnp.asarray(scale_D), jnp.asarray(bias_D), eps=np.float32(eps)))
+
+
+def float64_layer_norm(x_MD: np.ndarray, scale_D: np.ndarray, bias_D: np.ndarray, eps: float) -> np.ndarray:
+    x_MD = x_MD.astype(np.float64)
+    centered_MD = x_MD - x_MD.mean(axis=1, keepdims=True)
+    variance_M1 = (centered_MD**2).mean(axis=1, keepdims=True)  # biased, as torch.nn.LayerNorm
+    return centered_MD / np.sqrt(variance_M1 + eps) * scale_D + bias_D
+
+
+def norm_inputs(M: int, D: int, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Rows off-centre (mean 30, std 3: a residual stream's drift) and a random affine map."""
+    rng = np.random.default_rng(seed)
+    x_MD = rng.normal(30.0, 3.0, (M, D)).astype(np.float32)
+    return x_MD, rng.normal(1.0, 0.5, D).astype(np.float32), rng.normal(0.0, 0.5, D).astype(np.float32)
+
+
+@pytest.mark.parametrize("D", NORM_WIDTHS)
+def test_every_build_normalises_rows_like_float64_math(march, D):
+    """Within 2e-6 plus 2^-20 of the value, XLA's float32 layer norm alike. A 1-wide row has no spread:
+    it normalises to exactly its bias."""
+    x_MD, scale_D, bias_D = norm_inputs(5, D, seed=D)
+    exact_MD = float64_layer_norm(x_MD, scale_D, bias_D, 1e-5)
+    bound_MD = 2e-6 + np.abs(exact_MD) * 2.0**-20
+    xla_MD = np.asarray(layers.layer_norm(jnp.asarray(x_MD), jnp.asarray(scale_D), jnp.asarray(bias_D), 1e-5))
+    for name, out_MD in [(march, kernel_layer_norm(x_MD, scale_D, bias_D, 1e-5, march)), ("xla", xla_MD)]:
+        assert out_MD.dtype == np.float32
+        error = np.abs(out_MD - exact_MD).max()
+        assert (np.abs(out_MD - exact_MD) <= bound_MD).all(), f"{name} D={D}: error {error:.3g}"
+    if D == 1:
+        only_bias_MD = np.broadcast_to(bias_D, (5, 1))
+        np.testing.assert_array_equal(kernel_layer_norm(x_MD, scale_D, bias_D, 1e-5, march), only_bias_MD)
+
+
+def test_every_build_normalises_a_row_the_same_alone_and_among_others(march):
+    x_MD, scale_D, bias_D = norm_inputs(19, 768, seed=3)
+    together_MD = kernel_layer_norm(x_MD, scale_D, bias_D, 1e-5, march)
+    for m in (0, 8, 9, 18):  # the first and last rows of the kernel's tasks of 8 rows, and the odd one out
+        alone_1D = kernel_layer_norm(x_MD[m : m + 1], scale_D, bias_D, 1e-5, march)
+        np.testing.assert_array_equal(alone_1D[0], together_MD[m])
+
+
+def test_every_build_adds_eps_to_the_variance_before_the_root(march):
+    """eps = 0.5 against rows of variance ~1: eps misplaced or dropped moves every value by ~20%."""
+    x_MD, scale_D, bias_D = norm_inputs(3, 40, seed=4)
+    x_MD = (x_MD - 30.0) / 3.0
+    exact_MD = float64_layer_norm(x_MD, scale_D, bias_D, 0.5)
+    np.testing.assert_allclose(kernel_layer_norm(x_MD, scale_D, bias_D, 0.5, march), exact_MD, rtol=0, atol=2e-6)
+
+
+def test_the_layer_norm_target_refuses_a_scale_of_the_wrong_width(march):
+    x_MD, scale_D, bias_D = norm_inputs(2, 16, seed=5)
+    with pytest.raises(Exception, match="scale and bias"):
+        kernel_layer_norm(x_MD, scale_D[:15], bias_D, 1e-5, march)
 
 
 def test_each_build_reports_the_vector_unit_it_targets(march):

@@ -45,8 +45,8 @@ ACTIVATION_TOLERANCE = dict(rtol=2e-6, atol=2e-6)
 # The calls into jax_gpt2.layers (and the cache it attends over), in one place
 
 
-def ours_layer_norm(x_BTD, ln: torch.nn.LayerNorm) -> np.ndarray:
-    out_BTD = layers.layer_norm(jnp.asarray(x_BTD), as_jax(ln.weight), as_jax(ln.bias), ln.eps)
+def ours_layer_norm(x_BTD, ln: torch.nn.LayerNorm, use_kernels: bool = False) -> np.ndarray:
+    out_BTD = layers.layer_norm(jnp.asarray(x_BTD), as_jax(ln.weight), as_jax(ln.bias), ln.eps, use_kernels)
     return np.asarray(out_BTD)
 
 
@@ -183,14 +183,16 @@ def real_queries(visible_BTS: np.ndarray) -> np.ndarray:
 # Layer norm and activations
 
 
+@pytest.mark.parametrize("use_kernels", [False, True], ids=["xla", "kernel"])
 @pytest.mark.parametrize("eps", [1e-5, 0.5])  # 0.5: a dropped or misplaced eps moves the output visibly
-def test_layer_norm_matches_torch_layer_norm(eps, assert_matches_transformers):
+def test_layer_norm_matches_torch_layer_norm(eps, use_kernels, assert_matches_transformers):
     D = 24
     ln = randomize(torch.nn.LayerNorm(D, eps=eps), seed=1)
     x_BTD = random_inputs(2, 5, D)
     with torch.no_grad():
         reference_BTD = ln(torch.as_tensor(x_BTD)).numpy()
-    assert_matches_transformers(ours_layer_norm(x_BTD, ln), reference_BTD, what="layer norm", check_argmax=False)
+    ours_BTD = ours_layer_norm(x_BTD, ln, use_kernels)
+    assert_matches_transformers(ours_BTD, reference_BTD, what="layer norm", check_argmax=False)
 
 
 def activation_inputs() -> np.ndarray:

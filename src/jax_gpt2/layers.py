@@ -19,11 +19,18 @@ from jax_gpt2.weights import PackedMatrix
 PRECISION = jax.lax.Precision.HIGHEST
 
 
-def layer_norm(x_BTD: jax.Array, scale_D: jax.Array, bias_D: jax.Array, eps: float) -> jax.Array:
-    """LayerNorm over the last axis with biased variance, as torch.nn.LayerNorm computes it."""
+def layer_norm(
+    x_BTD: jax.Array, scale_D: jax.Array, bias_D: jax.Array, eps: float, use_kernels: bool = False
+) -> jax.Array:  # fmt: skip
+    """LayerNorm over the last axis with biased variance, as torch.nn.LayerNorm computes it: by the
+    native kernel for float32 activations where the weights use the kernels, else by XLA."""
     assert x_BTD.shape[-1] == scale_D.shape[0]
     assert scale_D.shape == bias_D.shape
     assert eps > 0
+    if use_kernels and x_BTD.dtype == jnp.float32:
+        D = x_BTD.shape[-1]
+        out_MD = kernels.layer_norm_rows(x_BTD.reshape(-1, D), scale_D, bias_D, eps)
+        return out_MD.reshape(x_BTD.shape)
     # Normalise in float32 even for bf16 activations: the variance of a 768-wide row loses too much in bf16.
     x32_BTD = x_BTD.astype(jnp.float32)
     mean_BT1 = jnp.mean(x32_BTD, axis=-1, keepdims=True)

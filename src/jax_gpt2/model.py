@@ -89,7 +89,7 @@ def block(
     assert D == config.n_embd
     assert w.qkv_w_DE.shape == (D, 3 * D)
     assert 0 <= cache_layer < cache.k_LBNSH.shape[0]
-    h_BTD = layer_norm(x_BTD, w.ln1_scale_D, w.ln1_bias_D, config.layer_norm_epsilon)
+    h_BTD = layer_norm(x_BTD, w.ln1_scale_D, w.ln1_bias_D, config.layer_norm_epsilon, use_kernels)
     qkv_BTE = linear(h_BTD, w.qkv_w_DE, w.qkv_b_E, use_kernels)
     q_BTNH, k_BTNH, v_BTNH = split_qkv(qkv_BTE, config, model_shards(mesh))
     k_LBNSH = kvcache.write_layer(cache.k_LBNSH, cache_layer, cache.end_B, k_BTNH)
@@ -110,7 +110,7 @@ def finish_block(
     assert attn_BTNH.shape == (B, T, config.n_head, config.head_dim)
     # Both residual adds inside the matmuls that produce their terms (the kernels' epilogue).
     x_BTD = linear(attn_BTNH.reshape(B, T, D), w.attn_out_w_DD, w.attn_out_b_D, use_kernels, residual_BTO=x_BTD)
-    h_BTD = layer_norm(x_BTD, w.ln2_scale_D, w.ln2_bias_D, config.layer_norm_epsilon)
+    h_BTD = layer_norm(x_BTD, w.ln2_scale_D, w.ln2_bias_D, config.layer_norm_epsilon, use_kernels)
     x_BTD = mlp(
         h_BTD, w.fc_w_DF, w.fc_b_F, w.proj_w_FD, w.proj_b_D, config.activation_function, use_kernels, x_BTD
     )  # fmt: skip
@@ -170,7 +170,9 @@ def transformer(
 ) -> tuple[jax.Array, KVCache]:
     """Run T new tokens through every block; returns the final hidden states after ln_f, and the cache."""
     streams_BTD, new_cache = residual_streams(ids_BT, cache, weights, config)
-    hidden_BTD = layer_norm(streams_BTD[-1], weights.lnf_scale_D, weights.lnf_bias_D, config.layer_norm_epsilon)
+    hidden_BTD = layer_norm(
+        streams_BTD[-1], weights.lnf_scale_D, weights.lnf_bias_D, config.layer_norm_epsilon, weights.use_kernels
+    )
     assert hidden_BTD.shape == (*ids_BT.shape, config.n_embd)
     return hidden_BTD, new_cache
 

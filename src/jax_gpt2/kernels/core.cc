@@ -1858,6 +1858,56 @@ void LogSumExpRows(const float* x_MV, int64_t M, int64_t V, float* lse_M, TilePo
   });
 }
 
+// ---------------------------------------------------------------------------------------------
+// Layer norm of rows (before each block's attention and MLP, and before the lm_head). XLA ran it as
+// five passes over the whole (M, D) block, one fusion each (the mean, the centering, the sum of
+// squares, the rsqrt, the affine map), ~0.6 ms a layer norm for a 512-token gpt2 prompt on the
+// 2-core Xeon, 15 ms of a 385 ms prefill; here each row is read three times while it is in L1.
+constexpr int64_t kNormRowsPerTask = 8;
+
+// Sum of x[0, D) - shift, in lanes and then across them: one fixed order for a given D.
+float RowSumAround(const float* x, int64_t D, float shift, bool squares) {
+  VF lanes = {};
+  const VF center = Splat(shift);
+  int64_t d = 0;
+  for (; d + kLanes <= D; d += kLanes) {
+    const VF v = Load<VF>(x + d) - center;
+    lanes += squares ? v * v : v;
+  }
+  if (d < D) {
+    const VF v = LoadPart(x + d, D - d, shift) - center;  // the fill is exactly zero once centered
+    lanes += squares ? v * v : v;
+  }
+  return Sum(lanes);
+}
+
+// The mean is summed around the row's first value: a residual stream's rows sit off zero (mean 30,
+// spread 3, say), and summing their raw values in few lanes (SSE2's 4: 192 values ~30 each) lost
+// ~5e-6 of the output to rounding; around x[0] the terms are the spread's size.
+void LayerNormRow(const float* x, int64_t D, const float* scale, const float* bias, float eps, float* out) {
+  const float mean = x[0] + RowSumAround(x, D, x[0], false) / static_cast<float>(D);
+  const float variance = RowSumAround(x, D, mean, true) / static_cast<float>(D);  // biased, as torch's
+  const VF inverse = Splat(1.0f / std::sqrt(variance + eps)), center = Splat(mean);
+  int64_t d = 0;
+  for (; d + kLanes <= D; d += kLanes)
+    Store(out + d, (Load<VF>(x + d) - center) * inverse * Load<VF>(scale + d) + Load<VF>(bias + d), kLanes);
+  if (d < D) {
+    const VF v = (LoadPart(x + d, D - d, 0.0f) - center) * inverse * LoadPart(scale + d, D - d, 0.0f);
+    Store(out + d, v + LoadPart(bias + d, D - d, 0.0f), D - d);
+  }
+}
+
+void LayerNormRows(const float* x_MD, int64_t M, int64_t D, const float* scale_D, const float* bias_D, float eps,
+                   float* out_MD, TilePool& pool) {
+  assert(M >= 1);
+  assert(D >= 1);
+  assert(eps > 0);
+  pool.Run((M + kNormRowsPerTask - 1) / kNormRowsPerTask, [&](int64_t task) {
+    for (int64_t m = task * kNormRowsPerTask; m < std::min(M, (task + 1) * kNormRowsPerTask); ++m)
+      LayerNormRow(x_MD + m * D, D, scale_D, bias_D, eps, out_MD + m * D);
+  });
+}
+
 void DecodeAttention(const float* q_BNH, const float* k_LBNSH, const float* v_LBNSH, const int32_t* start_B,
                      const int32_t* end_B, CacheShape shape, int64_t rows, int64_t layer, float scale,
                      float* out_BNH, TilePool& pool) {

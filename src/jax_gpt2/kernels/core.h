@@ -133,6 +133,12 @@ double MeasureFmaPeak(TilePool& pool, double seconds);
 // XLA's top_k orders them; a row holding a NaN: unspecified), into top_ids_MK / top_values_MK.
 void LogSumExpRows(const float* x_MV, int64_t M, int64_t V, float* lse_M, TilePool& pool, int64_t k = 0,
                    int32_t* top_ids_MK = nullptr, float* top_values_MK = nullptr);
+// out_MD = (x - mean) / sqrt(var + eps) * scale_D + bias_D for each row of D values, var the mean
+// square of the centered values (biased, as torch.nn.LayerNorm), in float32; each row by one thread
+// in one order, so a row's result never depends on M or on the other rows.
+void LayerNormRows(const float* x_MD, int64_t M, int64_t D, const float* scale_D, const float* bias_D, float eps,
+                   float* out_MD, TilePool& pool);
+
 struct CacheShape {
   int64_t L, B, N, S, H;
 };

@@ -850,6 +850,42 @@ void TestTopOfRows(TilePool& pool) {
   }
 }
 
+// Layer norm of rows against float64 math (biased variance, torch.nn.LayerNorm's), rows off-centre
+// (mean 30, spread 3) as a residual stream's are; each row alone the same as among others, and the
+// same over every pool.
+void TestLayerNormRows(TilePool& pool, const std::vector<TilePool*>& other_pools) {
+  for (int64_t D : {1, 3, 16, 17, 37, 768, 1600}) {
+    const int64_t M = 11;
+    std::vector<float> x_MD = Normal(M * D, static_cast<uint32_t>(D) + 7);
+    std::vector<float> scale_D = Normal(D, 1), bias_D = Normal(D, 2);
+    for (float& value : x_MD) value = 30.0f + 3.0f * value;
+    std::vector<float> out_MD(M * D);
+    jax_gpt2::LayerNormRows(x_MD.data(), M, D, scale_D.data(), bias_D.data(), 1e-5f, out_MD.data(), pool);
+    for (int64_t m = 0; m < M; ++m) {
+      const float* x = x_MD.data() + m * D;
+      double mean = 0.0, variance = 0.0;
+      for (int64_t d = 0; d < D; ++d) mean += x[d] / static_cast<double>(D);
+      for (int64_t d = 0; d < D; ++d) variance += (x[d] - mean) * (x[d] - mean) / static_cast<double>(D);
+      double worst = 0.0;
+      for (int64_t d = 0; d < D; ++d) {
+        const double exact = (x[d] - mean) / std::sqrt(variance + 1e-5) * scale_D[d] + bias_D[d];
+        worst = std::max(worst, std::fabs(out_MD[m * D + d] - exact) - std::ldexp(std::fabs(exact), -20));
+      }
+      Expect(worst <= 2e-6, "layer norm D=" + std::to_string(D) + " row " + std::to_string(m) + ": error past " +
+                                "the bound by " + std::to_string(worst - 2e-6));
+      std::vector<float> alone_D(D);
+      jax_gpt2::LayerNormRows(x, 1, D, scale_D.data(), bias_D.data(), 1e-5f, alone_D.data(), pool);
+      Expect(std::equal(alone_D.begin(), alone_D.end(), out_MD.begin() + m * D),
+             "layer norm D=" + std::to_string(D) + ": a row alone differs from it among others");
+    }
+    for (TilePool* other : other_pools) {
+      std::vector<float> again_MD(M * D);
+      jax_gpt2::LayerNormRows(x_MD.data(), M, D, scale_D.data(), bias_D.data(), 1e-5f, again_MD.data(), *other);
+      Expect(again_MD == out_MD, "layer norm D=" + std::to_string(D) + ": another pool gives another result");
+    }
+  }
+}
+
 }  // namespace
 
 int main() {
@@ -871,6 +907,7 @@ int main() {
   TestPrefillAttention(two, others);
   TestLogSumExpRows(two, others);
   TestTopOfRows(two);
+  TestLayerNormRows(two, others);
   std::printf("core_test %s: %d of %d checks passed\n", jax_gpt2::TargetIsa(), checks - failures, checks);
   return failures == 0 ? 0 : 1;
 }

@@ -254,6 +254,24 @@ ffi::Error LogSumExpTopRowsOf(ffi::Buffer<ffi::F32> x, ffi::ResultBuffer<ffi::F3
 }
 
 // ---------------------------------------------------------------------------------------------
+// Layer norm of rows: x (M, D), scale (D,), bias (D,) float32; attribute eps (float32 > 0); out (M, D).
+
+ffi::Error LayerNormRowsOf(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> scale, ffi::Buffer<ffi::F32> bias, float eps,
+                           ffi::ResultBuffer<ffi::F32> out) {
+  auto x_dims = x.dimensions(), out_dims = out->dimensions();
+  if (x_dims.size() != 2 || out_dims.size() != 2 || out_dims[0] != x_dims[0] || out_dims[1] != x_dims[1])
+    return ffi::Error::InvalidArgument("layer_norm_rows: expected x and out (M, D)");
+  if (scale.dimensions().size() != 1 || bias.dimensions().size() != 1 || scale.dimensions()[0] != x_dims[1] ||
+      bias.dimensions()[0] != x_dims[1])
+    return ffi::Error::InvalidArgument("layer_norm_rows: expected scale and bias (D,)");
+  if (x_dims[0] < 1 || x_dims[1] < 1) return ffi::Error::InvalidArgument("layer_norm_rows: x has no values");
+  if (!(eps > 0)) return ffi::Error::InvalidArgument("layer_norm_rows: eps must be positive");
+  jax_gpt2::LayerNormRows(x.typed_data(), x_dims[0], x_dims[1], scale.typed_data(), bias.typed_data(), eps,
+                          out->typed_data(), Pool());
+  return ffi::Error::Success();
+}
+
+// ---------------------------------------------------------------------------------------------
 // Host masks: structured output's grammar masks, asked of the host between one decode step's pick and
 // the next step's logits. table (1,) int32 (which of the host's mask writers), token (W,) int32 (each
 // row's last pick), picks (W,) int32 (how many tokens the row has picked: the last is number picks);
@@ -340,6 +358,14 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxGpt2LogSumExpTopRows, LogSumExpTopRowsOf,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxGpt2LayerNormRows, LayerNormRowsOf,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Attr<float>("eps")
                                   .Ret<ffi::Buffer<ffi::F32>>());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxGpt2HostMasks, HostMasksOf,

@@ -51,6 +51,7 @@ TARGETS = {
     "prefill_attention_bf16": ("JaxGpt2PrefillAttentionBF16", "jax_gpt2_prefill_attention_bf16"),
     "logsumexp_rows": ("JaxGpt2LogSumExpRows", "jax_gpt2_logsumexp_rows"),
     "logsumexp_top_rows": ("JaxGpt2LogSumExpTopRows", "jax_gpt2_logsumexp_top_rows"),
+    "layer_norm_rows": ("JaxGpt2LayerNormRows", "jax_gpt2_layer_norm_rows"),
     "host_masks": ("JaxGpt2HostMasks", "jax_gpt2_host_masks"),  # structured output's masks (host_masks.py)
 }
 assert set(WEIGHT_DTYPES.values()) <= set(TARGETS), "a matmul kernel for every weight dtype"
