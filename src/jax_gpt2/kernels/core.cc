@@ -465,7 +465,7 @@ constexpr int64_t kBandRows = JAX_GPT2_BAND_ROWS;
 constexpr int64_t BandRows(int64_t block_rows) { return std::max(block_rows, kBandRows / block_rows * block_rows); }
 
 // From how many rows of x a matmul of W tiles takes the GEMM path rather than the matvec path
-// (OneTile; kNever: at no M). Since the GEMM asks for its next panel's weights while it works on one
+// (OneTile). Since the GEMM asks for its next panel's weights while it works on one
 // (NextPanel), it streams a decode step's weights from memory at least as fast as the matvec path.
 // One decode step's 49 matmuls, weights cold, both paths in turns (kernel_ab_probe.cc, 2 threads, the
 // 2-core Xeon, best ms, matvec -> GEMM): float32 on AVX-512 at 1 row 19.4 -> 17.3, 2 rows 18.2 -> 17.7,
@@ -476,11 +476,13 @@ constexpr int64_t BandRows(int64_t block_rows) { return std::max(block_rows, kBa
 // 12.0 -> 10.5; 8: 18.0 -> 14.2). On AVX-512 the matvec path's blocks are already the GEMM's 6 rows x
 // 64 columns and widen in registers on ports the FMAs leave idle: bfloat16 from 8 rows (6: 12.1 ->
 // 12.9, slower; 8: 14.3 -> 12.7; 16: 20.9 -> 18.2; 32: 34.1 -> 30.4; 128: 113.7 -> 115.6, even), int8
-// never (1: 4.7 -> 5.8; 8: 9.6 -> 10.4; 12: 11.6 -> 12.1; 128: 108.4 -> 111.8). Before the GEMM asked
-// ahead, the matvec path led below 16 rows; NEON and the generic build, not measured since, keep 16.
+// from 16 (4: 5.4 -> 6.9, 8: 9.6 -> 10.5, 12: 11.8 -> 12.2 and 12.7 -> 12.9, slower; 16: 16.1 -> 15.8 and
+// 16.5 -> 16.2; 24: 21.6 -> 19.7; 32: 29.2 -> 26.7; 64: 58.5 -> 57.4; 512: 458.2 -> 432.5), which before
+// the GEMM's bands and its one-prefetch asks (2026-12-08) lost at every M (128: 108.4 -> 111.8).
+// Before the GEMM asked ahead at all, the matvec path led below 16 rows; NEON and the generic build,
+// not measured since, keep 16.
 // A probe may build with -DJAX_GPT2_GEMM_MIN_ROWS=N (every dtype) to time both paths at one M; the
 // results are bit for bit the same either way (each column sums over i in order on both).
-constexpr int64_t kNever = std::numeric_limits<int64_t>::max();
 template <typename W>
 constexpr int64_t GemmMinRows() {
 #if defined(JAX_GPT2_GEMM_MIN_ROWS)
@@ -488,7 +490,7 @@ constexpr int64_t GemmMinRows() {
 #elif defined(__AVX512F__)
   if constexpr (std::is_same_v<W, float>) return 1;
   if constexpr (std::is_same_v<W, uint16_t>) return 8;
-  return kNever;
+  return 16;
 #elif defined(__x86_64__) && defined(__AVX2__) && defined(__FMA__)
   if constexpr (std::is_same_v<W, float>) return 1;
   if constexpr (std::is_same_v<W, uint16_t>) return 2;
