@@ -713,7 +713,7 @@ def test_scoring_requests_are_prefilled_together_and_score_like_the_full_forward
 
 
 def test_a_shared_prefix_is_reused_and_gives_the_same_tokens(long_model):
-    """Two prompts sharing 150 tokens: the second restores two cached blocks (128 tokens) and prefills
+    """Two prompts sharing 150 tokens: the second restores the cached blocks they cover (144 tokens) and prefills
     the rest; its tokens equal an engine's without a prefix cache, and generate's."""
     weights, config, _ = long_model
     rng = np.random.default_rng(1)
@@ -726,7 +726,72 @@ def test_a_shared_prefix_is_reused_and_gives_the_same_tokens(long_model):
         ids = [engine.submit([sequence(prompt, 12)], collector)[0] for prompt in (first, second)]
         run_until_idle(engine)
         outputs.append([collector.ids(seq_id) for seq_id in ids])
-    assert with_cache.reused_tokens == 2 * PREFIX_BLOCK
+    assert with_cache.reused_tokens == 150 // PREFIX_BLOCK * PREFIX_BLOCK
     assert without.reused_tokens == 0
     assert outputs[0] == outputs[1]
     assert outputs[0][1] == reference(long_model, sequence(second, 12))
+
+
+def scored(engine: Engine, prompts, max_tokens: int = 1) -> list[tuple]:
+    """Each prompt's prompt logprobs (top 2), scored one request after another, as a harness sends them."""
+    entries = []
+    for prompt in prompts:
+        collector = Collector()
+        [seq_id] = engine.submit(
+            [SequenceRequest(tuple(prompt), SamplingSettings(max_new_tokens=max_tokens), prompt_logprobs=2)], collector
+        )  # fmt: skip
+        run_until_idle(engine)
+        entries.append(collector.events[seq_id][0].prompt_logprobs)
+    return entries
+
+
+# (context tokens, whether every chunk computed has 16 or more query slots): 70, batched first, then
+# chunks of 16 slots or more; 150, staged first, where a chunk of 8 slots comes up without the cache.
+@pytest.mark.parametrize("context_length, block_chunks_only", [(70, True), (150, False)])
+def test_scoring_prompts_after_one_context_reuse_its_scored_blocks_and_score_the_same(
+    long_model, context_length, block_chunks_only
+):
+    """A harness's multiple choice: one context, several continuations, each scored whole. The first
+    computes everything and keeps the context's whole blocks with their prompt logprobs; the others
+    restore them and compute from the blocks' last token on. Each prompt's logprobs equal an engine's
+    without a prefix cache: bit for bit with the kernels where every chunk has 16 query slots or more
+    (each row's and each query's sums are fixed whatever else a pass computes); a chunk of fewer
+    attends by the decode kernel's arithmetic, which rounds differently, so there to float32 rounding."""
+    weights, config, _ = long_model
+    rng = np.random.default_rng(7)
+    context = [int(t) for t in rng.integers(1, config.vocab_size, context_length)]
+    prompts = [context + [int(t) for t in rng.integers(1, config.vocab_size, n)] for n in (9, 4, 13)]
+    with_cache, without = make_engine(long_model), make_engine(long_model, prefix_cache_mib=0)
+    reused = scored(with_cache, prompts)
+    fresh = scored(without, prompts)
+    blocks = context_length // PREFIX_BLOCK
+    assert with_cache.reused_tokens == 2 * (blocks * PREFIX_BLOCK - 1)  # the last reused token is computed again
+    assert without.reused_tokens == 0
+    for got, expected in zip(reused, fresh):
+        assert [entry.token_id for entry in got] == [entry.token_id for entry in expected]
+        assert [[alt for alt, _, _ in entry.top] for entry in got] == [[alt for alt, _, _ in entry.top] for entry in expected]
+        got_T = np.array([entry.logprob for entry in got[1:]] + [value for entry in got for _, _, value in entry.top])
+        expected_T = np.array([entry.logprob for entry in expected[1:]] + [value for entry in expected for _, _, value in entry.top])
+        if weights.use_kernels and block_chunks_only:
+            np.testing.assert_array_equal(got_T, expected_T)
+        else:
+            np.testing.assert_allclose(got_T, expected_T, rtol=0, atol=1e-5)
+
+
+def test_blocks_a_generating_prompt_saved_carry_no_scores_until_a_scoring_prompt_computes_them(long_model):
+    """Keys and values alone cannot give a scoring prompt the logprobs of the block's tokens: a block
+    that a generating request saved is not reused for scoring; once a scoring prompt has computed the
+    same block, its scores are kept and the next scoring prompt reuses it."""
+    rng = np.random.default_rng(8)
+    weights, config, _ = long_model
+    context = [int(t) for t in rng.integers(1, config.vocab_size, 80)]
+    engine = make_engine(long_model)
+    engine.submit([sequence(context + [3, 4], 2)], Collector())
+    run_until_idle(engine)
+    assert engine.reused_tokens == 0
+    assert engine.prefix_cache.num_scored(context + [5], len(context)) == 0
+    scored(engine, [context + [5, 6, 7]])
+    assert engine.reused_tokens == 0
+    assert engine.prefix_cache.num_scored(context + [8], len(context)) == len(context) // PREFIX_BLOCK
+    scored(engine, [context + [8, 9]])
+    assert engine.reused_tokens == len(context) // PREFIX_BLOCK * PREFIX_BLOCK - 1

@@ -33,7 +33,7 @@ from jax_gpt2 import load_config, load_weights
 from jax_gpt2.generate import generate
 from jax_gpt2.tools.random_model import train_tokenizer
 from jax_gpt2.serve.engine import Engine
-from jax_gpt2.serve.slots import compiled_count
+from jax_gpt2.serve.slots import PREFIX_BLOCK, compiled_count
 from jax_gpt2.serve.protocol import ChatMessage
 from jax_gpt2.serve.routes import ServerLimits, chat_prompt, create_app
 from jax_gpt2.tokenizer import IncrementalDecoder, encode, load_tokenizer
@@ -500,19 +500,38 @@ def test_tokenize_and_detokenize_round_trip_against_the_tokenizer(server, model)
 
 
 def test_usage_reports_the_prompt_tokens_the_prefix_cache_supplied(server):
-    """The server saves 64-token blocks of prompts prefilled through staging; the same prompt again
-    takes its first whole block from the cache, and usage says so (OpenAI's prompt_tokens_details)."""
+    """The server saves whole blocks of prompts prefilled through staging; the same prompt again
+    takes its whole blocks but the last token's from the cache, and usage says so (OpenAI's
+    prompt_tokens_details)."""
     client = server.client()
-    prompt = list(range(200, 290))  # 90 token ids no other test sends: one whole block
+    prompt = list(range(200, 290))  # 90 token ids no other test sends
+    cached = 90 // PREFIX_BLOCK * PREFIX_BLOCK
     first = client.completions.create(model=MODEL_ID, prompt=prompt, max_tokens=2, temperature=0)
     again = client.completions.create(model=MODEL_ID, prompt=prompt, max_tokens=2, temperature=0)
     assert first.usage.prompt_tokens_details.cached_tokens == 0
-    assert again.usage.prompt_tokens_details.cached_tokens == 64
+    assert again.usage.prompt_tokens_details.cached_tokens == cached
     assert again.choices[0].text == first.choices[0].text
     stream = client.completions.create(model=MODEL_ID, prompt=prompt, max_tokens=2, temperature=0, stream=True,
                                        stream_options={"include_usage": True})  # fmt: skip
     usage = [chunk.usage for chunk in stream if chunk.usage is not None]
-    assert usage[-1].prompt_tokens_details.cached_tokens == 64
+    assert usage[-1].prompt_tokens_details.cached_tokens == cached
+
+
+def test_scoring_requests_sharing_a_context_reuse_its_blocks_and_echo_the_same_logprobs(server, model):
+    """As an evaluation harness scores multiple choice (echo, logprobs, one new token): the second
+    continuation of a context takes the context's whole blocks and their logprobs from the cache,
+    computing again only the last of them, and its context's logprobs are the first request's."""
+    client = server.client()
+    context = [int(t) for t in np.random.default_rng(11).integers(1, model.config.vocab_size, 40)]
+    replies = [client.completions.create(model=MODEL_ID, prompt=context + ending, max_tokens=1, temperature=0,
+                                         echo=True, logprobs=1) for ending in ([5, 6, 7], [8, 9])]  # fmt: skip
+    assert replies[0].usage.prompt_tokens_details.cached_tokens == 0
+    assert replies[1].usage.prompt_tokens_details.cached_tokens == 40 // PREFIX_BLOCK * PREFIX_BLOCK - 1
+    first, second = (reply.choices[0].logprobs for reply in replies)
+    assert second.token_logprobs[: len(context)] == pytest.approx(first.token_logprobs[: len(context)], abs=1e-5)
+    assert second.top_logprobs[1 : len(context)] == [
+        pytest.approx(top, abs=1e-5) for top in first.top_logprobs[1 : len(context)]
+    ]  # fmt: skip
 
 
 SMALL_SCHEMA = {
@@ -771,7 +790,7 @@ def test_a_shared_prefix_gives_the_same_output_with_and_without_reuse(model):
             first = client.completions.create(model=MODEL_ID, prompt=ids, max_tokens=10, temperature=0).choices[0].text
             second = client.completions.create(model=MODEL_ID, prompt=ids + [7], max_tokens=10, temperature=0)
             texts.append((first, second.choices[0].text))
-            assert running.engine.reused_tokens == (64 if prefix_cache_mib else 0)
+            assert running.engine.reused_tokens == (100 // PREFIX_BLOCK * PREFIX_BLOCK if prefix_cache_mib else 0)
     assert texts[0] == texts[1]
 
 

@@ -25,12 +25,15 @@ W, the width, is the smallest compiled width (1, 2, 4, ..., max_batch) that hold
 one client decodes at batch 1, eight at batch 8. When the busy rows would fit a smaller width, the
 highest ones move down (a copy of their filled slots). A long prompt is prefilled a chunk per round,
 so running streams keep getting tokens while it is read; the first token comes straight from the
-prefill. Prompts shorter than a chunk and a prefix block (most chat turns, the benchmark's) skip
+prefill. Prompts up to BATCH_PROMPT_LEN tokens and a chunk (most chat turns, the benchmark's) skip
 staging: the ones at the head of the queue are prefilled together in one pass over a fresh cache of
 their length, written straight into free rows, as `generate` prefills a batch (measured on gpt2, 8
 prompts of 32 tokens: half the CPU time of eight one-row prefills through the S-slot staging).
 Requests sharing a prompt prefix (a system prompt, few-shot examples) copy its keys and values from
-the prefix cache instead of computing them again.
+the prefix cache instead of computing them again. Scoring requests (prompt logprobs) too: a block a
+scoring prompt computed keeps its tokens' logprobs beside its keys and values, so an evaluation
+harness's continuations of one context compute only what follows the context's whole blocks
+(through staging; a scoring prompt with no such block goes in a batch, which saves its blocks).
 
 Rows are independent (see kvcache.py): a row's tokens do not depend on its slot, its neighbours or
 when it joined, so greedy output equals `generate` on the same prompt, and a sampled sequence with
@@ -68,7 +71,7 @@ from jax_gpt2.sampling import (
 )
 from jax_gpt2.serve import slots
 from jax_gpt2.serve.events import Event, TokenLogprob
-from jax_gpt2.serve.prefix_cache import PrefixCache
+from jax_gpt2.serve.prefix_cache import PrefixCache, score_positions
 from jax_gpt2.serve.programs import Job, Programs
 from jax_gpt2.serve.slots import PREFIX_BLOCK, TOP_LOGPROBS
 from jax_gpt2.sharding import data_shards
@@ -346,6 +349,9 @@ class _Sequence:
 # more chunk streams every weight once more (~12 ms for gpt2 in float32 on a 2-core Xeon, what ~16
 # tokens of a chunk's arithmetic cost), so splitting pays only past about that much padding.
 SPLIT_WASTE = 16
+# The longest generating prompt a batched prefill takes (longer ones go through staging, a chunk at a
+# time, and save and reuse prefix blocks): chat turns and the serving benchmark's prompts fit.
+BATCH_PROMPT_LEN = 63
 # The longest prompt a batch of scoring requests takes: 8 rows of 128 positions' logits are ~200 MB
 # in float32 for GPT-2's vocabulary; longer prompts go through staging, a chunk at a time.
 MAX_SCORE_BATCH_LEN = 128
@@ -391,8 +397,9 @@ class Engine:
         self.widths = [width for width in powers_of_two_to(max_batch) if width % data == 0]
         self.copy_buckets = powers_of_two_to(S, start=8)
         self.chunk_buckets = powers_of_two_to(min(prefill_chunk, S), start=8)
-        # Prompts shorter than a prefix block and a chunk are prefilled several at once, without staging.
-        self.batch_limit = min(PREFIX_BLOCK - 1, self.chunk_buckets[-1])
+        # Generating prompts up to BATCH_PROMPT_LEN tokens and a chunk are prefilled several at once,
+        # without staging (and reuse no prefix blocks).
+        self.batch_limit = min(BATCH_PROMPT_LEN, self.chunk_buckets[-1])
         # Scoring prompts (prompt logprobs) go in batches up to a whole chunk, or MAX_SCORE_BATCH_LEN: the
         # logits of every position of a batch are one (W * T, V) block.
         self.score_limit = min(self.chunk_buckets[-1], MAX_SCORE_BATCH_LEN)
@@ -576,8 +583,9 @@ class Engine:
             self._slots = chunk(self._slots, allowed_WK, single_W, *arguments)[0]
         self._slots = slots.release_jit(self._slots, np.ones((self.max_batch,), np.bool_))
         if self.prefix_cache.capacity > 0:
-            k, v = slots.read_block_jit(self._staging, zero)
-            self._staging = slots.restore_block_jit(self._staging, k, v, zero)
+            k, v = slots.read_block_jit(self._staging, zero, zero)
+            slots.read_block_jit(self._slots.cache, zero, zero)
+            self._staging = slots.restore_block_jit(self._staging, k, v, zero, zero)
         jax.block_until_ready((self._slots, self._staging))
         self._slots, self._staging = self._empty_state()
         self.programs.mark_all_compiled()
@@ -645,9 +653,10 @@ class Engine:
             add(("copy_prompt", bucket), slots.copy_prompt_jit, state, staging, i32, bucket=bucket)
         jobs.append(Job(("admit",), functools.partial(self._compile_admit, state, staging, weights)))
         if self.prefix_cache.capacity > 0:
-            block = jax.eval_shape(slots.read_block, staging, i32)
-            add(("read_block",), slots.read_block_jit, staging, i32)
-            add(("restore_block",), slots.restore_block_jit, staging, *block, i32)
+            block = jax.eval_shape(slots.read_block, staging, i32, i32)
+            add(("read_block",), slots.read_block_jit, staging, i32, i32)
+            add(("read_row_block",), slots.read_block_jit, state.cache, i32, i32)
+            add(("restore_block",), slots.restore_block_jit, staging, *block, i32, i32)
         for W in self.widths[1:]:
             for T in self.batch_buckets:
                 prefill_rows(W, T)
@@ -862,13 +871,14 @@ class Engine:
 
     def _batchable(self, seq: _Sequence) -> bool:
         """A prompt that needs no staging: it generates and has no whole prefix block to reuse or save,
-        or it wants its prompt logprobs (a scoring request: nothing to reuse, and its prefix blocks are
-        not saved) and fits one chunk."""
+        or it wants its prompt logprobs (a scoring request), fits one chunk and starts with no block
+        whose scores are cached (one that does goes through staging, which restores the blocks)."""
         request = seq.request
         if request.settings.max_new_tokens == 0:
             return False
         if request.prompt_logprobs is not None:
-            return len(request.prompt_ids) <= self.score_limit
+            prompt = request.prompt_ids
+            return len(prompt) <= self.score_limit and self.prefix_cache.num_scored(prompt, len(prompt) - 1) == 0
         return len(request.prompt_ids) <= self.batch_limit
 
     def _take_batch(self, budget: float) -> list[_Sequence]:
@@ -913,8 +923,10 @@ class Engine:
         if scoring:
             logprob_WT, top_ids_WTA, top_logprobs_WTA = jax.device_get(prompt_outputs)
             for p in scoring:
-                n = len(batch[p].request.prompt_ids)
-                batch[p].set_prompt_logprobs([(logprob_WT[p, :n], top_ids_WTA[p, :n], top_logprobs_WTA[p, :n])])
+                prompt = batch[p].request.prompt_ids
+                outputs_T = (logprob_WT[p, : len(prompt)], top_ids_WTA[p, : len(prompt)], top_logprobs_WTA[p, : len(prompt)])
+                batch[p].set_prompt_logprobs([outputs_T])
+                self._save_prefix(prompt, self._slots.cache, free[p], outputs_T)
         for p, seq in enumerate(batch):
             self._rows[free[p]] = seq
         self._hand_out({free[p]: [int(out.tokens_YB[0, p])] for p in range(len(batch))}, out,
@@ -955,7 +967,8 @@ class Engine:
         """How many of a staging prompt's remaining tokens its next chunk computes: as many as the largest
         bucket takes, unless padding them to their bucket would waste more than SPLIT_WASTE slots; then
         the largest bucket they fill, and the rest in the next chunks (an 80-token prompt as 64 + 16,
-        not 128). Results do not depend on the split: a query attends the same in any chunk."""
+        not 128). Results do not depend on the split but for float32 rounding: a query attends the same in
+        any chunk of 16 slots or more (bit for bit), by the decode kernel's arithmetic in a smaller one."""
         assert remaining >= 1
         n = min(self.chunk_buckets[-1], remaining)
         if self._chunk_bucket(n) - n <= SPLIT_WASTE:
@@ -976,17 +989,34 @@ class Engine:
         prompt = seq.request.prompt_ids
         self.programs.ensure(("begin_prompt",))
         self._staging = slots.begin_prompt_jit(self._staging)
-        reusable = len(prompt) - 1 if seq.request.prompt_logprobs is None else 0  # the last token needs its logits
-        blocks = self.prefix_cache.match(prompt, reusable)
-        for i, (k, v) in enumerate(blocks):
-            self.programs.ensure(("restore_block",))
-            self._staging = slots.restore_block_jit(self._staging, k, v, np.int32(i * PREFIX_BLOCK))
-        self._prefill = _Prefill(seq, len(blocks) * PREFIX_BLOCK, [])
-        self.reused_tokens += len(blocks) * PREFIX_BLOCK
-        seq.cached_tokens = len(blocks) * PREFIX_BLOCK
+        done, chunks = self._restore_prefix(prompt, seq.request.prompt_logprobs is not None)
+        self._prefill = _Prefill(seq, done, chunks)
+        self.reused_tokens += done
+        seq.cached_tokens = done
         assert self._prefill.done < len(prompt) or len(prompt) == 0, "at least the last token is computed"
         assert self._num_waiting >= len(self._waiting)  # submit counts a request before it reaches the queue
         return True
+
+    def _restore_prefix(self, prompt: tuple[int, ...], scoring: bool) -> tuple[int, list]:
+        """Cached prefix blocks of the prompt into staging. Returns how many of its tokens are in, and
+        the prompt logprobs they bring (a scoring prompt's). The last token is always computed (its
+        logits pick the first new token); a scoring prompt computes its last reused token again too,
+        as the first of its chunks, since that position's logprob is of the token after the blocks."""
+        reusable = len(prompt) - 1
+        if scoring:
+            found = self.prefix_cache.match_scored(prompt, reusable)
+            blocks, scores = [(k, v) for k, v, _ in found], [block_scores for _, _, block_scores in found]
+        else:
+            blocks, scores = self.prefix_cache.match(prompt, reusable), []
+        done = len(blocks) * PREFIX_BLOCK - (1 if scoring and blocks else 0)
+        for i, (k, v) in enumerate(blocks):
+            self.programs.ensure(("restore_block",))
+            end = min((i + 1) * PREFIX_BLOCK, done)
+            self._staging = slots.restore_block_jit(self._staging, k, v, np.int32(i * PREFIX_BLOCK), np.int32(end))
+        chunks = [tuple(np.concatenate(parts) for parts in zip(*scores))] if scores else []
+        assert not chunks or chunks[0][0].shape[0] == done, "one score a reused position"
+        assert done < len(prompt) or len(prompt) == 0
+        return done, chunks
 
     def _prefill_one_chunk(self) -> int:
         """The next chunk of the staging prompt; admits it when the prompt is all in. Returns the tokens computed."""
@@ -1017,9 +1047,11 @@ class Engine:
     def _finish_prefill(self, job: _Prefill, last_logits_1V: jax.Array) -> None:
         """Save the prompt's new prefix blocks; then end a scoring-only sequence, or start it in a free row."""
         seq, prompt = job.seq, job.seq.request.prompt_ids
-        self._save_prefix(prompt)
         if seq.request.prompt_logprobs is not None:
             seq.set_prompt_logprobs(job.chunks)
+            self._save_prefix(prompt, self._staging, 0, tuple(np.concatenate(parts) for parts in zip(*job.chunks)))
+        else:
+            self._save_prefix(prompt, self._staging, 0)
         if seq.request.settings.max_new_tokens == 0:
             self._count(running=-1)
             self._deliver(seq, seq.event([], "", []))
@@ -1042,14 +1074,21 @@ class Engine:
         assert self._rows.count(seq) == 1
         self._hand_out({row: [int(out.tokens_YB[0, 0])]}, out, {row: 0})
 
-    def _save_prefix(self, prompt: tuple[int, ...]) -> None:
+    def _save_prefix(self, prompt: tuple[int, ...], cache, row: int, outputs_T: tuple | None = None) -> None:
+        """Save the prompt's whole blocks that the prefix cache lacks, read from `row` of `cache` (staging,
+        or the decode row a batched prefill just wrote); with a scoring prompt's outputs (position t's
+        logprob of the next token and its top, for every position), each block's scores too."""
         if self.prefix_cache.capacity == 0:
             return
         chain = self.prefix_cache.keys(prompt, len(prompt))
+        program = "read_block" if cache is self._staging else "read_row_block"
         for i, key in enumerate(chain):
             if key not in self.prefix_cache.blocks:
-                self.programs.ensure(("read_block",))
-                self.prefix_cache.add(key, slots.read_block_jit(self._staging, np.int32(i * PREFIX_BLOCK)))
+                self.programs.ensure((program,))
+                self.prefix_cache.add(key, slots.read_block_jit(cache, np.int32(row), np.int32(i * PREFIX_BLOCK)))
+            if outputs_T is not None and key not in self.prefix_cache.scores:
+                first, end = score_positions(i)
+                self.prefix_cache.add_scores(key, tuple(part[first:end].copy() for part in outputs_T))
         self.prefix_cache.use(chain)
 
     def _width_for(self, num_rows: int) -> int:

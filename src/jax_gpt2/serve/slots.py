@@ -11,7 +11,8 @@
     speculate_chunk the same with prompt lookup: each step verifies every row's draft after its
                     pending token (speculate.py's pieces), so a step may yield several tokens a row
     move_slots, move_state   a row's filled slots and state to a lower row (so W can shrink)
-    release         mark rows done          read_block, restore_block   prefix-cache blocks out of / into staging
+    release         mark rows done          read_block, restore_block   prefix-cache blocks out of staging or
+                                            a row / into staging
 
 Every program has fixed shapes (the static arguments are a bucket, a width or a step count from a
 short list fixed at start), so a warmed-up engine never compiles. Each row's state between chunks
@@ -60,7 +61,11 @@ if TYPE_CHECKING:
     from jax.sharding import Mesh
 
 TOP_LOGPROBS = MAX_TOP_LOGPROBS  # A: alternatives computed per token
-PREFIX_BLOCK = 64  # prompt tokens per prefix-cache block: a prefix is reused in whole blocks
+# Prompt tokens per prefix-cache block: a prefix is reused in whole blocks. Small, so a harness's
+# multiple-choice prompts (one context, a continuation each) reuse nearly all of their context: in
+# benchmarks/harness_bench.py's task 55% of all tokens with blocks of 16, 31% with 64. A block costs
+# one small program call to save or restore (gpt2: 1.2 MiB of float32 keys and values).
+PREFIX_BLOCK = 16
 
 
 @jax.tree_util.register_dataclass
@@ -609,21 +614,25 @@ def release(slots: Slots, free_B: jax.Array) -> Slots:
     return Slots(slots.cache, dataclasses.replace(slots.rows, done_B=slots.rows.done_B | free_B))
 
 
-def read_block(staging: KVCache, offset: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Keys and values of staging slots [offset, offset + PREFIX_BLOCK): one prefix-cache block."""
-    L, _, N, _, H = staging.k_LBNSH.shape
-    assert staging.k_LBNSH.shape[1] == 1
+def read_block(cache: KVCache, row: jax.Array, offset: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Keys and values of row `row`'s slots [offset, offset + PREFIX_BLOCK): one prefix-cache block,
+    out of the staging cache (row 0) or a decode row that a batched prefill has just written."""
+    L, _, N, S, H = cache.k_LBNSH.shape
+    assert S >= PREFIX_BLOCK
     shape = (L, 1, N, PREFIX_BLOCK, H)
-    return tuple(jax.lax.dynamic_slice(c, (0, 0, 0, offset, 0), shape) for c in (staging.k_LBNSH, staging.v_LBNSH))
+    return tuple(jax.lax.dynamic_slice(c, (0, row, 0, offset, 0), shape) for c in (cache.k_LBNSH, cache.v_LBNSH))
 
 
-def restore_block(staging: KVCache, k_L1NTH: jax.Array, v_L1NTH: jax.Array, offset: jax.Array) -> KVCache:
-    """A cached block back into staging slots [offset, offset + PREFIX_BLOCK); the prompt now ends there."""
+def restore_block(
+    staging: KVCache, k_L1NTH: jax.Array, v_L1NTH: jax.Array, offset: jax.Array, end: jax.Array
+) -> KVCache:
+    """A cached block back into staging slots [offset, offset + PREFIX_BLOCK); the prompt now ends at
+    slot `end` (the block's end; or its last slot, which the next chunk then computes again)."""
     assert k_L1NTH.shape[3] == PREFIX_BLOCK
     assert k_L1NTH.shape == v_L1NTH.shape
     k_LBNSH = jax.lax.dynamic_update_slice(staging.k_LBNSH, k_L1NTH, (0, 0, 0, offset, 0))
     v_LBNSH = jax.lax.dynamic_update_slice(staging.v_LBNSH, v_L1NTH, (0, 0, 0, offset, 0))
-    return KVCache(k_LBNSH, v_LBNSH, staging.start_B, jnp.reshape(offset + PREFIX_BLOCK, (1,)))
+    return KVCache(k_LBNSH, v_LBNSH, staging.start_B, jnp.reshape(end, (1,)).astype(jnp.int32))
 
 
 # The state is only ever made and changed by these programs, so its arrays always arrive as a
