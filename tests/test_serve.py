@@ -501,8 +501,8 @@ def test_tokenize_and_detokenize_round_trip_against_the_tokenizer(server, model)
 
 def test_usage_reports_the_prompt_tokens_the_prefix_cache_supplied(server):
     """The server saves whole blocks of prompts prefilled through staging; the same prompt again
-    takes its whole blocks but the last token's from the cache, and usage says so (OpenAI's
-    prompt_tokens_details)."""
+    takes the whole blocks before its last token from the cache (80 of 90 tokens in 16-token
+    blocks), and usage says so (OpenAI's prompt_tokens_details)."""
     client = server.client()
     prompt = list(range(200, 290))  # 90 token ids no other test sends
     cached = 90 // PREFIX_BLOCK * PREFIX_BLOCK
