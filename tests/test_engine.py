@@ -732,13 +732,13 @@ def test_a_shared_prefix_is_reused_and_gives_the_same_tokens(long_model):
     assert outputs[0][1] == reference(long_model, sequence(second, 12))
 
 
-def scored(engine: Engine, prompts, max_tokens: int = 1) -> list[tuple]:
+def scored(engine: Engine, prompts) -> list[tuple]:
     """Each prompt's prompt logprobs (top 2), scored one request after another, as a harness sends them."""
     entries = []
     for prompt in prompts:
         collector = Collector()
         [seq_id] = engine.submit(
-            [SequenceRequest(tuple(prompt), SamplingSettings(max_new_tokens=max_tokens), prompt_logprobs=2)], collector
+            [SequenceRequest(tuple(prompt), SamplingSettings(max_new_tokens=1), prompt_logprobs=2)], collector
         )  # fmt: skip
         run_until_idle(engine)
         entries.append(collector.events[seq_id][0].prompt_logprobs)
@@ -767,11 +767,17 @@ def test_scoring_prompts_after_one_context_reuse_its_scored_blocks_and_score_the
     blocks = context_length // PREFIX_BLOCK
     assert with_cache.reused_tokens == 2 * (blocks * PREFIX_BLOCK - 1)  # the last reused token is computed again
     assert without.reused_tokens == 0
+    def top_ids(entries) -> list[list[int]]:
+        return [[alt for alt, _, _ in entry.top] for entry in entries]
+
+    def values(entries) -> np.ndarray:
+        """Every logprob of the entries: each token's (the first has none), then their tops'."""
+        return np.array([entry.logprob for entry in entries[1:]] + [value for e in entries for _, _, value in e.top])
+
     for got, expected in zip(reused, fresh):
         assert [entry.token_id for entry in got] == [entry.token_id for entry in expected]
-        assert [[alt for alt, _, _ in entry.top] for entry in got] == [[alt for alt, _, _ in entry.top] for entry in expected]
-        got_T = np.array([entry.logprob for entry in got[1:]] + [value for entry in got for _, _, value in entry.top])
-        expected_T = np.array([entry.logprob for entry in expected[1:]] + [value for entry in expected for _, _, value in entry.top])
+        assert top_ids(got) == top_ids(expected)
+        got_T, expected_T = values(got), values(expected)
         if weights.use_kernels and block_chunks_only:
             np.testing.assert_array_equal(got_T, expected_T)
         else:

@@ -924,7 +924,7 @@ class Engine:
             logprob_WT, top_ids_WTA, top_logprobs_WTA = jax.device_get(prompt_outputs)
             for p in scoring:
                 prompt = batch[p].request.prompt_ids
-                outputs_T = (logprob_WT[p, : len(prompt)], top_ids_WTA[p, : len(prompt)], top_logprobs_WTA[p, : len(prompt)])
+                outputs_T = tuple(part[p, : len(prompt)] for part in (logprob_WT, top_ids_WTA, top_logprobs_WTA))
                 batch[p].set_prompt_logprobs([outputs_T])
                 self._save_prefix(prompt, self._slots.cache, free[p], outputs_T)
         for p, seq in enumerate(batch):
@@ -1013,10 +1013,10 @@ class Engine:
             self.programs.ensure(("restore_block",))
             end = min((i + 1) * PREFIX_BLOCK, done)
             self._staging = slots.restore_block_jit(self._staging, k, v, np.int32(i * PREFIX_BLOCK), np.int32(end))
-        chunks = [tuple(np.concatenate(parts) for parts in zip(*scores))] if scores else []
-        assert not chunks or chunks[0][0].shape[0] == done, "one score a reused position"
+        # Each block's scores are a chunk's outputs in the same layout: the job's first chunks.
+        assert not scores or sum(block_scores[0].shape[0] for block_scores in scores) == done, "a score a position"
         assert done < len(prompt) or len(prompt) == 0
-        return done, chunks
+        return done, scores
 
     def _prefill_one_chunk(self) -> int:
         """The next chunk of the staging prompt; admits it when the prompt is all in. Returns the tokens computed."""
@@ -1048,8 +1048,9 @@ class Engine:
         """Save the prompt's new prefix blocks; then end a scoring-only sequence, or start it in a free row."""
         seq, prompt = job.seq, job.seq.request.prompt_ids
         if seq.request.prompt_logprobs is not None:
-            seq.set_prompt_logprobs(job.chunks)
-            self._save_prefix(prompt, self._staging, 0, tuple(np.concatenate(parts) for parts in zip(*job.chunks)))
+            outputs_T = tuple(np.concatenate(parts) for parts in zip(*job.chunks))
+            seq.set_prompt_logprobs([outputs_T])
+            self._save_prefix(prompt, self._staging, 0, outputs_T)
         else:
             self._save_prefix(prompt, self._staging, 0)
         if seq.request.settings.max_new_tokens == 0:
